@@ -1,0 +1,527 @@
+"""The norms Scion constrains each layer with: their LMO and their initialization.
+
+A weight ``g`` of shape ``(d_out, d_in)`` (a ``nn.Linear`` weight); ``ε = 1e-8`` by default.
+
+============  ==========================================================================
+norm          ``lmo(g)`` (gradient-aligned; the optimizer subtracts ``γ·ρ·lmo(d)``)
+============  ==========================================================================
+Spectral      ``s·polar(g)``, ``s = √(d_out/d_in)`` (``normalized=False``: ``√d_out``;
+              ``max=True``: ``max(1, s)``)
+SpectralConv  ``polar(g.reshape(d_out, -1))·√(d_out/d_in)/K``, ``K`` = kernel elements
+Sign          ``sign(g)/d_in`` (``normalized=False``: ``sign(g)``)
+ColNorm       ``g[:, j] / (‖g[:, j]‖₂/√d_out + ε)``, ``normalized``: also ``/ d_in``
+RowNorm       ``g[i, :] / (‖g[i, :]‖₂·√d_in + ε)`` (``normalized=False``: no ``√d_in``)
+BiasRMS       ``g / (RMS(g) + ε)``, the RMS over all elements
+Auto          ndim ≥ 3 → SpectralConv, 2 → Spectral, 0 or 1 → BiasRMS
+============  ==========================================================================
+
+``polar(g) = U·Vᵀ`` is computed by Newton–Schulz (:func:`~scion_kernels.newton_schulz`) or,
+with ``polar="svd"``, exactly. Every LMO is returned in float32 (float64 when the input is
+float64 or the polar factor is computed in float64) and maps a zero gradient to zero.
+
+Each norm's ``init`` puts a weight on the unit sphere of that norm (the optimizer's ``init()``
+then multiplies by the radius ρ), as the authors do: orthogonal (times ``s``) for the spectral
+norms, random signs for Sign, Gaussian normalized like the LMO for ColNorm and RowNorm, zeros for
+BiasRMS.
+
+Differences from the authors' ``scion.py``, all deliberate: BiasRMS reduces over all elements
+(theirs reduces over dim 0, which turns an ``(1, N, D)`` position embedding into a sign);
+``SpectralConv`` handles Conv1d (and Conv3d) in ``init``; ``Auto`` passes options through; the
+polar factor is normalized without an ε floor (tiny gradients still give a unit-norm
+direction); matrix norms take stacked weights ``(E, d_out, d_in)`` with ``batch_dims=1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .newton_schulz import newton_schulz, polar_svd, resolve_coefficients
+
+__all__ = [
+    "NORMS",
+    "Auto",
+    "BiasRMS",
+    "ColNorm",
+    "Norm",
+    "RowNorm",
+    "Sign",
+    "Spectral",
+    "SpectralConv",
+    "make_norm",
+    "norms_that_fit",
+]
+
+_EPS = 1e-8
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_batch_dims(batch_dims: int) -> int:
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+        raise ValueError(f"batch_dims must be a non-negative integer; got {batch_dims!r}")
+    return batch_dims
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 < eps < math.inf):
+        raise ValueError(f"eps must be a finite positive number; got {eps!r}")
+    return float(eps)
+
+
+def _group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
+def _stacked_apply(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """Apply ``fn`` (batched over dim 0) to every ``(B_i, r, c)`` tensor, one call per shape."""
+    out: list[Tensor | None] = [None] * len(mats)
+    keys = [(m.device, m.dtype, tuple(m.shape[1:])) for m in mats]
+    for idx in _group_by(keys).values():
+        if len(idx) == 1:
+            out[idx[0]] = fn(mats[idx[0]])
+            continue
+        res = fn(torch.cat([mats[i] for i in idx]))
+        for i, piece in zip(idx, res.split([mats[i].shape[0] for i in idx]), strict=True):
+            out[i] = piece
+    return out  # type: ignore[return-value]
+
+
+class Norm:
+    """A norm for one family of tensors: its LMO, its unit-sphere init, the shapes it fits.
+
+    Subclasses implement :meth:`lmo_many` (batched over a list of tensors), :meth:`init` and
+    :meth:`fits`. Options are constructor keywords (the optimizer's ``norm_kwargs``).
+    """
+
+    name: ClassVar[str]
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        """``None`` if this norm applies to a tensor of ``shape``, else what it needs instead."""
+        raise NotImplementedError
+
+    def lmo(self, g: Tensor) -> Tensor:
+        """``lmo(g)`` of one tensor, in float32 (float64 for float64 input), shape of ``g``."""
+        return self.lmo_many([g])[0]
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        """``[lmo(g) for g in gs]``, batched across tensors where the norm allows it."""
+        raise NotImplementedError
+
+    def init(self, w: Tensor) -> Tensor:
+        """Overwrite ``w`` in place with a point on this norm's unit sphere; return ``w``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def _options(self) -> dict[str, Any]:
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+
+
+class _MatrixNorm(Norm):
+    """A norm on matrices ``(..., d_out, d_in)`` with ``batch_dims`` leading batch dims."""
+
+    batch_dims: int
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        want = 2 + self.batch_dims
+        if len(shape) == want:
+            return None
+        if self.batch_dims:
+            return f"needs a {want}-D tensor ({self.batch_dims} batch dims, d_out, d_in)"
+        return "needs a 2-D weight (d_out, d_in)"
+
+    def _matrices(self, g: Tensor) -> Tensor:
+        """``g`` as a batch of matrices ``(B, d_out, d_in)`` (a view when possible)."""
+        return g.reshape(-1, g.shape[-2], g.shape[-1])
+
+
+class Spectral(_MatrixNorm):
+    """The RMS→RMS operator norm: ``lmo(g) = s·polar(g)``, ``s = √(d_out/d_in)``.
+
+    Args:
+        max: use ``s = max(1, s)`` (the authors' choice for an input layer).
+        normalized: ``s = √(d_out/d_in)``; ``False`` gives ``s = √d_out``.
+        steps: Newton–Schulz steps (default 5 for a named set, else the number of triples).
+        coefficients: ``"classic"``, ``"polar_express"``, or a sequence of ``(a, b, c)``.
+        ns_dtype: Newton–Schulz operand dtype: bf16 (default), float32 or float64.
+        polar: ``"newton_schulz"`` (default) or ``"svd"``: the exact ``U·Vᵀ`` in float64, for
+            validation (slow).
+        batch_dims: leading dims that index independent matrices, e.g. ``1`` for stacked expert
+            weights ``(E, d_out, d_in)``: each matrix is orthogonalized and scaled on its own.
+    """
+
+    name = "Spectral"
+
+    def __init__(
+        self,
+        max: bool = False,  # noqa: A002 - the authors' option name
+        normalized: bool = True,
+        steps: int | None = None,
+        coefficients: str | Sequence[Sequence[float]] = "classic",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        polar: str = "newton_schulz",
+        batch_dims: int = 0,
+    ) -> None:
+        self.max = bool(max)
+        self.normalized = bool(normalized)
+        self.steps = steps
+        self.coefficients = coefficients
+        self.ns_dtype = ns_dtype
+        self.polar = polar
+        self.batch_dims = _check_batch_dims(batch_dims)
+        if polar not in ("newton_schulz", "svd"):
+            raise ValueError(f"polar must be 'newton_schulz' or 'svd'; got {polar!r}")
+        if ns_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise ValueError(
+                f"ns_dtype must be torch.bfloat16, float16, float32 or float64; got {ns_dtype!r}"
+            )
+        self._table = resolve_coefficients(coefficients, steps)
+
+    def scale_for(self, shape: Sequence[int]) -> float:
+        """The factor ``s`` of ``lmo = s·polar`` for a tensor of ``shape``."""
+        d_out, d_in = shape[-2], shape[-1]
+        s = math.sqrt(d_out / d_in) if self.normalized else math.sqrt(d_out)
+        return max(1.0, s) if self.max else s
+
+    def _out_dtype(self, g: Tensor) -> torch.dtype:
+        if self.polar == "svd" or self.ns_dtype == torch.float64:
+            return torch.float64
+        return _work_dtype(g)
+
+    def polar_factor(self, mats: Tensor) -> Tensor:
+        """``polar`` of a batch of matrices ``(B, m, n)`` with this norm's method and options."""
+        if self.polar == "svd":
+            return polar_svd(mats)
+        return newton_schulz(mats, self._table, dtype=self.ns_dtype)
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
+        # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch.
+        oriented, tall = [], []
+        for g in gs:
+            mats = self._matrices(g)
+            is_tall = mats.shape[-2] > mats.shape[-1]
+            oriented.append(mats.mT if is_tall else mats)
+            tall.append(is_tall)
+        polars = _stacked_apply(oriented, self.polar_factor)
+        out = []
+        for g, p, is_tall in zip(gs, polars, tall, strict=True):
+            p = (p.mT if is_tall else p).to(self._out_dtype(g))
+            out.append(p.mul_(self.scale_for(g.shape)).reshape(g.shape))
+        return out
+
+    def init(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            mats = torch.empty(self._matrices(w).shape, dtype=torch.float64)
+            for m in mats:
+                torch.nn.init.orthogonal_(m)
+            w.copy_(mats.mul_(self.scale_for(w.shape)).reshape(w.shape))
+        return w
+
+
+class SpectralConv(Spectral):
+    """Spectral norm of a conv weight ``(d_out, d_in, *kernel)`` flattened to ``(d_out, -1)``.
+
+    ``lmo(g) = polar(g.reshape(d_out, -1))·√(d_out/d_in)/K`` with ``K`` the number of kernel
+    elements (``k`` for Conv1d, ``k²`` for a square Conv2d). Newton–Schulz options as
+    :class:`Spectral`; the init is orthogonal per kernel tap, times the same factor.
+    """
+
+    name = "SpectralConv"
+
+    def __init__(
+        self,
+        steps: int | None = None,
+        coefficients: str | Sequence[Sequence[float]] = "classic",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        polar: str = "newton_schulz",
+    ) -> None:
+        super().__init__(steps=steps, coefficients=coefficients, ns_dtype=ns_dtype, polar=polar)
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        if len(shape) >= 3:
+            return None
+        return "needs a conv weight (d_out, d_in, *kernel) with at least 3 dims"
+
+    def _matrices(self, g: Tensor) -> Tensor:
+        return g.reshape(1, g.shape[0], -1)
+
+    def scale_for(self, shape: Sequence[int]) -> float:
+        return math.sqrt(shape[0] / shape[1]) / math.prod(shape[2:])
+
+    def init(self, w: Tensor) -> Tensor:
+        d_out, d_in, *kernel = w.shape
+        with torch.no_grad():
+            w64 = torch.empty(w.shape, dtype=torch.float64)
+            for tap in itertools.product(*(range(k) for k in kernel)):
+                m = torch.empty(d_out, d_in, dtype=torch.float64)
+                torch.nn.init.orthogonal_(m)
+                w64[(slice(None), slice(None), *tap)] = m
+            w.copy_(w64.mul_(self.scale_for(w.shape)))
+        return w
+
+
+class Sign(_MatrixNorm):
+    """The max-norm ball (scaled ℓ1→ℓ∞): ``lmo(g) = sign(g)/d_in``.
+
+    Args:
+        zero_init: ``init`` writes zeros instead of random signs.
+        normalized: divide by ``d_in`` (``False``: plain ``sign(g)``).
+        batch_dims: leading batch dims, as for :class:`Spectral`.
+    """
+
+    name = "Sign"
+
+    def __init__(self, zero_init: bool = False, normalized: bool = True, batch_dims: int = 0):
+        self.zero_init = bool(zero_init)
+        self.normalized = bool(normalized)
+        self.batch_dims = _check_batch_dims(batch_dims)
+
+    def _factor(self, shape: Sequence[int]) -> float:
+        return 1.0 / shape[-1] if self.normalized else 1.0
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        if not gs:
+            return []
+        out = torch._foreach_sign([g.to(_work_dtype(g)) for g in gs])
+        torch._foreach_mul_(out, [self._factor(g.shape) for g in gs])
+        return list(out)
+
+    def init(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.zero_init:
+                return w.zero_()
+            signs = torch.randint(0, 2, w.shape, device=w.device).mul_(2).sub_(1)
+            w.copy_(signs.to(torch.float64).mul_(self._factor(w.shape)))
+        return w
+
+
+class ColNorm(_MatrixNorm):
+    """Column normalization: ``lmo(g)[:, j] = g[:, j] / (‖g[:, j]‖₂/√d_out + ε)``.
+
+    Args:
+        normalized: also divide by ``d_in`` (the authors: only for non-input layers).
+        transpose: work on ``gᵀ`` (for embeddings stored ``(vocab, dim)``).
+        eps: the ε added to each column's RMS (1e-8, as the authors).
+        batch_dims: leading batch dims, as for :class:`Spectral`.
+    """
+
+    name = "ColNorm"
+
+    def __init__(
+        self,
+        normalized: bool = False,
+        transpose: bool = False,
+        eps: float = _EPS,
+        batch_dims: int = 0,
+    ) -> None:
+        self.normalized = bool(normalized)
+        self.transpose = bool(transpose)
+        self.eps = _check_eps(eps)
+        self.batch_dims = _check_batch_dims(batch_dims)
+
+    def _oriented(self, g: Tensor) -> Tensor:
+        m = self._matrices(g).to(_work_dtype(g))
+        return m.mT if self.transpose else m
+
+    def _col_scale(self, m: Tensor) -> Tensor:
+        """The per-column divisor without ε: ``‖m[:, j]‖₂/√d_out`` (times ``d_in``)."""
+        d_out, d_in = m.shape[-2:]
+        rms = torch.linalg.vector_norm(m, dim=-2, keepdim=True) / math.sqrt(d_out)
+        return rms * d_in if self.normalized else rms
+
+    def _batched(self, m: Tensor) -> Tensor:
+        return m / (self._col_scale(m) + self.eps)
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        res = _stacked_apply([self._oriented(g) for g in gs], self._batched)
+        return [
+            (r.mT if self.transpose else r).reshape(g.shape) for g, r in zip(gs, res, strict=True)
+        ]
+
+    def init(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            m = torch.randn(self._matrices(w).shape, dtype=torch.float64)
+            m = m.mT if self.transpose else m
+            m = m / self._col_scale(m)
+            w.copy_((m.mT if self.transpose else m).reshape(w.shape))
+        return w
+
+
+class RowNorm(ColNorm):
+    """Row normalization: ``lmo(g)[i, :] = g[i, :] / (‖g[i, :]‖₂·√d_in + ε)``.
+
+    Args:
+        normalized: include the ``√d_in`` (``False``: rows of unit ℓ2 norm; the authors use
+            ``False`` only for the input layer).
+        transpose: work on ``gᵀ`` (for embeddings stored ``(vocab, dim)``).
+        eps: the ε added to each row's norm (1e-8, as the authors).
+        batch_dims: leading batch dims, as for :class:`Spectral`.
+    """
+
+    name = "RowNorm"
+
+    def __init__(
+        self,
+        normalized: bool = True,
+        transpose: bool = False,
+        eps: float = _EPS,
+        batch_dims: int = 0,
+    ) -> None:
+        super().__init__(normalized, transpose, eps, batch_dims)
+
+    def _col_scale(self, m: Tensor) -> Tensor:
+        """The per-row divisor without ε: ``‖m[i, :]‖₂`` (times ``√d_in``)."""
+        norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
+        return norm * math.sqrt(m.shape[-1]) if self.normalized else norm
+
+
+class BiasRMS(Norm):
+    """RMS normalization over all elements: ``lmo(g) = g / (RMS(g) + ε)``.
+
+    Fits a tensor of any shape (biases, norm gains, position embeddings ``(1, N, D)``).
+    """
+
+    name = "BiasRMS"
+
+    def __init__(self, eps: float = _EPS) -> None:
+        self.eps = _check_eps(eps)
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        return None
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        if not gs:
+            return []
+        g32 = [g.to(_work_dtype(g)) for g in gs]
+        denom = torch._foreach_norm(g32)
+        torch._foreach_mul_(denom, [1.0 / math.sqrt(max(g.numel(), 1)) for g in gs])
+        torch._foreach_add_(denom, self.eps)
+        return list(torch._foreach_div(g32, denom))
+
+    def init(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            return w.zero_()
+
+
+class Auto(Norm):
+    """Pick the norm from the tensor's dimension: ndim ≥ 3 → :class:`SpectralConv`, 2 →
+    :class:`Spectral`, 0 or 1 → :class:`BiasRMS`.
+
+    Keyword options are passed to every norm it picks that accepts them (e.g.
+    ``Auto(coefficients="polar_express", eps=1e-6)``); an option no picked norm accepts raises.
+    """
+
+    name = "Auto"
+    _CHOICES: ClassVar[tuple[type[Norm], ...]] = ()  # set below the class definitions
+
+    def __init__(self, **options: Any) -> None:
+        if "batch_dims" in options:
+            raise ValueError(
+                "Auto picks the norm from ndim, so batch_dims would be ambiguous; use "
+                "norm='Spectral' with norm_kwargs={'batch_dims': ...} for stacked matrices"
+            )
+        accepted = {cls: _accepted_options(cls) for cls in self._CHOICES}
+        unknown = set(options) - set().union(*accepted.values())
+        if unknown:
+            raise ValueError(
+                f"Auto got unknown option(s) {sorted(unknown)}; the norms it picks accept "
+                f"{sorted(set().union(*accepted.values()))}"
+            )
+        self.options = dict(options)
+        self._norms = {
+            cls: cls(**{k: v for k, v in options.items() if k in accepted[cls]})
+            for cls in self._CHOICES
+        }
+
+    def _options(self) -> dict[str, Any]:
+        return self.options
+
+    def pick(self, shape: Sequence[int]) -> Norm:
+        """The norm used for a tensor of ``shape``."""
+        ndim = len(shape)
+        cls = SpectralConv if ndim >= 3 else Spectral if ndim == 2 else BiasRMS
+        return self._norms[cls]
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        return None
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * len(gs)
+        for norm, idx in _group_by([self.pick(g.shape) for g in gs]).items():
+            for i, r in zip(idx, norm.lmo_many([gs[i] for i in idx]), strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def init(self, w: Tensor) -> Tensor:
+        return self.pick(w.shape).init(w)
+
+
+Auto._CHOICES = (SpectralConv, Spectral, BiasRMS)
+
+#: The norms by the names the optimizer's ``norm`` option takes.
+NORMS: dict[str, type[Norm]] = {
+    cls.name: cls for cls in (Spectral, SpectralConv, Sign, ColNorm, RowNorm, BiasRMS, Auto)
+}
+
+
+def _accepted_options(cls: type[Norm]) -> set[str]:
+    return {k for k in inspect.signature(cls.__init__).parameters if k != "self"}
+
+
+def make_norm(norm: str | Norm, norm_kwargs: dict[str, Any] | None = None) -> Norm:
+    """Build a norm from its name and options (or pass a :class:`Norm` instance through)."""
+    if isinstance(norm, Norm):
+        if norm_kwargs:
+            raise ValueError("norm_kwargs cannot be combined with a Norm instance")
+        return norm
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(NORMS)}")
+    cls = NORMS[norm]
+    kwargs = dict(norm_kwargs or {})
+    if cls is not Auto:
+        unknown = set(kwargs) - _accepted_options(cls)
+        if unknown:
+            raise ValueError(
+                f"{norm} got unknown option(s) {sorted(unknown)}; "
+                f"it accepts {sorted(_accepted_options(cls))}"
+            )
+    return cls(**kwargs)
+
+
+def norms_that_fit(shape: Sequence[int]) -> list[str]:
+    """Names of the norms (with default options) that apply to a tensor of ``shape``."""
+    names = [name for name, cls in NORMS.items() if cls().fits(shape) is None]
+    if len(shape) >= 3:
+        names.append(f"Spectral with norm_kwargs={{'batch_dims': {len(shape) - 2}}}")
+    return names
+
+
+def describe_misfit(norm: Norm, shape: Sequence[int], what: str) -> str | None:
+    """A full error message if ``norm`` does not apply to ``shape`` (``what`` names the tensor)."""
+    reason = norm.fits(shape)
+    if reason is None:
+        return None
+    return (
+        f"{norm.name} cannot be applied to {what} of shape {_shape(shape)}: it {reason}. "
+        f"Norms that fit this shape: {', '.join(norms_that_fit(shape))}"
+    )

@@ -1,0 +1,436 @@
+"""``Scion`` and ``ScionLight``: the optimizer of Pethick et al. (2025), pure-PyTorch reference.
+
+For every parameter ``x`` with gradient ``g`` in a group with learning rate ``γ`` (``lr``),
+averaging factor ``α`` (``momentum``), radius ``ρ`` (``scale``) and a norm::
+
+    d ← (1 − α)·d + α·g                    (d starts at 0; α = 1 keeps no buffer: d = g)
+    u ← ρ·lmo(d)
+    constrained   (SCG):  x ← (1 − γ)·x − γ·u
+    unconstrained (uSCG): x ← x − γ·u
+
+The constructor signature and its defaults are the authors' (``LIONS-EPFL/scion``,
+``scion.py``); ``momentum`` is one minus the usual β (β = 0.9 is ``momentum=0.1``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .norms import Norm, describe_misfit, make_norm
+
+__all__ = ["Scion", "ScionLight"]
+
+BACKENDS = ("auto", "torch")
+_LATER_BACKENDS = ("triton", "cuda")
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+_BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number; got {value!r}")
+    return float(value)
+
+
+def _apply_update_(
+    params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, scale: float, constrained: bool
+) -> None:
+    """``x ← (1 − γ)·x − γ·ρ·u`` (constrained) or ``x ← x − γ·ρ·u``, for every pair.
+
+    Computed in the update's precision (float32 or float64) and rounded once to the parameter's
+    dtype, so bf16 parameters see a single rounding per step.
+    """
+    direct = [i for i, (p, u) in enumerate(zip(params, updates, strict=True)) if p.dtype == u.dtype]
+    upcast = [i for i in range(len(params)) if params[i].dtype != updates[i].dtype]
+    if direct:
+        ps, us = [params[i] for i in direct], [updates[i] for i in direct]
+        if constrained:
+            torch._foreach_mul_(ps, 1.0 - lr)
+        torch._foreach_add_(ps, us, alpha=-lr * scale)
+    if upcast:
+        xs = [params[i].to(updates[i].dtype) for i in upcast]
+        if constrained:
+            torch._foreach_mul_(xs, 1.0 - lr)
+        torch._foreach_add_(xs, [updates[i] for i in upcast], alpha=-lr * scale)
+        torch._foreach_copy_([params[i] for i in upcast], xs)
+
+
+class _ScionBase(torch.optim.Optimizer):
+    """What Scion and ScionLight share: options, validation, the step skeleton, ``init()``."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float = 1e-3,
+        momentum: float = 1.0,
+        norm: str | Norm = "Auto",
+        norm_kwargs: dict[str, Any] | None = None,
+        scale: float = 1.0,
+        unconstrained: bool = False,
+        *,
+        backend: str = "auto",
+        buffer_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}"
+            )
+        self.nonfinite = nonfinite
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
+        self.skipped_steps = 0
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            norm=norm,
+            norm_kwargs={} if norm_kwargs is None else norm_kwargs,
+            scale=scale,
+            unconstrained=unconstrained,
+            backend=backend,
+            buffer_dtype=buffer_dtype,
+        )
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        if group["norm_kwargs"] is None:
+            group["norm_kwargs"] = {}
+        try:
+            self._check_options(group, index)
+            norm = self._norm(group)
+            for i, p in enumerate(group["params"]):
+                msg = describe_misfit(norm, p.shape, self._label(group, index, i))
+                if msg:
+                    raise ValueError(msg)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _check_options(self, group: dict[str, Any], index: int) -> None:
+        """Raise a clear error for any option of ``group`` out of its domain."""
+        where = f"param group {index}"
+        lr = _number(group["lr"], f"lr ({where})")
+        if not (0.0 <= lr < math.inf):
+            raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")
+        if not isinstance(group["unconstrained"], bool):
+            raise TypeError(f"unconstrained must be a bool in {where}")
+        if not group["unconstrained"] and lr > 1.0:
+            raise ValueError(
+                f"Invalid learning rate {lr} in {where}: the constrained step "
+                "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
+                "weights); use unconstrained=True for larger steps"
+            )
+        momentum = _number(group["momentum"], f"momentum ({where})")
+        if not (0.0 < momentum <= 1.0):
+            raise ValueError(
+                f"Invalid momentum {momentum} in {where}: it is the averaging factor α of "
+                "d ← (1 − α)·d + α·g and must satisfy 0 < α ≤ 1 (β = 0.9 is momentum=0.1)"
+            )
+        scale = _number(group["scale"], f"scale ({where})")
+        if not (0.0 < scale < math.inf):
+            raise ValueError(f"Invalid scale {scale} in {where}: the radius ρ must be > 0, finite")
+        backend = group["backend"]
+        if backend in _LATER_BACKENDS:
+            raise ValueError(
+                f"backend {backend!r} ({where}) is not available in this version of "
+                f"scion_kernels; use one of {BACKENDS}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} in {where}; expected one of {BACKENDS}")
+        buffer_dtype = group["buffer_dtype"]
+        if buffer_dtype is not None and buffer_dtype not in _BUFFER_DTYPES:
+            raise ValueError(
+                f"buffer_dtype must be None (the gradient's dtype) or one of {_BUFFER_DTYPES}; "
+                f"got {buffer_dtype!r} in {where}"
+            )
+        if not isinstance(group["norm_kwargs"], dict):
+            raise TypeError(f"norm_kwargs must be a dict in {where}")
+
+    @staticmethod
+    def _norm(group: dict[str, Any]) -> Norm:
+        return make_norm(group["norm"], group["norm_kwargs"])
+
+    @staticmethod
+    def _label(group: dict[str, Any], index: int, i: int) -> str:
+        names = group.get("param_names")
+        if names is not None and i < len(names):
+            return f"parameter {names[i]!r}"
+        return f"parameter {i} of param group {index}"
+
+    # ------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with gradients enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._check_options(group, index)
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if not idx:
+                continue
+            for i in idx:
+                if group["params"][i].grad.is_sparse:
+                    raise RuntimeError(
+                        f"Scion does not support sparse gradients ({self._label(group, index, i)})"
+                    )
+            work.append((index, group, idx))
+
+        if self.nonfinite != "ignore":
+            bad = self._first_nonfinite(work)
+            if bad is not None:
+                index, group, i = bad
+                label = self._label(group, index, i)
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"the gradient of {label} (shape {tuple(group['params'][i].shape)}) "
+                        "has non-finite values; no parameter or state was changed. Pass "
+                        "nonfinite='skip' to skip such steps instead."
+                    )
+                self.skipped_steps += 1
+                self._on_skip(work)
+                warnings.warn(
+                    f"Scion skipped a step: the gradient of {label} has non-finite values "
+                    f"({self.skipped_steps} skipped so far)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return loss
+
+        for _, group, idx in work:
+            params = [group["params"][i] for i in idx]
+            directions = self._averaged(group, params)
+            updates = self._norm(group).lmo_many(directions)
+            lr, scale = float(group["lr"]), float(group["scale"])
+            _apply_update_(params, updates, lr, scale, not group["unconstrained"])
+            self._after_update(group, params)
+        return loss
+
+    def _first_nonfinite(
+        self, work: list[tuple[int, dict[str, Any], list[int]]]
+    ) -> tuple[int, dict[str, Any], int] | None:
+        """The first parameter whose gradient has a NaN or ±inf (one host sync per device)."""
+        where, grads = [], []
+        for index, group, idx in work:
+            for i in idx:
+                where.append((index, group, i))
+                grads.append(group["params"][i].grad)
+        if not grads:
+            return None
+        by_device: dict[torch.device, list[int]] = {}
+        for k, g in enumerate(grads):
+            by_device.setdefault(g.device, []).append(k)
+        first = None
+        for ks in by_device.values():
+            amax = torch._foreach_norm([grads[k] for k in ks], math.inf)
+            finite = torch.isfinite(torch.stack([a.float() for a in amax]))
+            if not bool(finite.all()):
+                k = ks[int((~finite).nonzero()[0])]
+                first = k if first is None else min(first, k)
+        return None if first is None else where[first]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        return state
+
+    # Hooks the two variants fill in.
+    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        pass
+
+    def _on_skip(self, work: list[tuple[int, dict[str, Any], list[int]]]) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init(self) -> None:
+        """Put every parameter on the sphere of radius ``scale`` of its group's norm.
+
+        As the authors: orthogonal times ``s`` (Spectral, per kernel tap for SpectralConv),
+        random ``±1/d_in`` (Sign), Gaussian normalized like the LMO (ColNorm, RowNorm), zeros
+        (BiasRMS) — then multiplied by ρ.
+        """
+        for group in self.param_groups:
+            norm = self._norm(group)
+            for p in group["params"]:
+                norm.init(p)
+                p.mul_(float(group["scale"]))
+
+
+class Scion(_ScionBase):
+    """Scion: stochastic conditional gradient with a norm-ball LMO per layer.
+
+    ::
+
+        d ← (1 − α)·d + α·g;   u ← ρ·lmo(d)
+        x ← (1 − γ)·x − γ·u    (constrained, the default)   or   x ← x − γ·u  (unconstrained)
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or dicts defining parameter groups
+            (see :func:`scion_kernels.param_groups`).
+        lr: γ, the learning rate (default 1e-3); ``0 ≤ γ ≤ 1`` for the constrained step.
+        momentum: α, one minus the usual momentum β (default 1.0: no averaging); ``0 < α ≤ 1``.
+        norm: ``"Auto"`` (default), ``"Spectral"``, ``"SpectralConv"``, ``"Sign"``, ``"ColNorm"``,
+            ``"RowNorm"``, ``"BiasRMS"``, or a :class:`~scion_kernels.norms.Norm` instance.
+        norm_kwargs: the norm's options (e.g. ``{"steps": 5, "coefficients": "polar_express"}``).
+        scale: ρ, the radius of the norm ball (default 1.0).
+        unconstrained: use ``x ← x − γ·u`` (uSCG) instead of the Frank–Wolfe step.
+        backend: ``"auto"`` or ``"torch"`` (the pure-PyTorch reference, batched).
+        buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's).
+        nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises
+            ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``
+            skips the whole step with a ``RuntimeWarning`` and counts it in ``skipped_steps``;
+            ``"ignore"`` checks nothing (no host sync) and lets NaN propagate.
+
+    Constrained Scion has no separate weight decay: the ``(1 − γ)`` shrink is it. The averaging
+    buffer is saved in ``state_dict`` as ``"momentum_buffer"``, the authors' key.
+    """
+
+    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        alpha = float(group["momentum"])
+        grads = [p.grad for p in params]
+        if alpha == 1.0:
+            return grads
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                dtype = group["buffer_dtype"] or p.grad.dtype
+                state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, 1.0 - alpha)
+        torch._foreach_add_(bufs, grads, alpha=alpha)
+        return bufs
+
+
+class ScionLight(_ScionBase):
+    """Scion without a separate buffer: the average lives in ``p.grad``.
+
+    After each update ``p.grad *= (1 − α)``, and the next backward pass adds ``g``, so
+    ``p.grad = d/α`` with ``d`` Scion's average; every LMO is invariant to that positive
+    scale, so the steps are Scion's while storing one tensor fewer per parameter.
+
+    Arguments are :class:`Scion`'s (``buffer_dtype`` does not apply: the buffer is ``p.grad``).
+
+    What you must not do with ``momentum < 1``:
+
+    - **Zero the gradients** (``optimizer.zero_grad()``, ``model.zero_grad()``, or setting
+      ``p.grad = None``): that erases the average. :meth:`zero_grad` on this optimizer only
+      clears groups with ``momentum == 1`` and warns about the others.
+    - **Clip without care**: clipping ``p.grad`` rescales the stored average, not just the new
+      gradient; norm-based clipping compares the norm of ``d/α`` (about ``1/α`` times a
+      gradient's) with the threshold. Since the LMOs are scale-invariant, clipping is rarely
+      needed; if you clip, clip the gradient before it is added (e.g. with hooks).
+    - **Scale gradients for accumulation** without undoing it: dividing ``p.grad`` divides the
+      average too.
+
+    The buffer is saved in ``state_dict`` (key ``"grad_state"``) and put back into ``p.grad``
+    by ``load_state_dict``. With ``nonfinite="skip"`` a skipped step also resets the buffer of
+    every parameter whose gradient was not finite (its average is lost: there is no copy).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._warned_zero_grad = False
+        self.register_state_dict_pre_hook(type(self)._store_grads_in_state)
+        self.register_load_state_dict_post_hook(type(self)._load_grads_from_state)
+
+    def _check_options(self, group: dict[str, Any], index: int) -> None:
+        super()._check_options(group, index)
+        if group["buffer_dtype"] is not None:
+            raise ValueError(
+                "ScionLight keeps its average in p.grad, in the gradient's dtype; "
+                f"buffer_dtype must be None (got {group['buffer_dtype']!r} in param group {index})"
+            )
+
+    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        return [p.grad for p in params]
+
+    def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        alpha = float(group["momentum"])
+        if alpha != 1.0:
+            torch._foreach_mul_([p.grad for p in params], 1.0 - alpha)
+
+    def _on_skip(self, work: list[tuple[int, dict[str, Any], list[int]]]) -> None:
+        for _, group, idx in work:
+            for i in idx:
+                g = group["params"][i].grad
+                if not bool(torch.isfinite(g).all()):
+                    g.zero_()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of groups with ``momentum == 1`` only.
+
+        Groups with ``momentum < 1`` keep ``p.grad``: it holds their running average.
+        """
+        kept = False
+        for group in self.param_groups:
+            if float(group["momentum"]) == 1.0:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        if set_to_none:
+                            p.grad = None
+                        else:
+                            p.grad.detach_().requires_grad_(False).zero_()
+            elif any(p.grad is not None for p in group["params"]):
+                kept = True
+        if kept and not self._warned_zero_grad:
+            self._warned_zero_grad = True
+            warnings.warn(
+                "ScionLight.zero_grad() kept the gradients of groups with momentum < 1: they "
+                "hold the running average. Do not zero them by other means either.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _store_grads_in_state(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["grad_state"] = p.grad
+                elif p in self.state:
+                    self.state[p].pop("grad_state", None)
+
+    def _load_grads_from_state(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "grad_state" in state:
+                    # A copy, so two optimizers loaded from one state dict never share a buffer.
+                    p.grad = state["grad_state"].detach().clone()
+                    state["grad_state"] = p.grad
+                else:
+                    p.grad = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._store_grads_in_state()
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_warned_zero_grad", False)
+        self._load_grads_from_state()
