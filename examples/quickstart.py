@@ -4,7 +4,7 @@ Newton–Schulz against ``torch.linalg.svd``.
 The text is Python's own standard library source (``inspect``, ``argparse``, ``textwrap``,
 ...), so nothing is downloaded. Runs in a few minutes on a 2-core CPU::
 
-    python examples/quickstart.py [--steps 150] [--sizes 256 512 1024 2048]
+    python examples/quickstart.py [--steps 300] [--sizes 256 512 1024 2048]
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ def median_ms(fn, repeats: int) -> float:
 
 def time_polar(sizes: list[int]) -> None:
     print("\nPolar factor on this CPU: Newton–Schulz (5 steps) against torch.linalg.svd")
-    print(f"{'size':>11}  {'NS bf16 ms':>10}  {'NS fp32 ms':>10}  {'SVD fp32 ms':>11}  "
-          f"{'SVD/NS(bf16)':>12}  {'rel. err bf16':>13}")
+    print(
+        f"{'size':>11}  {'NS bf16 ms':>10}  {'NS fp32 ms':>10}  {'SVD fp32 ms':>11}  "
+        f"{'SVD/NS(bf16)':>12}  {'rel. err bf16':>13}"
+    )
     for n in sizes:
         g = torch.randn(n, n)
         reps = 5 if n <= 1024 else 3
@@ -127,15 +129,19 @@ def time_polar(sizes: list[int]) -> None:
         t_svd = median_ms(svd, reps)
         exact = polar_svd(g)
         err = (newton_schulz(g, "polar_express").double() - exact).norm() / exact.norm()
-        print(f"{n:>5}×{n:<5}  {t_bf:10.1f}  {t_32:10.1f}  {t_svd:11.1f}  "
-              f"{t_svd / t_bf:11.1f}×  {err.item():13.3f}")
-    print("(rel. err: ‖NS − U·Vᵀ‖/‖U·Vᵀ‖ with the polar_express coefficients; the classic "
-          "ones stop at singular values in [0.47, 1.2] by design)")
+        print(
+            f"{n:>5}×{n:<5}  {t_bf:10.1f}  {t_32:10.1f}  {t_svd:11.1f}  "
+            f"{t_svd / t_bf:11.1f}×  {err.item():13.3f}"
+        )
+    print(
+        "(rel. err: ‖NS − U·Vᵀ‖/‖U·Vᵀ‖ with the polar_express coefficients; the classic "
+        "ones stop at singular values in [0.47, 1.2] by design)"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=64)
     p.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
@@ -150,22 +156,28 @@ def main() -> None:
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     vocab = len(chars)
-    print(f"Character-level GPT on {len(text):,} characters of Python's standard library "
-          f"(vocabulary {vocab}), {args.steps} steps of {args.batch}×{args.ctx} tokens, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"Character-level GPT on {len(text):,} characters of Python's standard library "
+        f"(vocabulary {vocab}), {args.steps} steps of {args.batch}×{args.ctx} tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
+    # Learning rates: the best of a sweep at 300 steps on this setup (bench/NOTES.md):
+    # Scion {0.005, 0.01, 0.02, 0.05, 0.1, 0.2}, AdamW {1e-3, 3e-3, 1e-2, 2e-2}.
     def scion(model):
-        groups = param_groups(model, "gpt", overrides={"hidden": {"scale": 3.0},
-                                                      "vector": {"scale": 1.0},
-                                                      "head": {"scale": 10.0}})
+        groups = param_groups(
+            model,
+            "gpt",
+            overrides={"hidden": {"scale": 3.0}, "vector": {"scale": 1.0}, "head": {"scale": 10.0}},
+        )
         print("\nScion parameter groups (recipe 'gpt' with shallow-nanogpt radii):")
         print(format_groups(groups))
-        opt = Scion(groups, lr=0.05, momentum=0.1)
+        opt = Scion(groups, lr=0.02, momentum=0.1)
         opt.init()
-        return opt, 0.05
+        return opt, 0.02
 
     def adamw(model):
-        return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1), 3e-3
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), 1e-2
 
     results = {}
     for name, make in (("Scion", scion), ("AdamW", adamw)):

@@ -95,9 +95,11 @@ def _unit_frobenius(G: Tensor, dtype: torch.dtype) -> Tensor:
     unit-norm result) and removes the ε floor other implementations add: an all-zero matrix
     stays zero, any other one gets Frobenius norm exactly 1 up to rounding.
     """
-    X = G.to(dtype)
+    # Pre-scale in a dtype that holds G exactly (float64 stays float64), so a float64 gradient
+    # far outside float32's range is brought near 1 before it is rounded to ``dtype``.
+    X = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
     amax = X.abs().amax(dim=(-2, -1), keepdim=True)
-    X = X / torch.where(amax > 0, amax, torch.ones_like(amax))
+    X = (X / torch.where(amax > 0, amax, torch.ones_like(amax))).to(dtype)
     # After the pre-scale a non-zero matrix has ‖X‖_F ≥ 1, a zero one has 0: the clamp only
     # touches the zero case, where it avoids 0/0.
     return X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(1.0)
@@ -134,7 +136,9 @@ def newton_schulz(
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     if X.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    X = _unit_frobenius(X.reshape(-1, m, n), torch.float64 if dtype == torch.float64 else torch.float32)
+    X = _unit_frobenius(
+        X.reshape(-1, m, n), torch.float64 if dtype == torch.float64 else torch.float32
+    )
     X = X.to(dtype)
     for a, b, c in table:
         A = torch.bmm(X, X.mT)

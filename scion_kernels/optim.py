@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._native import multi_tensor_average_reference_
 from .norms import Norm, describe_misfit, make_norm
 
 __all__ = ["Scion", "ScionLight"]
@@ -81,9 +82,7 @@ class _ScionBase(torch.optim.Optimizer):
         nonfinite: str = "raise",
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}"
-            )
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
         self.nonfinite = nonfinite
         #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
         self.skipped_steps = 0
@@ -322,8 +321,7 @@ class Scion(_ScionBase):
                 dtype = group["buffer_dtype"] or p.grad.dtype
                 state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
             bufs.append(state["momentum_buffer"])
-        torch._foreach_mul_(bufs, 1.0 - alpha)
-        torch._foreach_add_(bufs, grads, alpha=alpha)
+        multi_tensor_average_reference_(bufs, grads, alpha)
         return bufs
 
 

@@ -15,8 +15,13 @@ class TinyGPT(nn.Module):
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(8, dim)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"ln": nn.LayerNorm(dim), "fc": nn.Linear(dim, 4 * dim),
-                           "proj": nn.Linear(4 * dim, dim, bias=False)})
+            nn.ModuleDict(
+                {
+                    "ln": nn.LayerNorm(dim),
+                    "fc": nn.Linear(dim, 4 * dim),
+                    "proj": nn.Linear(4 * dim, dim, bias=False),
+                }
+            )
             for _ in range(2)
         )
         self.lm_head = nn.Linear(dim, vocab, bias=False)
@@ -80,8 +85,9 @@ def test_mlp_recipe_first_layer_is_input():
 
 
 def test_cnn_recipe_and_spectral_on_convs():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(),
-                          nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4)
+    )
     roles = _roles(param_groups(model, "cnn"))
     assert roles["0.weight"] == ("input", "Auto", 8.0)
     assert roles["2.weight"] == ("hidden", "Auto", 8.0)

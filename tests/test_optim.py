@@ -58,7 +58,12 @@ def test_step_matches_definition_over_many_steps(norm, kwargs, unconstrained):
     bufs = [torch.zeros_like(p) for p in ref]
     lr, momentum, scale = 0.05, 0.3, 2.0
     opt = Scion(
-        params, lr=lr, momentum=momentum, norm=norm, norm_kwargs=kwargs, scale=scale,
+        params,
+        lr=lr,
+        momentum=momentum,
+        norm=norm,
+        norm_kwargs=kwargs,
+        scale=scale,
         unconstrained=unconstrained,
     )
     n = make_norm(norm, kwargs)
@@ -68,7 +73,13 @@ def test_step_matches_definition_over_many_steps(norm, kwargs, unconstrained):
             p.grad = g.clone()
         opt.step()
         _authors_style_step(
-            ref, grads, bufs, lr=lr, momentum=momentum, scale=scale, norm=n,
+            ref,
+            grads,
+            bufs,
+            lr=lr,
+            momentum=momentum,
+            scale=scale,
+            norm=n,
             unconstrained=unconstrained,
         )
     for p, r in zip(params, ref, strict=True):
@@ -78,15 +89,24 @@ def test_step_matches_definition_over_many_steps(norm, kwargs, unconstrained):
 def test_authors_readme_script_runs_unchanged():
     """The authors' README usage: groups with norm/norm_kwargs/scale, init(), step()."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
     radius = 1.0
     optim_groups = [
-        {"params": model[0].parameters(), "norm": "Spectral", "norm_kwargs": {"max": True},
-         "scale": radius},
+        {
+            "params": model[0].parameters(),
+            "norm": "Spectral",
+            "norm_kwargs": {"max": True},
+            "scale": radius,
+        },
         {"params": model[2].parameters(), "norm": "Auto", "norm_kwargs": {}, "scale": radius},
-        {"params": [model[4].weight], "norm": "Sign", "norm_kwargs": {"normalized": True},
-         "scale": radius * 2**10.0},
+        {
+            "params": [model[4].weight],
+            "norm": "Sign",
+            "norm_kwargs": {"normalized": True},
+            "scale": radius * 2**10.0,
+        },
         {"params": [model[4].bias], "norm": "BiasRMS", "norm_kwargs": {}, "scale": radius},
     ]
     with pytest.raises(ValueError, match=r"Spectral cannot be applied to parameter 1 .*\(16,\)"):
@@ -144,8 +164,9 @@ def test_params_without_grad_untouched():
     a, b = nn.Parameter(torch.randn(5, 6)), nn.Parameter(torch.randn(6))
     b0 = b.detach().clone()
     a.grad = torch.randn(5, 6)
-    opt = Scion([{"params": [a], "norm": "Spectral"}, {"params": [b], "norm": "BiasRMS"}],
-                momentum=0.1)
+    opt = Scion(
+        [{"params": [a], "norm": "Spectral"}, {"params": [b], "norm": "BiasRMS"}], momentum=0.1
+    )
     opt.step()
     assert torch.equal(b, b0) and b not in opt.state
 
@@ -171,13 +192,15 @@ def test_tiny_gradients_give_unit_directions():
     torch.testing.assert_close(n.lmo(g * 1e-30), n.lmo(g), rtol=1e-5, atol=1e-6)
 
 
+def _rms_rms_norm(w):
+    return torch.linalg.matrix_norm(w.double(), ord=2) / math.sqrt(w.shape[0] / w.shape[1])
+
+
 @pytest.mark.parametrize(
     "norm, kwargs, radius_of",
     [
-        ("Spectral", {"polar": "svd"},
-         lambda w: torch.linalg.matrix_norm(w.double(), ord=2) / math.sqrt(w.shape[0] / w.shape[1])),
-        ("Spectral", {"coefficients": "polar_express"},
-         lambda w: torch.linalg.matrix_norm(w.double(), ord=2) / math.sqrt(w.shape[0] / w.shape[1])),
+        ("Spectral", {"polar": "svd"}, lambda w: _rms_rms_norm(w)),
+        ("Spectral", {"coefficients": "polar_express"}, lambda w: _rms_rms_norm(w)),
         ("Sign", {}, lambda w: w.abs().max() * w.shape[1]),
         ("ColNorm", {}, lambda w: (w.norm(dim=0) / math.sqrt(w.shape[0])).max()),
         ("RowNorm", {}, lambda w: (w.norm(dim=1) * math.sqrt(w.shape[1])).max()),
@@ -206,8 +229,9 @@ def test_constrained_step_stays_in_ball(norm, kwargs, radius_of):
 
 def test_unconstrained_norm_grows_at_most_linearly():
     w = nn.Parameter(torch.zeros(6, 6))
-    opt = Scion([w], lr=0.5, norm="Spectral", norm_kwargs={"polar": "svd"}, scale=1.0,
-                unconstrained=True)
+    opt = Scion(
+        [w], lr=0.5, norm="Spectral", norm_kwargs={"polar": "svd"}, scale=1.0, unconstrained=True
+    )
     g = torch.randn(6, 6)
     for k in range(1, 6):
         w.grad = g.clone()  # the same direction every time: the norm grows by γ·ρ per step
@@ -248,8 +272,9 @@ def test_spectral_is_batched_per_oriented_shape(monkeypatch):
 
 
 def _model():
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
-                         nn.Linear(10, 3))
+    return nn.Sequential(
+        nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)
+    )
 
 
 def _train(model, opt, steps, seed, light=False, dtype=torch.float32):
@@ -328,8 +353,12 @@ def test_scionlight_loaded_buffers_are_not_shared():
 
 def test_scionlight_zero_grad_keeps_the_average():
     p, q = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
-    opt = ScionLight([{"params": [p], "momentum": 0.1, "norm": "Spectral"},
-                      {"params": [q], "momentum": 1.0, "norm": "BiasRMS"}])
+    opt = ScionLight(
+        [
+            {"params": [p], "momentum": 0.1, "norm": "Spectral"},
+            {"params": [q], "momentum": 1.0, "norm": "BiasRMS"},
+        ]
+    )
     p.grad, q.grad = torch.randn(4, 4), torch.randn(4)
     with pytest.warns(UserWarning, match="running average"):
         opt.zero_grad()
@@ -458,9 +487,7 @@ def test_sparse_gradients_rejected():
 class TestNonFinite:
     def _setup(self, cls=Scion, **kw):
         a, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
-        opt = cls(
-            [("enc.weight", a), ("enc.bias", b)], momentum=0.5, norm="Auto", **kw
-        )
+        opt = cls([("enc.weight", a), ("enc.bias", b)], momentum=0.5, norm="Auto", **kw)
         a.grad, b.grad = torch.randn(4, 6), torch.randn(6)
         opt.step()  # creates state
         a.grad, b.grad = torch.randn(4, 6), torch.randn(6)

@@ -1,0 +1,85 @@
+/*
+ * C entry points of the scion_kernels CUDA library.
+ *
+ * This header is deliberately plain C: no CUDA, PyTorch or Python headers. Tensors cross it as raw
+ * device addresses plus element counts, and the stream as the driver-level handle that a
+ * cudaStream_t is (a pointer to the opaque CUstream_st), so the host-side binding can be compiled
+ * by an ordinary C++ compiler without the CUDA include path.
+ *
+ * Every entry point returns a scion_status; on failure a human-readable description is available
+ * from scion_last_error() on the same thread until the next call into the library.
+ */
+#ifndef SCION_KERNELS_H_
+#define SCION_KERNELS_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct CUstream_st;
+/* Same type as cudaStream_t; NULL is the legacy default stream. */
+typedef struct CUstream_st* scion_stream_t;
+
+typedef enum scion_status {
+  SCION_OK = 0,
+  SCION_ERROR_INVALID_ARGUMENT = 1,
+  SCION_ERROR_CUDA = 2,
+} scion_status;
+
+/* Element types understood by the kernels. The values are part of the binding's ABI. */
+typedef enum scion_dtype {
+  SCION_FLOAT32 = 0,
+  SCION_BFLOAT16 = 1,
+  SCION_FLOAT16 = 2,
+} scion_dtype;
+
+/*
+ * In-place running average over a list of tensor pairs, for every element i of every pair t:
+ *
+ *   d_t[i] <- (1 - alpha) * d_t[i] + alpha * g_t[i]
+ *
+ * evaluated in fp32 as fmaf(alpha_f, g, beta_f * d) with alpha_f = (float)alpha and
+ * beta_f = (float)(1.0 - alpha), the product beta_f * d rounded to fp32 on its own, and a single
+ * final rounding to the state's type. See multi_tensor_average.cu for why it is written so.
+ *
+ *   num_tensors      number of (state, grad) pairs; 0 is a no-op
+ *   state_ptrs[t]    device address of d_t, contiguous, of type state_dtype (FLOAT32 or BFLOAT16)
+ *   grad_ptrs[t]     device address of g_t, contiguous, of type grad_dtype (FLOAT32, BFLOAT16 or
+ *                    FLOAT16)
+ *   numels[t]        element count of both d_t and g_t (>= 0; empty pairs are skipped)
+ *   alpha            in [0, 1]
+ *   device           CUDA device ordinal the tensors and the stream belong to; it is made current
+ *                    for the duration of the call and the caller's current device is restored
+ *   stream           stream to enqueue on; the call is asynchronous with respect to the host
+ *
+ * All pairs are processed with as few kernel launches as the kernel-argument space allows.
+ */
+scion_status scion_multi_tensor_average(int64_t num_tensors, const uint64_t* state_ptrs,
+                                        const uint64_t* grad_ptrs, const int64_t* numels,
+                                        scion_dtype state_dtype, scion_dtype grad_dtype,
+                                        double alpha, int device, scion_stream_t stream);
+
+/*
+ * Number of kernel launches scion_multi_tensor_average would issue for these element counts.
+ * Pure host computation (touches no GPU), exposed so the packing can be checked anywhere.
+ * Returns -1 and sets the error message if the arguments are invalid.
+ */
+int64_t scion_multi_tensor_average_num_launches(int64_t num_tensors, const int64_t* numels);
+
+/* Packing limits of scion_multi_tensor_average. */
+int64_t scion_multi_tensor_average_max_tensors_per_launch(void);
+int64_t scion_multi_tensor_average_chunk_size(void);
+
+/* Description of the last failure on the calling thread ("" if none). */
+const char* scion_last_error(void);
+
+/* CUDA runtime version the library was built against (e.g. 13000), from CUDART_VERSION. */
+int scion_cuda_runtime_version(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SCION_KERNELS_H_ */

@@ -1,0 +1,557 @@
+"""Newton–Schulz and the exact polar factor, against float64 SVD (SCION.md §4).
+
+For ``G = U·Σ·Vᵀ`` and ``X₀ = G/‖G‖_F``, every Newton–Schulz step maps each normalized singular
+value ``σ̂ = σ/‖G‖_F`` through ``aσ + bσ³ + cσ⁵`` and leaves ``U`` and ``V`` alone, so the output
+is exactly ``U·diag(p(σ̂))·Vᵀ`` with ``p`` the composed scalar polynomial. In float64 compute
+that identity holds to rounding; in low precision it holds to that precision's level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scion_kernels.newton_schulz import (
+    COEFFICIENTS,
+    newton_schulz,
+    polar_svd,
+    resolve_coefficients,
+)
+
+F64 = torch.float64
+CLASSIC = (3.4445, -4.7750, 2.0315)
+
+# Shapes of the accuracy tests: degenerate, square, very wide / very tall, a cheap 4097-column
+# case (m = 8) and a batch.
+SHAPES = [(1, 1), (1, 9), (9, 1), (7, 7), (7, 129), (129, 7), (33, 65), (8, 4097), (3, 16, 40)]
+
+
+def _ids(shape):
+    return "x".join(map(str, shape))
+
+
+def compose(sigma: torch.Tensor, coefficients, steps=None) -> torch.Tensor:
+    """The composed scalar polynomial of a coefficient set, applied in float64."""
+    x = sigma.to(F64)
+    for a, b, c in resolve_coefficients(coefficients, steps):
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def conditioned(shape, cond=10.0, dtype=F64) -> torch.Tensor:
+    """A random matrix (batch) with singular values log-spaced in [1/cond, 1]."""
+    *batch, m, n = shape
+    k = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(*batch, m, k, dtype=F64))
+    q2, _ = torch.linalg.qr(torch.randn(*batch, n, k, dtype=F64))
+    s = torch.logspace(0.0, -math.log10(cond), k, dtype=F64)
+    return ((q1 * s) @ q2.mT).to(dtype)
+
+
+def normalized_svd(G: torch.Tensor):
+    """Float64 thin SVD of ``G`` and its singular values divided by ``‖G‖_F``."""
+    Gd = G.to(F64)
+    U, S, Vh = torch.linalg.svd(Gd, full_matrices=False)
+    fro = torch.linalg.matrix_norm(Gd).unsqueeze(-1)
+    return U, S / fro, Vh
+
+
+def rel_fro(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ``‖a − b‖_F / ‖b‖_F`` over the batch, in float64."""
+    a, b = a.to(F64), b.to(F64)
+    return (torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b)).max().item()
+
+
+def input_for(dtype: torch.dtype, shape) -> torch.Tensor:
+    """A fresh Gaussian input: float64 for float64 compute, float32 otherwise."""
+    return torch.randn(shape, dtype=F64 if dtype == F64 else torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_coefficients
+# ---------------------------------------------------------------------------------------------
+
+
+class TestResolveCoefficients:
+    def test_classic_is_muons_quintic_five_times(self):
+        assert resolve_coefficients("classic") == (CLASSIC,) * 5
+        assert resolve_coefficients() == (CLASSIC,) * 5  # the default set
+
+    def test_polar_express_is_the_five_step_table(self):
+        table = resolve_coefficients("polar_express")
+        assert table == COEFFICIENTS["polar_express"]
+        assert len(table) == 5
+        # The numbers quoted in SCION.md §4, to their 4 decimals.
+        quoted = [
+            (8.1566, -22.4833, 15.8788),
+            (4.0429, -2.8089, 0.5000),
+            (3.8917, -2.7725, 0.5061),
+            (3.2858, -2.3681, 0.4645),
+            (2.3465, -1.7098, 0.4232),
+        ]
+        for got, want in zip(table, quoted, strict=True):
+            assert got == pytest.approx(want, abs=5e-5)
+
+    @pytest.mark.parametrize("steps", [1, 3, 5, 8], ids=lambda s: f"steps{s}")
+    def test_named_set_steps(self, steps):
+        assert resolve_coefficients("classic", steps) == (CLASSIC,) * steps
+        pe = COEFFICIENTS["polar_express"]
+        want = tuple(pe[min(i, len(pe) - 1)] for i in range(steps))
+        assert resolve_coefficients("polar_express", steps) == want
+
+    def test_polar_express_longer_repeats_last_triple(self):
+        table = resolve_coefficients("polar_express", 7)
+        assert table[:5] == COEFFICIENTS["polar_express"]
+        assert table[5] == table[6] == COEFFICIENTS["polar_express"][-1]
+
+    def test_explicit_triples_default_to_their_length(self):
+        table = resolve_coefficients([(1, 2, 3), (4.5, -5, 6)])
+        assert table == ((1.0, 2.0, 3.0), (4.5, -5.0, 6.0))
+        assert all(isinstance(x, float) for t in table for x in t)
+
+    def test_explicit_shorter_set_repeats_last_triple(self):
+        table = resolve_coefficients([(1, 2, 3), (4, 5, 6)], steps=4)
+        assert table == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0), (4.0, 5.0, 6.0), (4.0, 5.0, 6.0))
+
+    def test_explicit_longer_set_is_cut(self):
+        table = resolve_coefficients([(1, 2, 3), (4, 5, 6), (7, 8, 9)], steps=2)
+        assert table == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+
+    def test_tuple_of_tuples_and_lists_accepted(self):
+        assert resolve_coefficients(((1, 0, 0),)) == ((1.0, 0.0, 0.0),)
+        assert resolve_coefficients([[2, 0, 0]], steps=2) == ((2.0, 0.0, 0.0),) * 2
+
+    @pytest.mark.parametrize(
+        "coefficients, match",
+        [
+            pytest.param("nope", "unknown Newton–Schulz coefficient set 'nope'", id="unknown-name"),
+            pytest.param("", "unknown Newton–Schulz coefficient set", id="empty-name"),
+            pytest.param([], "empty", id="empty-list"),
+            pytest.param([(1.0, float("nan"), 2.0)], "finite", id="nan"),
+            pytest.param([(1.0, 2.0, float("inf"))], "finite", id="inf"),
+            pytest.param([(1.0, 2.0, 3.0), (-float("inf"), 0, 0)], "finite", id="neg-inf-second"),
+            pytest.param([(1.0, 2.0)], "triples", id="pair"),
+            pytest.param([(1.0, 2.0, 3.0, 4.0)], "triples", id="quadruple"),
+            pytest.param([("a", "b", "c")], "triples", id="strings"),
+            pytest.param([1.0, 2.0, 3.0], "triples", id="flat-list"),
+            pytest.param(None, "triples", id="none"),
+        ],
+    )
+    def test_bad_coefficients(self, coefficients, match):
+        with pytest.raises(ValueError, match=match):
+            resolve_coefficients(coefficients)
+
+    @pytest.mark.parametrize("coefficients", ["classic", [(1, 2, 3)]], ids=["named", "explicit"])
+    @pytest.mark.parametrize("steps", [0, -1, True, False, 2.5, "3"], ids=repr)
+    def test_bad_steps(self, coefficients, steps):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            resolve_coefficients(coefficients, steps)
+
+    def test_unknown_name_lists_the_sets(self):
+        with pytest.raises(ValueError) as info:
+            resolve_coefficients("Classic")
+        for name in COEFFICIENTS:
+            assert name in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scalar polynomials: what each coefficient set does to a singular value
+# ---------------------------------------------------------------------------------------------
+
+SIGMA = torch.logspace(-3, 0, 200_001, dtype=F64)  # dense grid on [1e-3, 1], both ends included
+
+
+def test_scalar_range_polar_express():
+    out = compose(SIGMA, "polar_express")
+    lo, hi = out.min().item(), out.max().item()
+    # [0.8588, 1.1412], and tight: the set really uses that range.
+    assert 0.8588 <= lo < 0.8590
+    assert 1.1410 < hi <= 1.1412
+    # Minimax optimality: the error equioscillates around 1, so the extremes are symmetric.
+    assert lo + hi == pytest.approx(2.0, abs=1e-6)
+
+
+def test_scalar_range_classic():
+    out = compose(SIGMA, "classic")
+    lo, hi = out.min().item(), out.max().item()
+    # Muon's quintic does not converge to 1: about [0.47, 1.21].
+    assert 0.47 <= lo < 0.48
+    assert 1.20 < hi <= 1.21
+    # The smallest σ is the worst case: 5 steps of slope ≈ 3.4445 at 0.
+    assert out[0].item() == pytest.approx(lo)
+
+
+@pytest.mark.parametrize(
+    "name, lo, hi", [("classic", 0.0, 1.21), ("polar_express", 0.0, 1.1412)], ids=["classic", "pe"]
+)
+def test_scalar_below_1e3_stays_bounded(name, lo, hi):
+    """Below σ = 1e-3 the output is smaller, never negative nor larger than the set's maximum."""
+    sigma = torch.linspace(0, 1e-3, 10_001, dtype=F64)
+    out = compose(sigma, name)
+    assert out[0].item() == 0.0
+    assert lo <= out.min().item() and out.max().item() <= hi
+    assert bool((out[1:] > 0).all())
+
+
+@pytest.mark.parametrize("name", ["classic", "polar_express"])
+def test_scalar_safety_margin_above_one(name):
+    """Low-precision singular values drift slightly above 1; up to 1.02 the sets stay in range."""
+    sigma = torch.linspace(1.0, 1.02, 2001, dtype=F64)
+    full = compose(SIGMA, name)
+    out = compose(sigma, name)
+    assert full.min().item() - 1e-6 <= out.min().item()
+    assert out.max().item() <= full.max().item() + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# newton_schulz against the exact SVD
+# ---------------------------------------------------------------------------------------------
+
+# (coefficient set, compute dtype, bound on ‖X − U·diag(p(σ̂))·Vᵀ‖_F / ‖U·diag(p(σ̂))·Vᵀ‖_F).
+# float64/float32: rounding of the matrix products. float16/bfloat16: the operand rounding
+# (2⁻¹¹ / 2⁻⁹ relative) is amplified by the composed polynomial's slope; the Polar Express
+# composition is much steeper than the classic one (its first step has coefficients up to 22),
+# so its bf16 error is several times the classic one (measured up to ≈ 0.09 over 20 seeds).
+IDENTITY_CASES = [
+    pytest.param("classic", F64, 1e-10, id="classic-f64"),
+    pytest.param("polar_express", F64, 1e-10, id="pe-f64"),
+    pytest.param("classic", torch.float32, 1e-4, id="classic-f32"),
+    pytest.param("polar_express", torch.float32, 1e-4, id="pe-f32"),
+    pytest.param("classic", torch.float16, 1e-2, id="classic-f16"),
+    pytest.param("polar_express", torch.float16, 2e-2, id="pe-f16"),
+    pytest.param("classic", torch.bfloat16, 3e-2, id="classic-bf16"),
+    pytest.param("polar_express", torch.bfloat16, 0.12, id="pe-bf16"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("name, dtype, rtol", IDENTITY_CASES)
+def test_output_is_polynomial_of_singular_values(shape, name, dtype, rtol):
+    """``newton_schulz(G) = U·diag(p(σ̂))·Vᵀ`` with p the composed scalar polynomial."""
+    G = input_for(dtype, shape)
+    U, sn, Vh = normalized_svd(G)
+    expected = (U * compose(sn, name).unsqueeze(-2)) @ Vh
+    X = newton_schulz(G, name, dtype=dtype)
+    assert X.shape == G.shape and X.dtype == dtype
+    assert rel_fro(X, expected) < rtol
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("steps", [1, 2, 7], ids=lambda s: f"steps{s}")
+def test_explicit_coefficients_and_steps(dtype, steps):
+    """Custom triples and step counts follow the same identity."""
+    coefficients = [(2.0, -1.5, 0.5), (1.875, -1.25, 0.375)]
+    G = input_for(dtype, (6, 11))
+    U, sn, Vh = normalized_svd(G)
+    expected = (U * compose(sn, coefficients, steps).unsqueeze(-2)) @ Vh
+    X = newton_schulz(G, coefficients, steps=steps, dtype=dtype)
+    assert rel_fro(X, expected) < (1e-10 if dtype == F64 else 1e-5)
+
+
+def test_polynomial_identity_on_rank_deficient_input():
+    """Zero singular values stay zero: a rank-2 5×7 matrix gives 2 non-zero singular values."""
+    G = torch.randn(5, 2, dtype=F64) @ torch.randn(2, 7, dtype=F64)
+    X = newton_schulz(G, "polar_express", dtype=F64)
+    sv = torch.linalg.svdvals(X)
+    assert bool(((sv[:2] > 0.855) & (sv[:2] < 1.145)).all())
+    assert sv[2:].max().item() < 1e-12
+    # And it points along the partial isometry polar_svd returns.
+    assert torch.linalg.matrix_norm(X - polar_svd(G)).item() < 0.145 * math.sqrt(2)
+
+
+# (coefficient set, compute dtype, singular value range for inputs with σ̂ ≥ 1e-3).
+RANGE_CASES = [
+    pytest.param("classic", torch.bfloat16, 0.45, 1.25, id="classic-bf16"),
+    pytest.param("classic", torch.float32, 0.47, 1.21, id="classic-f32"),
+    pytest.param("classic", F64, 0.47, 1.21, id="classic-f64"),
+    pytest.param("polar_express", torch.bfloat16, 0.80, 1.20, id="pe-bf16"),
+    pytest.param("polar_express", torch.float32, 0.855, 1.145, id="pe-f32"),
+    pytest.param("polar_express", F64, 0.855, 1.145, id="pe-f64"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("name, dtype, lo, hi", RANGE_CASES)
+def test_singular_values_in_coefficient_set_range(shape, name, dtype, lo, hi):
+    G = conditioned(shape, cond=10.0, dtype=F64 if dtype == F64 else torch.float32)
+    _, sn, _ = normalized_svd(G)
+    assert sn.min().item() >= 1e-3  # the range is stated for σ̂ ∈ [1e-3, 1]
+    sv = torch.linalg.svdvals(newton_schulz(G, name, dtype=dtype).to(F64))
+    assert lo <= sv.min().item() and sv.max().item() <= hi
+
+
+# (coefficient set, compute dtype, cap on ‖X − U·Vᵀ‖_F / √min(m, n)). The exact distance is
+# ‖p(σ̂) − 1‖₂/√k ≤ max|p − 1|: 0.1412 for Polar Express, 0.5295 for classic (rank 1 alone gives
+# 1 − p(1) = 0.304), plus the low-precision noise of the identity above.
+POLAR_DISTANCE_CASES = [
+    pytest.param("classic", torch.bfloat16, 3e-2, 0.56, id="classic-bf16"),
+    pytest.param("classic", F64, 1e-10, 0.53, id="classic-f64"),
+    pytest.param("polar_express", torch.bfloat16, 0.12, 0.20, id="pe-bf16"),
+    pytest.param("polar_express", F64, 1e-10, 0.1412, id="pe-f64"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("name, dtype, rtol, cap", POLAR_DISTANCE_CASES)
+def test_distance_to_exact_polar_factor(shape, name, dtype, rtol, cap):
+    G = input_for(dtype, shape)
+    U, sn, Vh = normalized_svd(G)
+    exact = U @ Vh
+    assert torch.allclose(polar_svd(G), exact, atol=1e-12, rtol=0)
+    k = min(shape[-2:])
+    p = compose(sn, name)
+    X = newton_schulz(G, name, dtype=dtype).to(F64)
+    dist = torch.linalg.matrix_norm(X - exact)
+    # Triangle inequality: ‖X − UVᵀ‖ ≤ ‖X − U·p·Vᵀ‖ + ‖p − 1‖₂.
+    bound = rtol * torch.linalg.vector_norm(p, dim=-1) + torch.linalg.vector_norm(p - 1, dim=-1)
+    assert bool((dist <= bound * (1 + 1e-9)).all())
+    assert (dist / math.sqrt(k)).max().item() < cap
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: transposition, batching, scale, zeros, non-finite values
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (7, 129), (33, 65), (3, 16, 40), (2, 1, 5)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_tall_is_transposed_wide(shape, dtype):
+    """Tall matrices are oriented wide: newton_schulz(Gᵀ) is newton_schulz(G)ᵀ bit for bit."""
+    G = torch.randn(shape)
+    wide = newton_schulz(G, dtype=dtype)
+    tall = newton_schulz(G.mT, dtype=dtype)
+    assert tall.shape == G.mT.shape
+    assert torch.equal(tall, wide.mT)
+    # A contiguous tall copy is reduced in another memory order: equal up to rounding.
+    atol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(newton_schulz(G.mT.contiguous(), dtype=dtype), wide.mT, atol=atol)
+
+
+@pytest.mark.parametrize("n", [1, 8, 31], ids=lambda n: f"{n}x{n}")
+def test_square_transpose_equivariance(n):
+    """polar(Gᵀ) = polar(G)ᵀ; a square matrix is not transposed, so this holds to rounding."""
+    G = torch.randn(n, n)
+    a = newton_schulz(G.mT, "polar_express", dtype=torch.float32)
+    b = newton_schulz(G, "polar_express", dtype=torch.float32).mT
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_shape", [(5,), (2, 3)], ids=["5", "2x3"])
+@pytest.mark.parametrize("mn", [(16, 40), (40, 16), (9, 9)], ids=_ids)
+def test_batch_matches_per_matrix(batch_shape, mn):
+    G = torch.randn(*batch_shape, *mn)
+    X = newton_schulz(G, dtype=torch.float32)
+    flat_in, flat_out = G.reshape(-1, *mn), X.reshape(-1, *mn)
+    for g, x in zip(flat_in, flat_out, strict=True):
+        assert torch.allclose(x, newton_schulz(g, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def test_batch_normalizes_each_matrix_on_its_own():
+    """Magnitudes differing by 1e40 and a zero matrix in one batch do not interact."""
+    mats = [torch.randn(6, 10) for _ in range(3)]
+    G = torch.stack([mats[0], 1e-20 * mats[1], torch.zeros(6, 10), 1e20 * mats[2]])
+    X = newton_schulz(G, dtype=torch.float32)
+    assert bool(X.isfinite().all())
+    assert torch.allclose(X[0], newton_schulz(mats[0], dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(X[1], newton_schulz(mats[1], dtype=torch.float32), atol=1e-5)
+    assert torch.equal(X[2], torch.zeros(6, 10))
+    assert torch.allclose(X[3], newton_schulz(mats[2], dtype=torch.float32), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (7, 5), (2, 3, 4)], ids=_ids)
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, F64], ids=["bf16", "f16", "f32", "f64"]
+)
+@pytest.mark.parametrize("name", ["classic", "polar_express"])
+def test_zero_matrix_gives_exact_zeros(shape, dtype, name):
+    X = newton_schulz(torch.zeros(shape), name, dtype=dtype)
+    assert X.dtype == dtype and X.shape == shape
+    assert not bool(X.isnan().any())
+    assert torch.equal(X, torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (3, 0, 5), (0, 2, 2)], ids=_ids)
+def test_empty_input(shape):
+    X = newton_schulz(torch.randn(shape), dtype=torch.float32)
+    assert X.shape == shape and X.dtype == torch.float32
+
+
+# (scale, compute dtype, atol): no ε floor, so a tiny or huge gradient has the same direction.
+SCALE_CASES = [
+    pytest.param(1e-30, torch.float32, 1e-5, id="1e-30-f32"),
+    pytest.param(1e-20, torch.float32, 1e-5, id="1e-20-f32"),
+    pytest.param(1e20, torch.float32, 1e-5, id="1e20-f32"),
+    pytest.param(1e30, torch.float32, 1e-5, id="1e30-f32"),
+    pytest.param(1e-30, torch.bfloat16, 1e-2, id="1e-30-bf16"),
+    pytest.param(1e30, torch.bfloat16, 1e-2, id="1e30-bf16"),
+]
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (13, 7), (1, 5)], ids=_ids)
+@pytest.mark.parametrize("scale, dtype, atol", SCALE_CASES)
+def test_scale_invariance(shape, scale, dtype, atol):
+    G = torch.randn(shape)
+    ref = newton_schulz(G, dtype=dtype).float()
+    scaled = G * scale
+    assert bool(scaled.isfinite().all()) and bool((scaled != 0).all())
+    out = newton_schulz(scaled, dtype=dtype).float()
+    assert ref.abs().max().item() > 0.1  # not a trivially zero reference
+    assert torch.allclose(out, ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_subnormal_float32_input(dtype):
+    """A float32 gradient of subnormal numbers (≈1e-40) still gives the polar direction."""
+    G = torch.randn(7, 13)
+    tiny = G * 1e-40
+    assert tiny.abs().max().item() < torch.finfo(torch.float32).tiny  # all subnormal
+    assert bool((tiny != 0).all())
+    ref = newton_schulz(G, dtype=dtype).float()
+    out = newton_schulz(tiny, dtype=dtype).float()
+    # Subnormals carry fewer mantissa bits (≈ 2⁻¹⁴ relative at 1e-40).
+    assert torch.allclose(out, ref, atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-60, 1e60], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_float64_input_outside_float32_range(scale, dtype):
+    """A finite, non-zero float64 gradient is normalized before any cast to the compute dtype,
+    so its magnitude does not matter even where it is outside float32's range."""
+    G = torch.randn(7, 13, dtype=F64)
+    ref = newton_schulz(G, dtype=dtype).float()
+    out = newton_schulz(G * scale, dtype=dtype).float()
+    assert bool(out.isfinite().all()), "a finite input gave a non-finite output"
+    assert out.abs().max().item() > 0.1, "a non-zero input gave an all-zero output"
+    assert torch.allclose(out, ref, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_non_finite_input_gives_non_finite_output(bad, dtype):
+    """Documented: a non-finite entry poisons its own matrix, and only that one."""
+    G = torch.randn(3, 5, 8)
+    G[1, 2, 3] = bad
+    X = newton_schulz(G, dtype=dtype)
+    assert not bool(X[1].isfinite().any())
+    for i in (0, 2):
+        assert bool(X[i].isfinite().all())
+        assert torch.equal(X[i], newton_schulz(G[i], dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes and argument errors
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, F64]
+DTYPE_IDS = ["bf16", "f16", "f32", "f64"]
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=[f"in-{d}" for d in DTYPE_IDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[f"compute-{d}" for d in DTYPE_IDS])
+def test_dtypes(in_dtype, dtype):
+    """Any float input dtype; the output is in the compute dtype and close to the polar form."""
+    G = conditioned((6, 10), cond=4.0).to(in_dtype)
+    X = newton_schulz(G, "polar_express", dtype=dtype)
+    assert X.dtype == dtype and X.shape == G.shape
+    U, sn, Vh = normalized_svd(G)
+    expected = (U * compose(sn, "polar_express").unsqueeze(-2)) @ Vh
+    assert rel_fro(X, expected) < 0.12
+
+
+def test_default_compute_dtype_is_bfloat16():
+    assert newton_schulz(torch.randn(4, 6)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
+def test_newton_schulz_rejects_non_matrices(shape):
+    with pytest.raises(ValueError, match=r"needs matrices \(\.\.\., m, n\); got shape"):
+        newton_schulz(torch.randn(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64], ids=str)
+def test_newton_schulz_rejects_bad_compute_dtype(dtype):
+    with pytest.raises(ValueError, match="compute dtype must be one of"):
+        newton_schulz(torch.randn(4, 6), dtype=dtype)
+
+
+def test_newton_schulz_rejects_bad_coefficients():
+    with pytest.raises(ValueError, match="unknown Newton–Schulz coefficient set"):
+        newton_schulz(torch.randn(4, 6), "fast")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        newton_schulz(torch.randn(4, 6), steps=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# polar_svd
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (7, 5), (6, 6), (1, 9), (3, 4, 6)], ids=_ids)
+def test_polar_svd_is_a_partial_isometry(shape):
+    G = torch.randn(shape, dtype=F64)
+    P = polar_svd(G)
+    assert P.shape == G.shape and P.dtype == F64
+    sv = torch.linalg.svdvals(P)
+    assert torch.allclose(sv, torch.ones_like(sv), atol=1e-12, rtol=0)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.allclose(P, U @ Vh, atol=1e-12, rtol=0)
+    # The polar factor is the orthogonal matrix closest to G: ⟨G, P⟩ = ‖G‖_nuclear.
+    inner = (G * P).sum(dim=(-2, -1))
+    assert torch.allclose(inner, torch.linalg.matrix_norm(G, ord="nuc"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_polar_svd_returns_float64(in_dtype):
+    G = torch.randn(4, 9).to(in_dtype)
+    P = polar_svd(G)
+    assert P.dtype == F64
+    U, _, Vh = torch.linalg.svd(G.to(F64), full_matrices=False)
+    assert torch.allclose(P, U @ Vh, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (2, 3, 3)], ids=_ids)
+def test_polar_svd_zero_matrix(shape):
+    P = polar_svd(torch.zeros(shape))
+    assert torch.equal(P, torch.zeros(shape, dtype=F64))
+
+
+@pytest.mark.parametrize("mn", [(5, 7), (7, 5)], ids=_ids)
+def test_polar_svd_rank_deficient(mn):
+    m, n = mn
+    G = torch.randn(m, 2, dtype=F64) @ torch.randn(2, n, dtype=F64)
+    P = polar_svd(G)
+    sv = torch.linalg.svdvals(P)
+    assert torch.allclose(sv[:2], torch.ones(2, dtype=F64), atol=1e-10, rtol=0)
+    assert sv[2:].max().item() < 1e-10
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.allclose(P, U[:, :2] @ Vh[:2], atol=1e-10, rtol=0)
+
+
+def test_polar_svd_batch_with_mixed_ranks():
+    full = torch.randn(5, 7, dtype=F64)
+    rank1 = torch.randn(5, 1, dtype=F64) @ torch.randn(1, 7, dtype=F64)
+    G = torch.stack([full, rank1, torch.zeros(5, 7, dtype=F64)])
+    P = polar_svd(G)
+    assert P.shape == (3, 5, 7)
+    ranks = (torch.linalg.svdvals(P) > 0.5).sum(-1).tolist()
+    assert ranks == [5, 1, 0]
+    assert torch.equal(P[2], torch.zeros(5, 7, dtype=F64))
+    assert torch.allclose(P[0], polar_svd(full), atol=1e-12, rtol=0)
+
+
+def test_polar_svd_scale_invariant():
+    G = torch.randn(6, 9, dtype=F64)
+    for scale in (1e-200, 1e200):
+        assert torch.allclose(polar_svd(G * scale), polar_svd(G), atol=1e-12, rtol=0)
+
+
+def test_polar_svd_empty():
+    assert polar_svd(torch.randn(0, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
+def test_polar_svd_rejects_non_matrices(shape):
+    with pytest.raises(ValueError, match=r"polar_svd needs matrices"):
+        polar_svd(torch.randn(shape))
