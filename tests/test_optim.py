@@ -219,7 +219,7 @@ def test_constrained_step_stays_in_ball(norm, kwargs, radius_of):
     opt = Scion([w], lr=0.2, momentum=0.5, norm=norm, norm_kwargs=kwargs, scale=rho)
     opt.init()
     if norm != "BiasRMS":  # BiasRMS starts at zero, inside the ball
-        assert radius_of(w.detach()) == pytest.approx(rho, rel=1e-5)
+        assert float(radius_of(w.detach())) == pytest.approx(rho, rel=1e-5)
     bound = rho * (1.15 if kwargs.get("coefficients") else 1.0) * (1 + 1e-5)
     for _ in range(60):
         w.grad = torch.randn_like(w)
@@ -236,7 +236,9 @@ def test_unconstrained_norm_grows_at_most_linearly():
     for k in range(1, 6):
         w.grad = g.clone()  # the same direction every time: the norm grows by γ·ρ per step
         opt.step()
-        assert torch.linalg.matrix_norm(w.detach(), ord=2) == pytest.approx(0.5 * k, rel=1e-5)
+        assert float(torch.linalg.matrix_norm(w.detach(), ord=2)) == pytest.approx(
+            0.5 * k, rel=1e-5
+        )
 
 
 def test_stacked_experts_each_orthogonalized():
