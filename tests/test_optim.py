@@ -549,3 +549,30 @@ def test_init_conv1d_and_conv2d():
         tap = w.detach()[:, :, 0] if w.ndim == 3 else w.detach()[:, :, 1, 2]
         sv = torch.linalg.svdvals(tap.double())
         torch.testing.assert_close(sv, torch.full_like(sv, 2.0 * math.sqrt(2) / k))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cls", [Scion, ScionLight], ids=lambda c: c.__name__)
+def test_cuda_steps_match_cpu(cls):
+    """The reference step on CUDA tensors follows the CPU one (float64 polar factor)."""
+    torch.manual_seed(0)
+    cpu = _model().double()
+    gpu = copy.deepcopy(cpu).cuda()
+    opts = [_opt(cls, m) for m in (cpu, gpu)]
+    for o in opts:
+        for g in o.param_groups:
+            if g["norm"] == "Spectral":
+                g["norm_kwargs"] = {**g["norm_kwargs"], "ns_dtype": torch.float64}
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        for m, o in zip((cpu, gpu), opts, strict=True):
+            dev = next(m.parameters()).device
+            if cls is Scion:
+                o.zero_grad()
+            nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+            o.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-9)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On a GPU machine, in one call: build the native module, run the whole test suite (the GPU tests
+# included), and run the native kernel's GPU tests under compute-sanitizer. Logs and a summary go
+# to $OUT (default bench/results/gpu-check/). Exits non-zero if any step fails.
+#
+#   bash bench/gpu_check.sh            # e.g. through the device runner, which sets $OUT
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-bench/results/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  nvcc --version 2>&1 | tail -n 2 | head -n 1 | sed 's/^/nvcc: /'
+} | tee "$OUT/env.txt"
+
+if ! source .ci/setup >"$OUT/setup.log" 2>&1; then
+  echo "setup failed:"; tail -n 40 "$OUT/setup.log"; exit 1
+fi
+"$SCION_PY" - <<'PY' | tee -a "$OUT/env.txt"
+import torch, scion_kernels as s
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+print(f"torch: {torch.__version__} (CUDA {torch.version.cuda}); triton: {tv}")
+print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+print(f"native module: {s.native_available()} {s._native.native_import_error() or ''}")
+PY
+
+echo "== pytest (all tests; GPU tests must run, not skip)"
+"$SCION_PY" -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  echo "== compute-sanitizer (memcheck) on the native kernel's GPU tests"
+  compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$SCION_PY" -m pytest -q -m gpu tests/test_native.py 2>&1 | tail -n 20 | tee "$OUT/sanitizer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED)" | tee -a "$OUT/env.txt"
+exit $status
