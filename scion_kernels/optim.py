@@ -119,6 +119,9 @@ class _ScionBase(torch.optim.Optimizer):
     def _check_options(self, group: dict[str, Any], index: int) -> None:
         """Raise a clear error for any option of ``group`` out of its domain."""
         where = f"param group {index}"
+        # Groups restored from a checkpoint of the authors' Scion lack our extra options.
+        for key in ("backend", "buffer_dtype"):
+            group.setdefault(key, self.defaults[key])
         lr = _number(group["lr"], f"lr ({where})")
         if not (0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")

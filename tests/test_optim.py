@@ -576,3 +576,19 @@ def test_cuda_steps_match_cpu(cls):
             o.step()
     for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-9)
+
+
+def test_loads_a_state_dict_without_our_extra_options():
+    """A checkpoint of the authors' Scion has groups without backend/buffer_dtype."""
+    p = nn.Parameter(torch.randn(4, 6))
+    opt = Scion([p], lr=0.1, momentum=0.5, norm="Spectral")
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["backend"], g["buffer_dtype"]
+    opt2 = Scion([p], lr=0.1, momentum=0.5, norm="Spectral")
+    opt2.load_state_dict(sd)
+    p.grad = torch.randn(4, 6)
+    opt2.step()
+    assert opt2.param_groups[0]["backend"] == "auto"
