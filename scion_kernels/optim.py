@@ -350,8 +350,11 @@ class ScionLight(_ScionBase):
       average too.
 
     The buffer is saved in ``state_dict`` (key ``"grad_state"``) and put back into ``p.grad``
-    by ``load_state_dict``. With ``nonfinite="skip"`` a skipped step also resets the buffer of
-    every parameter whose gradient was not finite (its average is lost: there is no copy).
+    by ``load_state_dict``. A non-finite gradient has already been added to the buffer when
+    ``step`` sees it: with ``nonfinite="raise"`` reset that buffer (``p.grad.zero_()``) or
+    reload a checkpoint before stepping again; with ``nonfinite="skip"`` the skipped step resets
+    the buffer of every parameter whose gradient was not finite (its average is lost: there is
+    no copy).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
