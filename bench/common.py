@@ -1,0 +1,215 @@
+"""What every benchmark shares: the run context, timing, FLOP counts, the result schema.
+
+Timing follows bench/../PERF.md: on CUDA, ``triton.testing.do_bench`` medians (CUDA events,
+warm-up excluded) or CUDA events when Triton is missing; on a CPU, ``time.perf_counter``
+medians over repeats after one warm-up call. Callers rotate inputs larger than the L2 cache and
+never time on zeros.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+#: Row keys every row has, and the optional ones (the JSON schema of bench/results).
+REQUIRED_KEYS = ("bench", "backend", "ms")
+OPTIONAL_KEYS = (
+    "shape",  # [batch, m, n] for "polar"
+    "model",  # "gpt2-small", "vit-s16", "resnet18" for "step"
+    "optimizer",  # "Scion", "ScionLight", "Muon+AdamW", ...
+    "coefficients",
+    "dtype",
+    "tflops",
+    "ceiling_fraction",
+    "gbps",
+    "state_bytes",
+    "rel_err",
+    "sv_min",
+    "sv_max",
+    "numel",
+    "note",
+)
+BENCHES = ("polar", "step", "elementwise")
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS reports it, with the core count the process may use."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def device_name(device: torch.device) -> str:
+    """The name PyTorch reports for a GPU, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def device_slug(name: str) -> str:
+    """A folder name for a device: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """The full hash of HEAD, with ``-dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The header of a results file: device, commit, date and software versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+@dataclass
+class Context:
+    """One run's settings, shared by every benchmark module."""
+
+    device: torch.device
+    quick: bool = True
+    repeats: int = 5
+    log: Callable[[str], None] = print
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **row: Any) -> dict[str, Any]:
+        """Validate and record one result row; returns it."""
+        missing = [k for k in REQUIRED_KEYS if k not in row]
+        unknown = [k for k in row if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
+        if missing or unknown:
+            raise ValueError(f"bad result row {row}: missing {missing}, unknown {unknown}")
+        if row["bench"] not in BENCHES:
+            raise ValueError(f"unknown bench {row['bench']!r}")
+        if ("shape" in row) == ("model" in row):
+            raise ValueError(f"a row has exactly one of shape and model: {row}")
+        self.rows.append(row)
+        return row
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], Any], repeats: int | None = None) -> float:
+        """Median wall time of ``fn()`` in milliseconds, warm-up excluded."""
+        return median_ms(fn, self.device, repeats or self.repeats)
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+    """Median time of ``fn()`` in ms: CUDA events (via do_bench when Triton is installed) on a
+    GPU, ``time.perf_counter`` on a CPU; one untimed warm-up call first."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except ImportError:
+            pass
+        fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(max(repeats, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int = 5, batch: int = 1) -> float:
+    """Dense FLOPs of ``steps`` Newton–Schulz steps (SCION.md §4): ``4m²n + 2m³`` per step,
+    with ``m ≤ n`` after orienting the matrix wide."""
+    m, n = min(m, n), max(m, n)
+    return float(batch) * steps * (4.0 * m * m * n + 2.0 * m**3)
+
+
+def matmul_ceiling_tflops(ctx: Context, n: int | None = None) -> float:
+    """The bf16 matrix rate measured now: an n×n×n product on random data (TFLOP/s)."""
+    n = n or (8192 if ctx.device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
+    ms = ctx.time_ms(lambda: a @ b)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbps(ctx: Context, numel: int | None = None) -> float:
+    """Device copy bandwidth measured now, counting bytes read and written (GB/s)."""
+    numel = numel or ((1 << 28) if ctx.device.type == "cuda" else (1 << 25))
+    src = torch.randn(numel, device=ctx.device)
+    dst = torch.empty_like(src)
+    ms = ctx.time_ms(lambda: dst.copy_(src))
+    return 2.0 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def format_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` over ``columns`` (missing values left blank)."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "×".join(str(x) for x in v)
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
