@@ -1,0 +1,145 @@
+"""The benchmark harness (schema, FLOP counts, report) and the CPU micro-benchmarks.
+
+The micro-benchmarks are ``pytest-benchmark`` tests marked ``benchmark``: deselected from the
+normal run, selected with ``pytest -m benchmark``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bench.common import Context, device_slug, format_table, newton_schulz_flops
+from bench.report import write_all
+from scion_kernels import Scion, newton_schulz, param_groups
+
+
+def _ctx():
+    return Context(device=torch.device("cpu"), quick=True, repeats=1, log=lambda s: None)
+
+
+def test_dense_flop_count_matches_the_design_numbers():
+    # SCION.md §4: five steps on 4096×4096 are 2.06 TFLOP dense; 768×3072 about 8 GFLOP a step.
+    assert newton_schulz_flops(4096, 4096) == pytest.approx(2.06e12, rel=5e-3)
+    assert newton_schulz_flops(768, 3072, steps=1) == pytest.approx(8.15e9, rel=5e-3)
+    assert newton_schulz_flops(3072, 768) == newton_schulz_flops(768, 3072)
+    assert newton_schulz_flops(8, 8, batch=32) == 32 * newton_schulz_flops(8, 8)
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"bench": "polar", "backend": "torch", "shape": [1, 2, 2]}, "missing"),
+        (
+            {"bench": "polar", "backend": "torch", "ms": 1.0, "shape": [1, 2, 2], "gflops": 1},
+            "unknown",
+        ),
+        ({"bench": "matmul", "backend": "torch", "ms": 1.0, "shape": [1, 2, 2]}, "unknown bench"),
+        ({"bench": "step", "backend": "torch", "ms": 1.0}, "exactly one of shape and model"),
+    ],
+)
+def test_rows_are_validated(row, match):
+    with pytest.raises(ValueError, match=match):
+        _ctx().add(**row)
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    ctx = _ctx()
+    for n in (64, 128):
+        ctx.add(
+            bench="polar",
+            backend="torch",
+            coefficients="classic",
+            shape=[1, n, n],
+            ms=n / 64,
+            tflops=0.1,
+            rel_err=0.1,
+            sv_min=0.5,
+            sv_max=1.1,
+        )
+    ctx.add(
+        bench="step",
+        backend="torch",
+        model="gpt2-small",
+        optimizer="Scion",
+        ms=3.0,
+        state_bytes=1000,
+    )
+    header = {
+        "device": "Test CPU",
+        "commit": "abc",
+        "date": "2026-01-01",
+        "torch": "x",
+        "triton": None,
+        "cuda": None,
+        "suite": "quick",
+        "ceiling_tflops": 0.5,
+    }
+    paths = write_all(tmp_path, header, ctx.rows)
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert data["device"] == "Test CPU" and len(data["rows"]) == 3
+    assert {"device", "commit", "date", "torch", "triton", "cuda", "rows"} <= set(data)
+    md = (tmp_path / "quick.md").read_text()
+    assert "## Polar factor" in md and "## Optimizer step" in md and "gpt2-small" in md
+    assert {p.name for p in paths} >= {"quick_polar_time.png", "quick_step_time.png"}
+
+
+def test_helpers():
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    table = format_table([{"a": 1.23456, "b": [1, 2, 3]}], ["a", "b", "c"])
+    assert table.splitlines()[2] == "| 1.235 | 1×2×3 |  |"
+
+
+def test_cpu_timer_measures_something():
+    ms = _ctx().time_ms(lambda: sum(range(10000)), repeats=3)
+    assert 0 < ms < 1000 and math.isfinite(ms)
+
+
+# --------------------------------------------------------------------------- micro-benchmarks
+
+
+@pytest.mark.benchmark(group="polar-512")
+@pytest.mark.parametrize("coefficients", ["classic", "polar_express"])
+def test_newton_schulz_512(benchmark, coefficients):
+    g = torch.randn(512, 512)
+    out = benchmark(newton_schulz, g, coefficients)
+    assert out.shape == g.shape
+
+
+@pytest.mark.benchmark(group="polar-512")
+def test_svd_512(benchmark):
+    g = torch.randn(512, 512)
+
+    def polar():
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return u @ vh
+
+    assert benchmark(polar).shape == g.shape
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)], nn.Linear(256, 10))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.benchmark(group="step-mlp")
+def test_scion_step(benchmark):
+    model = _mlp()
+    opt = Scion(param_groups(model, "mlp"), lr=0.01, momentum=0.1)
+    benchmark(opt.step)
+
+
+@pytest.mark.benchmark(group="step-mlp")
+def test_pytorch_optimizer_scion_step(benchmark):
+    po = pytest.importorskip("pytorch_optimizer")
+    model = _mlp()
+    opt = po.SCION(model.parameters(), lr=0.01, momentum=0.1)
+    benchmark(opt.step)
