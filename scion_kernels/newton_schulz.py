@@ -15,6 +15,7 @@ and leaves ``U`` and ``V`` alone. The coefficient sets trade exactness for speed
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,21 +89,73 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def _unit_frobenius(G: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G / ‖G‖_F`` per matrix over the last two dims, in ``dtype`` (fp32 or fp64), zero-safe.
+# Frobenius norms in [2⁻⁶⁰, 2⁶⁰] are computed without over- or underflow in float32; outside,
+# the matrix is first divided by its largest entry.
+_SAFE_NORM = (2.0**-60, 2.0**60)
 
-    The max-abs pre-scale keeps ``‖·‖²`` from underflowing (gradients of 1e-30 still give a
-    unit-norm result) and removes the ε floor other implementations add: an all-zero matrix
-    stays zero, any other one gets Frobenius norm exactly 1 up to rounding.
+
+def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``M / ‖M‖_F`` for every matrix of ``mats`` (each ``(B_i, m, n)``), stacked, in ``dtype``.
+
+    The norm is taken in float32 (float64 for float64 input or compute dtype) and the scaled
+    matrix is rounded once to ``dtype``. Zero-safe and without an ε floor: a zero matrix stays
+    zero, a matrix of 1e-30 or 1e30 entries still gets norm 1, because such matrices are first
+    divided by their largest entry. On CUDA that pre-scale always runs (one more memory-bound
+    pass, no host sync, so CUDA graphs and ``torch.compile`` see one graph); elsewhere it runs
+    only when a norm falls outside [2⁻⁶⁰, 2⁶⁰] (one host sync to find out). Non-finite input
+    gives non-finite output.
     """
-    # Pre-scale in a dtype that holds G exactly (float64 stays float64), so a float64 gradient
-    # far outside float32's range is brought near 1 before it is rounded to ``dtype``.
-    X = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
-    X = (X / torch.where(amax > 0, amax, torch.ones_like(amax))).to(dtype)
-    # After the pre-scale a non-zero matrix has ‖X‖_F ≥ 1, a zero one has 0: the clamp only
-    # touches the zero case, where it avoids 0/0.
-    return X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(1.0)
+    device = mats[0].device
+    m, n = mats[0].shape[-2:]
+    work = [M.to(_norm_dtype(M.dtype, dtype)) for M in mats]
+    if device.type == "cuda":
+        work = [_divide_by_max(W) for W in work]
+        norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
+    else:
+        norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
+        lo, hi = _SAFE_NORM
+        unsafe = [~((nrm >= lo) & (nrm <= hi)) for nrm in norms]
+        if bool(torch.cat([u.reshape(-1) for u in unsafe]).any()):
+            for i, u in enumerate(unsafe):
+                if bool(u.any()):
+                    work[i] = _divide_by_max(work[i])
+                    norms[i] = torch.linalg.vector_norm(work[i], dim=(-2, -1), keepdim=True)
+    out = torch.empty((sum(M.shape[0] for M in mats), m, n), dtype=dtype, device=device)
+    k = 0
+    for W, nrm in zip(work, norms, strict=True):
+        inv = torch.where(nrm > 0, nrm.reciprocal(), torch.zeros_like(nrm))
+        torch.mul(W, inv, out=out[k : k + W.shape[0]])
+        k += W.shape[0]
+    return out
+
+
+def _divide_by_max(W: Tensor) -> Tensor:
+    """Each matrix over its largest absolute entry (a zero matrix unchanged; NaN propagates)."""
+    amax = torch.linalg.vector_norm(W, ord=math.inf, dim=(-2, -1), keepdim=True)
+    # A division, not a multiplication by 1/amax: the reciprocal of a subnormal overflows.
+    return W / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def _norm_dtype(input_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (input_dtype, compute_dtype) else torch.float32
+
+
+def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
+    """The Newton–Schulz steps on a normalized wide stack ``X`` (``(B, m, n)``, ``m ≤ n``).
+
+    ``X`` is overwritten (its buffer is reused); the products run with preallocated outputs so
+    a whole iteration allocates three buffers, not three per step.
+    """
+    batch, m, _ = X.shape
+    A = X.new_empty(batch, m, m)
+    P = X.new_empty(batch, m, m)
+    Y = torch.empty_like(X)
+    for a, b, c in table:
+        torch.bmm(X, X.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=P)
+        torch.baddbmm(X, P, X, beta=a, alpha=1.0, out=Y)
+        X, Y = Y, X
+    return X
 
 
 def newton_schulz(
@@ -116,7 +169,7 @@ def newton_schulz(
     Per matrix, with the matrix oriented so that ``m ≤ n`` (tall ones are transposed and the
     result transposed back)::
 
-        X ← G / ‖G‖_F                      (in float32, zero-safe: a zero matrix gives zero)
+        X ← G / ‖G‖_F                      (norm in float32, zero-safe: zero gives zero)
         for (a, b, c) in coefficients:     (operands in ``dtype``, products accumulate in fp32)
             A ← X·Xᵀ;  B ← b·A + c·A·A;  X ← a·X + B·X
 
@@ -136,14 +189,7 @@ def newton_schulz(
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     if X.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    X = _unit_frobenius(
-        X.reshape(-1, m, n), torch.float64 if dtype == torch.float64 else torch.float32
-    )
-    X = X.to(dtype)
-    for a, b, c in table:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    X = iterate(normalized_stack([X.reshape(-1, m, n)], dtype), table)
     X = X.reshape(*batch_shape, m, n)
     return X.mT if tall else X
 

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .newton_schulz import newton_schulz, polar_svd, resolve_coefficients
+from .newton_schulz import iterate, normalized_stack, polar_svd, resolve_coefficients
 
 __all__ = [
     "NORMS",
@@ -88,18 +88,20 @@ def _group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
     return groups
 
 
-def _stacked_apply(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """Apply ``fn`` (batched over dim 0) to every ``(B_i, r, c)`` tensor, one call per shape."""
+def _stacked_apply(mats: Sequence[Tensor], fn: Callable[[list[Tensor]], Tensor]) -> list[Tensor]:
+    """Group the ``(B_i, r, c)`` tensors by shape; ``fn`` maps one group (a list) to the stacked
+    result ``(ΣB_i, r', c')``, which is split back. One ``fn`` call per shape."""
     out: list[Tensor | None] = [None] * len(mats)
     keys = [(m.device, m.dtype, tuple(m.shape[1:])) for m in mats]
     for idx in _group_by(keys).values():
-        if len(idx) == 1:
-            out[idx[0]] = fn(mats[idx[0]])
-            continue
-        res = fn(torch.cat([mats[i] for i in idx]))
+        res = fn([mats[i] for i in idx])
         for i, piece in zip(idx, res.split([mats[i].shape[0] for i in idx]), strict=True):
             out[i] = piece
     return out  # type: ignore[return-value]
+
+
+def _cat(mats: list[Tensor]) -> Tensor:
+    return mats[0] if len(mats) == 1 else torch.cat(mats)
 
 
 class Norm:
@@ -207,11 +209,15 @@ class Spectral(_MatrixNorm):
             return torch.float64
         return _work_dtype(g)
 
-    def polar_factor(self, mats: Tensor) -> Tensor:
-        """``polar`` of a batch of matrices ``(B, m, n)`` with this norm's method and options."""
+    def polar_factor(self, mats: list[Tensor]) -> Tensor:
+        """``polar`` of wide matrices (each ``(B_i, m, n)``, ``m ≤ n``, one shape), stacked.
+
+        Newton–Schulz normalizes each straight into one stack in the compute dtype, with no
+        float32 copy of the whole group.
+        """
         if self.polar == "svd":
-            return polar_svd(mats)
-        return newton_schulz(mats, self._table, dtype=self.ns_dtype)
+            return polar_svd(_cat(mats))
+        return iterate(normalized_stack(mats, self.ns_dtype), self._table)
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
@@ -353,7 +359,7 @@ class ColNorm(_MatrixNorm):
         return m / (self._col_scale(m) + self.eps)
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
-        res = _stacked_apply([self._oriented(g) for g in gs], self._batched)
+        res = _stacked_apply([self._oriented(g) for g in gs], lambda ms: self._batched(_cat(ms)))
         return [
             (r.mT if self.transpose else r).reshape(g.shape) for g, r in zip(gs, res, strict=True)
         ]

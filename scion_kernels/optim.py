@@ -245,11 +245,17 @@ class _ScionBase(torch.optim.Optimizer):
             by_device.setdefault(g.device, []).append(k)
         first = None
         for ks in by_device.values():
-            amax = torch._foreach_norm([grads[k] for k in ks], math.inf)
-            finite = torch.isfinite(torch.stack([a.float() for a in amax]))
-            if not bool(finite.all()):
-                k = ks[int((~finite).nonzero()[0])]
-                first = k if first is None else min(first, k)
+            # The 2-norm is the cheap screen (a NaN or inf entry makes it non-finite); only the
+            # tensors it flags are confirmed with the max-norm, since a large finite gradient
+            # can overflow its 2-norm.
+            norms = torch._foreach_norm([grads[k] for k in ks])
+            finite = torch.isfinite(torch.stack([a.float() for a in norms]))
+            if bool(finite.all()):
+                continue
+            for j in (~finite).nonzero().flatten().tolist():
+                if not bool(torch.isfinite(torch.linalg.vector_norm(grads[ks[j]], math.inf))):
+                    first = ks[j] if first is None else min(first, ks[j])
+                    break
         return None if first is None else where[first]
 
     def __getstate__(self) -> dict[str, Any]:

