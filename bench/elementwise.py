@@ -39,6 +39,7 @@ from scion_kernels.norms import BiasRMS, Sign
 from scion_kernels.optim import _apply_update_
 
 from .common import Context, copy_bandwidth_gbps
+from .step import GPT2
 
 __all__ = ["LAST_COPY_GBPS", "gpt2_small_shapes", "run"]
 
@@ -57,27 +58,11 @@ TORCH_BYTES_PER_ELEMENT = {"average": 20, "sign+update": 36, "biasrms": 12}
 
 
 def gpt2_small_shapes(layers: int = 12) -> list[tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small (tied output embedding), weights as ``nn.Linear`` stores
-    them (``d_out × d_in``): 148 tensors, 124,439,808 elements for 12 layers."""
-    d, vocab, ctx_len = 768, 50257, 1024
-    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx_len, d)]
-    for _ in range(layers):
-        shapes += [
-            (d,),  # ln_1.weight
-            (d,),  # ln_1.bias
-            (3 * d, d),  # attn.c_attn.weight
-            (3 * d,),  # attn.c_attn.bias
-            (d, d),  # attn.c_proj.weight
-            (d,),  # attn.c_proj.bias
-            (d,),  # ln_2.weight
-            (d,),  # ln_2.bias
-            (4 * d, d),  # mlp.c_fc.weight
-            (4 * d,),  # mlp.c_fc.bias
-            (d, 4 * d),  # mlp.c_proj.weight
-            (d,),  # mlp.c_proj.bias
-        ]
-    shapes += [(d,), (d,)]  # ln_f.weight, ln_f.bias
-    return shapes
+    """Parameter shapes of GPT-2 small (the step benchmark's model, tied output embedding):
+    148 tensors, 124,439,808 elements for 12 layers."""
+    with torch.device("meta"):
+        model = GPT2(n_layer=layers)
+    return [tuple(p.shape) for p in model.parameters()]
 
 
 def _free(ctx: Context) -> None:

@@ -1,10 +1,9 @@
-"""The main job: train a small character-level GPT with Scion and with AdamW, then time
-Newton–Schulz against ``torch.linalg.svd``.
+"""Train a small character-level GPT with Scion and with AdamW and compare the losses.
 
 The text is Python's own standard library source (``inspect``, ``argparse``, ``textwrap``,
-...), so nothing is downloaded. Runs in a few minutes on a 2-core CPU::
+...), so nothing is downloaded. About a minute on a 2-core CPU::
 
-    python examples/quickstart.py [--steps 300] [--sizes 256 512 1024 2048]
+    python examples/quickstart.py [--steps 300]
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scion_kernels import Scion, format_groups, newton_schulz, param_groups, polar_svd
+from scion_kernels import Scion, format_groups, param_groups
 
 
 def stdlib_text() -> str:
@@ -100,51 +99,11 @@ def train(name: str, make_opt, data, val, vocab, args) -> tuple[float, float, fl
     return loss.item(), vl, elapsed
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def time_polar(sizes: list[int]) -> None:
-    print("\nPolar factor on this CPU: Newton–Schulz (5 steps) against torch.linalg.svd")
-    print(
-        f"{'size':>11}  {'NS bf16 ms':>10}  {'NS fp32 ms':>10}  {'SVD fp32 ms':>11}  "
-        f"{'SVD/NS(bf16)':>12}  {'rel. err bf16':>13}"
-    )
-    for n in sizes:
-        g = torch.randn(n, n)
-        reps = 5 if n <= 1024 else 3
-
-        def svd(g=g):
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            return u @ vh
-
-        t_bf = median_ms(lambda g=g: newton_schulz(g), reps)
-        t_32 = median_ms(lambda g=g: newton_schulz(g, dtype=torch.float32), reps)
-        t_svd = median_ms(svd, reps)
-        exact = polar_svd(g)
-        err = (newton_schulz(g, "polar_express").double() - exact).norm() / exact.norm()
-        print(
-            f"{n:>5}×{n:<5}  {t_bf:10.1f}  {t_32:10.1f}  {t_svd:11.1f}  "
-            f"{t_svd / t_bf:11.1f}×  {err.item():13.3f}"
-        )
-    print(
-        "(rel. err: ‖NS − U·Vᵀ‖/‖U·Vᵀ‖ with the polar_express coefficients; the classic "
-        "ones stop at singular values in [0.47, 1.2] by design)"
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=64)
-    p.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -187,7 +146,6 @@ def main() -> None:
     print(f"\n{'optimizer':10s} {'train loss':>10} {'val loss':>9} {'ms/step':>8}")
     for name, (tl, vl, sec) in results.items():
         print(f"{name:10s} {tl:10.3f} {vl:9.3f} {1e3 * sec:8.1f}")
-    time_polar(args.sizes)
 
 
 if __name__ == "__main__":
