@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one call: build the native module, run the whole test suite (the GPU tests
-# included), and run the native kernel's GPU tests under compute-sanitizer. Logs and a summary go
-# to $OUT (default bench/results/gpu-check/). Exits non-zero if any step fails.
+# included), run the native kernel's GPU tests under compute-sanitizer, then the benchmark suite
+# (python -m bench --full, or the arguments given, e.g. --only polar). Logs, a summary and the
+# benchmark results go to $OUT (default bench/results/gpu-check/); copy $OUT/bench/* to
+# bench/results/<device>/ to commit them. Exits non-zero if any step fails.
 #
-#   bash bench/gpu_check.sh            # e.g. through the device runner, which sets $OUT
+#   bash bench/gpu_check.sh [bench arguments]     # e.g. through the device runner, which sets $OUT
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -43,6 +45,12 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     "$SCION_PY" -m pytest -q -m gpu tests/test_native.py 2>&1 | tail -n 20 | tee "$OUT/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+
+echo "== benchmarks"
+bench_args=("$@")
+[ ${#bench_args[@]} -gt 0 ] || bench_args=(--full)
+"$SCION_PY" -m bench "${bench_args[@]}" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED)" | tee -a "$OUT/env.txt"
 exit $status
