@@ -48,7 +48,6 @@ def test_rows_are_validated(row, match):
 
 
 def test_report_writes_json_markdown_and_plots(tmp_path):
-    pytest.importorskip("matplotlib")
     ctx = _ctx()
     for n in (64, 128):
         ctx.add(
@@ -86,7 +85,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert {"device", "commit", "date", "torch", "triton", "cuda", "rows"} <= set(data)
     md = (tmp_path / "quick.md").read_text()
     assert "## Polar factor" in md and "## Optimizer step" in md and "gpt2-small" in md
-    assert {p.name for p in paths} >= {"quick_polar_time.png", "quick_step_time.png"}
+    plots = {p.name for p in paths if p.suffix == ".png"}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plots == set()  # plots are optional: without matplotlib none are written
+    else:
+        assert plots == {"quick_polar_time.png", "quick_step_time.png"}
 
 
 def test_helpers():
