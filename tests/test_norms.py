@@ -253,21 +253,16 @@ FLAGS = [
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("normalized, transpose", FLAGS)
-def test_colnorm_formula(shape, dtype, atol, rtol, normalized, transpose):
+@pytest.mark.parametrize(
+    "cls, formula",
+    [(ColNorm, colnorm_formula), (RowNorm, rownorm_formula)],
+    ids=["colnorm", "rownorm"],
+)
+def test_col_and_row_norm_formulas(cls, formula, shape, dtype, atol, rtol, normalized, transpose):
     g = torch.randn(shape, dtype=F64).to(dtype)
-    out = ColNorm(normalized=normalized, transpose=transpose).lmo(g)
+    out = cls(normalized=normalized, transpose=transpose).lmo(g)
     assert out.dtype == work_dtype(dtype)
-    assert_close(out, colnorm_formula(g, normalized, transpose), atol, rtol)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("normalized, transpose", FLAGS)
-def test_rownorm_formula(shape, dtype, atol, rtol, normalized, transpose):
-    g = torch.randn(shape, dtype=F64).to(dtype)
-    out = RowNorm(normalized=normalized, transpose=transpose).lmo(g)
-    assert out.dtype == work_dtype(dtype)
-    assert_close(out, rownorm_formula(g, normalized, transpose), atol, rtol)
+    assert_close(out, formula(g, normalized, transpose), atol, rtol)
 
 
 def test_colnorm_rownorm_defaults():
