@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scion_kernels.newton_schulz import newton_schulz, polar_svd
+from scion_kernels.newton_schulz import newton_schulz, polar_svd, resolve_coefficients
 
 from .common import Context, matmul_ceiling_tflops, newton_schulz_flops
 
@@ -126,6 +126,13 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
+def _triton(coefficients: str | None) -> PolarFn:
+    from scion_kernels.kernels.newton_schulz import polar
+
+    table = resolve_coefficients(coefficients or "classic", STEPS)
+    return functools.partial(polar, coefficients=table)
+
+
 def _svd(coefficients: str | None) -> PolarFn:
     def polar(G: Tensor) -> Tensor:
         U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
@@ -194,6 +201,10 @@ def backends(ctx: Context) -> dict[str, Backend]:
             note="torch.linalg.svd fp32 then U·Vh; tflops = equivalent NS rate",
         ),
     }
+    if ctx.device.type == "cuda":
+        table["triton"] = Backend(_triton, note="scion_kernels.kernels.newton_schulz.polar")
+    else:
+        ctx.log("polar: triton skipped: the Triton kernels are timed on CUDA devices only")
     for name, probe in (
         ("torch.optim.Muon", _torch_muon),
         ("pytorch_optimizer.SCION", _pytorch_optimizer),

@@ -27,8 +27,8 @@ from .norms import Norm, describe_misfit, make_norm
 
 __all__ = ["Scion", "ScionLight"]
 
-BACKENDS = ("auto", "torch")
-_LATER_BACKENDS = ("triton", "cuda")
+BACKENDS = ("auto", "torch", "triton")
+_LATER_BACKENDS = ("cuda",)
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 _BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -112,6 +112,8 @@ class _ScionBase(torch.optim.Optimizer):
                 msg = describe_misfit(norm, p.shape, self._label(group, index, i))
                 if msg:
                     raise ValueError(msg)
+            if group["backend"] == "triton":
+                self._check_triton(group, index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -220,14 +222,55 @@ class _ScionBase(torch.optim.Optimizer):
                 )
                 return loss
 
-        for _, group, idx in work:
+        for index, group, idx in work:
             params = [group["params"][i] for i in idx]
-            directions = self._averaged(group, params)
-            updates = self._norm(group).lmo_many(directions)
-            lr, scale = float(group["lr"]), float(group["scale"])
-            _apply_update_(params, updates, lr, scale, not group["unconstrained"])
+            rest = params
+            if group["backend"] == "triton":
+                rest = self._fused_step_(group, index, params)
+            if rest:
+                directions = self._averaged(group, rest)
+                updates = self._norm(group).lmo_many(directions)
+                lr, scale = float(group["lr"]), float(group["scale"])
+                _apply_update_(rest, updates, lr, scale, not group["unconstrained"])
             self._after_update(group, params)
         return loss
+
+    # ------------------------------------------------------------------------ fused backends
+    def _check_triton(self, group: dict[str, Any], index: int) -> None:
+        from .kernels import unavailable_reason
+
+        for device in {p.device for p in group["params"]}:
+            reason = unavailable_reason(device)
+            if reason is not None:
+                raise ValueError(f"backend 'triton' (param group {index}): {reason}")
+
+    def _fused_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
+        """Run the Triton step on the parameters it takes; return the others, untouched."""
+        from .kernels.dispatch import fused_norm, spectral_step_
+
+        self._check_triton(group, index)
+        norm = self._norm(group)
+        norms = [fused_norm(norm, p.shape) for p in params]
+        taken = [i for i, n in enumerate(norms) if n is not None]
+        if not taken:
+            return params
+        chosen = [params[i] for i in taken]
+        left = spectral_step_(
+            chosen,
+            [p.grad for p in chosen],
+            self._fused_buffers(group, chosen),
+            [norms[i] for i in taken],  # type: ignore[misc]
+            alpha=float(group["momentum"]),
+            lr=float(group["lr"]),
+            scale=float(group["scale"]),
+            constrained=not group["unconstrained"],
+        )
+        done = {taken[i] for i in range(len(taken))} - {taken[i] for i in left}
+        return [p for i, p in enumerate(params) if i not in done]
+
+    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+        """The averaging buffers the fused step updates in place, or ``None`` (d = g)."""
+        raise NotImplementedError
 
     def _first_nonfinite(
         self, work: list[tuple[int, dict[str, Any], list[int]]]
@@ -307,7 +350,10 @@ class Scion(_ScionBase):
         norm_kwargs: the norm's options (e.g. ``{"steps": 5, "coefficients": "polar_express"}``).
         scale: ρ, the radius of the norm ball (default 1.0).
         unconstrained: use ``x ← x − γ·u`` (uSCG) instead of the Frank–Wolfe step.
-        backend: ``"auto"`` or ``"torch"`` (the pure-PyTorch reference, batched).
+        backend: ``"torch"`` (the pure-PyTorch reference, batched), ``"triton"`` (the fused
+            Triton step for Spectral-family parameters with bf16/fp16 Newton–Schulz; the other
+            parameters of the group take the reference path), or ``"auto"`` (currently the
+            reference).
         buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's).
         nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``
@@ -319,10 +365,16 @@ class Scion(_ScionBase):
     """
 
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        alpha = float(group["momentum"])
+        bufs = self._fused_buffers(group, params)
         grads = [p.grad for p in params]
-        if alpha == 1.0:
+        if bufs is None:
             return grads
+        multi_tensor_average_reference_(bufs, grads, float(group["momentum"]))
+        return bufs
+
+    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+        if float(group["momentum"]) == 1.0:
+            return None
         bufs = []
         for p in params:
             state = self.state[p]
@@ -330,7 +382,6 @@ class Scion(_ScionBase):
                 dtype = group["buffer_dtype"] or p.grad.dtype
                 state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
             bufs.append(state["momentum_buffer"])
-        multi_tensor_average_reference_(bufs, grads, alpha)
         return bufs
 
 
@@ -379,6 +430,9 @@ class ScionLight(_ScionBase):
 
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         return [p.grad for p in params]
+
+    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+        return None  # the average is p.grad itself
 
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         alpha = float(group["momentum"])

@@ -1,0 +1,423 @@
+"""Triton Newton–Schulz for a bucket of same-shape matrices, with the Scion update fused in.
+
+One bucket is ``B`` matrices that share their oriented shape ``m×n`` (``m ≤ n``; a tall matrix
+is read and written through transposed strides, never copied). Per step of the bucket::
+
+    prologue    d ← (1 − α)·d + α·g;  X₀ ← bf16(d);  per tile: max|d| and Σ(d/max|d|)²
+    (torch)     ‖d‖_F from the tile partials, in a fixed order (deterministic)
+    for (a, b, c) in coefficients:
+        syrk    A ← X·Xᵀ          (lower-triangle tiles only, each stored twice)
+        syrk    B ← b·A + c·A·A   (A is symmetric, so A·A = A·Aᵀ: the same kernel)
+        apply   X ← a·X + B·X     (last step: x ← (1 − γ)·x − γ·ρ·s·X into the parameter)
+
+The normalization ``X₀/‖d‖`` is folded into the first step: the first ``X·Xᵀ`` scales its
+operands by the power of two nearest ``1/‖d‖`` (exact in bf16, so 1e-30 and 1e30 gradients
+neither under- nor overflow) and its result by the remaining factor squared; the first
+``a·X + B·X`` multiplies its fp32 result by ``1/‖d‖``. A zero matrix gives a zero update.
+
+Matrices are addressed through tables of ``(address, row stride, column stride)`` rows
+(int64, in elements), one per matrix, so a bucket gathers parameters from anywhere in memory
+with one launch per stage; offsets are computed in int64.
+
+The kernels are checked on CPU with Triton's interpreter, which rounds float32 → bfloat16 by
+truncation and does no bf16 arithmetic: when interpreting, operands are cast to float32 before
+``tl.dot`` and bf16 stores round to nearest-even explicitly (``_round``), so the interpreted
+kernels compute what the compiled ones do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import interpreting
+
+__all__ = ["NSBucket", "matrix_table", "newton_schulz_bucket", "polar"]
+
+Triple = tuple[float, float, float]
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """``x`` (float32) rounded to ``dtype``; round-to-nearest-even also in the interpreter."""
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _operand(x, CAST_F32: tl.constexpr):
+    """A ``tl.dot`` operand: as loaded on a GPU, in float32 in the interpreter."""
+    if CAST_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Matrix index (int64) and row/column indices (int64) of this program's output tile."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1).to(tl.int64), rows.to(tl.int64), cols.to(tl.int64)
+
+
+@triton.jit
+def _prologue_kernel(
+    table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
+    g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
+    d_like,  # any tensor of the buffers' dtype
+    x0,  # (B, M, N) contiguous, compute dtype
+    partials,  # (B, tiles, 2) float32: max |d| and Σ (d / max|d|)² per tile
+    M,
+    N,
+    alpha,
+    beta,
+    HAS_BUF: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``d ← β·d + α·g`` (β = 1 − α), ``X₀ ← d`` in the compute dtype, tile norms of ``d``."""
+    b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    r64, c64 = rows[:, None], cols[None, :]
+
+    entry = table + b * 6
+    g_ptr = tl.load(entry).to(g_like.dtype)
+    g_off = r64 * tl.load(entry + 1) + c64 * tl.load(entry + 2)
+    d = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BUF:
+        d_ptr = tl.load(entry + 3).to(d_like.dtype)
+        d_off = r64 * tl.load(entry + 4) + c64 * tl.load(entry + 5)
+        buf = tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+        stored = _round(buf * beta + alpha * d, d_like.dtype.element_ty, EMULATE_RNE)
+        tl.store(d_ptr + d_off, stored, mask=mask)
+        d = stored.to(tl.float32)
+
+    x_off = b * M * N + r64 * N + c64
+    tl.store(x0 + x_off, _round(d, x0.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+    # A scaled sum of squares (as LAPACK's nrm2): no overflow for |d| up to the float32 max.
+    amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
+    safe = tl.where(amax > 0, amax, 1.0)
+    ssq = tl.sum(tl.sum((d / safe) * (d / safe), axis=1), axis=0)
+    out = partials + (b * tl.num_programs(0) + tl.program_id(0)) * 2
+    tl.store(out, amax)
+    tl.store(out + 1, ssq)
+
+
+@triton.jit
+def _lower_tile(t):
+    """The ``t``-th tile ``(i, j)``, ``j ≤ i``, of a lower triangle enumerated row by row."""
+    i = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    # Float rounding can put i one off near a row boundary; fix it exactly in integers.
+    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
+    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
+    return i, t - i * (i + 1) // 2
+
+
+@triton.jit
+def _syrk_kernel(
+    y,  # (B, M, K) contiguous
+    d,  # (B, M, M) contiguous, symmetric (read only if HAS_D)
+    c,  # (B, M, M) contiguous, output
+    scale,  # (B,) float32 factor on Y·Yᵀ (read only if HAS_SCALE)
+    opscale,  # (B,) float32 power of two applied to the operand (read only if HAS_OPSCALE)
+    M,
+    K,
+    alpha,
+    beta,
+    HAS_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_OPSCALE: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``C ← α·s_b·(Y·Yᵀ) + β·D`` on the lower-triangle tiles; each tile also stored mirrored."""
+    i, j = _lower_tile(tl.program_id(0))
+    b = tl.program_id(1).to(tl.int64)
+    rows_i = i * BLOCK + tl.arange(0, BLOCK)
+    rows_j = j * BLOCK + tl.arange(0, BLOCK)
+    ri, rj = rows_i.to(tl.int64), rows_j.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    y_b = y + b * M * K
+    if HAS_OPSCALE:
+        op = tl.load(opscale + b)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + ks).to(tl.int64)
+        k_ok = kk[None, :] < K
+        yi = tl.load(y_b + ri[:, None] * K + kk[None, :], mask=(ri[:, None] < M) & k_ok, other=0.0)
+        yj = tl.load(y_b + rj[:, None] * K + kk[None, :], mask=(rj[:, None] < M) & k_ok, other=0.0)
+        if HAS_OPSCALE:
+            # Exact: op is a power of two and the scaled entries stay within the dtype's range.
+            yi = (yi.to(tl.float32) * op).to(y.dtype.element_ty)
+            yj = (yj.to(tl.float32) * op).to(y.dtype.element_ty)
+        acc = tl.dot(_operand(yi, CAST_F32), tl.trans(_operand(yj, CAST_F32)), acc)
+    acc = acc * alpha
+    if HAS_SCALE:
+        acc = acc * tl.load(scale + b)
+    c_b = c + b * M * M
+    ij = ri[:, None] * M + rj[None, :]
+    mask = (ri[:, None] < M) & (rj[None, :] < M)
+    if HAS_D:
+        acc += beta * tl.load(d + b * M * M + ij, mask=mask, other=0.0).to(tl.float32)
+    out = _round(acc, c.dtype.element_ty, EMULATE_RNE)
+    tl.store(c_b + ij, out, mask=mask)
+    if i != j:
+        ji = rj[:, None] * M + ri[None, :]
+        tl.store(c_b + ji, tl.trans(out), mask=(rj[:, None] < M) & (ri[None, :] < M))
+
+
+@triton.jit
+def _apply_kernel(
+    p_mat,  # (B, M, M) contiguous: the polynomial B = b·A + c·A·A
+    x,  # (B, M, N) contiguous
+    out,  # (B, M, N) contiguous output (unused if UPDATE)
+    scale,  # (B,) float32 factor on the result (read only if HAS_SCALE)
+    table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
+    p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
+    coef,  # (B,) float32: −γ·ρ·s per matrix (read only if UPDATE)
+    M,
+    N,
+    a,
+    decay,
+    HAS_SCALE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE``, ``x ← decay·x + coef_b·bf16(X')`` instead."""
+    b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    p_b = p_mat + b * M * M
+    x_b = x + b * M * N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        kk = (k0 + ks).to(tl.int64)
+        pt = tl.load(
+            p_b + rows[:, None] * M + kk[None, :],
+            mask=(rows[:, None] < M) & (kk[None, :] < M),
+            other=0.0,
+        )
+        xt = tl.load(
+            x_b + kk[:, None] * N + cols[None, :],
+            mask=(kk[:, None] < M) & (cols[None, :] < N),
+            other=0.0,
+        )
+        acc = tl.dot(_operand(pt, CAST_F32), _operand(xt, CAST_F32), acc)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    acc += a * tl.load(x_b + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale + b)
+    result = _round(acc, x.dtype.element_ty, EMULATE_RNE)
+    if UPDATE:
+        entry = table + b * 3
+        w_ptr = tl.load(entry).to(p_like.dtype)
+        w_off = rows[:, None] * tl.load(entry + 1) + cols[None, :] * tl.load(entry + 2)
+        w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
+        w = w * decay + tl.load(coef + b) * result.to(tl.float32)
+        tl.store(w_ptr + w_off, _round(w, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
+    else:
+        tl.store(out + b * M * N + rows[:, None] * N + cols[None, :], result, mask=mask)
+
+
+# ------------------------------------------------------------------------------------ host
+
+
+def matrix_table(mats: Sequence[tuple[Tensor, bool]], device: torch.device) -> Tensor:
+    """Rows ``(address, row stride, column stride)`` for matrices given as ``(view, tall)``.
+
+    Each view is a 2-D tensor (any strides); ``tall`` ones are described transposed, so the
+    kernels see every matrix in its wide orientation.
+    """
+    rows = []
+    for view, tall in mats:
+        sr, sc = view.stride()
+        rows.append((view.data_ptr(), sc, sr) if tall else (view.data_ptr(), sr, sc))
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 3).to(device)
+
+
+class NSBucket:
+    """Static launch parameters for one bucket: shape, dtype and tile sizes."""
+
+    def __init__(self, batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
+        if m > n:
+            raise ValueError(f"a bucket is oriented wide (m ≤ n); got {m}×{n}")
+        self.batch, self.m, self.n, self.dtype, self.device = batch, m, n, dtype, device
+        self.interpret = interpreting()
+        if self.interpret:
+            # Small tiles keep the interpreter fast; tl.dot needs at least 16.
+            self.tile, self.tile_k, self.warps, self.stages = 16, 16, 4, 1
+        else:
+            big = m >= 512
+            self.tile = 128 if big else 64
+            self.tile_k = 64 if big else 32
+            self.warps = 8 if big else 4
+            self.stages = 3
+
+    def _common(self) -> dict:
+        return dict(
+            CAST_F32=self.interpret,
+            EMULATE_RNE=self.interpret,
+            num_warps=self.warps,
+            num_stages=self.stages,
+        )
+
+
+#: Fill every work buffer with NaN before the kernels write it (tests set this to prove that
+#: every element is written).
+POISON = False
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile_norms(partials: Tensor) -> Tensor:
+    """``‖d‖_F`` per matrix from the prologue's ``(max|d|, Σ(d/max)²)`` tile pairs."""
+    amax, ssq = partials[..., 0], partials[..., 1]
+    top = amax.amax(dim=-1, keepdim=True)
+    ratio = torch.where(top > 0, amax / torch.where(top > 0, top, 1.0), 0.0)
+    return top.squeeze(-1) * (ratio.square() * ssq).sum(dim=-1).sqrt()
+
+
+def newton_schulz_bucket(
+    bucket: NSBucket,
+    grads: Tensor,
+    g_like: Tensor,
+    coefficients: Sequence[Triple],
+    *,
+    alpha: float = 1.0,
+    bufs: Tensor | None = None,
+    d_like: Tensor | None = None,
+    params: Tensor | None = None,
+    p_like: Tensor | None = None,
+    coef: Tensor | None = None,
+    decay: float = 1.0,
+) -> Tensor | None:
+    """Average, normalize, orthogonalize and (optionally) apply the update for one bucket.
+
+    Args:
+        bucket: the bucket's shape, compute dtype and tile sizes.
+        grads: int64 ``(B, 3)`` table of the gradient matrices (:func:`matrix_table`).
+        g_like: a tensor of the gradients' dtype.
+        coefficients: the per-step ``(a, b, c)`` triples.
+        alpha: the averaging factor α; with ``bufs`` the buffers are updated in place as
+            ``d ← (1 − α)·d + α·g``.
+        bufs, d_like: the buffer table and a tensor of the buffers' dtype, or ``None`` (d = g).
+        params, p_like, coef, decay: with a parameter table, the result is not returned but
+            applied as ``x ← decay·x + coef_b·X`` (``coef`` float32 ``(B,)``).
+
+    Returns:
+        The ``(B, m, n)`` stack of orthogonalized matrices, or ``None`` when it was applied.
+    """
+    B, m, n, dtype, dev = bucket.batch, bucket.m, bucket.n, bucket.dtype, bucket.device
+    common = bucket._common()
+    T = bucket.tile
+    tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
+
+    x = _empty((B, m, n), dtype, dev)
+    partials = _empty((B, tiles, 2), torch.float32, dev)
+    table6 = torch.cat([grads, grads if bufs is None else bufs], dim=1).contiguous()
+    _prologue_kernel[(tiles, B)](
+        table6,
+        g_like,
+        g_like if d_like is None else d_like,
+        x,
+        partials,
+        m,
+        n,
+        float(alpha),
+        1.0 - float(alpha),
+        HAS_BUF=bufs is not None,
+        EMULATE_RNE=bucket.interpret,
+        BLOCK_M=T,
+        BLOCK_N=T,
+        num_warps=bucket.warps,
+    )
+
+    # 1/‖d‖ = mant·2^e: the operands of the first X·Xᵀ are scaled by 2^e (exact), its result by
+    # mant², and the first a·X + B·X by 1/‖d‖ in float32.
+    norm = _tile_norms(partials)
+    inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+    inv = torch.where(torch.isfinite(norm), inv, norm)  # NaN/inf input stays non-finite
+    mant, expo = torch.frexp(inv)
+    opscale = torch.ldexp(torch.ones_like(inv), expo)
+    mant2 = mant.square()
+
+    a_mat = _empty((B, m, m), dtype, dev)
+    p_mat = _empty((B, m, m), dtype, dev)
+    y = _empty((B, m, n), dtype, dev)
+    tri = triton.cdiv(m, T)
+    syrk_grid = (tri * (tri + 1) // 2, B)
+    apply_grid = (tiles, B)
+    steps = len(coefficients)
+    for step, (a, b, c) in enumerate(coefficients):
+        first, last = step == 0, step == steps - 1
+        _syrk_kernel[syrk_grid](
+            x, x, a_mat, mant2, opscale, m, n, 1.0, 0.0,
+            HAS_D=False, HAS_SCALE=first, HAS_OPSCALE=first,
+            BLOCK=T, BLOCK_K=bucket.tile_k, **common,
+        )  # fmt: skip
+        _syrk_kernel[syrk_grid](
+            a_mat, a_mat, p_mat, mant2, opscale, m, m, float(c), float(b),
+            HAS_D=True, HAS_SCALE=False, HAS_OPSCALE=False,
+            BLOCK=T, BLOCK_K=bucket.tile_k, **common,
+        )  # fmt: skip
+        update = last and params is not None
+        _apply_kernel[apply_grid](
+            p_mat, x, y, inv,
+            params if update else grads,
+            p_like if update else g_like,
+            coef if update else inv,
+            m, n, float(a), float(decay),
+            HAS_SCALE=first, UPDATE=update,
+            BLOCK_M=T, BLOCK_N=T, BLOCK_K=bucket.tile_k, **common,
+        )  # fmt: skip
+        x, y = y, x
+    return None if params is not None else x
+
+
+def polar(
+    G: Tensor,
+    coefficients: Sequence[Triple],
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the kernels.
+
+    The same function as :func:`scion_kernels.newton_schulz` (``coefficients`` resolved to
+    triples): returns ``G``'s shape in ``dtype``.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
+    r, c = G.shape[-2:]
+    tall = r > c
+    m, n = (c, r) if tall else (r, c)
+    if G.numel() == 0:
+        return torch.zeros(G.shape, dtype=dtype, device=G.device)
+    mats = G.reshape(-1, r, c)
+    table = matrix_table([(M, tall) for M in mats.unbind(0)], G.device)
+    bucket = NSBucket(mats.shape[0], m, n, dtype, G.device)
+    X = newton_schulz_bucket(bucket, table, mats, coefficients)
+    assert X is not None
+    return (X.mT if tall else X).reshape(G.shape)
