@@ -246,7 +246,7 @@ class _ScionBase(torch.optim.Optimizer):
 
     def _fused_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
         """Run the Triton step on the parameters it takes; return the others, untouched."""
-        from .kernels.dispatch import fused_norm, spectral_step_
+        from .kernels.dispatch import fused_norm, fused_step_
 
         self._check_triton(group, index)
         norm = self._norm(group)
@@ -255,7 +255,7 @@ class _ScionBase(torch.optim.Optimizer):
         if not taken:
             return params
         chosen = [params[i] for i in taken]
-        left = spectral_step_(
+        left = fused_step_(
             chosen,
             [p.grad for p in chosen],
             self._fused_buffers(group, chosen),
@@ -351,9 +351,9 @@ class Scion(_ScionBase):
         scale: ρ, the radius of the norm ball (default 1.0).
         unconstrained: use ``x ← x − γ·u`` (uSCG) instead of the Frank–Wolfe step.
         backend: ``"torch"`` (the pure-PyTorch reference, batched), ``"triton"`` (the fused
-            Triton step for Spectral-family parameters with bf16/fp16 Newton–Schulz; the other
-            parameters of the group take the reference path), or ``"auto"`` (currently the
-            reference).
+            Triton step: Spectral-family parameters with bf16/fp16 Newton–Schulz, and Sign,
+            ColNorm, RowNorm, BiasRMS; parameters it cannot take, e.g. ``polar="svd"``, take
+            the reference path), or ``"auto"`` (currently the reference).
         buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's).
         nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``

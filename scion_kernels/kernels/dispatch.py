@@ -12,35 +12,56 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..norms import Auto, Norm, Spectral
 
-__all__ = ["fused_norm", "spectral_step_"]
+__all__ = ["fused_norm", "fused_step_", "spectral_step_"]
 
 _NS_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def fused_norm(norm: Norm, shape: Sequence[int]) -> Spectral | None:
-    """The Spectral norm the kernels run for a parameter of ``shape``, or ``None``."""
+def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
+    """The norm the kernels run for a parameter of ``shape`` (``Auto`` resolved), or ``None``."""
+    from .rowwise import ROWWISE_NORMS
+
     if isinstance(norm, Auto):
         norm = norm.pick(shape)
-    if not isinstance(norm, Spectral):
-        return None
-    if norm.polar != "newton_schulz" or norm.ns_dtype not in _NS_DTYPES:
-        return None
-    return norm
+    if isinstance(norm, Spectral):
+        ok = norm.polar == "newton_schulz" and norm.ns_dtype in _NS_DTYPES
+        return norm if ok else None
+    return norm if isinstance(norm, ROWWISE_NORMS) else None
 
 
-def _matrix_view(t: Tensor, norm: Spectral) -> Tensor | None:
-    """``t`` as ``(B, r, c)`` matrices without copying, or ``None`` if its strides forbid it."""
-    shape = norm._matrices(torch.empty(t.shape, device="meta")).shape
-    try:
-        return t.view(shape)
-    except RuntimeError:
-        return None
+def fused_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor] | None,
+    norms: Sequence[Norm],
+    **options: Any,
+) -> list[int]:
+    """The Scion step on every parameter the kernels take (``norms`` from :func:`fused_norm`);
+    returns the indices of the others. ``options``: ``alpha``, ``lr``, ``scale``,
+    ``constrained``."""
+    from .rowwise import rowwise_step_
+
+    left: list[int] = []
+    for kind, step in ((Spectral, spectral_step_), (None, rowwise_step_)):
+        idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == (kind is not None)]
+        if not idx:
+            continue
+        rest = step(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            None if bufs is None else [bufs[i] for i in idx],
+            [norms[i] for i in idx],
+            **options,
+        )
+        left.extend(idx[j] for j in rest)
+    return sorted(left)
 
 
 @dataclass
@@ -74,13 +95,13 @@ def spectral_step_(
 
     Returns the indices of the parameters left for the reference path.
     """
-    from .newton_schulz import NSBucket, matrix_table, newton_schulz_bucket
+    from .newton_schulz import NSBucket, matrix_table, matrix_view, newton_schulz_bucket
 
     left: list[int] = []
     buckets: dict[tuple, _Bucket] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = None if bufs is None else bufs[i]
-        views = [_matrix_view(t, norm) for t in (p, g, d) if t is not None]
+        views = [matrix_view(t, norm) for t in (p, g, d) if t is not None]
         if any(v is None for v in views):
             left.append(i)
             continue

@@ -28,6 +28,7 @@ kernels compute what the compiled ones do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from . import interpreting
 
-__all__ = ["NSBucket", "matrix_table", "newton_schulz_bucket", "polar"]
+__all__ = ["NSBucket", "matrix_table", "matrix_view", "newton_schulz_bucket", "polar"]
 
 Triple = tuple[float, float, float]
 
@@ -238,6 +239,15 @@ def _apply_kernel(
 
 
 # ------------------------------------------------------------------------------------ host
+
+
+def matrix_view(t: Tensor, norm: Any) -> Tensor | None:
+    """``t`` as ``norm``'s ``(B, r, c)`` matrices without a copy, or ``None`` if impossible."""
+    shape = norm._matrices(torch.empty(t.shape, device="meta")).shape
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return None
 
 
 def matrix_table(mats: Sequence[tuple[Tensor, bool]], device: torch.device) -> Tensor:
