@@ -265,7 +265,7 @@ class _ScionBase(torch.optim.Optimizer):
             scale=float(group["scale"]),
             constrained=not group["unconstrained"],
         )
-        done = {taken[i] for i in range(len(taken))} - {taken[i] for i in left}
+        done = set(taken) - {taken[i] for i in left}
         return [p for i, p in enumerate(params) if i not in done]
 
     def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:

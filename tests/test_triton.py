@@ -259,6 +259,24 @@ def test_rowwise_norms_match_reference(norm, options, shape, momentum, dtype):
         torch.testing.assert_close(buffers[1], buffers[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm", ["RowNorm", "ColNorm", "Sign"])
+def test_rowwise_many_tensors_in_one_launch(norm):
+    """Strips of several tensors of different sizes share one launch."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(33, 6), (5, 7), (12, 20), (1, 9)]
+    ws = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    results = []
+    for backend in ("torch", "triton"):
+        ps = [nn.Parameter(w.clone()) for w in ws]
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g.clone()
+        Scion(ps, lr=0.1, momentum=0.5, norm=norm, backend=backend).step()
+        results.append(ps)
+    for r, f in zip(*results, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6)
+
+
 def test_noncontiguous_bias_takes_reference_path():
     base = torch.randn(6, 4, device=DEVICE)
     ps = [nn.Parameter(base.clone().mT) for _ in range(2)]  # (4, 6), not contiguous

@@ -49,8 +49,8 @@ def fused_step_(
     from .rowwise import rowwise_step_
 
     left: list[int] = []
-    for kind, step in ((Spectral, spectral_step_), (None, rowwise_step_)):
-        idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == (kind is not None)]
+    for spectral, step in ((True, spectral_step_), (False, rowwise_step_)):
+        idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
         if not idx:
             continue
         rest = step(

@@ -110,10 +110,11 @@ def _groups(norm: Norm, t: Tensor) -> list[tuple[Tensor, int, int, int, int]] | 
     for M in mats.unbind(0):
         r, c = M.shape
         sr, sc = M.stride()
-        rows_are_groups = not isinstance(norm, ColNorm) or isinstance(norm, RowNorm)
+        # ColNorm's groups are columns; `transpose` (ColNorm, RowNorm) swaps rows and columns.
+        columns = type(norm) is ColNorm
         if isinstance(norm, ColNorm) and norm.transpose:
-            rows_are_groups = not rows_are_groups
-        out.append((M, r, c, sr, sc) if rows_are_groups else (M, c, r, sc, sr))
+            columns = not columns
+        out.append((M, c, r, sc, sr) if columns else (M, r, c, sr, sc))
     return out
 
 
@@ -147,6 +148,7 @@ def rowwise_step_(
     (non-contiguous BiasRMS tensors, unviewable matrices) is left for the reference path.
     """
     left: list[int] = []
+    # Per launch: strips per tensor, the int table rows, the float table rows.
     launches: dict[tuple, tuple[list, list, list]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = g if bufs is None else bufs[i]
@@ -162,10 +164,9 @@ def rowwise_step_(
         for (pv, groups, length, gs, es), (gv, *_), (dv, *_) in zip(*parts, strict=True):
             q, eps = _factors(norm, p.shape, groups, length)
             coef = -lr * scale
-            t = len(ints)
             ints.append((pv.data_ptr(), gv.data_ptr(), dv.data_ptr(), groups, length, gs, es))
             floats.append((q, coef, eps))
-            strips.extend((t, r) for r in range(0, groups, block_r))
+            strips.append(triton.cdiv(groups, block_r))
 
     decay = 1.0 - lr if constrained else 1.0
     interpret = interpreting()
@@ -173,8 +174,13 @@ def rowwise_step_(
         device, sign, whole = key[:3]
         p_dtype, g_dtype, d_dtype = key[3:]
         like = [torch.empty(0, dtype=dt, device=device) for dt in (p_dtype, g_dtype, d_dtype)]
-        _rowwise_kernel[(len(strips),)](
-            torch.tensor(strips, dtype=torch.int64).to(device),
+        block_r = _block_r(sign, whole)
+        counts = torch.tensor(strips, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(strips)), counts)
+        start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        first = torch.arange(len(owner)) - start  # strip index within its tensor
+        _rowwise_kernel[(len(owner),)](
+            torch.stack([owner, first * block_r], dim=1).to(device),
             torch.tensor(ints, dtype=torch.int64).to(device),
             torch.tensor(floats, dtype=torch.float32).to(device),
             *like,
@@ -184,7 +190,7 @@ def rowwise_step_(
             HAS_BUF=bufs is not None,
             SIGN=sign,
             EMULATE_RNE=interpret,
-            BLOCK_R=_block_r(sign, whole),
+            BLOCK_R=block_r,
             BLOCK_L=32 if interpret else (1024 if whole else 256),
             num_warps=4,
         )
