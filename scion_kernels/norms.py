@@ -151,9 +151,13 @@ class _MatrixNorm(Norm):
             return f"needs a {want}-D tensor ({self.batch_dims} batch dims, d_out, d_in)"
         return "needs a 2-D weight (d_out, d_in)"
 
+    def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The ``(B, d_out, d_in)`` shape a tensor of ``shape`` is seen as."""
+        return math.prod(shape[:-2]), shape[-2], shape[-1]
+
     def _matrices(self, g: Tensor) -> Tensor:
         """``g`` as a batch of matrices ``(B, d_out, d_in)`` (a view when possible)."""
-        return g.reshape(-1, g.shape[-2], g.shape[-1])
+        return g.reshape(self._matrix_shape(g.shape))
 
 
 class Spectral(_MatrixNorm):
@@ -268,8 +272,8 @@ class SpectralConv(Spectral):
             return None
         return "needs a conv weight (d_out, d_in, *kernel) with at least 3 dims"
 
-    def _matrices(self, g: Tensor) -> Tensor:
-        return g.reshape(1, g.shape[0], -1)
+    def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        return 1, shape[0], math.prod(shape[1:])
 
     def scale_for(self, shape: Sequence[int]) -> float:
         return math.sqrt(shape[0] / shape[1]) / math.prod(shape[2:])

@@ -248,7 +248,8 @@ class _ScionBase(torch.optim.Optimizer):
         """Run the Triton step on the parameters it takes; return the others, untouched."""
         from .kernels.dispatch import fused_norm, fused_step_
 
-        self._check_triton(group, index)
+        if not torch.compiler.is_compiling():  # a host-side check; compiled steps trust __init__
+            self._check_triton(group, index)
         norm = self._norm(group)
         norms = [fused_norm(norm, p.shape) for p in params]
         taken = [i for i, n in enumerate(norms) if n is not None]

@@ -45,6 +45,23 @@ def poison(monkeypatch):
     monkeypatch.setattr(kns, "POISON", True)
 
 
+@pytest.fixture(params=["small", "tiled"])
+def path(request, monkeypatch):
+    """Run with the one-program-per-matrix kernel where the shape allows it, or force the
+    tiled kernels (the shapes here are small enough for either)."""
+    if request.param == "tiled":
+        monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
+    return request.param
+
+
+def test_paths_by_shape(monkeypatch):
+    assert kns.NSBucket(1, 33, 100, torch.bfloat16, DEVICE).small  # pads to 64×128
+    assert not kns.NSBucket(1, 65, 100, torch.bfloat16, DEVICE).small  # 128 rows
+    assert not kns.NSBucket(1, 16, 1000, torch.bfloat16, DEVICE).small  # 16×1024 elements
+    monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
+    assert not kns.NSBucket(1, 1, 5, torch.bfloat16, DEVICE).small
+
+
 # ------------------------------------------------------------------------- Newton–Schulz
 
 SHAPES = [(1, 1, 5), (1, 7, 1), (1, 7, 33), (2, 33, 17), (3, 16, 16), (1, 40, 40), (2, 17, 70)]
@@ -52,7 +69,7 @@ SHAPES = [(1, 1, 5), (1, 7, 1), (1, 7, 33), (2, 33, 17), (3, 16, 16), (1, 40, 40
 
 @pytest.mark.parametrize("coefficients", ["classic", "polar_express"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_polar_matches_reference(shape, coefficients, poison):
+def test_polar_matches_reference(shape, coefficients, poison, path):
     if min(shape[1:]) == 1 and coefficients == "polar_express":
         # One row: σ = 1 exactly, where polar_express's first step amplifies bf16 rounding
         # about 20×; the reference lands anywhere in [0.86, 1.03] too, so one draw says nothing.
@@ -66,7 +83,7 @@ def test_polar_matches_reference(shape, coefficients, poison):
     assert_rule(out, newton_schulz(G, coefficients), exact)
 
 
-def test_polar_fp16_and_steps(poison):
+def test_polar_fp16_and_steps(poison, path):
     G = torch.randn(2, 24, 40, device=DEVICE)
     table = resolve_coefficients("polar_express", steps=3)
     out = polar(G, table, torch.float16)
@@ -85,7 +102,7 @@ def test_polar_singular_values_near_one():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/inf
-def test_polar_zero_tiny_huge_nonfinite():
+def test_polar_zero_tiny_huge_nonfinite(path):
     table = resolve_coefficients("classic")
     G = torch.randn(2, 20, 36, device=DEVICE)
     base = polar(G, table).float()
@@ -164,7 +181,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("cls, options", CASES, ids=["Scion-avg", "Scion-unconstrained", "Light"])
-def test_trajectory_matches_reference(cls, options):
+def test_trajectory_matches_reference(cls, options, path):
     """Every parameter after every step, against the bf16 reference and float64."""
     steps = 50 if CUDA else 6
     grads = gradient_sequence(make_params(), steps)
@@ -180,7 +197,7 @@ def test_trajectory_matches_reference(cls, options):
                 assert rel(f, e) <= 2.0 * rel(r, e) + 1e-6, (step, k)
 
 
-def test_bf16_parameters_fp32_buffers():
+def test_bf16_parameters_fp32_buffers(path):
     groups = make_params(torch.bfloat16)
     grads = gradient_sequence(groups, 3)
     kwargs = dict(lr=0.1, momentum=0.2, buffer_dtype=torch.float32)
@@ -277,6 +294,20 @@ def test_rowwise_many_tensors_in_one_launch(norm):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6)
 
 
+def test_strided_vector_taken_by_the_kernel():
+    """A strided vector is one flat view (BiasRMS) and one strided row (RowNorm): no copy."""
+    from scion_kernels.kernels.dispatch import fused_step_
+    from scion_kernels.norms import BiasRMS
+
+    base = torch.randn(4, 6, device=DEVICE)
+    p, g = base.clone()[:, 1], torch.randn(4, 6, device=DEVICE)[:, 2]
+    assert p.stride() == (6,)
+    expected = p - 0.1 * g / (g.norm() / 2.0 + 1e-8)
+    left = fused_step_([p], [g], None, [BiasRMS()], alpha=1.0, lr=0.1, scale=1.0, constrained=False)
+    assert left == []
+    torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_noncontiguous_bias_takes_reference_path():
     base = torch.randn(6, 4, device=DEVICE)
     ps = [nn.Parameter(base.clone().mT) for _ in range(2)]  # (4, 6), not contiguous
@@ -287,7 +318,7 @@ def test_noncontiguous_bias_takes_reference_path():
     assert torch.equal(ps[0], ps[1])
 
 
-def test_zero_gradient_gives_zero_update():
+def test_zero_gradient_gives_zero_update(path):
     p = nn.Parameter(torch.randn(12, 20, device=DEVICE))
     before = p.detach().clone()
     p.grad = torch.zeros_like(p)
@@ -303,9 +334,105 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         Scion([nn.Parameter(torch.randn(4, 4))], backend="triton")
 
 
+# ----------------------------------------------------------------- tables and torch.compile
+
+
+def test_view_strides_agree_with_view():
+    """The copy-free test the dispatch uses agrees with ``Tensor.view`` on random layouts."""
+    from scion_kernels.kernels.tables import view_strides
+
+    gen = torch.Generator().manual_seed(5)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(1, high, (1,), generator=gen))
+
+    outcomes = set()
+    for _ in range(400):
+        shape = [draw(4) for _ in range(draw(5))]
+        t = torch.empty(shape).permute(torch.randperm(len(shape), generator=gen).tolist())
+        if draw(3) == 1:  # a strided slice of the last dimension
+            t = t[..., ::2]
+        n, last = t.numel(), t.shape[-1]
+        for new in ((n,), (1, n), (n // last, 1, last), (1, 1, n)):
+            try:
+                want = tuple(t.view(new).stride())
+            except RuntimeError:
+                want = None
+            assert view_strides(t.shape, t.stride(), new) == want, (t.shape, t.stride(), new)
+            outcomes.add(want is None)
+    assert outcomes == {True, False}
+
+
+def test_tables_kept_between_steps():
+    """Steps on the same tensors (gradients accumulated in place) copy no new table."""
+    from scion_kernels.kernels import tables
+
+    tables._TABLES.clear()
+    groups = make_params()
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = Scion(groups, lr=0.1, momentum=0.5, backend="triton")
+    kept = []
+    for step_grads in gradient_sequence(groups, 3):
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad.copy_(g)
+        opt.step()
+        kept.append(list(tables._TABLES))
+    assert kept[0] and kept[1] == kept[0] and kept[2] == kept[0]
+
+
+def _compile_and_count(fn, graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize("cls", [Scion, ScionLight])
+def test_compiled_step_matches_eager(cls):
+    """torch.compile(fullgraph=True) traces the step into one op call per bucket, and runs
+    the same kernels: bit-identical parameters after three steps."""
+    torch._dynamo.reset()
+    grads = gradient_sequence(make_params(), 3)
+    results, graphs = [], []
+    for compiled in (False, True):
+        groups = make_params()
+        params = [p for g in groups for p in g["params"]]
+        opt = cls(groups, lr=0.1, momentum=0.5, nonfinite="ignore", backend="triton")
+        step = _compile_and_count(opt.step, graphs) if compiled else opt.step
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            step()
+        results.append([p.detach().clone() for p in params])
+    for eager, compiled in zip(*results, strict=True):
+        assert torch.equal(eager, compiled)
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if "scion_kernels" in str(n.target)]
+    # Buckets: 20×36 with 36×20, 24×24, the conv's 8×12, the 3 stacked 12×20; one row-wise.
+    assert sorted(ops) == ["scion_kernels.ns_step_"] * 4 + ["scion_kernels.rowwise_step_"]
+
+
+def test_compiled_polar():
+    torch._dynamo.reset()
+    graphs: list = []
+    table = resolve_coefficients("classic")
+    G = torch.randn(2, 20, 36, device=DEVICE)
+    compiled = _compile_and_count(lambda x: polar(x, table) * 2, graphs)
+    assert torch.equal(compiled(G), polar(G, table) * 2)
+    assert any("ns_polar" in str(n.target) for n in graphs[0].graph.nodes)
+
+
 # ------------------------------------------------------------------------ GPU shape set
 
-GPU_SHAPES = [(1, 8192, 8192), (1, 4096, 4096), (2, 1024, 4097), (64, 128, 256), (8, 768, 3072)]
+GPU_SHAPES = [
+    (1, 8192, 8192), (1, 4096, 4096), (2, 1024, 4097), (64, 128, 256), (8, 768, 3072),
+    (64, 16, 64), (7, 33, 100), (3, 100, 33), (5, 64, 128),  # one program per matrix
+]  # fmt: skip
 
 
 @pytest.mark.gpu

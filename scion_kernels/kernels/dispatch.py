@@ -1,23 +1,28 @@
-"""Which parameters of a group the Triton kernels take, and one kernel call per bucket.
+"""Which parameters of a group the Triton kernels take, and one op call per bucket.
 
 A Spectral-family parameter (``Spectral``, ``SpectralConv``, or what ``Auto`` picks for it) with
 Newton–Schulz in bf16 or fp16 is taken when its parameter, gradient and buffer can all be seen
-as matrices without a copy; everything else stays on the reference path. Taken parameters are
-bucketed by oriented shape, dtypes and coefficient set, and each bucket is one
-:func:`~scion_kernels.kernels.newton_schulz.newton_schulz_bucket` call that averages,
-orthogonalizes and updates in place.
+as matrices without a copy; Sign, ColNorm, RowNorm and BiasRMS parameters when the three share
+one such layout. Everything else stays on the reference path. Taken Spectral parameters are
+bucketed by oriented shape, dtypes and coefficient set, one ``scion_kernels::ns_step_`` call per
+bucket; the row-wise ones go by kind and dtypes, one ``scion_kernels::rowwise_step_`` call each.
+
+This code looks only at shapes, strides, dtypes and norms (never at data or addresses), so
+``torch.compile(fullgraph=True)`` traces it into those op calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..norms import Auto, Norm, Spectral
+from .newton_schulz import flatten
+from .rowwise import ROWWISE_NORMS, rowwise_step_
+from .tables import view_strides
 
 __all__ = ["fused_norm", "fused_step_", "spectral_step_"]
 
@@ -26,8 +31,6 @@ _NS_DTYPES = (torch.bfloat16, torch.float16)
 
 def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
     """The norm the kernels run for a parameter of ``shape`` (``Auto`` resolved), or ``None``."""
-    from .rowwise import ROWWISE_NORMS
-
     if isinstance(norm, Auto):
         norm = norm.pick(shape)
     if isinstance(norm, Spectral):
@@ -46,8 +49,6 @@ def fused_step_(
     """The Scion step on every parameter the kernels take (``norms`` from :func:`fused_norm`);
     returns the indices of the others. ``options``: ``alpha``, ``lr``, ``scale``,
     ``constrained``."""
-    from .rowwise import rowwise_step_
-
     left: list[int] = []
     for spectral, step in ((True, spectral_step_), (False, rowwise_step_)):
         idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
@@ -62,17 +63,6 @@ def fused_step_(
         )
         left.extend(idx[j] for j in rest)
     return sorted(left)
-
-
-@dataclass
-class _Bucket:
-    norm: Spectral
-    m: int
-    n: int
-    params: list[tuple[Tensor, bool]] = field(default_factory=list)
-    grads: list[tuple[Tensor, bool]] = field(default_factory=list)
-    bufs: list[tuple[Tensor, bool]] = field(default_factory=list)
-    scales: list[float] = field(default_factory=list)
 
 
 def spectral_step_(
@@ -93,51 +83,41 @@ def spectral_step_(
 
         d ← (1 − α)·d + α·g;   x ← (1 − γ)·x − γ·ρ·s·polar(d)   (or x ← x − γ·ρ·s·polar(d))
 
-    Returns the indices of the parameters left for the reference path.
+    One ``scion_kernels::ns_step_`` call per bucket. Returns the indices of the parameters left
+    for the reference path.
     """
-    from .newton_schulz import NSBucket, matrix_table, matrix_view, newton_schulz_bucket
-
     left: list[int] = []
-    buckets: dict[tuple, _Bucket] = {}
+    buckets: dict[tuple, list[tuple[int, bool]]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = None if bufs is None else bufs[i]
-        views = [matrix_view(t, norm) for t in (p, g, d) if t is not None]
-        if any(v is None for v in views):
+        shape = norm._matrix_shape(p.shape)
+        tensors = (p, g) if d is None else (p, g, d)
+        if any(view_strides(t.shape, t.stride(), shape) is None for t in tensors):
             left.append(i)
             continue
-        r, c = views[0].shape[-2:]
-        tall = r > c
-        m, n = (c, r) if tall else (r, c)
+        r, c = shape[1:]
         key = (
-            p.device, m, n, norm.ns_dtype, norm._table,
+            p.device, min(r, c), max(r, c), norm.ns_dtype, norm._table,
             p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
-        bucket = buckets.setdefault(key, _Bucket(norm, m, n))
-        s = norm.scale_for(p.shape)
-        pv, gv = views[0], views[1]
-        for j in range(pv.shape[0]):
-            bucket.params.append((pv[j], tall))
-            bucket.grads.append((gv[j], tall))
-            if d is not None:
-                bucket.bufs.append((views[2][j], tall))
-            bucket.scales.append(s)
+        buckets.setdefault(key, []).append((i, r > c))
 
     decay = 1.0 - lr if constrained else 1.0
-    for key, bucket in buckets.items():
-        device = key[0]
-        count = len(bucket.params)
-        coef = torch.tensor([-lr * scale * s for s in bucket.scales], dtype=torch.float32)
-        newton_schulz_bucket(
-            NSBucket(count, bucket.m, bucket.n, bucket.norm.ns_dtype, device),
-            matrix_table(bucket.grads, device),
-            bucket.grads[0][0],
-            bucket.norm._table,
-            alpha=alpha,
-            bufs=matrix_table(bucket.bufs, device) if bucket.bufs else None,
-            d_like=bucket.bufs[0][0] if bucket.bufs else None,
-            params=matrix_table(bucket.params, device),
-            p_like=bucket.params[0][0],
-            coef=coef.to(device),
-            decay=decay,
+    for key, members in buckets.items():
+        _, m, n, ns_dtype, table = key[:5]
+        idx = [i for i, _ in members]
+        torch.ops.scion_kernels.ns_step_(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [] if bufs is None else [bufs[i] for i in idx],
+            [tall for _, tall in members],
+            [norms[i].scale_for(params[i].shape) for i in idx],
+            m,
+            n,
+            ns_dtype,
+            flatten(table),
+            alpha,
+            -lr * scale,
+            decay,
         )
     return left

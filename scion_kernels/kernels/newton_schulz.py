@@ -15,9 +15,18 @@ operands by the power of two nearest ``1/‖d‖`` (exact in bf16, so 1e-30 and 
 neither under- nor overflow) and its result by the remaining factor squared; the first
 ``a·X + B·X`` multiplies its fp32 result by ``1/‖d‖``. A zero matrix gives a zero update.
 
+Small buckets (a padded matrix of at most ``SMALL_LIMIT`` elements and ``SMALL_ROWS`` rows) run
+all of this in one program per matrix instead (``_small_kernel``), every intermediate in
+registers, one launch for the whole bucket, with the same rounding points.
+
 Matrices are addressed through tables of ``(address, row stride, column stride)`` rows
 (int64, in elements), one per matrix, so a bucket gathers parameters from anywhere in memory
-with one launch per stage; offsets are computed in int64.
+with one launch per stage; offsets are computed in int64. The tables are kept on the device
+between steps (:mod:`.tables`).
+
+Two ``torch.library`` ops wrap the host code, so ``torch.compile`` sees one opaque call per
+bucket: ``scion_kernels::ns_step_`` (the whole Scion step of a bucket, in place) and
+``scion_kernels::ns_polar`` (the orthogonalization alone).
 
 The kernels are checked on CPU with Triton's interpreter, which rounds float32 → bfloat16 by
 truncation and does no bf16 arithmetic: when interpreting, operands are cast to float32 before
@@ -28,7 +37,6 @@ kernels compute what the compiled ones do.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import triton
@@ -36,8 +44,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
+from .tables import device_table
 
-__all__ = ["NSBucket", "matrix_table", "matrix_view", "newton_schulz_bucket", "polar"]
+__all__ = [
+    "NSBucket", "flatten", "matrix_rows", "newton_schulz_bucket", "ns_polar", "ns_step_", "polar",
+]  # fmt: skip
 
 Triple = tuple[float, float, float]
 
@@ -73,6 +84,40 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _average(
+    table, b, rows, cols, mask, g_like, d_like, alpha, beta,
+    HAS_BUF: tl.constexpr, EMULATE_RNE: tl.constexpr,
+):  # fmt: skip
+    """``d ← β·d + α·g`` (stored) on a tile of matrix ``b`` (``table`` rows: g address and
+    strides, d address and strides); returns ``d`` (``g`` without a buffer) in float32."""
+    entry = table + b * 6
+    g_ptr = tl.load(entry).to(g_like.dtype)
+    g_off = rows * tl.load(entry + 1) + cols * tl.load(entry + 2)
+    d = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BUF:
+        d_ptr = tl.load(entry + 3).to(d_like.dtype)
+        d_off = rows * tl.load(entry + 4) + cols * tl.load(entry + 5)
+        buf = tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+        stored = _round(buf * beta + alpha * d, d_like.dtype.element_ty, EMULATE_RNE)
+        tl.store(d_ptr + d_off, stored, mask=mask)
+        d = stored.to(tl.float32)
+    return d
+
+
+@triton.jit
+def _update(
+    ptable, b, rows, cols, mask, p_like, factors, x, coef, decay, EMULATE_RNE: tl.constexpr
+):
+    """``w ← decay·w + coef·f_b·x`` on a tile of parameter matrix ``b``, in its dtype."""
+    entry = ptable + b * 3
+    w_ptr = tl.load(entry).to(p_like.dtype)
+    w_off = rows * tl.load(entry + 1) + cols * tl.load(entry + 2)
+    w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
+    w = w * decay + (coef * tl.load(factors + b)) * x.to(tl.float32)
+    tl.store(w_ptr + w_off, _round(w, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+@triton.jit
 def _prologue_kernel(
     table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
@@ -92,18 +137,7 @@ def _prologue_kernel(
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     r64, c64 = rows[:, None], cols[None, :]
-
-    entry = table + b * 6
-    g_ptr = tl.load(entry).to(g_like.dtype)
-    g_off = r64 * tl.load(entry + 1) + c64 * tl.load(entry + 2)
-    d = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BUF:
-        d_ptr = tl.load(entry + 3).to(d_like.dtype)
-        d_off = r64 * tl.load(entry + 4) + c64 * tl.load(entry + 5)
-        buf = tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
-        stored = _round(buf * beta + alpha * d, d_like.dtype.element_ty, EMULATE_RNE)
-        tl.store(d_ptr + d_off, stored, mask=mask)
-        d = stored.to(tl.float32)
+    d = _average(table, b, r64, c64, mask, g_like, d_like, alpha, beta, HAS_BUF, EMULATE_RNE)
 
     x_off = b * M * N + r64 * N + c64
     tl.store(x0 + x_off, _round(d, x0.dtype.element_ty, EMULATE_RNE), mask=mask)
@@ -190,10 +224,11 @@ def _apply_kernel(
     scale,  # (B,) float32 factor on the result (read only if HAS_SCALE)
     table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
     p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
-    coef,  # (B,) float32: −γ·ρ·s per matrix (read only if UPDATE)
+    factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
     M,
     N,
     a,
+    coef,
     decay,
     HAS_SCALE: tl.constexpr,
     UPDATE: tl.constexpr,
@@ -203,7 +238,7 @@ def _apply_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE``, ``x ← decay·x + coef_b·bf16(X')`` instead."""
+    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE``, ``x ← decay·x + coef·f_b·bf16(X')`` instead."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     p_b = p_mat + b * M * M
@@ -228,52 +263,101 @@ def _apply_kernel(
         acc = acc * tl.load(scale + b)
     result = _round(acc, x.dtype.element_ty, EMULATE_RNE)
     if UPDATE:
-        entry = table + b * 3
-        w_ptr = tl.load(entry).to(p_like.dtype)
-        w_off = rows[:, None] * tl.load(entry + 1) + cols[None, :] * tl.load(entry + 2)
-        w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
-        w = w * decay + tl.load(coef + b) * result.to(tl.float32)
-        tl.store(w_ptr + w_off, _round(w, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
+        r64, c64 = rows[:, None], cols[None, :]
+        _update(table, b, r64, c64, mask, p_like, factors, result, coef, decay, EMULATE_RNE)
     else:
         tl.store(out + b * M * N + rows[:, None] * N + cols[None, :], result, mask=mask)
 
 
+@triton.jit
+def _small_kernel(
+    table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
+    g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
+    d_like,  # any tensor of the buffers' dtype
+    out,  # (B, M, N) contiguous output in the compute dtype (unused, but typed, if UPDATE)
+    ptable,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
+    p_like,  # any tensor of the parameters' dtype
+    factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
+    steps,  # float32 (STEPS, 3): the (a, b, c) of every step
+    M,
+    N,
+    alpha,
+    beta,
+    coef,
+    decay,
+    STEPS: tl.constexpr,
+    HAS_BUF: tl.constexpr,
+    UPDATE: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The whole step for one small matrix per program, every intermediate in registers.
+
+    Averaging as the prologue, ``X₀ = bf16((d/max|d|)/‖d/max|d|‖)``, then per step
+    ``A = bf16(X·Xᵀ)``, ``B = bf16(b·A + c·A·A)``, ``X = bf16(a·X + B·X)`` (the rounding points
+    of the tiled kernels), and the update of the tiled last step.
+    """
+    dtype = out.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+    mask = (rows < M) & (cols < N)
+
+    d = _average(table, b, rows, cols, mask, g_like, d_like, alpha, beta, HAS_BUF, EMULATE_RNE)
+
+    # Divide by the largest entry first, so 1e-30 and 1e30 matrices neither under- nor overflow.
+    amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
+    y = d / tl.where(amax > 0, amax, 1.0)
+    norm = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0))
+    inv = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+    inv = tl.where(norm == norm, inv, norm)  # a NaN/inf input stays non-finite
+    x = _round(y * inv, dtype, EMULATE_RNE)
+
+    for k in range(STEPS):
+        a = tl.load(steps + 3 * k)
+        bk = tl.load(steps + 3 * k + 1)
+        c = tl.load(steps + 3 * k + 2)
+        xo = _operand(x, CAST_F32)
+        gram = _round(tl.dot(xo, tl.trans(xo)), dtype, EMULATE_RNE)
+        go = _operand(gram, CAST_F32)
+        poly = _round(c * tl.dot(go, go) + bk * gram.to(tl.float32), dtype, EMULATE_RNE)
+        x = _round(tl.dot(_operand(poly, CAST_F32), xo) + a * x.to(tl.float32), dtype, EMULATE_RNE)
+
+    if UPDATE:
+        _update(ptable, b, rows, cols, mask, p_like, factors, x, coef, decay, EMULATE_RNE)
+    else:
+        tl.store(out + b * M * N + rows * N + cols, x, mask=mask)
+
+
 # ------------------------------------------------------------------------------------ host
 
-
-def matrix_view(t: Tensor, norm: Any) -> Tensor | None:
-    """``t`` as ``norm``'s ``(B, r, c)`` matrices without a copy, or ``None`` if impossible."""
-    shape = norm._matrices(torch.empty(t.shape, device="meta")).shape
-    try:
-        return t.view(shape)
-    except RuntimeError:
-        return None
-
-
-def matrix_table(mats: Sequence[tuple[Tensor, bool]], device: torch.device) -> Tensor:
-    """Rows ``(address, row stride, column stride)`` for matrices given as ``(view, tall)``.
-
-    Each view is a 2-D tensor (any strides); ``tall`` ones are described transposed, so the
-    kernels see every matrix in its wide orientation.
-    """
-    rows = []
-    for view, tall in mats:
-        sr, sc = view.stride()
-        rows.append((view.data_ptr(), sc, sr) if tall else (view.data_ptr(), sr, sc))
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 3).to(device)
+#: Buckets whose padded matrix has at most this many elements (and at most ``SMALL_ROWS`` padded
+#: rows) run the whole step in one program per matrix (``_small_kernel``); larger ones use the
+#: tiled kernels. Tests set it to 0 to check the tiled kernels on small shapes.
+SMALL_LIMIT = 8192
+SMALL_ROWS = 64
 
 
 class NSBucket:
-    """Static launch parameters for one bucket: shape, dtype and tile sizes."""
+    """Static launch parameters for one bucket: shape, dtype, path and tile sizes."""
 
     def __init__(self, batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
         if m > n:
             raise ValueError(f"a bucket is oriented wide (m ≤ n); got {m}×{n}")
         self.batch, self.m, self.n, self.dtype, self.device = batch, m, n, dtype, device
         self.interpret = interpreting()
+        # tl.dot needs every dimension to be at least 16.
+        self.pad_m = max(16, triton.next_power_of_2(m))
+        self.pad_n = max(16, triton.next_power_of_2(n))
+        self.small = self.pad_m <= SMALL_ROWS and self.pad_m * self.pad_n <= SMALL_LIMIT
         if self.interpret:
-            # Small tiles keep the interpreter fast; tl.dot needs at least 16.
+            # Small tiles keep the interpreter fast.
             self.tile, self.tile_k, self.warps, self.stages = 16, 16, 4, 1
+        elif self.small:
+            self.tile, self.tile_k, self.stages = 0, 0, 1
+            self.warps = 4 if self.pad_m * self.pad_n <= 4096 else 8
         else:
             big = m >= 512
             self.tile = 128 if big else 64
@@ -309,60 +393,81 @@ def _tile_norms(partials: Tensor) -> Tensor:
     return top.squeeze(-1) * (ratio.square() * ssq).sum(dim=-1).sqrt()
 
 
+def matrix_rows(mats: Sequence[Tensor], tall: Sequence[bool]) -> list[tuple[int, int, int]]:
+    """Table rows ``(address, row stride, column stride)`` (in elements) of 2-D views; ``tall``
+    ones are described transposed, so the kernels see every matrix in its wide orientation."""
+    rows = []
+    for view, is_tall in zip(mats, tall, strict=True):
+        sr, sc = view.stride()
+        rows.append((view.data_ptr(), sc, sr) if is_tall else (view.data_ptr(), sr, sc))
+    return rows
+
+
 def newton_schulz_bucket(
     bucket: NSBucket,
-    grads: Tensor,
+    grads: Sequence[tuple[int, int, int]],
     g_like: Tensor,
     coefficients: Sequence[Triple],
     *,
     alpha: float = 1.0,
-    bufs: Tensor | None = None,
+    bufs: Sequence[tuple[int, int, int]] | None = None,
     d_like: Tensor | None = None,
-    params: Tensor | None = None,
+    params: Sequence[tuple[int, int, int]] | None = None,
     p_like: Tensor | None = None,
-    coef: Tensor | None = None,
+    factors: Sequence[float] | None = None,
+    coef: float = 0.0,
     decay: float = 1.0,
 ) -> Tensor | None:
     """Average, normalize, orthogonalize and (optionally) apply the update for one bucket.
 
     Args:
-        bucket: the bucket's shape, compute dtype and tile sizes.
-        grads: int64 ``(B, 3)`` table of the gradient matrices (:func:`matrix_table`).
+        bucket: the bucket's shape, compute dtype, path and tile sizes.
+        grads: the gradient matrices' table rows (:func:`matrix_rows`), one per matrix.
         g_like: a tensor of the gradients' dtype.
         coefficients: the per-step ``(a, b, c)`` triples.
         alpha: the averaging factor α; with ``bufs`` the buffers are updated in place as
             ``d ← (1 − α)·d + α·g``.
-        bufs, d_like: the buffer table and a tensor of the buffers' dtype, or ``None`` (d = g).
-        params, p_like, coef, decay: with a parameter table, the result is not returned but
-            applied as ``x ← decay·x + coef_b·X`` (``coef`` float32 ``(B,)``).
+        bufs, d_like: the buffers' table rows and a tensor of their dtype, or ``None`` (d = g).
+        params, p_like, factors, coef, decay: with the parameters' table rows, the result is not
+            returned but applied as ``x ← decay·x + coef·f_b·X`` (``factors``: ``f_b`` per
+            matrix).
 
     Returns:
         The ``(B, m, n)`` stack of orthogonalized matrices, or ``None`` when it was applied.
     """
     B, m, n, dtype, dev = bucket.batch, bucket.m, bucket.n, bucket.dtype, bucket.device
     common = bucket._common()
+    d_rows = grads if bufs is None else bufs
+    table6 = device_table([g + d for g, d in zip(grads, d_rows, strict=True)], torch.int64, dev)
+    update = params is not None
+    if update:
+        assert factors is not None and p_like is not None
+        ptable = device_table(params, torch.int64, dev)
+        ftable = device_table([(f,) for f in factors], torch.float32, dev).reshape(-1)
+    else:
+        ptable, ftable, p_like = table6, table6, g_like  # typed placeholders, never read
+    d_like = g_like if d_like is None else d_like
+
+    if bucket.small:
+        out = _empty((0,) if update else (B, m, n), dtype, dev)
+        _small_kernel[(B,)](
+            table6, g_like, d_like, out, ptable, p_like, ftable,
+            device_table(coefficients, torch.float32, dev),
+            m, n, float(alpha), 1.0 - float(alpha), float(coef), float(decay),
+            STEPS=len(coefficients), HAS_BUF=bufs is not None, UPDATE=update,
+            BLOCK_M=bucket.pad_m, BLOCK_N=bucket.pad_n, **common,
+        )  # fmt: skip
+        return None if update else out
+
     T = bucket.tile
     tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
-
     x = _empty((B, m, n), dtype, dev)
     partials = _empty((B, tiles, 2), torch.float32, dev)
-    table6 = torch.cat([grads, grads if bufs is None else bufs], dim=1).contiguous()
     _prologue_kernel[(tiles, B)](
-        table6,
-        g_like,
-        g_like if d_like is None else d_like,
-        x,
-        partials,
-        m,
-        n,
-        float(alpha),
-        1.0 - float(alpha),
-        HAS_BUF=bufs is not None,
-        EMULATE_RNE=bucket.interpret,
-        BLOCK_M=T,
-        BLOCK_N=T,
+        table6, g_like, d_like, x, partials, m, n, float(alpha), 1.0 - float(alpha),
+        HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
         num_warps=bucket.warps,
-    )
+    )  # fmt: skip
 
     # 1/‖d‖ = mant·2^e: the operands of the first X·Xᵀ are scaled by 2^e (exact), its result by
     # mant², and the first a·X + B·X by 1/‖d‖ in float32.
@@ -392,18 +497,107 @@ def newton_schulz_bucket(
             HAS_D=True, HAS_SCALE=False, HAS_OPSCALE=False,
             BLOCK=T, BLOCK_K=bucket.tile_k, **common,
         )  # fmt: skip
-        update = last and params is not None
         _apply_kernel[apply_grid](
-            p_mat, x, y, inv,
-            params if update else grads,
-            p_like if update else g_like,
-            coef if update else inv,
-            m, n, float(a), float(decay),
-            HAS_SCALE=first, UPDATE=update,
+            p_mat, x, y, inv, ptable, p_like, ftable,
+            m, n, float(a), float(coef), float(decay),
+            HAS_SCALE=first, UPDATE=last and update,
             BLOCK_M=T, BLOCK_N=T, BLOCK_K=bucket.tile_k, **common,
         )  # fmt: skip
         x, y = y, x
-    return None if params is not None else x
+    return None if update else x
+
+
+# ------------------------------------------------------------------------------- torch ops
+
+
+@torch.library.custom_op("scion_kernels::ns_step_", mutates_args=("params", "bufs"))
+def ns_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    tall: list[bool],
+    factors: list[float],
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    coefficients: list[float],
+    alpha: float,
+    coef: float,
+    decay: float,
+) -> None:
+    """The Scion step of one bucket: every tensor of ``params`` is a stack of ``m×n`` matrices
+    (``n×m`` where ``tall``), viewable as such without a copy, and for each matrix::
+
+        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
+        x ← decay·x + coef·f·polar(d)     (``f`` from ``factors``, one per tensor)
+
+    with ``polar`` the Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)``
+    triples ``coefficients``. One launch per stage for the whole bucket.
+    """
+    shape = (n, m)
+    views = {"p": [], "g": [], "d": []}
+    mat_tall, mat_factors = [], []
+    for i, p in enumerate(params):
+        r, c = shape if tall[i] else shape[::-1]
+        for key, t in (("p", p), ("g", grads[i]), ("d", bufs[i] if bufs else None)):
+            if t is not None:
+                views[key].extend(t.view(-1, r, c).unbind(0))
+        count = p.numel() // (m * n)
+        mat_tall.extend([tall[i]] * count)
+        mat_factors.extend([factors[i]] * count)
+    if not mat_tall:
+        return
+    device = params[0].device
+    newton_schulz_bucket(
+        NSBucket(len(mat_tall), m, n, dtype, device),
+        matrix_rows(views["g"], mat_tall),
+        grads[0],
+        _triples(coefficients),
+        alpha=alpha,
+        bufs=matrix_rows(views["d"], mat_tall) if bufs else None,
+        d_like=bufs[0] if bufs else None,
+        params=matrix_rows(views["p"], mat_tall),
+        p_like=params[0],
+        factors=mat_factors,
+        coef=coef,
+        decay=decay,
+    )
+
+
+@ns_step_.register_fake
+def _(params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay):
+    return None
+
+
+@torch.library.custom_op("scion_kernels::ns_polar", mutates_args=())
+def ns_polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    """Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype`` with the
+    flattened ``(a, b, c)`` triples ``coefficients``; ``G``'s shape, in ``dtype``."""
+    r, c = G.shape[-2:]
+    tall = r > c
+    m, n = (c, r) if tall else (r, c)
+    if G.numel() == 0:
+        return torch.zeros(G.shape, dtype=dtype, device=G.device)
+    mats = G.reshape(-1, r, c).unbind(0)
+    bucket = NSBucket(len(mats), m, n, dtype, G.device)
+    rows = matrix_rows(mats, [tall] * len(mats))
+    X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
+    assert X is not None
+    return (X.mT if tall else X).reshape(G.shape).contiguous()
+
+
+@ns_polar.register_fake
+def _(G, coefficients, dtype):
+    return G.new_empty(G.shape, dtype=dtype)
+
+
+def _triples(flat: Sequence[float]) -> list[Triple]:
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def flatten(coefficients: Sequence[Triple]) -> list[float]:
+    """Per-step ``(a, b, c)`` triples as the flat list the ops take."""
+    return [float(v) for triple in coefficients for v in triple]
 
 
 def polar(
@@ -414,20 +608,10 @@ def polar(
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the kernels.
 
     The same function as :func:`scion_kernels.newton_schulz` (``coefficients`` resolved to
-    triples): returns ``G``'s shape in ``dtype``.
+    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::ns_polar`` op.
     """
     if G.ndim < 2:
         raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
-    r, c = G.shape[-2:]
-    tall = r > c
-    m, n = (c, r) if tall else (r, c)
-    if G.numel() == 0:
-        return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    mats = G.reshape(-1, r, c)
-    table = matrix_table([(M, tall) for M in mats.unbind(0)], G.device)
-    bucket = NSBucket(mats.shape[0], m, n, dtype, G.device)
-    X = newton_schulz_bucket(bucket, table, mats, coefficients)
-    assert X is not None
-    return (X.mT if tall else X).reshape(G.shape)
+    return torch.ops.scion_kernels.ns_polar(G, flatten(coefficients), dtype)

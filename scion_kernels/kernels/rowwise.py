@@ -27,24 +27,25 @@ from torch import Tensor
 
 from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
 from . import interpreting
-from .newton_schulz import _round, matrix_view
+from .newton_schulz import _round
+from .tables import cached, device_table, view_strides
 
 __all__ = ["ROWWISE_NORMS", "rowwise_step_"]
 
 ROWWISE_NORMS = (Sign, ColNorm, RowNorm, BiasRMS)  # RowNorm subclasses ColNorm
-_INTS, _FLOATS = 7, 3  # table row widths
 
 
 @triton.jit
 def _rowwise_kernel(
     strips,  # int64 (S, 2): tensor index, first group of the strip
     ints,  # int64 (T, 7): p, g, d addresses, groups, group length, group stride, elem stride
-    floats,  # float32 (T, 3): q (or f for Sign), coef, ε
+    floats,  # float32 (T, 2): q (or f for Sign), ε
     p_like,
     g_like,
     d_like,
     alpha,
     beta,
+    coef,
     decay,
     HAS_BUF: tl.constexpr,
     SIGN: tl.constexpr,
@@ -61,7 +62,7 @@ def _rowwise_kernel(
     d_ptr = tl.load(row + 2).to(d_like.dtype)
     groups, length = tl.load(row + 3), tl.load(row + 4)
     group_stride, elem_stride = tl.load(row + 5), tl.load(row + 6)
-    q, coef, eps = tl.load(floats + t * 3), tl.load(floats + t * 3 + 1), tl.load(floats + t * 3 + 2)
+    q, eps = tl.load(floats + t * 2), tl.load(floats + t * 2 + 1)
 
     rows = tl.load(strips + 2 * s + 1) + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows[:, None] < groups
@@ -97,25 +98,15 @@ def _rowwise_kernel(
             tl.store(p_ptr + off, _round(x, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
-def _groups(norm: Norm, t: Tensor) -> list[tuple[Tensor, int, int, int, int]] | None:
-    """``(base view, groups, length, group stride, elem stride)`` per matrix, or ``None``."""
+def _layout(norm: Norm, t: Tensor) -> tuple[tuple[int, int, int], bool]:
+    """The ``(B, r, c)`` matrices ``t`` is seen as, and whether the groups are their columns."""
     if isinstance(norm, BiasRMS):
-        if not t.is_contiguous():
-            return None
-        return [(t, 1, t.numel(), 0, 1)]
-    mats = matrix_view(t, norm)
-    if mats is None:
-        return None
-    out = []
-    for M in mats.unbind(0):
-        r, c = M.shape
-        sr, sc = M.stride()
-        # ColNorm's groups are columns; `transpose` (ColNorm, RowNorm) swaps rows and columns.
-        columns = type(norm) is ColNorm
-        if isinstance(norm, ColNorm) and norm.transpose:
-            columns = not columns
-        out.append((M, c, r, sc, sr) if columns else (M, r, c, sr, sc))
-    return out
+        return (1, 1, t.numel()), False
+    # ColNorm's groups are columns; `transpose` (ColNorm, RowNorm) swaps rows and columns.
+    columns = type(norm) is ColNorm
+    if isinstance(norm, ColNorm) and norm.transpose:
+        columns = not columns
+    return norm._matrix_shape(t.shape), columns
 
 
 def _factors(norm: Norm, shape: Sequence[int], groups: int, length: int) -> tuple[float, float]:
@@ -144,57 +135,123 @@ def rowwise_step_(
     """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
 
     ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
-    (``bufs`` ``None``: ``d = g``). A parameter whose tensors cannot be described without a copy
-    (non-contiguous BiasRMS tensors, unviewable matrices) is left for the reference path.
+    (``bufs`` ``None``: ``d = g``), one ``scion_kernels::rowwise_step_`` call per kind and
+    dtype combination. A parameter whose ``x``, ``g`` and ``d`` cannot all be seen as the same
+    strided matrices without a copy is left for the reference path.
     """
     left: list[int] = []
-    # Per launch: strips per tensor, the int table rows, the float table rows.
-    launches: dict[tuple, tuple[list, list, list]] = {}
+    launches: dict[tuple, list[tuple[int, int, int, bool, float, float]]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = g if bufs is None else bufs[i]
-        parts = [_groups(norm, t) for t in (p, g, d)]
-        if any(x is None for x in parts) or len({tuple(x[1:] for x in pt) for pt in parts}) != 1:
-            left.append(i)  # layouts differ between p, g and d: take the reference path
+        shape, columns = _layout(norm, p)
+        strides = view_strides(p.shape, p.stride(), shape)
+        same = all(view_strides(t.shape, t.stride(), shape) == strides for t in (g, d))
+        if strides is None or not same:
+            left.append(i)
             continue
-        sign = isinstance(norm, Sign)
-        whole = isinstance(norm, BiasRMS)
-        key = (p.device, sign, whole, p.dtype, g.dtype, d.dtype)
-        strips, ints, floats = launches.setdefault(key, ([], [], []))
-        block_r = _block_r(sign, whole)
-        for (pv, groups, length, gs, es), (gv, *_), (dv, *_) in zip(*parts, strict=True):
-            q, eps = _factors(norm, p.shape, groups, length)
-            coef = -lr * scale
-            ints.append((pv.data_ptr(), gv.data_ptr(), dv.data_ptr(), groups, length, gs, es))
-            floats.append((q, coef, eps))
-            strips.append(triton.cdiv(groups, block_r))
+        r, c = shape[1:]
+        groups, length = (c, r) if columns else (r, c)
+        q, eps = _factors(norm, p.shape, groups, length)
+        kind = (isinstance(norm, Sign), isinstance(norm, BiasRMS))
+        key = (p.device, *kind, p.dtype, g.dtype, d.dtype)
+        launches.setdefault(key, []).append((i, r, c, columns, q, eps))
 
     decay = 1.0 - lr if constrained else 1.0
+    for (_, sign, whole, *_), members in launches.items():
+        idx = [member[0] for member in members]
+        torch.ops.scion_kernels.rowwise_step_(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [] if bufs is None else [bufs[i] for i in idx],
+            [v for member in members for v in member[1:3]],
+            [member[3] for member in members],
+            [member[4] for member in members],
+            [member[5] for member in members],
+            sign,
+            whole,
+            alpha,
+            -lr * scale,
+            decay,
+        )
+    return left
+
+
+@torch.library.custom_op("scion_kernels::rowwise_step_", mutates_args=("params", "bufs"))
+def rowwise_op_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    shapes: list[int],
+    columns: list[bool],
+    q: list[float],
+    eps: list[float],
+    sign: bool,
+    whole: bool,
+    alpha: float,
+    coef: float,
+    decay: float,
+) -> None:
+    """Sign or ℓ2 groups of many tensors in one launch: tensor ``i`` is seen as ``(-1, r, c)``
+    matrices (``r, c = shapes[2i:2i+2]``, a view, with the same strides for ``x``, ``g`` and
+    ``d``) whose groups are rows (columns where ``columns[i]``); for every group::
+
+        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
+        x ← decay·x + coef·u,   u = d/(‖d‖₂·q + ε)   or, with ``sign``, u = sign(d)·q
+
+    ``whole``: every tensor is one group (BiasRMS), read in long strips.
+    """
+    device = params[0].device
+    block_r = _block_r(sign, whole)
+    ints, floats, strips = [], [], []
+    for i, p in enumerate(params):
+        r, c = shapes[2 * i], shapes[2 * i + 1]
+        d = bufs[i] if bufs else grads[i]
+        mats = zip(*(t.view(-1, r, c).unbind(0) for t in (p, grads[i], d)), strict=True)
+        for pv, gv, dv in mats:
+            sr, sc = pv.stride()
+            groups, length, gs, es = (c, r, sc, sr) if columns[i] else (r, c, sr, sc)
+            ints.append((pv.data_ptr(), gv.data_ptr(), dv.data_ptr(), groups, length, gs, es))
+            floats.append((q[i], eps[i]))
+            strips.append(triton.cdiv(groups, block_r))
+    if not ints:
+        return
     interpret = interpreting()
-    for key, (strips, ints, floats) in launches.items():
-        device, sign, whole = key[:3]
-        p_dtype, g_dtype, d_dtype = key[3:]
-        like = [torch.empty(0, dtype=dt, device=device) for dt in (p_dtype, g_dtype, d_dtype)]
-        block_r = _block_r(sign, whole)
+    _rowwise_kernel[(sum(strips),)](
+        _strip_table(strips, block_r, device),
+        device_table(ints, torch.int64, device),
+        device_table(floats, torch.float32, device),
+        params[0],
+        grads[0],
+        bufs[0] if bufs else grads[0],
+        float(alpha),
+        1.0 - float(alpha),
+        float(coef),
+        float(decay),
+        HAS_BUF=bool(bufs),
+        SIGN=sign,
+        EMULATE_RNE=interpret,
+        BLOCK_R=block_r,
+        BLOCK_L=32 if interpret else (1024 if whole else 256),
+        num_warps=4,
+    )
+
+
+@rowwise_op_.register_fake
+def _(params, grads, bufs, shapes, columns, q, eps, sign, whole, alpha, coef, decay):
+    return None
+
+
+def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tensor:
+    """Rows ``(tensor index, first group)`` of every strip, ``strips[t]`` strips for tensor t."""
+
+    def build() -> Tensor:
         counts = torch.tensor(strips, dtype=torch.int64)
         owner = torch.repeat_interleave(torch.arange(len(strips)), counts)
         start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         first = torch.arange(len(owner)) - start  # strip index within its tensor
-        _rowwise_kernel[(len(owner),)](
-            torch.stack([owner, first * block_r], dim=1).to(device),
-            torch.tensor(ints, dtype=torch.int64).to(device),
-            torch.tensor(floats, dtype=torch.float32).to(device),
-            *like,
-            float(alpha),
-            1.0 - float(alpha),
-            decay,
-            HAS_BUF=bufs is not None,
-            SIGN=sign,
-            EMULATE_RNE=interpret,
-            BLOCK_R=block_r,
-            BLOCK_L=32 if interpret else (1024 if whole else 256),
-            num_warps=4,
-        )
-    return left
+        return torch.stack([owner, first * block_r], dim=1).to(device)
+
+    return cached(("strips", device, block_r, tuple(strips)), build)
 
 
 def _block_r(sign: bool, whole: bool) -> int:

@@ -1,0 +1,90 @@
+"""Host side of the kernels' addressing: which views exist, and the device tables that name them.
+
+The kernels reach their tensors through small tables of addresses and strides, so one launch
+covers tensors scattered anywhere in memory. :func:`view_strides` decides, from shapes and
+strides alone (no exception, so ``torch.compile`` traces it), whether a tensor can be seen as
+the matrices a kernel wants; :func:`device_table` turns rows into a device tensor and keeps it,
+so a step that sees the same tensors again (every step of a training run) copies nothing to the
+device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["cached", "device_table", "view_strides"]
+
+
+def view_strides(
+    shape: Sequence[int], stride: Sequence[int], new_shape: Sequence[int]
+) -> tuple[int, ...] | None:
+    """The strides of ``t.view(new_shape)`` for a tensor ``t`` of ``shape`` and ``stride``, or
+    ``None`` when no such view exists (``t.view`` would raise).
+
+    A view can only merge or split runs of dimensions that are laid out as one block: the
+    dimensions are walked from the last, grouped into maximal runs where
+    ``stride[i] == stride[i+1]·shape[i+1]`` (size-1 dimensions never break a run), and each run
+    must be covered exactly by consecutive dimensions of ``new_shape``. Empty tensors are
+    answered ``None`` (the kernels never take them).
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    new_numel = 1
+    for size in new_shape:
+        new_numel *= size
+    if numel == 0 or numel != new_numel:
+        return None
+    if len(shape) == 0:
+        return (1,) * len(new_shape)
+
+    out = [0] * len(new_shape)
+    view_d = len(new_shape) - 1
+    base = stride[-1]  # the stride of the current run's innermost element
+    run_numel, view_numel = 1, 1
+    for d in range(len(shape) - 1, -1, -1):
+        run_numel *= shape[d]
+        run_ends = d == 0 or (shape[d - 1] != 1 and stride[d - 1] != run_numel * base)
+        if not run_ends:
+            continue
+        while view_d >= 0 and (view_numel < run_numel or new_shape[view_d] == 1):
+            out[view_d] = view_numel * base
+            view_numel *= new_shape[view_d]
+            view_d -= 1
+        if view_numel != run_numel:
+            return None
+        if d > 0:
+            base = stride[d - 1]
+            run_numel, view_numel = 1, 1
+    if view_d != -1:
+        return None
+    return tuple(out)
+
+
+#: Device tables kept by content. A table is a pure function of its rows, so a kept one is
+#: right whatever tensor the addresses belong to now; the oldest goes first when full.
+_TABLES: dict[tuple, Tensor] = {}
+TABLE_CACHE_SIZE = 512
+
+
+def cached(key: tuple, build: Callable[[], Tensor]) -> Tensor:
+    """The device table kept under ``key``, made by ``build()`` the first time. ``key`` must
+    name the table's whole content (with its device and dtype)."""
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= TABLE_CACHE_SIZE:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = build()
+    return table
+
+
+def device_table(
+    rows: Sequence[Sequence[int | float]], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``rows`` (equal-width tuples) as a ``(len(rows), width)`` tensor of ``dtype`` on
+    ``device``, copied there only the first time these rows are asked for."""
+    key = (device, dtype, tuple(map(tuple, rows)))
+    return cached(key, lambda: torch.tensor(key[2], dtype=dtype).reshape(len(rows), -1).to(device))
