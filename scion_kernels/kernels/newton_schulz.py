@@ -36,7 +36,8 @@ kernels compute what the compiled ones do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -339,9 +340,37 @@ def _small_kernel(
 SMALL_LIMIT = 8192
 SMALL_ROWS = 64
 
+#: Tile configurations of the tiled kernels on a GPU, the default first. ``X·Xᵀ`` and
+#: ``b·A + c·A·A`` take ``SYRK_CONFIGS`` (each timed separately: their inner dimensions differ),
+#: ``a·X + B·X`` takes ``APPLY_CONFIGS``.
+SYRK_CONFIGS = [
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    dict(BLOCK=128, BLOCK_K=128, num_warps=8, num_stages=2),
+    dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=4),
+]
+APPLY_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+]
+#: In the interpreter: small tiles keep it fast (``tl.dot`` needs at least 16).
+_INTERPRET_SYRK = [dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1)]
+_INTERPRET_APPLY = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)]
+
+#: Time the candidate configurations the first time a bucket shape is seen on a GPU and keep
+#: the fastest (``SCION_KERNELS_AUTOTUNE=0``: always the defaults). Only launches that write
+#: scratch buffers are timed, never one that updates parameters or buffers.
+AUTOTUNE = os.environ.get("SCION_KERNELS_AUTOTUNE", "1") != "0"
+#: The configuration chosen per (kernel, m, k or n, batch, dtype, device name).
+TUNED: dict[tuple, dict] = {}
+
 
 class NSBucket:
-    """Static launch parameters for one bucket: shape, dtype, path and tile sizes."""
+    """Static launch parameters for one bucket: shape, dtype and path."""
 
     def __init__(self, batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
         if m > n:
@@ -352,26 +381,63 @@ class NSBucket:
         self.pad_m = max(16, triton.next_power_of_2(m))
         self.pad_n = max(16, triton.next_power_of_2(n))
         self.small = self.pad_m <= SMALL_ROWS and self.pad_m * self.pad_n <= SMALL_LIMIT
-        if self.interpret:
-            # Small tiles keep the interpreter fast.
-            self.tile, self.tile_k, self.warps, self.stages = 16, 16, 4, 1
-        elif self.small:
-            self.tile, self.tile_k, self.stages = 0, 0, 1
-            self.warps = 4 if self.pad_m * self.pad_n <= 4096 else 8
-        else:
-            big = m >= 512
-            self.tile = 128 if big else 64
-            self.tile_k = 64 if big else 32
-            self.warps = 8 if big else 4
-            self.stages = 3
+        self.warps = 4 if self.pad_m * self.pad_n <= 4096 else 8  # the small kernel's
+        self.prologue_tile = 16 if self.interpret else 64
 
-    def _common(self) -> dict:
-        return dict(
-            CAST_F32=self.interpret,
-            EMULATE_RNE=self.interpret,
-            num_warps=self.warps,
-            num_stages=self.stages,
-        )
+    def flags(self) -> dict:
+        return dict(CAST_F32=self.interpret, EMULATE_RNE=self.interpret)
+
+
+def _candidates(configs: list[dict], rows: int, block: str) -> list[dict]:
+    """The configurations worth timing for ``rows`` output rows: no tile taller than twice the
+    padded rows (more would compute padding only)."""
+    fit = [c for c in configs if c[block] <= 2 * max(16, triton.next_power_of_2(rows))]
+    return fit or configs[-1:]
+
+
+def _config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], None]) -> dict:
+    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) for this bucket: the
+    default, or with ``AUTOTUNE`` the fastest candidate, timed once per shape by running
+    ``launch(config)`` (which must write scratch buffers only)."""
+    syrk = kernel == "syrk"
+    if bucket.interpret:
+        configs = _INTERPRET_SYRK if syrk else _INTERPRET_APPLY
+    else:
+        configs = SYRK_CONFIGS if syrk else APPLY_CONFIGS
+    candidates = _candidates(configs, bucket.m, "BLOCK" if syrk else "BLOCK_M")
+    if not AUTOTUNE or len(candidates) == 1:
+        return candidates[0]
+    dev = bucket.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    key = (kernel, bucket.m, inner, bucket.batch, bucket.dtype, where)
+    if key not in TUNED:
+        TUNED[key] = _fastest(candidates, launch)
+    return TUNED[key]
+
+
+def _time(fn: Callable[[], None]) -> float:
+    """Median milliseconds of ``fn`` (a few warm-up runs first)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def _fastest(candidates: list[dict], launch: Callable[[dict], None]) -> dict:
+    """The candidate with the lowest median time; one that cannot run here (too much shared
+    memory, say) is passed over."""
+    from triton.runtime.errors import OutOfResources
+
+    best, best_ms = None, float("inf")
+    for config in candidates:
+        try:
+            ms = _time(lambda config=config: launch(config))
+        except OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError(f"no tile configuration of {candidates} can run on this device")
+    return best
 
 
 #: Fill every work buffer with NaN before the kernels write it (tests set this to prove that
@@ -436,7 +502,7 @@ def newton_schulz_bucket(
         The ``(B, m, n)`` stack of orthogonalized matrices, or ``None`` when it was applied.
     """
     B, m, n, dtype, dev = bucket.batch, bucket.m, bucket.n, bucket.dtype, bucket.device
-    common = bucket._common()
+    flags = bucket.flags()
     d_rows = grads if bufs is None else bufs
     table6 = device_table([g + d for g, d in zip(grads, d_rows, strict=True)], torch.int64, dev)
     update = params is not None
@@ -455,18 +521,18 @@ def newton_schulz_bucket(
             device_table(coefficients, torch.float32, dev),
             m, n, float(alpha), 1.0 - float(alpha), float(coef), float(decay),
             STEPS=len(coefficients), HAS_BUF=bufs is not None, UPDATE=update,
-            BLOCK_M=bucket.pad_m, BLOCK_N=bucket.pad_n, **common,
+            BLOCK_M=bucket.pad_m, BLOCK_N=bucket.pad_n, num_warps=bucket.warps, **flags,
         )  # fmt: skip
         return None if update else out
 
-    T = bucket.tile
-    tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
     x = _empty((B, m, n), dtype, dev)
+    T = bucket.prologue_tile
+    tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
     partials = _empty((B, tiles, 2), torch.float32, dev)
     _prologue_kernel[(tiles, B)](
         table6, g_like, d_like, x, partials, m, n, float(alpha), 1.0 - float(alpha),
         HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
-        num_warps=bucket.warps,
+        num_warps=4,
     )  # fmt: skip
 
     # 1/‖d‖ = mant·2^e: the operands of the first X·Xᵀ are scaled by 2^e (exact), its result by
@@ -481,28 +547,41 @@ def newton_schulz_bucket(
     a_mat = _empty((B, m, m), dtype, dev)
     p_mat = _empty((B, m, m), dtype, dev)
     y = _empty((B, m, n), dtype, dev)
-    tri = triton.cdiv(m, T)
-    syrk_grid = (tri * (tri + 1) // 2, B)
-    apply_grid = (tiles, B)
+
+    def syrk(src, dst, k, c, b, config, *, has_d=False, first=False):
+        tri = triton.cdiv(m, config["BLOCK"])
+        _syrk_kernel[(tri * (tri + 1) // 2, B)](
+            src, src, dst, mant2, opscale, m, k, c, b,
+            HAS_D=has_d, HAS_SCALE=first, HAS_OPSCALE=first, **config, **flags,
+        )  # fmt: skip
+
+    def apply(src, dst, a, config, *, first=False, last=False):
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), B)
+        _apply_kernel[grid](
+            p_mat, src, dst, inv, ptable, p_like, ftable, m, n, a, float(coef), float(decay),
+            HAS_SCALE=first, UPDATE=last and update, **config, **flags,
+        )  # fmt: skip
+
+    # Timing runs write a_mat, p_mat and y only: scratch that the steps below overwrite.
+    def time_gram(cfg):
+        syrk(x, a_mat, n, 1.0, 0.0, cfg)
+
+    def time_poly(cfg):
+        syrk(a_mat, p_mat, m, 1.0, 1.0, cfg, has_d=True)
+
+    def time_apply(cfg):
+        apply(x, y, 1.0, cfg)
+
+    gram = _config(bucket, "syrk", n, time_gram)
+    poly = _config(bucket, "syrk", m, time_poly)
+    prod = _config(bucket, "apply", n, time_apply)
+
     steps = len(coefficients)
     for step, (a, b, c) in enumerate(coefficients):
         first, last = step == 0, step == steps - 1
-        _syrk_kernel[syrk_grid](
-            x, x, a_mat, mant2, opscale, m, n, 1.0, 0.0,
-            HAS_D=False, HAS_SCALE=first, HAS_OPSCALE=first,
-            BLOCK=T, BLOCK_K=bucket.tile_k, **common,
-        )  # fmt: skip
-        _syrk_kernel[syrk_grid](
-            a_mat, a_mat, p_mat, mant2, opscale, m, m, float(c), float(b),
-            HAS_D=True, HAS_SCALE=False, HAS_OPSCALE=False,
-            BLOCK=T, BLOCK_K=bucket.tile_k, **common,
-        )  # fmt: skip
-        _apply_kernel[apply_grid](
-            p_mat, x, y, inv, ptable, p_like, ftable,
-            m, n, float(a), float(coef), float(decay),
-            HAS_SCALE=first, UPDATE=last and update,
-            BLOCK_M=T, BLOCK_N=T, BLOCK_K=bucket.tile_k, **common,
-        )  # fmt: skip
+        syrk(x, a_mat, n, 1.0, 0.0, gram, first=first)
+        syrk(a_mat, p_mat, m, float(c), float(b), poly, has_d=True)
+        apply(x, y, float(a), prod, first=first, last=last)
         x, y = y, x
     return None if update else x
 
