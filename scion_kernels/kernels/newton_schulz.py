@@ -123,10 +123,11 @@ def _prologue_kernel(
     table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
     d_like,  # any tensor of the buffers' dtype
-    x0,  # (B, M, N) contiguous, compute dtype
+    x0,  # (B, M, LDX) compute dtype, rows padded to LDX
     partials,  # (B, tiles, 2) float32: max |d| and Σ (d / max|d|)² per tile
     M,
     N,
+    LDX,
     alpha,
     beta,
     HAS_BUF: tl.constexpr,
@@ -140,8 +141,10 @@ def _prologue_kernel(
     r64, c64 = rows[:, None], cols[None, :]
     d = _average(table, b, r64, c64, mask, g_like, d_like, alpha, beta, HAS_BUF, EMULATE_RNE)
 
-    x_off = b * M * N + r64 * N + c64
-    tl.store(x0 + x_off, _round(d, x0.dtype.element_ty, EMULATE_RNE), mask=mask)
+    # The row padding is stored as zeros: the products read whole padded rows.
+    x_off = b * M * LDX + r64 * LDX + c64
+    x_mask = (r64 < M) & (c64 < LDX)
+    tl.store(x0 + x_off, _round(d, x0.dtype.element_ty, EMULATE_RNE), mask=x_mask)
 
     # A scaled sum of squares (as LAPACK's nrm2): no overflow for |d| up to the float32 max.
     amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
@@ -164,13 +167,15 @@ def _lower_tile(t):
 
 @triton.jit
 def _syrk_kernel(
-    y,  # (B, M, K) contiguous
-    d,  # (B, M, M) contiguous, symmetric (read only if HAS_D)
-    c,  # (B, M, M) contiguous, output
+    y,  # (B, M, LDY): M×K matrices, rows padded to LDY
+    d,  # (B, M, LDC): M×M, symmetric (read only if HAS_D)
+    c,  # (B, M, LDC): M×M output
     scale,  # (B,) float32 factor on Y·Yᵀ (read only if HAS_SCALE)
     opscale,  # (B,) float32 power of two applied to the operand (read only if HAS_OPSCALE)
     M,
     K,
+    LDY,
+    LDC,
     alpha,
     beta,
     HAS_D: tl.constexpr,
@@ -188,15 +193,19 @@ def _syrk_kernel(
     rows_j = j * BLOCK + tl.arange(0, BLOCK)
     ri, rj = rows_i.to(tl.int64), rows_j.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    y_b = y + b * M * K
+    y_b = y + b * M * LDY
     if HAS_OPSCALE:
         op = tl.load(opscale + b)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = (k0 + ks).to(tl.int64)
-        k_ok = kk[None, :] < K
-        yi = tl.load(y_b + ri[:, None] * K + kk[None, :], mask=(ri[:, None] < M) & k_ok, other=0.0)
-        yj = tl.load(y_b + rj[:, None] * K + kk[None, :], mask=(rj[:, None] < M) & k_ok, other=0.0)
+        # Up to the padded row length (zeros past K): a mask bound that is a multiple of 16
+        # lets the loads be vectorized and pipelined.
+        k_ok = kk[None, :] < LDY
+        yi_ptr = y_b + ri[:, None] * LDY + kk[None, :]
+        yj_ptr = y_b + rj[:, None] * LDY + kk[None, :]
+        yi = tl.load(yi_ptr, mask=(ri[:, None] < M) & k_ok, other=0.0)
+        yj = tl.load(yj_ptr, mask=(rj[:, None] < M) & k_ok, other=0.0)
         if HAS_OPSCALE:
             # Exact: op is a power of two and the scaled entries stay within the dtype's range.
             yi = (yi.to(tl.float32) * op).to(y.dtype.element_ty)
@@ -205,29 +214,31 @@ def _syrk_kernel(
     acc = acc * alpha
     if HAS_SCALE:
         acc = acc * tl.load(scale + b)
-    c_b = c + b * M * M
-    ij = ri[:, None] * M + rj[None, :]
-    mask = (ri[:, None] < M) & (rj[None, :] < M)
+    c_b = c + b * M * LDC
+    ij = ri[:, None] * LDC + rj[None, :]
+    mask = (ri[:, None] < M) & (rj[None, :] < LDC)  # the padding columns get zeros
     if HAS_D:
-        acc += beta * tl.load(d + b * M * M + ij, mask=mask, other=0.0).to(tl.float32)
+        acc += beta * tl.load(d + b * M * LDC + ij, mask=mask, other=0.0).to(tl.float32)
     out = _round(acc, c.dtype.element_ty, EMULATE_RNE)
     tl.store(c_b + ij, out, mask=mask)
     if i != j:
-        ji = rj[:, None] * M + ri[None, :]
-        tl.store(c_b + ji, tl.trans(out), mask=(rj[:, None] < M) & (ri[None, :] < M))
+        ji = rj[:, None] * LDC + ri[None, :]
+        tl.store(c_b + ji, tl.trans(out), mask=(rj[:, None] < M) & (ri[None, :] < LDC))
 
 
 @triton.jit
 def _apply_kernel(
-    p_mat,  # (B, M, M) contiguous: the polynomial B = b·A + c·A·A
-    x,  # (B, M, N) contiguous
-    out,  # (B, M, N) contiguous output (unused if UPDATE)
+    p_mat,  # (B, M, LDP): the polynomial B = b·A + c·A·A, M×M
+    x,  # (B, M, LDX): M×N, rows padded to LDX
+    out,  # (B, M, LDX): M×N output (unused if UPDATE)
     scale,  # (B,) float32 factor on the result (read only if HAS_SCALE)
     table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
     p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
     factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
     M,
     N,
+    LDP,
+    LDX,
     a,
     coef,
     decay,
@@ -242,32 +253,36 @@ def _apply_kernel(
     """``X' ← s_b·(a·X + B·X)``; with ``UPDATE``, ``x ← decay·x + coef·f_b·bf16(X')`` instead."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    p_b = p_mat + b * M * M
-    x_b = x + b * M * N
+    p_b = p_mat + b * M * LDP
+    x_b = x + b * M * LDX
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
         kk = (k0 + ks).to(tl.int64)
+        # Padded rows are read whole (zeros past M and N), so the mask bounds of the
+        # contiguous dimension are multiples of 16 and the loads vectorize and pipeline.
         pt = tl.load(
-            p_b + rows[:, None] * M + kk[None, :],
-            mask=(rows[:, None] < M) & (kk[None, :] < M),
+            p_b + rows[:, None] * LDP + kk[None, :],
+            mask=(rows[:, None] < M) & (kk[None, :] < LDP),
             other=0.0,
         )
         xt = tl.load(
-            x_b + kk[:, None] * N + cols[None, :],
-            mask=(kk[:, None] < M) & (cols[None, :] < N),
+            x_b + kk[:, None] * LDX + cols[None, :],
+            mask=(kk[:, None] < M) & (cols[None, :] < LDX),
             other=0.0,
         )
         acc = tl.dot(_operand(pt, CAST_F32), _operand(xt, CAST_F32), acc)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    acc += a * tl.load(x_b + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    padded = (rows[:, None] < M) & (cols[None, :] < LDX)
+    x_tile = tl.load(x_b + rows[:, None] * LDX + cols[None, :], mask=padded, other=0.0)
+    acc += a * x_tile.to(tl.float32)
     if HAS_SCALE:
         acc = acc * tl.load(scale + b)
     result = _round(acc, x.dtype.element_ty, EMULATE_RNE)
     if UPDATE:
         r64, c64 = rows[:, None], cols[None, :]
+        mask = (r64 < M) & (c64 < N)
         _update(table, b, r64, c64, mask, p_like, factors, result, coef, decay, EMULATE_RNE)
     else:
-        tl.store(out + b * M * N + rows[:, None] * N + cols[None, :], result, mask=mask)
+        tl.store(out + b * M * LDX + rows[:, None] * LDX + cols[None, :], result, mask=padded)
 
 
 @triton.jit
@@ -352,7 +367,7 @@ SYRK_CONFIGS = [
 ]
 APPLY_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
@@ -499,7 +514,8 @@ def newton_schulz_bucket(
             matrix).
 
     Returns:
-        The ``(B, m, n)`` stack of orthogonalized matrices, or ``None`` when it was applied.
+        The ``(B, m, n)`` stack of orthogonalized matrices (a view of rows padded to a multiple
+        of 16 elements), or ``None`` when it was applied.
     """
     B, m, n, dtype, dev = bucket.batch, bucket.m, bucket.n, bucket.dtype, bucket.device
     flags = bucket.flags()
@@ -525,12 +541,16 @@ def newton_schulz_bucket(
         )  # fmt: skip
         return None if update else out
 
-    x = _empty((B, m, n), dtype, dev)
+    # Work matrices have their rows padded to a multiple of 16 elements, so every row starts
+    # 32-byte aligned whatever m and n are: the compiler can then vectorize and pipeline the
+    # loads (cp.async) of the tiled products (see bench/compile_report.py).
+    ldx, ldm = _padded(n), _padded(m)
+    x = _empty((B, m, ldx), dtype, dev)
     T = bucket.prologue_tile
     tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
     partials = _empty((B, tiles, 2), torch.float32, dev)
     _prologue_kernel[(tiles, B)](
-        table6, g_like, d_like, x, partials, m, n, float(alpha), 1.0 - float(alpha),
+        table6, g_like, d_like, x, partials, m, n, ldx, float(alpha), 1.0 - float(alpha),
         HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
         num_warps=4,
     )  # fmt: skip
@@ -544,21 +564,22 @@ def newton_schulz_bucket(
     opscale = torch.ldexp(torch.ones_like(inv), expo)
     mant2 = mant.square()
 
-    a_mat = _empty((B, m, m), dtype, dev)
-    p_mat = _empty((B, m, m), dtype, dev)
-    y = _empty((B, m, n), dtype, dev)
+    a_mat = _empty((B, m, ldm), dtype, dev)
+    p_mat = _empty((B, m, ldm), dtype, dev)
+    y = _empty((B, m, ldx), dtype, dev)
 
     def syrk(src, dst, k, c, b, config, *, has_d=False, first=False):
         tri = triton.cdiv(m, config["BLOCK"])
         _syrk_kernel[(tri * (tri + 1) // 2, B)](
-            src, src, dst, mant2, opscale, m, k, c, b,
+            src, src, dst, mant2, opscale, m, k, src.shape[-1], ldm, c, b,
             HAS_D=has_d, HAS_SCALE=first, HAS_OPSCALE=first, **config, **flags,
         )  # fmt: skip
 
     def apply(src, dst, a, config, *, first=False, last=False):
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), B)
         _apply_kernel[grid](
-            p_mat, src, dst, inv, ptable, p_like, ftable, m, n, a, float(coef), float(decay),
+            p_mat, src, dst, inv, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
+            float(decay),
             HAS_SCALE=first, UPDATE=last and update, **config, **flags,
         )  # fmt: skip
 
@@ -583,7 +604,12 @@ def newton_schulz_bucket(
         syrk(a_mat, p_mat, m, float(c), float(b), poly, has_d=True)
         apply(x, y, float(a), prod, first=first, last=last)
         x, y = y, x
-    return None if update else x
+    return None if update else x[..., :n]
+
+
+def _padded(size: int) -> int:
+    """``size`` rounded up to a multiple of 16 (a 32-byte row in bf16)."""
+    return -(-size // 16) * 16
 
 
 # ------------------------------------------------------------------------------- torch ops
