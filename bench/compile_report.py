@@ -162,6 +162,15 @@ def _ptxas() -> str | None:
     return None
 
 
+def _ptxas_version() -> str | None:
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None
+    run = subprocess.run([ptxas, "--version"], capture_output=True, text=True)
+    lines = run.stdout.strip().splitlines()
+    return lines[-2] if len(lines) >= 2 else None
+
+
 def _ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
     """``(registers, spill store bytes)`` from ``ptxas -v``, or ``None``s if it cannot say."""
     ptxas = _ptxas()
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "triton": triton.__version__,
             "torch": torch.__version__,
-            "ptxas": _ptxas(),
+            "ptxas": _ptxas_version(),
             "command": "python -m bench.compile_report " + " ".join(argv or sys.argv[1:]),
         }
         with open(args.out, "w") as f:
