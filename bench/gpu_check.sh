@@ -46,6 +46,10 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+echo "== sm_90a compile report (this machine's Triton)"
+"$SCION_PY" -m bench.compile_report --out "$OUT/compile_report.json" 2>&1 | tee "$OUT/compile_report.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== benchmarks"
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--full)
