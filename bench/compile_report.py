@@ -107,7 +107,7 @@ def variants(quick: bool = False) -> list[Variant]:
         for aligned in (True,) if quick else (True, False):
             out.append(Variant(
                 "apply", f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} update", apply_ptr,
-                dict(HAS_SCALE=False, UPDATE=True, **_COMPILED, **c),
+                dict(HAS_SCALE=False, UPDATE=True, UPDATE_ROWS=32, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
     small_ptr = {

@@ -75,13 +75,20 @@ def _operand(x, CAST_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Matrix index (int64) and row/column indices (int64) of this program's output tile."""
+def _tile_origin(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First row and column (int64) of this program's output tile (tiles row-major)."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.program_id(1).to(tl.int64), rows.to(tl.int64), cols.to(tl.int64)
+    return ((pid // tiles_n) * BLOCK_M).to(tl.int64), ((pid % tiles_n) * BLOCK_N).to(tl.int64)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Matrix index (int64) and row/column indices (int64) of this program's output tile."""
+    row0, col0 = _tile_origin(N, BLOCK_M, BLOCK_N)
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = col0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    return tl.program_id(1).to(tl.int64), rows, cols
 
 
 @triton.jit
@@ -230,7 +237,7 @@ def _syrk_kernel(
 def _apply_kernel(
     p_mat,  # (B, M, LDP): the polynomial B = b·A + c·A·A, M×M
     x,  # (B, M, LDX): M×N, rows padded to LDX
-    out,  # (B, M, LDX): M×N output (unused if UPDATE)
+    out,  # (B, M, LDX): M×N output (scratch if UPDATE)
     scale,  # (B,) float32 factor on the result (read only if HAS_SCALE)
     table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
     p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
@@ -249,8 +256,9 @@ def _apply_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UPDATE_ROWS: tl.constexpr,
 ):
-    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE``, ``x ← decay·x + coef·f_b·bf16(X')`` instead."""
+    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE`` also ``x ← decay·x + coef·f_b·bf16(X')``."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     p_b = p_mat + b * M * LDP
@@ -277,12 +285,20 @@ def _apply_kernel(
     if HAS_SCALE:
         acc = acc * tl.load(scale + b)
     result = _round(acc, x.dtype.element_ty, EMULATE_RNE)
+    out_b = out + b * M * LDX
+    tl.store(out_b + rows[:, None] * LDX + cols[None, :], result, mask=padded)
     if UPDATE:
-        r64, c64 = rows[:, None], cols[None, :]
-        mask = (r64 < M) & (c64 < N)
-        _update(table, b, r64, c64, mask, p_like, factors, result, coef, decay, EMULATE_RNE)
-    else:
-        tl.store(out + b * M * LDX + rows[:, None] * LDX + cols[None, :], result, mask=padded)
+        # The parameter's strides are only known at run time, so each of its elements needs
+        # its own address: for a whole tile at once that exceeds the register file. The tile
+        # goes through the (cache-resident) scratch output and is applied in row slices.
+        tl.debug_barrier()  # every thread reads back what others stored
+        row0, _ = _tile_origin(N, BLOCK_M, BLOCK_N)
+        c64 = cols[None, :]
+        for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
+            r64 = (row0 + r + tl.arange(0, UPDATE_ROWS).to(tl.int64))[:, None]
+            mask = (r64 < M) & (c64 < N)
+            piece = tl.load(out_b + r64 * LDX + c64, mask=mask, other=0.0)
+            _update(table, b, r64, c64, mask, p_like, factors, piece, coef, decay, EMULATE_RNE)
 
 
 @triton.jit
@@ -580,7 +596,8 @@ def newton_schulz_bucket(
         _apply_kernel[grid](
             p_mat, src, dst, inv, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
             float(decay),
-            HAS_SCALE=first, UPDATE=last and update, **config, **flags,
+            HAS_SCALE=first, UPDATE=last and update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
+            **config, **flags,
         )  # fmt: skip
 
     # Timing runs write a_mat, p_mat and y only: scratch that the steps below overwrite.
