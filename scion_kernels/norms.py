@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ._util import eager_cache
 from .newton_schulz import iterate, normalized_stack, polar_svd, resolve_coefficients
 
 __all__ = [
@@ -494,8 +495,9 @@ NORMS: dict[str, type[Norm]] = {
 }
 
 
-def _accepted_options(cls: type[Norm]) -> set[str]:
-    return {k for k in inspect.signature(cls.__init__).parameters if k != "self"}
+@eager_cache(maxsize=None)
+def _accepted_options(cls: type[Norm]) -> frozenset[str]:
+    return frozenset(k for k in inspect.signature(cls.__init__).parameters if k != "self")
 
 
 def make_norm(norm: str | Norm, norm_kwargs: dict[str, Any] | None = None) -> Norm:

@@ -45,10 +45,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
-from .tables import device_table
+from .tables import cdiv, device_table, matrix_rows, next_power_of_2
 
 __all__ = [
-    "NSBucket", "flatten", "matrix_rows", "newton_schulz_bucket", "ns_polar", "ns_step_", "polar",
+    "NSBucket", "flatten", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
 ]  # fmt: skip
 
 Triple = tuple[float, float, float]
@@ -409,8 +409,8 @@ class NSBucket:
         self.batch, self.m, self.n, self.dtype, self.device = batch, m, n, dtype, device
         self.interpret = interpreting()
         # tl.dot needs every dimension to be at least 16.
-        self.pad_m = max(16, triton.next_power_of_2(m))
-        self.pad_n = max(16, triton.next_power_of_2(n))
+        self.pad_m = max(16, next_power_of_2(m))
+        self.pad_n = max(16, next_power_of_2(n))
         self.small = self.pad_m <= SMALL_ROWS and self.pad_m * self.pad_n <= SMALL_LIMIT
         self.warps = 4 if self.pad_m * self.pad_n <= 4096 else 8  # the small kernel's
         self.prologue_tile = 16 if self.interpret else 64
@@ -422,7 +422,7 @@ class NSBucket:
 def _candidates(configs: list[dict], rows: int, block: str) -> list[dict]:
     """The configurations worth timing for ``rows`` output rows: no tile taller than twice the
     padded rows (more would compute padding only)."""
-    fit = [c for c in configs if c[block] <= 2 * max(16, triton.next_power_of_2(rows))]
+    fit = [c for c in configs if c[block] <= 2 * max(16, next_power_of_2(rows))]
     return fit or configs[-1:]
 
 
@@ -490,16 +490,6 @@ def _tile_norms(partials: Tensor) -> Tensor:
     return top.squeeze(-1) * (ratio.square() * ssq).sum(dim=-1).sqrt()
 
 
-def matrix_rows(mats: Sequence[Tensor], tall: Sequence[bool]) -> list[tuple[int, int, int]]:
-    """Table rows ``(address, row stride, column stride)`` (in elements) of 2-D views; ``tall``
-    ones are described transposed, so the kernels see every matrix in its wide orientation."""
-    rows = []
-    for view, is_tall in zip(mats, tall, strict=True):
-        sr, sc = view.stride()
-        rows.append((view.data_ptr(), sc, sr) if is_tall else (view.data_ptr(), sr, sc))
-    return rows
-
-
 def newton_schulz_bucket(
     bucket: NSBucket,
     grads: Sequence[tuple[int, int, int]],
@@ -563,7 +553,7 @@ def newton_schulz_bucket(
     ldx, ldm = _padded(n), _padded(m)
     x = _empty((B, m, ldx), dtype, dev)
     T = bucket.prologue_tile
-    tiles = triton.cdiv(m, T) * triton.cdiv(n, T)
+    tiles = cdiv(m, T) * cdiv(n, T)
     partials = _empty((B, tiles, 2), torch.float32, dev)
     _prologue_kernel[(tiles, B)](
         table6, g_like, d_like, x, partials, m, n, ldx, float(alpha), 1.0 - float(alpha),
@@ -585,14 +575,14 @@ def newton_schulz_bucket(
     y = _empty((B, m, ldx), dtype, dev)
 
     def syrk(src, dst, k, c, b, config, *, has_d=False, first=False):
-        tri = triton.cdiv(m, config["BLOCK"])
+        tri = cdiv(m, config["BLOCK"])
         _syrk_kernel[(tri * (tri + 1) // 2, B)](
             src, src, dst, mant2, opscale, m, k, src.shape[-1], ldm, c, b,
             HAS_D=has_d, HAS_SCALE=first, HAS_OPSCALE=first, **config, **flags,
         )  # fmt: skip
 
     def apply(src, dst, a, config, *, first=False, last=False):
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), B)
+        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), B)
         _apply_kernel[grid](
             p_mat, src, dst, inv, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
             float(decay),
@@ -632,7 +622,6 @@ def _padded(size: int) -> int:
 # ------------------------------------------------------------------------------- torch ops
 
 
-@torch.library.custom_op("scion_kernels::ns_step_", mutates_args=("params", "bufs"))
 def ns_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -656,29 +645,26 @@ def ns_step_(
     with ``polar`` the Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)``
     triples ``coefficients``. One launch per stage for the whole bucket.
     """
-    shape = (n, m)
-    views = {"p": [], "g": [], "d": []}
-    mat_tall, mat_factors = [], []
+    rows: dict[str, list[tuple[int, ...]]] = {"p": [], "g": [], "d": []}
+    mat_factors: list[float] = []
     for i, p in enumerate(params):
-        r, c = shape if tall[i] else shape[::-1]
+        count = p.numel() // (m * n)
+        shape = (count, n, m) if tall[i] else (count, m, n)
         for key, t in (("p", p), ("g", grads[i]), ("d", bufs[i] if bufs else None)):
             if t is not None:
-                views[key].extend(t.view(-1, r, c).unbind(0))
-        count = p.numel() // (m * n)
-        mat_tall.extend([tall[i]] * count)
+                rows[key].extend(matrix_rows(t, shape, transpose=tall[i]))
         mat_factors.extend([factors[i]] * count)
-    if not mat_tall:
+    if not mat_factors:
         return
-    device = params[0].device
     newton_schulz_bucket(
-        NSBucket(len(mat_tall), m, n, dtype, device),
-        matrix_rows(views["g"], mat_tall),
+        NSBucket(len(mat_factors), m, n, dtype, params[0].device),
+        rows["g"],
         grads[0],
         _triples(coefficients),
         alpha=alpha,
-        bufs=matrix_rows(views["d"], mat_tall) if bufs else None,
+        bufs=rows["d"] if bufs else None,
         d_like=bufs[0] if bufs else None,
-        params=matrix_rows(views["p"], mat_tall),
+        params=rows["p"],
         p_like=params[0],
         factors=mat_factors,
         coef=coef,
@@ -686,7 +672,12 @@ def ns_step_(
     )
 
 
-@ns_step_.register_fake
+ns_step_op = torch.library.custom_op("scion_kernels::ns_step_", mutates_args=("params", "bufs"))(
+    ns_step_
+)
+
+
+@ns_step_op.register_fake
 def _(params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay):
     return None
 
@@ -700,9 +691,9 @@ def ns_polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor
     m, n = (c, r) if tall else (r, c)
     if G.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    mats = G.reshape(-1, r, c).unbind(0)
-    bucket = NSBucket(len(mats), m, n, dtype, G.device)
-    rows = matrix_rows(mats, [tall] * len(mats))
+    mats = G.reshape(-1, r, c)
+    bucket = NSBucket(mats.shape[0], m, n, dtype, G.device)
+    rows = matrix_rows(mats, mats.shape, transpose=tall)
     X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
     assert X is not None
     return (X.mT if tall else X).reshape(G.shape).contiguous()

@@ -26,9 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
-from . import interpreting
+from . import call_op, interpreting
 from .newton_schulz import _round
-from .tables import cached, device_table, view_strides
+from .tables import cached, cdiv, device_table, matrix_rows, view_strides
 
 __all__ = ["ROWWISE_NORMS", "rowwise_step_"]
 
@@ -145,7 +145,10 @@ def rowwise_step_(
         d = g if bufs is None else bufs[i]
         shape, columns = _layout(norm, p)
         strides = view_strides(p.shape, p.stride(), shape)
-        same = all(view_strides(t.shape, t.stride(), shape) == strides for t in (g, d))
+        same = all(
+            t.stride() == p.stride() or view_strides(t.shape, t.stride(), shape) == strides
+            for t in (g, d)
+        )
         if strides is None or not same:
             left.append(i)
             continue
@@ -159,7 +162,9 @@ def rowwise_step_(
     decay = 1.0 - lr if constrained else 1.0
     for (_, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
-        torch.ops.scion_kernels.rowwise_step_(
+        call_op(
+            _rowwise_op,
+            rowwise_op_,
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
@@ -176,7 +181,6 @@ def rowwise_step_(
     return left
 
 
-@torch.library.custom_op("scion_kernels::rowwise_step_", mutates_args=("params", "bufs"))
 def rowwise_op_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -206,13 +210,14 @@ def rowwise_op_(
     for i, p in enumerate(params):
         r, c = shapes[2 * i], shapes[2 * i + 1]
         d = bufs[i] if bufs else grads[i]
-        mats = zip(*(t.view(-1, r, c).unbind(0) for t in (p, grads[i], d)), strict=True)
-        for pv, gv, dv in mats:
-            sr, sc = pv.stride()
-            groups, length, gs, es = (c, r, sc, sr) if columns[i] else (r, c, sr, sc)
-            ints.append((pv.data_ptr(), gv.data_ptr(), dv.data_ptr(), groups, length, gs, es))
+        shape = (p.numel() // (r * c), r, c)
+        # The groups are the rows of the (transposed, for columns) matrices.
+        mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
+        groups, length = (c, r) if columns[i] else (r, c)
+        for (pa, gs, es), (ga, *_), (da, *_) in zip(*mats, strict=True):
+            ints.append((pa, ga, da, groups, length, gs, es))
             floats.append((q[i], eps[i]))
-            strips.append(triton.cdiv(groups, block_r))
+            strips.append(cdiv(groups, block_r))
     if not ints:
         return
     interpret = interpreting()
@@ -236,7 +241,12 @@ def rowwise_op_(
     )
 
 
-@rowwise_op_.register_fake
+_rowwise_op = torch.library.custom_op(
+    "scion_kernels::rowwise_step_", mutates_args=("params", "bufs")
+)(rowwise_op_)
+
+
+@_rowwise_op.register_fake
 def _(params, grads, bufs, shapes, columns, q, eps, sign, whole, alpha, coef, decay):
     return None
 

@@ -10,16 +10,30 @@ device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["cached", "device_table", "view_strides"]
+from .._util import eager_cache
+
+__all__ = ["cached", "cdiv", "device_table", "matrix_rows", "next_power_of_2", "view_strides"]
 
 
+def cdiv(a: int, b: int) -> int:
+    """``⌈a/b⌉`` (host side; ``triton.cdiv`` costs microseconds per call in recent Triton)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (at least 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@eager_cache(maxsize=4096)
 def view_strides(
-    shape: Sequence[int], stride: Sequence[int], new_shape: Sequence[int]
+    shape: tuple[int, ...], stride: tuple[int, ...], new_shape: tuple[int, ...]
 ) -> tuple[int, ...] | None:
     """The strides of ``t.view(new_shape)`` for a tensor ``t`` of ``shape`` and ``stride``, or
     ``None`` when no such view exists (``t.view`` would raise).
@@ -28,7 +42,8 @@ def view_strides(
     dimensions are walked from the last, grouped into maximal runs where
     ``stride[i] == stride[i+1]·shape[i+1]`` (size-1 dimensions never break a run), and each run
     must be covered exactly by consecutive dimensions of ``new_shape``. Empty tensors are
-    answered ``None`` (the kernels never take them).
+    answered ``None`` (the kernels never take them). Arguments are tuples (cached: a training
+    step asks the same questions every time).
     """
     numel = 1
     for size in shape:
@@ -88,3 +103,29 @@ def device_table(
     ``device``, copied there only the first time these rows are asked for."""
     key = (device, dtype, tuple(map(tuple, rows)))
     return cached(key, lambda: torch.tensor(key[2], dtype=dtype).reshape(len(rows), -1).to(device))
+
+
+def matrix_rows(
+    t: Tensor, shape: tuple[int, ...], transpose: bool = False
+) -> tuple[tuple[int, int, int], ...]:
+    """``(address, row stride, column stride)`` (strides in elements) of each matrix of ``t``
+    seen as ``shape = (B, r, c)`` (a view must exist), without making the views; ``transpose``
+    swaps the two strides, so the kernels see the matrix transposed."""
+    return _matrix_rows(t.data_ptr(), t.shape, t.stride(), t.element_size(), shape, transpose)
+
+
+@functools.lru_cache(maxsize=8192)  # called inside ops only: never traced
+def _matrix_rows(
+    base: int,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    size: int,
+    new_shape: tuple[int, ...],
+    transpose: bool,
+) -> tuple[tuple[int, int, int], ...]:
+    strides = view_strides(shape, stride, new_shape)
+    assert strides is not None, f"no view of {shape} as {new_shape}"
+    step, sr, sc = strides
+    if transpose:
+        sr, sc = sc, sr
+    return tuple((base + i * step * size, sr, sc) for i in range(new_shape[0]))

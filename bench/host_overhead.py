@@ -1,0 +1,91 @@
+"""Host time of one ``backend="triton"`` Scion step over GPT-2 small, with the kernel launches
+left out: what the Python side (grouping, bucketing, op calls, tables, the small PyTorch ops
+between launches) costs before the GPU does any work.
+
+The kernels are replaced by no-ops and the tile choice is the GPU's (not the interpreter's), so
+this runs on a CPU; every other line of the step runs as on a GPU. On a GPU each launch adds
+its own CPU cost (a few µs) on top; the count of launches is printed too.
+
+    python -m bench.host_overhead [--layers 12] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the optimizer accept CPU tensors
+
+import torch  # noqa: E402
+
+
+class _Launches:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` only counts."""
+
+    count = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _Launches.count += 1
+
+        return launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--nonfinite", default="ignore",
+        help="the optimizer's policy; 'raise' adds the gradient screen, a real pass over every "
+        "gradient (on a CPU here: arithmetic; on a GPU: a launch and a host sync)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    import scion_kernels as sk
+    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.kernels import rowwise
+
+    from .step import GPT2
+
+    for module, names in (
+        (kns, ("_prologue_kernel", "_syrk_kernel", "_apply_kernel", "_small_kernel")),
+        (rowwise, ("_rowwise_kernel",)),
+    ):
+        module.interpreting = lambda: False  # tile choice and flags as on a GPU
+        for name in names:
+            setattr(module, name, _Launches())
+    kns.AUTOTUNE = False
+
+    torch.manual_seed(0)
+    model = GPT2(n_layer=args.layers)
+    recipe = sk.RECIPES["gpt"]
+    opt = sk.Scion(sk.param_groups(model, "gpt"), lr=recipe.lr, momentum=recipe.momentum,
+                   backend="triton", nonfinite=args.nonfinite)  # fmt: skip
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    times = []
+    for step in range(args.steps + 1):
+        _Launches.count = 0
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        if step == 0:
+            first = times.pop()
+    n_params = sum(1 for _ in model.parameters())
+    print(f"GPT-2 small, {args.layers} blocks, {n_params} parameter tensors, "
+          f"nonfinite={args.nonfinite!r}")  # fmt: skip
+    print(f"launches per step: {_Launches.count}")
+    print(f"first step (tables built): {first * 1e3:.2f} ms")
+    print(f"later steps: median {statistics.median(times) * 1e3:.3f} ms, "
+          f"min {min(times) * 1e3:.3f} ms over {len(times)}")  # fmt: skip
+    print(f"torch {torch.__version__}; {torch.get_num_threads()} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
