@@ -60,6 +60,7 @@ def _kernels() -> dict[str, Any]:
 
     return {
         "prologue": kns._prologue_kernel,
+        "normalize": kns._normalize_kernel,
         "syrk": kns._syrk_kernel,
         "apply": kns._apply_kernel,
         "small": kns._small_kernel,
@@ -78,8 +79,13 @@ def variants(quick: bool = False) -> list[Variant]:
     out = [
         Variant(
             "prologue", "64x64",
-            {"table": "i64", "x0": "bf16", "partials": "fp32", **ns_ptr},
+            {"table": "i64", "partials": "fp32", **ns_ptr},
             dict(HAS_BUF=True, EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64), 4, 1,
+        ),
+        Variant(
+            "normalize", "64x64",
+            {"table": "i64", "x0": "bf16", "scales": "fp32", **ns_ptr},
+            dict(EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64), 4, 1,
         ),
         Variant(
             "rowwise", "rows 4x256",
@@ -87,10 +93,10 @@ def variants(quick: bool = False) -> list[Variant]:
             dict(HAS_BUF=True, SIGN=False, EMULATE_RNE=False, BLOCK_R=4, BLOCK_L=256), 4, 1,
         ),
     ]  # fmt: skip
-    syrk_ptr = {"y": "bf16", "d": "bf16", "c": "bf16", "scale": "fp32", "opscale": "fp32"}
+    syrk_ptr = {"y": "bf16", "d": "bf16", "c": "bf16"}
     apply_ptr = {
-        "p_mat": "bf16", "x": "bf16", "out": "bf16", "scale": "fp32", "table": "i64",
-        "factors": "fp32", "p_like": "fp32",
+        "p_mat": "bf16", "x": "bf16", "out": "bf16", "table": "i64", "factors": "fp32",
+        "p_like": "fp32",
     }  # fmt: skip
     syrk = kns.SYRK_CONFIGS[:1] if quick else kns.SYRK_CONFIGS
     apply = kns.APPLY_CONFIGS[:1] if quick else kns.APPLY_CONFIGS
@@ -99,7 +105,7 @@ def variants(quick: bool = False) -> list[Variant]:
         for aligned in (True,) if quick else (True, False):
             out.append(Variant(
                 "syrk", f"{c['BLOCK']}x{c['BLOCK']}x{c['BLOCK_K']} b·A+c·A·A", syrk_ptr,
-                dict(HAS_D=True, HAS_SCALE=False, HAS_OPSCALE=False, **_COMPILED, **c),
+                dict(HAS_D=True, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
     for cfg in apply:
@@ -107,7 +113,7 @@ def variants(quick: bool = False) -> list[Variant]:
         for aligned in (True,) if quick else (True, False):
             out.append(Variant(
                 "apply", f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} update", apply_ptr,
-                dict(HAS_SCALE=False, UPDATE=True, UPDATE_ROWS=32, **_COMPILED, **c),
+                dict(UPDATE=True, UPDATE_ROWS=32, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
     small_ptr = {

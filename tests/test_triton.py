@@ -122,6 +122,21 @@ def test_polar_zero_tiny_huge_nonfinite(path):
     assert not torch.isfinite(out[1]).any() and torch.isfinite(out[0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("factor", [1e-42, 1e-30, 1e-8, 1e5, 1e30, 3e36])
+def test_polar_scale_invariant(factor, dtype, path):
+    """polar(f·G) = polar(G) for any finite scale, also in fp16 (whose range is 6e-5..65504)
+    and for subnormal float32 entries: the input is normalized before it is rounded."""
+    table = resolve_coefficients("classic")
+    G = torch.randn(2, 20, 36, device=DEVICE)
+    base = polar(G, table, dtype).float()
+    scaled = polar(G * factor, table, dtype).float()
+    reference = newton_schulz(G * factor, dtype=dtype).float()
+    # Subnormal entries keep fewer bits, so the rounded input differs from G's a little more.
+    assert torch.isfinite(scaled).all()
+    assert (scaled - base).abs().max() <= 2 * (reference - base).abs().max() + 2e-2
+
+
 def test_polar_rejects_bad_input():
     table = resolve_coefficients("classic")
     with pytest.raises(ValueError, match="matrices"):

@@ -3,17 +3,19 @@
 One bucket is ``B`` matrices that share their oriented shape ``m×n`` (``m ≤ n``; a tall matrix
 is read and written through transposed strides, never copied). Per step of the bucket::
 
-    prologue    d ← (1 − α)·d + α·g;  X₀ ← bf16(d);  per tile: max|d| and Σ(d/max|d|)²
-    (torch)     ‖d‖_F from the tile partials, in a fixed order (deterministic)
+    prologue    d ← (1 − α)·d + α·g;  per tile: max|d| and Σ(d/max|d|)²
+    (torch)     max|d| and ‖d/max|d|‖_F per matrix from the tile pairs, in a fixed order
+    normalize   X₀ ← (d/max|d|)/‖d/max|d|‖_F, rounded once to the compute dtype
     for (a, b, c) in coefficients:
         syrk    A ← X·Xᵀ          (lower-triangle tiles only, each stored twice)
         syrk    B ← b·A + c·A·A   (A is symmetric, so A·A = A·Aᵀ: the same kernel)
         apply   X ← a·X + B·X     (last step: x ← (1 − γ)·x − γ·ρ·s·X into the parameter)
 
-The normalization ``X₀/‖d‖`` is folded into the first step: the first ``X·Xᵀ`` scales its
-operands by the power of two nearest ``1/‖d‖`` (exact in bf16, so 1e-30 and 1e30 gradients
-neither under- nor overflow) and its result by the remaining factor squared; the first
-``a·X + B·X`` multiplies its fp32 result by ``1/‖d‖``. A zero matrix gives a zero update.
+Dividing by the largest entry before the norm keeps every intermediate within float32 for any
+finite gradient, so 1e-40 and 1e38 gradients are orthogonalized like unit ones, in bf16 and in
+fp16; a zero matrix gives a zero update; NaN and inf stay non-finite. Work matrices have their
+rows padded with zeros to a multiple of 16 elements (aligned, vectorizable rows). All grids
+are one-dimensional, the matrix index folded into the program index.
 
 Small buckets (a padded matrix of at most ``SMALL_LIMIT`` elements and ``SMALL_ROWS`` rows) run
 all of this in one program per matrix instead (``_small_kernel``), every intermediate in
@@ -75,20 +77,26 @@ def _operand(x, CAST_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile_origin(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First row and column (int64) of this program's output tile (tiles row-major)."""
-    pid = tl.program_id(0)
+def _tile_origin(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Matrix index, first row and first column (int64) of this program's output tile.
+
+    The grid is one-dimensional (the second axis is limited to 65535): programs run through
+    the tiles of matrix 0 row-major, then those of matrix 1, and so on.
+    """
+    pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    return ((pid // tiles_n) * BLOCK_M).to(tl.int64), ((pid % tiles_n) * BLOCK_N).to(tl.int64)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    t = pid % tiles
+    return pid // tiles, (t // tiles_n) * BLOCK_M, (t % tiles_n) * BLOCK_N
 
 
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Matrix index (int64) and row/column indices (int64) of this program's output tile."""
-    row0, col0 = _tile_origin(N, BLOCK_M, BLOCK_N)
+    b, row0, col0 = _tile_origin(M, N, BLOCK_M, BLOCK_N)
     rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = col0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    return tl.program_id(1).to(tl.int64), rows, cols
+    return b, rows, cols
 
 
 @triton.jit
@@ -130,11 +138,9 @@ def _prologue_kernel(
     table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
     d_like,  # any tensor of the buffers' dtype
-    x0,  # (B, M, LDX) compute dtype, rows padded to LDX
     partials,  # (B, tiles, 2) float32: max |d| and Σ (d / max|d|)² per tile
     M,
     N,
-    LDX,
     alpha,
     beta,
     HAS_BUF: tl.constexpr,
@@ -142,24 +148,52 @@ def _prologue_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``d ← β·d + α·g`` (β = 1 − α), ``X₀ ← d`` in the compute dtype, tile norms of ``d``."""
+    """``d ← β·d + α·g`` (β = 1 − α), stored; per tile ``max|d|`` and ``Σ(d/max|d|)²``."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    r64, c64 = rows[:, None], cols[None, :]
-    d = _average(table, b, r64, c64, mask, g_like, d_like, alpha, beta, HAS_BUF, EMULATE_RNE)
-
-    # The row padding is stored as zeros: the products read whole padded rows.
-    x_off = b * M * LDX + r64 * LDX + c64
-    x_mask = (r64 < M) & (c64 < LDX)
-    tl.store(x0 + x_off, _round(d, x0.dtype.element_ty, EMULATE_RNE), mask=x_mask)
+    d = _average(
+        table, b, rows[:, None], cols[None, :], mask, g_like, d_like, alpha, beta,
+        HAS_BUF, EMULATE_RNE,
+    )  # fmt: skip
 
     # A scaled sum of squares (as LAPACK's nrm2): no overflow for |d| up to the float32 max.
     amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
     safe = tl.where(amax > 0, amax, 1.0)
     ssq = tl.sum(tl.sum((d / safe) * (d / safe), axis=1), axis=0)
-    out = partials + (b * tl.num_programs(0) + tl.program_id(0)) * 2
+    out = partials + tl.program_id(0).to(tl.int64) * 2
     tl.store(out, amax)
     tl.store(out + 1, ssq)
+
+
+@triton.jit
+def _normalize_kernel(
+    table,  # int64 (B, 6): as the prologue's; columns 3–5 address d (g's when no buffer)
+    d_like,  # any tensor of d's dtype
+    x0,  # (B, M, LDX) output in the compute dtype, rows padded to LDX
+    scales,  # (B, 2) float32: max|d| and ‖d / max|d|‖_F per matrix (1 where they are 0)
+    M,
+    N,
+    LDX,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``X₀ ← (d / max|d|) / ‖d / max|d|‖_F``, rounded once to the compute dtype.
+
+    Dividing by the largest entry first keeps every intermediate within float32 for any
+    finite ``d`` (1e-40 or 3e38 entries alike); a zero matrix gives a zero ``X₀``. The row
+    padding is stored as zeros: the products read whole padded rows.
+    """
+    b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
+    r64, c64 = rows[:, None], cols[None, :]
+    mask = (r64 < M) & (c64 < N)
+    entry = table + b * 6
+    d_ptr = tl.load(entry + 3).to(d_like.dtype)
+    d_off = r64 * tl.load(entry + 4) + c64 * tl.load(entry + 5)
+    d = tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+    x = (d / tl.load(scales + b * 2)) / tl.load(scales + b * 2 + 1)
+    x_off = b * M * LDX + r64 * LDX + c64
+    tl.store(x0 + x_off, _round(x, x0.dtype.element_ty, EMULATE_RNE), mask=(r64 < M) & (c64 < LDX))
 
 
 @triton.jit
@@ -177,8 +211,6 @@ def _syrk_kernel(
     y,  # (B, M, LDY): M×K matrices, rows padded to LDY
     d,  # (B, M, LDC): M×M, symmetric (read only if HAS_D)
     c,  # (B, M, LDC): M×M output
-    scale,  # (B,) float32 factor on Y·Yᵀ (read only if HAS_SCALE)
-    opscale,  # (B,) float32 power of two applied to the operand (read only if HAS_OPSCALE)
     M,
     K,
     LDY,
@@ -186,23 +218,22 @@ def _syrk_kernel(
     alpha,
     beta,
     HAS_D: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_OPSCALE: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``C ← α·s_b·(Y·Yᵀ) + β·D`` on the lower-triangle tiles; each tile also stored mirrored."""
-    i, j = _lower_tile(tl.program_id(0))
-    b = tl.program_id(1).to(tl.int64)
+    """``C ← α·(Y·Yᵀ) + β·D`` on the lower-triangle tiles; each tile also stored mirrored."""
+    pid = tl.program_id(0).to(tl.int64)
+    tri = tl.cdiv(M, BLOCK)
+    tiles = tri * (tri + 1) // 2
+    b = pid // tiles
+    i, j = _lower_tile((pid % tiles).to(tl.int32))
     rows_i = i * BLOCK + tl.arange(0, BLOCK)
     rows_j = j * BLOCK + tl.arange(0, BLOCK)
     ri, rj = rows_i.to(tl.int64), rows_j.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     y_b = y + b * M * LDY
-    if HAS_OPSCALE:
-        op = tl.load(opscale + b)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = (k0 + ks).to(tl.int64)
@@ -213,14 +244,8 @@ def _syrk_kernel(
         yj_ptr = y_b + rj[:, None] * LDY + kk[None, :]
         yi = tl.load(yi_ptr, mask=(ri[:, None] < M) & k_ok, other=0.0)
         yj = tl.load(yj_ptr, mask=(rj[:, None] < M) & k_ok, other=0.0)
-        if HAS_OPSCALE:
-            # Exact: op is a power of two and the scaled entries stay within the dtype's range.
-            yi = (yi.to(tl.float32) * op).to(y.dtype.element_ty)
-            yj = (yj.to(tl.float32) * op).to(y.dtype.element_ty)
         acc = tl.dot(_operand(yi, CAST_F32), tl.trans(_operand(yj, CAST_F32)), acc)
     acc = acc * alpha
-    if HAS_SCALE:
-        acc = acc * tl.load(scale + b)
     c_b = c + b * M * LDC
     ij = ri[:, None] * LDC + rj[None, :]
     mask = (ri[:, None] < M) & (rj[None, :] < LDC)  # the padding columns get zeros
@@ -238,7 +263,6 @@ def _apply_kernel(
     p_mat,  # (B, M, LDP): the polynomial B = b·A + c·A·A, M×M
     x,  # (B, M, LDX): M×N, rows padded to LDX
     out,  # (B, M, LDX): M×N output (scratch if UPDATE)
-    scale,  # (B,) float32 factor on the result (read only if HAS_SCALE)
     table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
     p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
     factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
@@ -249,7 +273,6 @@ def _apply_kernel(
     a,
     coef,
     decay,
-    HAS_SCALE: tl.constexpr,
     UPDATE: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
@@ -258,7 +281,7 @@ def _apply_kernel(
     BLOCK_K: tl.constexpr,
     UPDATE_ROWS: tl.constexpr,
 ):
-    """``X' ← s_b·(a·X + B·X)``; with ``UPDATE`` also ``x ← decay·x + coef·f_b·bf16(X')``."""
+    """``X' ← a·X + B·X``; with ``UPDATE`` also ``x ← decay·x + coef·f_b·bf16(X')``."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     p_b = p_mat + b * M * LDP
@@ -282,8 +305,6 @@ def _apply_kernel(
     padded = (rows[:, None] < M) & (cols[None, :] < LDX)
     x_tile = tl.load(x_b + rows[:, None] * LDX + cols[None, :], mask=padded, other=0.0)
     acc += a * x_tile.to(tl.float32)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale + b)
     result = _round(acc, x.dtype.element_ty, EMULATE_RNE)
     out_b = out + b * M * LDX
     tl.store(out_b + rows[:, None] * LDX + cols[None, :], result, mask=padded)
@@ -292,7 +313,7 @@ def _apply_kernel(
         # its own address: for a whole tile at once that exceeds the register file. The tile
         # goes through the (cache-resident) scratch output and is applied in row slices.
         tl.debug_barrier()  # every thread reads back what others stored
-        row0, _ = _tile_origin(N, BLOCK_M, BLOCK_N)
+        _, row0, _ = _tile_origin(M, N, BLOCK_M, BLOCK_N)
         c64 = cols[None, :]
         for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
             r64 = (row0 + r + tl.arange(0, UPDATE_ROWS).to(tl.int64))[:, None]
@@ -482,12 +503,16 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tile_norms(partials: Tensor) -> Tensor:
-    """``‖d‖_F`` per matrix from the prologue's ``(max|d|, Σ(d/max)²)`` tile pairs."""
+def _matrix_scales(partials: Tensor) -> Tensor:
+    """``(max|d|, ‖d / max|d|‖_F)`` per matrix, ``(B, 2)``, from the prologue's per-tile
+    ``(max|d|, Σ(d/max)²)`` pairs, summed in a fixed order (the same bits on every run). A
+    zero is replaced by 1 (a zero matrix normalizes to zero); NaN and inf pass through."""
     amax, ssq = partials[..., 0], partials[..., 1]
     top = amax.amax(dim=-1, keepdim=True)
     ratio = torch.where(top > 0, amax / torch.where(top > 0, top, 1.0), 0.0)
-    return top.squeeze(-1) * (ratio.square() * ssq).sum(dim=-1).sqrt()
+    rest = (ratio.square() * ssq).sum(dim=-1)
+    scales = torch.stack([top.squeeze(-1), rest.sqrt()], dim=-1)
+    return torch.where(scales == 0, 1.0, scales)
 
 
 def newton_schulz_bucket(
@@ -555,38 +580,33 @@ def newton_schulz_bucket(
     T = bucket.prologue_tile
     tiles = cdiv(m, T) * cdiv(n, T)
     partials = _empty((B, tiles, 2), torch.float32, dev)
-    _prologue_kernel[(tiles, B)](
-        table6, g_like, d_like, x, partials, m, n, ldx, float(alpha), 1.0 - float(alpha),
+    _prologue_kernel[(tiles * B,)](
+        table6, g_like, d_like, partials, m, n, float(alpha), 1.0 - float(alpha),
         HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
         num_warps=4,
     )  # fmt: skip
-
-    # 1/‖d‖ = mant·2^e: the operands of the first X·Xᵀ are scaled by 2^e (exact), its result by
-    # mant², and the first a·X + B·X by 1/‖d‖ in float32.
-    norm = _tile_norms(partials)
-    inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
-    inv = torch.where(torch.isfinite(norm), inv, norm)  # NaN/inf input stays non-finite
-    mant, expo = torch.frexp(inv)
-    opscale = torch.ldexp(torch.ones_like(inv), expo)
-    mant2 = mant.square()
+    # X₀ = d/‖d‖ rounded once, as the reference: d is read a second time (a memory-bound pass)
+    # rather than rounded before the scale is known, which over- or underflows fp16.
+    _normalize_kernel[(tiles * B,)](
+        table6, d_like, x, _matrix_scales(partials), m, n, ldx,
+        EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T, num_warps=4,
+    )  # fmt: skip
 
     a_mat = _empty((B, m, ldm), dtype, dev)
     p_mat = _empty((B, m, ldm), dtype, dev)
     y = _empty((B, m, ldx), dtype, dev)
 
-    def syrk(src, dst, k, c, b, config, *, has_d=False, first=False):
+    def syrk(src, dst, k, c, b, config, *, has_d=False):
         tri = cdiv(m, config["BLOCK"])
-        _syrk_kernel[(tri * (tri + 1) // 2, B)](
-            src, src, dst, mant2, opscale, m, k, src.shape[-1], ldm, c, b,
-            HAS_D=has_d, HAS_SCALE=first, HAS_OPSCALE=first, **config, **flags,
+        _syrk_kernel[(tri * (tri + 1) // 2 * B,)](
+            src, src, dst, m, k, src.shape[-1], ldm, c, b, HAS_D=has_d, **config, **flags,
         )  # fmt: skip
 
-    def apply(src, dst, a, config, *, first=False, last=False):
-        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), B)
+    def apply(src, dst, a, config, *, last=False):
+        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]) * B,)
         _apply_kernel[grid](
-            p_mat, src, dst, inv, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
-            float(decay),
-            HAS_SCALE=first, UPDATE=last and update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
+            p_mat, src, dst, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
+            float(decay), UPDATE=last and update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
             **config, **flags,
         )  # fmt: skip
 
@@ -606,10 +626,9 @@ def newton_schulz_bucket(
 
     steps = len(coefficients)
     for step, (a, b, c) in enumerate(coefficients):
-        first, last = step == 0, step == steps - 1
-        syrk(x, a_mat, n, 1.0, 0.0, gram, first=first)
+        syrk(x, a_mat, n, 1.0, 0.0, gram)
         syrk(a_mat, p_mat, m, float(c), float(b), poly, has_d=True)
-        apply(x, y, float(a), prod, first=first, last=last)
+        apply(x, y, float(a), prod, last=step == steps - 1)
         x, y = y, x
     return None if update else x[..., :n]
 
