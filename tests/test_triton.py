@@ -323,6 +323,18 @@ def test_strided_vector_taken_by_the_kernel():
     torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["Spectral", "RowNorm"])
+def test_expanded_parameter_gets_pytorchs_error(norm):
+    """A parameter whose elements share memory (expanded) is never written by the kernels:
+    it goes to the reference path, whose in-place ops refuse it as PyTorch does."""
+    p = nn.Parameter(torch.randn(1, 20, device=DEVICE).expand(12, 20))
+    p.grad = torch.randn(12, 20, device=DEVICE)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="memory location"):
+        Scion([p], lr=0.1, norm=norm, backend="triton").step()
+    assert torch.equal(p, before)
+
+
 def test_noncontiguous_bias_takes_reference_path():
     base = torch.randn(6, 4, device=DEVICE)
     ps = [nn.Parameter(base.clone().mT) for _ in range(2)]  # (4, 6), not contiguous

@@ -23,7 +23,7 @@ from ..norms import Auto, Norm, Spectral
 from . import call_op
 from .newton_schulz import flatten, ns_step_, ns_step_op
 from .rowwise import ROWWISE_NORMS, rowwise_step_
-from .tables import view_strides
+from .tables import view_strides, writable
 
 __all__ = ["fused_norm", "fused_step_", "spectral_step_"]
 
@@ -93,7 +93,8 @@ def spectral_step_(
         d = None if bufs is None else bufs[i]
         shape = norm._matrix_shape(p.shape)
         tensors = (p, g) if d is None else (p, g, d)
-        if any(view_strides(t.shape, t.stride(), shape) is None for t in tensors):
+        views = all(view_strides(t.shape, t.stride(), shape) is not None for t in tensors)
+        if not views or not all(writable(t) for t in tensors if t is not g):
             left.append(i)
             continue
         r, c = shape[1:]

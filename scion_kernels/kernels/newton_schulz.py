@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
-from .tables import cdiv, device_table, matrix_rows, next_power_of_2
+from .tables import OP_TAGS, cdiv, device_table, matrix_rows, next_power_of_2
 
 __all__ = [
     "NSBucket", "flatten", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
@@ -413,10 +413,12 @@ APPLY_CONFIGS = [
 _INTERPRET_SYRK = [dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1)]
 _INTERPRET_APPLY = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)]
 
-#: Time the candidate configurations the first time a bucket shape is seen on a GPU and keep
-#: the fastest (``SCION_KERNELS_AUTOTUNE=0``: always the defaults). Only launches that write
-#: scratch buffers are timed, never one that updates parameters or buffers.
-AUTOTUNE = os.environ.get("SCION_KERNELS_AUTOTUNE", "1") != "0"
+#: With ``SCION_KERNELS_AUTOTUNE=1``, time the candidate configurations the first time a bucket
+#: shape is seen on a GPU and keep the fastest (only launches that write scratch buffers are
+#: timed, never one that updates parameters or buffers). Off by default: tile shapes change the
+#: order of the sums, and a choice made by timing can differ between runs and between the ranks
+#: of a distributed job, whose parameters would then drift apart bit by bit.
+AUTOTUNE = os.environ.get("SCION_KERNELS_AUTOTUNE", "0") == "1"
 #: The configuration chosen per (kernel, m, k or n, batch, dtype, device name).
 TUNED: dict[tuple, dict] = {}
 
@@ -691,9 +693,9 @@ def ns_step_(
     )
 
 
-ns_step_op = torch.library.custom_op("scion_kernels::ns_step_", mutates_args=("params", "bufs"))(
-    ns_step_
-)
+ns_step_op = torch.library.custom_op(
+    "scion_kernels::ns_step_", mutates_args=("params", "bufs"), tags=OP_TAGS
+)(ns_step_)
 
 
 @ns_step_op.register_fake

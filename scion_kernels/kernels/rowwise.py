@@ -28,7 +28,7 @@ from torch import Tensor
 from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
 from . import call_op, interpreting
 from .newton_schulz import _round
-from .tables import cached, cdiv, device_table, matrix_rows, view_strides
+from .tables import OP_TAGS, cached, cdiv, device_table, matrix_rows, view_strides, writable
 
 __all__ = ["ROWWISE_NORMS", "rowwise_step_"]
 
@@ -149,7 +149,7 @@ def rowwise_step_(
             t.stride() == p.stride() or view_strides(t.shape, t.stride(), shape) == strides
             for t in (g, d)
         )
-        if strides is None or not same:
+        if strides is None or not same or not writable(p):  # same strides: d is writable too
             left.append(i)
             continue
         r, c = shape[1:]
@@ -242,7 +242,7 @@ def rowwise_op_(
 
 
 _rowwise_op = torch.library.custom_op(
-    "scion_kernels::rowwise_step_", mutates_args=("params", "bufs")
+    "scion_kernels::rowwise_step_", mutates_args=("params", "bufs"), tags=OP_TAGS
 )(rowwise_op_)
 
 

@@ -18,7 +18,10 @@ from torch import Tensor
 
 from .._util import eager_cache
 
-__all__ = ["cached", "cdiv", "device_table", "matrix_rows", "next_power_of_2", "view_strides"]
+__all__ = [
+    "cached", "cdiv", "device_table", "matrix_rows", "next_power_of_2", "view_strides",
+    "writable",
+]  # fmt: skip
 
 
 def cdiv(a: int, b: int) -> int:
@@ -77,6 +80,21 @@ def view_strides(
     if view_d != -1:
         return None
     return tuple(out)
+
+
+def writable(t: Tensor) -> bool:
+    """Whether the kernels may write ``t`` element by element: no two of its elements share
+    memory through a zero stride (an expanded tensor). In-place PyTorch ops refuse such
+    tensors; left to the reference path, they get PyTorch's error."""
+    return all(stride != 0 or size <= 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+#: Tags of the in-place step ops. Not CUDA-graph safe: a table seen for the first time is
+#: copied from host memory, and a kept table can be evicted while a captured graph still
+#: points at it, so the compiler must not capture them.
+OP_TAGS = tuple(
+    getattr(torch.Tag, name) for name in ("cudagraph_unsafe",) if hasattr(torch.Tag, name)
+)
 
 
 #: Device tables kept by content. A table is a pure function of its rows, so a kept one is
