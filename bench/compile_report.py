@@ -60,6 +60,7 @@ def _kernels() -> dict[str, Any]:
 
     return {
         "prologue": kns._prologue_kernel,
+        "scales": kns._scales_kernel,
         "normalize": kns._normalize_kernel,
         "syrk": kns._syrk_kernel,
         "apply": kns._apply_kernel,
@@ -81,6 +82,9 @@ def variants(quick: bool = False) -> list[Variant]:
             "prologue", "64x64",
             {"table": "i64", "partials": "fp32", **ns_ptr},
             dict(HAS_BUF=True, EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64), 4, 1,
+        ),
+        Variant(
+            "scales", "1024 tiles", {"partials": "fp32", "scales": "fp32"}, dict(BLOCK=1024), 4, 1
         ),
         Variant(
             "normalize", "64x64",
@@ -145,7 +149,7 @@ def _signature(fn: Any, v: Variant) -> tuple[dict, dict]:
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "i32" if name in _SIZES else "fp32"
+            sig[name] = "i32" if name in _SIZES or name == "TILES" else "fp32"
             if name in _SIZES and v.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs

@@ -4,7 +4,7 @@ One bucket is ``B`` matrices that share their oriented shape ``m×n`` (``m ≤ n
 is read and written through transposed strides, never copied). Per step of the bucket::
 
     prologue    d ← (1 − α)·d + α·g;  per tile: max|d| and Σ(d/max|d|)²
-    (torch)     max|d| and ‖d/max|d|‖_F per matrix from the tile pairs, in a fixed order
+    scales      max|d| and ‖d/max|d|‖_F per matrix from the tile pairs, in a fixed order
     normalize   X₀ ← (d/max|d|)/‖d/max|d|‖_F, rounded once to the compute dtype
     for (a, b, c) in coefficients:
         syrk    A ← X·Xᵀ          (lower-triangle tiles only, each stored twice)
@@ -163,6 +163,34 @@ def _prologue_kernel(
     out = partials + tl.program_id(0).to(tl.int64) * 2
     tl.store(out, amax)
     tl.store(out + 1, ssq)
+
+
+@triton.jit
+def _scales_kernel(
+    partials,  # (B, TILES, 2) float32 from the prologue
+    scales,  # (B, 2) float32 output: max|d| and ‖d / max|d|‖_F (1 where they are 0)
+    TILES,
+    BLOCK: tl.constexpr,
+):
+    """One matrix per program: combine the prologue's tile pairs in a fixed order (the same
+    bits on every run). NaN and inf pass through to the scales."""
+    b = tl.program_id(0).to(tl.int64)
+    base = partials + b * TILES * 2
+    lanes = tl.arange(0, BLOCK)
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t0 in range(0, TILES, BLOCK):
+        t = t0 + lanes
+        top = tl.maximum(top, tl.load(base + t * 2, mask=t < TILES, other=0.0))
+    top = tl.max(top, axis=0)
+    safe = tl.where(top > 0, top, 1.0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t0 in range(0, TILES, BLOCK):
+        t = t0 + lanes
+        ratio = tl.load(base + t * 2, mask=t < TILES, other=0.0) / safe
+        acc += ratio * ratio * tl.load(base + t * 2 + 1, mask=t < TILES, other=0.0)
+    rest = tl.sqrt(tl.sum(acc, axis=0))
+    tl.store(scales + b * 2, tl.where(top == 0, 1.0, top))
+    tl.store(scales + b * 2 + 1, tl.where(rest == 0, 1.0, rest))
 
 
 @triton.jit
@@ -505,18 +533,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _matrix_scales(partials: Tensor) -> Tensor:
-    """``(max|d|, ‖d / max|d|‖_F)`` per matrix, ``(B, 2)``, from the prologue's per-tile
-    ``(max|d|, Σ(d/max)²)`` pairs, summed in a fixed order (the same bits on every run). A
-    zero is replaced by 1 (a zero matrix normalizes to zero); NaN and inf pass through."""
-    amax, ssq = partials[..., 0], partials[..., 1]
-    top = amax.amax(dim=-1, keepdim=True)
-    ratio = torch.where(top > 0, amax / torch.where(top > 0, top, 1.0), 0.0)
-    rest = (ratio.square() * ssq).sum(dim=-1)
-    scales = torch.stack([top.squeeze(-1), rest.sqrt()], dim=-1)
-    return torch.where(scales == 0, 1.0, scales)
-
-
 def newton_schulz_bucket(
     bucket: NSBucket,
     grads: Sequence[tuple[int, int, int]],
@@ -587,10 +603,12 @@ def newton_schulz_bucket(
         HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
         num_warps=4,
     )  # fmt: skip
+    scales = _empty((B, 2), torch.float32, dev)
+    _scales_kernel[(B,)](partials, scales, tiles, BLOCK=max(16, min(1024, next_power_of_2(tiles))))
     # X₀ = d/‖d‖ rounded once, as the reference: d is read a second time (a memory-bound pass)
     # rather than rounded before the scale is known, which over- or underflows fp16.
     _normalize_kernel[(tiles * B,)](
-        table6, d_like, x, _matrix_scales(partials), m, n, ldx,
+        table6, d_like, x, scales, m, n, ldx,
         EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T, num_warps=4,
     )  # fmt: skip
 
