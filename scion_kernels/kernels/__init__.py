@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "call_op", "interpreting", "unavailable_reason"]
+__all__ = ["available", "interpreting", "step_op", "unavailable_reason"]
 
 
 def interpreting() -> bool:
@@ -43,18 +43,34 @@ def available(device: torch.device | str = "cuda") -> bool:
     return unavailable_reason(torch.device(device)) is None
 
 
-def call_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> None:
-    """Run an in-place kernel op: ``op(params, grads, bufs, ...)`` updates the tensors of its
-    first and third arguments.
+#: Tags of the in-place step ops. Not CUDA-graph safe: a table seen for the first time is
+#: copied from host memory, and a kept table can be evicted while a captured graph still
+#: points at it, so the compiler must not capture them.
+_STEP_TAGS = tuple(getattr(torch.Tag, n) for n in ("cudagraph_unsafe",) if hasattr(torch.Tag, n))
 
-    While ``torch.compile`` traces, through the registered ``torch.library`` op ``op`` (opaque
-    to the compiler, one node per call). In eager mode the implementation ``impl`` is called
-    directly, which skips the dispatcher's layers (a tenth of a millisecond per call, several
-    calls per step), and the mutated tensors' version counters are bumped as the op would, so
-    autograd still notices a parameter changed under a saved graph.
+
+def step_op(name: str, impl: Callable[..., None]) -> Callable[..., None]:
+    """Register ``impl(params, grads, bufs, ...)``, which updates the tensors of ``params`` and
+    ``bufs`` in place and returns nothing, as the ``torch.library`` op
+    ``scion_kernels::<name>``, and return the function that runs it.
+
+    While ``torch.compile`` traces, that function calls the op (opaque to the compiler, one
+    node per call). In eager mode it calls ``impl`` directly, which skips the dispatcher's
+    layers (a tenth of a millisecond per call, several calls per step), and bumps the mutated
+    tensors' version counters as the op would, so autograd still notices a parameter changed
+    under a saved graph.
     """
-    if torch.compiler.is_compiling():
-        op(*args)
-        return
-    impl(*args)
-    torch.autograd.graph.increment_version([t for group in args[:1] + args[2:3] for t in group])
+    op = torch.library.custom_op(
+        f"scion_kernels::{name}", mutates_args=("params", "bufs"), tags=_STEP_TAGS
+    )(impl)
+    op.register_fake(lambda *args: None)
+
+    def run(*args: Any) -> None:
+        if torch.compiler.is_compiling():
+            op(*args)
+            return
+        impl(*args)
+        torch.autograd.graph.increment_version([*args[0], *args[2]])
+
+    run.__doc__ = impl.__doc__
+    return run

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from ..norms import Auto, Norm, Spectral
-from . import call_op
-from .newton_schulz import flatten, ns_step_, ns_step_op
+from .newton_schulz import flatten, ns_step_op
 from .rowwise import ROWWISE_NORMS, rowwise_step_
 from .tables import view_strides, writable
 
@@ -108,9 +107,7 @@ def spectral_step_(
     for key, members in buckets.items():
         _, m, n, ns_dtype, table = key[:5]
         idx = [i for i, _ in members]
-        call_op(
-            ns_step_op,
-            ns_step_,
+        ns_step_op(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],

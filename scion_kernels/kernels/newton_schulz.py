@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting
-from .tables import OP_TAGS, cdiv, device_table, matrix_rows, next_power_of_2
+from . import interpreting, step_op
+from .tables import cdiv, device_table, matrix_rows, next_power_of_2
 
 __all__ = [
     "NSBucket", "flatten", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
@@ -711,14 +711,7 @@ def ns_step_(
     )
 
 
-ns_step_op = torch.library.custom_op(
-    "scion_kernels::ns_step_", mutates_args=("params", "bufs"), tags=OP_TAGS
-)(ns_step_)
-
-
-@ns_step_op.register_fake
-def _(params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay):
-    return None
+ns_step_op = step_op("ns_step_", ns_step_)
 
 
 @torch.library.custom_op("scion_kernels::ns_polar", mutates_args=())

@@ -26,9 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
-from . import call_op, interpreting
+from . import interpreting, step_op
 from .newton_schulz import _round
-from .tables import OP_TAGS, cached, cdiv, device_table, matrix_rows, view_strides, writable
+from .tables import cached, cdiv, device_table, matrix_rows, view_strides, writable
 
 __all__ = ["ROWWISE_NORMS", "rowwise_step_"]
 
@@ -162,9 +162,7 @@ def rowwise_step_(
     decay = 1.0 - lr if constrained else 1.0
     for (_, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
-        call_op(
-            _rowwise_op,
-            rowwise_op_,
+        rowwise_step_op(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
@@ -241,14 +239,7 @@ def rowwise_op_(
     )
 
 
-_rowwise_op = torch.library.custom_op(
-    "scion_kernels::rowwise_step_", mutates_args=("params", "bufs"), tags=OP_TAGS
-)(rowwise_op_)
-
-
-@_rowwise_op.register_fake
-def _(params, grads, bufs, shapes, columns, q, eps, sign, whole, alpha, coef, decay):
-    return None
+rowwise_step_op = step_op("rowwise_step_", rowwise_op_)
 
 
 def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tensor:

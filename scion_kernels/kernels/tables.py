@@ -89,14 +89,6 @@ def writable(t: Tensor) -> bool:
     return all(stride != 0 or size <= 1 for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
-#: Tags of the in-place step ops. Not CUDA-graph safe: a table seen for the first time is
-#: copied from host memory, and a kept table can be evicted while a captured graph still
-#: points at it, so the compiler must not capture them.
-OP_TAGS = tuple(
-    getattr(torch.Tag, name) for name in ("cudagraph_unsafe",) if hasattr(torch.Tag, name)
-)
-
-
 #: Device tables kept by content. A table is a pure function of its rows, so a kept one is
 #: right whatever tensor the addresses belong to now; the oldest goes first when full.
 _TABLES: dict[tuple, Tensor] = {}
