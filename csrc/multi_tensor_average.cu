@@ -23,18 +23,15 @@
 // uses. For bf16 state the kernel is more accurate than the two-op reference, which rounds to
 // bf16 after each op and rounds an fp32/fp16 gradient to bf16 first.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <climits>
 #include <cmath>
-#include <cstdarg>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 
+#include "device.cuh"
 #include "scion_kernels.h"
+#include "status.cuh"
 
 namespace scion {
 namespace {
@@ -64,30 +61,6 @@ static_assert(sizeof(AverageArgs) <= 4096, "kernel argument block exceeds 4 KB")
 static_assert(kChunkSize % kVec == 0, "chunks must start on a vector boundary");
 
 // ---------------------------------------------------------------------------------------------
-// Error reporting.
-
-thread_local char g_last_error[1024] = "";
-
-void set_error(const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_last_error, sizeof(g_last_error), fmt, ap);
-  va_end(ap);
-}
-
-const char* dtype_name(scion_dtype dtype) {
-  switch (dtype) {
-    case SCION_FLOAT32:
-      return "float32";
-    case SCION_BFLOAT16:
-      return "bfloat16";
-    case SCION_FLOAT16:
-      return "float16";
-  }
-  return "unknown";
-}
-
-// ---------------------------------------------------------------------------------------------
 // Element conversions. All are host-callable too, so the chunk routine can be exercised on the
 // host.
 
@@ -115,13 +88,6 @@ __host__ __device__ inline float average(float alpha, float beta, float d, float
   return std::fmaf(alpha, g, beta * d);
 #endif
 }
-
-// The chunk routine is also compiled for the host, whose compiler would warn about the pragma.
-#ifdef __CUDA_ARCH__
-#define SCION_UNROLL _Pragma("unroll")
-#else
-#define SCION_UNROLL
-#endif
 
 template <typename T>
 struct alignas(sizeof(T) * kVec) Pack {
@@ -296,8 +262,8 @@ scion_status launch_all(const CallInfo& info, int64_t num_tensors, const uint64_
   const int64_t done = pack_launches(
       num_tensors, state_ptrs, grad_ptrs, numels, alpha, beta,
       [&](const AverageArgs& args, int32_t blocks) {
-        multi_tensor_average_kernel<S, G><<<blocks, kThreads, 0, stream>>>(args);
-        err = cudaGetLastError();
+        err = launch_kernel(multi_tensor_average_kernel<S, G>, dim3(blocks), dim3(kThreads), 0,
+                            stream, args);
         return err == cudaSuccess;
       });
   if (err != cudaSuccess) return cuda_failure(info, "kernel launch", err, done, total);
@@ -314,7 +280,7 @@ scion_status scion_multi_tensor_average(int64_t num_tensors, const uint64_t* sta
                                         scion_dtype state_dtype, scion_dtype grad_dtype,
                                         double alpha, int device, scion_stream_t stream) {
   using namespace scion;
-  g_last_error[0] = '\0';
+  clear_error();
   if (!(alpha >= 0.0 && alpha <= 1.0)) {
     set_error("multi_tensor_average: alpha must be in [0, 1], got %g", alpha);
     return SCION_ERROR_INVALID_ARGUMENT;
@@ -394,7 +360,7 @@ scion_status scion_multi_tensor_average(int64_t num_tensors, const uint64_t* sta
 
 int64_t scion_multi_tensor_average_num_launches(int64_t num_tensors, const int64_t* numels) {
   using namespace scion;
-  g_last_error[0] = '\0';
+  clear_error();
   if (!validate(num_tensors, nullptr, nullptr, numels, /*need_pointers=*/false)) return -1;
   return pack_launches(num_tensors, nullptr, nullptr, numels, 0.f, 0.f,
                        [](const AverageArgs&, int32_t) { return true; });
@@ -403,9 +369,5 @@ int64_t scion_multi_tensor_average_num_launches(int64_t num_tensors, const int64
 int64_t scion_multi_tensor_average_max_tensors_per_launch(void) { return scion::kMaxTensors; }
 
 int64_t scion_multi_tensor_average_chunk_size(void) { return scion::kChunkSize; }
-
-const char* scion_last_error(void) { return scion::g_last_error; }
-
-int scion_cuda_runtime_version(void) { return CUDART_VERSION; }
 
 }  // extern "C"

@@ -72,6 +72,46 @@ int64_t scion_multi_tensor_average_num_launches(int64_t num_tensors, const int64
 int64_t scion_multi_tensor_average_max_tensors_per_launch(void);
 int64_t scion_multi_tensor_average_chunk_size(void);
 
+/*
+ * The whole Scion step for a bucket of same-shape Spectral matrices (see newton_schulz.cu):
+ *
+ *   d <- (1 - alpha) * d + alpha * g               in place, in d's dtype (no buffer: d = g)
+ *   X <- d / ||d||_F                               oriented wide (m <= n), compute dtype
+ *   for step s:  A <- X X^T;  B <- b_s A + c_s A A;  X <- a_s X + B X
+ *   x <- decay * x + coef * scale * X              in x's dtype
+ *
+ * Matrices are given in the parameter's own (rows, cols) coordinates by element strides; a
+ * tall matrix (rows > cols) is orthogonalized as its transpose. The products run on tensor
+ * cores in the compute dtype with fp32 accumulation; every reduction has a fixed order.
+ */
+typedef struct scion_ns_problem {
+  int64_t batch;              /* matrices in the bucket (0 is a no-op; at most 65535) */
+  int64_t rows, cols;         /* shape of every matrix */
+  int p_dtype, g_dtype;       /* scion_dtype codes */
+  int d_dtype;                /* scion_dtype code of the buffers, or -1: no buffer (d = g) */
+  int compute_dtype;          /* SCION_BFLOAT16 or SCION_FLOAT16 */
+  int steps;                  /* 1..16 */
+  int tile;                   /* 0: automatic; 64 or 128: force the product tile */
+  double coefficients[48];    /* (a, b, c) of step s at 3s, 3s+1, 3s+2 */
+  double alpha, coef, decay;
+} scion_ns_problem;
+
+typedef struct scion_ns_matrix {
+  uint64_t p, g, d;           /* device addresses (d is 0 when there is no buffer) */
+  int64_t p_strides[2], g_strides[2], d_strides[2];  /* element strides of rows, columns */
+  float scale;                /* the per-matrix factor s */
+} scion_ns_matrix;
+
+/* Bytes of device workspace scion_ns_step needs (256-byte aligned); -1 on invalid input. */
+int64_t scion_ns_workspace_bytes(const scion_ns_problem* problem);
+
+/* The product tile scion_ns_step will use (64 or 128); -1 on invalid input. */
+int scion_ns_tile(const scion_ns_problem* problem);
+
+scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matrix* matrices,
+                           void* workspace, int64_t workspace_bytes, int device,
+                           scion_stream_t stream);
+
 /* Description of the last failure on the calling thread ("" if none). */
 const char* scion_last_error(void);
 

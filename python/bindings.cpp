@@ -57,6 +57,90 @@ int64_t multi_tensor_average_num_launches(const std::vector<int64_t>& numels) {
   return launches;
 }
 
+scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dtype, int g_dtype,
+                            int d_dtype, int compute_dtype, const std::vector<double>& coefficients,
+                            double alpha, double coef, double decay, int tile) {
+  if (coefficients.empty() || coefficients.size() % 3 != 0 || coefficients.size() > 48) {
+    throw std::invalid_argument(
+        "ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
+        std::to_string(coefficients.size()) + " numbers");
+  }
+  scion_ns_problem pr{};
+  pr.batch = batch;
+  pr.rows = rows;
+  pr.cols = cols;
+  pr.p_dtype = p_dtype;
+  pr.g_dtype = g_dtype;
+  pr.d_dtype = d_dtype;
+  pr.compute_dtype = compute_dtype;
+  pr.steps = static_cast<int>(coefficients.size() / 3);
+  pr.tile = tile;
+  for (size_t i = 0; i < coefficients.size(); ++i) pr.coefficients[i] = coefficients[i];
+  pr.alpha = alpha;
+  pr.coef = coef;
+  pr.decay = decay;
+  return pr;
+}
+
+int64_t ns_workspace_bytes(int64_t batch, int64_t rows, int64_t cols, int tile) {
+  const scion_ns_problem pr = ns_problem(batch, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1,
+                                         SCION_BFLOAT16, {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, tile);
+  const int64_t bytes = scion_ns_workspace_bytes(&pr);
+  if (bytes < 0) throw std::invalid_argument(scion_last_error());
+  return bytes;
+}
+
+int ns_tile(int64_t rows, int64_t cols, int tile) {
+  const scion_ns_problem pr = ns_problem(1, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1,
+                                         SCION_BFLOAT16, {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, tile);
+  const int chosen = scion_ns_tile(&pr);
+  if (chosen < 0) throw std::invalid_argument(scion_last_error());
+  return chosen;
+}
+
+void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, int compute_dtype,
+             const std::vector<double>& coefficients, double alpha, double coef, double decay,
+             int tile, const std::vector<uint64_t>& p, const std::vector<uint64_t>& g,
+             const std::vector<uint64_t>& d, const std::vector<int64_t>& strides,
+             const std::vector<float>& scales, uint64_t workspace, int64_t workspace_bytes,
+             int device, uint64_t stream) {
+  const size_t batch = p.size();
+  const bool has_buffer = d_dtype != -1;
+  if (g.size() != batch || (has_buffer ? d.size() != batch : !d.empty()) ||
+      strides.size() != 6 * batch || scales.size() != batch) {
+    throw std::invalid_argument(
+        "ns_step: per-matrix lists disagree (p " + std::to_string(batch) + ", g " +
+        std::to_string(g.size()) + ", d " + std::to_string(d.size()) + ", strides " +
+        std::to_string(strides.size()) + " (6 each), scales " + std::to_string(scales.size()) +
+        ")");
+  }
+  const scion_ns_problem pr =
+      ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype, d_dtype,
+                 compute_dtype, coefficients, alpha, coef, decay, tile);
+  std::vector<scion_ns_matrix> mats(batch);
+  for (size_t k = 0; k < batch; ++k) {
+    scion_ns_matrix& m = mats[k];
+    m.p = p[k];
+    m.g = g[k];
+    m.d = has_buffer ? d[k] : 0;
+    for (int e = 0; e < 2; ++e) {
+      m.p_strides[e] = strides[6 * k + e];
+      m.g_strides[e] = strides[6 * k + 2 + e];
+      m.d_strides[e] = strides[6 * k + 4 + e];
+    }
+    m.scale = scales[k];
+  }
+  scion_status status;
+  {
+    py::gil_scoped_release release;
+    status = scion_ns_step(&pr, mats.data(), reinterpret_cast<void*>(static_cast<uintptr_t>(workspace)),
+                           workspace_bytes, device,
+                           reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
+  }
+  if (status == SCION_ERROR_INVALID_ARGUMENT) throw std::invalid_argument(scion_last_error());
+  if (status != SCION_OK) raise_last_error("ns_step");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -79,6 +163,20 @@ PYBIND11_MODULE(_C, m) {
         "fmaf(alpha, g, (1 - alpha) * d) with one final rounding to the state dtype. Enqueued on "
         "`stream` (a cudaStream_t as int) of CUDA device `device`. Raises ValueError for invalid "
         "arguments and RuntimeError for CUDA failures.");
+  m.def("ns_workspace_bytes", &ns_workspace_bytes, py::arg("batch"), py::arg("rows"),
+        py::arg("cols"), py::arg("tile") = 0,
+        "Bytes of device workspace ns_step needs for `batch` matrices of rows x cols.");
+  m.def("ns_tile", &ns_tile, py::arg("rows"), py::arg("cols"), py::arg("tile") = 0,
+        "The product tile (64 or 128) ns_step uses for rows x cols matrices.");
+  m.def("ns_step", &ns_step, py::arg("rows"), py::arg("cols"), py::arg("p_dtype"),
+        py::arg("g_dtype"), py::arg("d_dtype"), py::arg("compute_dtype"), py::arg("coefficients"),
+        py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("tile"), py::arg("p"),
+        py::arg("g"), py::arg("d"), py::arg("strides"), py::arg("scales"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
+        "The Scion step of one bucket of rows x cols matrices: averaging, Newton-Schulz with "
+        "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d). "
+        "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
+        "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`.");
   m.def("multi_tensor_average_num_launches", &multi_tensor_average_num_launches, py::arg("numels"),
         "Number of kernel launches multi_tensor_average issues for these element counts (host "
         "only).");

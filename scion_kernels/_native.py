@@ -69,6 +69,17 @@ def _require_native() -> ModuleType:
     return module
 
 
+def _runs_on(device: torch.device, native: ModuleType | None) -> bool:
+    """Whether the native kernels take tensors on ``device``: CUDA devices, and the CPU when
+    ``native`` is the test suite's host emulation of the module (``EMULATED``)."""
+    return device.type == "cuda" or (device.type == "cpu" and getattr(native, "EMULATED", False))
+
+
+def _stream(device: torch.device) -> int:
+    """The handle of ``device``'s current CUDA stream (0 on the CPU)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _check_alpha(alpha: float) -> float:
     value = float(alpha)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -181,7 +192,7 @@ def multi_tensor_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alp
                 ".contiguous() or use multi_tensor_average_reference_)"
             )
         for name, t in ((f"states[{i}]", s), (f"grads[{i}]", g)):
-            if t.device.type != "cuda":
+            if not _runs_on(t.device, _import_native()):
                 raise ValueError(
                     f"{op} runs on CUDA tensors only; got a tensor on {t.device.type} ({name}) — "
                     "use the pure-PyTorch reference multi_tensor_average_reference_ for tensors "
@@ -207,7 +218,7 @@ def multi_tensor_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alp
     for s, g in zip(states, grads, strict=True):
         if s.numel() > 0:
             groups.setdefault((s.dtype, g.dtype), []).append((s, g))
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = _stream(device)
     for (state_dtype, grad_dtype), pairs in groups.items():
         try:
             native.multi_tensor_average(
@@ -217,7 +228,7 @@ def multi_tensor_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alp
                 codes[state_dtype],
                 codes[grad_dtype],
                 alpha,
-                device.index,
+                device.index or 0,
                 stream,
             )
         except RuntimeError as exc:
@@ -225,3 +236,98 @@ def multi_tensor_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alp
                 f"{op} failed on {device} for {len(pairs)} {state_dtype}/{grad_dtype} "
                 f"(state/grad) pairs of shapes {_describe([s for s, _ in pairs])}: {exc}"
             ) from exc
+
+
+# --- Newton–Schulz step ------------------------------------------------------------------------
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_COMPUTE = (torch.bfloat16, torch.float16)
+
+
+def _native_device(t: Tensor, native: ModuleType, op: str) -> None:
+    """Raise unless ``t`` is where the native kernels run."""
+    if not _runs_on(t.device, native):
+        raise ValueError(
+            f"{op} runs on CUDA tensors only; got a tensor on {t.device.type} (the pure-PyTorch "
+            "reference backend='torch' runs anywhere)"
+        )
+
+
+def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
+    """A byte buffer of at least ``nbytes`` and its first 256-byte aligned address."""
+    buf = torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
+    return buf, -(-buf.data_ptr() // 256) * 256
+
+
+def ns_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    tall: list[bool],
+    factors: list[float],
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    coefficients: list[float],
+    alpha: float,
+    coef: float,
+    decay: float,
+    tile: int = 0,
+) -> None:
+    """The Scion step of one bucket with the native kernels, from one C++ call: every tensor of
+    ``params`` is a stack of ``m×n`` matrices (``n×m`` where ``tall``) viewable as such without
+    a copy, and for each matrix::
+
+        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
+        x ← decay·x + coef·f·polar(d)     (``f`` from ``factors``, one per tensor)
+
+    with ``polar`` the Newton–Schulz iteration in ``dtype`` (bf16 or fp16) with the flattened
+    ``(a, b, c)`` triples ``coefficients``. Arguments as the Triton ``ns_step_``; ``tile``
+    forces the product tile (64 or 128; 0 chooses).
+    """
+    from .kernels.tables import matrix_rows
+
+    op = "ns_step_"
+    native = _require_native()
+    if dtype not in _COMPUTE:
+        raise ValueError(f"{op}: the compute dtype must be bfloat16 or float16, got {dtype}")
+    if not params:
+        return
+    device = params[0].device
+    p_addr, g_addr, d_addr, strides, scales = [], [], [], [], []
+    for i, p in enumerate(params):
+        g, d = grads[i], (bufs[i] if bufs else None)
+        for t in (p, g) if d is None else (p, g, d):
+            _native_device(t, native, op)
+            if t.device != device:
+                raise ValueError(f"{op}: all tensors must be on {device}; got one on {t.device}")
+            if t.dtype not in _CODES:
+                raise TypeError(f"{op}: unsupported dtype {t.dtype}")
+        count = p.numel() // (m * n)
+        shape = (count, n, m) if tall[i] else (count, m, n)
+        rows_p = matrix_rows(p, shape, transpose=tall[i])
+        rows_g = matrix_rows(g, shape, transpose=tall[i])
+        rows_d = rows_g if d is None else matrix_rows(d, shape, transpose=tall[i])
+        for (pa, ps, pc), (ga, gs, gc), (da, ds, dc) in zip(rows_p, rows_g, rows_d, strict=True):
+            p_addr.append(pa)
+            g_addr.append(ga)
+            if d is not None:
+                d_addr.append(da)
+            strides.extend((ps, pc, gs, gc, ds, dc))
+            scales.append(float(factors[i]))
+    if not p_addr:
+        return
+    batch = len(p_addr)
+    nbytes = native.ns_workspace_bytes(batch, m, n, tile)
+    buf, address = _workspace(nbytes, device)
+    try:
+        native.ns_step(
+            m, n, _CODES[params[0].dtype], _CODES[grads[0].dtype],
+            _CODES[bufs[0].dtype] if bufs else -1, _CODES[dtype], [float(c) for c in coefficients],
+            float(alpha), float(coef), float(decay), int(tile), p_addr, g_addr, d_addr, strides,
+            scales, address, nbytes, device.index or 0, _stream(device),
+        )  # fmt: skip
+    except RuntimeError as exc:
+        where = f"{batch} matrices of {m}×{n} on {device}"
+        raise RuntimeError(f"{op} failed for {where}: {exc}") from exc
+    del buf  # freed in stream order: the allocator hands it out only to later work

@@ -18,3 +18,31 @@ def _seed_torch():
     """Every test starts from the same global torch seed, so random inputs are reproducible."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def emulated_module():
+    """The native module built against the host emulation (tests/native/emulated.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "native"))
+    try:
+        import emulated
+    finally:
+        sys.path.pop(0)
+    reason = emulated.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"host emulation of the native module cannot be built: {reason}")
+    return emulated.build()
+
+
+@pytest.fixture
+def emulated_native(emulated_module, monkeypatch):
+    """``scion_kernels._native`` running the emulated module for the duration of a test."""
+    from scion_kernels import _native
+
+    monkeypatch.setattr(_native, "_native", emulated_module)
+    monkeypatch.setattr(_native, "_native_error", None)
+    monkeypatch.setattr(_native, "_native_tried", True)
+    return emulated_module

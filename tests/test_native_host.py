@@ -1,54 +1,25 @@
 """The multi-tensor average kernel's device code, run on the host against the reference.
 
-No GPU is needed: ``tests/native/emulate_average.cu`` includes the kernel source, packs the
-launches exactly as the CUDA entry point does and executes every block and thread of every
-launch on the CPU. This checks the packing across several launches, the chunk indexing, the
-vectorized and the scalar (misaligned) paths and the arithmetic against
-``multi_tensor_average_reference_``. Skipped where nvcc is not installed.
+No GPU is needed: the ``emulated_native`` fixture builds the native module from the same sources
+against the host emulation (tests/native/emulation.h), which runs every block and thread of
+every launch on the CPU. This checks the packing across several launches, the chunk indexing,
+the vectorized and the scalar (misaligned) paths and the arithmetic against
+``multi_tensor_average_reference_``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
-from scion_kernels._native import multi_tensor_average_reference_
+from scion_kernels._native import multi_tensor_average_, multi_tensor_average_reference_
 
-HERE = Path(__file__).parent
-CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_TENSORS_PER_LAUNCH = 144  # kMaxTensors in csrc/multi_tensor_average.cu
 CHUNK = 1 << 16  # kChunkSize
 
-
-def _nvcc() -> str | None:
-    for candidate in (
-        os.environ.get("SCION_NVCC"),
-        os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
-        shutil.which("nvcc"),
-        "/usr/local/cuda/bin/nvcc",
-    ):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found: the host emulation needs a CUDA toolchain to compile")
-    exe = tmp_path_factory.mktemp("emu") / "emulate_average"
-    subprocess.run(
-        [nvcc, "-std=c++17", "-O2", "-o", str(exe), str(HERE / "native" / "emulate_average.cu")],
-        check=True,
-        capture_output=True,
-    )
-    return exe
+NUMELS = [1, 7, 129, 4097, 0, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, (1 << 20) + 3] + [
+    (37 * i) % 700 + 1 for i in range(150)
+]
 
 
 def _layout(numels: list[int]) -> tuple[list[int], list[int]]:
@@ -64,33 +35,27 @@ def _layout(numels: list[int]) -> tuple[list[int], list[int]]:
     return state_off, grad_off
 
 
-NUMELS = [1, 7, 129, 4097, 0, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, (1 << 20) + 3] + [
-    (37 * i) % 700 + 1 for i in range(150)
-]
+def test_emulated_packing(emulated_native):
+    assert emulated_native.MULTI_TENSOR_AVERAGE_MAX_TENSORS_PER_LAUNCH == MAX_TENSORS_PER_LAUNCH
+    assert emulated_native.MULTI_TENSOR_AVERAGE_CHUNK_SIZE == CHUNK
+    nonempty = sum(1 for n in NUMELS if n)
+    launches = emulated_native.multi_tensor_average_num_launches(NUMELS)
+    assert launches == -(-nonempty // MAX_TENSORS_PER_LAUNCH) == 2  # several launches
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.37, 1.0, 0.0])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_emulated_kernel_matches_reference(emulator, tmp_path, state_dtype, grad_dtype, alpha):
+def test_emulated_kernel_matches_reference(emulated_native, state_dtype, grad_dtype, alpha):
     numels = NUMELS
     state_off, grad_off = _layout(numels)
     total_s, total_g = state_off[-1] + numels[-1] + 8, grad_off[-1] + numels[-1] + 8
     state = torch.randn(total_s).to(state_dtype)
     grad = torch.randn(total_g).to(grad_dtype)
-    (tmp_path / "state.bin").write_bytes(state.view(torch.uint8).numpy().tobytes())
-    (tmp_path / "grad.bin").write_bytes(grad.view(torch.uint8).numpy().tobytes())
-    lines = [f"{CODES[state_dtype]} {CODES[grad_dtype]} {alpha!r} {len(numels)}"]
-    lines += [f"{n} {s} {g}" for n, s, g in zip(numels, state_off, grad_off, strict=True)]
-    (tmp_path / "manifest.txt").write_text("\n".join(lines) + "\n")
-
-    run = subprocess.run([str(emulator), str(tmp_path)], check=True, capture_output=True, text=True)
-    nonempty = sum(1 for n in numels if n)
-    assert int(run.stdout) == -(-nonempty // MAX_TENSORS_PER_LAUNCH)  # several launches
-
-    raw = bytearray((tmp_path / "out.bin").read_bytes())
-    out = torch.frombuffer(raw, dtype=torch.uint8).view(state_dtype)
     views = lambda buf, offs: [buf[o : o + n] for o, n in zip(offs, numels, strict=True)]  # noqa: E731
+    out = state.clone()
+    multi_tensor_average_(views(out, state_off), views(grad, grad_off), alpha)
+
     d0 = [v.clone() for v in views(state, state_off)]
     g = views(grad, grad_off)
     exact = [(1 - alpha) * d.double() + alpha * gg.double() for d, gg in zip(d0, g, strict=True)]

@@ -1,0 +1,732 @@
+// The whole Scion step for a bucket of same-shape Spectral matrices, from one host call:
+//
+//   d ← (1 − α)·d + α·g                               (in place, in d's dtype; no d: d = g)
+//   X ← d / ‖d‖_F                                     (wide orientation, bf16 or fp16, padded)
+//   for each step (a, b, c):
+//     A ← X·Xᵀ;   B ← b·A + c·A·A;   X ← a·X + B·X    (tensor cores, fp32 accumulation)
+//   x ← decay·x + coef·s·X                            (fused into the last product's epilogue)
+//
+// Launch sequence (2 + 3·steps launches, more only for buckets above kMaxRefs matrices):
+//   1. average_kernel     one block per chunk of rows of every matrix: the averaging, stored, and
+//                         the chunk's Σd² in fp64 (fp64 neither overflows nor underflows for any
+//                         fp32 input, so no pre-scaling pass is needed);
+//   2. normalize_kernel   one block per chunk of padded rows of X: ‖d‖ from the chunk sums (same
+//                         fixed order in every block, so every block gets the same bits), then
+//                         X₀ = d·(1/‖d‖) rounded once to the operand type; zeros in the padding;
+//   3. gemm_kernel        per step: Gram (upper-triangle tiles, each stored twice), polynomial
+//                         (same), apply (full grid; the last one updates the parameters).
+//
+// Work matrices are padded with zeros to whole tiles, so the products need no bounds checks:
+// zero rows and columns of X give zero rows and columns of A, B and the next X. Only the fused
+// update looks at the true size. All reductions have a fixed order: a bucket's result has the
+// same bits on every run.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <type_traits>
+
+#include "device.cuh"
+#include "scion_kernels.h"
+#include "status.cuh"
+
+namespace scion {
+namespace {
+
+constexpr int kThreads = 256;
+// Elements per chunk of the element-wise passes (whole rows; at least one row).
+constexpr int64_t kChunkElements = int64_t{1} << 16;
+// Matrices per element-wise or update launch: their references travel in the kernel arguments.
+constexpr int kMaxRefs = 48;
+constexpr int kMaxSteps = 16;
+
+// One matrix of the bucket, in the parameter's own (row, column) coordinates.
+struct SourceRef {
+  const void* g;
+  void* d;  // the averaging buffer, or null (d = g)
+  int64_t g_rs, g_cs, d_rs, d_cs;
+};
+
+struct SourceArgs {
+  SourceRef refs[kMaxRefs];
+  int32_t count;
+  int32_t rows, cols;        // of the parameter
+  int32_t chunk_rows;        // rows per chunk of average_kernel
+  int32_t chunks;            // chunks per matrix
+  scion_dtype g_dtype, d_dtype;
+  bool has_buffer;
+  float alpha, beta;
+  double* partial;           // [count][chunks] Σd² per chunk
+};
+static_assert(sizeof(SourceArgs) <= 4096, "kernel argument block exceeds 4 KB");
+
+// The parameter update of the last product, in oriented (wide) coordinates.
+struct UpdateRef {
+  void* p;
+  int64_t rs, cs;
+  float scale;
+};
+
+struct UpdateArgs {
+  UpdateRef refs[kMaxRefs];
+  int32_t count;
+  int32_t m, n;  // true (unpadded) oriented size
+  scion_dtype p_dtype;
+  float coef, decay;
+};
+static_assert(sizeof(UpdateArgs) <= 3072, "update references leave too little argument space");
+
+// ---------------------------------------------------------------------------------------------
+// 1. Averaging and per-chunk sums of squares.
+
+__global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant__ SourceArgs args) {
+  double* sums = reinterpret_cast<double*>(dynamic_smem());
+  const int matrix = static_cast<int>(blockIdx.y);
+  const int chunk = static_cast<int>(blockIdx.x);
+  const SourceRef& ref = args.refs[matrix];
+  const int row0 = chunk * args.chunk_rows;
+  const int row1 = row0 + args.chunk_rows < args.rows ? row0 + args.chunk_rows : args.rows;
+  double ssq = 0.0;
+  for (int r = row0; r < row1; ++r) {
+    for (int c = static_cast<int>(threadIdx.x); c < args.cols; c += kThreads) {
+      float v = load_as_float(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype);
+      if (args.has_buffer) {
+        const int64_t at = r * ref.d_rs + c * ref.d_cs;
+        const float d = load_as_float(ref.d, at, args.d_dtype);
+        v = store_from_float(ref.d, at, args.d_dtype,
+                             __fmaf_rn(args.alpha, v, __fmul_rn(args.beta, d)));
+      }
+      ssq += static_cast<double>(v) * static_cast<double>(v);
+    }
+  }
+  sums[threadIdx.x] = ssq;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int t = 0; t < kThreads; ++t) total += sums[t];
+    args.partial[static_cast<int64_t>(matrix) * args.chunks + chunk] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. X₀ = d / ‖d‖_F, oriented wide, padded with zeros.
+
+struct NormalizeArgs {
+  int32_t count;
+  int32_t m_pad, n_pad;     // padded oriented size
+  int32_t chunk_rows;       // padded rows per block
+  bool tall;                // oriented (i, j) is the parameter's (j, i)
+  void* x;                  // [count][m_pad][n_pad]
+  int32_t chunks;           // partial sums per matrix
+  const double* partial;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    normalize_kernel(const __grid_constant__ SourceArgs src, const NormalizeArgs args) {
+  double* sums = reinterpret_cast<double*>(dynamic_smem());
+  const int matrix = static_cast<int>(blockIdx.y);
+  const double* partial = args.partial + static_cast<int64_t>(matrix) * args.chunks;
+  double own = 0.0;
+  for (int k = static_cast<int>(threadIdx.x); k < args.chunks; k += kThreads) own += partial[k];
+  sums[threadIdx.x] = own;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int t = 0; t < kThreads; ++t) total += sums[t];
+    sums[kThreads] = total;
+  }
+  __syncthreads();
+  const double norm = sqrt(sums[kThreads]);
+  const double inv = norm > 0.0 ? 1.0 / norm : (norm == 0.0 ? 0.0 : norm);  // NaN stays NaN
+
+  const SourceRef& ref = src.refs[matrix];
+  const void* base = src.has_buffer ? ref.d : ref.g;
+  const scion_dtype dtype = src.has_buffer ? src.d_dtype : src.g_dtype;
+  const int64_t rs = src.has_buffer ? ref.d_rs : ref.g_rs;
+  const int64_t cs = src.has_buffer ? ref.d_cs : ref.g_cs;
+  const int m = args.tall ? src.cols : src.rows;
+  const int n = args.tall ? src.rows : src.cols;
+  T* x = static_cast<T*>(args.x) +
+         static_cast<int64_t>(matrix) * args.m_pad * static_cast<int64_t>(args.n_pad);
+  const int i0 = static_cast<int>(blockIdx.x) * args.chunk_rows;
+  const int i1 = i0 + args.chunk_rows < args.m_pad ? i0 + args.chunk_rows : args.m_pad;
+  for (int i = i0; i < i1; ++i) {
+    for (int j = static_cast<int>(threadIdx.x); j < args.n_pad; j += kThreads) {
+      float v = 0.0f;
+      if (i < m && j < n) {
+        const int64_t at = args.tall ? j * rs + i * cs : i * rs + j * cs;
+        v = static_cast<float>(static_cast<double>(load_as_float(base, at, dtype)) * inv);
+      }
+      x[static_cast<int64_t>(i) * args.n_pad + j] = Operand<T>::from(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The products.
+
+enum class Product { kGram, kPoly, kApply };
+
+// Block tile kTile×kTile×32, kWarpsM×kWarpsN warps, kStages-deep cp.async pipeline.
+template <int kTile_, int kWarpsM_, int kWarpsN_>
+struct Tiling {
+  static constexpr int kTile = kTile_;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kK = 32;
+  static constexpr int kStages = 3;
+  static constexpr int kWarpM = kTile / kWarpsM;  // warp tile
+  static constexpr int kWarpN = kTile / kWarpsN;
+  static constexpr int kMI = kWarpM / 16;  // m16 fragments per warp
+  static constexpr int kNI = kWarpN / 8;   // n8 fragments per warp
+  static constexpr int kPad = 8;           // elements of row padding (ldmatrix bank spread)
+  static constexpr int kRowA = kK + kPad;  // smem row length of a [tile][k] operand
+  static constexpr int kRowT = kTile + kPad;  // of a [k][tile] (transposed) operand
+  static constexpr int kStageElems = kTile * kRowA + (kK * kRowT > kTile * kRowA ? kK * kRowT : kTile * kRowA);
+  static constexpr size_t kSmemBytes = size_t{kStages} * kStageElems * 2;
+  static_assert(kWarpN % 16 == 0 && kWarpM % 16 == 0, "warp tile must hold whole fragments");
+};
+using TileSmall = Tiling<64, 2, 2>;   // 128 threads, warp tile 32×32
+using TileLarge = Tiling<128, 2, 4>;  // 256 threads, warp tile 64×32
+
+struct GemmArgs {
+  const void* a;      // left operand rows, [batch][·][lda]
+  const void* b;      // right operand: rows of Bᵀ (kGram, kPoly) or rows of B (kApply)
+  const void* add;    // the term added in the epilogue (kPoly: A, kApply: X), laid out as out
+  void* out;
+  int64_t a_batch, b_batch, out_batch;  // element strides between matrices
+  int32_t lda, ldb, ldc;
+  int32_t k;          // reduction length (a multiple of kK)
+  int32_t tiles;      // tiles per matrix side (rows; kApply: rows of the output)
+  int32_t tiles_n;    // kApply: tiles along the output's columns
+  int32_t batch0;     // first matrix of this launch
+  float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
+  bool update;        // kApply on the last step: update the parameters instead of storing
+};
+
+struct NoUpdate {};
+
+// out = acc_scale·(a·bᵀ or a·b) + add_scale·add, with `add` laid out as `out`.
+GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int64_t b_batch,
+                 int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc,
+                 int32_t k, float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
+  GemmArgs g{};
+  g.a = a;
+  g.b = b;
+  g.add = add;
+  g.out = out;
+  g.a_batch = a_batch;
+  g.b_batch = b_batch;
+  g.out_batch = out_batch;
+  g.lda = lda;
+  g.ldb = ldb;
+  g.ldc = ldc;
+  g.k = k;
+  g.acc_scale = acc_scale;
+  g.add_scale = add_scale;
+  g.tiles = tiles;
+  g.tiles_n = tiles_n;
+  return g;
+}
+
+// Maps a linear index over the upper-triangle tiles (ti ≤ tj), row by row.
+__device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int& tj) {
+  ti = 0;
+  while (index >= tiles - ti) {
+    index -= tiles - ti;
+    ++ti;
+  }
+  tj = ti + index;
+}
+
+template <typename T, Product kProduct, typename Cfg, typename Update>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    gemm_kernel(const GemmArgs args, const __grid_constant__ Update upd) {
+  constexpr int kTile = Cfg::kTile;
+  constexpr int kK = Cfg::kK;
+  constexpr int kStages = Cfg::kStages;
+  constexpr bool kTransB = kProduct == Product::kApply;
+  T* smem = reinterpret_cast<T*>(dynamic_smem());
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warp_m = warp / Cfg::kWarpsN;
+  const int warp_n = warp % Cfg::kWarpsN;
+  const int local = static_cast<int>(blockIdx.y);
+  const int matrix = args.batch0 + local;
+
+  int ti, tj;
+  if constexpr (kProduct == Product::kApply) {
+    ti = static_cast<int>(blockIdx.x) / args.tiles_n;
+    tj = static_cast<int>(blockIdx.x) % args.tiles_n;
+  } else {
+    triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
+  }
+  const int row0 = ti * kTile;
+  const int col0 = tj * kTile;
+  const T* a = static_cast<const T*>(args.a) + matrix * args.a_batch;
+  const T* b = static_cast<const T*>(args.b) + matrix * args.b_batch;
+
+  // Stage s: the left tile [kTile][kRowA], then the right tile ([kTile][kRowA], or [kK][kRowT]
+  // when transposed).
+  auto stage_a = [&](int s) { return smem + s * Cfg::kStageElems; };
+  auto stage_b = [&](int s) { return smem + s * Cfg::kStageElems + kTile * Cfg::kRowA; };
+
+  auto load_stage = [&](int s, int k0) {
+    T* sa = stage_a(s);
+    T* sb = stage_b(s);
+    constexpr int kChunksA = kTile * kK / 8;  // 16-byte pieces
+    for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
+      const int r = c / (kK / 8);
+      const int k = (c % (kK / 8)) * 8;
+      cp_async_16(sa + r * Cfg::kRowA + k, a + static_cast<int64_t>(row0 + r) * args.lda + k0 + k);
+    }
+    if constexpr (kTransB) {
+      constexpr int kChunksB = kK * kTile / 8;
+      for (int c = tid; c < kChunksB; c += Cfg::kThreads) {
+        const int k = c / (kTile / 8);
+        const int n = (c % (kTile / 8)) * 8;
+        cp_async_16(sb + k * Cfg::kRowT + n,
+                    b + static_cast<int64_t>(k0 + k) * args.ldb + col0 + n);
+      }
+    } else {
+      for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
+        const int r = c / (kK / 8);
+        const int k = (c % (kK / 8)) * 8;
+        cp_async_16(sb + r * Cfg::kRowA + k,
+                    b + static_cast<int64_t>(col0 + r) * args.ldb + k0 + k);
+      }
+    }
+  };
+
+  float acc[Cfg::kMI][Cfg::kNI][4];
+  SCION_UNROLL
+  for (int i = 0; i < Cfg::kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < Cfg::kNI; ++j) {
+      SCION_UNROLL
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
+
+  const int ktiles = args.k / kK;
+  SCION_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) load_stage(s, s * kK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    // The stage consumed in the previous iteration is free again: refill it.
+    const int next = kt + kStages - 1;
+    if (next < ktiles) load_stage(next % kStages, next * kK);
+    cp_async_commit();
+
+    const T* sa = stage_a(kt % kStages);
+    const T* sb = stage_b(kt % kStages);
+    SCION_UNROLL
+    for (int kk = 0; kk < kK; kk += 16) {
+      uint32_t af[Cfg::kMI][4];
+      uint32_t bf[Cfg::kNI][2];
+      SCION_UNROLL
+      for (int i = 0; i < Cfg::kMI; ++i) {
+        const int r = warp_m * Cfg::kWarpM + i * 16 + lane % 16;
+        ldmatrix_x4<false>(af[i], sa + r * Cfg::kRowA + kk + (lane / 16) * 8);
+      }
+      SCION_UNROLL
+      for (int j = 0; j < Cfg::kNI; j += 2) {
+        uint32_t r4[4];
+        if constexpr (kTransB) {
+          const int k = kk + ((lane / 8) % 2) * 8 + lane % 8;
+          const int n = warp_n * Cfg::kWarpN + j * 8 + (lane / 16) * 8;
+          ldmatrix_x4<true>(r4, sb + k * Cfg::kRowT + n);
+        } else {
+          const int n = warp_n * Cfg::kWarpN + j * 8 + (lane / 16) * 8 + lane % 8;
+          const int k = kk + ((lane / 8) % 2) * 8;
+          ldmatrix_x4<false>(r4, sb + n * Cfg::kRowA + k);
+        }
+        bf[j][0] = r4[0];
+        bf[j][1] = r4[1];
+        bf[j + 1][0] = r4[2];
+        bf[j + 1][1] = r4[3];
+      }
+      SCION_UNROLL
+      for (int i = 0; i < Cfg::kMI; ++i) {
+        SCION_UNROLL
+        for (int j = 0; j < Cfg::kNI; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T; the symmetric products also
+  // store the mirrored element of off-diagonal tiles; the last kApply updates the parameter.
+  const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
+  T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
+  const bool mirror = kProduct != Product::kApply && ti != tj;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  SCION_UNROLL
+  for (int i = 0; i < Cfg::kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < Cfg::kNI; ++j) {
+      SCION_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int r = row0 + warp_m * Cfg::kWarpM + i * 16 + g + (e / 2) * 8;
+        const int c = col0 + warp_n * Cfg::kWarpN + j * 8 + 2 * t + e % 2;
+        float v = args.acc_scale * acc[i][j][e];
+        if constexpr (kProduct != Product::kGram) {
+          v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+        }
+        const T rounded = Operand<T>::from(v);
+        if constexpr (kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value) {
+          if (args.update) {
+            if (r < upd.m && c < upd.n) {
+              const UpdateRef& ref = upd.refs[local];
+              const int64_t at = r * ref.rs + c * ref.cs;
+              const float x = load_as_float(ref.p, at, upd.p_dtype);
+              const float u = ref.scale * Operand<T>::to(rounded);
+              store_from_float(ref.p, at, upd.p_dtype,
+                               __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
+            }
+            continue;
+          }
+        }
+        out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
+        if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+struct Plan {
+  int tile;
+  int64_t m, n, m_pad, n_pad;
+  int chunk_rows, chunks;          // average_kernel
+  int norm_chunk_rows, norm_chunks;  // normalize_kernel
+  int64_t x_elems, a_elems;
+  size_t bytes;
+};
+
+int choose_tile(int64_t m, int64_t n, int requested) {
+  if (requested == 64 || requested == 128) return requested;
+  return (m >= 512 && n >= 512) ? 128 : 64;
+}
+
+Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request) {
+  Plan p{};
+  p.m = rows < cols ? rows : cols;
+  p.n = rows < cols ? cols : rows;
+  p.tile = choose_tile(p.m, p.n, tile_request);
+  p.m_pad = round_up(p.m, p.tile);
+  p.n_pad = round_up(p.n, p.tile);
+  p.chunk_rows = static_cast<int>(cols >= kChunkElements ? 1 : kChunkElements / cols);
+  if (p.chunk_rows > rows) p.chunk_rows = static_cast<int>(rows);
+  p.chunks = static_cast<int>((rows + p.chunk_rows - 1) / p.chunk_rows);
+  p.norm_chunk_rows =
+      static_cast<int>(p.n_pad >= kChunkElements ? 1 : kChunkElements / p.n_pad);
+  if (p.norm_chunk_rows > p.m_pad) p.norm_chunk_rows = static_cast<int>(p.m_pad);
+  p.norm_chunks = static_cast<int>((p.m_pad + p.norm_chunk_rows - 1) / p.norm_chunk_rows);
+  p.x_elems = p.m_pad * p.n_pad;
+  p.a_elems = p.m_pad * p.m_pad;
+  // X, Y, A, B in the operand type (2 bytes), then the fp64 chunk sums, 256-byte aligned.
+  const int64_t operands = round_up(batch * (2 * p.x_elems + 2 * p.a_elems) * 2, 256);
+  p.bytes = static_cast<size_t>(operands + round_up(batch * p.chunks * 8, 256));
+  return p;
+}
+
+bool valid_dtype(int code, bool allow_none) {
+  return code == SCION_FLOAT32 || code == SCION_BFLOAT16 || code == SCION_FLOAT16 ||
+         (allow_none && code == -1);
+}
+
+bool check(const scion_ns_problem& pr) {
+  if (pr.batch < 0 || pr.rows <= 0 || pr.cols <= 0) {
+    set_error("ns_step: need batch >= 0 and a positive shape, got batch %lld of %lld x %lld",
+              static_cast<long long>(pr.batch), static_cast<long long>(pr.rows),
+              static_cast<long long>(pr.cols));
+    return false;
+  }
+  if (pr.rows > (1 << 24) || pr.cols > (1 << 24) || pr.rows * pr.cols > (int64_t{1} << 31)) {
+    set_error("ns_step: matrix %lld x %lld is too large for 32-bit row and column indices",
+              static_cast<long long>(pr.rows), static_cast<long long>(pr.cols));
+    return false;
+  }
+  if (!valid_dtype(pr.p_dtype, false) || !valid_dtype(pr.g_dtype, false) ||
+      !valid_dtype(pr.d_dtype, true)) {
+    set_error("ns_step: unsupported dtype codes (param %d, grad %d, buffer %d)", pr.p_dtype,
+              pr.g_dtype, pr.d_dtype);
+    return false;
+  }
+  if (pr.compute_dtype != SCION_BFLOAT16 && pr.compute_dtype != SCION_FLOAT16) {
+    set_error("ns_step: the compute dtype must be bfloat16 or float16, got code %d",
+              pr.compute_dtype);
+    return false;
+  }
+  if (pr.steps < 1 || pr.steps > kMaxSteps) {
+    set_error("ns_step: steps must be in [1, %d], got %d", kMaxSteps, pr.steps);
+    return false;
+  }
+  if (pr.tile != 0 && pr.tile != 64 && pr.tile != 128) {
+    set_error("ns_step: tile must be 0 (automatic), 64 or 128, got %d", pr.tile);
+    return false;
+  }
+  if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
+    set_error("ns_step: alpha must be in [0, 1], got %g", pr.alpha);
+    return false;
+  }
+  return true;
+}
+
+struct Launcher {
+  const scion_ns_problem& pr;
+  const Plan& plan;
+  cudaStream_t stream;
+  cudaError_t err = cudaSuccess;
+  const char* what = "";
+
+  bool ok(cudaError_t e, const char* stage) {
+    if (e != cudaSuccess && err == cudaSuccess) {
+      err = e;
+      what = stage;
+    }
+    return e == cudaSuccess;
+  }
+};
+
+template <typename T, typename Cfg>
+bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  T* x = static_cast<T*>(workspace);
+  T* y = x + pr.batch * plan.x_elems;
+  T* a = y + pr.batch * plan.x_elems;
+  T* b = a + pr.batch * plan.a_elems;
+  const int tiles_m = static_cast<int>(plan.m_pad / Cfg::kTile);
+  const int tiles_n = static_cast<int>(plan.n_pad / Cfg::kTile);
+  const int tri = tiles_m * (tiles_m + 1) / 2;
+  const size_t smem = Cfg::kSmemBytes;
+  auto* gram = gemm_kernel<T, Product::kGram, Cfg, NoUpdate>;
+  auto* poly = gemm_kernel<T, Product::kPoly, Cfg, NoUpdate>;
+  auto* apply = gemm_kernel<T, Product::kApply, Cfg, NoUpdate>;
+  auto* apply_update = gemm_kernel<T, Product::kApply, Cfg, UpdateArgs>;
+  for (const void* f : {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
+                        reinterpret_cast<const void*>(apply),
+                        reinterpret_cast<const void*>(apply_update)}) {
+    if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)),
+              "raising the shared-memory limit")) {
+      return false;
+    }
+  }
+  const dim3 block(Cfg::kThreads);
+  const int32_t mp = static_cast<int32_t>(plan.m_pad);
+  const int32_t np = static_cast<int32_t>(plan.n_pad);
+  for (int s = 0; s < pr.steps; ++s) {
+    const bool last = s + 1 == pr.steps;
+    const float ca = static_cast<float>(pr.coefficients[3 * s]);
+    const float cb = static_cast<float>(pr.coefficients[3 * s + 1]);
+    const float cc = static_cast<float>(pr.coefficients[3 * s + 2]);
+    const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
+    // A ← X·Xᵀ
+    GemmArgs g = product(x, plan.x_elems, np, x, plan.x_elems, np, a, a, plan.a_elems, mp, np,
+                         1.0f, 0.0f, tiles_m, tiles_n);
+    if (!L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}), "X·Xᵀ")) {
+      return false;
+    }
+    // B ← b·A + c·A·A
+    g = product(a, plan.a_elems, mp, a, plan.a_elems, mp, a, b, plan.a_elems, mp, mp, cc, cb,
+                tiles_m, tiles_n);
+    if (!L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+              "b·A + c·A·A")) {
+      return false;
+    }
+    // X ← a·X + B·X
+    g = product(b, plan.a_elems, mp, x, plan.x_elems, np, x, y, plan.x_elems, np, mp, 1.0f, ca,
+                tiles_m, tiles_n);
+    const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n));
+    if (!last) {
+      if (!L.ok(launch_kernel(apply, dim3(grid_apply.x, static_cast<unsigned>(pr.batch)), block,
+                              smem, L.stream, g, NoUpdate{}),
+                "a·X + B·X")) {
+        return false;
+      }
+      T* swap = x;
+      x = y;
+      y = swap;
+      continue;
+    }
+    g.update = true;
+    for (int64_t first = 0; first < pr.batch; first += kMaxRefs) {
+      const int count = static_cast<int>(pr.batch - first < kMaxRefs ? pr.batch - first : kMaxRefs);
+      UpdateArgs u{};
+      u.count = count;
+      u.m = static_cast<int32_t>(plan.m);
+      u.n = static_cast<int32_t>(plan.n);
+      u.p_dtype = static_cast<scion_dtype>(pr.p_dtype);
+      u.coef = static_cast<float>(pr.coef);
+      u.decay = static_cast<float>(pr.decay);
+      const bool tall = pr.rows > pr.cols;
+      for (int k = 0; k < count; ++k) {
+        const scion_ns_matrix& mat = mats[first + k];
+        u.refs[k].p = reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p));
+        u.refs[k].rs = tall ? mat.p_strides[1] : mat.p_strides[0];
+        u.refs[k].cs = tall ? mat.p_strides[0] : mat.p_strides[1];
+        u.refs[k].scale = mat.scale;
+      }
+      g.batch0 = static_cast<int32_t>(first);
+      if (!L.ok(launch_kernel(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)),
+                              block, smem, L.stream, g, u),
+                "a·X + B·X with the update")) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+template <typename T>
+bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  T* x = static_cast<T*>(workspace);
+  auto* partial = reinterpret_cast<double*>(
+      static_cast<unsigned char*>(workspace) +
+      round_up(pr.batch * (2 * plan.x_elems + 2 * plan.a_elems) * 2, 256));
+  const bool has_buffer = pr.d_dtype != -1;
+  for (int64_t first = 0; first < pr.batch; first += kMaxRefs) {
+    const int count = static_cast<int>(pr.batch - first < kMaxRefs ? pr.batch - first : kMaxRefs);
+    SourceArgs src{};
+    src.count = count;
+    src.rows = static_cast<int32_t>(pr.rows);
+    src.cols = static_cast<int32_t>(pr.cols);
+    src.chunk_rows = plan.chunk_rows;
+    src.chunks = plan.chunks;
+    src.g_dtype = static_cast<scion_dtype>(pr.g_dtype);
+    src.d_dtype = has_buffer ? static_cast<scion_dtype>(pr.d_dtype) : SCION_FLOAT32;
+    src.has_buffer = has_buffer;
+    src.alpha = static_cast<float>(pr.alpha);
+    src.beta = static_cast<float>(1.0 - pr.alpha);
+    src.partial = partial + first * plan.chunks;
+    for (int k = 0; k < count; ++k) {
+      const scion_ns_matrix& mat = mats[first + k];
+      SourceRef& r = src.refs[k];
+      r.g = reinterpret_cast<const void*>(static_cast<uintptr_t>(mat.g));
+      r.d = reinterpret_cast<void*>(static_cast<uintptr_t>(mat.d));
+      r.g_rs = mat.g_strides[0];
+      r.g_cs = mat.g_strides[1];
+      r.d_rs = mat.d_strides[0];
+      r.d_cs = mat.d_strides[1];
+    }
+    const size_t sums = (kThreads + 1) * sizeof(double);
+    if (!L.ok(launch_kernel(average_kernel, dim3(plan.chunks, count), dim3(kThreads), sums,
+                            L.stream, src),
+              "averaging")) {
+      return false;
+    }
+    NormalizeArgs na{};
+    na.count = count;
+    na.m_pad = static_cast<int32_t>(plan.m_pad);
+    na.n_pad = static_cast<int32_t>(plan.n_pad);
+    na.chunk_rows = plan.norm_chunk_rows;
+    na.tall = pr.rows > pr.cols;
+    na.x = x + first * plan.x_elems;
+    na.chunks = plan.chunks;
+    na.partial = src.partial;
+    if (!L.ok(launch_kernel(normalize_kernel<T>, dim3(plan.norm_chunks, count), dim3(kThreads),
+                            sums, L.stream, src, na),
+              "normalization")) {
+      return false;
+    }
+  }
+  if (plan.tile == 128) return run_products<T, TileLarge>(L, mats, workspace);
+  return run_products<T, TileSmall>(L, mats, workspace);
+}
+
+}  // namespace
+}  // namespace scion
+
+extern "C" {
+
+int64_t scion_ns_workspace_bytes(const scion_ns_problem* problem) {
+  using namespace scion;
+  clear_error();
+  if (problem == nullptr || !check(*problem)) return -1;
+  return static_cast<int64_t>(make_plan(problem->batch, problem->rows, problem->cols,
+                                        problem->tile)
+                                  .bytes);
+}
+
+int scion_ns_tile(const scion_ns_problem* problem) {
+  using namespace scion;
+  clear_error();
+  if (problem == nullptr || !check(*problem)) return -1;
+  return make_plan(problem->batch, problem->rows, problem->cols, problem->tile).tile;
+}
+
+scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matrix* matrices,
+                           void* workspace, int64_t workspace_bytes, int device,
+                           scion_stream_t stream) {
+  using namespace scion;
+  clear_error();
+  if (problem == nullptr || !check(*problem)) return SCION_ERROR_INVALID_ARGUMENT;
+  const scion_ns_problem& pr = *problem;
+  if (pr.batch == 0) return SCION_OK;
+  if (matrices == nullptr || workspace == nullptr) {
+    set_error("ns_step: matrices and workspace must not be NULL");
+    return SCION_ERROR_INVALID_ARGUMENT;
+  }
+  if (pr.batch > 65535) {
+    set_error("ns_step: at most 65535 matrices per bucket, got %lld",
+              static_cast<long long>(pr.batch));
+    return SCION_ERROR_INVALID_ARGUMENT;
+  }
+  const Plan plan = make_plan(pr.batch, pr.rows, pr.cols, pr.tile);
+  if (workspace_bytes < static_cast<int64_t>(plan.bytes) ||
+      reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
+    set_error("ns_step: the workspace must hold %lld bytes at a 256-byte aligned address, got %lld",
+              static_cast<long long>(plan.bytes), static_cast<long long>(workspace_bytes));
+    return SCION_ERROR_INVALID_ARGUMENT;
+  }
+  for (int64_t k = 0; k < pr.batch; ++k) {
+    const scion_ns_matrix& mat = matrices[k];
+    if (mat.p == 0 || mat.g == 0 || ((pr.d_dtype != -1) != (mat.d != 0))) {
+      set_error("ns_step: matrix %lld has a null parameter or gradient address, or a buffer "
+                "address that does not match the buffer dtype", static_cast<long long>(k));
+      return SCION_ERROR_INVALID_ARGUMENT;
+    }
+  }
+
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
+  if (err != cudaSuccess) {
+    set_error("ns_step: selecting device %d failed: %s", device, cudaGetErrorString(err));
+    return SCION_ERROR_CUDA;
+  }
+  Launcher L{pr, plan, reinterpret_cast<cudaStream_t>(stream)};
+  if (pr.compute_dtype == SCION_BFLOAT16) {
+    run<__nv_bfloat16>(L, matrices, workspace);
+  } else {
+    run<__half>(L, matrices, workspace);
+  }
+  if (previous != device) cudaSetDevice(previous);
+  if (L.err != cudaSuccess) {
+    set_error("ns_step: %s launch failed: %s (%s) [%lld matrices of %lld x %lld, tile %d, device "
+              "%d]",
+              L.what, cudaGetErrorName(L.err), cudaGetErrorString(L.err),
+              static_cast<long long>(pr.batch), static_cast<long long>(pr.rows),
+              static_cast<long long>(pr.cols), plan.tile, device);
+    return SCION_ERROR_CUDA;
+  }
+  return SCION_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,193 @@
+"""The native Newton–Schulz step (csrc/newton_schulz.cu) against the reference.
+
+Runs on the CPU through the host emulation of the native module (``emulated_native``): every
+block, warp and thread of every launch, with ldmatrix and mma.sync emulated from their PTX
+fragment layouts and cp.async copies deferred to their wait. The same tests run on a GPU with
+the compiled module (``native_gpu``), where the full shape set is added.
+
+Tolerance rule: against the float64 SVD polar factor, the kernel's error may be at most twice
+the PyTorch reference's (same compute dtype) plus a small absolute term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scion_kernels import _native
+from scion_kernels.kernels.newton_schulz import flatten
+from scion_kernels.newton_schulz import newton_schulz, polar_svd, resolve_coefficients
+
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def native(request):
+    """(module, device): the emulated module on the CPU, or the built module on a GPU."""
+    if request.param == "emulated":
+        return request.getfixturevalue("emulated_native"), torch.device("cpu")
+    if not (torch.cuda.is_available() and _native.native_available()):
+        pytest.skip("needs a CUDA GPU and the built native module")
+    return _native._require_native(), torch.device("cuda")
+
+
+def _polar(G: torch.Tensor, coefficients: str, dtype: torch.dtype, tile: int = 0) -> torch.Tensor:
+    """polar(G) of every matrix of the stack G through the step: x = 0, decay 1, coef 1, d = g."""
+    r, c = G.shape[-2:]
+    p = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
+    coeffs = flatten(resolve_coefficients(coefficients))
+    _native.ns_step_([p], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, coeffs,
+                     1.0, 1.0, 1.0, tile)  # fmt: skip
+    return p
+
+
+def _check_polar(got: torch.Tensor, G: torch.Tensor, coefficients: str, dtype: torch.dtype):
+    ref = newton_schulz(G.cpu(), coefficients, dtype=dtype).double()
+    exact = polar_svd(G.cpu())
+    got = got.cpu().double()
+    dims = tuple(range(1, G.ndim))
+    err = (got - exact).flatten(1).norm(dim=1)
+    ref_err = (ref - exact).flatten(1).norm(dim=1)
+    bound = 2 * ref_err + 1e-3 * math.sqrt(min(G.shape[-2:]))
+    assert bool((err <= bound).all()), (err, ref_err, dims)
+
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (64, 64), (65, 129), (129, 65), (16, 200)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_polar_matches_reference(native, shape, dtype):
+    _, device = native
+    G = torch.randn(2, *shape, device=device)
+    _check_polar(_polar(G, "classic", dtype), G, "classic", dtype)
+
+
+@pytest.mark.parametrize("shape", [(33, 130), (130, 33)], ids=str)
+def test_polar_large_tile_and_polar_express(native, shape):
+    _, device = native
+    G = torch.randn(3, *shape, device=device)
+    got = _polar(G, "polar_express", torch.bfloat16, tile=128)
+    _check_polar(got, G, "polar_express", torch.bfloat16)
+    # The two tilings differ only in summation grouping: same answer to bf16 rounding.
+    other = _polar(G, "polar_express", torch.bfloat16, tile=64)
+    assert (got - other).abs().max().item() <= 0.02
+
+
+def test_deterministic(native):
+    _, device = native
+    G = torch.randn(3, 40, 90, device=device)
+    assert torch.equal(_polar(G, "classic", torch.bfloat16), _polar(G, "classic", torch.bfloat16))
+
+
+@pytest.mark.parametrize("factor", [0.0, 1e-30, 1e-42, 1e30, 3e38], ids=str)
+def test_scale_invariant(native, factor):
+    """polar(t·G) = polar(G) for t > 0 (fp32 gradients, subnormal and near-overflow included);
+    a zero gradient gives a zero update."""
+    _, device = native
+    G = torch.randn(2, 20, 45, device=device)
+    G = G / G.abs().amax()
+    got = _polar(G * factor, "classic", torch.bfloat16)
+    if factor == 0.0:
+        assert torch.equal(got, torch.zeros_like(got))
+    else:
+        base = _polar(G, "classic", torch.bfloat16)
+        assert (got - base).abs().max().item() <= 0.02
+
+
+def test_nonfinite_gradient_gives_nonfinite_update(native):
+    _, device = native
+    G = torch.randn(1, 9, 20, device=device)
+    G[0, 3, 4] = float("nan")
+    assert bool(torch.isnan(_polar(G, "classic", torch.bfloat16)).all())
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("buf_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype):
+    """Averaging, the step and the update of strided, transposed and stacked parameters:
+    x ← decay·x + coef·f·polar(d), d ← (1−α)·d + α·g, against the same formula in PyTorch."""
+    _, device = native
+    alpha, coef, decay = 0.3, -0.05, 0.99
+    # A tall parameter seen through a transposed, offset view of a bigger tensor, and a wide one.
+    big = torch.randn(3, 50, 70, device=device).to(p_dtype)
+    params = [big[1:, 5:45, 10:30], torch.randn(20, 40, device=device).to(p_dtype)]
+    tall = [True, False]
+    outside = big.clone()
+    grads = [torch.randn(p.shape, device=device).to(g_dtype) for p in params]
+    bufs = [torch.randn(p.shape, device=device).to(buf_dtype) for p in params if buf_dtype]
+    factors = [1.5, 0.5]
+    x0 = [p.clone() for p in params]
+    d0 = [b.clone() for b in bufs]
+    coeffs = flatten(resolve_coefficients("classic"))
+    _native.ns_step_(params, grads, bufs, tall, factors, 20, 40, torch.bfloat16, coeffs,
+                     alpha, coef, decay)  # fmt: skip
+
+    for i, p in enumerate(params):
+        g = grads[i]
+        if bufs:
+            d = (1 - alpha) * d0[i].double() + alpha * g.double()
+            torch.testing.assert_close(bufs[i].double(), d.to(buf_dtype).double(),
+                                       rtol=2**-7, atol=1e-6)  # fmt: skip
+            d = bufs[i]
+        else:
+            d = g
+        polar = newton_schulz(d.float().cpu(), "classic", dtype=torch.bfloat16).float()
+        want = decay * x0[i].float().cpu() + coef * factors[i] * polar
+        tol = 2 * 2**-8 if p_dtype == torch.bfloat16 else 2**-10
+        assert (p.float().cpu() - want).abs().max().item() <= tol + 0.05 * abs(coef) * factors[i]
+    # Elements of the big tensor outside the parameter view are untouched.
+    mask = torch.ones(big.shape, dtype=torch.bool, device=device)
+    mask[1:, 5:45, 10:30] = False
+    assert torch.equal(big[mask], outside[mask])
+
+
+def test_bucket_above_one_argument_block(native):
+    """More matrices than one launch's argument block holds (48): the prologue and the update
+    run in several launches."""
+    _, device = native
+    G = torch.randn(100, 3, 5, device=device)
+    _check_polar(_polar(G, "classic", torch.bfloat16), G, "classic", torch.bfloat16)
+
+
+def test_workspace_and_tile_queries(native):
+    module, _ = native
+    assert module.ns_tile(768, 768) == 128
+    assert module.ns_tile(33, 129) == 64
+    assert module.ns_tile(33, 129, 128) == 128
+    small = module.ns_workspace_bytes(2, 33, 129)
+    # X, Y (64×192 each) and A, B (64×64 each) per matrix in 2 bytes, plus the chunk sums.
+    assert small >= 2 * (2 * 64 * 192 + 2 * 64 * 64) * 2
+    with pytest.raises(ValueError, match="tile"):
+        module.ns_tile(8, 8, 96)
+
+
+def test_invalid_arguments(native):
+    module, device = native
+    p = torch.zeros(1, 4, 8, device=device)
+    with pytest.raises(ValueError, match="compute dtype"):
+        _native.ns_step_([p], [p.clone()], [], [False], [1.0], 4, 8, torch.float32,
+                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="triples"):
+        module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 2.0], 1.0, 1.0, 1.0, 0, [p.data_ptr()],
+                       [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 0, 0, 0, 0)  # fmt: skip
+    with pytest.raises(ValueError, match="workspace"):
+        module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0, 0, [p.data_ptr()],
+                       [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 256, 16, 0, 0)  # fmt: skip
+
+
+def test_cpu_tensors_rejected_without_emulation(monkeypatch):
+    """The real module never takes CPU tensors: a clear error, before any address is used."""
+
+    class Module:  # stands in for a built module: no EMULATED flag
+        pass
+
+    monkeypatch.setattr(_native, "_native", Module())
+    monkeypatch.setattr(_native, "_native_tried", True)
+    p = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        _native.ns_step_([p], [p.clone()], [], [False], [1.0], 4, 8, torch.bfloat16,
+                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
