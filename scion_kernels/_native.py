@@ -20,9 +20,11 @@ from torch import Tensor
 
 __all__ = [
     "multi_tensor_average_",
+    "ns_step_",
     "multi_tensor_average_reference_",
     "native_available",
     "native_import_error",
+    "unavailable_reason",
 ]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -53,6 +55,19 @@ def native_import_error() -> str | None:
     """Why ``scion_kernels._C`` could not be imported, or ``None`` if it imports."""
     _import_native()
     return _native_error
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the native kernels (``backend="cuda"``) cannot run on ``device``, or ``None``."""
+    module = _import_native()
+    if module is None:
+        return (
+            f"the native module scion_kernels._C is not available ({_native_error}); it is "
+            "built at install time on a machine with a CUDA toolchain"
+        )
+    if not _runs_on(device, module):
+        return f"the native kernels run on CUDA tensors (got a {device.type} tensor)"
+    return None
 
 
 def _require_native() -> ModuleType:

@@ -27,8 +27,8 @@ from .norms import Norm, describe_misfit, make_norm
 
 __all__ = ["Scion", "ScionLight"]
 
-BACKENDS = ("auto", "torch", "triton")
-_LATER_BACKENDS = ("cuda",)
+BACKENDS = ("auto", "torch", "triton", "cuda")
+_FUSED_BACKENDS = ("triton", "cuda")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 _BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -112,8 +112,8 @@ class _ScionBase(torch.optim.Optimizer):
                 msg = describe_misfit(norm, p.shape, self._label(group, index, i))
                 if msg:
                     raise ValueError(msg)
-            if group["backend"] == "triton":
-                self._check_triton(group, index)
+            if group["backend"] in _FUSED_BACKENDS:
+                self._check_fused(group, index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -145,11 +145,6 @@ class _ScionBase(torch.optim.Optimizer):
         if not (0.0 < scale < math.inf):
             raise ValueError(f"Invalid scale {scale} in {where}: the radius ρ must be > 0, finite")
         backend = group["backend"]
-        if backend in _LATER_BACKENDS:
-            raise ValueError(
-                f"backend {backend!r} ({where}) is not available in this version of "
-                f"scion_kernels; use one of {BACKENDS}"
-            )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} in {where}; expected one of {BACKENDS}")
         buffer_dtype = group["buffer_dtype"]
@@ -225,7 +220,7 @@ class _ScionBase(torch.optim.Optimizer):
         for index, group, idx in work:
             params = [group["params"][i] for i in idx]
             rest = params
-            if group["backend"] == "triton":
+            if group["backend"] in _FUSED_BACKENDS:
                 rest = self._fused_step_(group, index, params)
             if rest:
                 directions = self._averaged(group, rest)
@@ -236,22 +231,26 @@ class _ScionBase(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------------ fused backends
-    def _check_triton(self, group: dict[str, Any], index: int) -> None:
-        from .kernels import unavailable_reason
-
+    def _check_fused(self, group: dict[str, Any], index: int) -> None:
+        backend = group["backend"]
+        if backend == "triton":
+            from .kernels import unavailable_reason
+        else:
+            from ._native import unavailable_reason
         for device in {p.device for p in group["params"]}:
             reason = unavailable_reason(device)
             if reason is not None:
-                raise ValueError(f"backend 'triton' (param group {index}): {reason}")
+                raise ValueError(f"backend {backend!r} (param group {index}): {reason}")
 
     def _fused_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
-        """Run the Triton step on the parameters it takes; return the others, untouched."""
+        """Run the fused step on the parameters it takes; return the others, untouched."""
         from .kernels.dispatch import fused_norm, fused_step_
 
         if not torch.compiler.is_compiling():  # a host-side check; compiled steps trust __init__
-            self._check_triton(group, index)
+            self._check_fused(group, index)
+        backend = group["backend"]
         norm = self._norm(group)
-        norms = [fused_norm(norm, p.shape) for p in params]
+        norms = [fused_norm(norm, p.shape, backend) for p in params]
         taken = [i for i, n in enumerate(norms) if n is not None]
         if not taken:
             return params
@@ -265,6 +264,7 @@ class _ScionBase(torch.optim.Optimizer):
             lr=float(group["lr"]),
             scale=float(group["scale"]),
             constrained=not group["unconstrained"],
+            backend=backend,
         )
         done = set(taken) - {taken[i] for i in left}
         return [p for i, p in enumerate(params) if i not in done]

@@ -446,7 +446,7 @@ def test_named_parameters_name_the_misfit():
         ({"norm": "Spectral", "norm_kwargs": {"stepz": 3}}, r"unknown option\(s\) \['stepz'\]"),
         ({"norm": "Spectral", "norm_kwargs": {"coefficients": "fast"}}, "coefficient set"),
         ({"norm": "Spectral", "norm_kwargs": {"steps": 0}}, "positive integer"),
-        ({"backend": "cuda"}, "not available in this version"),
+        ({"backend": "cuda"}, "backend .cuda."),
         ({"backend": "tpu"}, "unknown backend"),
         ({"buffer_dtype": torch.int32}, "buffer_dtype"),
         ({"nonfinite": "warn"}, "nonfinite must be one of"),

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _native
 from ..norms import Auto, Norm, Spectral
+from . import step_op
 from .newton_schulz import flatten, ns_step_op
 from .rowwise import ROWWISE_NORMS, rowwise_step_
 from .tables import view_strides, writable
@@ -28,15 +30,20 @@ __all__ = ["fused_norm", "fused_step_", "spectral_step_"]
 
 _NS_DTYPES = (torch.bfloat16, torch.float16)
 
+#: The native (``backend="cuda"``) bucket step, registered as ``scion_kernels::native_ns_step_``.
+native_ns_step_op = step_op("native_ns_step_", _native.ns_step_)
 
-def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
-    """The norm the kernels run for a parameter of ``shape`` (``Auto`` resolved), or ``None``."""
+
+def fused_norm(norm: Norm, shape: Sequence[int], backend: str = "triton") -> Norm | None:
+    """The norm ``backend``'s kernels run for a parameter of ``shape`` (``Auto`` resolved), or
+    ``None``. The native backend takes the Spectral family; its row-wise norms take the
+    reference path."""
     if isinstance(norm, Auto):
         norm = norm.pick(shape)
     if isinstance(norm, Spectral):
         ok = norm.polar == "newton_schulz" and norm.ns_dtype in _NS_DTYPES
         return norm if ok else None
-    return norm if isinstance(norm, ROWWISE_NORMS) else None
+    return norm if backend == "triton" and isinstance(norm, ROWWISE_NORMS) else None
 
 
 def fused_step_(
@@ -44,12 +51,14 @@ def fused_step_(
     grads: Sequence[Tensor],
     bufs: Sequence[Tensor] | None,
     norms: Sequence[Norm],
+    backend: str = "triton",
     **options: Any,
 ) -> list[int]:
-    """The Scion step on every parameter the kernels take (``norms`` from :func:`fused_norm`);
-    returns the indices of the others. ``options``: ``alpha``, ``lr``, ``scale``,
-    ``constrained``."""
+    """The Scion step on every parameter ``backend``'s kernels take (``norms`` from
+    :func:`fused_norm`); returns the indices of the others. ``options``: ``alpha``, ``lr``,
+    ``scale``, ``constrained``."""
     left: list[int] = []
+    ns_op = native_ns_step_op if backend == "cuda" else ns_step_op
     for spectral, step in ((True, spectral_step_), (False, rowwise_step_)):
         idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
         if not idx:
@@ -60,6 +69,7 @@ def fused_step_(
             None if bufs is None else [bufs[i] for i in idx],
             [norms[i] for i in idx],
             **options,
+            **({"op": ns_op} if spectral else {}),
         )
         left.extend(idx[j] for j in rest)
     return sorted(left)
@@ -75,6 +85,7 @@ def spectral_step_(
     lr: float,
     scale: float,
     constrained: bool,
+    op: Any = ns_step_op,
 ) -> list[int]:
     """The whole Scion step for the parameters the kernels can take; returns the others.
 
@@ -83,8 +94,8 @@ def spectral_step_(
 
         d ← (1 − α)·d + α·g;   x ← (1 − γ)·x − γ·ρ·s·polar(d)   (or x ← x − γ·ρ·s·polar(d))
 
-    One ``scion_kernels::ns_step_`` call per bucket. Returns the indices of the parameters left
-    for the reference path.
+    One ``op`` call (``scion_kernels::ns_step_``, or the native one) per bucket. Returns the
+    indices of the parameters left for the reference path.
     """
     left: list[int] = []
     buckets: dict[tuple, list[tuple[int, bool]]] = {}
@@ -107,7 +118,7 @@ def spectral_step_(
     for key, members in buckets.items():
         _, m, n, ns_dtype, table = key[:5]
         idx = [i for i, _ in members]
-        ns_step_op(
+        op(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
