@@ -44,6 +44,13 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$SCION_PY" -m pytest -q -m gpu tests/test_native.py 2>&1 | tail -n 20 | tee "$OUT/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer ($tool) on the native Newton–Schulz GPU tests"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$SCION_PY" -m pytest -q -k "gpu and not optimizer" tests/test_native_ns.py 2>&1 \
+      | tail -n 20 | tee -a "$OUT/sanitizer.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 
 echo "== sm_90a compile report (this machine's Triton)"

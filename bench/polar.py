@@ -133,6 +133,13 @@ def _triton(coefficients: str | None) -> PolarFn:
     return functools.partial(polar, coefficients=table)
 
 
+def _native(coefficients: str | None) -> PolarFn:
+    from scion_kernels._native import polar
+
+    table = resolve_coefficients(coefficients or "classic", STEPS)
+    return functools.partial(polar, coefficients=table)
+
+
 def _svd(coefficients: str | None) -> PolarFn:
     def polar(G: Tensor) -> Tensor:
         U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
@@ -205,6 +212,13 @@ def backends(ctx: Context) -> dict[str, Backend]:
         table["triton"] = Backend(_triton, note="scion_kernels.kernels.newton_schulz.polar")
     else:
         ctx.log("polar: triton skipped: the Triton kernels are timed on CUDA devices only")
+    from scion_kernels._native import unavailable_reason
+
+    why = unavailable_reason(ctx.device)
+    if why is None:
+        table["cuda"] = Backend(_native, note="scion_kernels._native.polar (CUDA C++)")
+    else:
+        ctx.log(f"polar: cuda skipped: {why}")
     for name, probe in (
         ("torch.optim.Muon", _torch_muon),
         ("pytorch_optimizer.SCION", _pytorch_optimizer),

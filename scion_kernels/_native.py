@@ -21,6 +21,8 @@ from torch import Tensor
 __all__ = [
     "multi_tensor_average_",
     "ns_step_",
+    "polar",
+    "rowwise_step_",
     "multi_tensor_average_reference_",
     "native_available",
     "native_import_error",
@@ -346,3 +348,92 @@ def ns_step_(
         where = f"{batch} matrices of {m}×{n} on {device}"
         raise RuntimeError(f"{op} failed for {where}: {exc}") from exc
     del buf  # freed in stream order: the allocator hands it out only to later work
+
+
+def polar(
+    G: Tensor,
+    coefficients: Sequence[Sequence[float]],
+    dtype: torch.dtype = torch.bfloat16,
+    tile: int = 0,
+) -> Tensor:
+    """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
+    kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``.
+    ``coefficients`` are the per-step ``(a, b, c)`` triples. Returns float32 of ``G``'s shape
+    (holding values rounded to ``dtype``)."""
+    if G.ndim < 2:
+        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    r, c = G.shape[-2:]
+    out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
+    if G.numel() == 0:
+        return out
+    flat = [float(v) for triple in coefficients for v in triple]
+    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, flat, 1.0, 1.0, 1.0,
+             tile)  # fmt: skip
+    return out
+
+
+# --- Sign, ColNorm, RowNorm, BiasRMS -----------------------------------------------------------
+
+
+def rowwise_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    shapes: list[int],
+    columns: list[bool],
+    q: list[float],
+    eps: list[float],
+    sign: bool,
+    whole: bool,
+    alpha: float,
+    coef: float,
+    decay: float,
+) -> None:
+    """Sign or ℓ2 groups of many tensors with the native kernel, in one launch: tensor ``i`` is
+    seen as ``(-1, r, c)`` matrices (``r, c = shapes[2i:2i+2]``, a view, with the same strides
+    for ``x``, ``g`` and ``d``) whose groups are rows (columns where ``columns[i]``); for every
+    group::
+
+        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
+        x ← decay·x + coef·u,   u = d/(‖d‖₂·q + ε)   or, with ``sign``, u = sign(d)·q
+
+    ``whole``: every tensor is one group (BiasRMS). Arguments as the Triton ``rowwise_step_``.
+    """
+    from .kernels.tables import matrix_rows
+
+    op = "rowwise_step_"
+    native = _require_native()
+    if not params:
+        return
+    device = params[0].device
+    p_addr, g_addr, d_addr, layout, qs, epss = [], [], [], [], [], []
+    for i, p in enumerate(params):
+        d = bufs[i] if bufs else grads[i]
+        for t in (p, grads[i], d):
+            _native_device(t, native, op)
+            if t.device != device:
+                raise ValueError(f"{op}: all tensors must be on {device}; got one on {t.device}")
+        r, c = shapes[2 * i], shapes[2 * i + 1]
+        shape = (p.numel() // (r * c), r, c)
+        groups, length = (c, r) if columns[i] else (r, c)
+        mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
+        for (pa, gs, es), (ga, *_), (da, *_) in zip(*mats, strict=True):
+            p_addr.append(pa)
+            g_addr.append(ga)
+            if bufs:
+                d_addr.append(da)
+            layout.extend((groups, length, gs, es))
+            qs.append(float(q[i]))
+            epss.append(float(eps[i]))
+    dtypes = (params[0].dtype, grads[0].dtype, bufs[0].dtype if bufs else None)
+    for dt in dtypes:
+        if dt is not None and dt not in _CODES:
+            raise TypeError(f"{op}: unsupported dtype {dt}")
+    try:
+        native.rowwise_step(
+            p_addr, g_addr, d_addr, layout, qs, epss, _CODES[dtypes[0]], _CODES[dtypes[1]],
+            _CODES[dtypes[2]] if bufs else -1, bool(sign), float(alpha), float(coef),
+            float(decay), device.index or 0, _stream(device),
+        )  # fmt: skip
+    except RuntimeError as exc:
+        raise RuntimeError(f"{op} failed for {len(p_addr)} tensors on {device}: {exc}") from exc

@@ -250,7 +250,7 @@ class _ScionBase(torch.optim.Optimizer):
             self._check_fused(group, index)
         backend = group["backend"]
         norm = self._norm(group)
-        norms = [fused_norm(norm, p.shape, backend) for p in params]
+        norms = [fused_norm(norm, p.shape) for p in params]
         taken = [i for i, n in enumerate(norms) if n is not None]
         if not taken:
             return params

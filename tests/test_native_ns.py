@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from scion_kernels import _native
-from scion_kernels.kernels.newton_schulz import flatten
 from scion_kernels.newton_schulz import newton_schulz, polar_svd, resolve_coefficients
 
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -34,13 +33,7 @@ def native(request):
 
 
 def _polar(G: torch.Tensor, coefficients: str, dtype: torch.dtype, tile: int = 0) -> torch.Tensor:
-    """polar(G) of every matrix of the stack G through the step: x = 0, decay 1, coef 1, d = g."""
-    r, c = G.shape[-2:]
-    p = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
-    coeffs = flatten(resolve_coefficients(coefficients))
-    _native.ns_step_([p], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, coeffs,
-                     1.0, 1.0, 1.0, tile)  # fmt: skip
-    return p
+    return _native.polar(G, resolve_coefficients(coefficients), dtype, tile)
 
 
 def _check_polar(got: torch.Tensor, G: torch.Tensor, coefficients: str, dtype: torch.dtype):
@@ -122,7 +115,7 @@ def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype):
     factors = [1.5, 0.5]
     x0 = [p.clone() for p in params]
     d0 = [b.clone() for b in bufs]
-    coeffs = flatten(resolve_coefficients("classic"))
+    coeffs = [v for triple in resolve_coefficients("classic") for v in triple]
     _native.ns_step_(params, grads, bufs, tall, factors, 20, 40, torch.bfloat16, coeffs,
                      alpha, coef, decay)  # fmt: skip
 
@@ -197,7 +190,7 @@ def test_cpu_tensors_rejected_without_emulation(monkeypatch):
 @pytest.mark.parametrize("unconstrained", [False, True])
 def test_optimizer_backend_cuda_matches_reference(native, optimizer, unconstrained):
     """``backend="cuda"`` against ``backend="torch"`` over 8 steps of a small MLP (Spectral on
-    the weights through the native step, BiasRMS on the biases through the reference).
+    the weights, BiasRMS on the biases, both through the native kernels).
 
     Teacher-forced: before each step the native run takes the reference run's parameters,
     gradients and optimizer state, so the comparison is of one step at a time (free-running
@@ -246,3 +239,42 @@ def test_optimizer_backend_cuda_rejects_cpu_without_emulation():
     p = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match="backend 'cuda'"):
         scion_kernels.Scion([p], backend="cuda")
+
+
+@pytest.mark.parametrize("norm", ["Sign", "ColNorm", "RowNorm", "BiasRMS", "ColNorm-T"])
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("buffer", [False, True])
+def test_rowwise_matches_reference(native, norm, p_dtype, buffer):
+    """The native row-wise step (csrc/rowwise.cu) against the reference LMO and update, on
+    tall, wide, single-row and stacked parameters and a transposed view; both thread layouts
+    (a warp per row, a lane per column) are exercised."""
+    from scion_kernels.kernels.dispatch import fused_norm, fused_step_
+    from scion_kernels.norms import make_norm
+
+    _, device = native
+    kwargs = {"transpose": True} if norm == "ColNorm-T" else {}
+    lmo = make_norm(norm.split("-")[0], kwargs)
+    shapes = [(5,), (300,)] if norm == "BiasRMS" else [(33, 7), (7, 300), (1, 65), (3, 4, 9)]
+    params = [torch.randn(s, device=device).to(p_dtype) for s in shapes]
+    if norm != "BiasRMS":
+        params.append(torch.randn(40, 20, device=device).to(p_dtype).T)  # a transposed view
+    # Same strides as the parameter (the transposed view too): the kernel's one layout per tensor.
+    grads = [torch.randn_like(p, dtype=torch.float32) for p in params]
+    bufs = [torch.randn_like(p, dtype=torch.float32) for p in params] if buffer else None
+    alpha, lr, scale = 0.2, 0.1, 2.0
+    d_want = [(1 - alpha) * b + alpha * g for b, g in zip(bufs or [], grads, strict=False)]
+    want = []
+    for i, p in enumerate(params):
+        d = (1 - alpha) * bufs[i] + alpha * grads[i] if buffer else grads[i]
+        u = lmo.lmo(d.float().cpu())
+        want.append(((1 - lr) * p.float().cpu() - lr * scale * u.float()).to(p_dtype))
+    norms = [fused_norm(lmo, p.shape) for p in params]
+    assert all(n is not None for n in norms)
+    left = fused_step_(params, grads, bufs, norms, backend="cuda", alpha=alpha, lr=lr,
+                       scale=scale, constrained=True)  # fmt: skip
+    assert left == []
+    tol = 2**-7 if p_dtype == torch.bfloat16 else 1e-5
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.cpu().float(), w.float(), rtol=tol, atol=tol)
+    for b, w in zip(bufs or [], d_want, strict=True):
+        torch.testing.assert_close(b, w, rtol=1e-6, atol=1e-6)

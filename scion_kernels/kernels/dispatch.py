@@ -23,27 +23,28 @@ from .. import _native
 from ..norms import Auto, Norm, Spectral
 from . import step_op
 from .newton_schulz import flatten, ns_step_op
-from .rowwise import ROWWISE_NORMS, rowwise_step_
+from .rowwise import ROWWISE_NORMS, rowwise_step_, rowwise_step_op
 from .tables import view_strides, writable
 
 __all__ = ["fused_norm", "fused_step_", "spectral_step_"]
 
 _NS_DTYPES = (torch.bfloat16, torch.float16)
 
-#: The native (``backend="cuda"``) bucket step, registered as ``scion_kernels::native_ns_step_``.
+#: The native (``backend="cuda"``) steps, as ops ``scion_kernels::native_ns_step_`` (one call per
+#: Newton–Schulz bucket) and ``scion_kernels::native_rowwise_step_`` (one per row-wise launch).
 native_ns_step_op = step_op("native_ns_step_", _native.ns_step_)
+native_rowwise_step_op = step_op("native_rowwise_step_", _native.rowwise_step_)
 
 
-def fused_norm(norm: Norm, shape: Sequence[int], backend: str = "triton") -> Norm | None:
-    """The norm ``backend``'s kernels run for a parameter of ``shape`` (``Auto`` resolved), or
-    ``None``. The native backend takes the Spectral family; its row-wise norms take the
-    reference path."""
+def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
+    """The norm the kernels (Triton or native: the same set) run for a parameter of ``shape``
+    (``Auto`` resolved), or ``None``."""
     if isinstance(norm, Auto):
         norm = norm.pick(shape)
     if isinstance(norm, Spectral):
         ok = norm.polar == "newton_schulz" and norm.ns_dtype in _NS_DTYPES
         return norm if ok else None
-    return norm if backend == "triton" and isinstance(norm, ROWWISE_NORMS) else None
+    return norm if isinstance(norm, ROWWISE_NORMS) else None
 
 
 def fused_step_(
@@ -58,7 +59,9 @@ def fused_step_(
     :func:`fused_norm`); returns the indices of the others. ``options``: ``alpha``, ``lr``,
     ``scale``, ``constrained``."""
     left: list[int] = []
-    ns_op = native_ns_step_op if backend == "cuda" else ns_step_op
+    native = backend == "cuda"
+    ns_op = native_ns_step_op if native else ns_step_op
+    row_op = native_rowwise_step_op if native else rowwise_step_op
     for spectral, step in ((True, spectral_step_), (False, rowwise_step_)):
         idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
         if not idx:
@@ -69,7 +72,7 @@ def fused_step_(
             None if bufs is None else [bufs[i] for i in idx],
             [norms[i] for i in idx],
             **options,
-            **({"op": ns_op} if spectral else {}),
+            op=ns_op if spectral else row_op,
         )
         left.extend(idx[j] for j in rest)
     return sorted(left)

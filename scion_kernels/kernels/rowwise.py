@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -131,14 +132,17 @@ def rowwise_step_(
     lr: float,
     scale: float,
     constrained: bool,
+    op: Any = None,
 ) -> list[int]:
     """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
 
     ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
     (``bufs`` ``None``: ``d = g``), one ``scion_kernels::rowwise_step_`` call per kind and
-    dtype combination. A parameter whose ``x``, ``g`` and ``d`` cannot all be seen as the same
-    strided matrices without a copy is left for the reference path.
+    dtype combination (``op``: that op, default the Triton one). A parameter whose ``x``, ``g``
+    and ``d`` cannot all be seen as the same strided matrices without a copy is left for the
+    reference path.
     """
+    op = rowwise_step_op if op is None else op
     left: list[int] = []
     launches: dict[tuple, list[tuple[int, int, int, bool, float, float]]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
@@ -162,7 +166,7 @@ def rowwise_step_(
     decay = 1.0 - lr if constrained else 1.0
     for (_, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
-        rowwise_step_op(
+        op(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
