@@ -63,5 +63,11 @@ bench_args=("$@")
 "$SCION_PY" -m bench "${bench_args[@]}" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== backend=\"auto\" table from these timings (copy $OUT/_backend_table.py to scion_kernels/)"
+if ls "$OUT"/bench/*.json >/dev/null 2>&1; then
+  "$SCION_PY" -m bench.choose_backends "$OUT"/bench/*.json 2>&1 | tee "$OUT/choose_backends.log"
+  cp scion_kernels/_backend_table.py "$OUT/_backend_table.py"
+fi
+
 echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED)" | tee -a "$OUT/env.txt"
 exit $status

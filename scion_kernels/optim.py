@@ -221,7 +221,9 @@ class _ScionBase(torch.optim.Optimizer):
             params = [group["params"][i] for i in idx]
             rest = params
             if group["backend"] in _FUSED_BACKENDS:
-                rest = self._fused_step_(group, index, params)
+                rest = self._fused_step_(group, index, params, group["backend"])
+            elif group["backend"] == "auto":
+                rest = self._auto_step_(group, index, params)
             if rest:
                 directions = self._averaged(group, rest)
                 updates = self._norm(group).lmo_many(directions)
@@ -242,13 +244,36 @@ class _ScionBase(torch.optim.Optimizer):
             if reason is not None:
                 raise ValueError(f"backend {backend!r} (param group {index}): {reason}")
 
-    def _fused_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
-        """Run the fused step on the parameters it takes; return the others, untouched."""
+    def _auto_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
+        """``backend="auto"``: each parameter's backend from the timing table (by device and
+        shape class); runs the fused ones, returns those left for the reference."""
+        if all(p.device.type != "cuda" for p in params):
+            return params  # the table covers GPUs only
+        from ._auto import choose, shape_class
+
+        norm = self._norm(group)
+        chosen: dict[str, list[Tensor]] = {}
+        for p in params:
+            chosen.setdefault(choose(p.device, shape_class(norm, p.shape)), []).append(p)
+        rest = chosen.pop("torch", [])
+        for backend, subset in chosen.items():
+            rest.extend(self._fused_step_(group, index, subset, backend, checked=True))
+        return rest
+
+    def _fused_step_(
+        self,
+        group: dict[str, Any],
+        index: int,
+        params: list[Tensor],
+        backend: str,
+        checked: bool = False,
+    ) -> list[Tensor]:
+        """Run ``backend``'s fused step on the parameters it takes; return the others,
+        untouched. ``checked``: the backend is known to run on these devices."""
         from .kernels.dispatch import fused_norm, fused_step_
 
-        if not torch.compiler.is_compiling():  # a host-side check; compiled steps trust __init__
+        if not (checked or torch.compiler.is_compiling()):  # compiled steps trust __init__
             self._check_fused(group, index)
-        backend = group["backend"]
         norm = self._norm(group)
         norms = [fused_norm(norm, p.shape) for p in params]
         taken = [i for i, n in enumerate(norms) if n is not None]
@@ -354,7 +379,10 @@ class Scion(_ScionBase):
         backend: ``"torch"`` (the pure-PyTorch reference, batched), ``"triton"`` (the fused
             Triton step: Spectral-family parameters with bf16/fp16 Newton–Schulz, and Sign,
             ColNorm, RowNorm, BiasRMS; parameters it cannot take, e.g. ``polar="svd"``, take
-            the reference path), or ``"auto"`` (currently the reference).
+            the reference path), ``"cuda"`` (the native CUDA C++ step, the same parameters),
+            or ``"auto"``: per device and shape class, the backend the committed timing table
+            (``scion_kernels/_backend_table.py``, from ``python -m bench.choose_backends``)
+            names, and the reference where it names none (every device, for now).
         buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's).
         nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``

@@ -328,3 +328,53 @@ def test_compiled_step_matches_eager(native, optimizer):
     )
     # Buckets: 20×36 with 36×20, and 24×24; one row-wise launch per group of BiasRMS and Sign.
     assert ops == ["scion_kernels.native_ns_step_"] * 2 + ["scion_kernels.native_rowwise_step_"] * 2
+
+
+def test_auto_table_choice(monkeypatch):
+    """``backend="auto"``: the table's choice per device and class where that backend can run,
+    the reference elsewhere."""
+    from scion_kernels import _auto
+    from scion_kernels.norms import make_norm
+
+    assert _auto.shape_class(make_norm("Spectral", {}), (768, 3072)) == "spectral-medium"
+    assert _auto.shape_class(make_norm("Auto", {}), (4096, 4096)) == "spectral-large"
+    assert _auto.shape_class(make_norm("Auto", {}), (768,)) == "rowwise"
+    table = {"Fake GPU": {"spectral-large": "triton", "rowwise": "cuda"}}
+    monkeypatch.setattr(_auto, "TABLE", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    _auto._choose.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert _auto.choose(cuda, "spectral-large") == "triton"
+        assert _auto.choose(cuda, "spectral-small") == "torch"  # not in the table
+        assert _auto.choose(cuda, "rowwise") == ("cuda" if _native.native_available() else "torch")
+        assert _auto.choose(torch.device("cpu"), "spectral-large") == "torch"
+    finally:
+        _auto._choose.cache_clear()
+
+
+def test_choose_backends_from_results(tmp_path):
+    from bench.choose_backends import choose, write
+
+    def polar(backend, shape, ms, err):
+        return {"bench": "polar", "backend": backend, "shape": shape, "ms": ms,
+                "coefficients": "classic", "dtype": "bfloat16", "rel_err": err}  # fmt: skip
+
+    rows = [
+        polar("torch", [12, 768, 768], 2.0, 0.1), polar("triton", [12, 768, 768], 1.0, 0.1),
+        polar("cuda", [12, 768, 768], 1.5, 0.1),
+        polar("torch", [1, 4096, 4096], 5.0, 0.1), polar("triton", [1, 4096, 4096], 2.0, 0.5),
+        polar("cuda", [1, 4096, 4096], 3.0, 0.15),
+        {"bench": "step", "backend": "cuda", "optimizer": "Scion", "ms": 3.0},
+        {"bench": "step", "backend": "torch", "optimizer": "Scion", "ms": 9.0},
+    ]  # fmt: skip
+    table = choose([{"device": "Fake GPU", "rows": rows}])
+    # Triton is faster at 4096 but its error is above twice the reference's: not eligible.
+    assert table == {"Fake GPU": {"rowwise": "cuda", "spectral-large": "cuda",
+                                  "spectral-medium": "triton"}}  # fmt: skip
+    path = tmp_path / "table.py"
+    path.write_text('"""doc"""\n\nTABLE: dict[str, dict[str, str]] = {}\n')
+    write(table, path)
+    namespace: dict = {}
+    exec(path.read_text(), namespace)
+    assert namespace["TABLE"] == table and namespace["__doc__"] == "doc"

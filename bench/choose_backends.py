@@ -1,0 +1,97 @@
+"""Regenerate ``scion_kernels/_backend_table.py``, the table behind ``backend="auto"``.
+
+    python -m bench.choose_backends bench/results/<device>/full.json [more results ...]
+
+For every GPU in the given benchmark results (JSON written by ``python -m bench``), per class:
+
+- ``spectral-small|medium|large`` (short side < 256, < 1024, ≥ 1024): among ``torch``,
+  ``triton`` and ``cuda``, the backend with the least total time over the polar shapes of the
+  class that every candidate ran (same coefficient set and dtype); a fused backend whose
+  ``rel_err`` on some shape exceeds twice the reference's is not eligible for the class.
+- ``rowwise``: the backend of the fastest whole ``Scion`` step (the row-wise parameters are
+  a small part of a step, and the step benchmark is where they run).
+
+Devices already in the table and absent from the results are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pprint
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from scion_kernels._auto import spectral_class
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE_FILE = ROOT / "scion_kernels" / "_backend_table.py"
+CANDIDATES = ("torch", "triton", "cuda")
+
+
+def choose(results: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """``{device: {class: backend}}`` from benchmark result files' contents."""
+    table: dict[str, dict[str, str]] = {}
+    for data in results:
+        device, rows = data["device"], data["rows"]
+        polar: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in rows:
+            if r.get("bench") == "polar" and r.get("backend") in CANDIDATES:
+                key = (tuple(r["shape"]), r.get("coefficients"), r.get("dtype"))
+                polar[key][r["backend"]] = r
+        totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        barred: dict[str, set[str]] = defaultdict(set)
+        for (shape, _, _), by_backend in polar.items():
+            if set(by_backend) != {b for b in CANDIDATES if _ran(rows, b)}:
+                continue  # compare only shapes every candidate ran
+            kind = spectral_class(min(shape[-2:]))
+            ref_err = by_backend.get("torch", {}).get("rel_err")
+            for backend, r in by_backend.items():
+                totals[kind][backend] += r["ms"]
+                err = r.get("rel_err")
+                if backend != "torch" and ref_err is not None and err is not None:
+                    if err > 2 * ref_err:
+                        barred[kind].add(backend)
+        choice = {}
+        for kind, per_backend in totals.items():
+            eligible = {b: ms for b, ms in per_backend.items() if b not in barred[kind]}
+            if eligible:
+                choice[kind] = min(eligible, key=eligible.__getitem__)
+        steps = [r for r in rows if r.get("bench") == "step" and r.get("optimizer") == "Scion"
+                 and r.get("backend") in CANDIDATES]  # fmt: skip
+        if steps:
+            choice["rowwise"] = min(steps, key=lambda r: r["ms"])["backend"]
+        if choice:
+            table[device] = dict(sorted(choice.items()))
+    return table
+
+
+def _ran(rows: list[dict[str, Any]], backend: str) -> bool:
+    return any(r.get("bench") == "polar" and r.get("backend") == backend for r in rows)
+
+
+def write(table: dict[str, dict[str, str]], path: Path = TABLE_FILE) -> None:
+    """Rewrite the ``TABLE = ...`` assignment of ``path``, keeping its docstring."""
+    text = path.read_text()
+    head = text[: text.index("TABLE:")]
+    body = pprint.pformat(table, width=96, sort_dicts=True)
+    path.write_text(f"{head}TABLE: dict[str, dict[str, str]] = {body}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files")
+    args = parser.parse_args(argv)
+    from scion_kernels._backend_table import TABLE
+
+    table = dict(TABLE)
+    table.update(choose([json.loads(p.read_text()) for p in args.results]))
+    write(table)
+    print(f"{TABLE_FILE.relative_to(ROOT)}: {len(table)} device(s)")
+    for device, choice in table.items():
+        print(f"  {device}: {choice}")
+
+
+if __name__ == "__main__":
+    main()
