@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <type_traits>
 
 #include "device.cuh"
@@ -230,6 +231,67 @@ GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int
   return g;
 }
 
+// One k16 slice of a warp's (16·kMI)×(8·kNI) tile from shared memory: acc += A·B with A rows
+// a_row.. of `sa` (row-major, k along rows, leading dimension lda) and B either as rows of Bᵀ
+// (b_col.. of `sb`, k along rows: X·Xᵀ-type products) or, with kTransB, as rows k of B
+// (columns b_col..: B·X-type products). `kk` is the slice's first k.
+template <typename T, int kMI, int kNI, bool kTransB>
+__device__ __forceinline__ void warp_mma_k16(float (&acc)[kMI][kNI][4], const T* sa, int lda,
+                                             int a_row, const T* sb, int ldb, int b_col, int kk,
+                                             int lane) {
+  uint32_t af[kMI][4];
+  uint32_t bf[kNI][2];
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    const int r = a_row + i * 16 + lane % 16;
+    ldmatrix_x4<false>(af[i], sa + r * lda + kk + (lane / 16) * 8);
+  }
+  SCION_UNROLL
+  for (int j = 0; j < kNI; j += 2) {
+    uint32_t r4[4];
+    if constexpr (kTransB) {
+      const int k = kk + ((lane / 8) % 2) * 8 + lane % 8;
+      const int n = b_col + j * 8 + (lane / 16) * 8;
+      ldmatrix_x4<true>(r4, sb + k * ldb + n);
+    } else {
+      const int n = b_col + j * 8 + (lane / 16) * 8 + lane % 8;
+      const int k = kk + ((lane / 8) % 2) * 8;
+      ldmatrix_x4<false>(r4, sb + n * ldb + k);
+    }
+    bf[j][0] = r4[0];
+    bf[j][1] = r4[1];
+    bf[j + 1][0] = r4[2];
+    bf[j + 1][1] = r4[3];
+  }
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < kNI; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
+  }
+}
+
+// Calls f(element, row, column) for every accumulator element of a warp's tile whose top-left
+// element is (row0, col0), in the mma.m16n8k16 C layout.
+template <int kMI, int kNI, typename F>
+__device__ __forceinline__ void for_each_acc(float (&acc)[kMI][kNI][4], int row0, int col0,
+                                             int lane, F&& f) {
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < kNI; ++j) {
+      SCION_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        f(acc[i][j][e], row0 + i * 16 + lane / 4 + (e / 2) * 8, col0 + j * 8 + 2 * (lane % 4) + e % 2);
+      }
+    }
+  }
+}
+
+template <int kMI, int kNI>
+__device__ __forceinline__ void zero(float (&acc)[kMI][kNI][4]) {
+  for_each_acc(acc, 0, 0, 0, [](float& v, int, int) { v = 0.0f; });
+}
+
 // Maps a linear index over the upper-triangle tiles (ti ≤ tj), row by row.
 __device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int& tj) {
   ti = 0;
@@ -301,14 +363,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   };
 
   float acc[Cfg::kMI][Cfg::kNI][4];
-  SCION_UNROLL
-  for (int i = 0; i < Cfg::kMI; ++i) {
-    SCION_UNROLL
-    for (int j = 0; j < Cfg::kNI; ++j) {
-      SCION_UNROLL
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-    }
-  }
+  zero(acc);
 
   const int ktiles = args.k / kK;
   SCION_UNROLL
@@ -328,35 +383,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const T* sb = stage_b(kt % kStages);
     SCION_UNROLL
     for (int kk = 0; kk < kK; kk += 16) {
-      uint32_t af[Cfg::kMI][4];
-      uint32_t bf[Cfg::kNI][2];
-      SCION_UNROLL
-      for (int i = 0; i < Cfg::kMI; ++i) {
-        const int r = warp_m * Cfg::kWarpM + i * 16 + lane % 16;
-        ldmatrix_x4<false>(af[i], sa + r * Cfg::kRowA + kk + (lane / 16) * 8);
-      }
-      SCION_UNROLL
-      for (int j = 0; j < Cfg::kNI; j += 2) {
-        uint32_t r4[4];
-        if constexpr (kTransB) {
-          const int k = kk + ((lane / 8) % 2) * 8 + lane % 8;
-          const int n = warp_n * Cfg::kWarpN + j * 8 + (lane / 16) * 8;
-          ldmatrix_x4<true>(r4, sb + k * Cfg::kRowT + n);
-        } else {
-          const int n = warp_n * Cfg::kWarpN + j * 8 + (lane / 16) * 8 + lane % 8;
-          const int k = kk + ((lane / 8) % 2) * 8;
-          ldmatrix_x4<false>(r4, sb + n * Cfg::kRowA + k);
-        }
-        bf[j][0] = r4[0];
-        bf[j][1] = r4[1];
-        bf[j + 1][0] = r4[2];
-        bf[j + 1][1] = r4[3];
-      }
-      SCION_UNROLL
-      for (int i = 0; i < Cfg::kMI; ++i) {
-        SCION_UNROLL
-        for (int j = 0; j < Cfg::kNI; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
-      }
+      warp_mma_k16<T, Cfg::kMI, Cfg::kNI, kTransB>(acc, sa, Cfg::kRowA, warp_m * Cfg::kWarpM, sb,
+                                                   kTransB ? Cfg::kRowT : Cfg::kRowA,
+                                                   warp_n * Cfg::kWarpN, kk, lane);
     }
   }
   cp_async_wait<0>();
@@ -366,38 +395,164 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
   T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
   const bool mirror = kProduct != Product::kApply && ti != tj;
-  const int g = lane / 4;
-  const int t = lane % 4;
-  SCION_UNROLL
-  for (int i = 0; i < Cfg::kMI; ++i) {
-    SCION_UNROLL
-    for (int j = 0; j < Cfg::kNI; ++j) {
-      SCION_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int r = row0 + warp_m * Cfg::kWarpM + i * 16 + g + (e / 2) * 8;
-        const int c = col0 + warp_n * Cfg::kWarpN + j * 8 + 2 * t + e % 2;
-        float v = args.acc_scale * acc[i][j][e];
-        if constexpr (kProduct != Product::kGram) {
-          v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+  for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
+               [&](float a_rc, int r, int c) {
+    float v = args.acc_scale * a_rc;
+    if constexpr (kProduct != Product::kGram) {
+      v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]),
+                    v);
+    }
+    const T rounded = Operand<T>::from(v);
+    if constexpr (kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value) {
+      if (args.update) {
+        if (r < upd.m && c < upd.n) {
+          const UpdateRef& ref = upd.refs[local];
+          const int64_t at = r * ref.rs + c * ref.cs;
+          const float x = load_as_float(ref.p, at, upd.p_dtype);
+          const float u = ref.scale * Operand<T>::to(rounded);
+          store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
         }
-        const T rounded = Operand<T>::from(v);
-        if constexpr (kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value) {
-          if (args.update) {
-            if (r < upd.m && c < upd.n) {
-              const UpdateRef& ref = upd.refs[local];
-              const int64_t at = r * ref.rs + c * ref.cs;
-              const float x = load_as_float(ref.p, at, upd.p_dtype);
-              const float u = ref.scale * Operand<T>::to(rounded);
-              store_from_float(ref.p, at, upd.p_dtype,
-                               __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
-            }
-            continue;
-          }
-        }
-        out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
-        if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
+        return;
       }
     }
+    out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
+    if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Small matrices (m ≤ 64, n ≤ 512 after orienting): the whole step of a matrix in one block,
+// every intermediate in shared memory, all matrices of the bucket in one launch.
+
+constexpr int kSmallM = 64;
+constexpr int kSmallMaxN = 512;
+constexpr int kSmallThreads = 128;  // 2×2 warps of 32×32 output each
+constexpr int kSmallRefs = 40;
+constexpr int kSmallLdA = kSmallM + 8;
+constexpr size_t kSmallSumsBytes = 1280;  // (kSmallThreads + 1) doubles, rounded up
+
+struct SmallRef {
+  const void* g;
+  void* d;
+  void* p;
+  int64_t g_rs, g_cs, d_rs, d_cs, p_rs, p_cs;  // oriented (wide) strides
+  float scale;
+};
+
+struct SmallArgs {
+  SmallRef refs[kSmallRefs];
+  int32_t m, n, n_pad, steps;
+  float coef[3 * kMaxSteps];
+  scion_dtype p_dtype, g_dtype, d_dtype;
+  bool has_buffer;
+  float alpha, beta, update_coef, decay;
+};
+static_assert(sizeof(SmallArgs) <= 4096, "kernel argument block exceeds 4 KB");
+
+size_t small_smem_bytes(int64_t n_pad) {
+  return kSmallSumsBytes + 2 * (kSmallM * (n_pad + 8) + 2 * kSmallM * kSmallLdA);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_constant__ SmallArgs a) {
+  unsigned char* raw = dynamic_smem();
+  double* sums = reinterpret_cast<double*>(raw);
+  const int ldx = a.n_pad + 8;
+  T* X = reinterpret_cast<T*>(raw + kSmallSumsBytes);
+  T* A = X + kSmallM * ldx;
+  T* B = A + kSmallM * kSmallLdA;
+  const SmallRef& ref = a.refs[blockIdx.x];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp_m = (tid / 32) / 2;
+  const int warp_n = (tid / 32) % 2;
+
+  // Averaging and Σd² in fp64 (fixed order), then X₀ = d·(1/‖d‖), zero-padded.
+  double ssq = 0.0;
+  for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
+    const int i = e / a.n;
+    const int j = e % a.n;
+    float v = load_as_float(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype);
+    if (a.has_buffer) {
+      const int64_t at = i * ref.d_rs + j * ref.d_cs;
+      const float old = load_as_float(ref.d, at, a.d_dtype);
+      v = store_from_float(ref.d, at, a.d_dtype, __fmaf_rn(a.alpha, v, __fmul_rn(a.beta, old)));
+    }
+    ssq += static_cast<double>(v) * static_cast<double>(v);
+  }
+  sums[tid] = ssq;
+  __syncthreads();  // also makes this block's stores to d visible to its other threads
+  if (tid == 0) {
+    double total = 0.0;
+    for (int k = 0; k < kSmallThreads; ++k) total += sums[k];
+    sums[kSmallThreads] = total;
+  }
+  __syncthreads();
+  const double norm = sqrt(sums[kSmallThreads]);
+  const double inv = norm > 0.0 ? 1.0 / norm : (norm == 0.0 ? 0.0 : norm);  // NaN stays NaN
+  const void* src = a.has_buffer ? ref.d : ref.g;
+  const scion_dtype src_dtype = a.has_buffer ? a.d_dtype : a.g_dtype;
+  const int64_t rs = a.has_buffer ? ref.d_rs : ref.g_rs;
+  const int64_t cs = a.has_buffer ? ref.d_cs : ref.g_cs;
+  for (int e = tid; e < kSmallM * a.n_pad; e += kSmallThreads) {
+    const int i = e / a.n_pad;
+    const int j = e % a.n_pad;
+    float v = 0.0f;
+    if (i < a.m && j < a.n) {
+      v = static_cast<float>(static_cast<double>(load_as_float(src, i * rs + j * cs, src_dtype)) *
+                             inv);
+    }
+    X[i * ldx + j] = Operand<T>::from(v);
+  }
+  __syncthreads();
+
+  for (int s = 0; s < a.steps; ++s) {
+    const float ca = a.coef[3 * s];
+    const float cb = a.coef[3 * s + 1];
+    const float cc = a.coef[3 * s + 2];
+    float acc[2][4][4];
+    // A ← X·Xᵀ, then B ← b·A + c·A·A (each warp a 32×32 quarter).
+    for (int product = 0; product < 2; ++product) {
+      zero(acc);
+      const T* in = product == 0 ? X : A;
+      const int ld = product == 0 ? ldx : kSmallLdA;
+      const int k = product == 0 ? a.n_pad : kSmallM;
+      for (int kk = 0; kk < k; kk += 16) {
+        warp_mma_k16<T, 2, 4, false>(acc, in, ld, warp_m * 32, in, ld, warp_n * 32, kk, lane);
+      }
+      T* out = product == 0 ? A : B;
+      for_each_acc(acc, warp_m * 32, warp_n * 32, lane, [&](float v, int r, int c) {
+        if (product == 1) v = __fmaf_rn(cb, Operand<T>::to(A[r * kSmallLdA + c]), cc * v);
+        out[r * kSmallLdA + c] = Operand<T>::from(v);
+      });
+      __syncthreads();
+    }
+    // X ← a·X + B·X, 64 columns at a time: a column block of the result needs only the same
+    // column block of X, so it is written back in place once every warp has read it.
+    const bool last = s + 1 == a.steps;
+    for (int c0 = 0; c0 < a.n_pad; c0 += 64) {
+      zero(acc);
+      for (int kk = 0; kk < kSmallM; kk += 16) {
+        warp_mma_k16<T, 2, 4, true>(acc, B, kSmallLdA, warp_m * 32, X, ldx, c0 + warp_n * 32, kk,
+                                    lane);
+      }
+      for_each_acc(acc, warp_m * 32, c0 + warp_n * 32, lane, [&](float& v, int r, int c) {
+        v = __fmaf_rn(ca, Operand<T>::to(X[r * ldx + c]), v);
+      });
+      __syncthreads();
+      for_each_acc(acc, warp_m * 32, c0 + warp_n * 32, lane, [&](float v, int r, int c) {
+        const T rounded = Operand<T>::from(v);
+        if (!last) {
+          X[r * ldx + c] = rounded;
+        } else if (r < a.m && c < a.n) {
+          const int64_t at = r * ref.p_rs + c * ref.p_cs;
+          const float x = load_as_float(ref.p, at, a.p_dtype);
+          const float u = ref.scale * Operand<T>::to(rounded);
+          store_from_float(ref.p, at, a.p_dtype, __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
+        }
+      });
+    }
+    __syncthreads();
   }
 }
 
@@ -415,8 +570,10 @@ struct Plan {
   size_t bytes;
 };
 
+// 1: the one-block path; 64, 128: the tiled products with that tile.
 int choose_tile(int64_t m, int64_t n, int requested) {
-  if (requested == 64 || requested == 128) return requested;
+  if (requested == 1 || requested == 64 || requested == 128) return requested;
+  if (m <= kSmallM && n <= kSmallMaxN) return 1;
   return (m >= 512 && n >= 512) ? 128 : 64;
 }
 
@@ -425,6 +582,11 @@ Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request) {
   p.m = rows < cols ? rows : cols;
   p.n = rows < cols ? cols : rows;
   p.tile = choose_tile(p.m, p.n, tile_request);
+  if (p.tile == 1) {  // the one-block path needs no workspace
+    p.m_pad = kSmallM;
+    p.n_pad = round_up(p.n, 64);
+    return p;
+  }
   p.m_pad = round_up(p.m, p.tile);
   p.n_pad = round_up(p.n, p.tile);
   p.chunk_rows = static_cast<int>(cols >= kChunkElements ? 1 : kChunkElements / cols);
@@ -474,8 +636,16 @@ bool check(const scion_ns_problem& pr) {
     set_error("ns_step: steps must be in [1, %d], got %d", kMaxSteps, pr.steps);
     return false;
   }
-  if (pr.tile != 0 && pr.tile != 64 && pr.tile != 128) {
-    set_error("ns_step: tile must be 0 (automatic), 64 or 128, got %d", pr.tile);
+  if (pr.tile != 0 && pr.tile != 1 && pr.tile != 64 && pr.tile != 128) {
+    set_error("ns_step: tile must be 0 (automatic), 1 (one block per matrix), 64 or 128, got %d",
+              pr.tile);
+    return false;
+  }
+  if (pr.tile == 1 && (std::min(pr.rows, pr.cols) > kSmallM ||
+                       std::max(pr.rows, pr.cols) > kSmallMaxN)) {
+    set_error("ns_step: the one-block path (tile 1) takes matrices of at most %d x %d, got "
+              "%lld x %lld", kSmallM, kSmallMaxN, static_cast<long long>(pr.rows),
+              static_cast<long long>(pr.cols));
     return false;
   }
   if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
@@ -593,7 +763,58 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
 }
 
 template <typename T>
+bool run_small(Launcher& L, const scion_ns_matrix* mats) {
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  const size_t smem = small_smem_bytes(plan.n_pad);
+  if (!L.ok(cudaFuncSetAttribute(reinterpret_cast<const void*>(small_kernel<T>),
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem)),
+            "raising the shared-memory limit")) {
+    return false;
+  }
+  const bool tall = pr.rows > pr.cols;
+  const bool has_buffer = pr.d_dtype != -1;
+  SmallArgs args{};
+  args.m = static_cast<int32_t>(plan.m);
+  args.n = static_cast<int32_t>(plan.n);
+  args.n_pad = static_cast<int32_t>(plan.n_pad);
+  args.steps = pr.steps;
+  for (int i = 0; i < 3 * pr.steps; ++i) args.coef[i] = static_cast<float>(pr.coefficients[i]);
+  args.p_dtype = static_cast<scion_dtype>(pr.p_dtype);
+  args.g_dtype = static_cast<scion_dtype>(pr.g_dtype);
+  args.d_dtype = has_buffer ? static_cast<scion_dtype>(pr.d_dtype) : SCION_FLOAT32;
+  args.has_buffer = has_buffer;
+  args.alpha = static_cast<float>(pr.alpha);
+  args.beta = static_cast<float>(1.0 - pr.alpha);
+  args.update_coef = static_cast<float>(pr.coef);
+  args.decay = static_cast<float>(pr.decay);
+  const int r = tall ? 1 : 0;  // which stride walks the oriented rows
+  for (int64_t first = 0; first < pr.batch; first += kSmallRefs) {
+    const int count =
+        static_cast<int>(pr.batch - first < kSmallRefs ? pr.batch - first : kSmallRefs);
+    for (int k = 0; k < count; ++k) {
+      const scion_ns_matrix& mat = mats[first + k];
+      args.refs[k] = SmallRef{reinterpret_cast<const void*>(static_cast<uintptr_t>(mat.g)),
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(mat.d)),
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p)),
+                              mat.g_strides[r], mat.g_strides[1 - r],
+                              mat.d_strides[r], mat.d_strides[1 - r],
+                              mat.p_strides[r], mat.p_strides[1 - r],
+                              mat.scale};
+    }
+    if (!L.ok(launch_kernel(small_kernel<T>, dim3(count), dim3(kSmallThreads), smem, L.stream,
+                            args),
+              "one-block step")) {
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
 bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
+  if (L.plan.tile == 1) return run_small<T>(L, mats);
   const scion_ns_problem& pr = L.pr;
   const Plan& plan = L.plan;
   T* x = static_cast<T*>(workspace);
@@ -679,7 +900,8 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
   if (problem == nullptr || !check(*problem)) return SCION_ERROR_INVALID_ARGUMENT;
   const scion_ns_problem& pr = *problem;
   if (pr.batch == 0) return SCION_OK;
-  if (matrices == nullptr || workspace == nullptr) {
+  const Plan plan = make_plan(pr.batch, pr.rows, pr.cols, pr.tile);
+  if (matrices == nullptr || (workspace == nullptr && plan.bytes > 0)) {
     set_error("ns_step: matrices and workspace must not be NULL");
     return SCION_ERROR_INVALID_ARGUMENT;
   }
@@ -688,7 +910,6 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
               static_cast<long long>(pr.batch));
     return SCION_ERROR_INVALID_ARGUMENT;
   }
-  const Plan plan = make_plan(pr.batch, pr.rows, pr.cols, pr.tile);
   if (workspace_bytes < static_cast<int64_t>(plan.bytes) ||
       reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
     set_error("ns_step: the workspace must hold %lld bytes at a 256-byte aligned address, got %lld",

@@ -91,7 +91,8 @@ typedef struct scion_ns_problem {
   int d_dtype;                /* scion_dtype code of the buffers, or -1: no buffer (d = g) */
   int compute_dtype;          /* SCION_BFLOAT16 or SCION_FLOAT16 */
   int steps;                  /* 1..16 */
-  int tile;                   /* 0: automatic; 64 or 128: force the product tile */
+  int tile;                   /* 0: automatic; 1: one block per matrix (oriented m <= 64,
+                                 n <= 512, no workspace); 64 or 128: tiled products */
   double coefficients[48];    /* (a, b, c) of step s at 3s, 3s+1, 3s+2 */
   double alpha, coef, decay;
 } scion_ns_problem;
@@ -105,7 +106,8 @@ typedef struct scion_ns_matrix {
 /* Bytes of device workspace scion_ns_step needs (256-byte aligned); -1 on invalid input. */
 int64_t scion_ns_workspace_bytes(const scion_ns_problem* problem);
 
-/* The product tile scion_ns_step will use (64 or 128); -1 on invalid input. */
+/* The path scion_ns_step will take (1: one block per matrix; 64 or 128: tiled products with
+ * that tile); -1 on invalid input. */
 int scion_ns_tile(const scion_ns_problem* problem);
 
 scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matrix* matrices,

@@ -50,12 +50,26 @@ def _check_polar(got: torch.Tensor, G: torch.Tensor, coefficients: str, dtype: t
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (64, 64), (65, 129), (129, 65), (16, 200)]
 
 
+#: ``tile`` values: 0 chooses (the one-block path for m ≤ 64, n ≤ 512), 64 forces the tiled path.
+PATHS = [0, 64]
+
+
+@pytest.mark.parametrize("tile", PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_polar_matches_reference(native, shape, dtype):
+def test_polar_matches_reference(native, shape, dtype, tile):
     _, device = native
     G = torch.randn(2, *shape, device=device)
-    _check_polar(_polar(G, "classic", dtype), G, "classic", dtype)
+    _check_polar(_polar(G, "classic", dtype, tile), G, "classic", dtype)
+
+
+def test_one_block_path_limits(native):
+    """The one-block path at its largest (64×512) and a transposed 500×3."""
+    _, device = native
+    for shape in ((64, 512), (500, 3)):
+        G = torch.randn(2, *shape, device=device)
+        _check_polar(_polar(G, "polar_express", torch.bfloat16, 1), G, "polar_express",
+                     torch.bfloat16)  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", [(33, 130), (130, 33)], ids=str)
@@ -100,7 +114,8 @@ def test_nonfinite_gradient_gives_nonfinite_update(native):
 @pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("buf_dtype", [None, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype):
+@pytest.mark.parametrize("tile", PATHS)
+def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype, tile):
     """Averaging, the step and the update of strided, transposed and stacked parameters:
     x ← decay·x + coef·f·polar(d), d ← (1−α)·d + α·g, against the same formula in PyTorch."""
     _, device = native
@@ -117,7 +132,7 @@ def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype):
     d0 = [b.clone() for b in bufs]
     coeffs = [v for triple in resolve_coefficients("classic") for v in triple]
     _native.ns_step_(params, grads, bufs, tall, factors, 20, 40, torch.bfloat16, coeffs,
-                     alpha, coef, decay)  # fmt: skip
+                     alpha, coef, decay, tile)  # fmt: skip
 
     for i, p in enumerate(params):
         g = grads[i]
@@ -138,24 +153,29 @@ def test_step_matches_reference(native, p_dtype, buf_dtype, g_dtype):
     assert torch.equal(big[mask], outside[mask])
 
 
-def test_bucket_above_one_argument_block(native):
-    """More matrices than one launch's argument block holds (48): the prologue and the update
-    run in several launches."""
+@pytest.mark.parametrize("tile", PATHS)
+def test_bucket_above_one_argument_block(native, tile):
+    """More matrices than one launch's argument block holds (48 tiled, 40 one-block): the
+    element-wise passes and the update run in several launches."""
     _, device = native
     G = torch.randn(100, 3, 5, device=device)
-    _check_polar(_polar(G, "classic", torch.bfloat16), G, "classic", torch.bfloat16)
+    _check_polar(_polar(G, "classic", torch.bfloat16, tile), G, "classic", torch.bfloat16)
 
 
 def test_workspace_and_tile_queries(native):
     module, _ = native
     assert module.ns_tile(768, 768) == 128
-    assert module.ns_tile(33, 129) == 64
+    assert module.ns_tile(65, 129) == 64
+    assert module.ns_tile(33, 129) == module.ns_tile(129, 33) == module.ns_tile(64, 512) == 1
     assert module.ns_tile(33, 129, 128) == 128
-    small = module.ns_workspace_bytes(2, 33, 129)
+    assert module.ns_workspace_bytes(2, 33, 129) == 0  # the one-block path keeps all on chip
+    tiled = module.ns_workspace_bytes(2, 33, 129, 64)
     # X, Y (64×192 each) and A, B (64×64 each) per matrix in 2 bytes, plus the chunk sums.
-    assert small >= 2 * (2 * 64 * 192 + 2 * 64 * 64) * 2
+    assert tiled >= 2 * (2 * 64 * 192 + 2 * 64 * 64) * 2
     with pytest.raises(ValueError, match="tile"):
         module.ns_tile(8, 8, 96)
+    with pytest.raises(ValueError, match="one-block"):
+        module.ns_tile(65, 100, 1)
 
 
 def test_invalid_arguments(native):
@@ -167,8 +187,8 @@ def test_invalid_arguments(native):
     with pytest.raises(ValueError, match="triples"):
         module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 2.0], 1.0, 1.0, 1.0, 0, [p.data_ptr()],
                        [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 0, 0, 0, 0)  # fmt: skip
-    with pytest.raises(ValueError, match="workspace"):
-        module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0, 0, [p.data_ptr()],
+    with pytest.raises(ValueError, match="workspace"):  # the tiled path (64) needs one
+        module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0, 64, [p.data_ptr()],
                        [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 256, 16, 0, 0)  # fmt: skip
 
 
