@@ -119,6 +119,17 @@ __device__ __forceinline__ float store_from_float(void* base, int64_t i, scion_d
   }
 }
 
+// One element of the averaging d ← (1 − α)·d + α·g (β = 1 − α), in fp32 as fma(α, g, β·d) with
+// one rounding to d's dtype, stored; returns the stored d (g itself when there is no buffer).
+__device__ __forceinline__ float average_element(const void* g, int64_t g_at, scion_dtype g_dtype,
+                                                 void* d, int64_t d_at, scion_dtype d_dtype,
+                                                 bool has_buffer, float alpha, float beta) {
+  const float v = load_as_float(g, g_at, g_dtype);
+  if (!has_buffer) return v;
+  const float old = load_as_float(d, d_at, d_dtype);
+  return store_from_float(d, d_at, d_dtype, __fmaf_rn(alpha, v, __fmul_rn(beta, old)));
+}
+
 // The 16-bit operand types of the tensor-core products.
 template <typename T>
 struct Operand;

@@ -89,13 +89,10 @@ __global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant
   double ssq = 0.0;
   for (int r = row0; r < row1; ++r) {
     for (int c = static_cast<int>(threadIdx.x); c < args.cols; c += kThreads) {
-      float v = load_as_float(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype);
-      if (args.has_buffer) {
-        const int64_t at = r * ref.d_rs + c * ref.d_cs;
-        const float d = load_as_float(ref.d, at, args.d_dtype);
-        v = store_from_float(ref.d, at, args.d_dtype,
-                             __fmaf_rn(args.alpha, v, __fmul_rn(args.beta, d)));
-      }
+      const float v =
+          average_element(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype, ref.d,
+                          r * ref.d_rs + c * ref.d_cs, args.d_dtype, args.has_buffer, args.alpha,
+                          args.beta);
       ssq += static_cast<double>(v) * static_cast<double>(v);
     }
   }
@@ -472,12 +469,9 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
   for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
     const int i = e / a.n;
     const int j = e % a.n;
-    float v = load_as_float(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype);
-    if (a.has_buffer) {
-      const int64_t at = i * ref.d_rs + j * ref.d_cs;
-      const float old = load_as_float(ref.d, at, a.d_dtype);
-      v = store_from_float(ref.d, at, a.d_dtype, __fmaf_rn(a.alpha, v, __fmul_rn(a.beta, old)));
-    }
+    const float v = average_element(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype, ref.d,
+                                    i * ref.d_rs + j * ref.d_cs, a.d_dtype, a.has_buffer, a.alpha,
+                                    a.beta);
     ssq += static_cast<double>(v) * static_cast<double>(v);
   }
   sums[tid] = ssq;

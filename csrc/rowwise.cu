@@ -50,13 +50,9 @@ __host__ __device__ inline int64_t groups_per_block(const scion_rowwise_tensor& 
 // One element of pass 1: the averaging, stored; returns d.
 __device__ __forceinline__ float averaged(const RowwiseArgs& a, const scion_rowwise_tensor& t,
                                           int64_t at) {
-  float v = load_as_float(reinterpret_cast<const void*>(t.g), at, a.g_dtype);
-  if (a.has_buffer) {
-    void* d = reinterpret_cast<void*>(t.d);
-    const float old = load_as_float(d, at, a.d_dtype);
-    v = store_from_float(d, at, a.d_dtype, __fmaf_rn(a.alpha, v, __fmul_rn(a.beta, old)));
-  }
-  return v;
+  return average_element(reinterpret_cast<const void*>(t.g), at, a.g_dtype,
+                         reinterpret_cast<void*>(t.d), at, a.d_dtype, a.has_buffer, a.alpha,
+                         a.beta);
 }
 
 __device__ __forceinline__ void update(const RowwiseArgs& a, const scion_rowwise_tensor& t,
