@@ -398,3 +398,41 @@ def test_choose_backends_from_results(tmp_path):
     namespace: dict = {}
     exec(path.read_text(), namespace)
     assert namespace["TABLE"] == table and namespace["__doc__"] == "doc"
+
+
+def test_polar_fuzz(native):
+    """Random shapes (both orientations, 1 to 140 a side), batches, dtypes, coefficient sets
+    and paths: always within the tolerance rule."""
+    _, device = native
+    gen = torch.Generator().manual_seed(7)
+
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=gen))
+
+    for _ in range(12):
+        shape = (1 + draw(3), 1 + draw(140), 1 + draw(140))
+        dtype = (torch.bfloat16, torch.float16)[draw(2)]
+        coefficients = ("classic", "polar_express")[draw(2)]
+        tile = 64 if max(shape[1:]) > 512 or min(shape[1:]) > 64 else (0, 64)[draw(2)]
+        G = torch.randn(shape, generator=gen).to(device) * 10.0 ** (draw(9) - 4)
+        _check_polar(_polar(G, coefficients, dtype, tile), G, coefficients, dtype)
+
+
+@pytest.mark.parametrize("norm", ["Sign", "ColNorm", "RowNorm", "BiasRMS"])
+def test_rowwise_zero_and_tiny_gradients(native, norm):
+    """Zero gradients leave x at decay·x (the LMO of zero is zero); gradients of 1e-30 give the
+    reference's update."""
+    from scion_kernels.kernels.dispatch import fused_step_
+    from scion_kernels.norms import make_norm
+
+    _, device = native
+    lmo = make_norm(norm, {})
+    shape = (37,) if norm == "BiasRMS" else (9, 37)
+    for factor in (0.0, 1e-30):
+        p = torch.randn(shape, device=device)
+        g = torch.randn(shape, device=device) * factor
+        want = 0.9 * p.cpu() - 0.1 * lmo.lmo(g.cpu()).float()
+        left = fused_step_([p], [g], None, [lmo], backend="cuda", alpha=1.0, lr=0.1,
+                           scale=1.0, constrained=True)  # fmt: skip
+        assert left == []
+        torch.testing.assert_close(p.cpu(), want, rtol=1e-5, atol=1e-6)
