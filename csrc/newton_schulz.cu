@@ -10,9 +10,11 @@
 //   1. average_kernel     one block per chunk of rows of every matrix: the averaging, stored, and
 //                         the chunk's Σd² in fp64 (fp64 neither overflows nor underflows for any
 //                         fp32 input, so no pre-scaling pass is needed);
-//   2. normalize_kernel   one block per chunk of padded rows of X: ‖d‖ from the chunk sums (same
-//                         fixed order in every block, so every block gets the same bits), then
-//                         X₀ = d·(1/‖d‖) rounded once to the operand type; zeros in the padding;
+//   2. normalize_kernel   one block per 32 rows × ≤1024 columns of padded X: ‖d‖ from the chunk
+//                         sums (same fixed order in every block, so every block gets the same
+//                         bits), then X₀ = d·(1/‖d‖) rounded once to the operand type, through
+//                         32×32 shared-memory tiles (coalesced for tall parameters too); zeros
+//                         in the padding;
 //   3. gemm_kernel        per step: Gram (upper-triangle tiles, each stored twice), polynomial
 //                         (same), apply (full grid; the last one updates the parameters).
 //
@@ -76,6 +78,27 @@ struct UpdateArgs {
 };
 static_assert(sizeof(UpdateArgs) <= 3072, "update references leave too little argument space");
 
+// Σ own over the block's threads in a fixed order (the same bits on every run); every thread
+// gets the total. `sums` holds nthreads + 1 doubles of shared memory.
+__device__ __forceinline__ double block_total(double own, double* sums, int nthreads) {
+  const int tid = static_cast<int>(threadIdx.x);
+  sums[tid] = own;
+  __syncthreads();  // also makes the block's earlier global stores visible to all its threads
+  if (tid == 0) {
+    double total = 0.0;
+    for (int t = 0; t < nthreads; ++t) total += sums[t];
+    sums[nthreads] = total;
+  }
+  __syncthreads();
+  return sums[nthreads];
+}
+
+// 1/√total, 0 for a zero total, NaN for NaN.
+__device__ __forceinline__ double inverse_norm(double total) {
+  const double norm = sqrt(total);
+  return norm > 0.0 ? 1.0 / norm : (norm == 0.0 ? 0.0 : norm);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Averaging and per-chunk sums of squares.
 
@@ -96,67 +119,73 @@ __global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant
       ssq += static_cast<double>(v) * static_cast<double>(v);
     }
   }
-  sums[threadIdx.x] = ssq;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int t = 0; t < kThreads; ++t) total += sums[t];
-    args.partial[static_cast<int64_t>(matrix) * args.chunks + chunk] = total;
-  }
+  const double total = block_total(ssq, sums, kThreads);
+  if (threadIdx.x == 0) args.partial[static_cast<int64_t>(matrix) * args.chunks + chunk] = total;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 2. X₀ = d / ‖d‖_F, oriented wide, padded with zeros.
 
+// A block writes 32 rows of X, kNormCols columns at most, in 32×32 tiles staged in shared memory:
+// the tile is read along the parameter's rows and written along X's rows, so both sides are
+// coalesced whether X is the parameter or its transpose (tall parameters).
+constexpr int kNormCols = 1024;
+
 struct NormalizeArgs {
-  int32_t count;
   int32_t m_pad, n_pad;     // padded oriented size
-  int32_t chunk_rows;       // padded rows per block
+  int32_t col_blocks;       // blocks along X's columns
   bool tall;                // oriented (i, j) is the parameter's (j, i)
   void* x;                  // [count][m_pad][n_pad]
   int32_t chunks;           // partial sums per matrix
   const double* partial;
 };
 
+constexpr size_t kNormSumsBytes = 2064;  // (kThreads + 1) doubles, 16-byte rounded
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     normalize_kernel(const __grid_constant__ SourceArgs src, const NormalizeArgs args) {
   double* sums = reinterpret_cast<double*>(dynamic_smem());
+  float* tile = reinterpret_cast<float*>(dynamic_smem() + kNormSumsBytes);  // [32][33]
   const int matrix = static_cast<int>(blockIdx.y);
+  const int tid = static_cast<int>(threadIdx.x);
   const double* partial = args.partial + static_cast<int64_t>(matrix) * args.chunks;
   double own = 0.0;
-  for (int k = static_cast<int>(threadIdx.x); k < args.chunks; k += kThreads) own += partial[k];
-  sums[threadIdx.x] = own;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int t = 0; t < kThreads; ++t) total += sums[t];
-    sums[kThreads] = total;
-  }
-  __syncthreads();
-  const double norm = sqrt(sums[kThreads]);
-  const double inv = norm > 0.0 ? 1.0 / norm : (norm == 0.0 ? 0.0 : norm);  // NaN stays NaN
+  for (int k = tid; k < args.chunks; k += kThreads) own += partial[k];
+  const double inv = inverse_norm(block_total(own, sums, kThreads));
 
   const SourceRef& ref = src.refs[matrix];
   const void* base = src.has_buffer ? ref.d : ref.g;
   const scion_dtype dtype = src.has_buffer ? src.d_dtype : src.g_dtype;
   const int64_t rs = src.has_buffer ? ref.d_rs : ref.g_rs;
   const int64_t cs = src.has_buffer ? ref.d_cs : ref.g_cs;
-  const int m = args.tall ? src.cols : src.rows;
-  const int n = args.tall ? src.rows : src.cols;
   T* x = static_cast<T*>(args.x) +
          static_cast<int64_t>(matrix) * args.m_pad * static_cast<int64_t>(args.n_pad);
-  const int i0 = static_cast<int>(blockIdx.x) * args.chunk_rows;
-  const int i1 = i0 + args.chunk_rows < args.m_pad ? i0 + args.chunk_rows : args.m_pad;
-  for (int i = i0; i < i1; ++i) {
-    for (int j = static_cast<int>(threadIdx.x); j < args.n_pad; j += kThreads) {
+  const int i0 = static_cast<int>(blockIdx.x) / args.col_blocks * 32;
+  const int j_begin = static_cast<int>(blockIdx.x) % args.col_blocks * kNormCols;
+  const int j_end = j_begin + kNormCols < args.n_pad ? j_begin + kNormCols : args.n_pad;
+  const int tx = tid % 32;
+  const int ty = tid / 32;
+  for (int j0 = j_begin; j0 < j_end; j0 += 32) {
+    // Parameter rows r0.. and columns c0.. of this tile.
+    const int r0 = args.tall ? j0 : i0;
+    const int c0 = args.tall ? i0 : j0;
+    for (int k = ty; k < 32; k += kThreads / 32) {
+      const int r = r0 + k;
+      const int c = c0 + tx;
       float v = 0.0f;
-      if (i < m && j < n) {
-        const int64_t at = args.tall ? j * rs + i * cs : i * rs + j * cs;
-        v = static_cast<float>(static_cast<double>(load_as_float(base, at, dtype)) * inv);
+      if (r < src.rows && c < src.cols) {
+        v = static_cast<float>(static_cast<double>(load_as_float(base, r * rs + c * cs, dtype)) *
+                               inv);
       }
-      x[static_cast<int64_t>(i) * args.n_pad + j] = Operand<T>::from(v);
+      tile[k * 33 + tx] = v;
     }
+    __syncthreads();
+    for (int k = ty; k < 32; k += kThreads / 32) {
+      const float v = args.tall ? tile[tx * 33 + k] : tile[k * 33 + tx];
+      x[static_cast<int64_t>(i0 + k) * args.n_pad + j0 + tx] = Operand<T>::from(v);
+    }
+    __syncthreads();
   }
 }
 
@@ -474,16 +503,7 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
                                     a.beta);
     ssq += static_cast<double>(v) * static_cast<double>(v);
   }
-  sums[tid] = ssq;
-  __syncthreads();  // also makes this block's stores to d visible to its other threads
-  if (tid == 0) {
-    double total = 0.0;
-    for (int k = 0; k < kSmallThreads; ++k) total += sums[k];
-    sums[kSmallThreads] = total;
-  }
-  __syncthreads();
-  const double norm = sqrt(sums[kSmallThreads]);
-  const double inv = norm > 0.0 ? 1.0 / norm : (norm == 0.0 ? 0.0 : norm);  // NaN stays NaN
+  const double inv = inverse_norm(block_total(ssq, sums, kSmallThreads));
   const void* src = a.has_buffer ? ref.d : ref.g;
   const scion_dtype src_dtype = a.has_buffer ? a.d_dtype : a.g_dtype;
   const int64_t rs = a.has_buffer ? ref.d_rs : ref.g_rs;
@@ -558,8 +578,7 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 struct Plan {
   int tile;
   int64_t m, n, m_pad, n_pad;
-  int chunk_rows, chunks;          // average_kernel
-  int norm_chunk_rows, norm_chunks;  // normalize_kernel
+  int chunk_rows, chunks;  // average_kernel
   int64_t x_elems, a_elems;
   size_t bytes;
 };
@@ -586,10 +605,6 @@ Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request) {
   p.chunk_rows = static_cast<int>(cols >= kChunkElements ? 1 : kChunkElements / cols);
   if (p.chunk_rows > rows) p.chunk_rows = static_cast<int>(rows);
   p.chunks = static_cast<int>((rows + p.chunk_rows - 1) / p.chunk_rows);
-  p.norm_chunk_rows =
-      static_cast<int>(p.n_pad >= kChunkElements ? 1 : kChunkElements / p.n_pad);
-  if (p.norm_chunk_rows > p.m_pad) p.norm_chunk_rows = static_cast<int>(p.m_pad);
-  p.norm_chunks = static_cast<int>((p.m_pad + p.norm_chunk_rows - 1) / p.norm_chunk_rows);
   p.x_elems = p.m_pad * p.n_pad;
   p.a_elems = p.m_pad * p.m_pad;
   // X, Y, A, B in the operand type (2 bytes), then the fp64 chunk sums, 256-byte aligned.
@@ -847,16 +862,17 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       return false;
     }
     NormalizeArgs na{};
-    na.count = count;
     na.m_pad = static_cast<int32_t>(plan.m_pad);
     na.n_pad = static_cast<int32_t>(plan.n_pad);
-    na.chunk_rows = plan.norm_chunk_rows;
+    na.col_blocks = static_cast<int32_t>((plan.n_pad + kNormCols - 1) / kNormCols);
     na.tall = pr.rows > pr.cols;
     na.x = x + first * plan.x_elems;
     na.chunks = plan.chunks;
     na.partial = src.partial;
-    if (!L.ok(launch_kernel(normalize_kernel<T>, dim3(plan.norm_chunks, count), dim3(kThreads),
-                            sums, L.stream, src, na),
+    const size_t norm_smem = kNormSumsBytes + 32 * 33 * sizeof(float);
+    const unsigned norm_blocks = static_cast<unsigned>(plan.m_pad / 32 * na.col_blocks);
+    if (!L.ok(launch_kernel(normalize_kernel<T>, dim3(norm_blocks, count), dim3(kThreads),
+                            norm_smem, L.stream, src, na),
               "normalization")) {
       return false;
     }
