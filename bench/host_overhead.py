@@ -1,12 +1,15 @@
-"""Host time of one ``backend="triton"`` Scion step over GPT-2 small, with the kernel launches
-left out: what the Python side (grouping, bucketing, op calls, tables, the small PyTorch ops
-between launches) costs before the GPU does any work.
+"""Host time of one ``backend="triton"`` (or ``"cuda"``) Scion step over GPT-2 small, with the
+kernel launches left out: what the Python side (grouping, bucketing, op calls, tables, the
+small PyTorch ops between launches) costs before the GPU does any work.
 
 The kernels are replaced by no-ops and the tile choice is the GPU's (not the interpreter's), so
 this runs on a CPU; every other line of the step runs as on a GPU. On a GPU each launch adds
-its own CPU cost (a few µs) on top; the count of launches is printed too.
+its own CPU cost (a few µs) on top; the count of launches is printed too. With
+``--backend cuda`` the native module's two entry points are what is left out (each enqueues
+several launches from C++), and one kept buffer stands in for the workspace the caching
+allocator hands out on a GPU.
 
-    python -m bench.host_overhead [--layers 12] [--steps 50]
+    python -m bench.host_overhead [--backend triton|cuda] [--layers 12] [--steps 50]
 """
 
 from __future__ import annotations
@@ -34,8 +37,41 @@ class _Launches:
         return launch
 
 
+def _stub_native() -> None:
+    """The native module with its entry points counted instead of run (CPU tensors accepted)."""
+    from scion_kernels import _native
+
+    real = _native._import_native()
+    kept: dict[torch.device, torch.Tensor] = {}
+
+    class Stub:
+        EMULATED = True
+
+        @staticmethod
+        def ns_workspace_bytes(batch: int, rows: int, cols: int, tile: int = 0) -> int:
+            return real.ns_workspace_bytes(batch, rows, cols, tile) if real else 1 << 20
+
+        @staticmethod
+        def ns_step(*args) -> None:
+            _Launches.count += 1
+
+        @staticmethod
+        def rowwise_step(*args) -> None:
+            _Launches.count += 1
+
+    def workspace(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        buf = kept.get(device)
+        if buf is None or buf.numel() < nbytes + 256:
+            buf = kept[device] = torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
+        return buf, -(-buf.data_ptr() // 256) * 256
+
+    _native._native, _native._native_tried = Stub(), True
+    _native._workspace = workspace
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("triton", "cuda"), default="triton")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument(
@@ -56,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in [n for n in vars(module) if n.endswith("_kernel")]:  # every launch
             setattr(module, name, _Launches())
     kns.AUTOTUNE = False
+    if args.backend == "cuda":
+        _stub_native()
 
     torch.manual_seed(0)
     model = GPT2(n_layer=args.layers)
     recipe = sk.RECIPES["gpt"]
     opt = sk.Scion(sk.param_groups(model, "gpt"), lr=recipe.lr, momentum=recipe.momentum,
-                   backend="triton", nonfinite=args.nonfinite)  # fmt: skip
+                   backend=args.backend, nonfinite=args.nonfinite)  # fmt: skip
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
 
@@ -76,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(1 for _ in model.parameters())
     print(f"GPT-2 small, {args.layers} blocks, {n_params} parameter tensors, "
           f"nonfinite={args.nonfinite!r}")  # fmt: skip
-    print(f"launches per step: {_Launches.count}")
+    what = "native calls" if args.backend == "cuda" else "launches"
+    print(f"backend {args.backend!r}; {what} per step: {_Launches.count}")
     print(f"first step (tables built): {first * 1e3:.2f} ms")
     print(f"later steps: median {statistics.median(times) * 1e3:.3f} ms, "
           f"min {min(times) * 1e3:.3f} ms over {len(times)}")  # fmt: skip
