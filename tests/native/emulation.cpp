@@ -176,9 +176,9 @@ float to_float(uint16_t bits, bool bf16) {
     std::memcpy(&f, &w, 4);
     return f;
   }
-  __half h;
-  std::memcpy(&h, &bits, 2);
-  return __half2float(h);
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
 }
 
 }  // namespace
