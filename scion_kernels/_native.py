@@ -261,6 +261,25 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _COMPUTE = (torch.bfloat16, torch.float16)
 
 
+def _check_like(
+    op: str, i: int, tensors: Sequence[Tensor], first: Sequence[Tensor], device: torch.device
+) -> None:
+    """Tensor ``i``'s (x, g[, d]) share its shape, and each has the device and dtype of the
+    first tensor's counterpart: one call runs one dtype combination on one device."""
+    p = tensors[0]
+    for name, t, f in zip(("param", "grad", "buffer"), tensors, first, strict=False):
+        if t.shape != p.shape:
+            raise ValueError(f"{op}: {name} {i} has shape {tuple(t.shape)}, its parameter "
+                             f"{tuple(p.shape)}")  # fmt: skip
+        if t.device != device:
+            raise ValueError(f"{op}: all tensors must be on {device}; {name} {i} is on {t.device}")
+        if t.dtype != f.dtype or t.dtype not in _CODES:
+            raise TypeError(
+                f"{op}: {name} {i} is {t.dtype}; every {name} of one call must have the first "
+                f"one's dtype ({f.dtype}), one of float32, bfloat16, float16"
+            )
+
+
 def _native_device(t: Tensor, native: ModuleType, op: str) -> None:
     """Raise unless ``t`` is where the native kernels run."""
     if not _runs_on(t.device, native):
@@ -311,15 +330,14 @@ def ns_step_(
     if not params:
         return
     device = params[0].device
+    _native_device(params[0], native, op)
     p_addr, g_addr, d_addr, strides, scales = [], [], [], [], []
     for i, p in enumerate(params):
         g, d = grads[i], (bufs[i] if bufs else None)
-        for t in (p, g) if d is None else (p, g, d):
-            _native_device(t, native, op)
-            if t.device != device:
-                raise ValueError(f"{op}: all tensors must be on {device}; got one on {t.device}")
-            if t.dtype not in _CODES:
-                raise TypeError(f"{op}: unsupported dtype {t.dtype}")
+        tensors = (p, g) if d is None else (p, g, d)
+        _check_like(op, i, tensors, (params[0], grads[0], *bufs[:1]), device)
+        if p.numel() % (m * n):
+            raise ValueError(f"{op}: param {i} of shape {tuple(p.shape)} is no stack of {m}×{n}")
         count = p.numel() // (m * n)
         shape = (count, n, m) if tall[i] else (count, m, n)
         rows_p = matrix_rows(p, shape, transpose=tall[i])
@@ -406,14 +424,15 @@ def rowwise_step_(
     if not params:
         return
     device = params[0].device
+    _native_device(params[0], native, op)
     p_addr, g_addr, d_addr, layout, qs, epss = [], [], [], [], [], []
     for i, p in enumerate(params):
         d = bufs[i] if bufs else grads[i]
-        for t in (p, grads[i], d):
-            _native_device(t, native, op)
-            if t.device != device:
-                raise ValueError(f"{op}: all tensors must be on {device}; got one on {t.device}")
+        _check_like(op, i, (p, grads[i], d), (params[0], grads[0], bufs[0] if bufs else grads[0]),
+                    device)  # fmt: skip
         r, c = shapes[2 * i], shapes[2 * i + 1]
+        if p.numel() % (r * c):
+            raise ValueError(f"{op}: param {i} of shape {tuple(p.shape)} is no stack of {r}×{c}")
         shape = (p.numel() // (r * c), r, c)
         groups, length = (c, r) if columns[i] else (r, c)
         mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
@@ -426,9 +445,6 @@ def rowwise_step_(
             qs.append(float(q[i]))
             epss.append(float(eps[i]))
     dtypes = (params[0].dtype, grads[0].dtype, bufs[0].dtype if bufs else None)
-    for dt in dtypes:
-        if dt is not None and dt not in _CODES:
-            raise TypeError(f"{op}: unsupported dtype {dt}")
     try:
         native.rowwise_step(
             p_addr, g_addr, d_addr, layout, qs, epss, _CODES[dtypes[0]], _CODES[dtypes[1]],

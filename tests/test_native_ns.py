@@ -436,3 +436,19 @@ def test_rowwise_zero_and_tiny_gradients(native, norm):
                            scale=1.0, constrained=True)  # fmt: skip
         assert left == []
         torch.testing.assert_close(p.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_dtypes_and_shapes_rejected(native):
+    """One call runs one dtype combination: a mixed list is an error, never a misread."""
+    _, device = native
+    p = [torch.zeros(4, 8, device=device), torch.zeros(4, 8, device=device, dtype=torch.bfloat16)]
+    g = [torch.zeros(4, 8, device=device) for _ in p]
+    with pytest.raises(TypeError, match="param 1 is torch.bfloat16"):
+        _native.ns_step_(p, g, [], [False, False], [1.0, 1.0], 4, 8, torch.bfloat16,
+                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="grad 0 has shape"):
+        _native.ns_step_(p[:1], [torch.zeros(8, 4, device=device)], [], [False], [1.0], 4, 8,
+                         torch.bfloat16, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+    with pytest.raises(TypeError, match="grad 1"):
+        _native.rowwise_step_(p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
+                              [1.0] * 2, [0.0] * 2, True, False, 1.0, 1.0, 1.0)  # fmt: skip
