@@ -229,7 +229,6 @@ struct GemmArgs {
   int32_t tiles_n;    // kApply: tiles along the output's columns
   int32_t batch0;     // first matrix of this launch
   float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
-  bool update;        // kApply on the last step: update the parameters instead of storing
 };
 
 struct NoUpdate {};
@@ -417,10 +416,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   cp_async_wait<0>();
 
   // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T; the symmetric products also
-  // store the mirrored element of off-diagonal tiles; the last kApply updates the parameter.
+  // store the mirrored element of off-diagonal tiles. The last kApply instead stages the rounded
+  // tile in shared memory and updates the parameter from there, walking the tile along the
+  // parameter's contiguous dimension (coalesced for tall parameters, whose oriented rows are
+  // its columns).
+  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
+  constexpr int kStageLd = kTile + 8;
+  static_assert(size_t{kTile} * kStageLd * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
   const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
   T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
   const bool mirror = kProduct != Product::kApply && ti != tj;
+  if constexpr (kUpdate) __syncthreads();  // every warp is done with the pipeline's buffers
   for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
                [&](float a_rc, int r, int c) {
     float v = args.acc_scale * a_rc;
@@ -429,21 +435,30 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                     v);
     }
     const T rounded = Operand<T>::from(v);
-    if constexpr (kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value) {
-      if (args.update) {
-        if (r < upd.m && c < upd.n) {
-          const UpdateRef& ref = upd.refs[local];
-          const int64_t at = r * ref.rs + c * ref.cs;
-          const float x = load_as_float(ref.p, at, upd.p_dtype);
-          const float u = ref.scale * Operand<T>::to(rounded);
-          store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
-        }
-        return;
+    if constexpr (kUpdate) {
+      smem[(r - row0) * kStageLd + (c - col0)] = rounded;
+    } else {
+      out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
+      if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
+    }
+  });
+  if constexpr (kUpdate) {
+    __syncthreads();
+    const UpdateRef& ref = upd.refs[local];
+    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
+    for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
+      const int lr = rows_fast ? idx % kTile : idx / kTile;
+      const int lc = rows_fast ? idx / kTile : idx % kTile;
+      const int r = row0 + lr;
+      const int c = col0 + lc;
+      if (r < upd.m && c < upd.n) {
+        const int64_t at = r * ref.rs + c * ref.cs;
+        const float x = load_as_float(ref.p, at, upd.p_dtype);
+        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
+        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
       }
     }
-    out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
-    if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
-  });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -742,7 +757,6 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       y = swap;
       continue;
     }
-    g.update = true;
     for (int64_t first = 0; first < pr.batch; first += kMaxRefs) {
       const int count = static_cast<int>(pr.batch - first < kMaxRefs ? pr.batch - first : kMaxRefs);
       UpdateArgs u{};
