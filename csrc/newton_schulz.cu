@@ -415,18 +415,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
   cp_async_wait<0>();
 
-  // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T; the symmetric products also
-  // store the mirrored element of off-diagonal tiles. The last kApply instead stages the rounded
-  // tile in shared memory and updates the parameter from there, walking the tile along the
-  // parameter's contiguous dimension (coalesced for tall parameters, whose oriented rows are
-  // its columns).
+  // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T and staged in shared memory
+  // (the pipeline's buffers, free once every warp is done), then written out coalesced:
+  //   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products
+  //     its mirror, walked along the mirror's rows;
+  //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
+  //     dimension (tall parameters have X's columns as their rows).
   constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
   constexpr int kStageLd = kTile + 8;
   static_assert(size_t{kTile} * kStageLd * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
   const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
-  T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
-  const bool mirror = kProduct != Product::kApply && ti != tj;
-  if constexpr (kUpdate) __syncthreads();  // every warp is done with the pipeline's buffers
+  __syncthreads();
   for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
                [&](float a_rc, int r, int c) {
     float v = args.acc_scale * a_rc;
@@ -434,16 +433,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]),
                     v);
     }
-    const T rounded = Operand<T>::from(v);
-    if constexpr (kUpdate) {
-      smem[(r - row0) * kStageLd + (c - col0)] = rounded;
-    } else {
-      out[static_cast<int64_t>(r) * args.ldc + c] = rounded;
-      if (mirror) out[static_cast<int64_t>(c) * args.ldc + r] = rounded;
-    }
+    smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
   });
+  __syncthreads();
   if constexpr (kUpdate) {
-    __syncthreads();
     const UpdateRef& ref = upd.refs[local];
     const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
     for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
@@ -456,6 +449,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const float x = load_as_float(ref.p, at, upd.p_dtype);
         const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
         store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
+      }
+    }
+  } else {
+    T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
+    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
+    for (int idx = tid; idx < kTile * kPieces; idx += Cfg::kThreads) {
+      const int lr = idx / kPieces;
+      const int lc = idx % kPieces * 8;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
+          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
+    }
+    if (kProduct != Product::kApply && ti != tj) {
+      for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
+        const int lr = idx % kTile;
+        const int lc = idx / kTile;
+        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
       }
     }
   }
