@@ -45,7 +45,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
   scion_emu::launch(grid, block, smem, [&] { kernel(args...); });
   return cudaSuccess;
 #else
+  // clang-format reads .cuh as C++ and would split the launch brackets.
+  // clang-format off
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
   return cudaGetLastError();
 #endif
 }

@@ -255,17 +255,16 @@ template <typename S, typename G>
 scion_status launch_all(const CallInfo& info, int64_t num_tensors, const uint64_t* state_ptrs,
                         const uint64_t* grad_ptrs, const int64_t* numels, float alpha, float beta,
                         cudaStream_t stream) {
-  const int64_t total =
-      pack_launches(num_tensors, nullptr, nullptr, numels, 0.f, 0.f,
-                    [](const AverageArgs&, int32_t) { return true; });
+  const int64_t total = pack_launches(num_tensors, nullptr, nullptr, numels, 0.f, 0.f,
+                                      [](const AverageArgs&, int32_t) { return true; });
   cudaError_t err = cudaSuccess;
-  const int64_t done = pack_launches(
-      num_tensors, state_ptrs, grad_ptrs, numels, alpha, beta,
-      [&](const AverageArgs& args, int32_t blocks) {
-        err = launch_kernel(multi_tensor_average_kernel<S, G>, dim3(blocks), dim3(kThreads), 0,
-                            stream, args);
-        return err == cudaSuccess;
-      });
+  const int64_t done =
+      pack_launches(num_tensors, state_ptrs, grad_ptrs, numels, alpha, beta,
+                    [&](const AverageArgs& args, int32_t blocks) {
+                      err = launch_kernel(multi_tensor_average_kernel<S, G>, dim3(blocks),
+                                          dim3(kThreads), 0, stream, args);
+                      return err == cudaSuccess;
+                    });
   if (err != cudaSuccess) return cuda_failure(info, "kernel launch", err, done, total);
   return SCION_OK;
 }
@@ -319,9 +318,8 @@ scion_status scion_multi_tensor_average(int64_t num_tensors, const uint64_t* sta
   auto* cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   scion_status status = SCION_OK;
   // Six instantiations: {fp32, bf16} state x {fp32, bf16, fp16} gradient.
-#define SCION_LAUNCH(S, G)                                                                    \
-  launch_all<S, G>(info, num_tensors, state_ptrs, grad_ptrs, numels, alpha_f, beta_f, \
-                   cuda_stream)
+#define SCION_LAUNCH(S, G) \
+  launch_all<S, G>(info, num_tensors, state_ptrs, grad_ptrs, numels, alpha_f, beta_f, cuda_stream)
   if (state_dtype == SCION_FLOAT32) {
     switch (grad_dtype) {
       case SCION_FLOAT32:

@@ -22,10 +22,10 @@
 // zero rows and columns of X give zero rows and columns of A, B and the next X. Only the fused
 // update looks at the true size. All reductions have a fixed order: a bucket's result has the
 // same bits on every run.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <algorithm>
 #include <type_traits>
 
 #include "device.cuh"
@@ -52,13 +52,13 @@ struct SourceRef {
 struct SourceArgs {
   SourceRef refs[kMaxRefs];
   int32_t count;
-  int32_t rows, cols;        // of the parameter
-  int32_t chunk_rows;        // rows per chunk of average_kernel
-  int32_t chunks;            // chunks per matrix
+  int32_t rows, cols;  // of the parameter
+  int32_t chunk_rows;  // rows per chunk of average_kernel
+  int32_t chunks;      // chunks per matrix
   scion_dtype g_dtype, d_dtype;
   bool has_buffer;
   float alpha, beta;
-  double* partial;           // [count][chunks] Σd² per chunk
+  double* partial;  // [count][chunks] Σd² per chunk
 };
 static_assert(sizeof(SourceArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -102,7 +102,8 @@ __device__ __forceinline__ double inverse_norm(double total) {
 // ---------------------------------------------------------------------------------------------
 // 1. Averaging and per-chunk sums of squares.
 
-__global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant__ SourceArgs args) {
+__global__ void __launch_bounds__(kThreads)
+    average_kernel(const __grid_constant__ SourceArgs args) {
   double* sums = reinterpret_cast<double*>(dynamic_smem());
   const int matrix = static_cast<int>(blockIdx.y);
   const int chunk = static_cast<int>(blockIdx.x);
@@ -112,10 +113,9 @@ __global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant
   double ssq = 0.0;
   for (int r = row0; r < row1; ++r) {
     for (int c = static_cast<int>(threadIdx.x); c < args.cols; c += kThreads) {
-      const float v =
-          average_element(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype, ref.d,
-                          r * ref.d_rs + c * ref.d_cs, args.d_dtype, args.has_buffer, args.alpha,
-                          args.beta);
+      const float v = average_element(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype, ref.d,
+                                      r * ref.d_rs + c * ref.d_cs, args.d_dtype, args.has_buffer,
+                                      args.alpha, args.beta);
       ssq += static_cast<double>(v) * static_cast<double>(v);
     }
   }
@@ -132,11 +132,11 @@ __global__ void __launch_bounds__(kThreads) average_kernel(const __grid_constant
 constexpr int kNormCols = 1024;
 
 struct NormalizeArgs {
-  int32_t m_pad, n_pad;     // padded oriented size
-  int32_t col_blocks;       // blocks along X's columns
-  bool tall;                // oriented (i, j) is the parameter's (j, i)
-  void* x;                  // [count][m_pad][n_pad]
-  int32_t chunks;           // partial sums per matrix
+  int32_t m_pad, n_pad;  // padded oriented size
+  int32_t col_blocks;    // blocks along X's columns
+  bool tall;             // oriented (i, j) is the parameter's (j, i)
+  void* x;               // [count][m_pad][n_pad]
+  int32_t chunks;        // partial sums per matrix
   const double* partial;
 };
 
@@ -205,12 +205,13 @@ struct Tiling {
   static constexpr int kStages = 3;
   static constexpr int kWarpM = kTile / kWarpsM;  // warp tile
   static constexpr int kWarpN = kTile / kWarpsN;
-  static constexpr int kMI = kWarpM / 16;  // m16 fragments per warp
-  static constexpr int kNI = kWarpN / 8;   // n8 fragments per warp
-  static constexpr int kPad = 8;           // elements of row padding (ldmatrix bank spread)
-  static constexpr int kRowA = kK + kPad;  // smem row length of a [tile][k] operand
+  static constexpr int kMI = kWarpM / 16;     // m16 fragments per warp
+  static constexpr int kNI = kWarpN / 8;      // n8 fragments per warp
+  static constexpr int kPad = 8;              // elements of row padding (ldmatrix bank spread)
+  static constexpr int kRowA = kK + kPad;     // smem row length of a [tile][k] operand
   static constexpr int kRowT = kTile + kPad;  // of a [k][tile] (transposed) operand
-  static constexpr int kStageElems = kTile * kRowA + (kK * kRowT > kTile * kRowA ? kK * kRowT : kTile * kRowA);
+  static constexpr int kStageElems =
+      kTile * kRowA + (kK * kRowT > kTile * kRowA ? kK * kRowT : kTile * kRowA);
   static constexpr size_t kSmemBytes = size_t{kStages} * kStageElems * 2;
   static_assert(kWarpN % 16 == 0 && kWarpM % 16 == 0, "warp tile must hold whole fragments");
 };
@@ -218,16 +219,16 @@ using TileSmall = Tiling<64, 2, 2>;   // 128 threads, warp tile 32×32
 using TileLarge = Tiling<128, 2, 4>;  // 256 threads, warp tile 64×32
 
 struct GemmArgs {
-  const void* a;      // left operand rows, [batch][·][lda]
-  const void* b;      // right operand: rows of Bᵀ (kGram, kPoly) or rows of B (kApply)
-  const void* add;    // the term added in the epilogue (kPoly: A, kApply: X), laid out as out
+  const void* a;    // left operand rows, [batch][·][lda]
+  const void* b;    // right operand: rows of Bᵀ (kGram, kPoly) or rows of B (kApply)
+  const void* add;  // the term added in the epilogue (kPoly: A, kApply: X), laid out as out
   void* out;
   int64_t a_batch, b_batch, out_batch;  // element strides between matrices
   int32_t lda, ldb, ldc;
-  int32_t k;          // reduction length (a multiple of kK)
-  int32_t tiles;      // tiles per matrix side (rows; kApply: rows of the output)
-  int32_t tiles_n;    // kApply: tiles along the output's columns
-  int32_t batch0;     // first matrix of this launch
+  int32_t k;                   // reduction length (a multiple of kK)
+  int32_t tiles;               // tiles per matrix side (rows; kApply: rows of the output)
+  int32_t tiles_n;             // kApply: tiles along the output's columns
+  int32_t batch0;              // first matrix of this launch
   float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
 };
 
@@ -235,8 +236,8 @@ struct NoUpdate {};
 
 // out = acc_scale·(a·bᵀ or a·b) + add_scale·add, with `add` laid out as `out`.
 GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int64_t b_batch,
-                 int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc,
-                 int32_t k, float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
+                 int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc, int32_t k,
+                 float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
   GemmArgs g{};
   g.a = a;
   g.b = b;
@@ -306,7 +307,8 @@ __device__ __forceinline__ void for_each_acc(float (&acc)[kMI][kNI][4], int row0
     for (int j = 0; j < kNI; ++j) {
       SCION_UNROLL
       for (int e = 0; e < 4; ++e) {
-        f(acc[i][j][e], row0 + i * 16 + lane / 4 + (e / 2) * 8, col0 + j * 8 + 2 * (lane % 4) + e % 2);
+        f(acc[i][j][e], row0 + i * 16 + lane / 4 + (e / 2) * 8,
+          col0 + j * 8 + 2 * (lane % 4) + e % 2);
       }
     }
   }
@@ -428,13 +430,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   __syncthreads();
   for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
                [&](float a_rc, int r, int c) {
-    float v = args.acc_scale * a_rc;
-    if constexpr (kProduct != Product::kGram) {
-      v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]),
-                    v);
-    }
-    smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
-  });
+                 float v = args.acc_scale * a_rc;
+                 if constexpr (kProduct != Product::kGram) {
+                   v = __fmaf_rn(args.add_scale,
+                                 Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+                 }
+                 smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
+               });
   __syncthreads();
   if constexpr (kUpdate) {
     const UpdateRef& ref = upd.refs[local];
@@ -522,9 +524,9 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
   for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
     const int i = e / a.n;
     const int j = e % a.n;
-    const float v = average_element(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype, ref.d,
-                                    i * ref.d_rs + j * ref.d_cs, a.d_dtype, a.has_buffer, a.alpha,
-                                    a.beta);
+    const float v =
+        average_element(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype, ref.d,
+                        i * ref.d_rs + j * ref.d_cs, a.d_dtype, a.has_buffer, a.alpha, a.beta);
     ssq += static_cast<double>(v) * static_cast<double>(v);
   }
   const double inv = inverse_norm(block_total(ssq, sums, kSmallThreads));
@@ -586,7 +588,8 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
           const int64_t at = r * ref.p_rs + c * ref.p_cs;
           const float x = load_as_float(ref.p, at, a.p_dtype);
           const float u = ref.scale * Operand<T>::to(rounded);
-          store_from_float(ref.p, at, a.p_dtype, __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
+          store_from_float(ref.p, at, a.p_dtype,
+                           __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
         }
       });
     }
@@ -674,11 +677,12 @@ bool check(const scion_ns_problem& pr) {
               pr.tile);
     return false;
   }
-  if (pr.tile == 1 && (std::min(pr.rows, pr.cols) > kSmallM ||
-                       std::max(pr.rows, pr.cols) > kSmallMaxN)) {
-    set_error("ns_step: the one-block path (tile 1) takes matrices of at most %d x %d, got "
-              "%lld x %lld", kSmallM, kSmallMaxN, static_cast<long long>(pr.rows),
-              static_cast<long long>(pr.cols));
+  if (pr.tile == 1 &&
+      (std::min(pr.rows, pr.cols) > kSmallM || std::max(pr.rows, pr.cols) > kSmallMaxN)) {
+    set_error(
+        "ns_step: the one-block path (tile 1) takes matrices of at most %d x %d, got "
+        "%lld x %lld",
+        kSmallM, kSmallMaxN, static_cast<long long>(pr.rows), static_cast<long long>(pr.cols));
     return false;
   }
   if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
@@ -720,9 +724,9 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   auto* poly = gemm_kernel<T, Product::kPoly, Cfg, NoUpdate>;
   auto* apply = gemm_kernel<T, Product::kApply, Cfg, NoUpdate>;
   auto* apply_update = gemm_kernel<T, Product::kApply, Cfg, UpdateArgs>;
-  for (const void* f : {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
-                        reinterpret_cast<const void*>(apply),
-                        reinterpret_cast<const void*>(apply_update)}) {
+  for (const void* f :
+       {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
+        reinterpret_cast<const void*>(apply), reinterpret_cast<const void*>(apply_update)}) {
     if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(smem)),
               "raising the shared-memory limit")) {
@@ -739,16 +743,17 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     const float cc = static_cast<float>(pr.coefficients[3 * s + 2]);
     const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
     // A ← X·Xᵀ
-    GemmArgs g = product(x, plan.x_elems, np, x, plan.x_elems, np, a, a, plan.a_elems, mp, np,
-                         1.0f, 0.0f, tiles_m, tiles_n);
-    if (!L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}), "X·Xᵀ")) {
+    GemmArgs g = product(x, plan.x_elems, np, x, plan.x_elems, np, a, a, plan.a_elems, mp, np, 1.0f,
+                         0.0f, tiles_m, tiles_n);
+    if (!L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+              "the X·Xᵀ launch")) {
       return false;
     }
     // B ← b·A + c·A·A
     g = product(a, plan.a_elems, mp, a, plan.a_elems, mp, a, b, plan.a_elems, mp, mp, cc, cb,
                 tiles_m, tiles_n);
     if (!L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-              "b·A + c·A·A")) {
+              "the b·A + c·A·A launch")) {
       return false;
     }
     // X ← a·X + B·X
@@ -758,7 +763,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     if (!last) {
       if (!L.ok(launch_kernel(apply, dim3(grid_apply.x, static_cast<unsigned>(pr.batch)), block,
                               smem, L.stream, g, NoUpdate{}),
-                "a·X + B·X")) {
+                "the a·X + B·X launch")) {
         return false;
       }
       T* swap = x;
@@ -784,9 +789,9 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
         u.refs[k].scale = mat.scale;
       }
       g.batch0 = static_cast<int32_t>(first);
-      if (!L.ok(launch_kernel(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)),
-                              block, smem, L.stream, g, u),
-                "a·X + B·X with the update")) {
+      if (!L.ok(launch_kernel(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)), block,
+                              smem, L.stream, g, u),
+                "the a·X + B·X launch with the update")) {
         return false;
       }
     }
@@ -799,10 +804,10 @@ bool run_small(Launcher& L, const scion_ns_matrix* mats) {
   const scion_ns_problem& pr = L.pr;
   const Plan& plan = L.plan;
   const size_t smem = small_smem_bytes(plan.n_pad);
-  if (!L.ok(cudaFuncSetAttribute(reinterpret_cast<const void*>(small_kernel<T>),
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)),
-            "raising the shared-memory limit")) {
+  if (!L.ok(
+          cudaFuncSetAttribute(reinterpret_cast<const void*>(small_kernel<T>),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+          "raising the shared-memory limit")) {
     return false;
   }
   const bool tall = pr.rows > pr.cols;
@@ -830,14 +835,17 @@ bool run_small(Launcher& L, const scion_ns_matrix* mats) {
       args.refs[k] = SmallRef{reinterpret_cast<const void*>(static_cast<uintptr_t>(mat.g)),
                               reinterpret_cast<void*>(static_cast<uintptr_t>(mat.d)),
                               reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p)),
-                              mat.g_strides[r], mat.g_strides[1 - r],
-                              mat.d_strides[r], mat.d_strides[1 - r],
-                              mat.p_strides[r], mat.p_strides[1 - r],
+                              mat.g_strides[r],
+                              mat.g_strides[1 - r],
+                              mat.d_strides[r],
+                              mat.d_strides[1 - r],
+                              mat.p_strides[r],
+                              mat.p_strides[1 - r],
                               mat.scale};
     }
-    if (!L.ok(launch_kernel(small_kernel<T>, dim3(count), dim3(kSmallThreads), smem, L.stream,
-                            args),
-              "one-block step")) {
+    if (!L.ok(
+            launch_kernel(small_kernel<T>, dim3(count), dim3(kSmallThreads), smem, L.stream, args),
+            "the one-block launch")) {
       return false;
     }
   }
@@ -881,7 +889,7 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     const size_t sums = (kThreads + 1) * sizeof(double);
     if (!L.ok(launch_kernel(average_kernel, dim3(plan.chunks, count), dim3(kThreads), sums,
                             L.stream, src),
-              "averaging")) {
+              "the averaging launch")) {
       return false;
     }
     NormalizeArgs na{};
@@ -896,7 +904,7 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     const unsigned norm_blocks = static_cast<unsigned>(plan.m_pad / 32 * na.col_blocks);
     if (!L.ok(launch_kernel(normalize_kernel<T>, dim3(norm_blocks, count), dim3(kThreads),
                             norm_smem, L.stream, src, na),
-              "normalization")) {
+              "the normalization launch")) {
       return false;
     }
   }
@@ -913,9 +921,8 @@ int64_t scion_ns_workspace_bytes(const scion_ns_problem* problem) {
   using namespace scion;
   clear_error();
   if (problem == nullptr || !check(*problem)) return -1;
-  return static_cast<int64_t>(make_plan(problem->batch, problem->rows, problem->cols,
-                                        problem->tile)
-                                  .bytes);
+  return static_cast<int64_t>(
+      make_plan(problem->batch, problem->rows, problem->cols, problem->tile).bytes);
 }
 
 int scion_ns_tile(const scion_ns_problem* problem) {
@@ -952,8 +959,10 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
   for (int64_t k = 0; k < pr.batch; ++k) {
     const scion_ns_matrix& mat = matrices[k];
     if (mat.p == 0 || mat.g == 0 || ((pr.d_dtype != -1) != (mat.d != 0))) {
-      set_error("ns_step: matrix %lld has a null parameter or gradient address, or a buffer "
-                "address that does not match the buffer dtype", static_cast<long long>(k));
+      set_error(
+          "ns_step: matrix %lld has a null parameter or gradient address, or a buffer "
+          "address that does not match the buffer dtype",
+          static_cast<long long>(k));
       return SCION_ERROR_INVALID_ARGUMENT;
     }
   }
@@ -971,13 +980,14 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
   } else {
     run<__half>(L, matrices, workspace);
   }
-  if (previous != device) cudaSetDevice(previous);
+  if (previous != device) L.ok(cudaSetDevice(previous), "restoring the current device");
   if (L.err != cudaSuccess) {
-    set_error("ns_step: %s launch failed: %s (%s) [%lld matrices of %lld x %lld, tile %d, device "
-              "%d]",
-              L.what, cudaGetErrorName(L.err), cudaGetErrorString(L.err),
-              static_cast<long long>(pr.batch), static_cast<long long>(pr.rows),
-              static_cast<long long>(pr.cols), plan.tile, device);
+    set_error(
+        "ns_step: %s failed: %s (%s) [%lld matrices of %lld x %lld, tile %d, device "
+        "%d]",
+        L.what, cudaGetErrorName(L.err), cudaGetErrorString(L.err),
+        static_cast<long long>(pr.batch), static_cast<long long>(pr.rows),
+        static_cast<long long>(pr.cols), plan.tile, device);
     return SCION_ERROR_CUDA;
   }
   return SCION_OK;

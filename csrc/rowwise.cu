@@ -86,8 +86,8 @@ __device__ __forceinline__ float first_pass(const RowwiseArgs& a, const scion_ro
 // Pass 2 of an ℓ2 group: reads back the d this thread stored (or g) and updates x.
 __device__ __forceinline__ void second_pass(const RowwiseArgs& a, const scion_rowwise_tensor& t,
                                             int64_t base, int lane, int lanes, float inv) {
-  const void* src = a.has_buffer ? reinterpret_cast<const void*>(t.d)
-                                 : reinterpret_cast<const void*>(t.g);
+  const void* src =
+      a.has_buffer ? reinterpret_cast<const void*>(t.d) : reinterpret_cast<const void*>(t.g);
   const scion_dtype dtype = a.has_buffer ? a.d_dtype : a.g_dtype;
   for (int64_t e = lane; e < t.length; e += lanes) {
     const int64_t at = base + e * t.elem_stride;
@@ -155,8 +155,10 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
   for (int64_t i = 0; i < num_tensors; ++i) {
     const scion_rowwise_tensor& t = tensors[i];
     if (t.groups < 0 || t.length < 0 || t.p == 0 || t.g == 0 || ((d_dtype != -1) != (t.d != 0))) {
-      set_error("rowwise_step: tensor %lld has a negative size, a null address, or a buffer "
-                "address that does not match the buffer dtype", static_cast<long long>(i));
+      set_error(
+          "rowwise_step: tensor %lld has a negative size, a null address, or a buffer "
+          "address that does not match the buffer dtype",
+          static_cast<long long>(i));
       return SCION_ERROR_INVALID_ARGUMENT;
     }
     if ((t.groups + kThreads - 1) / kWarps > (int64_t{1} << 30)) {
@@ -184,9 +186,9 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
   a.decay = static_cast<float>(decay);
   auto flush = [&]() {
     if (a.count == 0) return cudaSuccess;
-    const cudaError_t e = launch_kernel(rowwise_kernel, dim3(a.block_start[a.count]),
-                                        dim3(kThreads), 0, reinterpret_cast<cudaStream_t>(stream),
-                                        a);
+    const cudaError_t e =
+        launch_kernel(rowwise_kernel, dim3(a.block_start[a.count]), dim3(kThreads), 0,
+                      reinterpret_cast<cudaStream_t>(stream), a);
     a.count = 0;
     return e;
   };
@@ -202,11 +204,18 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
     ++a.count;
   }
   if (err == cudaSuccess) err = flush();
-  if (previous != device) cudaSetDevice(previous);
+  const char* what = "launch";
+  if (previous != device) {
+    const cudaError_t restore = cudaSetDevice(previous);
+    if (err == cudaSuccess && restore != cudaSuccess) {
+      err = restore;
+      what = "restoring the current device";
+    }
+  }
   if (err != cudaSuccess) {
-    set_error("rowwise_step: launch failed: %s (%s) [%lld tensors, device %d]",
-              cudaGetErrorName(err), cudaGetErrorString(err),
-              static_cast<long long>(num_tensors), device);
+    set_error("rowwise_step: %s failed: %s (%s) [%lld tensors, device %d]", what,
+              cudaGetErrorName(err), cudaGetErrorString(err), static_cast<long long>(num_tensors),
+              device);
     return SCION_ERROR_CUDA;
   }
   return SCION_OK;

@@ -85,22 +85,22 @@ int64_t scion_multi_tensor_average_chunk_size(void);
  * cores in the compute dtype with fp32 accumulation; every reduction has a fixed order.
  */
 typedef struct scion_ns_problem {
-  int64_t batch;              /* matrices in the bucket (0 is a no-op; at most 65535) */
-  int64_t rows, cols;         /* shape of every matrix */
-  int p_dtype, g_dtype;       /* scion_dtype codes */
-  int d_dtype;                /* scion_dtype code of the buffers, or -1: no buffer (d = g) */
-  int compute_dtype;          /* SCION_BFLOAT16 or SCION_FLOAT16 */
-  int steps;                  /* 1..16 */
-  int tile;                   /* 0: automatic; 1: one block per matrix (oriented m <= 64,
-                                 n <= 512, no workspace); 64 or 128: tiled products */
-  double coefficients[48];    /* (a, b, c) of step s at 3s, 3s+1, 3s+2 */
+  int64_t batch;           /* matrices in the bucket (0 is a no-op; at most 65535) */
+  int64_t rows, cols;      /* shape of every matrix */
+  int p_dtype, g_dtype;    /* scion_dtype codes */
+  int d_dtype;             /* scion_dtype code of the buffers, or -1: no buffer (d = g) */
+  int compute_dtype;       /* SCION_BFLOAT16 or SCION_FLOAT16 */
+  int steps;               /* 1..16 */
+  int tile;                /* 0: automatic; 1: one block per matrix (oriented m <= 64,
+                              n <= 512, no workspace); 64 or 128: tiled products */
+  double coefficients[48]; /* (a, b, c) of step s at 3s, 3s+1, 3s+2 */
   double alpha, coef, decay;
 } scion_ns_problem;
 
 typedef struct scion_ns_matrix {
-  uint64_t p, g, d;           /* device addresses (d is 0 when there is no buffer) */
-  int64_t p_strides[2], g_strides[2], d_strides[2];  /* element strides of rows, columns */
-  float scale;                /* the per-matrix factor s */
+  uint64_t p, g, d; /* device addresses (d is 0 when there is no buffer) */
+  int64_t p_strides[2], g_strides[2], d_strides[2]; /* element strides of rows, columns */
+  float scale;                                      /* the per-matrix factor s */
 } scion_ns_matrix;
 
 /* Bytes of device workspace scion_ns_step needs (256-byte aligned); -1 on invalid input. */
@@ -126,7 +126,7 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
  * three dtypes; they go in as few launches as the kernel-argument space allows.
  */
 typedef struct scion_rowwise_tensor {
-  uint64_t p, g, d;           /* device addresses (d is 0 when there is no buffer) */
+  uint64_t p, g, d; /* device addresses (d is 0 when there is no buffer) */
   int64_t groups, length, group_stride, elem_stride;
   float q, eps;
 } scion_rowwise_tensor;

@@ -1,10 +1,10 @@
 // The library-wide error message and version queries.
-#include "status.cuh"
-
 #include <cuda_runtime.h>
 
 #include <cstdarg>
 #include <cstdio>
+
+#include "status.cuh"
 
 namespace scion {
 namespace {

@@ -26,9 +26,9 @@ namespace {
 }
 
 void multi_tensor_average(const std::vector<uint64_t>& state_ptrs,
-                          const std::vector<uint64_t>& grad_ptrs, const std::vector<int64_t>& numels,
-                          int state_dtype, int grad_dtype, double alpha, int device,
-                          uint64_t stream) {
+                          const std::vector<uint64_t>& grad_ptrs,
+                          const std::vector<int64_t>& numels, int state_dtype, int grad_dtype,
+                          double alpha, int device, uint64_t stream) {
   if (state_ptrs.size() != grad_ptrs.size() || state_ptrs.size() != numels.size()) {
     throw std::invalid_argument(
         "multi_tensor_average: state_ptrs, grad_ptrs and numels must have equal lengths, got " +
@@ -61,9 +61,8 @@ scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dty
                             int d_dtype, int compute_dtype, const std::vector<double>& coefficients,
                             double alpha, double coef, double decay, int tile) {
   if (coefficients.empty() || coefficients.size() % 3 != 0 || coefficients.size() > 48) {
-    throw std::invalid_argument(
-        "ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
-        std::to_string(coefficients.size()) + " numbers");
+    throw std::invalid_argument("ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
+                                std::to_string(coefficients.size()) + " numbers");
   }
   scion_ns_problem pr{};
   pr.batch = batch;
@@ -108,15 +107,15 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
   const bool has_buffer = d_dtype != -1;
   if (g.size() != batch || (has_buffer ? d.size() != batch : !d.empty()) ||
       strides.size() != 6 * batch || scales.size() != batch) {
-    throw std::invalid_argument(
-        "ns_step: per-matrix lists disagree (p " + std::to_string(batch) + ", g " +
-        std::to_string(g.size()) + ", d " + std::to_string(d.size()) + ", strides " +
-        std::to_string(strides.size()) + " (6 each), scales " + std::to_string(scales.size()) +
-        ")");
+    throw std::invalid_argument("ns_step: per-matrix lists disagree (p " + std::to_string(batch) +
+                                ", g " + std::to_string(g.size()) + ", d " +
+                                std::to_string(d.size()) + ", strides " +
+                                std::to_string(strides.size()) + " (6 each), scales " +
+                                std::to_string(scales.size()) + ")");
   }
   const scion_ns_problem pr =
-      ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype, d_dtype,
-                 compute_dtype, coefficients, alpha, coef, decay, tile);
+      ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype, d_dtype, compute_dtype,
+                 coefficients, alpha, coef, decay, tile);
   std::vector<scion_ns_matrix> mats(batch);
   for (size_t k = 0; k < batch; ++k) {
     scion_ns_matrix& m = mats[k];
@@ -133,9 +132,9 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
   scion_status status;
   {
     py::gil_scoped_release release;
-    status = scion_ns_step(&pr, mats.data(), reinterpret_cast<void*>(static_cast<uintptr_t>(workspace)),
-                           workspace_bytes, device,
-                           reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
+    status = scion_ns_step(
+        &pr, mats.data(), reinterpret_cast<void*>(static_cast<uintptr_t>(workspace)),
+        workspace_bytes, device, reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
   }
   if (status == SCION_ERROR_INVALID_ARGUMENT) throw std::invalid_argument(scion_last_error());
   if (status != SCION_OK) raise_last_error("ns_step");
@@ -158,15 +157,21 @@ void rowwise_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
   }
   std::vector<scion_rowwise_tensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
-    tensors[i] = scion_rowwise_tensor{p[i],         g[i],          has_buffer ? d[i] : 0,
-                                      layout[4 * i], layout[4 * i + 1], layout[4 * i + 2],
-                                      layout[4 * i + 3], q[i],     eps[i]};
+    tensors[i] = scion_rowwise_tensor{p[i],
+                                      g[i],
+                                      has_buffer ? d[i] : 0,
+                                      layout[4 * i],
+                                      layout[4 * i + 1],
+                                      layout[4 * i + 2],
+                                      layout[4 * i + 3],
+                                      q[i],
+                                      eps[i]};
   }
   scion_status status;
   {
     py::gil_scoped_release release;
-    status = scion_rowwise_step(static_cast<int64_t>(n), tensors.data(), p_dtype, g_dtype,
-                                d_dtype, sign ? 1 : 0, alpha, coef, decay, device,
+    status = scion_rowwise_step(static_cast<int64_t>(n), tensors.data(), p_dtype, g_dtype, d_dtype,
+                                sign ? 1 : 0, alpha, coef, decay, device,
                                 reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
   }
   if (status == SCION_ERROR_INVALID_ARGUMENT) throw std::invalid_argument(scion_last_error());
@@ -209,10 +214,10 @@ PYBIND11_MODULE(_C, m) {
         "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d). "
         "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
         "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`.");
-  m.def("rowwise_step", &rowwise_step, py::arg("p"), py::arg("g"), py::arg("d"),
-        py::arg("layout"), py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"),
-        py::arg("d_dtype"), py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"),
-        py::arg("device"), py::arg("stream"),
+  m.def("rowwise_step", &rowwise_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
+        py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
+        py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("device"),
+        py::arg("stream"),
         "Sign or l2 groups of many tensors: d <- (1-alpha)*d + alpha*g, then x <- decay*x + "
         "coef*u with u = d/(|d|*q + eps) per group, or sign(d)*q. `layout` holds (groups, "
         "length, group stride, element stride) per tensor; d_dtype -1 means no buffer.");

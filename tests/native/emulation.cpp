@@ -142,12 +142,12 @@ void start(Fiber& f) {
   uint16_t fpucw = 0x037F;
   std::memcpy(frame, &mxcsr, 4);
   std::memcpy(reinterpret_cast<unsigned char*>(frame) + 4, &fpucw, 2);
-  frame[1] = 0;                                             // r15
-  frame[2] = 0;                                             // r14
-  frame[3] = 0;                                             // r13
-  frame[4] = reinterpret_cast<uint64_t>(&fiber_main);       // r12: entry
-  frame[5] = 0;                                             // rbx: its argument
-  frame[6] = 0;                                             // rbp
+  frame[1] = 0;                                        // r15
+  frame[2] = 0;                                        // r14
+  frame[3] = 0;                                        // r13
+  frame[4] = reinterpret_cast<uint64_t>(&fiber_main);  // r12: entry
+  frame[5] = 0;                                        // rbx: its argument
+  frame[6] = 0;                                        // rbp
   frame[7] = reinterpret_cast<uint64_t>(&scion_emu_trampoline);
   f.sp = frame;
   f.done = false;
@@ -196,8 +196,8 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
   for (int w = 0; w < nwarps; ++w) warps[w].barrier.expected = std::min(32, threads - 32 * w);
   block_barrier = Barrier{threads, 0, 0};
   smem_storage.assign(bytes + 128, 0);
-  smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) & ~uintptr_t{127});
+  smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) &
+                                          ~uintptr_t{127});
   smem_bytes = bytes;
   for (int t = 0; t < threads; ++t) {
     Fiber& f = fibers[t];
