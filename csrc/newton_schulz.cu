@@ -569,7 +569,6 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
     }
     // X ← a·X + B·X, 64 columns at a time: a column block of the result needs only the same
     // column block of X, so it is written back in place once every warp has read it.
-    const bool last = s + 1 == a.steps;
     for (int c0 = 0; c0 < a.n_pad; c0 += 64) {
       zero(acc);
       for (int kk = 0; kk < kSmallM; kk += 16) {
@@ -580,20 +579,22 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
         v = __fmaf_rn(ca, Operand<T>::to(X[r * ldx + c]), v);
       });
       __syncthreads();
-      for_each_acc(acc, warp_m * 32, c0 + warp_n * 32, lane, [&](float v, int r, int c) {
-        const T rounded = Operand<T>::from(v);
-        if (!last) {
-          X[r * ldx + c] = rounded;
-        } else if (r < a.m && c < a.n) {
-          const int64_t at = r * ref.p_rs + c * ref.p_cs;
-          const float x = load_as_float(ref.p, at, a.p_dtype);
-          const float u = ref.scale * Operand<T>::to(rounded);
-          store_from_float(ref.p, at, a.p_dtype,
-                           __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
-        }
-      });
+      for_each_acc(acc, warp_m * 32, c0 + warp_n * 32, lane,
+                   [&](float v, int r, int c) { X[r * ldx + c] = Operand<T>::from(v); });
     }
     __syncthreads();
+  }
+  // x ← decay·x + coef·s·X, walked along the parameter's contiguous dimension (a tall
+  // parameter's rows are X's columns).
+  const bool rows_fast =
+      (ref.p_rs < 0 ? -ref.p_rs : ref.p_rs) < (ref.p_cs < 0 ? -ref.p_cs : ref.p_cs);
+  for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
+    const int r = rows_fast ? e % a.m : e / a.n;
+    const int c = rows_fast ? e / a.m : e % a.n;
+    const int64_t at = r * ref.p_rs + c * ref.p_cs;
+    const float x = load_as_float(ref.p, at, a.p_dtype);
+    const float u = ref.scale * Operand<T>::to(X[r * ldx + c]);
+    store_from_float(ref.p, at, a.p_dtype, __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
   }
 }
 
