@@ -321,7 +321,7 @@ def ns_step_(
     ``(a, b, c)`` triples ``coefficients``. Arguments as the Triton ``ns_step_``; ``tile``
     forces the product tile (64 or 128; 0 chooses).
     """
-    from .kernels.tables import matrix_rows
+    from .kernels.tables import bucket_rows
 
     op = "ns_step_"
     native = _require_native()
@@ -331,25 +331,19 @@ def ns_step_(
         return
     device = params[0].device
     _native_device(params[0], native, op)
-    p_addr, g_addr, d_addr, strides, scales = [], [], [], [], []
     for i, p in enumerate(params):
-        g, d = grads[i], (bufs[i] if bufs else None)
-        tensors = (p, g) if d is None else (p, g, d)
+        tensors = (p, grads[i]) if not bufs else (p, grads[i], bufs[i])
         _check_like(op, i, tensors, (params[0], grads[0], *bufs[:1]), device)
         if p.numel() % (m * n):
             raise ValueError(f"{op}: param {i} of shape {tuple(p.shape)} is no stack of {m}×{n}")
-        count = p.numel() // (m * n)
-        shape = (count, n, m) if tall[i] else (count, m, n)
-        rows_p = matrix_rows(p, shape, transpose=tall[i])
-        rows_g = matrix_rows(g, shape, transpose=tall[i])
-        rows_d = rows_g if d is None else matrix_rows(d, shape, transpose=tall[i])
-        for (pa, ps, pc), (ga, gs, gc), (da, ds, dc) in zip(rows_p, rows_g, rows_d, strict=True):
-            p_addr.append(pa)
-            g_addr.append(ga)
-            if d is not None:
-                d_addr.append(da)
-            strides.extend((ps, pc, gs, gc, ds, dc))
-            scales.append(float(factors[i]))
+    p_rows, g_rows, d_rows, owner = bucket_rows(params, grads, bufs, tall, m, n)
+    p_addr = [a for a, _, _ in p_rows]
+    g_addr = [a for a, _, _ in g_rows]
+    d_addr = [a for a, _, _ in d_rows]
+    strides = []
+    for (_, ps, pc), (_, gs, gc), (_, ds, dc) in zip(p_rows, g_rows, d_rows or g_rows, strict=True):
+        strides.extend((ps, pc, gs, gc, ds, dc))
+    scales = [float(factors[i]) for i in owner]
     if not p_addr:
         return
     batch = len(p_addr)
@@ -417,7 +411,7 @@ def rowwise_step_(
 
     ``whole``: every tensor is one group (BiasRMS). Arguments as the Triton ``rowwise_step_``.
     """
-    from .kernels.tables import matrix_rows
+    from .kernels.tables import group_rows
 
     op = "rowwise_step_"
     native = _require_native()
@@ -425,7 +419,6 @@ def rowwise_step_(
         return
     device = params[0].device
     _native_device(params[0], native, op)
-    p_addr, g_addr, d_addr, layout, qs, epss = [], [], [], [], [], []
     for i, p in enumerate(params):
         d = bufs[i] if bufs else grads[i]
         _check_like(op, i, (p, grads[i], d), (params[0], grads[0], bufs[0] if bufs else grads[0]),
@@ -433,17 +426,15 @@ def rowwise_step_(
         r, c = shapes[2 * i], shapes[2 * i + 1]
         if p.numel() % (r * c):
             raise ValueError(f"{op}: param {i} of shape {tuple(p.shape)} is no stack of {r}×{c}")
-        shape = (p.numel() // (r * c), r, c)
-        groups, length = (c, r) if columns[i] else (r, c)
-        mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
-        for (pa, gs, es), (ga, *_), (da, *_) in zip(*mats, strict=True):
-            p_addr.append(pa)
-            g_addr.append(ga)
-            if bufs:
-                d_addr.append(da)
-            layout.extend((groups, length, gs, es))
-            qs.append(float(q[i]))
-            epss.append(float(eps[i]))
+    p_addr, g_addr, d_addr, layout, qs, epss = [], [], [], [], [], []
+    for i, (pa, ga, da, *groups) in group_rows(params, grads, bufs, shapes, columns):
+        p_addr.append(pa)
+        g_addr.append(ga)
+        if bufs:
+            d_addr.append(da)
+        layout.extend(groups)
+        qs.append(float(q[i]))
+        epss.append(float(eps[i]))
     dtypes = (params[0].dtype, grads[0].dtype, bufs[0].dtype if bufs else None)
     try:
         native.rowwise_step(

@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting, step_op
-from .tables import cdiv, device_table, matrix_rows, next_power_of_2
+from .tables import bucket_rows, cdiv, device_table, matrix_rows, next_power_of_2
 
 __all__ = [
     "NSBucket", "flatten", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
@@ -684,26 +684,19 @@ def ns_step_(
     with ``polar`` the Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)``
     triples ``coefficients``. One launch per stage for the whole bucket.
     """
-    rows: dict[str, list[tuple[int, ...]]] = {"p": [], "g": [], "d": []}
-    mat_factors: list[float] = []
-    for i, p in enumerate(params):
-        count = p.numel() // (m * n)
-        shape = (count, n, m) if tall[i] else (count, m, n)
-        for key, t in (("p", p), ("g", grads[i]), ("d", bufs[i] if bufs else None)):
-            if t is not None:
-                rows[key].extend(matrix_rows(t, shape, transpose=tall[i]))
-        mat_factors.extend([factors[i]] * count)
+    p_rows, g_rows, d_rows, owner = bucket_rows(params, grads, bufs, tall, m, n)
+    mat_factors = [factors[i] for i in owner]
     if not mat_factors:
         return
     newton_schulz_bucket(
         NSBucket(len(mat_factors), m, n, dtype, params[0].device),
-        rows["g"],
+        g_rows,
         grads[0],
         _triples(coefficients),
         alpha=alpha,
-        bufs=rows["d"] if bufs else None,
+        bufs=d_rows if bufs else None,
         d_like=bufs[0] if bufs else None,
-        params=rows["p"],
+        params=p_rows,
         p_like=params[0],
         factors=mat_factors,
         coef=coef,

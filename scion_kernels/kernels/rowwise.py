@@ -29,7 +29,7 @@ from torch import Tensor
 from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
 from . import interpreting, step_op
 from .newton_schulz import _round
-from .tables import cached, cdiv, device_table, matrix_rows, view_strides, writable
+from .tables import cached, cdiv, device_table, group_rows, view_strides, writable
 
 __all__ = ["ROWWISE_NORMS", "rowwise_step_"]
 
@@ -209,17 +209,10 @@ def rowwise_op_(
     device = params[0].device
     block_r = _block_r(sign, whole)
     ints, floats, strips = [], [], []
-    for i, p in enumerate(params):
-        r, c = shapes[2 * i], shapes[2 * i + 1]
-        d = bufs[i] if bufs else grads[i]
-        shape = (p.numel() // (r * c), r, c)
-        # The groups are the rows of the (transposed, for columns) matrices.
-        mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
-        groups, length = (c, r) if columns[i] else (r, c)
-        for (pa, gs, es), (ga, *_), (da, *_) in zip(*mats, strict=True):
-            ints.append((pa, ga, da, groups, length, gs, es))
-            floats.append((q[i], eps[i]))
-            strips.append(cdiv(groups, block_r))
+    for i, row in group_rows(params, grads, bufs, shapes, columns):
+        ints.append(row)
+        floats.append((q[i], eps[i]))
+        strips.append(cdiv(row[3], block_r))
     if not ints:
         return
     interpret = interpreting()

@@ -19,8 +19,8 @@ from torch import Tensor
 from .._util import eager_cache
 
 __all__ = [
-    "cached", "cdiv", "device_table", "matrix_rows", "next_power_of_2", "view_strides",
-    "writable",
+    "bucket_rows", "cached", "cdiv", "device_table", "group_rows", "matrix_rows",
+    "next_power_of_2", "view_strides", "writable",
 ]  # fmt: skip
 
 
@@ -139,3 +139,58 @@ def _matrix_rows(
     if transpose:
         sr, sc = sc, sr
     return tuple((base + i * step * size, sr, sc) for i in range(new_shape[0]))
+
+
+Rows = list[tuple[int, int, int]]
+
+
+def bucket_rows(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    tall: Sequence[bool],
+    m: int,
+    n: int,
+) -> tuple[Rows, Rows, Rows, list[int]]:
+    """The matrices of a Newton–Schulz bucket: tensor ``i`` is a stack of ``m×n`` matrices
+    (``n×m`` where ``tall[i]``, seen transposed). Returns the :func:`matrix_rows` of every
+    matrix of the parameters, gradients and buffers (none without ``bufs``), all oriented
+    ``m×n``, and the owning tensor of each matrix."""
+    p_rows: Rows = []
+    g_rows: Rows = []
+    d_rows: Rows = []
+    owner: list[int] = []
+    for i, p in enumerate(params):
+        count = p.numel() // (m * n)
+        shape = (count, n, m) if tall[i] else (count, m, n)
+        p_rows.extend(matrix_rows(p, shape, transpose=tall[i]))
+        g_rows.extend(matrix_rows(grads[i], shape, transpose=tall[i]))
+        if bufs:
+            d_rows.extend(matrix_rows(bufs[i], shape, transpose=tall[i]))
+        owner.extend([i] * count)
+    return p_rows, g_rows, d_rows, owner
+
+
+def group_rows(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    shapes: Sequence[int],
+    columns: Sequence[bool],
+) -> list[tuple[int, tuple[int, ...]]]:
+    """The matrices of a row-wise launch: tensor ``i`` is seen as ``(-1, r, c)`` matrices
+    (``r, c = shapes[2i:2i+2]``, the same strides for ``x``, ``g`` and ``d``; ``d = g`` without
+    ``bufs``) whose groups are rows, or columns where ``columns[i]``. Returns, per matrix, its
+    tensor's index and ``(x, g, d addresses, groups, group length, group stride, element
+    stride)``."""
+    out: list[tuple[int, tuple[int, ...]]] = []
+    for i, p in enumerate(params):
+        r, c = shapes[2 * i], shapes[2 * i + 1]
+        d = bufs[i] if bufs else grads[i]
+        shape = (p.numel() // (r * c), r, c)
+        # The groups are the rows of the (transposed, for columns) matrices.
+        mats = [matrix_rows(t, shape, transpose=columns[i]) for t in (p, grads[i], d)]
+        groups, length = (c, r) if columns[i] else (r, c)
+        for (pa, gs, es), (ga, *_), (da, *_) in zip(*mats, strict=True):
+            out.append((i, (pa, ga, da, groups, length, gs, es)))
+    return out
