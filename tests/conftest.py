@@ -46,3 +46,33 @@ def emulated_native(emulated_module, monkeypatch):
     monkeypatch.setattr(_native, "_native_error", None)
     monkeypatch.setattr(_native, "_native_tried", True)
     return emulated_module
+
+
+class GraphRecorder:
+    """``torch.compile(fn, fullgraph=True)`` that keeps every traced FX graph, so a test can
+    count the op calls a compiled step consists of (run through ``aot_eager``)."""
+
+    def __init__(self) -> None:
+        self.graphs: list = []
+
+    def compile(self, fn):
+        def backend(gm, example_inputs):
+            self.graphs.append(gm)
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        return torch.compile(fn, fullgraph=True, backend=backend)
+
+    def ops(self, namespace: str = "scion_kernels") -> list[str]:
+        """The sorted op names of ``namespace`` in the last traced graph."""
+        return sorted(
+            str(n.target).removesuffix(".default")
+            for n in self.graphs[-1].graph.nodes
+            if namespace in str(n.target)
+        )
+
+
+@pytest.fixture
+def graph_recorder():
+    """A fresh :class:`GraphRecorder`, with dynamo's caches reset."""
+    torch._dynamo.reset()
+    return GraphRecorder()

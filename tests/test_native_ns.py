@@ -301,13 +301,12 @@ def test_rowwise_matches_reference(native, norm, p_dtype, buffer):
 
 
 @pytest.mark.parametrize("optimizer", ["Scion", "ScionLight"])
-def test_compiled_step_matches_eager(native, optimizer):
+def test_compiled_step_matches_eager(native, optimizer, graph_recorder):
     """torch.compile(fullgraph=True) traces a ``backend="cuda"`` step into one op call per
     bucket and per row-wise launch, and runs the same kernels: bit-identical parameters."""
     import scion_kernels
 
     _, device = native
-    torch._dynamo.reset()
     cls = getattr(scion_kernels, optimizer)
     shapes = {"Spectral": [(20, 36), (36, 20), (24, 24)], "BiasRMS": [(36,), (24,)],
               "Sign": [(10, 24)]}  # fmt: skip
@@ -316,12 +315,7 @@ def test_compiled_step_matches_eager(native, optimizer):
         [torch.randn(s, generator=gen).to(device) for ss in shapes.values() for s in ss]
         for _ in range(3)
     ]
-    results, graphs = [], []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
+    results = []
     for compiled in (False, True):
         torch.manual_seed(0)
         groups = [
@@ -330,7 +324,7 @@ def test_compiled_step_matches_eager(native, optimizer):
         ]
         params = [p for g in groups for p in g["params"]]
         opt = cls(groups, lr=0.1, momentum=0.5, nonfinite="ignore", backend="cuda")
-        step = torch.compile(opt.step, fullgraph=True, backend=backend) if compiled else opt.step
+        step = graph_recorder.compile(opt.step) if compiled else opt.step
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 if p.grad is None:
@@ -341,13 +335,11 @@ def test_compiled_step_matches_eager(native, optimizer):
         results.append([p.detach().clone() for p in params])
     for eager, compiled in zip(*results, strict=True):
         assert torch.equal(eager, compiled)
-    ops = sorted(
-        str(n.target).removesuffix(".default")
-        for n in graphs[-1].graph.nodes
-        if "scion_kernels" in str(n.target)
-    )
     # Buckets: 20×36 with 36×20, and 24×24; one row-wise launch per group of BiasRMS and Sign.
-    assert ops == ["scion_kernels.native_ns_step_"] * 2 + ["scion_kernels.native_rowwise_step_"] * 2
+    assert (
+        graph_recorder.ops()
+        == ["scion_kernels.native_ns_step_"] * 2 + ["scion_kernels.native_rowwise_step_"] * 2
+    )
 
 
 def test_auto_table_choice(monkeypatch):

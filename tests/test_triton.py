@@ -471,26 +471,17 @@ def test_tables_kept_between_steps():
     assert kept[0] and kept[1] == kept[0] and kept[2] == kept[0]
 
 
-def _compile_and_count(fn, graphs):
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    return torch.compile(fn, fullgraph=True, backend=backend)
-
-
 @pytest.mark.parametrize("cls", [Scion, ScionLight])
-def test_compiled_step_matches_eager(cls):
+def test_compiled_step_matches_eager(cls, graph_recorder):
     """torch.compile(fullgraph=True) traces the step into one op call per bucket, and runs
     the same kernels: bit-identical parameters after three steps."""
-    torch._dynamo.reset()
     grads = gradient_sequence(make_params(), 3)
-    results, graphs = [], []
+    results = []
     for compiled in (False, True):
         groups = make_params()
         params = [p for g in groups for p in g["params"]]
         opt = cls(groups, lr=0.1, momentum=0.5, nonfinite="ignore", backend="triton")
-        step = _compile_and_count(opt.step, graphs) if compiled else opt.step
+        step = graph_recorder.compile(opt.step) if compiled else opt.step
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 if p.grad is None:
@@ -501,23 +492,16 @@ def test_compiled_step_matches_eager(cls):
         results.append([p.detach().clone() for p in params])
     for eager, compiled in zip(*results, strict=True):
         assert torch.equal(eager, compiled)
-    ops = [
-        str(n.target).removesuffix(".default")
-        for n in graphs[-1].graph.nodes
-        if "scion_kernels" in str(n.target)
-    ]
     # Buckets: 20×36 with 36×20, 24×24, the conv's 8×12, the 3 stacked 12×20; one row-wise.
-    assert sorted(ops) == ["scion_kernels.ns_step_"] * 4 + ["scion_kernels.rowwise_step_"]
+    assert graph_recorder.ops() == ["scion_kernels.ns_step_"] * 4 + ["scion_kernels.rowwise_step_"]
 
 
-def test_compiled_polar():
-    torch._dynamo.reset()
-    graphs: list = []
+def test_compiled_polar(graph_recorder):
     table = resolve_coefficients("classic")
     G = torch.randn(2, 20, 36, device=DEVICE)
-    compiled = _compile_and_count(lambda x: polar(x, table) * 2, graphs)
+    compiled = graph_recorder.compile(lambda x: polar(x, table) * 2)
     assert torch.equal(compiled(G), polar(G, table) * 2)
-    assert any("ns_polar" in str(n.target) for n in graphs[0].graph.nodes)
+    assert graph_recorder.ops() == ["scion_kernels.ns_polar"]
 
 
 # ------------------------------------------------------------------------ GPU shape set
