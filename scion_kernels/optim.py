@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._native import multi_tensor_average_reference_
+from .distributed import local
 from .norms import Norm, describe_misfit, make_norm
 
 __all__ = ["Scion", "ScionLight"]
@@ -80,7 +82,13 @@ class _ScionBase(torch.optim.Optimizer):
         backend: str = "auto",
         buffer_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
+        process_group: Any | None = None,
     ) -> None:
+        if process_group is not None and not torch.distributed.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        #: The replicas of plain-tensor parameters (DDP) that split the Spectral LMOs.
+        self.process_group = process_group
+        self._distributed = process_group is not None
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -112,11 +120,26 @@ class _ScionBase(torch.optim.Optimizer):
                 msg = describe_misfit(norm, p.shape, self._label(group, index, i))
                 if msg:
                     raise ValueError(msg)
-            if group["backend"] in _FUSED_BACKENDS:
+            spread = self.process_group is not None or any(
+                distributed._is_dtensor(p) for p in group["params"]
+            )
+            if spread:
+                for p in group["params"]:
+                    distributed.layout_of(p, self.process_group)  # raises for unknown layouts
+                if group["backend"] in _FUSED_BACKENDS:
+                    raise ValueError(
+                        f"backend {group['backend']!r} (param group {index}) runs single-process "
+                        "steps; with DTensor parameters or a process_group the step runs the "
+                        "reference LMOs split across ranks: use backend='torch' or 'auto'"
+                    )
+            elif group["backend"] in _FUSED_BACKENDS:
                 self._check_fused(group, index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        if spread:
+            self._distributed = True
+            self._create_state(group)
 
     def _check_options(self, group: dict[str, Any], index: int) -> None:
         """Raise a clear error for any option of ``group`` out of its domain."""
@@ -187,47 +210,58 @@ class _ScionBase(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_options(group, index)
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            if not idx:
-                continue
             for i in idx:
                 if group["params"][i].grad.is_sparse:
                     raise RuntimeError(
                         f"Scion does not support sparse gradients ({self._label(group, index, i)})"
                     )
-            work.append((index, group, idx))
+            if idx or self._distributed:
+                work.append((index, group, idx))
 
-        if self.nonfinite != "ignore":
+        bad = None
+        if self._distributed:
+            work, bad = self._agree(work)
+        elif self.nonfinite != "ignore":
             bad = self._first_nonfinite(work)
-            if bad is not None:
-                index, group, i = bad
-                label = self._label(group, index, i)
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"the gradient of {label} (shape {tuple(group['params'][i].shape)}) "
-                        "has non-finite values; no parameter or state was changed. Pass "
-                        "nonfinite='skip' to skip such steps instead."
-                    )
-                self.skipped_steps += 1
-                self._on_skip(work)
-                warnings.warn(
-                    f"Scion skipped a step: the gradient of {label} has non-finite values "
-                    f"({self.skipped_steps} skipped so far)",
-                    RuntimeWarning,
-                    stacklevel=2,
+        if bad is not None:
+            index, group, i = bad
+            label = self._label(group, index, i)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"the gradient of {label} (shape {tuple(group['params'][i].shape)}) "
+                    "has non-finite values; no parameter or state was changed. Pass "
+                    "nonfinite='skip' to skip such steps instead."
                 )
-                return loss
+            self.skipped_steps += 1
+            self._on_skip(work)
+            warnings.warn(
+                f"Scion skipped a step: the gradient of {label} has non-finite values "
+                f"({self.skipped_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
 
         for index, group, idx in work:
+            if not idx:
+                continue
             params = [group["params"][i] for i in idx]
             rest = params
-            if group["backend"] in _FUSED_BACKENDS:
+            if self._distributed:
+                pass  # the reference LMOs, split across ranks (scion_kernels.distributed)
+            elif group["backend"] in _FUSED_BACKENDS:
                 rest = self._fused_step_(group, index, params, group["backend"])
             elif group["backend"] == "auto":
                 rest = self._auto_step_(group, index, params)
             if rest:
                 directions = self._averaged(group, rest)
-                updates = self._norm(group).lmo_many(directions)
+                norm = self._norm(group)
+                if self._distributed:
+                    updates = distributed.group_updates(norm, rest, directions, self.process_group)
+                else:
+                    updates = norm.lmo_many(directions)
                 lr, scale = float(group["lr"]), float(group["scale"])
+                rest = [local(p) for p in rest]
                 _apply_update_(rest, updates, lr, scale, not group["unconstrained"])
             self._after_update(group, params)
         return loss
@@ -332,6 +366,42 @@ class _ScionBase(torch.optim.Optimizer):
         state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A process group does not pickle: an unpickled optimizer steps on its own ranks' data.
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_distributed", False)
+
+    # ----------------------------------------------------------------------- across ranks
+    def _agree(
+        self, work: list[tuple[int, dict[str, Any], list[int]]]
+    ) -> tuple[list[tuple[int, dict[str, Any], list[int]]], tuple[int, dict[str, Any], int] | None]:
+        """Distributed steps: one all-reduce decides, identically on every rank, which
+        parameters step (those with a gradient on every rank) and which is the first whose
+        gradient is not finite on some rank. Returns the work list and that parameter."""
+        where = [(index, group, i) for index, group, _ in work for i in range(len(group["params"]))]
+        entries = [(group["params"][i], group["params"][i].grad) for _, group, i in where]
+        has, finite = distributed.agree(
+            entries, self.process_group, check_finite=self.nonfinite != "ignore"
+        )
+        partial = [
+            self._label(group, index, i)
+            for (index, group, i), everywhere, (_, g) in zip(where, has, entries, strict=True)
+            if g is not None and not everywhere
+        ]
+        distributed.warn_partial_gradients(partial)
+        bad = next((w for w, ok, h in zip(where, finite, has, strict=True) if h and not ok), None)
+        agreed = []
+        for index, group, _ in work:
+            idx = [i for k, (j, _, i) in enumerate(where) if j == index and has[k]]
+            agreed.append((index, group, idx))
+        return agreed, bad
+
+    def _create_state(self, group: dict[str, Any]) -> None:
+        """Create the state of ``group``'s parameters now (distributed optimizers), so every
+        rank has the same state keys from the start, as ``torch.distributed.checkpoint``
+        needs."""
+
     # Hooks the two variants fill in.
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -388,6 +458,11 @@ class Scion(_ScionBase):
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``
             skips the whole step with a ``RuntimeWarning`` and counts it in ``skipped_steps``;
             ``"ignore"`` checks nothing (no host sync) and lets NaN propagate.
+        process_group: the ranks holding replicated copies of plain-tensor parameters (after
+            DDP has averaged their gradients): each Spectral-family LMO is computed on one of
+            them and shared (:mod:`scion_kernels.distributed`). DTensor parameters (FSDP2,
+            ``fully_shard``) are split across ranks without it. Either way every rank of the
+            group must call ``step()``; the step then runs the reference LMOs.
 
     Constrained Scion has no separate weight decay: the ``(1 − γ)`` shrink is it. The averaging
     buffer is saved in ``state_dict`` as ``"momentum_buffer"``, the authors' key.
@@ -395,11 +470,20 @@ class Scion(_ScionBase):
 
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         bufs = self._fused_buffers(group, params)
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in params]
         if bufs is None:
             return grads
+        bufs = [local(b) for b in bufs]
         multi_tensor_average_reference_(bufs, grads, float(group["momentum"]))
         return bufs
+
+    def _create_state(self, group: dict[str, Any]) -> None:
+        if float(group["momentum"]) == 1.0:
+            return
+        for p in group["params"]:
+            if "momentum_buffer" not in self.state[p]:
+                dtype = group["buffer_dtype"] or p.dtype
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
 
     def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         if float(group["momentum"]) == 1.0:
@@ -458,20 +542,27 @@ class ScionLight(_ScionBase):
             )
 
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        return [p.grad for p in params]
+        return [local(p.grad) for p in params]
 
     def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         return None  # the average is p.grad itself
 
+    def _create_state(self, group: dict[str, Any]) -> None:
+        if float(group["momentum"]) == 1.0:
+            return
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         alpha = float(group["momentum"])
         if alpha != 1.0:
-            torch._foreach_mul_([p.grad for p in params], 1.0 - alpha)
+            torch._foreach_mul_([local(p.grad) for p in params], 1.0 - alpha)
 
     def _on_skip(self, work: list[tuple[int, dict[str, Any], list[int]]]) -> None:
         for _, group, idx in work:
             for i in idx:
-                g = group["params"][i].grad
+                g = local(group["params"][i].grad)
                 if not bool(torch.isfinite(g).all()):
                     g.zero_()
 

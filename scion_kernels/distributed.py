@@ -1,0 +1,427 @@
+"""Scion across ranks: replicated parameters (DDP), sharded ones (FSDP2 / DTensor), or both.
+
+The step is the single-process step; what changes is where each LMO is computed.
+
+- **Replicated parameters** (plain tensors with ``Scion(..., process_group=pg)`` after DDP has
+  averaged the gradients, or DTensors with ``Replicate()`` placements): every rank holds the
+  same averaged direction ``d``. Each Spectral-family matrix gets one *owner* rank, chosen by
+  a greedy balance of the Newton–Schulz FLOPs (SCION.md §4); owners orthogonalize their
+  matrices and the updates are shared with ``all_gather_into_tensor``, in buckets. The cheap
+  norms (Sign, ColNorm, RowNorm, BiasRMS) run on every rank, no communication.
+- **Sharded parameters** (DTensors with ``Shard(0)``, as ``fully_shard`` makes them): the
+  averaging and the update run on the local shards. A Spectral-family matrix is reassembled on
+  its owner with one ``all_to_all_single`` per bucket, orthogonalized there, and its update
+  scattered back with a second one, so each rank sends and receives about ``2·P/w`` elements
+  per step (``P`` the Spectral parameters' size, ``w`` the shard count). Sign and RowNorm rows
+  are whole on every shard and need nothing; ColNorm columns and BiasRMS's RMS span the shards
+  and take one small all-reduce (sums of squares in float64) for all of them.
+- **Both** (a 2-D mesh, ``(Replicate(), Shard(0))``: hybrid sharding): owners are spread over
+  all ranks; the shard exchange runs inside each replica for the matrices it owns, then the
+  update shards are shared across replicas with ``all_gather_into_tensor``.
+
+Every rank runs the same collectives in the same order: before each step one all-reduce agrees
+on which parameters have a gradient on every rank (a parameter lacking one anywhere is skipped
+everywhere, with a warning) and, unless ``nonfinite="ignore"``, which gradients are finite.
+The owner choice and the buckets follow from the global shapes only, so a rank with an empty
+shard or no matrices to orthogonalize still takes part. Never calls ``full_tensor()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .norms import Auto, BiasRMS, ColNorm, Norm, RowNorm, Sign, Spectral
+
+__all__ = ["Layout", "layout_of", "local", "owner_slots", "shard_rows"]
+
+#: Elements of one rank's share of a bucket before the next bucket starts.
+BUCKET_ELEMENTS = 1 << 26
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard (same storage), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def shard_rows(n: int, shards: int) -> list[int]:
+    """Rows of each shard when ``n`` rows are split as ``Shard(0)`` splits them
+    (``torch.chunk``: ``⌈n/shards⌉`` rows each, the last ones short or empty)."""
+    size = -(-n // shards) if n else 0
+    return [max(0, min(size, n - r * size)) for r in range(shards)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one parameter lies across ranks: split along dim 0 over ``shard_group``
+    (``shards`` ranks) and repeated over ``replicate_group`` (``replicas`` ranks)."""
+
+    shard_group: Any
+    shards: int
+    shard_rank: int
+    replicate_group: Any
+    replicas: int
+    replica_rank: int
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return (id(self.shard_group), self.shards, id(self.replicate_group), self.replicas)
+
+    @property
+    def slots(self) -> int:
+        return self.shards * self.replicas
+
+
+_SINGLE = Layout(None, 1, 0, None, 1, 0)
+
+
+def layout_of(p: Tensor, process_group: Any | None) -> Layout:
+    """``p``'s layout: from its placements for a DTensor, ``process_group`` replicas otherwise."""
+    if not _is_dtensor(p):
+        if process_group is None:
+            return _SINGLE
+        return Layout(
+            None, 1, 0, process_group, dist.get_world_size(process_group),
+            dist.get_rank(process_group),
+        )  # fmt: skip
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    shard_dim = replicate_dim = None
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) and placement.dim == 0 and shard_dim is None:
+            shard_dim = dim
+        elif isinstance(placement, Replicate) and replicate_dim is None:
+            replicate_dim = dim
+        else:
+            raise ValueError(
+                f"Scion takes DTensor parameters placed as Shard(0) and/or Replicate() on at "
+                f"most one mesh dimension each (FSDP2, DDP or hybrid); got {p.placements}"
+            )
+    layout = Layout(
+        mesh.get_group(shard_dim) if shard_dim is not None else None,
+        mesh.size(shard_dim) if shard_dim is not None else 1,
+        mesh.get_local_rank(shard_dim) if shard_dim is not None else 0,
+        mesh.get_group(replicate_dim) if replicate_dim is not None else None,
+        mesh.size(replicate_dim) if replicate_dim is not None else 1,
+        mesh.get_local_rank(replicate_dim) if replicate_dim is not None else 0,
+    )
+    rows = shard_rows(p.shape[0], layout.shards)[layout.shard_rank] if p.dim() else 1
+    if p.dim() and local(p).shape[0] != rows:
+        raise ValueError(
+            f"a Shard(0) parameter of shape {tuple(p.shape)} holds {local(p).shape[0]} rows on "
+            f"shard {layout.shard_rank} of {layout.shards}; Scion expects {rows} (torch.chunk "
+            "sizes, as fully_shard and distribute_tensor use)"
+        )
+    return layout
+
+
+def _concrete(norm: Norm, shape: Sequence[int]) -> Norm:
+    return norm.pick(shape) if isinstance(norm, Auto) else norm
+
+
+def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
+    """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
+    ``"reduce"`` (on the local shard after one all-reduce of sums of squares) or ``"owner"``
+    (on the whole tensor, on one rank)."""
+    sharded = layout.shards > 1 and len(shape) > 0
+    batch_dims = getattr(norm, "batch_dims", 0)
+    if isinstance(norm, Spectral):
+        # A batch of matrices split along the batch dim has whole matrices on every shard.
+        return "local" if sharded and batch_dims > 0 and len(shape) > 2 else "owner"
+    if not sharded or isinstance(norm, Sign):
+        return "local"
+    if isinstance(norm, ColNorm):  # RowNorm too
+        if batch_dims > 0:
+            return "local"
+        if isinstance(norm, RowNorm) == norm.transpose:
+            return "reduce"  # norms over dim 0, the sharded one
+        # Rows are whole; only transposed ColNorm's normalizing factor (the full d_out) is not.
+        return "reduce" if norm.normalized and not isinstance(norm, RowNorm) else "local"
+    if isinstance(norm, BiasRMS):
+        return "reduce"
+    return "owner"  # a norm this module does not know: computed on the whole tensor
+
+
+def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
+    """Newton–Schulz FLOPs of one LMO (SCION.md §4): per step and ``m×n`` matrix (``m ≤ n``),
+    ``2m²n`` (X·Xᵀ) + ``2m³`` (A·A) + ``2m²n`` (B·X); other norms cost their element count."""
+    if not isinstance(norm, Spectral):
+        return float(math.prod(shape))
+    batch, d_out, d_in = norm._matrix_shape(shape)
+    m, n = min(d_out, d_in), max(d_out, d_in)
+    return float(batch * len(norm._table) * (4 * m * m * n + 2 * m**3))
+
+
+def owner_slots(costs: Sequence[float], slots: int) -> list[int]:
+    """Greedy balance (longest first, onto the least-loaded slot, ties to the lowest index):
+    the slot that computes each item. Depends only on ``costs``, so every rank agrees."""
+    load = [0.0] * slots
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(slots), key=lambda s: (load[s], s))
+        owner[i] = slot
+        load[slot] += costs[i]
+    return owner
+
+
+def _update_dtype(norm: Norm, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference LMO returns for a direction of ``dtype``."""
+    if isinstance(norm, Spectral) and (norm.polar == "svd" or norm.ns_dtype == torch.float64):
+        return torch.float64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Item:
+    index: int  # position in the group's parameter list
+    shape: torch.Size  # global shape
+    norm: Norm
+    d: Tensor  # this rank's part of the averaged direction
+    owner: int = 0  # slot: replica · shards + shard
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) else 1
+
+    def rows(self, shards: int) -> list[int]:
+        return shard_rows(self.shape[0], shards) if len(self.shape) else [1] + [0] * (shards - 1)
+
+
+def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
+    """Consecutive runs of ``items`` whose largest per-rank share stays under the bucket
+    size (at least one item each)."""
+    out: list[list[_Item]] = []
+    current: list[_Item] = []
+    size = 0
+    for item in items:
+        share = max(item.rows(shards)) * item.row_elems
+        if current and size + share > BUCKET_ELEMENTS:
+            out.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += share
+    if current:
+        out.append(current)
+    return out
+
+
+def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
+    """Reassemble this replica's matrices on their owners, compute their LMOs there, send the
+    update rows back: two ``all_to_all_single`` (none without sharding). Returns this rank's
+    rows of the update of every item this replica owns."""
+    S, me = layout.shards, layout.shard_rank
+    mine = [it for it in items if it.owner // S == layout.replica_rank]
+    if not mine:
+        return {}
+    if S == 1:
+        return _lmos([it for it in mine], [it.d for it in mine])
+    d_dtype = mine[0].d.dtype
+    device = mine[0].d.device
+    by_dest: list[list[_Item]] = [[it for it in mine if it.owner % S == o] for o in range(S)]
+    send = [it.d.reshape(-1) for o in range(S) for it in by_dest[o]]
+    send_splits = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
+    owned = by_dest[me]
+    recv_splits = [sum(it.rows(S)[s] * it.row_elems for it in owned) for s in range(S)]
+    received = torch.empty(sum(recv_splits), dtype=d_dtype, device=device)
+    payload = torch.cat(send) if send else torch.empty(0, dtype=d_dtype, device=device)
+    dist.all_to_all_single(received, payload, recv_splits, send_splits, group=layout.shard_group)
+    # Whole matrices: shard s's rows of every owned item, in item order, for s = 0, 1, ...
+    pieces: list[list[Tensor]] = [[] for _ in owned]
+    offset = 0
+    for s in range(S):
+        for k, it in enumerate(owned):
+            n = it.rows(S)[s] * it.row_elems
+            pieces[k].append(received[offset : offset + n].view(it.rows(S)[s], *it.shape[1:]))
+            offset += n
+    updates = _lmos(owned, [torch.cat(p) for p in pieces])
+    out_dtype = _update_dtype(mine[0].norm, d_dtype)
+    back = [
+        updates[it.index].to(out_dtype).split(it.rows(S))[s].reshape(-1)
+        for s in range(S)
+        for it in owned
+    ]
+    back_splits = [sum(it.rows(S)[s] * it.row_elems for it in owned) for s in range(S)]
+    recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
+    result = torch.empty(sum(recv_back), dtype=out_dtype, device=device)
+    payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
+    dist.all_to_all_single(result, payload, recv_back, back_splits, group=layout.shard_group)
+    out: dict[int, Tensor] = {}
+    offset = 0
+    for o in range(S):
+        for it in by_dest[o]:
+            out[it.index] = result[offset : offset + it.d.numel()].view(it.d.shape)
+            offset += it.d.numel()
+    return out
+
+
+def _lmos(items: list[_Item], directions: list[Tensor]) -> dict[int, Tensor]:
+    """The reference LMO of each item, batched per norm as the single-process step batches."""
+    out: dict[int, Tensor] = {}
+    by_norm: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        by_norm.setdefault(id(it.norm), []).append(k)
+    for ks in by_norm.values():
+        updates = items[ks[0]].norm.lmo_many([directions[k] for k in ks])
+        for k, u in zip(ks, updates, strict=True):
+            out[items[k].index] = u
+    return out
+
+
+def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Tensor]) -> None:
+    """Fill ``out`` with the update rows of the items other replicas own: one
+    ``all_gather_into_tensor`` over the replicas, each sending its owned items' rows."""
+    S, R = layout.shards, layout.replicas
+    if R == 1:
+        return
+    by_replica = [[it for it in items if it.owner // S == k] for k in range(R)]
+    sizes = [sum(it.d.numel() for it in group) for group in by_replica]
+    width = max(sizes)
+    if width == 0:
+        return
+    dtype = _update_dtype(items[0].norm, items[0].d.dtype)
+    device = items[0].d.device
+    send = torch.zeros(width, dtype=dtype, device=device)
+    mine = by_replica[layout.replica_rank]
+    if mine:
+        torch.cat(
+            [out[it.index].to(dtype).reshape(-1) for it in mine],
+            out=send[: sizes[layout.replica_rank]],
+        )
+    gathered = torch.empty(R * width, dtype=dtype, device=device)
+    dist.all_gather_into_tensor(gathered, send, group=layout.replicate_group)
+    for k in range(R):
+        if k == layout.replica_rank:
+            continue
+        offset = k * width
+        for it in by_replica[k]:
+            out[it.index] = gathered[offset : offset + it.d.numel()].view(it.d.shape)
+            offset += it.d.numel()
+
+
+def _reduced_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
+    """ColNorm, transposed RowNorm and BiasRMS on shards: the sums of squares that span the
+    shards (a column's, or the whole tensor's) in one float64 all-reduce over the shard group
+    for all items, then each LMO on the local rows with the global sizes. Transposed ColNorm
+    (norms of whole rows) needs only the global ``d_out``."""
+    partial, spans = [], []
+    for it in items:
+        d = it.d.to(torch.float64)
+        if isinstance(it.norm, BiasRMS):
+            part, span = d.square().sum().reshape(1), True
+        elif isinstance(it.norm, RowNorm) or not it.norm.transpose:
+            part, span = d.square().sum(0), True  # over dim 0, one per column
+        else:
+            part, span = d.square().sum(1), False  # transposed ColNorm: over whole rows
+        partial.append(part)
+        spans.append(span)
+    shared = [p for p, span in zip(partial, spans, strict=True) if span]
+    if shared:
+        sums = torch.cat(shared)
+        dist.all_reduce(sums, group=layout.shard_group)
+        offset = 0
+        for k, span in enumerate(spans):
+            if span:
+                partial[k] = sums[offset : offset + partial[k].numel()]
+                offset += partial[k].numel()
+    out: dict[int, Tensor] = {}
+    for it, total in zip(items, partial, strict=True):
+        norm = it.norm
+        work = torch.float64 if it.d.dtype == torch.float64 else torch.float32
+        d = it.d.to(work)
+        if isinstance(norm, BiasRMS):
+            rms = total.sqrt() / math.sqrt(max(math.prod(it.shape), 1))
+            out[it.index] = d / (rms.to(work) + norm.eps)
+            continue
+        d_out, d_in = it.shape[0], it.shape[1]
+        length = total.sqrt()
+        if isinstance(norm, RowNorm):  # transposed: gᵀ's rows are g's columns, d_out long
+            scale = length * math.sqrt(d_out) if norm.normalized else length
+        elif not norm.transpose:  # columns of g
+            scale = length / math.sqrt(d_out)
+            scale = scale * d_in if norm.normalized else scale
+        else:  # transposed ColNorm: gᵀ's columns are g's rows, d_in long; gᵀ has d_out columns
+            scale = (length / math.sqrt(d_in) * d_out).unsqueeze(1)
+        out[it.index] = d / (scale.to(work) + norm.eps)
+    return out
+
+
+def group_updates(
+    norm: Norm, params: list[Tensor], directions: list[Tensor], process_group: Any
+) -> list[Tensor]:
+    """Each parameter's ``lmo(d)`` rows on this rank (``directions``: this rank's part of the
+    averaged directions), computed across ranks as the module docstring describes."""
+    updates: dict[int, Tensor] = {}
+    by_kind: dict[tuple[str, tuple], tuple[Layout, list[_Item]]] = {}
+    for i, (p, d) in enumerate(zip(params, directions, strict=True)):
+        layout = layout_of(p, process_group)
+        concrete = _concrete(norm, p.shape)
+        kind = _kind(concrete, p.shape, layout)
+        item = _Item(i, p.shape, concrete, d)
+        if kind == "local":
+            by_kind.setdefault(("local", ()), (layout, []))[1].append(item)
+            continue
+        key = (kind, layout.key, d.dtype, d.device)
+        by_kind.setdefault((kind, key), (layout, []))[1].append(item)
+    for (kind, _), (layout, items) in by_kind.items():
+        if kind == "local":
+            updates.update(_lmos(items, [it.d for it in items]))
+        elif kind == "reduce":
+            updates.update(_reduced_updates(items, layout))
+        else:
+            owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], layout.slots)
+            for it, slot in zip(items, owners, strict=True):
+                it.owner = slot
+            for bucket in _buckets(items, layout.shards):
+                done = _owned_updates(bucket, layout)
+                _share_across_replicas(bucket, layout, done)
+                updates.update(done)
+    return [updates[i] for i in range(len(params))]
+
+
+def agree(
+    entries: list[tuple[Tensor, Tensor | None]], process_group: Any, check_finite: bool
+) -> tuple[list[bool], list[bool]]:
+    """One all-reduce (MIN) over ``process_group`` (every rank, default: the world): for each
+    ``(parameter, gradient or None)``, whether every rank has a gradient and, with
+    ``check_finite``, whether every rank's gradient is finite."""
+    if not entries:
+        return [], []
+    device = local(entries[0][0]).device
+    has = torch.tensor([g is not None for _, g in entries], dtype=torch.int32, device=device)
+    flags = [has]
+    if check_finite:
+        finite = torch.ones(len(entries), dtype=torch.int32, device=device)
+        present = [k for k, (_, g) in enumerate(entries) if g is not None and local(g).numel()]
+        if present:
+            grads = [local(entries[k][1]) for k in present]  # type: ignore[arg-type]
+            maxima = torch.stack([m.float() for m in torch._foreach_norm(grads, math.inf)])
+            finite[present] = torch.isfinite(maxima).to(torch.int32)
+        flags.append(finite)
+    both = torch.cat(flags)
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=process_group)
+    values = [bool(v) for v in both.tolist()]
+    n = len(entries)
+    return values[:n], values[n:] if check_finite else [True] * n
+
+
+def warn_partial_gradients(labels: list[str]) -> None:
+    if labels:
+        warnings.warn(
+            "Scion skipped parameters that have a gradient on some ranks but not on all: "
+            + ", ".join(labels[:5])
+            + (f" (and {len(labels) - 5} more)" if len(labels) > 5 else ""),
+            RuntimeWarning,
+            stacklevel=3,
+        )

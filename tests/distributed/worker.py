@@ -1,0 +1,442 @@
+"""One rank of a multi-process test (gloo, CPU): ``python worker.py OUT_DIR SCENARIO [...]``.
+
+Started by ``tests/test_distributed.py`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT`` set. Each scenario returns a dict of measured values; the rank writes them all
+to ``OUT_DIR/rank<r>.json`` and the test asserts on them. Every rank also computes the
+single-process reference itself (same seeds), so no tensors need to cross processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from scion_kernels import Scion, ScionLight
+from scion_kernels import distributed as sd
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+
+# (norm, norm_kwargs, shapes): every norm, with shapes that shard unevenly or leave a rank empty
+# (5 rows over 4 ranks: 2, 2, 1, 0), tall and wide matrices, a conv and stacked experts.
+GROUPS = [
+    ("Spectral", {}, [(5, 8), (13, 7), (7, 13), (16, 16), (3, 20)]),
+    ("Spectral", {"batch_dims": 1}, [(5, 6, 4)]),
+    ("Auto", {}, [(4, 3, 3, 3)]),
+    ("Auto", {}, [(6,)]),
+    ("Sign", {}, [(6, 10), (5, 3)]),
+    ("ColNorm", {}, [(6, 10), (5, 3)]),
+    ("ColNorm", {"transpose": True}, [(6, 10)]),
+    ("ColNorm", {"transpose": True, "normalized": True}, [(6, 10)]),
+    ("RowNorm", {}, [(6, 10), (5, 3)]),
+    ("RowNorm", {"transpose": True}, [(6, 10)]),
+    ("BiasRMS", {}, [(10,), (3,), (1, 5, 4)]),
+]
+
+
+def label(group) -> str:
+    """``norm(options)@first shape``, e.g. ``ColNorm(transpose=True)@6x10``."""
+    norm, kwargs, shapes = group
+    options = ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+    return f"{norm}({options})@" + "x".join(map(str, shapes[0]))
+
+
+def make_groups(build, groups=GROUPS, seed=0):
+    """Parameter groups with the same values on every rank; ``build(full)`` makes each
+    parameter (plain, or a DTensor of the full value)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for norm, kwargs, shapes in groups:
+        params = [torch.nn.Parameter(build(torch.randn(s, generator=gen))) for s in shapes]
+        out.append({"params": params, "norm": norm, "norm_kwargs": dict(kwargs), "scale": 3.0})
+    return out
+
+
+def gradients(groups, step, seed=1):
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    return [[torch.randn(p.shape, generator=gen) for p in g["params"]] for g in groups]
+
+
+def full(t):
+    return t.full_tensor() if sd._is_dtensor(t) else t
+
+
+def compare(reference, distributed, into):
+    """Per group: the largest absolute difference so far, and whether every value is equal."""
+    for name, gr, gd in zip([label(g) for g in GROUPS], reference, distributed, strict=False):
+        seen = into.setdefault(name, {"max_diff": 0.0, "exact": True})
+        for pr, pd in zip(gr["params"], gd["params"], strict=True):
+            a, b = pr.detach(), full(pd.detach())
+            seen["exact"] &= torch.equal(a, b)
+            seen["max_diff"] = max(seen["max_diff"], (a - b).abs().max().item())
+
+
+def run_parity(build, grad_of, steps=3, cls=Scion, process_group=None, **opt_kwargs):
+    """``steps`` steps of a distributed optimizer and of the single-process reference on the
+    same values; the differences after every step."""
+    ref_groups = make_groups(lambda t: t)
+    dist_groups = make_groups(build)
+    ref = cls(ref_groups, lr=0.1, momentum=0.5, backend="torch", **opt_kwargs)
+    opt = cls(dist_groups, lr=0.1, momentum=0.5, process_group=process_group, **opt_kwargs)
+    per_group: dict = {}
+    for step in range(steps):
+        grads = gradients(ref_groups, step)
+        for gr, gd, gs in zip(ref_groups, dist_groups, grads, strict=True):
+            for pr, pd, g in zip(gr["params"], gd["params"], gs, strict=True):
+                if cls is ScionLight and pr.grad is not None:
+                    pr.grad.add_(g)
+                    sd.local(pd.grad).add_(sd.local(grad_of(g, pd)))
+                else:
+                    pr.grad = g.clone()
+                    pd.grad = grad_of(g, pd)
+        ref.step()
+        opt.step()
+        compare(ref_groups, dist_groups, per_group)
+    return per_group
+
+
+def sharded(mesh, placements):
+    """Parameters made by ``distribute_tensor`` (a collective, as in real use), gradients by
+    ``DTensor.from_local`` on this rank's rows (no communication, so a rank may make some
+    gradients alone)."""
+
+    def build(t):
+        return distribute_tensor(t, mesh, placements)
+
+    def grad_of(g, p):
+        rows = g
+        for dim, placement in enumerate(placements):
+            if isinstance(placement, Shard) and g.dim():
+                sizes = sd.shard_rows(g.shape[0], mesh.size(dim))
+                rows = g.split(sizes)[mesh.get_local_rank(dim)]
+        return DTensor.from_local(
+            rows.clone(), mesh, placements, run_check=False, shape=g.shape, stride=g.stride()
+        )
+
+    return build, grad_of
+
+
+# ------------------------------------------------------------------------------ scenarios
+def fsdp_parity():
+    """DTensor Shard(0) parameters (as fully_shard makes them), every norm, 3 steps."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    return run_parity(build, grad_of)
+
+
+def fsdp_parity_light():
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    return run_parity(build, grad_of, cls=ScionLight)
+
+
+def fsdp_parity_bf16_buffers():
+    """bf16 averaging buffers: the direction crosses ranks in bf16, the update in fp32."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    return run_parity(build, grad_of, buffer_dtype=torch.bfloat16)
+
+
+def ddp_parity():
+    """Replicated plain tensors with process_group: owners compute, all_gather shares."""
+    return run_parity(lambda t: t, lambda g, p: g.clone(), process_group=dist.group.WORLD)
+
+
+def hsdp_parity():
+    """A 2-D mesh (replicate × shard), placements (Replicate(), Shard(0))."""
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("replicate", "shard"))
+    build, grad_of = sharded(mesh, [Replicate(), Shard(0)])
+    return run_parity(build, grad_of)
+
+
+def _spectral_only(build):
+    return make_groups(build, [("Spectral", {}, [(64, 48), (48, 64), (33, 40), (40, 40)])])
+
+
+def fsdp_collectives():
+    """Collectives of one Spectral-only FSDP step (CommDebugMode), and the elements each rank
+    passes to all_to_all_single (a recording wrapper) against 2·P/w."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    groups = _spectral_only(build)
+    opt = Scion(groups, lr=0.1, momentum=0.5)
+    for p in groups[0]["params"]:
+        p.grad = grad_of(torch.randn(p.shape), p)
+    sent = []
+    original = dist.all_to_all_single
+
+    def recording(output, input, *args, **kwargs):
+        sent.append(input.numel())
+        return original(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        with CommDebugMode() as comm:
+            opt.step()
+    finally:
+        dist.all_to_all_single = original
+    counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+    total = sum(p.numel() for p in groups[0]["params"])
+    return {"counts": counts, "sent": sum(sent), "calls": len(sent), "P": total, "w": WORLD}
+
+
+def partial_gradients():
+    """One parameter has a gradient on rank 0 only, one on no rank: both are skipped on every
+    rank (with a warning on rank 0), the others step, nothing hangs."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    groups = make_groups(build, [("Spectral", {}, [(8, 6), (6, 8), (7, 7)])])
+    params = groups[0]["params"]
+    before = [full(p.detach()).clone() for p in params]
+    opt = Scion(groups, lr=0.1, momentum=1.0)
+    params[0].grad = grad_of(torch.randn(8, 6), params[0])
+    if RANK == 0:
+        params[1].grad = grad_of(torch.randn(6, 8), params[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    # full_tensor() is a collective; the rank without the gradient must still join it.
+    changed = [not torch.equal(full(p.detach()), b) for p, b in zip(params, before, strict=True)]
+    return {
+        "changed": changed,
+        "warned": any("some ranks but not on all" in str(w.message) for w in caught),
+    }
+
+
+def nonfinite():
+    """A NaN in one rank's shard: "skip" skips the step on every rank, "raise" raises on every
+    rank, naming the parameter."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    out = {}
+    for policy in ("skip", "raise"):
+        groups = make_groups(build, [("Spectral", {}, [(8, 6)]), ("Sign", {}, [(8, 4)])])
+        params = [p for g in groups for p in g["params"]]
+        before = [full(p.detach()).clone() for p in params]
+        opt = Scion(groups, lr=0.1, momentum=0.5, nonfinite=policy)
+        for p in params:
+            p.grad = grad_of(torch.randn(p.shape), p)
+        if RANK == WORLD - 1:
+            sd.local(params[1].grad)[0, 0] = float("nan")
+        raised = ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                opt.step()
+            except FloatingPointError as e:
+                raised = str(e)
+        unchanged = all(
+            torch.equal(full(p.detach()), b) for p, b in zip(params, before, strict=True)
+        )
+        out[policy] = {"unchanged": unchanged, "raised": raised, "skipped": opt.skipped_steps}
+    return out
+
+
+def mlp_with_scion(widths, seed: int, sharded_model: bool):
+    """A GELU MLP (seeded) and its Scion (the "mlp" recipe), fully_shard-ed over all ranks
+    (each Linear, then the whole) or plain."""
+    from torch.distributed.fsdp import fully_shard
+
+    from scion_kernels import param_groups
+
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    if sharded_model:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model, Scion(param_groups(model, recipe="mlp"), lr=0.05, momentum=0.1)
+
+
+def fully_shard_training():
+    """A real MLP under fully_shard, each rank its own batch, against one process on the
+    whole batch: 5 steps, every parameter within float32 reduction-order tolerance."""
+    ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
+    model, opt = mlp_with_scion([12, 32, 24, 5], 0, True)
+    gen = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(5):
+        x = torch.randn(8 * WORLD, 12, generator=gen)
+        y = torch.randint(0, 5, (8 * WORLD,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(ref_model(x), y)
+        loss.backward()
+        ref.step()
+        ref.zero_grad()
+        mine = slice(8 * RANK, 8 * RANK + 8)
+        torch.nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+        opt.step()
+        opt.zero_grad()
+        for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+            worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
+    return {"max_diff": worst}
+
+
+def ddp_no_sync():
+    """DDP with gradient accumulation under no_sync: two micro-batches per step, 3 steps,
+    against one process on all of them."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    ref_model, model = mlp(), DDP(mlp())
+    ref = Scion(ref_model.parameters(), lr=0.05, momentum=0.5, norm="Auto")
+    opt = Scion(
+        model.module.parameters(), lr=0.05, momentum=0.5, norm="Auto",
+        process_group=dist.group.WORLD,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    worst = 0.0
+    for _ in range(3):
+        batches = [
+            (torch.randn(4 * WORLD, 10, generator=gen), torch.randn(4 * WORLD, 3, generator=gen))
+            for _ in range(2)
+        ]
+        for x, y in batches:
+            torch.nn.functional.mse_loss(ref_model(x), y).div(2).backward()
+        ref.step()
+        ref.zero_grad()
+        mine = slice(4 * RANK, 4 * RANK + 4)
+        with model.no_sync():
+            x, y = batches[0]
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).div(2).backward()
+        x, y = batches[1]
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).div(2).backward()
+        opt.step()
+        opt.zero_grad()
+        for a, b in zip(ref_model.parameters(), model.module.parameters(), strict=True):
+            worst = max(worst, (a.detach() - b.detach()).abs().max().item())
+    return {"max_diff": worst}
+
+
+def bad_layouts():
+    """Clear errors at construction: a placement other than Shard(0)/Replicate(), and a fused
+    backend with DTensor parameters."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    errors = {}
+    cases = {
+        "shard1": (Shard(1), "auto"),
+        "triton": (Shard(0), "triton"),
+    }
+    for name, (placement, backend) in cases.items():
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [placement]))
+        try:
+            Scion([p], norm="Spectral", backend=backend)
+            errors[name] = ""
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def _checkpoint_model(sharded_model: bool):
+    # The loading run starts from other values than the saving one.
+    return mlp_with_scion([12, 20, 7, 5], 0 if sharded_model else 123, sharded_model)
+
+
+def _manual_step(model, opt, step):
+    """One step on seeded gradients (the same full values at every world size)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        g = torch.randn(p.shape, generator=gen)
+        if sd._is_dtensor(p):
+            g = sharded(p.device_mesh, p.placements)[1](g, p)
+        p.grad = g
+    opt.step()
+
+
+def _full_state(model):
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def checkpoint_save():
+    """FSDP2 at this world size: 2 steps, save model and optimizer with
+    torch.distributed.checkpoint, then one more step whose result the loads must match."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    out = Path(os.environ["SCION_TEST_CHECKPOINT"])
+    model, opt = _checkpoint_model(True)
+    keys = sorted(str(k) for k in opt.state_dict()["state"])
+    for step in range(2):
+        _manual_step(model, opt, step)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=str(out / "ckpt"))
+    _manual_step(model, opt, 2)
+    expected = _full_state(model)
+    if RANK == 0:
+        torch.save(expected, out / "expected.pt")
+    return {"state_keys_before_first_step": keys}
+
+
+def checkpoint_load():
+    """Load the checkpoint at this world size (FSDP2, or a plain model when alone) and take
+    the next step: the parameters must equal the saving run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    out = Path(os.environ["SCION_TEST_CHECKPOINT"])
+    model, opt = _checkpoint_model(WORLD > 1)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(out / "ckpt"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    _manual_step(model, opt, 2)
+    got = _full_state(model)
+    expected = torch.load(out / "expected.pt")
+    return {
+        "identical": all(torch.equal(got[n], expected[n]) for n in expected),
+        "max_diff": max((got[n] - expected[n]).abs().max().item() for n in expected),
+    }
+
+
+SCENARIOS = {f.__name__: f for f in [
+    fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
+    fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
+    bad_layouts, checkpoint_save, checkpoint_load,
+]}  # fmt: skip
+
+
+def main() -> None:
+    out_dir, names = Path(sys.argv[1]), sys.argv[2:]
+    dist.init_process_group("gloo", rank=RANK, world_size=WORLD)
+    results = {}
+    try:
+        for name in names:
+            if name == "hsdp_parity" and WORLD % 2:
+                continue
+            print(f"rank {RANK}: {name}", file=sys.stderr, flush=True)
+            torch.manual_seed(0)
+            results[name] = SCENARIOS[name]()
+            dist.barrier()
+    finally:
+        (out_dir / f"rank{RANK}.json").write_text(json.dumps(results, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
