@@ -127,6 +127,14 @@ def layout_of(p: Tensor, process_group: Any | None) -> Layout:
     return layout
 
 
+def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of ``whole`` laid out as the DTensor ``like``, with the values of the
+    mesh's first rank (``distribute_tensor``: one scatter or broadcast)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
+
+
 def _concrete(norm: Norm, shape: Sequence[int]) -> Norm:
     return norm.pick(shape) if isinstance(norm, Auto) else norm
 

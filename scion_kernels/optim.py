@@ -420,12 +420,24 @@ class _ScionBase(torch.optim.Optimizer):
         As the authors: orthogonal times ``s`` (Spectral, per kernel tap for SpectralConv),
         random ``±1/d_in`` (Sign), Gaussian normalized like the LMO (ColNorm, RowNorm), zeros
         (BiasRMS) — then multiplied by ρ.
+
+        Across ranks every replica gets the same values: a DTensor parameter is drawn whole
+        and distributed from the first rank (``distribute_tensor``), a plain one under a
+        ``process_group`` is broadcast from that group's first rank.
         """
         for group in self.param_groups:
             norm = self._norm(group)
             for p in group["params"]:
+                if distributed._is_dtensor(p):
+                    whole = torch.empty(p.shape, dtype=p.dtype, device=local(p).device)
+                    norm.init(whole).mul_(float(group["scale"]))
+                    local(p).copy_(distributed.distribute_like(whole, p))
+                    continue
                 norm.init(p)
                 p.mul_(float(group["scale"]))
+                if self.process_group is not None:
+                    first = torch.distributed.get_global_rank(self.process_group, 0)
+                    torch.distributed.broadcast(p.data, first, group=self.process_group)
 
 
 class Scion(_ScionBase):

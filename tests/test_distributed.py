@@ -31,7 +31,7 @@ TIME_LIMIT_S = 300
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
 OTHERS = ["fsdp_collectives", "partial_gradients", "nonfinite", "fully_shard_training",
-          "ddp_no_sync", "bad_layouts"]  # fmt: skip
+          "ddp_no_sync", "bad_layouts", "init_everywhere"]  # fmt: skip
 # Groups whose LMO needs a sum of squares across shards (one float64 all-reduce): they agree
 # with one process within float32 rounding of that norm, not bit for bit.
 REDUCED = {
@@ -98,7 +98,9 @@ def jobs(tmp_path_factory):
 
     def get(world: int) -> list[dict]:
         if world not in done:
-            scenarios = PARITY + OTHERS + (["hsdp_parity"] if world % 2 == 0 else [])
+            scenarios = PARITY + OTHERS
+            if world % 2 == 0:
+                scenarios += ["hsdp_parity", "hybrid_shard_training"]
             done[world] = launch(world, scenarios, tmp_path_factory.mktemp(f"world{world}"))
         return done[world]
 
@@ -159,13 +161,30 @@ def test_nonfinite_on_one_shard(jobs, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("scenario", ["fully_shard_training", "ddp_no_sync"])
+@pytest.mark.parametrize(
+    "scenario", ["fully_shard_training", "hybrid_shard_training", "ddp_no_sync"]
+)
 def test_training_matches_one_process(jobs, world, scenario):
-    """Real backward passes: an MLP under fully_shard (each rank its slice of the batch) and
-    under DDP with no_sync accumulation, against one process on the whole batch; the gradient
-    averaging order differs, so within float32 rounding."""
+    """Real backward passes: an MLP under fully_shard (1-D mesh, and 2-D for hybrid sharding;
+    each rank its slice of the batch) and under DDP with no_sync accumulation, against one
+    process on the whole batch; the gradient averaging order differs, so within float32
+    rounding."""
     for r in jobs(world):
         assert r[scenario]["max_diff"] <= 1e-5, r[scenario]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_init_agrees_across_ranks(jobs, world, mode):
+    """opt.init() seeded differently per rank gives every rank the same parameters, each on
+    its sphere: spectral norm ρ·√(d_out/d_in) for Spectral (the plain group: ρ = 2; the
+    "mlp" recipe's 32×12 input layer: ρ = 1, max(1, s))."""
+    results = [r["init_everywhere"][mode] for r in jobs(world)]
+    assert all(r == results[0] for r in results)
+    if mode == "ddp":
+        assert results[0]["spectral"] == pytest.approx([2 * (32 / 12) ** 0.5, 2 * (5 / 32) ** 0.5])
+    else:
+        assert results[0]["spectral"][0] == pytest.approx((32 / 12) ** 0.5, rel=1e-5)
 
 
 def test_unsupported_layouts_raise(jobs):

@@ -242,9 +242,9 @@ def nonfinite():
     return out
 
 
-def mlp_with_scion(widths, seed: int, sharded_model: bool):
+def mlp_with_scion(widths, seed: int, sharded_model: bool, mesh=None):
     """A GELU MLP (seeded) and its Scion (the "mlp" recipe), fully_shard-ed over all ranks
-    (each Linear, then the whole) or plain."""
+    (each Linear, then the whole; ``mesh``: a 1-D one by default) or plain."""
     from torch.distributed.fsdp import fully_shard
 
     from scion_kernels import param_groups
@@ -255,7 +255,7 @@ def mlp_with_scion(widths, seed: int, sharded_model: bool):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     model = torch.nn.Sequential(*layers[:-1])
     if sharded_model:
-        mesh = init_device_mesh("cpu", (WORLD,))
+        mesh = mesh or init_device_mesh("cpu", (WORLD,))
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -263,11 +263,11 @@ def mlp_with_scion(widths, seed: int, sharded_model: bool):
     return model, Scion(param_groups(model, recipe="mlp"), lr=0.05, momentum=0.1)
 
 
-def fully_shard_training():
+def fully_shard_training(mesh=None):
     """A real MLP under fully_shard, each rank its own batch, against one process on the
     whole batch: 5 steps, every parameter within float32 reduction-order tolerance."""
     ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
-    model, opt = mlp_with_scion([12, 32, 24, 5], 0, True)
+    model, opt = mlp_with_scion([12, 32, 24, 5], 0, True, mesh)
     gen = torch.Generator().manual_seed(5)
     worst = 0.0
     for _ in range(5):
@@ -284,6 +284,38 @@ def fully_shard_training():
         for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
             worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
     return {"max_diff": worst}
+
+
+def hybrid_shard_training():
+    """fully_shard on a 2-D mesh (replicate × shard: hybrid sharding), as above."""
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("replicate", "shard"))
+    return fully_shard_training(mesh)
+
+
+def init_everywhere():
+    """``opt.init()`` with a different random seed on every rank: the same values on every
+    rank (FSDP2: drawn whole and distributed; DDP: broadcast), on the norm's sphere."""
+    out = {}
+    for mode in ("fsdp", "ddp"):
+        model, opt = mlp_with_scion([12, 32, 5], 0, mode == "fsdp")
+        if mode == "ddp":
+            opt = Scion(
+                [torch.nn.Parameter(torch.zeros(32, 12)), torch.nn.Parameter(torch.zeros(5, 32))],
+                norm="Spectral", scale=2.0, process_group=dist.group.WORLD,
+            )  # fmt: skip
+            params = opt.param_groups[0]["params"]
+        else:
+            params = list(model.parameters())
+        torch.manual_seed(1000 + RANK)
+        opt.init()
+        values = [full(p.detach()) for p in params]
+        out[mode] = {
+            "sums": [v.double().sum().item() for v in values],
+            "spectral": [
+                torch.linalg.matrix_norm(v.double(), 2).item() for v in values if v.dim() == 2
+            ],
+        }
+    return out
 
 
 def ddp_no_sync():
@@ -416,7 +448,7 @@ def checkpoint_load():
 SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
-    bad_layouts, checkpoint_save, checkpoint_load,
+    bad_layouts, checkpoint_save, checkpoint_load, hybrid_shard_training, init_everywhere,
 ]}  # fmt: skip
 
 
@@ -426,7 +458,7 @@ def main() -> None:
     results = {}
     try:
         for name in names:
-            if name == "hsdp_parity" and WORLD % 2:
+            if name in ("hsdp_parity", "hybrid_shard_training") and WORLD % 2:
                 continue
             print(f"rank {RANK}: {name}", file=sys.stderr, flush=True)
             torch.manual_seed(0)
