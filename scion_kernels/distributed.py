@@ -45,6 +45,9 @@ __all__ = ["Layout", "layout_of", "local", "owner_slots", "shard_rows"]
 #: Elements of one rank's share of a bucket before the next bucket starts.
 BUCKET_ELEMENTS = 1 << 26
 
+# all_gather_into_tensor, under the name newer PyTorch gives it (the old one warns there).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "placements")
@@ -308,7 +311,7 @@ def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Te
             out=send[: sizes[layout.replica_rank]],
         )
     gathered = torch.empty(R * width, dtype=dtype, device=device)
-    dist.all_gather_into_tensor(gathered, send, group=layout.replicate_group)
+    _all_gather_single(gathered, send, group=layout.replicate_group)
     for k in range(R):
         if k == layout.replica_rank:
             continue
