@@ -237,7 +237,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     if not mine:
         return {}
     if S == 1:
-        return _lmos([it for it in mine], [it.d for it in mine])
+        return _lmos(mine, [it.d for it in mine])
     d_dtype = mine[0].d.dtype
     device = mine[0].d.device
     by_dest: list[list[_Item]] = [[it for it in mine if it.owner % S == o] for o in range(S)]
