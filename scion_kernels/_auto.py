@@ -8,15 +8,14 @@ import torch
 
 from ._backend_table import TABLE
 from ._util import eager_cache
-from .norms import Auto, Norm, Spectral
+from .norms import Norm, Spectral
 
 __all__ = ["choose", "shape_class", "spectral_class"]
 
 
 def shape_class(norm: Norm, shape: Sequence[int]) -> str:
     """The table's class of a parameter of ``shape`` under ``norm``."""
-    if isinstance(norm, Auto):
-        norm = norm.pick(shape)
+    norm = norm.pick(shape)
     if not isinstance(norm, Spectral):
         return "rowwise"
     return spectral_class(min(norm._matrix_shape(tuple(shape))[1:]))

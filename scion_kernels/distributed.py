@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .norms import Auto, BiasRMS, ColNorm, Norm, RowNorm, Sign, Spectral
+from .norms import BiasRMS, ColNorm, Norm, RowNorm, Sign, Spectral
 
 __all__ = ["Layout", "layout_of", "local", "owner_slots", "shard_rows"]
 
@@ -136,10 +136,6 @@ def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
-
-
-def _concrete(norm: Norm, shape: Sequence[int]) -> Norm:
-    return norm.pick(shape) if isinstance(norm, Auto) else norm
 
 
 def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
@@ -377,7 +373,7 @@ def group_updates(
     by_kind: dict[tuple[str, tuple], tuple[Layout, list[_Item]]] = {}
     for i, (p, d) in enumerate(zip(params, directions, strict=True)):
         layout = layout_of(p, process_group)
-        concrete = _concrete(norm, p.shape)
+        concrete = norm.pick(p.shape)
         kind = _kind(concrete, p.shape, layout)
         item = _Item(i, p.shape, concrete, d)
         if kind == "local":

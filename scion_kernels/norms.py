@@ -118,6 +118,10 @@ class Norm:
         """``None`` if this norm applies to a tensor of ``shape``, else what it needs instead."""
         raise NotImplementedError
 
+    def pick(self, shape: Sequence[int]) -> Norm:
+        """The norm used for a tensor of ``shape``: this one (``Auto`` chooses by shape)."""
+        return self
+
     def lmo(self, g: Tensor) -> Tensor:
         """``lmo(g)`` of one tensor, in float32 (float64 for float64 input), shape of ``g``."""
         return self.lmo_many([g])[0]

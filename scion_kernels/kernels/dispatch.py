@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ..norms import Auto, Norm, Spectral
+from ..norms import Norm, Spectral
 from . import step_op
 from .newton_schulz import flatten, ns_step_op
 from .rowwise import ROWWISE_NORMS, rowwise_step_, rowwise_step_op
@@ -39,8 +39,7 @@ native_rowwise_step_op = step_op("native_rowwise_step_", _native.rowwise_step_)
 def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
     """The norm the kernels (Triton or native: the same set) run for a parameter of ``shape``
     (``Auto`` resolved), or ``None``."""
-    if isinstance(norm, Auto):
-        norm = norm.pick(shape)
+    norm = norm.pick(shape)
     if isinstance(norm, Spectral):
         ok = norm.polar == "newton_schulz" and norm.ns_dtype in _NS_DTYPES
         return norm if ok else None
