@@ -40,11 +40,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from scion_kernels import Scion, param_groups
-
-try:  # run as a script: examples/ is on sys.path
-    from quickstart import TinyGPT, batches, stdlib_text
-except ImportError:  # imported as examples.distributed
-    from examples.quickstart import TinyGPT, batches, stdlib_text
+from scion_kernels.demo import GPT_RADII, TinyGPT, batches, char_data
 
 
 def wrap(model: torch.nn.Module, mode: str, device: torch.device):
@@ -89,15 +85,11 @@ def main() -> None:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
-    text = stdlib_text()
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
+    data, _, vocab = char_data()
     torch.manual_seed(0)
-    model = TinyGPT(len(chars), ctx=args.ctx).to(device)
+    model = TinyGPT(vocab, ctx=args.ctx).to(device)
     runner, inner, options = wrap(model, args.mode, device)
-    # The quickstart's radii (recipe "gpt" with shallow-nanogpt scales).
-    scales = {"hidden": {"scale": 3.0}, "vector": {"scale": 1.0}, "head": {"scale": 10.0}}
-    groups = param_groups(inner, "gpt", overrides=scales)
+    groups = param_groups(inner, "gpt", overrides=GPT_RADII)  # the quickstart's radii
     opt = Scion(groups, lr=args.lr, momentum=0.1, **options)
     opt.init()  # the same values on every rank
     first = 0
