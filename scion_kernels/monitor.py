@@ -7,8 +7,9 @@ largest singular value Newton–Schulz leaves in its approximate ``polar`` (abou
 ``classic`` coefficients, 1.14 for ``polar_express``, exactly 1 with ``polar="svd"``). The
 unconstrained step has no such bound.
 
-``‖W‖₂`` is estimated by power iteration on ``WᵀW``, warm-started from the previous record's
-vector, so a record costs a few matrix-vector products per layer::
+``‖W‖₂`` is estimated by a few Lanczos steps (power iteration that keeps its Krylov
+subspace) on ``WᵀW``, warm-started from the previous record's vector, so a record costs a
+few matrix-vector products per layer::
 
     monitor = NormMonitor(opt)
     for step in range(steps):
@@ -34,10 +35,13 @@ __all__ = ["NormMonitor", "spectral_norm"]
 def spectral_norm(
     w: Tensor, iterations: int = 20, vector: Tensor | None = None
 ) -> tuple[float, Tensor]:
-    """``‖w‖₂`` of a matrix by power iteration on ``wᵀw`` in float32 (float64 for float64
-    input), from ``vector`` (a right singular vector guess) or a fixed pseudo-random start.
+    """``‖w‖₂`` of a matrix (``w`` reshaped to ``(w.shape[0], -1)``) by ``iterations`` steps
+    of Lanczos on ``wᵀw`` — power iteration that keeps its Krylov subspace, so a flat top of
+    the spectrum (Scion's near-orthogonal weights) costs no more steps than a gap does — in
+    float32 (float64 for float64 input), from ``vector`` (a guess of the top right singular
+    vector) or a fixed pseudo-random start.
 
-    Returns the estimate (a lower bound that converges from below) and the last vector, to
+    Returns the estimate (a lower bound, converging from below) and the top Ritz vector, to
     warm-start the next call.
     """
     m = w.detach().reshape(w.shape[0], -1)
@@ -45,14 +49,29 @@ def spectral_norm(
     if vector is None:
         gen = torch.Generator(device="cpu").manual_seed(0)
         vector = torch.randn(m.shape[1], generator=gen, dtype=m.dtype).to(m.device)
-    v = vector / vector.norm().clamp_min(torch.finfo(m.dtype).tiny)
-    sigma = m.new_zeros(())
-    for _ in range(max(1, iterations)):
-        u = m @ v
-        sigma = u.norm()
-        v = m.mT @ u
-        v = v / v.norm().clamp_min(torch.finfo(m.dtype).tiny)
-    return float(sigma), v
+    tiny = torch.finfo(m.dtype).tiny
+    basis = [vector.to(m.dtype) / vector.norm().clamp_min(tiny)]
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    for _ in range(max(1, min(iterations, m.shape[1]))):
+        z = m.mT @ (m @ basis[-1])
+        alphas.append(torch.dot(z, basis[-1]))
+        q = torch.stack(basis, 1)
+        z = z - q @ (q.mT @ z)  # full reorthogonalization: the basis stays orthonormal
+        z = z - q @ (q.mT @ z)
+        beta = z.norm()
+        if float(beta) <= 1e-6 * float(alphas[0].abs().clamp_min(tiny)):
+            break  # the Krylov space is exhausted: the tridiagonal's top value is exact
+        betas.append(beta)
+        basis.append(z / beta)
+    k = len(alphas)
+    t = torch.diag(torch.stack(alphas).double())
+    if k > 1:
+        off = torch.stack(betas[: k - 1]).double()
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(t)
+    top = torch.stack(basis[:k], 1) @ vectors[:, -1].to(m.dtype)
+    return float(values[-1].clamp_min(0).sqrt()), top
 
 
 class NormMonitor:
@@ -62,14 +81,14 @@ class NormMonitor:
         optimizer: a :class:`~scion_kernels.Scion` or :class:`~scion_kernels.ScionLight`.
         names: ``{parameter: name}`` for readable keys (default: the groups' ``param_names``,
             as :func:`~scion_kernels.param_groups` sets them, else ``"group g, parameter i"``).
-        iterations: power iterations per record after the first (which runs 100).
+        iterations: Lanczos steps per record after the first (which runs 60).
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         names: dict[Tensor, str] | None = None,
-        iterations: int = 5,
+        iterations: int = 10,
     ) -> None:
         self.iterations = int(iterations)
         #: name → list of (step, spectral norm, radius ρ·s)
@@ -104,7 +123,7 @@ class NormMonitor:
         for name, p, radius in self._watched:
             first = name not in self._vectors
             sigma, self._vectors[name] = spectral_norm(
-                p, 100 if first else self.iterations, self._vectors.get(name)
+                p, 60 if first else self.iterations, self._vectors.get(name)
             )
             self.history[name].append((int(step), sigma, radius))
             ratios[name] = sigma / radius

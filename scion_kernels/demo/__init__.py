@@ -167,12 +167,12 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "scion": OptimizerSpec(
-        "Scion (constrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=False), 0.02
+        "Scion (constrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=False), 0.01
     ),
     "uscion": OptimizerSpec(
-        "Scion (unconstrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=True), 0.005
+        "Scion (unconstrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=True), 0.02
     ),
-    "adamw": OptimizerSpec("AdamW", _adamw, 1e-2),
+    "adamw": OptimizerSpec("AdamW", _adamw, 0.012),
     "muon": OptimizerSpec("Muon + AdamW", _muon, 0.02),
 }
 

@@ -119,10 +119,29 @@ def _plot(path: Path, draw) -> str:
     return f"plot: {path}"
 
 
+def _commit() -> str:
+    """The source tree's git commit, when there is one."""
+    import subprocess
+
+    try:
+        here = Path(__file__).parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _save(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> Path:
+    import datetime
+    import platform
+
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = dict(payload, size=args.size, size_settings=SIZES[args.size], steps=args.steps,
-                   torch=torch.__version__, device=str(_device(args)))  # fmt: skip
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    payload = dict(payload, command=args.command_line, size=args.size,
+                   size_settings=SIZES[args.size], steps=args.steps, torch=torch.__version__,
+                   device=str(_device(args)), machine=platform.processor() or platform.machine(),
+                   threads=torch.get_num_threads(), commit=_commit(), date=now)  # fmt: skip
     path = args.out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
@@ -141,19 +160,26 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                       "diverged": r.diverged, "losses": r.losses}
                for name, r in runs.items()}  # fmt: skip
     print(f"results: {_save(args, 'compare', payload)}")
+    print(plot_compare(payload, args.out / "compare.png"))
+    return payload
+
+
+def plot_compare(payload: dict[str, Any], path: Path) -> str:
+    """The smoothed training loss of each optimizer against the step."""
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, run in runs.items():
-            steps, losses = zip(*run.losses, strict=True)
-            smooth = _smooth(list(losses))
-            ax.plot(steps, smooth, label=f"{OPTIMIZERS[name].label} (val {run.val_loss:.3f})")
+        for name, run in payload.items():
+            if name not in OPTIMIZERS:
+                continue
+            steps, losses = zip(*run["losses"], strict=True)
+            label = f"{OPTIMIZERS[name].label} (val {run['val_loss']:.3f})"
+            ax.plot(steps, _smooth(list(losses)), label=label)
         ax.set(xlabel="step", ylabel="train loss (smoothed)", title="Character-level GPT")
         ax.legend()
         return fig
 
-    print(_plot(args.out / "compare.png", draw))
-    return payload
+    return _plot(path, draw)
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -185,21 +211,29 @@ def lr_transfer(args: argparse.Namespace) -> dict[str, Any]:
                   f"(val {losses[best]:.3f})")  # fmt: skip
     payload = {"widths": widths, "results": results}
     print(f"results: {_save(args, 'lr_transfer', payload)}")
+    print(plot_lr_transfer(payload, args.out / "lr_transfer.png"))
+    return payload
+
+
+def plot_lr_transfer(payload: dict[str, Any], path: Path) -> str:
+    """Validation loss against learning rate, a line per width, a panel per optimizer."""
 
     def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, (name, per_width) in zip(axes, results.items(), strict=True):
+        for ax, (name, per_width) in zip(axes, payload["results"].items(), strict=True):
             for width, losses in per_width.items():
                 lrs = [float(k) for k in losses]
                 vals = [v if math.isfinite(v) else float("nan") for v in losses.values()]
                 ax.plot(lrs, vals, marker="o", label=f"width {width}")
-            ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss",
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
+            ax.minorticks_off()
+            ax.set(xlabel="learning rate", ylabel="validation loss",
                    title=OPTIMIZERS[name].label)  # fmt: skip
             ax.legend()
         return fig
 
-    print(_plot(args.out / "lr_transfer.png", draw))
-    return payload
+    return _plot(path, draw)
 
 
 def norms(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +247,12 @@ def norms(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{OPTIMIZERS[name].label:24s} val loss {run.val_loss:.3f}, largest "
               f"‖W‖₂/(ρ·s) over all layers and steps: {watcher.worst_ratio():.3f}")  # fmt: skip
     print(f"results: {_save(args, 'norms', payload)}")
+    print(plot_norms(payload, args.out / "norms.png"))
+    return payload
+
+
+def plot_norms(payload: dict[str, Any], path: Path) -> str:
+    """‖W‖₂/(ρ·s) against the step, a line per layer, constrained beside unconstrained."""
 
     def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -225,8 +265,7 @@ def norms(args: argparse.Namespace) -> dict[str, Any]:
         axes[0].legend(fontsize=6)
         return fig
 
-    print(_plot(args.out / "norms.png", draw))
-    return payload
+    return _plot(path, draw)
 
 
 COMMANDS = {"compare": compare, "lr-transfer": lr_transfer, "norms": norms}
@@ -248,6 +287,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scion-lrs", default="0.005,0.01,0.02,0.04,0.08")
     p.add_argument("--adamw-lrs", default="0.002,0.004,0.008,0.016,0.032")
     args = p.parse_args(argv)
+    args.command_line = " ".join(["python -m scion_kernels.demo", *(argv or sys.argv[1:])])
     args.optimizers = [o for o in args.optimizers.split(",") if o]
     unknown = sorted(set(args.optimizers) - set(OPTIMIZERS))
     if unknown:
