@@ -9,7 +9,9 @@
 The text is the sources of Python's own standard library (nothing is downloaded). Every
 command writes ``<name>.json`` and, with matplotlib installed, ``<name>.png`` to ``--out``
 (default ``demo_results``). ``--size cpu`` (default) fits a few minutes on a 2-core CPU;
-``--size gpu`` trains a larger model on the GPU, with the fused backends (``backend="auto"``).
+``--size gpu`` trains a larger model on the GPU, where ``--backend`` chooses Scion's fused
+backend (default ``auto``: the one the committed timing table names per shape, see the
+README).
 """
 
 from __future__ import annotations
@@ -85,8 +87,7 @@ def _run(name: str, args: argparse.Namespace, lr: float | None = None, dim: int 
     torch.manual_seed(0)
     model = TinyGPT(vocab, dim=size["dim"], layers=size["layers"], heads=size["heads"],
                     ctx=size["ctx"]).to(device)  # fmt: skip
-    backend = "auto" if device.type == "cuda" else "torch"
-    opt = make_optimizer(name, model, lr=lr, backend=backend)
+    opt = make_optimizer(name, model, lr=lr, backend=args.backend)
     watcher = NormMonitor(opt) if monitor else None
     label = OPTIMIZERS[name].label + (f" lr={lr:g}" if lr is not None else "")
     if dim is not None:
@@ -281,6 +282,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="override the size's step count")
     p.add_argument("--device", default=None, help="default: cuda for --size gpu, else cpu")
     p.add_argument("--out", type=Path, default=Path("demo_results"))
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="Scion's backend (auto: the timing table's pick)")  # fmt: skip
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help="compare: which of " + ", ".join(OPTIMIZERS))  # fmt: skip
     p.add_argument("--multipliers", default="1,2,4,8", help="lr-transfer: width multipliers")
