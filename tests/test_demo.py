@@ -135,3 +135,20 @@ def test_spectral_norm_of_zero_and_rank_one():
     assert spectral_norm(torch.zeros(5, 3))[0] == 0.0
     a, b = torch.randn(6, 1), torch.randn(1, 4)
     assert spectral_norm(a @ b)[0] == pytest.approx((a.norm() * b.norm()).item(), rel=1e-5)
+
+
+def test_quickstart_example_runs():
+    """examples/quickstart.py, shortened: both optimizers train and the table prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "quickstart.py"), "--steps", "3", "--batch", "2"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.splitlines()[-2:]
+    assert [line.split()[0] for line in table] == ["Scion", "AdamW"]
+    assert all(math.isfinite(float(x)) for line in table for x in line.split()[1:])
