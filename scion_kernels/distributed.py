@@ -24,6 +24,9 @@ on which parameters have a gradient on every rank (a parameter lacking one anywh
 everywhere, with a warning) and, unless ``nonfinite="ignore"``, which gradients are finite.
 The owner choice and the buckets follow from the global shapes only, so a rank with an empty
 shard or no matrices to orthogonalize still takes part. Never calls ``full_tensor()``.
+
+The LMOs are the reference's (:mod:`scion_kernels.norms`), except the owners' Newton–Schulz,
+which runs the Triton or native kernels when the group's ``backend`` names them.
 """
 
 from __future__ import annotations
@@ -224,7 +227,7 @@ def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
     return out
 
 
-def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
+def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int, Tensor]:
     """Reassemble this replica's matrices on their owners, compute their LMOs there, send the
     update rows back: two ``all_to_all_single`` (none without sharding). Returns this rank's
     rows of the update of every item this replica owns."""
@@ -233,7 +236,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     if not mine:
         return {}
     if S == 1:
-        return _lmos(mine, [it.d for it in mine])
+        return _lmos(mine, [it.d for it in mine], backend)
     d_dtype = mine[0].d.dtype
     device = mine[0].d.device
     by_dest: list[list[_Item]] = [[it for it in mine if it.owner % S == o] for o in range(S)]
@@ -252,7 +255,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
             n = it.rows(S)[s] * it.row_elems
             pieces[k].append(received[offset : offset + n].view(it.rows(S)[s], *it.shape[1:]))
             offset += n
-    updates = _lmos(owned, [torch.cat(p) for p in pieces])
+    updates = _lmos(owned, [torch.cat(p) for p in pieces], backend)
     out_dtype = _update_dtype(mine[0].norm, d_dtype)
     back = [
         updates[it.index].to(out_dtype).split(it.rows(S))[s].reshape(-1)
@@ -273,16 +276,59 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     return out
 
 
-def _lmos(items: list[_Item], directions: list[Tensor]) -> dict[int, Tensor]:
-    """The reference LMO of each item, batched per norm as the single-process step batches."""
+def _lmos(
+    items: list[_Item], directions: list[Tensor], backend: str = "torch"
+) -> dict[int, Tensor]:
+    """Each item's LMO, batched per norm as the single-process step batches: the reference,
+    or for Spectral-family items with ``backend="triton"``/``"cuda"`` (``"auto"``: the timing
+    table's pick) that backend's Newton–Schulz kernels."""
     out: dict[int, Tensor] = {}
-    by_norm: dict[int, list[int]] = {}
+    by_norm: dict[tuple[int, str], list[int]] = {}
     for k, it in enumerate(items):
-        by_norm.setdefault(id(it.norm), []).append(k)
-    for ks in by_norm.values():
-        updates = items[ks[0]].norm.lmo_many([directions[k] for k in ks])
+        by_norm.setdefault((id(it.norm), _polar_backend(it, backend)), []).append(k)
+    for (_, polar_backend), ks in by_norm.items():
+        norm, gs = items[ks[0]].norm, [directions[k] for k in ks]
+        if polar_backend == "torch":
+            updates = norm.lmo_many(gs)
+        else:
+            updates = _kernel_spectral_lmos(norm, gs, polar_backend)  # type: ignore[arg-type]
         for k, u in zip(ks, updates, strict=True):
             out[items[k].index] = u
+    return out
+
+
+def _polar_backend(item: _Item, backend: str) -> str:
+    """Which Newton–Schulz computes ``item``'s LMO: ``"torch"`` (the reference, and for
+    everything the kernels do not take), ``"triton"`` or ``"cuda"``."""
+    from .kernels.dispatch import fused_norm
+
+    if backend == "torch" or not isinstance(item.norm, Spectral):
+        return "torch"
+    if fused_norm(item.norm, item.shape) is None:
+        return "torch"
+    if backend == "auto":
+        from ._auto import choose, shape_class
+
+        backend = choose(item.d.device, shape_class(item.norm, item.shape))
+    return backend
+
+
+def _kernel_spectral_lmos(norm: Spectral, gs: list[Tensor], backend: str) -> list[Tensor]:
+    """``s·polar(g)`` in float32 with the ``backend`` kernels, one call per matrix shape."""
+    if backend == "triton":
+        from .kernels.newton_schulz import polar
+    else:
+        from ._native import polar
+    mats = [norm._matrices(g) for g in gs]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, m in enumerate(mats):
+        by_shape.setdefault(tuple(m.shape[1:]), []).append(k)
+    out: list[Tensor] = [gs[0]] * len(gs)
+    for ks in by_shape.values():
+        stacked = torch.cat([mats[k] for k in ks])
+        factors = polar(stacked, norm._table, norm.ns_dtype).float()
+        for k, f in zip(ks, factors.split([mats[k].shape[0] for k in ks]), strict=True):
+            out[k] = f.mul_(norm.scale_for(gs[k].shape)).reshape(gs[k].shape)
     return out
 
 
@@ -365,10 +411,15 @@ def _reduced_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
 
 
 def group_updates(
-    norm: Norm, params: list[Tensor], directions: list[Tensor], process_group: Any
+    norm: Norm,
+    params: list[Tensor],
+    directions: list[Tensor],
+    process_group: Any,
+    backend: str = "torch",
 ) -> list[Tensor]:
     """Each parameter's ``lmo(d)`` rows on this rank (``directions``: this rank's part of the
-    averaged directions), computed across ranks as the module docstring describes."""
+    averaged directions), computed across ranks as the module docstring describes; the
+    Spectral-family LMOs with ``backend``'s Newton–Schulz where it takes them."""
     updates: dict[int, Tensor] = {}
     by_kind: dict[tuple[str, tuple], tuple[Layout, list[_Item]]] = {}
     for i, (p, d) in enumerate(zip(params, directions, strict=True)):
@@ -383,7 +434,7 @@ def group_updates(
         by_kind.setdefault((kind, key), (layout, []))[1].append(item)
     for (kind, _), (layout, items) in by_kind.items():
         if kind == "local":
-            updates.update(_lmos(items, [it.d for it in items]))
+            updates.update(_lmos(items, [it.d for it in items], backend))
         elif kind == "reduce":
             updates.update(_reduced_updates(items, layout))
         else:
@@ -391,7 +442,7 @@ def group_updates(
             for it, slot in zip(items, owners, strict=True):
                 it.owner = slot
             for bucket in _buckets(items, layout.shards):
-                done = _owned_updates(bucket, layout)
+                done = _owned_updates(bucket, layout, backend)
                 _share_across_replicas(bucket, layout, done)
                 updates.update(done)
     return [updates[i] for i in range(len(params))]

@@ -126,13 +126,7 @@ class _ScionBase(torch.optim.Optimizer):
             if spread:
                 for p in group["params"]:
                     distributed.layout_of(p, self.process_group)  # raises for unknown layouts
-                if group["backend"] in _FUSED_BACKENDS:
-                    raise ValueError(
-                        f"backend {group['backend']!r} (param group {index}) runs single-process "
-                        "steps; with DTensor parameters or a process_group the step runs the "
-                        "reference LMOs split across ranks: use backend='torch' or 'auto'"
-                    )
-            elif group["backend"] in _FUSED_BACKENDS:
+            if group["backend"] in _FUSED_BACKENDS:
                 self._check_fused(group, index)
         except (ValueError, TypeError):
             self.param_groups.pop()
@@ -248,7 +242,7 @@ class _ScionBase(torch.optim.Optimizer):
             params = [group["params"][i] for i in idx]
             rest = params
             if self._distributed:
-                pass  # the reference LMOs, split across ranks (scion_kernels.distributed)
+                pass  # LMOs split across ranks (scion_kernels.distributed), below
             elif group["backend"] in _FUSED_BACKENDS:
                 rest = self._fused_step_(group, index, params, group["backend"])
             elif group["backend"] == "auto":
@@ -257,7 +251,9 @@ class _ScionBase(torch.optim.Optimizer):
                 directions = self._averaged(group, rest)
                 norm = self._norm(group)
                 if self._distributed:
-                    updates = distributed.group_updates(norm, rest, directions, self.process_group)
+                    updates = distributed.group_updates(
+                        norm, rest, directions, self.process_group, group["backend"]
+                    )
                 else:
                     updates = norm.lmo_many(directions)
                 lr, scale = float(group["lr"]), float(group["scale"])
@@ -474,7 +470,8 @@ class Scion(_ScionBase):
             DDP has averaged their gradients): each Spectral-family LMO is computed on one of
             them and shared (:mod:`scion_kernels.distributed`). DTensor parameters (FSDP2,
             ``fully_shard``) are split across ranks without it. Either way every rank of the
-            group must call ``step()``; the step then runs the reference LMOs.
+            group must call ``step()``; the step then runs the reference, except the
+            Newton–Schulz iterations, which use the ``backend`` kernels where they apply.
 
     Constrained Scion has no separate weight decay: the ``(1 − γ)`` shrink is it. The averaging
     buffer is saved in ``state_dict`` as ``"momentum_buffer"``, the authors' key.

@@ -357,14 +357,54 @@ def ddp_no_sync():
     return {"max_diff": worst}
 
 
+def fsdp_triton():
+    """FSDP with backend="triton": the owners' Newton–Schulz runs the Triton kernels (in the
+    interpreter here). Against the single-process reference step: the relative difference of
+    each parameter's change, beside the same measure for Triton's single-process fused step."""
+    from scion_kernels.kernels import newton_schulz as triton_ns
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, [Shard(0)])
+    spec = [("Spectral", {}, [(5, 8), (13, 7), (16, 16), (3, 20)]), ("Auto", {}, [(4, 3, 3, 3)])]
+    runs = {}
+    polar, shapes = triton_ns.polar, []
+
+    def recording(G, *args, **kwargs):
+        shapes.append(list(G.shape))
+        return polar(G, *args, **kwargs)
+
+    triton_ns.polar = recording
+    plain = lambda t: t  # noqa: E731
+    cases = [("reference", "torch", plain), ("fused", "triton", plain),
+             ("distributed", "triton", build)]  # fmt: skip
+    for name, backend, make in cases:
+        groups = make_groups(make, spec)
+        before = [full(p.detach()).clone() for g in groups for p in g["params"]]
+        opt = Scion(groups, lr=0.1, momentum=1.0, backend=backend)
+        grads = gradients(groups, 0)
+        for g, gs in zip(groups, grads, strict=True):
+            for p, grad in zip(g["params"], gs, strict=True):
+                p.grad = grad_of(grad, p) if name == "distributed" else grad.clone()
+        opt.step()
+        after = [full(p.detach()) for g in groups for p in g["params"]]
+        runs[name] = [a - b for a, b in zip(after, before, strict=True)]
+    triton_ns.polar = polar
+
+    def rel(x, y):
+        return max(((a - b).norm() / b.norm()).item() for a, b in zip(x, y, strict=True))
+
+    return {"distributed": rel(runs["distributed"], runs["reference"]),
+            "fused": rel(runs["fused"], runs["reference"]), "polar_calls": shapes}  # fmt: skip
+
+
 def bad_layouts():
     """Clear errors at construction: a placement other than Shard(0)/Replicate(), and a fused
-    backend with DTensor parameters."""
+    backend that cannot run on the parameters' device (native kernels, CPU tensors)."""
     mesh = init_device_mesh("cpu", (WORLD,))
     errors = {}
     cases = {
         "shard1": (Shard(1), "auto"),
-        "triton": (Shard(0), "triton"),
+        "cuda": (Shard(0), "cuda"),
     }
     for name, (placement, backend) in cases.items():
         p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [placement]))
@@ -448,7 +488,8 @@ def checkpoint_load():
 SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
-    bad_layouts, checkpoint_save, checkpoint_load, hybrid_shard_training, init_everywhere,
+    bad_layouts, fsdp_triton, checkpoint_save, checkpoint_load, hybrid_shard_training,
+    init_everywhere,
 ]}  # fmt: skip
 
 
