@@ -8,6 +8,7 @@ The pure-PyTorch implementation here is the definition every fast backend is tes
 
 from ._native import native_available
 from .groups import RECIPES, Recipe, Role, format_groups, param_groups
+from .monitor import NormMonitor
 from .newton_schulz import COEFFICIENTS, newton_schulz, polar_svd, resolve_coefficients
 from .norms import (
     NORMS,
@@ -33,6 +34,7 @@ __all__ = [
     "BiasRMS",
     "ColNorm",
     "Norm",
+    "NormMonitor",
     "Recipe",
     "Role",
     "RowNorm",
