@@ -31,7 +31,8 @@ TIME_LIMIT_S = 300
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
 OTHERS = ["fsdp_collectives", "partial_gradients", "nonfinite", "fully_shard_training",
-          "ddp_no_sync", "bad_layouts", "init_everywhere", "fsdp_triton"]  # fmt: skip
+          "ddp_no_sync", "bad_layouts", "init_everywhere", "fsdp_triton",
+          "fsdp_native"]  # fmt: skip
 # Groups whose LMO needs a sum of squares across shards (one float64 all-reduce): they agree
 # with one process within float32 rounding of that norm, not bit for bit.
 REDUCED = {
@@ -91,17 +92,33 @@ def launch(world: int, scenarios: list[str], out: Path, env: dict[str, str] | No
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _build_emulation() -> dict[str, str]:
+    """Build the host emulation of the native module here, once, so the ranks load it from its
+    cache; the environment that tells them it is there (empty when it cannot be built)."""
+    sys.path.insert(0, str(Path(__file__).parent / "native"))
+    try:
+        import emulated
+    finally:
+        sys.path.pop(0)
+    if emulated.unavailable_reason() is not None:
+        return {}
+    emulated.build()
+    return {"SCION_TEST_EMULATED": "1"}
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """The 2- and 4-rank jobs, run once each, on first use."""
     done: dict[int, list[dict]] = {}
+    env = _build_emulation()
 
     def get(world: int) -> list[dict]:
         if world not in done:
             scenarios = PARITY + OTHERS
             if world % 2 == 0:
                 scenarios += ["hsdp_parity", "hybrid_shard_training"]
-            done[world] = launch(world, scenarios, tmp_path_factory.mktemp(f"world{world}"))
+            out = tmp_path_factory.mktemp(f"world{world}")
+            done[world] = launch(world, scenarios, out, env)
         return done[world]
 
     return get
@@ -188,11 +205,15 @@ def test_init_agrees_across_ranks(jobs, world, mode):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_owners_use_the_triton_newton_schulz(jobs, world):
-    """backend="triton" under FSDP: each matrix's Newton–Schulz runs once, on its owner,
-    through the Triton kernels; the change of every parameter is as close to the reference's
-    as Triton's single-process fused step is (up to twice that, or 1e-6)."""
-    results = [r["fsdp_triton"] for r in jobs(world)]
+@pytest.mark.parametrize("scenario", ["fsdp_triton", "fsdp_native"])
+def test_owners_use_the_kernels_newton_schulz(jobs, world, scenario):
+    """backend="triton" (Triton's interpreter) and "cuda" (the native kernels in the host
+    emulation) under FSDP: each matrix's Newton–Schulz runs once, on its owner, through the
+    kernels; the change of every parameter is as close to the reference's as the backend's
+    single-process fused step is (up to twice that, or 1e-6)."""
+    results = [r[scenario] for r in jobs(world)]
+    if "skipped" in results[0]:
+        pytest.skip(results[0]["skipped"])
     calls = sorted(tuple(c) for r in results for c in r["polar_calls"])
     assert calls == sorted([(1, 5, 8), (1, 13, 7), (1, 16, 16), (1, 3, 20), (1, 4, 27)])
     for r in results:

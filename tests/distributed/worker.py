@@ -357,30 +357,29 @@ def ddp_no_sync():
     return {"max_diff": worst}
 
 
-def fsdp_triton():
-    """FSDP with backend="triton": the owners' Newton–Schulz runs the Triton kernels (in the
-    interpreter here). Against the single-process reference step: the relative difference of
-    each parameter's change, beside the same measure for Triton's single-process fused step."""
-    from scion_kernels.kernels import newton_schulz as triton_ns
-
+def _fsdp_with_kernels(backend: str, module) -> dict:
+    """FSDP with ``backend``: the owners' Newton–Schulz runs that backend's kernels (``module``,
+    whose ``polar`` is recorded). Against the single-process reference step: the relative
+    difference of each parameter's change, beside the same measure for the backend's
+    single-process fused step."""
     mesh = init_device_mesh("cpu", (WORLD,))
     build, grad_of = sharded(mesh, [Shard(0)])
     spec = [("Spectral", {}, [(5, 8), (13, 7), (16, 16), (3, 20)]), ("Auto", {}, [(4, 3, 3, 3)])]
     runs = {}
-    polar, shapes = triton_ns.polar, []
+    polar, shapes = module.polar, []
 
     def recording(G, *args, **kwargs):
         shapes.append(list(G.shape))
         return polar(G, *args, **kwargs)
 
-    triton_ns.polar = recording
+    module.polar = recording
     plain = lambda t: t  # noqa: E731
-    cases = [("reference", "torch", plain), ("fused", "triton", plain),
-             ("distributed", "triton", build)]  # fmt: skip
-    for name, backend, make in cases:
+    cases = [("reference", "torch", plain), ("fused", backend, plain),
+             ("distributed", backend, build)]  # fmt: skip
+    for name, case_backend, make in cases:
         groups = make_groups(make, spec)
         before = [full(p.detach()).clone() for g in groups for p in g["params"]]
-        opt = Scion(groups, lr=0.1, momentum=1.0, backend=backend)
+        opt = Scion(groups, lr=0.1, momentum=1.0, backend=case_backend)
         grads = gradients(groups, 0)
         for g, gs in zip(groups, grads, strict=True):
             for p, grad in zip(g["params"], gs, strict=True):
@@ -388,13 +387,34 @@ def fsdp_triton():
         opt.step()
         after = [full(p.detach()) for g in groups for p in g["params"]]
         runs[name] = [a - b for a, b in zip(after, before, strict=True)]
-    triton_ns.polar = polar
+    module.polar = polar
 
     def rel(x, y):
         return max(((a - b).norm() / b.norm()).item() for a, b in zip(x, y, strict=True))
 
     return {"distributed": rel(runs["distributed"], runs["reference"]),
             "fused": rel(runs["fused"], runs["reference"]), "polar_calls": shapes}  # fmt: skip
+
+
+def fsdp_triton():
+    """backend="triton" under FSDP (Triton's interpreter on the CPU)."""
+    from scion_kernels.kernels import newton_schulz
+
+    return _fsdp_with_kernels("triton", newton_schulz)
+
+
+def fsdp_native():
+    """backend="cuda" under FSDP, the native kernels running in the host emulation
+    (tests/native/emulated.py; built beforehand by the test, loaded here from its cache)."""
+    if not os.environ.get("SCION_TEST_EMULATED"):
+        return {"skipped": "the host emulation of the native module is not built"}
+    sys.path.insert(0, str(Path(__file__).parent.parent / "native"))
+    import emulated
+
+    from scion_kernels import _native
+
+    _native._native, _native._native_error, _native._native_tried = emulated.build(), None, True
+    return _fsdp_with_kernels("cuda", _native)
 
 
 def bad_layouts():
@@ -488,7 +508,7 @@ def checkpoint_load():
 SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
-    bad_layouts, fsdp_triton, checkpoint_save, checkpoint_load, hybrid_shard_training,
+    bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
     init_everywhere,
 ]}  # fmt: skip
 
