@@ -62,6 +62,24 @@ class GraphRecorder:
 
         return torch.compile(fn, fullgraph=True, backend=backend)
 
+    def assert_same_steps(self, make, grads) -> None:
+        """Build ``make() -> (optimizer, params)`` twice and step it over ``grads`` (one list
+        per step) eagerly and compiled: the parameters must end bit-identical."""
+        results = []
+        for compiled in (False, True):
+            opt, params = make()
+            step = self.compile(opt.step) if compiled else opt.step
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+                step()
+            results.append([p.detach().clone() for p in params])
+        for eager, compiled in zip(*results, strict=True):
+            assert torch.equal(eager, compiled)
+
     def ops(self, namespace: str = "scion_kernels") -> list[str]:
         """The sorted op names of ``namespace`` in the last traced graph."""
         return sorted(

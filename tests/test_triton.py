@@ -475,23 +475,13 @@ def test_tables_kept_between_steps():
 def test_compiled_step_matches_eager(cls, graph_recorder):
     """torch.compile(fullgraph=True) traces the step into one op call per bucket, and runs
     the same kernels: bit-identical parameters after three steps."""
-    grads = gradient_sequence(make_params(), 3)
-    results = []
-    for compiled in (False, True):
+
+    def make():
         groups = make_params()
-        params = [p for g in groups for p in g["params"]]
         opt = cls(groups, lr=0.1, momentum=0.5, nonfinite="ignore", backend="triton")
-        step = graph_recorder.compile(opt.step) if compiled else opt.step
-        for step_grads in grads:
-            for p, g in zip(params, step_grads, strict=True):
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
-            step()
-        results.append([p.detach().clone() for p in params])
-    for eager, compiled in zip(*results, strict=True):
-        assert torch.equal(eager, compiled)
+        return opt, [p for g in groups for p in g["params"]]
+
+    graph_recorder.assert_same_steps(make, gradient_sequence(make_params(), 3))
     # Buckets: 20×36 with 36×20, 24×24, the conv's 8×12, the 3 stacked 12×20; one row-wise.
     assert graph_recorder.ops() == ["scion_kernels.ns_step_"] * 4 + ["scion_kernels.rowwise_step_"]
 
