@@ -243,7 +243,11 @@ def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int
     send = [it.d.reshape(-1) for o in range(S) for it in by_dest[o]]
     send_splits = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
     owned = by_dest[me]
-    recv_splits = [sum(it.rows(S)[s] * it.row_elems for it in owned) for s in range(S)]
+    rows = [it.rows(S) for it in owned]  # each shard's rows of every owned item
+    # Shard s sends its rows of the owned items here, and gets the same amount back.
+    recv_splits = [
+        sum(r[s] * it.row_elems for it, r in zip(owned, rows, strict=True)) for s in range(S)
+    ]
     received = torch.empty(sum(recv_splits), dtype=d_dtype, device=device)
     payload = torch.cat(send) if send else torch.empty(0, dtype=d_dtype, device=device)
     dist.all_to_all_single(received, payload, recv_splits, send_splits, group=layout.shard_group)
@@ -252,21 +256,17 @@ def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int
     offset = 0
     for s in range(S):
         for k, it in enumerate(owned):
-            n = it.rows(S)[s] * it.row_elems
-            pieces[k].append(received[offset : offset + n].view(it.rows(S)[s], *it.shape[1:]))
+            n = rows[k][s] * it.row_elems
+            pieces[k].append(received[offset : offset + n].view(rows[k][s], *it.shape[1:]))
             offset += n
     updates = _lmos(owned, [torch.cat(p) for p in pieces], backend)
     out_dtype = _update_dtype(mine[0].norm, d_dtype)
-    back = [
-        updates[it.index].to(out_dtype).split(it.rows(S))[s].reshape(-1)
-        for s in range(S)
-        for it in owned
-    ]
-    back_splits = [sum(it.rows(S)[s] * it.row_elems for it in owned) for s in range(S)]
+    parts = [updates[it.index].to(out_dtype).split(r) for it, r in zip(owned, rows, strict=True)]
+    back = [part[s].reshape(-1) for s in range(S) for part in parts]
     recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
     result = torch.empty(sum(recv_back), dtype=out_dtype, device=device)
     payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
-    dist.all_to_all_single(result, payload, recv_back, back_splits, group=layout.shard_group)
+    dist.all_to_all_single(result, payload, recv_back, recv_splits, group=layout.shard_group)
     out: dict[int, Tensor] = {}
     offset = 0
     for o in range(S):
