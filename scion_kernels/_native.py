@@ -378,9 +378,10 @@ def polar(
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel() == 0:
         return out
-    flat = [float(v) for triple in coefficients for v in triple]
-    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, flat, 1.0, 1.0, 1.0,
-             tile)  # fmt: skip
+    from .kernels.tables import flatten
+
+    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, flatten(coefficients),
+             1.0, 1.0, 1.0, tile)  # fmt: skip
     return out
 
 

@@ -315,6 +315,8 @@ def _polar_backend(item: _Item, backend: str) -> str:
 
 def _kernel_spectral_lmos(norm: Spectral, gs: list[Tensor], backend: str) -> list[Tensor]:
     """``s·polar(g)`` in float32 with the ``backend`` kernels, one call per matrix shape."""
+    from .kernels.dispatch import kernel_dtype
+
     if backend == "triton":
         from .kernels.newton_schulz import polar
     else:
@@ -326,7 +328,7 @@ def _kernel_spectral_lmos(norm: Spectral, gs: list[Tensor], backend: str) -> lis
     out: list[Tensor] = [gs[0]] * len(gs)
     for ks in by_shape.values():
         stacked = torch.cat([mats[k] for k in ks])
-        factors = polar(stacked, norm._table, norm.ns_dtype).float()
+        factors = polar(stacked, norm._table, kernel_dtype(norm)).float()
         for k, f in zip(ks, factors.split([mats[k].shape[0] for k in ks]), strict=True):
             out[k] = f.mul_(norm.scale_for(gs[k].shape)).reshape(gs[k].shape)
     return out

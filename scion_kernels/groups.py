@@ -17,12 +17,14 @@ rate and momentum. The presets come from the authors' README and examples (``LIO
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+
+from .norms import Norm, Spectral, make_norm
 
 __all__ = ["RECIPES", "Recipe", "Role", "format_groups", "param_groups"]
 
@@ -204,19 +206,37 @@ def param_groups(
     return sorted(groups.values(), key=lambda g: order[g["role"]])
 
 
+def newton_schulz_dtype(norm: Norm, shape: Sequence[int], device: torch.device | str) -> str:
+    """How the LMO of ``norm`` orthogonalizes a tensor of ``shape`` on ``device``: the
+    Newton–Schulz compute dtype (``"float32 (auto)"`` when chosen for the device), ``"svd"``,
+    or ``""`` for norms that do not orthogonalize."""
+    picked = norm.pick(shape)
+    if not isinstance(picked, Spectral):
+        return ""
+    if picked.polar == "svd":
+        return "svd (float64)"
+    name = str(picked.compute_dtype(device)).removeprefix("torch.")
+    return f"{name} (auto)" if picked.ns_dtype is None else name
+
+
 def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
-    """A readable table: each parameter, its shape, role, norm (with options) and radius."""
-    rows = [("parameter", "shape", "role", "norm", "radius")]
+    """A readable table: each parameter, its shape, role, norm (with options), radius, and the
+    dtype its Newton–Schulz computes in on the parameter's device (``(auto)``: chosen for the
+    hardware, see :func:`scion_kernels.newton_schulz.default_compute_dtype`)."""
+    rows = [("parameter", "shape", "role", "norm", "radius", "Newton–Schulz")]
     for gi, g in enumerate(groups):
         names = g.get("param_names") or [f"group{gi}[{i}]" for i in range(len(g["params"]))]
+        given = g.get("norm", "Auto")
         kw = g.get("norm_kwargs") or {}
-        norm = g.get("norm", "?") + (
-            "(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else ""
-        )
+        if isinstance(given, Norm):
+            given, kw = given.spec()
+        norm_obj = make_norm(given, kw)
+        norm = given + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
         for name, p in zip(names, g["params"], strict=True):
             shape = "×".join(str(s) for s in p.shape) or "scalar"
-            rows.append((name, shape, str(g.get("role", "")), norm, f"{g.get('scale', '')}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            ns = newton_schulz_dtype(norm_obj, p.shape, p.device)
+            rows.append((name, shape, str(g.get("role", "")), norm, f"{g.get('scale', '')}", ns))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -11,6 +11,10 @@ which maps every singular value σ of ``X₀`` through the scalar polynomial ``p
 and leaves ``U`` and ``V`` alone. The coefficient sets trade exactness for speed: ``classic``
 (Muon's, used by the Scion authors) sends σ ∈ [10⁻³, 1] into about [0.47, 1.20];
 ``polar_express`` (Amsel et al., 2025) into about [0.86, 1.14].
+
+The operands' dtype follows the hardware unless it is given (:func:`default_compute_dtype`):
+bf16 on GPUs and on CPUs with bf16 matrix instructions, float32 on other CPUs, which have no
+fast bf16 product (a 1024³ bf16 product is about 100× slower than float32 on an AVX2-only CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch import Tensor
 
 __all__ = [
     "COEFFICIENTS",
+    "cpu_has_bf16_matmul",
+    "default_compute_dtype",
     "newton_schulz",
     "polar_svd",
     "resolve_coefficients",
@@ -48,6 +54,42 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
 
 DEFAULT_STEPS = 5
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _probe_cpu_bf16_matmul() -> bool:
+    probes = [getattr(torch.cpu, f"_is_{n}_supported", None) for n in ("avx512_bf16", "amx_tile")]
+    if any(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes if probe is not None)
+    try:  # a PyTorch without the probes: the kernel's list of CPU features
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Read once, at import: a plain constant is what torch.compile can trace.
+_CPU_BF16_MATMUL = _probe_cpu_bf16_matmul()
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this machine's CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX on
+    x86). Elsewhere (AVX2-only x86, other architectures) PyTorch's bf16 products on the CPU are
+    emulated and far slower than float32 ones."""
+    return _CPU_BF16_MATMUL
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The Newton–Schulz operand dtype used when none is given (``ns_dtype=None``).
+
+    bf16 (with float32 accumulation) wherever the hardware multiplies bf16 matrices natively:
+    every GPU, and CPUs with AVX512-BF16 or AMX (:func:`cpu_has_bf16_matmul`). float32 on other
+    CPUs, where bf16 would be about 50–100× slower and float32 is also more accurate.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and not cpu_has_bf16_matmul():
+        return torch.float32
+    return torch.bfloat16
 
 
 def resolve_coefficients(
@@ -162,7 +204,7 @@ def newton_schulz(
     G: Tensor,
     coefficients: str | Sequence[Sequence[float]] = "classic",
     steps: int | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Approximate ``polar(G) = U·Vᵀ`` of every matrix in ``G`` (shape ``(..., m, n)``).
 
@@ -173,12 +215,15 @@ def newton_schulz(
         for (a, b, c) in coefficients:     (operands in ``dtype``, products accumulate in fp32)
             A ← X·Xᵀ;  B ← b·A + c·A·A;  X ← a·X + B·X
 
-    Leading dimensions are a batch: each matrix is orthogonalized on its own, all of them with
-    batched matrix products. Returns a tensor of ``G``'s shape in ``dtype``. Non-finite input
-    gives non-finite output.
+    ``dtype`` ``None`` (the default) is :func:`default_compute_dtype` of ``G``'s device: bf16,
+    or float32 on a CPU without bf16 matrix instructions. Leading dimensions are a batch: each
+    matrix is orthogonalized on its own, all of them with batched matrix products. Returns a
+    tensor of ``G``'s shape in that dtype. Non-finite input gives non-finite output.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    if dtype is None:
+        dtype = default_compute_dtype(G.device)
     if dtype not in _COMPUTE_DTYPES:
         raise ValueError(
             f"Newton–Schulz compute dtype must be one of {_COMPUTE_DTYPES}; got {dtype}"

@@ -43,7 +43,13 @@ import torch
 from torch import Tensor
 
 from ._util import eager_cache
-from .newton_schulz import iterate, normalized_stack, polar_svd, resolve_coefficients
+from .newton_schulz import (
+    default_compute_dtype,
+    iterate,
+    normalized_stack,
+    polar_svd,
+    resolve_coefficients,
+)
 
 __all__ = [
     "NORMS",
@@ -138,6 +144,20 @@ class Norm:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
         return f"{type(self).__name__}({opts})"
 
+    def spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, options)``, plain data from which :func:`make_norm` rebuilds this norm:
+        what an optimizer's param group stores (so its ``state_dict`` loads with
+        ``torch.load(weights_only=True)``). Options at their defaults are left out, so equal
+        configurations give equal specs."""
+        params = inspect.signature(type(self).__init__).parameters
+        empty = inspect.Parameter.empty
+        options = {
+            k: v
+            for k, v in self._options().items()
+            if k not in params or params[k].default is empty or v != params[k].default
+        }
+        return self.name, options
+
     def _options(self) -> dict[str, Any]:
         params = inspect.signature(type(self).__init__).parameters
         return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
@@ -173,7 +193,9 @@ class Spectral(_MatrixNorm):
         normalized: ``s = √(d_out/d_in)``; ``False`` gives ``s = √d_out``.
         steps: Newton–Schulz steps (default 5 for a named set, else the number of triples).
         coefficients: ``"classic"``, ``"polar_express"``, or a sequence of ``(a, b, c)``.
-        ns_dtype: Newton–Schulz operand dtype: bf16 (default), float32 or float64.
+        ns_dtype: Newton–Schulz operand dtype: bf16, fp16, float32 or float64; ``None``
+            (default) picks per device (:meth:`compute_dtype`): bf16 on GPUs and on CPUs with
+            bf16 matrix instructions (AVX512-BF16, AMX), float32 on other CPUs.
         polar: ``"newton_schulz"`` (default) or ``"svd"``: the exact ``U·Vᵀ`` in float64, for
             validation (slow).
         batch_dims: leading dims that index independent matrices, e.g. ``1`` for stacked expert
@@ -188,7 +210,7 @@ class Spectral(_MatrixNorm):
         normalized: bool = True,
         steps: int | None = None,
         coefficients: str | Sequence[Sequence[float]] = "classic",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | None = None,
         polar: str = "newton_schulz",
         batch_dims: int = 0,
     ) -> None:
@@ -201,9 +223,10 @@ class Spectral(_MatrixNorm):
         self.batch_dims = _check_batch_dims(batch_dims)
         if polar not in ("newton_schulz", "svd"):
             raise ValueError(f"polar must be 'newton_schulz' or 'svd'; got {polar!r}")
-        if ns_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        if ns_dtype not in (None, torch.bfloat16, torch.float16, torch.float32, torch.float64):
             raise ValueError(
-                f"ns_dtype must be torch.bfloat16, float16, float32 or float64; got {ns_dtype!r}"
+                "ns_dtype must be None (chosen per device), torch.bfloat16, float16, float32 or "
+                f"float64; got {ns_dtype!r}"
             )
         self._table = resolve_coefficients(coefficients, steps)
 
@@ -212,6 +235,12 @@ class Spectral(_MatrixNorm):
         d_out, d_in = shape[-2], shape[-1]
         s = math.sqrt(d_out / d_in) if self.normalized else math.sqrt(d_out)
         return max(1.0, s) if self.max else s
+
+    def compute_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The Newton–Schulz operand dtype on ``device``: ``ns_dtype`` if given, else
+        :func:`~scion_kernels.newton_schulz.default_compute_dtype` (bf16, or float32 on a CPU
+        without bf16 matrix instructions)."""
+        return self.ns_dtype or default_compute_dtype(device)
 
     def _out_dtype(self, g: Tensor) -> torch.dtype:
         if self.polar == "svd" or self.ns_dtype == torch.float64:
@@ -226,7 +255,8 @@ class Spectral(_MatrixNorm):
         """
         if self.polar == "svd":
             return polar_svd(_cat(mats))
-        return iterate(normalized_stack(mats, self.ns_dtype), self._table)
+        dtype = self.compute_dtype(mats[0].device)
+        return iterate(normalized_stack(mats, dtype), self._table)
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
@@ -267,7 +297,7 @@ class SpectralConv(Spectral):
         self,
         steps: int | None = None,
         coefficients: str | Sequence[Sequence[float]] = "classic",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | None = None,
         polar: str = "newton_schulz",
     ) -> None:
         super().__init__(steps=steps, coefficients=coefficients, ns_dtype=ns_dtype, polar=polar)

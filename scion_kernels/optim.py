@@ -25,7 +25,8 @@ from torch import Tensor
 from . import distributed
 from ._native import multi_tensor_average_reference_
 from .distributed import local
-from .norms import Norm, describe_misfit, make_norm
+from .groups import newton_schulz_dtype
+from .norms import NORMS, Norm, describe_misfit, make_norm
 
 __all__ = ["Scion", "ScionLight"]
 
@@ -36,7 +37,10 @@ _BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            shape = tuple(value.shape)
+            raise ValueError(f"{what}: a tensor must have exactly one element; got shape {shape}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number; got {value!r}")
@@ -104,6 +108,9 @@ class _ScionBase(torch.optim.Optimizer):
             backend=backend,
             buffer_dtype=buffer_dtype,
         )
+        # Options are checked before the parameters are read (``params`` may be a generator).
+        self._check_options(dict(defaults), "the defaults")
+        self._norm(defaults)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- validation
@@ -114,9 +121,15 @@ class _ScionBase(torch.optim.Optimizer):
         if group["norm_kwargs"] is None:
             group["norm_kwargs"] = {}
         try:
-            self._check_options(group, index)
+            self._check_options(group, f"param group {index}")
             norm = self._norm(group)
             for i, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ValueError(
+                        f"Scion does not support complex parameters: {self._label(group, index, i)}"
+                        f" is {p.dtype}. The LMOs here are defined for real tensors; keep the "
+                        "real and imaginary parts as separate real parameters"
+                    )
                 msg = describe_misfit(norm, p.shape, self._label(group, index, i))
                 if msg:
                     raise ValueError(msg)
@@ -131,16 +144,21 @@ class _ScionBase(torch.optim.Optimizer):
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        if isinstance(group["norm"], Norm) and NORMS.get(group["norm"].name) is type(group["norm"]):
+            # Plain data in the group (a name and options), so state_dict() loads with
+            # torch.load(weights_only=True) and equal configurations give equal state dicts.
+            group["norm"], group["norm_kwargs"] = group["norm"].spec()
         if spread:
             self._distributed = True
             self._create_state(group)
 
-    def _check_options(self, group: dict[str, Any], index: int) -> None:
-        """Raise a clear error for any option of ``group`` out of its domain."""
-        where = f"param group {index}"
+    def _check_options(self, group: dict[str, Any], where: str) -> None:
+        """Raise a clear error for any option of ``group`` (described by ``where``) out of its
+        domain."""
         # Groups restored from a checkpoint of the authors' Scion lack our extra options.
         for key in ("backend", "buffer_dtype"):
-            group.setdefault(key, self.defaults[key])
+            if key not in group:
+                group[key] = self.defaults[key]
         lr = _number(group["lr"], f"lr ({where})")
         if not (0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")
@@ -202,8 +220,9 @@ class _ScionBase(torch.optim.Optimizer):
 
         work = []
         for index, group in enumerate(self.param_groups):
-            self._check_options(group, index)
-            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            self._check_options(group, f"param group {index}")
+            # A parameter with no elements has nothing to update.
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
             for i in idx:
                 if group["params"][i].grad.is_sparse:
                     raise RuntimeError(
@@ -357,6 +376,20 @@ class _ScionBase(torch.optim.Optimizer):
                     break
         return None if first is None else where[first]
 
+    def __repr__(self) -> str:
+        """torch.optim's listing of each group's options, plus the dtype each group's
+        Newton–Schulz computes in on its parameters' devices (``(auto)``: chosen for the
+        hardware)."""
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
+            norm = self._norm(group)
+            ns = {newton_schulz_dtype(norm, p.shape, p.device) for p in group["params"]}
+            if ns - {""}:
+                lines.append(f"    newton_schulz: {', '.join(sorted(ns - {''}))}")
+        return "\n".join(lines) + "\n)"
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
@@ -367,6 +400,24 @@ class _ScionBase(torch.optim.Optimizer):
         # A process group does not pickle: an unpickled optimizer steps on its own ranks' data.
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_distributed", False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, keeping every state tensor's dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to its parameter's
+        dtype; Scion's buffers have their own (``buffer_dtype``: e.g. a float32 average of
+        bf16 weights), so they come back in the dtype they were saved in, bit for bit.
+        """
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            for key, value in saved.get(pid, {}).items():
+                loaded = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(loaded, Tensor):
+                    if loaded.dtype != value.dtype:
+                        self.state[p][key] = value.to(device=loaded.device, copy=True)
 
     # ----------------------------------------------------------------------- across ranks
     def _agree(
@@ -389,7 +440,11 @@ class _ScionBase(torch.optim.Optimizer):
         bad = next((w for w, ok, h in zip(where, finite, has, strict=True) if h and not ok), None)
         agreed = []
         for index, group, _ in work:
-            idx = [i for k, (j, _, i) in enumerate(where) if j == index and has[k]]
+            idx = [
+                i
+                for k, (j, _, i) in enumerate(where)
+                if j == index and has[k] and group["params"][i].numel()
+            ]
             agreed.append((index, group, idx))
         return agreed, bad
 
@@ -424,6 +479,8 @@ class _ScionBase(torch.optim.Optimizer):
         for group in self.param_groups:
             norm = self._norm(group)
             for p in group["params"]:
+                if p.numel() == 0:
+                    continue
                 if distributed._is_dtensor(p):
                     whole = torch.empty(p.shape, dtype=p.dtype, device=local(p).device)
                     norm.init(whole).mul_(float(group["scale"]))
@@ -536,19 +593,54 @@ class ScionLight(_ScionBase):
     no copy).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._warned_zero_grad = False
-        self.register_state_dict_pre_hook(type(self)._store_grads_in_state)
-        self.register_load_state_dict_post_hook(type(self)._load_grads_from_state)
+    #: ``torch.amp.GradScaler`` hands this optimizer the scale and the overflow flag instead of
+    #: unscaling ``p.grad`` (the running average) itself; see :meth:`step`.
+    _step_supports_amp_scaling = True
 
-    def _check_options(self, group: dict[str, Any], index: int) -> None:
-        super()._check_options(group, index)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._warned_zero_grad = False
+        super().__init__(*args, **kwargs)
+
+    def _check_options(self, group: dict[str, Any], where: str) -> None:
+        super()._check_options(group, where)
         if group["buffer_dtype"] is not None:
             raise ValueError(
                 "ScionLight keeps its average in p.grad, in the gradient's dtype; "
-                f"buffer_dtype must be None (got {group['buffer_dtype']!r} in param group {index})"
+                f"buffer_dtype must be None (got {group['buffer_dtype']!r} in {where})"
             )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step (see :meth:`Scion.step`).
+
+        Under ``torch.amp.GradScaler``: groups with ``momentum < 1`` are refused with a
+        ``RuntimeError`` before anything changes, since the scaler's unscaling and overflow
+        handling act on ``p.grad``, which holds the running average (an overflow would leave
+        ``inf`` in it for good). Use :class:`Scion`, whose average has its own buffer, with a
+        GradScaler. Groups with ``momentum == 1`` step as with any optimizer: skipped when the
+        scaler found an overflow, on unscaled gradients otherwise.
+        """
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
+        if found_inf is None:
+            return super().step(closure)
+        averaging = [i for i, g in enumerate(self.param_groups) if float(g["momentum"]) != 1.0]
+        if averaging:
+            raise RuntimeError(
+                "ScionLight cannot be used with torch.amp.GradScaler when momentum < 1 "
+                f"(param group {averaging[0]}): it keeps the running average in p.grad, which "
+                "the scaler unscales and, after an overflow, leaves non-finite for every later "
+                "step. Use Scion (the average in its own buffer) with a GradScaler, or bf16 "
+                "autocast, which needs no scaler."
+            )
+        if bool(found_inf.item()):
+            return None
+        scale = getattr(self, "grad_scale", None)  # None: the gradients are unscaled already
+        if scale is not None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(scale.to(p.grad.device))
+        return super().step(closure)
 
     def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         return [local(p.grad) for p in params]
@@ -599,6 +691,16 @@ class ScionLight(_ScionBase):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state; each average in ``p.grad`` is saved as ``"grad_state"``."""
+        self._store_grads_in_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; each saved ``"grad_state"`` is copied into ``p.grad``."""
+        super().load_state_dict(state_dict)
+        self._load_grads_from_state()
 
     def _store_grads_in_state(self) -> None:
         for group in self.param_groups:

@@ -77,7 +77,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
         "triton": None,
         "cuda": None,
         "suite": "quick",
-        "ceiling_tflops": 0.5,
+        "matrix_tflops": {"bfloat16": 0.5, "float32": 0.1},
     }
     paths = write_all(tmp_path, header, ctx.rows)
     data = json.loads((tmp_path / "quick.json").read_text())
@@ -85,6 +85,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert {"device", "commit", "date", "torch", "triton", "cuda", "rows"} <= set(data)
     md = (tmp_path / "quick.md").read_text()
     assert "## Polar factor" in md and "## Optimizer step" in md and "gpt2-small" in md
+    assert "float32 matrix rate 0.1 TFLOP/s" in md
     plots = {p.name for p in paths if p.suffix == ".png"}
     try:
         import matplotlib  # noqa: F401

@@ -39,6 +39,10 @@ REDUCED = {
     "Auto()@6", "ColNorm()@6x10", "ColNorm(normalized=True,transpose=True)@6x10",
     "RowNorm(transpose=True)@6x10", "BiasRMS()@10",
 }  # fmt: skip
+# Groups orthogonalized by Newton–Schulz (float32 here) on an owner: the same arithmetic as one
+# process, but CPU BLAS kernels may round a product differently by batch and memory layout, so
+# within float32 rounding too.
+ORTHOGONALIZED = {"Spectral()@5x8", "Spectral(batch_dims=1)@5x6x4", "Auto()@4x3x3x3"}
 
 
 def _free_port() -> int:
@@ -128,15 +132,16 @@ def jobs(tmp_path_factory):
 @pytest.mark.parametrize("scenario", [*PARITY, "hsdp_parity"])
 def test_steps_match_one_process(jobs, world, scenario):
     """Three steps of every norm, distributed, against the same steps in one process: equal
-    bits, except the norms that reduce across shards (within float32 rounding). Shapes include
-    5 rows over 4 ranks (2, 2, 1, 0 rows), tall, wide, a conv and stacked experts."""
+    bits, except the norms that reduce across shards and the orthogonalized ones (within
+    float32 rounding). Shapes include 5 rows over 4 ranks (2, 2, 1, 0 rows), tall, wide, a
+    conv and stacked experts."""
     results = jobs(world)
     for rank, result in enumerate(results):
         groups = result[scenario]
         assert len(groups) == 11, groups.keys()
         for name, got in groups.items():
             sharded = scenario != "ddp_parity" and not (scenario == "hsdp_parity" and world == 2)
-            if sharded and name in REDUCED:
+            if (sharded and name in REDUCED) or name in ORTHOGONALIZED:
                 assert got["max_diff"] <= 1e-6, (rank, name, got)
             else:
                 assert got["exact"], (rank, name, got)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -154,7 +156,29 @@ def test_format_groups_lists_every_parameter():
     model = TinyGPT(tied=False)
     text = format_groups(param_groups(model, "gpt"))
     lines = text.splitlines()
-    assert lines[0].split() == ["parameter", "shape", "role", "norm", "radius"]
+    assert lines[0].split() == ["parameter", "shape", "role", "norm", "radius", "Newton–Schulz"]
     assert len(lines) == 2 + sum(1 for _ in model.parameters())
     assert any("lm_head.weight" in ln and "31×16" in ln and "3000.0" in ln for ln in lines)
     assert "Sign(normalized=False)" in text
+
+
+@pytest.mark.parametrize(
+    "bf16_units, want", [(True, "bfloat16 (auto)"), (False, "float32 (auto)")], ids=["bf16", "avx2"]
+)
+def test_newton_schulz_dtype_is_shown(bf16_units, want, monkeypatch):
+    """format_groups and the optimizer's repr say which dtype each Spectral parameter's
+    Newton–Schulz computes in on this machine: chosen by the hardware unless given."""
+    monkeypatch.setattr(
+        importlib.import_module("scion_kernels.newton_schulz"), "_CPU_BF16_MATMUL", bf16_units
+    )
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+    groups = param_groups(
+        model, "mlp", overrides={"hidden": {"norm_kwargs": {"ns_dtype": torch.float16}}}
+    )
+    rows = {line.split()[0]: line for line in format_groups(groups).splitlines()[2:]}
+    assert rows["0.weight"].endswith(want)
+    assert rows["1.weight"].endswith("float16")
+    assert rows["2.weight"].endswith("1024.0")  # Sign: nothing to orthogonalize
+    text = repr(Scion(groups, lr=0.1))
+    assert f"newton_schulz: {want}" in text and "newton_schulz: float16" in text
+    assert text.count("newton_schulz:") == 2

@@ -229,9 +229,10 @@ def test_optimizer_backend_cuda_matches_reference(native, optimizer, unconstrain
     cls = getattr(scion_kernels, optimizer)
     lr = 0.05
     opts = {
-        b: cls(m.parameters(), lr=lr, momentum=0.1, backend=b, unconstrained=unconstrained)
+        b: cls(m.parameters(), lr=lr, momentum=0.1, backend=b, unconstrained=unconstrained,
+               norm_kwargs={"ns_dtype": torch.bfloat16})  # the kernels' dtype, on any CPU
         for b, m in (("torch", model), ("cuda", twin))
-    }
+    }  # fmt: skip
     x = torch.randn(32, 24, device=device)
     y = torch.randint(0, 10, (32,), device=device)
     for _ in range(8):

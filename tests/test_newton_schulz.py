@@ -8,6 +8,7 @@ that identity holds to rounding; in low precision it holds to that precision's l
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -26,6 +27,9 @@ CLASSIC = (3.4445, -4.7750, 2.0315)
 # Shapes of the accuracy tests: degenerate, square, very wide / very tall, a cheap 4097-column
 # case (m = 8) and a batch.
 SHAPES = [(1, 1), (1, 9), (9, 1), (7, 7), (7, 129), (129, 7), (33, 65), (8, 4097), (3, 16, 40)]
+
+# The submodule (the package attribute of that name is the function).
+ns_module = importlib.import_module("scion_kernels.newton_schulz")
 
 
 def _ids(shape):
@@ -463,8 +467,27 @@ def test_dtypes(in_dtype, dtype):
     assert rel_fro(X, expected) < 0.12
 
 
-def test_default_compute_dtype_is_bfloat16():
-    assert newton_schulz(torch.randn(4, 6)).dtype == torch.bfloat16
+@pytest.mark.parametrize("bf16_units", [True, False], ids=["cpu-bf16", "cpu-no-bf16"])
+def test_default_compute_dtype_follows_the_hardware(bf16_units, monkeypatch):
+    """bf16 on GPUs and on CPUs with bf16 matrix units; float32 on other CPUs, where bf16
+    products are emulated (about 100× slower); an explicit dtype always wins."""
+    monkeypatch.setattr(ns_module, "_CPU_BF16_MATMUL", bf16_units)
+    want = torch.bfloat16 if bf16_units else torch.float32
+    assert ns_module.default_compute_dtype("cpu") == want
+    assert ns_module.default_compute_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert newton_schulz(torch.randn(4, 6)).dtype == want
+    assert newton_schulz(torch.randn(4, 6), dtype=torch.float16).dtype == torch.float16
+
+
+def test_cpu_probe_agrees_with_torchs_cpu_capability():
+    """A CPU whose best vector unit PyTorch reports as AVX2 (or less) has no bf16 matrix
+    instructions; the probe must say so (that CPU's bf16 products are the slow path)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("DEFAULT", "NO AVX", "AVX2"):
+        assert not ns_module.cpu_has_bf16_matmul()
+    bf16_probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if bf16_probe is not None and bf16_probe():
+        assert ns_module.cpu_has_bf16_matmul()
 
 
 @pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])

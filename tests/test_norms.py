@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -35,6 +36,9 @@ DTYPES = [
     pytest.param(torch.bfloat16, 1e-6, 1e-5, id="bf16"),
     pytest.param(F64, 1e-12, 1e-12, id="f64"),
 ]
+
+# The submodule (the package attribute of that name is the function).
+ns_module = importlib.import_module("scion_kernels.newton_schulz")
 
 
 def _ids(shape):
@@ -114,16 +118,33 @@ def test_spectral_batch_dims(shape):
         assert torch.allclose(ns[i], single.lmo(g.float()[i]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("bf16_units", [True, False], ids=["cpu-bf16", "cpu-no-bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=["f32", "bf16", "f64"])
-def test_spectral_newton_schulz_default(shape, dtype):
-    """The default LMO is s·newton_schulz(g) (classic, 5 steps, bf16), returned in float32."""
+def test_spectral_newton_schulz_default(shape, dtype, bf16_units, monkeypatch):
+    """The default LMO is s·newton_schulz(g) (classic, 5 steps) in the compute dtype the CPU
+    runs well (bf16 with bf16 matrix units, else float32), returned in float32."""
+    monkeypatch.setattr(ns_module, "_CPU_BF16_MATMUL", bf16_units)
     g = torch.randn(shape, dtype=F64).to(dtype)
     d_out, d_in = shape
-    out = Spectral().lmo(g)
+    norm = Spectral()
+    compute = torch.bfloat16 if bf16_units else torch.float32
+    assert norm.ns_dtype is None and norm.compute_dtype(g.device) == compute
+    out = norm.lmo(g)
     assert out.dtype == work_dtype(dtype)
-    want = math.sqrt(d_out / d_in) * newton_schulz(g, "classic", 5, torch.bfloat16).to(F64)
+    want = math.sqrt(d_out / d_in) * newton_schulz(g, "classic", 5, compute).to(F64)
     assert_close(out, want, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float16, torch.float32, F64], ids=str)
+@pytest.mark.parametrize("bf16_units", [True, False], ids=["cpu-bf16", "cpu-no-bf16"])
+def test_explicit_ns_dtype_wins(ns_dtype, bf16_units, monkeypatch):
+    monkeypatch.setattr(ns_module, "_CPU_BF16_MATMUL", bf16_units)
+    g = torch.randn(6, 10)
+    norm = Spectral(ns_dtype=ns_dtype)
+    assert norm.compute_dtype("cpu") == ns_dtype == norm.compute_dtype("cuda")
+    want = math.sqrt(6 / 10) * newton_schulz(g, "classic", 5, ns_dtype).to(F64)
+    assert_close(norm.lmo(g), want, 1e-6, 1e-6)
 
 
 def test_spectral_passes_newton_schulz_options():

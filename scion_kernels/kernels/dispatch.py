@@ -1,34 +1,39 @@
-"""Which parameters of a group the Triton kernels take, and one op call per bucket.
+"""Which parameters of a group the fused kernels take, and one op call per bucket.
 
 A Spectral-family parameter (``Spectral``, ``SpectralConv``, or what ``Auto`` picks for it) with
-Newton–Schulz in bf16 or fp16 is taken when its parameter, gradient and buffer can all be seen
-as matrices without a copy; Sign, ColNorm, RowNorm and BiasRMS parameters when the three share
-one such layout. Everything else stays on the reference path. Taken Spectral parameters are
-bucketed by oriented shape, dtypes and coefficient set, one ``scion_kernels::ns_step_`` call per
-bucket; the row-wise ones go by kind and dtypes, one ``scion_kernels::rowwise_step_`` call each.
+Newton–Schulz in bf16 or fp16 (``ns_dtype=None`` is bf16 here: the kernels run on GPUs) is taken
+when its parameter, gradient and buffer can all be seen as matrices without a copy; Sign,
+ColNorm, RowNorm and BiasRMS parameters when the three share one such layout. Everything else
+stays on the reference path. Taken Spectral parameters are bucketed by oriented shape, dtypes
+and coefficient set, one ``ns_step_`` op call per bucket; the row-wise ones go by kind and
+dtypes, one ``rowwise_step_`` op call each. The Triton backend's ops are ``scion_kernels::
+ns_step_`` and ``scion_kernels::rowwise_step_``, the native backend's ``scion_kernels::
+native_ns_step_`` and ``scion_kernels::native_rowwise_step_``.
 
-This code looks only at shapes, strides, dtypes and norms (never at data or addresses), so
-``torch.compile(fullgraph=True)`` traces it into those op calls.
+This module imports no Triton: the Triton ops are imported when ``backend="triton"`` first
+steps, so the native backend runs where Triton is not installed. The planning looks only at
+shapes, strides, dtypes and norms (never at data or addresses), so ``torch.compile
+(fullgraph=True)`` traces it into those op calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import _native
-from ..norms import Norm, Spectral
+from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign, Spectral
 from . import step_op
-from .newton_schulz import flatten, ns_step_op
-from .rowwise import ROWWISE_NORMS, rowwise_step_, rowwise_step_op
-from .tables import view_strides, writable
+from .tables import flatten, view_strides, writable
 
-__all__ = ["fused_norm", "fused_step_", "spectral_step_"]
+__all__ = ["ROWWISE_NORMS", "fused_norm", "fused_step_", "kernel_dtype", "spectral_step_"]
 
 _NS_DTYPES = (torch.bfloat16, torch.float16)
+ROWWISE_NORMS = (Sign, ColNorm, RowNorm, BiasRMS)  # RowNorm subclasses ColNorm
 
 #: The native (``backend="cuda"``) steps, as ops ``scion_kernels::native_ns_step_`` (one call per
 #: Newton–Schulz bucket) and ``scion_kernels::native_rowwise_step_`` (one per row-wise launch).
@@ -36,12 +41,28 @@ native_ns_step_op = step_op("native_ns_step_", _native.ns_step_)
 native_rowwise_step_op = step_op("native_rowwise_step_", _native.rowwise_step_)
 
 
+def _ops(backend: str) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``backend``'s (Newton–Schulz bucket, row-wise launch) ops."""
+    if backend == "cuda":
+        return native_ns_step_op, native_rowwise_step_op
+    from .newton_schulz import ns_step_op
+    from .rowwise import rowwise_step_op
+
+    return ns_step_op, rowwise_step_op
+
+
+def kernel_dtype(norm: Spectral) -> torch.dtype:
+    """The Newton–Schulz operand dtype the kernels use for ``norm``: its ``ns_dtype``, bf16
+    when that is ``None`` (chosen per device: bf16 on GPUs)."""
+    return norm.ns_dtype or torch.bfloat16
+
+
 def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
     """The norm the kernels (Triton or native: the same set) run for a parameter of ``shape``
     (``Auto`` resolved), or ``None``."""
     norm = norm.pick(shape)
     if isinstance(norm, Spectral):
-        ok = norm.polar == "newton_schulz" and norm.ns_dtype in _NS_DTYPES
+        ok = norm.polar == "newton_schulz" and kernel_dtype(norm) in _NS_DTYPES
         return norm if ok else None
     return norm if isinstance(norm, ROWWISE_NORMS) else None
 
@@ -58,9 +79,7 @@ def fused_step_(
     :func:`fused_norm`); returns the indices of the others. ``options``: ``alpha``, ``lr``,
     ``scale``, ``constrained``."""
     left: list[int] = []
-    native = backend == "cuda"
-    ns_op = native_ns_step_op if native else ns_step_op
-    row_op = native_rowwise_step_op if native else rowwise_step_op
+    ns_op, row_op = _ops(backend)
     for spectral, step in ((True, spectral_step_), (False, rowwise_step_)):
         idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
         if not idx:
@@ -87,7 +106,7 @@ def spectral_step_(
     lr: float,
     scale: float,
     constrained: bool,
-    op: Any = ns_step_op,
+    op: Callable[..., None],
 ) -> list[int]:
     """The whole Scion step for the parameters the kernels can take; returns the others.
 
@@ -111,7 +130,7 @@ def spectral_step_(
             continue
         r, c = shape[1:]
         key = (
-            p.device, min(r, c), max(r, c), norm.ns_dtype, norm._table,
+            p.device, min(r, c), max(r, c), kernel_dtype(norm), norm._table,
             p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
         buckets.setdefault(key, []).append((i, r > c))
@@ -130,6 +149,89 @@ def spectral_step_(
             n,
             ns_dtype,
             flatten(table),
+            alpha,
+            -lr * scale,
+            decay,
+        )
+    return left
+
+
+def _layout(norm: Norm, t: Tensor) -> tuple[tuple[int, int, int], bool]:
+    """The ``(B, r, c)`` matrices ``t`` is seen as, and whether the groups are their columns."""
+    if isinstance(norm, BiasRMS):
+        return (1, 1, t.numel()), False
+    # ColNorm's groups are columns; `transpose` (ColNorm, RowNorm) swaps rows and columns.
+    columns = type(norm) is ColNorm
+    if isinstance(norm, ColNorm) and norm.transpose:
+        columns = not columns
+    return norm._matrix_shape(t.shape), columns
+
+
+def _factors(norm: Norm, shape: Sequence[int], groups: int, length: int) -> tuple[float, float]:
+    """``(q or f, ε)`` for one matrix whose groups are ``groups`` × ``length``."""
+    if isinstance(norm, Sign):
+        return (1.0 / shape[-1] if norm.normalized else 1.0), 0.0
+    if isinstance(norm, BiasRMS):
+        return 1.0 / math.sqrt(max(length, 1)), norm.eps
+    if isinstance(norm, RowNorm):  # groups are rows of the oriented matrix, of length d_in
+        return (math.sqrt(length) if norm.normalized else 1.0), norm.eps
+    assert isinstance(norm, ColNorm)  # groups are columns of length d_out; d_in of them
+    return (groups if norm.normalized else 1.0) / math.sqrt(length), norm.eps
+
+
+def rowwise_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor] | None,
+    norms: Sequence[Norm],
+    *,
+    alpha: float,
+    lr: float,
+    scale: float,
+    constrained: bool,
+    op: Callable[..., None],
+) -> list[int]:
+    """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
+
+    ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
+    (``bufs`` ``None``: ``d = g``), one ``op`` call (``scion_kernels::rowwise_step_`` or the
+    native one) per kind and dtype combination. A parameter whose ``x``, ``g`` and ``d``
+    cannot all be seen as the same strided matrices without a copy is left for the reference
+    path.
+    """
+    left: list[int] = []
+    launches: dict[tuple, list[tuple[int, int, int, bool, float, float]]] = {}
+    for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
+        d = g if bufs is None else bufs[i]
+        shape, columns = _layout(norm, p)
+        strides = view_strides(p.shape, p.stride(), shape)
+        same = all(
+            t.stride() == p.stride() or view_strides(t.shape, t.stride(), shape) == strides
+            for t in (g, d)
+        )
+        if strides is None or not same or not writable(p):  # same strides: d is writable too
+            left.append(i)
+            continue
+        r, c = shape[1:]
+        groups, length = (c, r) if columns else (r, c)
+        q, eps = _factors(norm, p.shape, groups, length)
+        kind = (isinstance(norm, Sign), isinstance(norm, BiasRMS))
+        key = (p.device, *kind, p.dtype, g.dtype, d.dtype)
+        launches.setdefault(key, []).append((i, r, c, columns, q, eps))
+
+    decay = 1.0 - lr if constrained else 1.0
+    for (_, sign, whole, *_), members in launches.items():
+        idx = [member[0] for member in members]
+        op(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [] if bufs is None else [bufs[i] for i in idx],
+            [v for member in members for v in member[1:3]],
+            [member[3] for member in members],
+            [member[4] for member in members],
+            [member[5] for member in members],
+            sign,
+            whole,
             alpha,
             -lr * scale,
             decay,

@@ -47,10 +47,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting, step_op
-from .tables import bucket_rows, cdiv, device_table, matrix_rows, next_power_of_2
+from .tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
 
 __all__ = [
-    "NSBucket", "flatten", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
+    "NSBucket", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
 ]  # fmt: skip
 
 Triple = tuple[float, float, float]
@@ -731,11 +731,6 @@ def _(G, coefficients, dtype):
 
 def _triples(flat: Sequence[float]) -> list[Triple]:
     return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-
-
-def flatten(coefficients: Sequence[Triple]) -> list[float]:
-    """Per-step ``(a, b, c)`` triples as the flat list the ops take."""
-    return [float(v) for triple in coefficients for v in triple]
 
 
 def polar(

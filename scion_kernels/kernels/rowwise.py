@@ -12,28 +12,22 @@ A program owns a strip of ``BLOCK_R`` groups of one tensor and walks them twice:
 averages ``d ← (1 − α)·d + α·g`` (stored) and sums ``d²`` per group, the second reads ``d`` back
 and applies ``x ← decay·x + coef·u`` in the parameter's dtype (Sign needs one pass). Tensors are
 described by table rows (addresses, group count and length, strides), so all tensors of a
-parameter group with the same dtypes and kind go in one launch.
+parameter group with the same dtypes and kind go in one launch. Which tensors go in which
+launch is planned in :mod:`.dispatch`.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..norms import BiasRMS, ColNorm, Norm, RowNorm, Sign
 from . import interpreting, step_op
 from .newton_schulz import _round
-from .tables import cached, cdiv, device_table, group_rows, view_strides, writable
+from .tables import cached, cdiv, device_table, group_rows
 
-__all__ = ["ROWWISE_NORMS", "rowwise_step_"]
-
-ROWWISE_NORMS = (Sign, ColNorm, RowNorm, BiasRMS)  # RowNorm subclasses ColNorm
+__all__ = ["rowwise_op_", "rowwise_step_op"]
 
 
 @triton.jit
@@ -97,90 +91,6 @@ def _rowwise_kernel(
             u = tl.load(src + off, mask=mask, other=0.0).to(tl.float32) * inv[:, None]
             x = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32) * decay + coef * u
             tl.store(p_ptr + off, _round(x, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
-
-
-def _layout(norm: Norm, t: Tensor) -> tuple[tuple[int, int, int], bool]:
-    """The ``(B, r, c)`` matrices ``t`` is seen as, and whether the groups are their columns."""
-    if isinstance(norm, BiasRMS):
-        return (1, 1, t.numel()), False
-    # ColNorm's groups are columns; `transpose` (ColNorm, RowNorm) swaps rows and columns.
-    columns = type(norm) is ColNorm
-    if isinstance(norm, ColNorm) and norm.transpose:
-        columns = not columns
-    return norm._matrix_shape(t.shape), columns
-
-
-def _factors(norm: Norm, shape: Sequence[int], groups: int, length: int) -> tuple[float, float]:
-    """``(q or f, ε)`` for one matrix whose groups are ``groups`` × ``length``."""
-    if isinstance(norm, Sign):
-        return (1.0 / shape[-1] if norm.normalized else 1.0), 0.0
-    if isinstance(norm, BiasRMS):
-        return 1.0 / math.sqrt(max(length, 1)), norm.eps
-    if isinstance(norm, RowNorm):  # groups are rows of the oriented matrix, of length d_in
-        return (math.sqrt(length) if norm.normalized else 1.0), norm.eps
-    assert isinstance(norm, ColNorm)  # groups are columns of length d_out; d_in of them
-    return (groups if norm.normalized else 1.0) / math.sqrt(length), norm.eps
-
-
-def rowwise_step_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor] | None,
-    norms: Sequence[Norm],
-    *,
-    alpha: float,
-    lr: float,
-    scale: float,
-    constrained: bool,
-    op: Any = None,
-) -> list[int]:
-    """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
-
-    ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
-    (``bufs`` ``None``: ``d = g``), one ``scion_kernels::rowwise_step_`` call per kind and
-    dtype combination (``op``: that op, default the Triton one). A parameter whose ``x``, ``g``
-    and ``d`` cannot all be seen as the same strided matrices without a copy is left for the
-    reference path.
-    """
-    op = rowwise_step_op if op is None else op
-    left: list[int] = []
-    launches: dict[tuple, list[tuple[int, int, int, bool, float, float]]] = {}
-    for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
-        d = g if bufs is None else bufs[i]
-        shape, columns = _layout(norm, p)
-        strides = view_strides(p.shape, p.stride(), shape)
-        same = all(
-            t.stride() == p.stride() or view_strides(t.shape, t.stride(), shape) == strides
-            for t in (g, d)
-        )
-        if strides is None or not same or not writable(p):  # same strides: d is writable too
-            left.append(i)
-            continue
-        r, c = shape[1:]
-        groups, length = (c, r) if columns else (r, c)
-        q, eps = _factors(norm, p.shape, groups, length)
-        kind = (isinstance(norm, Sign), isinstance(norm, BiasRMS))
-        key = (p.device, *kind, p.dtype, g.dtype, d.dtype)
-        launches.setdefault(key, []).append((i, r, c, columns, q, eps))
-
-    decay = 1.0 - lr if constrained else 1.0
-    for (_, sign, whole, *_), members in launches.items():
-        idx = [member[0] for member in members]
-        op(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [] if bufs is None else [bufs[i] for i in idx],
-            [v for member in members for v in member[1:3]],
-            [member[3] for member in members],
-            [member[4] for member in members],
-            [member[5] for member in members],
-            sign,
-            whole,
-            alpha,
-            -lr * scale,
-            decay,
-        )
-    return left
 
 
 def rowwise_op_(

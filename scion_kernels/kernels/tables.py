@@ -19,9 +19,14 @@ from torch import Tensor
 from .._util import eager_cache
 
 __all__ = [
-    "bucket_rows", "cached", "cdiv", "device_table", "group_rows", "matrix_rows",
+    "bucket_rows", "cached", "cdiv", "device_table", "flatten", "group_rows", "matrix_rows",
     "next_power_of_2", "view_strides", "writable",
 ]  # fmt: skip
+
+
+def flatten(coefficients: Sequence[Sequence[float]]) -> list[float]:
+    """Per-step ``(a, b, c)`` triples as the flat list the ops take."""
+    return [float(v) for triple in coefficients for v in triple]
 
 
 def cdiv(a: int, b: int) -> int:

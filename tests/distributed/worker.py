@@ -49,14 +49,18 @@ def label(group) -> str:
     return f"{norm}({options})@" + "x".join(map(str, shapes[0]))
 
 
-def make_groups(build, groups=GROUPS, seed=0):
+def make_groups(build, groups=GROUPS, seed=0, ns_dtype=None):
     """Parameter groups with the same values on every rank; ``build(full)`` makes each
-    parameter (plain, or a DTensor of the full value)."""
+    parameter (plain, or a DTensor of the full value). ``ns_dtype`` is given to the groups
+    that may orthogonalize (Spectral, Auto) unless they set their own."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for norm, kwargs, shapes in groups:
         params = [torch.nn.Parameter(build(torch.randn(s, generator=gen))) for s in shapes]
-        out.append({"params": params, "norm": norm, "norm_kwargs": dict(kwargs), "scale": 3.0})
+        kwargs = dict(kwargs)
+        if ns_dtype is not None and norm in ("Spectral", "Auto"):
+            kwargs.setdefault("ns_dtype", ns_dtype)
+        out.append({"params": params, "norm": norm, "norm_kwargs": kwargs, "scale": 3.0})
     return out
 
 
@@ -81,9 +85,14 @@ def compare(reference, distributed, into):
 
 def run_parity(build, grad_of, steps=3, cls=Scion, process_group=None, **opt_kwargs):
     """``steps`` steps of a distributed optimizer and of the single-process reference on the
-    same values; the differences after every step."""
-    ref_groups = make_groups(lambda t: t)
-    dist_groups = make_groups(build)
+    same values; the differences after every step.
+
+    Newton–Schulz runs in float32 on every CPU: an owner multiplies its matrices in other
+    batches and memory than one process does, and CPU BLAS kernels may round such products
+    differently (a float32 ulp); in float32 that stays a float32-rounding difference, where
+    in bf16 it could flip an operand's rounding."""
+    ref_groups = make_groups(lambda t: t, ns_dtype=torch.float32)
+    dist_groups = make_groups(build, ns_dtype=torch.float32)
     ref = cls(ref_groups, lr=0.1, momentum=0.5, backend="torch", **opt_kwargs)
     opt = cls(dist_groups, lr=0.1, momentum=0.5, process_group=process_group, **opt_kwargs)
     per_group: dict = {}
@@ -242,12 +251,21 @@ def nonfinite():
     return out
 
 
+#: Newton–Schulz options for the trajectory comparisons. Ranks average gradients in another
+#: order than one process, so the directions differ in float32 rounding; in bf16 such a
+#: difference can flip the rounding of an operand and move the update by a bf16 ulp (~0.4%),
+#: which training then carries on. In float64 the polar factor depends continuously on the
+#: direction, and the comparison measures the distributed step, not bf16's rounding.
+F64_NS = {"ns_dtype": torch.float64}
+
+
 def mlp_with_scion(widths, seed: int, sharded_model: bool, mesh=None):
-    """A GELU MLP (seeded) and its Scion (the "mlp" recipe), fully_shard-ed over all ranks
-    (each Linear, then the whole; ``mesh``: a 1-D one by default) or plain."""
+    """A GELU MLP (seeded) and its Scion (the "mlp" recipe, Newton–Schulz in float64),
+    fully_shard-ed over all ranks (each Linear, then the whole; ``mesh``: a 1-D one by
+    default) or plain."""
     from torch.distributed.fsdp import fully_shard
 
-    from scion_kernels import param_groups
+    from scion_kernels import RECIPES, param_groups
 
     torch.manual_seed(seed)
     layers = []
@@ -260,7 +278,13 @@ def mlp_with_scion(widths, seed: int, sharded_model: bool, mesh=None):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    return model, Scion(param_groups(model, recipe="mlp"), lr=0.05, momentum=0.1)
+    recipe = RECIPES["mlp"]
+    overrides = {
+        role: {"norm_kwargs": {**getattr(recipe, role).norm_kwargs, **F64_NS}}
+        for role in ("input", "hidden")
+    }
+    groups = param_groups(model, recipe=recipe, overrides=overrides)
+    return model, Scion(groups, lr=0.05, momentum=0.1)
 
 
 def fully_shard_training(mesh=None):
@@ -328,9 +352,9 @@ def ddp_no_sync():
         return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
     ref_model, model = mlp(), DDP(mlp())
-    ref = Scion(ref_model.parameters(), lr=0.05, momentum=0.5, norm="Auto")
+    ref = Scion(ref_model.parameters(), lr=0.05, momentum=0.5, norm="Auto", norm_kwargs=F64_NS)
     opt = Scion(
-        model.module.parameters(), lr=0.05, momentum=0.5, norm="Auto",
+        model.module.parameters(), lr=0.05, momentum=0.5, norm="Auto", norm_kwargs=F64_NS,
         process_group=dist.group.WORLD,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(7)
@@ -377,7 +401,7 @@ def _fsdp_with_kernels(backend: str, module) -> dict:
     cases = [("reference", "torch", plain), ("fused", backend, plain),
              ("distributed", backend, build)]  # fmt: skip
     for name, case_backend, make in cases:
-        groups = make_groups(make, spec)
+        groups = make_groups(make, spec, ns_dtype=torch.bfloat16)  # the kernels' dtype
         before = [full(p.detach()).clone() for g in groups for p in g["params"]]
         opt = Scion(groups, lr=0.1, momentum=1.0, backend=case_backend)
         grads = gradients(groups, 0)
@@ -398,6 +422,11 @@ def _fsdp_with_kernels(backend: str, module) -> dict:
 
 def fsdp_triton():
     """backend="triton" under FSDP (Triton's interpreter on the CPU)."""
+    from scion_kernels.kernels import unavailable_reason
+
+    why = unavailable_reason(torch.device("cpu"))
+    if why is not None:
+        return {"skipped": why}
     from scion_kernels.kernels import newton_schulz
 
     return _fsdp_with_kernels("triton", newton_schulz)
