@@ -61,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(bench)
         module = importlib.import_module(f"bench.{bench}")
         module.run(ctx)
-        for attr, key in (
-            ("LAST_CEILING_TFLOPS", "ceiling_tflops"),
-            ("LAST_COPY_GBPS", "copy_gbps"),
-        ):
-            if getattr(module, attr, None):
-                header[key] = getattr(module, attr)
+        if getattr(module, "LAST_COPY_GBPS", None):
+            header["copy_gbps"] = module.LAST_COPY_GBPS
+    header["matrix_tflops"] = dict(sorted(ctx.rates.items()))
     header["seconds"] = round(time.perf_counter() - t0, 1)
 
     out = RESULTS / device_slug(header["device"]) if args.out is None else Path(args.out)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from scion_kernels.newton_schulz import cpu_has_bf16_matmul
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -47,7 +49,9 @@ BENCHES = ("polar", "step", "elementwise")
 
 
 def cpu_name() -> str:
-    """The CPU model as the OS reports it, with the core count the process may use."""
+    """The CPU model as the OS reports it, with the core count the process may use and its
+    vector unit as PyTorch reports it (``+ bf16`` where it multiplies bf16 matrices in
+    hardware): CPUs of one model name differ there, and their timings with it."""
     name = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,7 +62,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     name = name or platform.processor() or platform.machine()
-    return f"{name} ({len(os.sched_getaffinity(0))} cores)"
+    unit = torch.backends.cpu.get_cpu_capability()
+    if cpu_has_bf16_matmul():
+        unit += " + bf16"
+    return f"{name} ({len(os.sched_getaffinity(0))} cores, {unit})"
 
 
 def device_name(device: torch.device) -> str:
@@ -110,6 +117,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+#: A quick run skips any configuration whose timed calls are predicted (from its FLOPs and
+#: the matrix rate of its dtype measured in the run) to take longer than this, in seconds.
+QUICK_BUDGET_S = 12.0
+
+
 @dataclass
 class Context:
     """One run's settings, shared by every benchmark module."""
@@ -119,6 +131,31 @@ class Context:
     repeats: int = 5
     log: Callable[[str], None] = print
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: Matrix rates (TFLOP/s) measured in this run, by dtype name (:meth:`matrix_rate`).
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def matrix_rate(self, dtype: torch.dtype) -> float:
+        """The measured matrix rate of ``dtype`` products on this device (TFLOP/s), measured
+        on first use and kept for the run."""
+        key = str(dtype).removeprefix("torch.")
+        if key not in self.rates:
+            self.rates[key] = matmul_ceiling_tflops(self, dtype=dtype)
+        return self.rates[key]
+
+    def too_slow(self, flops: float, dtype: torch.dtype, calls: int) -> str | None:
+        """Why ``calls`` calls of ``flops`` each in ``dtype`` do not fit a quick run, or
+        ``None`` (always ``None`` outside quick runs)."""
+        if not self.quick:
+            return None
+        rate = self.matrix_rate(dtype)
+        seconds = calls * flops / (rate * 1e12)
+        if seconds <= QUICK_BUDGET_S:
+            return None
+        name = str(dtype).removeprefix("torch.")
+        return (
+            f"predicted {seconds:.0f} s for {calls} calls at the {name} matrix rate measured "
+            f"here ({rate * 1e3:.3g} GFLOP/s), over the quick run's {QUICK_BUDGET_S:.0f} s"
+        )
 
     def add(self, **row: Any) -> dict[str, Any]:
         """Validate and record one result row; returns it."""
@@ -137,14 +174,19 @@ class Context:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def time_ms(self, fn: Callable[[], Any], repeats: int | None = None) -> float:
+    def time_ms(
+        self, fn: Callable[[], Any], repeats: int | None = None, warmup: bool = True
+    ) -> float:
         """Median wall time of ``fn()`` in milliseconds, warm-up excluded."""
-        return median_ms(fn, self.device, repeats or self.repeats)
+        return median_ms(fn, self.device, repeats or self.repeats, warmup)
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+def median_ms(
+    fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: bool = True
+) -> float:
     """Median time of ``fn()`` in ms: CUDA events (via do_bench when Triton is installed) on a
-    GPU, ``time.perf_counter`` on a CPU; one untimed warm-up call first."""
+    GPU, ``time.perf_counter`` on a CPU; one untimed warm-up call first (on a CPU, unless
+    ``warmup`` is false: the caller has warmed ``fn`` up)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -163,7 +205,8 @@ def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> 
             end.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times)
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -179,12 +222,26 @@ def newton_schulz_flops(m: int, n: int, steps: int = 5, batch: int = 1) -> float
     return float(batch) * steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
-def matmul_ceiling_tflops(ctx: Context, n: int | None = None) -> float:
-    """The bf16 matrix rate measured now: an n×n×n product on random data (TFLOP/s)."""
-    n = n or (8192 if ctx.device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
-    ms = ctx.time_ms(lambda: a @ b)
+def matmul_ceiling_tflops(
+    ctx: Context, n: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """The matrix rate of ``dtype`` measured now: an n×n×n product on random data into a
+    preallocated output, as Newton–Schulz multiplies (TFLOP/s). On a GPU the median time; on
+    a CPU, whose rate drifts by ±10% from second to second on a shared machine, the fastest
+    of 20 calls (3 for bf16 without bf16 matrix instructions, measured at 512: 1024³ takes
+    seconds there), so that it is the ceiling it is used as."""
+    slow = ctx.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16_matmul()
+    if n is None:
+        n = 8192 if ctx.device.type == "cuda" else (512 if slow else 1024)
+    a = torch.randn(n, n, device=ctx.device, dtype=dtype)
+    b = torch.randn(n, n, device=ctx.device, dtype=dtype)
+    c = torch.empty(n, n, device=ctx.device, dtype=dtype)
+    if ctx.device.type == "cuda":
+        ms = ctx.time_ms(lambda: torch.mm(a, b, out=c))
+    else:
+        torch.mm(a, b, out=c)
+        ms = min(median_ms(lambda: torch.mm(a, b, out=c), ctx.device, 1, warmup=False)
+                 for _ in range(3 if slow else 20))  # fmt: skip
     return 2.0 * n**3 / (ms * 1e-3) / 1e12
 
 

@@ -12,8 +12,10 @@ What a row holds, per (backend, coefficient set, shape):
 - ``tflops``: the DENSE five-step Newton–Schulz count ``5·(4m²n + 2m³)·batch`` (``m ≤ n``,
   :func:`bench.common.newton_schulz_flops`) divided by the time, for every backend. For the SVD
   and the peers this is an equivalent rate: the same work as ours, so rates compare as times do.
-- ``ceiling_fraction``: ``tflops`` over the bf16 matrix rate measured once in the same run
-  (:func:`ceiling`, also kept in :data:`LAST_CEILING_TFLOPS`).
+- ``ceiling_fraction``: ``tflops`` over the matrix rate of the row's dtype measured once in the
+  same run (:meth:`bench.common.Context.matrix_rate`): bf16 for the peers, which always compute
+  in bf16, the compute dtype chosen for the device (``dtype`` column) for ours, float32 for the
+  SVD.
 - ``rel_err``: ``‖X − U·Vᵀ‖_F / ‖U·Vᵀ‖_F`` over the whole batch, against the exact polar factor
   from a float64 SVD (:func:`scion_kernels.polar_svd`, on the device of the run); ``sv_min`` and
   ``sv_max``: the extreme singular values of the output ``X`` (float64). Both are left out where
@@ -35,36 +37,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scion_kernels.newton_schulz import newton_schulz, polar_svd, resolve_coefficients
+from scion_kernels.newton_schulz import (
+    default_compute_dtype,
+    newton_schulz,
+    polar_svd,
+    resolve_coefficients,
+)
 
-from .common import Context, matmul_ceiling_tflops, newton_schulz_flops
+from .common import Context, newton_schulz_flops
 
-__all__ = [
-    "FULL_SHAPES",
-    "LAST_CEILING_TFLOPS",
-    "QUICK_SHAPES",
-    "Backend",
-    "backends",
-    "ceiling",
-    "run",
-]
+__all__ = ["FULL_SHAPES", "QUICK_SHAPES", "Backend", "backends", "run"]
 
 PolarFn = Callable[[Tensor], Tensor]
 Shape = tuple[int, int, int]  # (batch, m, n)
 
-#: The bf16 matrix rate (TFLOP/s) measured by the latest :func:`ceiling` call.
-LAST_CEILING_TFLOPS: float | None = None
-_CEILING_BY_DEVICE: dict[str, float] = {}
-
 STEPS = 5
-#: The quick suite: small enough for a 2-core CPU (with SVD and the float64 reference).
+#: The quick suite: a square, a GPT-2 MLP matrix and a batch, with SVD and the float64
+#: reference, in well under a minute on a 2-core CPU.
 QUICK_SHAPES: list[Shape] = [
     (1, 256, 256),
-    (1, 512, 512),
     (1, 1024, 1024),
     (1, 768, 3072),
     (8, 256, 256),
-    (8, 768, 768),
 ]
 _FULL_MATRICES: list[tuple[int, int]] = [
     *((s, s) for s in (256, 512, 1024, 2048, 4096, 8192)),
@@ -106,7 +100,7 @@ class Backend:
 
     make: Callable[[str | None], PolarFn]
     coefficients: tuple[str | None, ...] = ("classic", "polar_express")
-    dtype: str = "bfloat16"
+    dtype: torch.dtype = torch.bfloat16
     per_shape: bool = False
     exact: bool = False
     note: str = ""
@@ -193,17 +187,25 @@ def _pytorch_optimizer() -> tuple[PolarFn, str] | str:
 
 def backends(ctx: Context) -> dict[str, Backend]:
     """The backends available here, by the name rows carry; logs the ones that are missing."""
+    ours = default_compute_dtype(ctx.device)  # what newton_schulz uses when given no dtype
     table: dict[str, Backend] = {
-        "torch": Backend(_ours, note="scion_kernels.newton_schulz, eager"),
+        "torch": Backend(_ours, dtype=ours, note="scion_kernels.newton_schulz, eager"),
         "torch_compile": Backend(
             _ours_compiled,
+            dtype=ours,
             per_shape=True,
             note="torch.compile(newton_schulz, dynamic=False)",
         ),
+    }
+    if ctx.quick and ctx.device.type == "cpu":
+        # The compiled function runs the same BLAS products on a CPU, after ~5 s of compiling.
+        del table["torch_compile"]
+        ctx.log("polar: torch_compile skipped in a quick CPU run (the same CPU products)")
+    table |= {
         "svd": Backend(
             _svd,
             coefficients=(None,),
-            dtype="float32",
+            dtype=torch.float32,
             exact=True,
             note="torch.linalg.svd fp32 then U·Vh; tflops = equivalent NS rate",
         ),
@@ -235,20 +237,6 @@ def backends(ctx: Context) -> dict[str, Backend]:
 # --------------------------------------------------------------------------------------------
 # Measurement helpers
 # --------------------------------------------------------------------------------------------
-
-
-def ceiling(ctx: Context, refresh: bool = False) -> float:
-    """The bf16 matrix rate of ``ctx.device`` in TFLOP/s, measured once and cached.
-
-    ``refresh`` measures again. The value is also stored in :data:`LAST_CEILING_TFLOPS`.
-    """
-    global LAST_CEILING_TFLOPS
-    key = str(ctx.device)
-    if refresh or key not in _CEILING_BY_DEVICE:
-        _CEILING_BY_DEVICE[key] = matmul_ceiling_tflops(ctx)
-        _free(ctx)
-    LAST_CEILING_TFLOPS = _CEILING_BY_DEVICE[key]
-    return LAST_CEILING_TFLOPS
 
 
 def _free(ctx: Context) -> None:
@@ -335,9 +323,11 @@ def run(ctx: Context, shapes: list[Shape] | None = None) -> None:
 
     ``shapes`` overrides the suite (``QUICK_SHAPES`` or ``FULL_SHAPES`` by ``ctx.quick``).
     """
-    rate = ceiling(ctx, refresh=True)
-    ctx.log(f"polar: measured bf16 matrix rate {rate:.4g} TFLOP/s on {ctx.device}")
     table = backends(ctx)
+    for dtype in sorted({b.dtype for b in table.values()}, key=str):
+        rate = ctx.matrix_rate(dtype)
+        ctx.log(f"polar: measured {dtype} matrix rate {rate:.4g} TFLOP/s on {ctx.device}")
+    _free(ctx)
     shapes = shapes if shapes is not None else (QUICK_SHAPES if ctx.quick else FULL_SHAPES)
     budget = MEMORY_FRACTION * _device_memory(ctx)
     disabled: dict[str, str] = {}
@@ -378,9 +368,7 @@ def run(ctx: Context, shapes: list[Shape] | None = None) -> None:
             for coefficients in backend.coefficients:
                 if name in disabled:
                     break
-                _measure(
-                    ctx, name, backend, coefficients, shape, inputs, exact, flops, rate, disabled
-                )
+                _measure(ctx, name, backend, coefficients, shape, inputs, exact, flops, disabled)
         del inputs, exact
         _free(ctx)
     for name, why in disabled.items():
@@ -396,7 +384,6 @@ def _measure(
     inputs: list[Tensor],
     exact: Tensor | None,
     flops: float,
-    rate: float,
     disabled: dict[str, str],
 ) -> None:
     """Time one (backend, coefficients, shape), check its output, add its row.
@@ -406,6 +393,11 @@ def _measure(
     """
     b, m, n = shape
     label = f"polar {_label(name, coefficients)} {b}×{m}×{n}"
+    if not backend.exact:
+        why = ctx.too_slow(flops, backend.dtype, calls=1 + ctx.repeats)
+        if why:
+            ctx.log(f"{label}: skipped, {why}")
+            return
     note = backend.note
     if name == "torch.optim.Muon" and b > 1:
         note += "; 2-D only: looped over the batch, then stacked"
@@ -445,9 +437,9 @@ def _measure(
         ms=ms,
         shape=[b, m, n],
         **({"coefficients": coefficients} if coefficients else {}),
-        dtype=backend.dtype,
+        dtype=str(backend.dtype).removeprefix("torch."),
         tflops=tflops,
-        ceiling_fraction=tflops / rate,
+        ceiling_fraction=tflops / ctx.matrix_rate(backend.dtype),
         **row,
         note=note,
     )

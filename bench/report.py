@@ -20,7 +20,10 @@ POLAR_COLUMNS = [
     "sv_max",
     "note",
 ]
-STEP_COLUMNS = ["model", "optimizer", "backend", "ms", "state_bytes", "note"]
+STEP_COLUMNS = [
+    "model", "optimizer", "backend", "dtype", "ms", "tflops", "ceiling_fraction", "state_bytes",
+    "note",
+]  # fmt: skip
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
 
 
@@ -39,10 +42,8 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- torch {header['torch']}, triton {header.get('triton')}, CUDA {header.get('cuda')}, "
         f"{header.get('threads')} threads",
     ]
-    if header.get("ceiling_tflops"):
-        lines.append(
-            f"- measured in this run: bf16 matrix rate {header['ceiling_tflops']:.4g} TFLOP/s"
-        )
+    for dtype, rate in (header.get("matrix_tflops") or {}).items():
+        lines.append(f"- measured in this run: {dtype} matrix rate {rate:.4g} TFLOP/s")
     if header.get("copy_gbps"):
         lines.append(f"- measured in this run: copy bandwidth {header['copy_gbps']:.4g} GB/s")
     lines.append(
@@ -82,11 +83,12 @@ def plots(header: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> list
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ceiling = header.get("ceiling_tflops")
-        if ceiling:
-            sizes = sorted({r["shape"][1] for r in square})
-            floor = [5 * 6.0 * n**3 / (ceiling * 1e12) * 1e3 for n in sizes]
-            ax.plot(sizes, floor, "k--", label=f"dense floor at {ceiling:.3g} TFLOP/s (measured)")
+        sizes = sorted({r["shape"][1] for r in square})
+        for (dtype, rate), style in zip(
+            (header.get("matrix_tflops") or {}).items(), ("k--", "k:"), strict=False
+        ):
+            floor = [5 * 6.0 * n**3 / (rate * 1e12) * 1e3 for n in sizes]
+            ax.plot(sizes, floor, style, label=f"dense floor, {dtype} at {rate:.3g} TFLOP/s")
         ax.set(xscale="log", yscale="log", xlabel="n (n×n matrix, batch 1)", ylabel="ms (median)")
         ax.set_title(f"Polar factor, 5 Newton–Schulz steps — {header['device']}", fontsize=9)
         ax.legend(fontsize=7)

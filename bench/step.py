@@ -12,7 +12,17 @@ is timed repeatedly (``Context.time_ms``; ``zero_grad`` and backward are never t
   ``pytorch_optimizer.SCION`` with equivalent groups (constrained), and fused ``AdamW``.
 
 Candidates are timed in interleaved rounds (``ROUNDS``; ``ms`` is the median over rounds, the
-note gives the range), on one set of parameters with the gradients reset before each round.
+note gives the range), on one set of parameters with the gradients reset before each round. A
+candidate whose first call takes longer than ``SLOW_CALL_S`` (a bf16 Newton–Schulz on a CPU
+without bf16 matrix instructions) is timed by that one call instead, and says so; a quick run
+skips a candidate whose calls are predicted to exceed its budget
+(:meth:`bench.common.Context.too_slow`), and says why.
+
+``tflops`` is the dense Newton–Schulz count of the matrices a candidate orthogonalizes
+(:func:`bench.common.newton_schulz_flops`, 5 steps each) over its step time, and
+``ceiling_fraction`` that rate over the matrix rate of its compute dtype (``dtype``) measured in
+the same run: for Scion the dtype Newton–Schulz runs in here (float32 on a CPU without bf16
+matrix instructions, else bf16), for Muon and pytorch_optimizer's SCION bf16, always.
 
 ``state_bytes`` is measured, not computed: the bytes of every tensor in the optimizer's
 ``state`` after the timed steps (each storage counted once; parameter and gradient storages
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,19 +43,22 @@ import torch
 from torch import Tensor, nn
 
 import scion_kernels
-from scion_kernels import RECIPES, Recipe, ScionLight, make_norm, param_groups
+from scion_kernels import RECIPES, Recipe, ScionLight, Spectral, make_norm, param_groups
+from scion_kernels.newton_schulz import default_compute_dtype
 from scion_kernels.optim import BACKENDS
 
-from .common import Context
+from .common import Context, newton_schulz_flops
 
 SEED = 0
 #: Step backends of scion_kernels measured here (adding one to the library adds it here).
 OUR_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 #: Blocks of GPT-2 small kept in a quick run on a CPU (see ``model_specs``).
-QUICK_CPU_GPT2_LAYERS = 4
+QUICK_CPU_GPT2_LAYERS = 1
 #: Timing rounds: every candidate is timed once per round, in alternating order, and its
 #: ``ms`` is the median over rounds (a shared CPU drifts; interleaving spreads the drift).
 ROUNDS = 3
+#: A candidate whose first call takes longer than this (seconds) is timed by that call alone.
+SLOW_CALL_S = 20.0
 
 
 # --------------------------------------------------------------------------------- the models
@@ -162,9 +176,10 @@ def model_specs(ctx: Context) -> list[ModelSpec]:
     """The models measured in this run.
 
     Full size everywhere except quick runs on a CPU, where GPT-2 small keeps its first
-    ``QUICK_CPU_GPT2_LAYERS`` blocks: its 12 blocks cost ~1.5 TFLOP of Newton–Schulz per step
-    (~4 s on a 2-core CPU), which with five candidates and interleaved rounds would take several
-    minutes; the reduced model has the same matrix shapes, embeddings and tied head.
+    ``QUICK_CPU_GPT2_LAYERS`` blocks: its 12 blocks cost 1.5 TFLOP of Newton–Schulz per step
+    (4 s on a 2-core CPU with bf16 matrix units, 10 s in float32 on one without), which with
+    several candidates and interleaved rounds takes minutes; the reduced model has the same
+    matrix shapes, embeddings and tied head. ``--full`` on a CPU measures the whole model.
     """
     if ctx.quick and ctx.device.type == "cpu":
         n = QUICK_CPU_GPT2_LAYERS
@@ -285,11 +300,28 @@ class Skip(Exception):
 
 @dataclass
 class Built:
-    """A ready candidate: what one step does, the state mappings to measure, a note."""
+    """A ready candidate: what one step does, the state mappings to measure, a note, and the
+    Newton–Schulz work of one step (dense FLOPs, compute dtype; none for AdamW)."""
 
     step: Callable[[], Any]
     states: list[Mapping[Any, Any]]
     note: str = ""
+    flops: float = 0.0
+    dtype: torch.dtype | None = None
+
+
+def spectral_flops(groups: Iterable[Mapping[str, Any]]) -> float:
+    """Dense FLOPs of one step's Newton–Schulz over ``groups``: every parameter whose norm
+    (``Auto`` resolved) is Spectral-family, each of its matrices oriented wide."""
+    total = 0.0
+    for g in groups:
+        norm = make_norm(g["norm"], g.get("norm_kwargs") or {})
+        for p in g["params"]:
+            picked = norm.pick(p.shape)
+            if isinstance(picked, Spectral) and picked.polar == "newton_schulz":
+                batch, r, c = picked._matrix_shape(p.shape)
+                total += newton_schulz_flops(r, c, len(picked._table), batch)
+    return total
 
 
 @dataclass(frozen=True)
@@ -313,14 +345,21 @@ def _scion(cls: type, backend: str) -> Callable[[nn.Module, list[dict[str, Any]]
         except ValueError as exc:  # e.g. the native module was not built
             raise Skip(str(exc)) from exc
         note = "average kept in p.grad" if cls is ScionLight else ""
-        return Built(opt.step, [opt.state], note)
+        return Built(opt.step, [opt.state], note, spectral_flops(groups), _ns_dtype(device))
 
     return build
 
 
+def _ns_dtype(device: torch.device) -> torch.dtype:
+    """The dtype our Newton–Schulz computes in on ``device`` (the recipes leave it unset)."""
+    return default_compute_dtype(device)
+
+
 def _reference(model: nn.Module, groups: list[dict[str, Any]], recipe: Recipe) -> Built:
     opt = PerParamReference(groups, lr=recipe.lr, momentum=recipe.momentum)
-    return Built(opt.step, [opt.state], "per-parameter loop, authors' scion.py restated")
+    device = next(model.parameters()).device
+    note = "per-parameter loop, authors' scion.py restated"
+    return Built(opt.step, [opt.state], note, spectral_flops(groups), _ns_dtype(device))
 
 
 def _adamw(params: list[Tensor], lr: float) -> tuple[torch.optim.AdamW, str]:
@@ -371,7 +410,8 @@ def _muon_adamw(model: nn.Module, groups: list[dict[str, Any]], recipe: Recipe) 
     note = f"Muon on {len(matrices)} matrices, AdamW ({how}) on {len(rest)} tensors"
     if convs:
         note += f" incl. {convs} conv weight(s)"
-    return Built(step, [muon.state, adamw.state], note)
+    flops = sum(newton_schulz_flops(*p.shape) for p in matrices)
+    return Built(step, [muon.state, adamw.state], note, flops, torch.bfloat16)
 
 
 def _to_lmo_norm(norm: str, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -420,7 +460,8 @@ def _pytorch_optimizer_scion(
             }
         )
     opt = SCION(theirs, lr=recipe.lr, momentum=recipe.momentum, constraint=True)
-    return Built(opt.step, [opt.state], "constraint=True, default (foreach) path")
+    note = "constraint=True, default (foreach) path"
+    return Built(opt.step, [opt.state], note, spectral_flops(groups), torch.bfloat16)
 
 
 def candidates() -> list[Candidate]:
@@ -510,6 +551,7 @@ class _Ready:
     built: Built
     fn: Callable[[], Any]
     cuda_delta: int | None = None
+    single_ms: float | None = None  # set when its first call was too slow to repeat
 
 
 def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]:
@@ -538,11 +580,18 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
         check_groups(spec.name, model, groups)
         _release(ctx.device)
         alloc0 = torch.cuda.memory_allocated(ctx.device) if cuda else 0
+        what = f"step {spec.name:<13} {cand.backend:<23} {cand.optimizer:<10}"
         try:
             built = cand.build(model, groups, recipe)
         except Skip as why:
-            ctx.log(f"step {spec.name:<13} {cand.backend:<23} {cand.optimizer:<10} skipped: {why}")
+            ctx.log(f"{what} skipped: {why}")
             continue
+        if built.dtype is not None:
+            calls = 1 + ROUNDS * (1 if ctx.quick and not cuda else ctx.repeats)
+            why = ctx.too_slow(built.flops, built.dtype, calls)
+            if why:
+                ctx.log(f"{what} skipped: {why}")
+                continue
         fn = built.step
         if cand.optimizer == "ScionLight":
             fn = _light_refresh(fn, [p.grad for p in params], recipe.momentum)
@@ -554,13 +603,25 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
             _set_grads(params, pristine)
         ready.append(item)
 
-    times: dict[int, list[float]] = {i: [] for i in range(len(ready))}
+    if not cuda:  # one first call each: a warm-up, and how long a call takes
+        for item in ready:
+            _set_grads(params, pristine)
+            t0 = time.perf_counter()
+            item.fn()
+            seconds = time.perf_counter() - t0
+            if seconds > SLOW_CALL_S:
+                item.single_ms = 1e3 * seconds
+                ctx.log(f"step {spec.name:<13} {item.cand.backend:<23} {seconds:.0f} s per call")
+    times: dict[int, list[float]] = {
+        i: [item.single_ms] if item.single_ms else [] for i, item in enumerate(ready)
+    }
     repeats = 1 if ctx.quick and not cuda else None
     for r in range(ROUNDS):
         order = range(len(ready)) if r % 2 == 0 else reversed(range(len(ready)))
         for i in order:
-            _set_grads(params, pristine)
-            times[i].append(ctx.time_ms(ready[i].fn, repeats=repeats))
+            if ready[i].single_ms is None:
+                _set_grads(params, pristine)
+                times[i].append(ctx.time_ms(ready[i].fn, repeats=repeats, warmup=cuda))
 
     exclude = params + [p.grad for p in params if p.grad is not None]
     results: dict[tuple[str, str], float] = {}
@@ -568,12 +629,20 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
         cand, ms = item.cand, statistics.median(times[i])
         nbytes = state_bytes(item.built.states, exclude)
         notes = [n for n in (spec.note, item.built.note) if n]
-        notes.append(
-            f"median of {ROUNDS} interleaved rounds ({min(times[i]):.4g}–{max(times[i]):.4g} ms)"
-        )
+        if item.single_ms is not None:
+            notes.append(f"one call (the first: over {SLOW_CALL_S:.0f} s, not repeated)")
+        else:
+            rounds = f"{min(times[i]):.4g}–{max(times[i]):.4g} ms"
+            notes.append(f"median of {ROUNDS} interleaved rounds ({rounds})")
         if item.cuda_delta is not None:
             notes.append(f"cuda memory_allocated +{item.cuda_delta / 2**20:.1f} MiB")
         note = "; ".join(notes)
+        rates: dict[str, Any] = {}
+        if item.built.dtype is not None:
+            tflops = item.built.flops / (ms * 1e-3) / 1e12
+            rate = ctx.matrix_rate(item.built.dtype)
+            rates = {"tflops": tflops, "ceiling_fraction": tflops / rate}
+            rates["dtype"] = str(item.built.dtype).removeprefix("torch.")
         ctx.add(
             bench="step",
             backend=cand.backend,
@@ -582,12 +651,17 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
             ms=ms,
             state_bytes=nbytes,
             numel=numel,
-            dtype="float32",
+            **rates,
             note=note,
         )
+        rate_note = ""
+        if rates:
+            rate_note = f"  {rates['tflops']:.3g} TFLOP/s ({rates['ceiling_fraction']:.0%} of "
+            rate_note += f"{rates['dtype']})"
         ctx.log(
             f"step {spec.name:<13} {cand.backend:<23} {cand.optimizer:<10} {ms:10.2f} ms "
             f"(rounds {min(times[i]):.4g}–{max(times[i]):.4g})  state {nbytes / 2**20:7.1f} MiB"
+            + rate_note
             + (f"  [{item.built.note}]" if item.built.note else "")
         )
         results[(cand.backend, cand.optimizer)] = ms

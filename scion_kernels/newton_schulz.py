@@ -182,20 +182,35 @@ def _norm_dtype(input_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.d
     return torch.float64 if torch.float64 in (input_dtype, compute_dtype) else torch.float32
 
 
+#: On a CPU, stacks of matrices with at least this many elements each are multiplied one
+#: matrix at a time (see :func:`iterate`).
+_CPU_PER_MATRIX_ELEMENTS = 2**17
+
+
 def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
     """The Newton–Schulz steps on a normalized wide stack ``X`` (``(B, m, n)``, ``m ≤ n``).
 
     ``X`` is overwritten (its buffer is reused); the products run with preallocated outputs so
-    a whole iteration allocates three buffers, not three per step.
+    a whole iteration allocates three buffers, not three per step. On a CPU, large matrices
+    are multiplied one at a time: a batched product splits the batch across threads, which
+    leaves cores idle when the batch is small or odd (3 matrices of 512×4608 on 2 cores ran at
+    ~80% of the per-matrix rate); small ones stay batched, where the batch is the parallelism.
     """
-    batch, m, _ = X.shape
+    batch, m, n = X.shape
     A = X.new_empty(batch, m, m)
     P = X.new_empty(batch, m, m)
     Y = torch.empty_like(X)
+    per_matrix = X.device.type == "cpu" and batch > 1 and m * n >= _CPU_PER_MATRIX_ELEMENTS
     for a, b, c in table:
-        torch.bmm(X, X.mT, out=A)
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=P)
-        torch.baddbmm(X, P, X, beta=a, alpha=1.0, out=Y)
+        if per_matrix:
+            for x, y, s, p in zip(X, Y, A, P, strict=True):
+                torch.mm(x, x.mT, out=s)
+                torch.addmm(s, s, s, beta=b, alpha=c, out=p)
+                torch.addmm(x, p, x, beta=a, alpha=1.0, out=y)
+        else:
+            torch.bmm(X, X.mT, out=A)
+            torch.baddbmm(A, A, A, beta=b, alpha=c, out=P)
+            torch.baddbmm(X, P, X, beta=a, alpha=1.0, out=Y)
         X, Y = Y, X
     return X
 
