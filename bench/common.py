@@ -9,8 +9,6 @@ never time on zeros.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -22,7 +20,7 @@ from typing import Any
 
 import torch
 
-from scion_kernels.newton_schulz import cpu_has_bf16_matmul
+from scion_kernels.newton_schulz import cpu_has_bf16_matmul, describe_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -48,31 +46,11 @@ OPTIONAL_KEYS = (
 BENCHES = ("polar", "step", "elementwise")
 
 
-def cpu_name() -> str:
-    """The CPU model as the OS reports it, with the core count the process may use and its
-    vector unit as PyTorch reports it (``+ bf16`` where it multiplies bf16 matrices in
-    hardware): CPUs of one model name differ there, and their timings with it."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    unit = torch.backends.cpu.get_cpu_capability()
-    if cpu_has_bf16_matmul():
-        unit += " + bf16"
-    return f"{name} ({len(os.sched_getaffinity(0))} cores, {unit})"
-
-
 def device_name(device: torch.device) -> str:
     """The name PyTorch reports for a GPU, or the CPU model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_name()
+    return describe_cpu()
 
 
 def device_slug(name: str) -> str:

@@ -20,6 +20,8 @@ fast bf16 product (a 1024³ bf16 product is about 100× slower than float32 on a
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "COEFFICIENTS",
     "cpu_has_bf16_matmul",
     "default_compute_dtype",
+    "describe_cpu",
     "newton_schulz",
     "polar_svd",
     "resolve_coefficients",
@@ -77,6 +80,25 @@ def cpu_has_bf16_matmul() -> bool:
     x86). Elsewhere (AVX2-only x86, other architectures) PyTorch's bf16 products on the CPU are
     emulated and far slower than float32 ones."""
     return _CPU_BF16_MATMUL
+
+
+def describe_cpu() -> str:
+    """This machine's CPU for results tables: the model name, the cores this process may use,
+    and the vector unit PyTorch dispatches to (``+ bf16`` with bf16 matrix instructions), e.g.
+    ``AMD EPYC (2 cores, AVX2)``: CPUs of one model name differ in the last, and so do their
+    timings."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    unit = torch.backends.cpu.get_cpu_capability() + (" + bf16" if cpu_has_bf16_matmul() else "")
+    return f"{name} ({cores} cores, {unit})"
 
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:

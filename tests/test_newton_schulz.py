@@ -581,3 +581,11 @@ def test_polar_svd_empty():
 def test_polar_svd_rejects_non_matrices(shape):
     with pytest.raises(ValueError, match=r"polar_svd needs matrices"):
         polar_svd(torch.randn(shape))
+
+
+def test_describe_cpu_names_the_vector_unit():
+    """Results name the CPU with the unit its timings depend on (AVX2 vs AVX512 + bf16)."""
+    text = ns_module.describe_cpu()
+    unit = torch.backends.cpu.get_cpu_capability()
+    assert text.endswith(f"{unit}{' + bf16' if ns_module.cpu_has_bf16_matmul() else ''})")
+    assert " cores, " in text
