@@ -204,35 +204,44 @@ def _norm_dtype(input_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.d
     return torch.float64 if torch.float64 in (input_dtype, compute_dtype) else torch.float32
 
 
-#: On a CPU, stacks of matrices with at least this many elements each are multiplied one
-#: matrix at a time (see :func:`iterate`).
+#: On a CPU, matrices with at least this many elements are multiplied one at a time (see
+#: :func:`stacks_well`).
 _CPU_PER_MATRIX_ELEMENTS = 2**17
+
+
+def stacks_well(device: torch.device, m: int, n: int) -> bool:
+    """Whether ``m×n`` matrices on ``device`` are best multiplied stacked, in batched products.
+
+    On a GPU, always (one launch for many matrices). On a CPU only small ones, where the batch
+    is the parallelism: a batched product of a few large matrices splits the batch across
+    threads, which leaves cores idle when it is small or odd (3 matrices of 512×4608 on 2 cores
+    ran at ~80% of the one-at-a-time rate), and a stack of them is a fresh allocation of
+    hundreds of MB whose pages the kernel maps anew at every step (~0.4 ms per MB on the 2-core
+    EPYC), where one matrix's buffers are recycled by the allocator.
+    """
+    return device.type != "cpu" or m * n < _CPU_PER_MATRIX_ELEMENTS
 
 
 def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
     """The Newton–Schulz steps on a normalized wide stack ``X`` (``(B, m, n)``, ``m ≤ n``).
 
     ``X`` is overwritten (its buffer is reused); the products run with preallocated outputs so
-    a whole iteration allocates three buffers, not three per step. On a CPU, large matrices
-    are multiplied one at a time: a batched product splits the batch across threads, which
-    leaves cores idle when the batch is small or odd (3 matrices of 512×4608 on 2 cores ran at
-    ~80% of the per-matrix rate); small ones stay batched, where the batch is the parallelism.
+    a whole iteration allocates three buffers, not three per step. Matrices that do not stack
+    well (:func:`stacks_well`: large ones on a CPU) are multiplied one at a time.
     """
     batch, m, n = X.shape
     A = X.new_empty(batch, m, m)
     P = X.new_empty(batch, m, m)
     Y = torch.empty_like(X)
-    per_matrix = X.device.type == "cpu" and batch > 1 and m * n >= _CPU_PER_MATRIX_ELEMENTS
+    per_matrix = batch > 1 and not stacks_well(X.device, m, n)
+    # One matrix at a time is the same batched products on batch-of-one slices.
+    parts = [slice(i, i + 1) for i in range(batch)] if per_matrix else [slice(None)]
     for a, b, c in table:
-        if per_matrix:
-            for x, y, s, p in zip(X, Y, A, P, strict=True):
-                torch.mm(x, x.mT, out=s)
-                torch.addmm(s, s, s, beta=b, alpha=c, out=p)
-                torch.addmm(x, p, x, beta=a, alpha=1.0, out=y)
-        else:
-            torch.bmm(X, X.mT, out=A)
-            torch.baddbmm(A, A, A, beta=b, alpha=c, out=P)
-            torch.baddbmm(X, P, X, beta=a, alpha=1.0, out=Y)
+        for k in parts:
+            x, y, s, p = X[k], Y[k], A[k], P[k]
+            torch.bmm(x, x.mT, out=s)
+            torch.baddbmm(s, s, s, beta=b, alpha=c, out=p)
+            torch.baddbmm(x, p, x, beta=a, alpha=1.0, out=y)
         X, Y = Y, X
     return X
 

@@ -49,6 +49,7 @@ from .newton_schulz import (
     normalized_stack,
     polar_svd,
     resolve_coefficients,
+    stacks_well,
 )
 
 __all__ = [
@@ -95,11 +96,19 @@ def _group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
     return groups
 
 
-def _stacked_apply(mats: Sequence[Tensor], fn: Callable[[list[Tensor]], Tensor]) -> list[Tensor]:
+def _stacked_apply(
+    mats: Sequence[Tensor],
+    fn: Callable[[list[Tensor]], Tensor],
+    alone: Callable[[Tensor], bool] | None = None,
+) -> list[Tensor]:
     """Group the ``(B_i, r, c)`` tensors by shape; ``fn`` maps one group (a list) to the stacked
-    result ``(ΣB_i, r', c')``, which is split back. One ``fn`` call per shape."""
+    result ``(ΣB_i, r', c')``, which is split back. One ``fn`` call per shape, and one per
+    tensor for which ``alone`` is true."""
     out: list[Tensor | None] = [None] * len(mats)
-    keys = [(m.device, m.dtype, tuple(m.shape[1:])) for m in mats]
+    keys = [
+        (m.device, m.dtype, tuple(m.shape[1:]), i if alone is not None and alone(m) else -1)
+        for i, m in enumerate(mats)
+    ]
     for idx in _group_by(keys).values():
         res = fn([mats[i] for i in idx])
         for i, piece in zip(idx, res.split([mats[i].shape[0] for i in idx]), strict=True):
@@ -260,14 +269,17 @@ class Spectral(_MatrixNorm):
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
-        # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch.
+        # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch (on a
+        # CPU, large matrices go alone: see newton_schulz.stacks_well).
         oriented, tall = [], []
         for g in gs:
             mats = self._matrices(g)
             is_tall = mats.shape[-2] > mats.shape[-1]
             oriented.append(mats.mT if is_tall else mats)
             tall.append(is_tall)
-        polars = _stacked_apply(oriented, self.polar_factor)
+        polars = _stacked_apply(
+            oriented, self.polar_factor, lambda m: not stacks_well(m.device, *m.shape[-2:])
+        )
         out = []
         for g, p, is_tall in zip(gs, polars, tall, strict=True):
             p = (p.mT if is_tall else p).to(self._out_dtype(g))
