@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from scion_kernels.newton_schulz import cpu_has_bf16_matmul, describe_cpu
+from scion_kernels.newton_schulz import cpu_has_bf16_matmul, describe_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,10 +47,8 @@ BENCHES = ("polar", "step", "elementwise")
 
 
 def device_name(device: torch.device) -> str:
-    """The name PyTorch reports for a GPU, or the CPU model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return describe_cpu()
+    """The name PyTorch reports for a GPU, or the CPU model with its vector unit."""
+    return describe_device(device)
 
 
 def device_slug(name: str) -> str:

@@ -345,21 +345,17 @@ def _scion(cls: type, backend: str) -> Callable[[nn.Module, list[dict[str, Any]]
         except ValueError as exc:  # e.g. the native module was not built
             raise Skip(str(exc)) from exc
         note = "average kept in p.grad" if cls is ScionLight else ""
-        return Built(opt.step, [opt.state], note, spectral_flops(groups), _ns_dtype(device))
+        dtype = default_compute_dtype(device)  # the recipes leave ns_dtype unset
+        return Built(opt.step, [opt.state], note, spectral_flops(groups), dtype)
 
     return build
-
-
-def _ns_dtype(device: torch.device) -> torch.dtype:
-    """The dtype our Newton–Schulz computes in on ``device`` (the recipes leave it unset)."""
-    return default_compute_dtype(device)
 
 
 def _reference(model: nn.Module, groups: list[dict[str, Any]], recipe: Recipe) -> Built:
     opt = PerParamReference(groups, lr=recipe.lr, momentum=recipe.momentum)
     device = next(model.parameters()).device
     note = "per-parameter loop, authors' scion.py restated"
-    return Built(opt.step, [opt.state], note, spectral_flops(groups), _ns_dtype(device))
+    return Built(opt.step, [opt.state], note, spectral_flops(groups), default_compute_dtype(device))
 
 
 def _adamw(params: list[Tensor], lr: float) -> tuple[torch.optim.AdamW, str]:

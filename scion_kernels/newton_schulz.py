@@ -31,7 +31,7 @@ __all__ = [
     "COEFFICIENTS",
     "cpu_has_bf16_matmul",
     "default_compute_dtype",
-    "describe_cpu",
+    "describe_device",
     "newton_schulz",
     "polar_svd",
     "resolve_coefficients",
@@ -59,15 +59,20 @@ DEFAULT_STEPS = 5
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of ``/proc/cpuinfo`` (``""`` where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(field)), "")
+    except OSError:
+        return ""
+
+
 def _probe_cpu_bf16_matmul() -> bool:
     probes = [getattr(torch.cpu, f"_is_{n}_supported", None) for n in ("avx512_bf16", "amx_tile")]
     if any(probe is not None for probe in probes):
         return any(bool(probe()) for probe in probes if probe is not None)
-    try:  # a PyTorch without the probes: the kernel's list of CPU features
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = _cpuinfo("flags").split()  # a PyTorch without the probes: the kernel's list
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -82,20 +87,15 @@ def cpu_has_bf16_matmul() -> bool:
     return _CPU_BF16_MATMUL
 
 
-def describe_cpu() -> str:
-    """This machine's CPU for results tables: the model name, the cores this process may use,
-    and the vector unit PyTorch dispatches to (``+ bf16`` with bf16 matrix instructions), e.g.
-    ``AMD EPYC (2 cores, AVX2)``: CPUs of one model name differ in the last, and so do their
-    timings."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
-            )
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
+def describe_device(device: torch.device | str) -> str:
+    """The device for results tables: a GPU's name, or the CPU's model name with the cores this
+    process may use and the vector unit PyTorch dispatches to (``+ bf16`` with bf16 matrix
+    instructions), e.g. ``AMD EPYC (2 cores, AVX2)``: CPUs of one model name differ in the
+    last, and so do their timings."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     unit = torch.backends.cpu.get_cpu_capability() + (" + bf16" if cpu_has_bf16_matmul() else "")
     return f"{name} ({cores} cores, {unit})"
@@ -215,9 +215,8 @@ def stacks_well(device: torch.device, m: int, n: int) -> bool:
     On a GPU, always (one launch for many matrices). On a CPU only small ones, where the batch
     is the parallelism: a batched product of a few large matrices splits the batch across
     threads, which leaves cores idle when it is small or odd (3 matrices of 512×4608 on 2 cores
-    ran at ~80% of the one-at-a-time rate), and a stack of them is a fresh allocation of
-    hundreds of MB whose pages the kernel maps anew at every step (~0.4 ms per MB on the 2-core
-    EPYC), where one matrix's buffers are recycled by the allocator.
+    ran at ~80% of the one-at-a-time rate); matrices multiplied one at a time need not be
+    copied into a stack either.
     """
     return device.type != "cpu" or m * n < _CPU_PER_MATRIX_ELEMENTS
 

@@ -585,7 +585,7 @@ def test_polar_svd_rejects_non_matrices(shape):
 
 def test_describe_cpu_names_the_vector_unit():
     """Results name the CPU with the unit its timings depend on (AVX2 vs AVX512 + bf16)."""
-    text = ns_module.describe_cpu()
+    text = ns_module.describe_device("cpu")
     unit = torch.backends.cpu.get_cpu_capability()
     assert text.endswith(f"{unit}{' + bf16' if ns_module.cpu_has_bf16_matmul() else ''})")
     assert " cores, " in text

@@ -133,24 +133,16 @@ def _commit() -> str:
         return "unknown"
 
 
-def _machine(args: argparse.Namespace) -> str:
-    """The GPU's name, or the CPU's with its vector unit (timings depend on both)."""
-    device = _device(args)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from ..newton_schulz import describe_cpu
-
-    return describe_cpu()
-
-
 def _save(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> Path:
     import datetime
+
+    from ..newton_schulz import describe_device
 
     args.out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     payload = dict(payload, command=args.command_line, size=args.size,
                    size_settings=SIZES[args.size], steps=args.steps, torch=torch.__version__,
-                   device=str(_device(args)), machine=_machine(args),
+                   device=str(_device(args)), machine=describe_device(_device(args)),
                    threads=torch.get_num_threads(), commit=_commit(), date=now)  # fmt: skip
     path = args.out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))

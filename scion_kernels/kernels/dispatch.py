@@ -52,9 +52,9 @@ def _ops(backend: str) -> tuple[Callable[..., None], Callable[..., None]]:
 
 
 def kernel_dtype(norm: Spectral) -> torch.dtype:
-    """The Newton–Schulz operand dtype the kernels use for ``norm``: its ``ns_dtype``, bf16
-    when that is ``None`` (chosen per device: bf16 on GPUs)."""
-    return norm.ns_dtype or torch.bfloat16
+    """The Newton–Schulz operand dtype the kernels use for ``norm``: its compute dtype on a GPU,
+    where they run (also when Triton's interpreter runs them on a CPU)."""
+    return norm.compute_dtype("cuda")
 
 
 def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
