@@ -32,6 +32,12 @@ from .norms import Spectral, make_norm
 __all__ = ["NormMonitor", "spectral_norm"]
 
 
+def _one_matrix(norm: Spectral, shape: Any) -> bool:
+    """Whether ``norm`` sees a tensor of ``shape`` as one matrix, its reshape to
+    ``(shape[0], -1)`` (not stacked, grouped, ``split`` or a transposed conv's)."""
+    return norm._matrix_shape(shape)[0] == 1 and norm._reshapes()
+
+
 def spectral_norm(
     w: Tensor, iterations: int = 20, vector: Tensor | None = None
 ) -> tuple[float, Tensor]:
@@ -100,7 +106,7 @@ class NormMonitor:
             labels = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 picked = norm.pick(p.shape)
-                if not isinstance(picked, Spectral) or getattr(picked, "batch_dims", 0):
+                if not isinstance(picked, Spectral) or not _one_matrix(picked, p.shape):
                     continue
                 if names is not None and p in names:
                     name = names[p]

@@ -6,8 +6,9 @@ A weight ``g`` of shape ``(d_out, d_in)`` (a ``nn.Linear`` weight); ``ε = 1e-8`
 norm          ``lmo(g)`` (gradient-aligned; the optimizer subtracts ``γ·ρ·lmo(d)``)
 ============  ==========================================================================
 Spectral      ``s·polar(g)``, ``s = √(d_out/d_in)`` (``normalized=False``: ``√d_out``;
-              ``max=True``: ``max(1, s)``)
-SpectralConv  ``polar(g.reshape(d_out, -1))·√(d_out/d_in)/K``, ``K`` = kernel elements
+              ``max=True``: ``max(1, s)``); ``split``: per block of rows
+SpectralConv  ``polar(g.reshape(d_out, -1))·√(d_out/d_in)/K``, ``K`` = kernel elements;
+              ``groups``: per group of channels
 Sign          ``sign(g)/d_in`` (``normalized=False``: ``sign(g)``)
 ColNorm       ``g[:, j] / (‖g[:, j]‖₂/√d_out + ε)``, ``normalized``: also ``/ d_in``
 RowNorm       ``g[i, :] / (‖g[i, :]‖₂·√d_in + ε)`` (``normalized=False``: no ``√d_in``)
@@ -23,6 +24,13 @@ Each norm's ``init`` puts a weight on the unit sphere of that norm (the optimize
 then multiplies by the radius ρ), as the authors do: orthogonal (times ``s``) for the spectral
 norms, random signs for Sign, Gaussian normalized like the LMO for ColNorm and RowNorm, zeros for
 BiasRMS.
+
+How a weight is stored is an option of its norm, so the LMO, its scale and ``init`` all read
+the true ``(d_out, d_in)``: ``transpose=True`` for a weight stored ``(d_in, d_out)`` (HF's GPT-2
+``Conv1D``, an embedding ``(vocab, dim)`` seen as a map from one-hot tokens), ``batch_dims`` for
+stacked matrices (MoE experts ``(E, d_out, d_in)``), ``split`` for fused projections (Q, K, V
+or gates stacked along ``d_out``), ``groups`` and ``transpose`` for grouped, depthwise and
+transposed convolutions. :func:`scion_kernels.param_groups` sets them from the module types.
 
 Differences from the authors' ``scion.py``, all deliberate: BiasRMS reduces over all elements
 (theirs reduces over dim 0, which turns an ``(1, N, D)`` position embedding into a sign);
@@ -81,6 +89,21 @@ def _check_batch_dims(batch_dims: int) -> int:
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
         raise ValueError(f"batch_dims must be a non-negative integer; got {batch_dims!r}")
     return batch_dims
+
+
+def _check_split(split: Sequence[int] | None) -> tuple[int, ...] | None:
+    if split is None:
+        return None
+    sizes = tuple(split) if isinstance(split, (list, tuple)) else ()
+    if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) for k in sizes):
+        raise ValueError(f"split must be None or a sequence of positive ints; got {split!r}")
+    return tuple(_check_positive(k, "each split size") for k in sizes)
+
+
+def _check_positive(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer; got {value!r}")
+    return value
 
 
 def _check_eps(eps: float) -> float:
@@ -190,8 +213,14 @@ class _MatrixNorm(Norm):
         return math.prod(shape[:-2]), shape[-2], shape[-1]
 
     def _matrices(self, g: Tensor) -> Tensor:
-        """``g`` as a batch of matrices ``(B, d_out, d_in)`` (a view when possible)."""
+        """``g`` as a batch of matrices ``(B, r, c)`` as stored (a view when possible)."""
         return g.reshape(self._matrix_shape(g.shape))
+
+    def dims(self, shape: Sequence[int]) -> tuple[int, int]:
+        """The true ``(d_out, d_in)`` of one matrix of a tensor of ``shape`` (``transpose``:
+        stored ``(d_in, d_out)``)."""
+        r, c = self._matrix_shape(shape)[1:]
+        return (c, r) if getattr(self, "transpose", False) else (r, c)
 
 
 class Spectral(_MatrixNorm):
@@ -209,6 +238,11 @@ class Spectral(_MatrixNorm):
             validation (slow).
         batch_dims: leading dims that index independent matrices, e.g. ``1`` for stacked expert
             weights ``(E, d_out, d_in)``: each matrix is orthogonalized and scaled on its own.
+        transpose: the weight is stored ``(d_in, d_out)`` (HF GPT-2's ``Conv1D``): ``s`` reads
+            the true dims (``polar`` commutes with the transpose).
+        split: sizes along ``d_out`` of blocks orthogonalized and scaled on their own, e.g.
+            ``(d, d, d)`` for a fused Q, K, V projection ``(3d, d_in)``; each block gets
+            ``√(size/d_in)·polar(block)``.
     """
 
     name = "Spectral"
@@ -222,8 +256,12 @@ class Spectral(_MatrixNorm):
         ns_dtype: torch.dtype | None = None,
         polar: str = "newton_schulz",
         batch_dims: int = 0,
+        transpose: bool = False,
+        split: Sequence[int] | None = None,
     ) -> None:
         self.max = bool(max)
+        self.transpose = bool(transpose)
+        self.split = _check_split(split)
         self.normalized = bool(normalized)
         self.steps = steps
         self.coefficients = coefficients
@@ -239,11 +277,35 @@ class Spectral(_MatrixNorm):
             )
         self._table = resolve_coefficients(coefficients, steps)
 
+    def fits(self, shape: Sequence[int]) -> str | None:
+        reason = super().fits(shape)
+        if reason is None and self.split is not None:
+            d_out = self.dims(shape)[0]
+            if sum(self.split) != d_out:
+                return f"has split {list(self.split)}, which does not sum to d_out = {d_out}"
+        return reason
+
     def scale_for(self, shape: Sequence[int]) -> float:
-        """The factor ``s`` of ``lmo = s·polar`` for a tensor of ``shape``."""
-        d_out, d_in = shape[-2], shape[-1]
+        """The factor ``s`` of ``lmo = s·polar`` for a tensor (or ``split`` block) of ``shape``."""
+        d_out, d_in = self.dims(shape)
         s = math.sqrt(d_out / d_in) if self.normalized else math.sqrt(d_out)
         return max(1.0, s) if self.max else s
+
+    def _blocks(self, mats: Tensor) -> list[Tensor]:
+        """The independent matrices ``(B, r_i, c_i)`` of ``mats`` ``(B, r, c)``: itself, or its
+        ``split`` blocks along ``d_out`` (views)."""
+        if self.split is None:
+            return [mats]
+        return list(mats.split(list(self.split), dim=-1 if self.transpose else -2))
+
+    def _reshapes(self) -> bool:
+        """Whether the matrices are a plain reshape of the stored tensor, all scaled by
+        ``scale_for(shape)`` (the layouts the fused kernels take)."""
+        return self.split is None
+
+    def _block_scale(self, block: Tensor, shape: Sequence[int]) -> float:
+        """``s`` for one block (as :meth:`_blocks` gives) of a tensor of ``shape``."""
+        return self.scale_for(shape if self.split is None else block.shape)
 
     def compute_dtype(self, device: torch.device | str) -> torch.dtype:
         """The Newton–Schulz operand dtype on ``device``: ``ns_dtype`` if given, else
@@ -267,31 +329,43 @@ class Spectral(_MatrixNorm):
         dtype = self.compute_dtype(mats[0].device)
         return iterate(normalized_stack(mats, dtype), self._table)
 
+    def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
+        """The inverse of :meth:`_blocks` after :meth:`_matrices`: a tensor of ``shape``."""
+        mats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1 if self.transpose else -2)
+        return mats.reshape(shape)
+
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
         # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch (on a
         # CPU, large matrices go alone: see newton_schulz.stacks_well).
+        blocks = [self._blocks(self._matrices(g)) for g in gs]
         oriented, tall = [], []
-        for g in gs:
-            mats = self._matrices(g)
-            is_tall = mats.shape[-2] > mats.shape[-1]
-            oriented.append(mats.mT if is_tall else mats)
+        for b in itertools.chain.from_iterable(blocks):
+            is_tall = b.shape[-2] > b.shape[-1]
+            oriented.append(b.mT if is_tall else b)
             tall.append(is_tall)
         polars = _stacked_apply(
             oriented, self.polar_factor, lambda m: not stacks_well(m.device, *m.shape[-2:])
         )
-        out = []
-        for g, p, is_tall in zip(gs, polars, tall, strict=True):
-            p = (p.mT if is_tall else p).to(self._out_dtype(g))
-            out.append(p.mul_(self.scale_for(g.shape)).reshape(g.shape))
+        out, k = [], 0
+        for g, bs in zip(gs, blocks, strict=True):
+            scaled = []
+            for b in bs:
+                p = (polars[k].mT if tall[k] else polars[k]).to(self._out_dtype(g))
+                scaled.append(p.mul_(self._block_scale(b, g.shape)))
+                k += 1
+            out.append(self._assemble(scaled, g.shape))
         return out
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
-            mats = torch.empty(self._matrices(w).shape, dtype=torch.float64)
-            for m in mats:
-                torch.nn.init.orthogonal_(m)
-            w.copy_(mats.mul_(self.scale_for(w.shape)).reshape(w.shape))
+            blocks = []
+            for b in self._blocks(self._matrices(torch.empty(w.shape, dtype=torch.float64))):
+                b = torch.empty(b.shape, dtype=torch.float64)
+                for m in b:
+                    torch.nn.init.orthogonal_(m)
+                blocks.append(b.mul_(self._block_scale(b, w.shape)))
+            w.copy_(self._assemble(blocks, w.shape))
         return w
 
 
@@ -301,6 +375,14 @@ class SpectralConv(Spectral):
     ``lmo(g) = polar(g.reshape(d_out, -1))·√(d_out/d_in)/K`` with ``K`` the number of kernel
     elements (``k`` for Conv1d, ``k²`` for a square Conv2d). Newton–Schulz options as
     :class:`Spectral`; the init is orthogonal per kernel tap, times the same factor.
+
+    Args:
+        groups: the conv's ``groups``: the weight ``(d_out, d_in/groups, *kernel)`` holds one
+            matrix ``(d_out/groups, d_in/groups·K)`` per group, each orthogonalized and scaled
+            on its own (a depthwise conv ``(C, 1, k, k)`` has ``C`` of them, ``1×k²``).
+        transpose: a transposed conv's weight ``(d_in, d_out/groups, *kernel)``
+            (``nn.ConvTranspose{1,2,3}d``): each group's matrix is
+            ``(d_out/groups, d_in/groups·K)``, rows indexed by output channel.
     """
 
     name = "SpectralConv"
@@ -311,29 +393,60 @@ class SpectralConv(Spectral):
         coefficients: str | Sequence[Sequence[float]] = "classic",
         ns_dtype: torch.dtype | None = None,
         polar: str = "newton_schulz",
+        groups: int = 1,
+        transpose: bool = False,
     ) -> None:
         super().__init__(steps=steps, coefficients=coefficients, ns_dtype=ns_dtype, polar=polar)
+        self.groups = _check_positive(groups, "groups")
+        self.transpose = bool(transpose)
 
     def fits(self, shape: Sequence[int]) -> str | None:
-        if len(shape) >= 3:
-            return None
-        return "needs a conv weight (d_out, d_in, *kernel) with at least 3 dims"
+        if len(shape) < 3:
+            return "needs a conv weight (d_out, d_in, *kernel) with at least 3 dims"
+        if shape[0] % self.groups:
+            return f"has groups={self.groups}, which does not divide dim 0 ({shape[0]})"
+        return None
+
+    def dims(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(d_out, d_in)`` channels of one group's matrix."""
+        a, b = shape[0] // self.groups, shape[1]
+        return (b, a) if self.transpose else (a, b)
 
     def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        return 1, shape[0], math.prod(shape[1:])
+        d_out, d_in = self.dims(shape)
+        return self.groups, d_out, d_in * math.prod(shape[2:])
+
+    def _matrices(self, g: Tensor) -> Tensor:
+        if not self.transpose:
+            return g.reshape(self._matrix_shape(g.shape))
+        d_out, d_in = self.dims(g.shape)
+        per_group = g.reshape(self.groups, d_in, d_out, -1).transpose(1, 2)
+        return per_group.reshape(self._matrix_shape(g.shape))
+
+    def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
+        (mats,) = blocks
+        if not self.transpose:
+            return mats.reshape(shape)
+        d_out, d_in = self.dims(shape)
+        return mats.reshape(self.groups, d_out, d_in, -1).transpose(1, 2).reshape(shape)
+
+    def _reshapes(self) -> bool:
+        return not self.transpose
 
     def scale_for(self, shape: Sequence[int]) -> float:
-        return math.sqrt(shape[0] / shape[1]) / math.prod(shape[2:])
+        d_out, d_in = self.dims(shape)
+        return math.sqrt(d_out / d_in) / math.prod(shape[2:])
 
     def init(self, w: Tensor) -> Tensor:
-        d_out, d_in, *kernel = w.shape
+        d_out, d_in = self.dims(w.shape)
+        taps = math.prod(w.shape[2:])
         with torch.no_grad():
-            w64 = torch.empty(w.shape, dtype=torch.float64)
-            for tap in itertools.product(*(range(k) for k in kernel)):
-                m = torch.empty(d_out, d_in, dtype=torch.float64)
+            mats = torch.empty(self.groups, taps, d_out, d_in, dtype=torch.float64)
+            for m in mats.flatten(0, 1):
                 torch.nn.init.orthogonal_(m)
-                w64[(slice(None), slice(None), *tap)] = m
-            w.copy_(w64.mul_(self.scale_for(w.shape)))
+            # (groups, taps, d_out, d_in) → the matrices (groups, d_out, d_in·K) of _matrices.
+            mats = mats.permute(0, 2, 3, 1).reshape(self._matrix_shape(w.shape))
+            w.copy_(self._assemble([mats.mul_(self.scale_for(w.shape))], w.shape))
         return w
 
 
@@ -344,23 +457,32 @@ class Sign(_MatrixNorm):
         zero_init: ``init`` writes zeros instead of random signs.
         normalized: divide by ``d_in`` (``False``: plain ``sign(g)``).
         batch_dims: leading batch dims, as for :class:`Spectral`.
+        transpose: the weight is stored ``(d_in, d_out)``: ``d_in`` is its last-but-one dim.
     """
 
     name = "Sign"
 
-    def __init__(self, zero_init: bool = False, normalized: bool = True, batch_dims: int = 0):
+    def __init__(
+        self,
+        zero_init: bool = False,
+        normalized: bool = True,
+        batch_dims: int = 0,
+        transpose: bool = False,
+    ) -> None:
         self.zero_init = bool(zero_init)
         self.normalized = bool(normalized)
         self.batch_dims = _check_batch_dims(batch_dims)
+        self.transpose = bool(transpose)
 
-    def _factor(self, shape: Sequence[int]) -> float:
-        return 1.0 / shape[-1] if self.normalized else 1.0
+    def factor(self, shape: Sequence[int]) -> float:
+        """The factor ``f`` of ``lmo = f·sign`` for a tensor of ``shape``: ``1/d_in`` or 1."""
+        return 1.0 / self.dims(shape)[1] if self.normalized else 1.0
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         if not gs:
             return []
         out = torch._foreach_sign([g.to(_work_dtype(g)) for g in gs])
-        torch._foreach_mul_(out, [self._factor(g.shape) for g in gs])
+        torch._foreach_mul_(out, [self.factor(g.shape) for g in gs])
         return list(out)
 
     def init(self, w: Tensor) -> Tensor:
@@ -368,7 +490,7 @@ class Sign(_MatrixNorm):
             if self.zero_init:
                 return w.zero_()
             signs = torch.randint(0, 2, w.shape, device=w.device).mul_(2).sub_(1)
-            w.copy_(signs.to(torch.float64).mul_(self._factor(w.shape)))
+            w.copy_(signs.to(torch.float64).mul_(self.factor(w.shape)))
         return w
 
 
@@ -492,10 +614,13 @@ class Auto(Norm):
     _CHOICES: ClassVar[tuple[type[Norm], ...]] = ()  # set below the class definitions
 
     def __init__(self, **options: Any) -> None:
-        if "batch_dims" in options:
+        layout = sorted(set(options) & {"batch_dims", "transpose", "split", "groups"})
+        if layout:
             raise ValueError(
-                "Auto picks the norm from ndim, so batch_dims would be ambiguous; use "
-                "norm='Spectral' with norm_kwargs={'batch_dims': ...} for stacked matrices"
+                f"Auto picks the norm from ndim, so the layout option(s) {layout} would be "
+                "ambiguous; name the norm, e.g. norm='Spectral' with norm_kwargs="
+                "{'batch_dims': 1} for stacked matrices or norm='SpectralConv' with "
+                "{'groups': ...} (param_groups sets these from the module types)"
             )
         accepted = {cls: _accepted_options(cls) for cls in self._CHOICES}
         unknown = set(options) - set().union(*accepted.values())

@@ -2,7 +2,8 @@
 
 A Spectral-family parameter (``Spectral``, ``SpectralConv``, or what ``Auto`` picks for it) with
 Newton–Schulz in bf16 or fp16 (``ns_dtype=None`` is bf16 here: the kernels run on GPUs) is taken
-when its parameter, gradient and buffer can all be seen as matrices without a copy; Sign,
+when its matrices are a reshape of it (not ``split`` blocks, not a transposed conv's) and its
+parameter, gradient and buffer can all be seen as them without a copy; Sign,
 ColNorm, RowNorm and BiasRMS parameters when the three share one such layout. Everything else
 stays on the reference path. Taken Spectral parameters are bucketed by oriented shape, dtypes
 and coefficient set, one ``ns_step_`` op call per bucket; the row-wise ones go by kind and
@@ -63,7 +64,7 @@ def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
     norm = norm.pick(shape)
     if isinstance(norm, Spectral):
         ok = norm.polar == "newton_schulz" and kernel_dtype(norm) in _NS_DTYPES
-        return norm if ok else None
+        return norm if ok and norm._reshapes() else None
     return norm if isinstance(norm, ROWWISE_NORMS) else None
 
 
@@ -170,7 +171,7 @@ def _layout(norm: Norm, t: Tensor) -> tuple[tuple[int, int, int], bool]:
 def _factors(norm: Norm, shape: Sequence[int], groups: int, length: int) -> tuple[float, float]:
     """``(q or f, ε)`` for one matrix whose groups are ``groups`` × ``length``."""
     if isinstance(norm, Sign):
-        return (1.0 / shape[-1] if norm.normalized else 1.0), 0.0
+        return norm.factor(shape), 0.0
     if isinstance(norm, BiasRMS):
         return 1.0 / math.sqrt(max(length, 1)), norm.eps
     if isinstance(norm, RowNorm):  # groups are rows of the oriented matrix, of length d_in
