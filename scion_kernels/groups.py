@@ -17,6 +17,7 @@ rate and momentum. The presets come from the authors' README and examples (``LIO
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,12 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .norms import Norm, Spectral, make_norm
+from .layers import (
+    Layout,
+    describe,
+    example_inputs_for,
+    layer_modules,
+    output_layers,
+    warn_guessed,
+    weight_layout,
+)
+from .norms import NORMS, Norm, Spectral, _accepted_options, describe_misfit, make_norm
 
 __all__ = ["RECIPES", "Recipe", "Role", "format_groups", "param_groups"]
 
 ROLES = ("input", "hidden", "head", "vector")
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -100,21 +109,57 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-_SPECTRAL_ONLY = ("max", "normalized", "batch_dims")
+_SPECTRAL_ONLY = ("max", "normalized", "batch_dims", "split")
+_AUTO_BY_KIND = {"matrix": "Spectral", "embedding": "Spectral", "conv": "SpectralConv"}
 
 
-def _fit_role(role: Role, ndim: int) -> tuple[str, dict[str, Any]]:
-    """The role's norm, with a Spectral role turned into SpectralConv for conv weights."""
-    kwargs = dict(role.norm_kwargs)
-    if role.norm == "Spectral" and ndim >= 3:
-        return "SpectralConv", {k: v for k, v in kwargs.items() if k not in _SPECTRAL_ONLY}
-    return role.norm, kwargs
+def _fit_role(role: Role, layout: Layout) -> tuple[str, dict[str, Any]]:
+    """The role's norm and options for a parameter of ``layout``: ``Auto`` resolved by kind,
+    Spectral turned into SpectralConv for conv weights, and the layout's options (``transpose``,
+    ``batch_dims``, ``split``, ``groups``) added where the norm takes them."""
+    name, kwargs = role.norm, dict(role.norm_kwargs)
+    if name == "Auto":
+        name = _AUTO_BY_KIND.get(layout.kind, "BiasRMS")
+    if name == "Spectral" and layout.kind == "conv":
+        name = "SpectralConv"
+        kwargs = {k: v for k, v in kwargs.items() if k not in _SPECTRAL_ONLY}
+    accepted = _accepted_options(NORMS[name])
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    kwargs.update({k: v for k, v in layout.options.items() if k in accepted})
+    return name, kwargs
 
 
 def _as_names(names: str | Iterable[str] | None) -> set[str] | None:
     if names is None:
         return None
     return {names} if isinstance(names, str) else set(names)
+
+
+def _fallback_heads(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[str]:
+    """Output layers without running the model: what HF (``get_output_embeddings``) and timm
+    (``get_classifier``) models name, else the last layer registered."""
+    by_id = {id(m): n for n, m in layers.items()}
+    found: set[str] = set()
+    for method in ("get_output_embeddings", "get_classifier"):
+        try:
+            got = getattr(model, method)() if callable(getattr(model, method, None)) else None
+        except Exception:  # noqa: BLE001 - a model's own helper may not apply to it
+            got = None
+        for m in got if isinstance(got, (tuple, list)) else [got]:
+            if isinstance(m, nn.Module) and id(m) in by_id:
+                found.add(by_id[id(m)])
+    if not found:
+        matrices = [n for n, m in layers.items() if not isinstance(m, _EMBEDDINGS)]
+        found = set(matrices[-1:])
+    return found
+
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _param_name(model: nn.Module, w: torch.Tensor) -> str:
+    """The ``named_parameters`` name of ``w`` (tied tensors have one)."""
+    return next(n for n, p in model.named_parameters() if p is w)
 
 
 def param_groups(
@@ -124,71 +169,130 @@ def param_groups(
     head: str | Iterable[str] | None = None,
     input: str | Iterable[str] | None = None,  # noqa: A002 - the role's name
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    roles: Mapping[str, str] | None = None,
+    example_inputs: Any = None,
+    split_fused: bool = False,
 ) -> list[dict[str, Any]]:
     """Build Scion parameter groups for ``model`` by role (see the module docstring).
 
+    Each parameter's kind and storage come from its module's type
+    (:func:`scion_kernels.layers.describe`); its norm gets the options that make it read the
+    true ``(d_out, d_in)`` (``transpose``, ``batch_dims``, ``split``, ``groups``). A parameter
+    of 2+ dims that no rule knows is grouped as a matrix with a warning naming it.
+
     Args:
         model: the model; only parameters with ``requires_grad`` are included, tied ones once.
-        recipe: a name from :data:`RECIPES` (``"gpt"``, ``"mlp"``, ``"cnn"``, ``"vit"``) or a
-            :class:`Recipe`.
-        head: module name(s) whose weight is the output head (default: the last Linear/Conv).
-        input: module name(s) whose weight is the input layer (default: every Embedding, else
-            the first Linear/Conv).
+        recipe: a name from :data:`RECIPES` or a :class:`Recipe`.
+        head: module name(s) whose weight is an output head. Default: every layer whose output
+            is a model output, found by running ``model`` once on ``example_inputs``
+            (:func:`scion_kernels.layers.output_layers`); without inputs, what HF
+            (``get_output_embeddings``) or timm (``get_classifier``) models name, else the last
+            Linear/Conv registered.
+        input: module name(s) whose weight is the input layer (default: every embedding, else
+            the first Linear/Conv to run, or registered).
         overrides: per role, fields of :class:`Role` to replace, e.g.
             ``{"head": {"scale": 1000.0}}``.
+        roles: per parameter name, its role (``"input"``, ``"hidden"``, ``"head"``,
+            ``"vector"``), overriding everything above.
+        example_inputs: what ``model`` is called with once to find its heads: a tensor, a tuple
+            of positional inputs, or a dict of keyword inputs. Default: derived for HF
+            transformers and timm models (:func:`scion_kernels.layers.example_inputs_for`);
+            ``False``: never run the model.
+        split_fused: orthogonalize the blocks of fused projections on their own
+            (``nn.MultiheadAttention``'s Q, K, V; RNN gates). Default off (one matrix).
 
     Returns:
-        A list of group dicts (``params``, ``param_names``, ``norm``, ``norm_kwargs``, ``scale``)
-        for :class:`~scion_kernels.Scion`, one per (role, norm, options, radius); empty roles are
-        left out. ``format_groups`` prints which parameter got what.
+        A list of group dicts (``params``, ``param_names``, ``norm``, ``norm_kwargs``, ``scale``,
+        ``role``, and ``init: False`` for vectors that ``Scion.init()`` leaves as the model made
+        them: everything of the vector role but biases) for :class:`~scion_kernels.Scion`, one
+        per (role, norm, options, radius, init); empty roles are left out.
+        :func:`format_groups` prints which parameter got what.
     """
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
         recipe = RECIPES[recipe]
-    roles = {r: getattr(recipe, r) for r in ROLES}
+    by_role = {r: getattr(recipe, r) for r in ROLES}
     for r, fields in (overrides or {}).items():
-        if r not in roles:
+        if r not in by_role:
             raise ValueError(f"unknown role {r!r} in overrides; roles are {ROLES}")
-        roles[r] = replace(roles[r], **fields)
+        by_role[r] = replace(by_role[r], **fields)
 
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     head_names, input_names = _as_names(head), _as_names(input)
     for names, what in ((head_names, "head"), (input_names, "input")):
         missing = sorted((names or set()) - set(modules))
         if missing:
             raise ValueError(f"{what}: no module named {missing} in the model")
-    layers = [n for n, m in modules.items() if isinstance(m, _LAYERS)]
-    embeddings = [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
-    if head_names is None:
-        head_names = {layers[-1]} if layers else set()
-    if input_names is None:
-        if embeddings:
-            input_names = set(embeddings)
-        else:
-            first = [n for n in layers if n not in head_names][:1]
-            input_names = set(first)
-
-    role_of: dict[int, str] = {}
-    for name, m in modules.items():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or not isinstance(m, (*_LAYERS, nn.Embedding)):
-            continue
-        if name in head_names:
-            role_of[id(w)] = "head"  # a tied head weight is the head, whoever else holds it
-        elif id(w) not in role_of:
-            role_of[id(w)] = "input" if name in input_names else "hidden"
-    for name in head_names:
+    for name, role in (roles or {}).items():
+        if name not in params:
+            raise ValueError(f"roles: no parameter named {name!r} in the model")
+        if role not in ROLES:
+            raise ValueError(f"roles: unknown role {role!r} for {name!r}; roles are {ROLES}")
+    for name in head_names or ():
         if not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
             raise ValueError(f"head: module {name!r} has no weight tensor")
 
+    layouts = describe(model, split_fused=split_fused)
+    warn_guessed({n: lay for n, lay in layouts.items() if n not in (roles or {})})
+    layer_kinds = ("matrix", "conv", "embedding")
+    layers = layer_modules(model)
+    order = list(layers)
+    if head_names is None:
+        inputs = example_inputs_for(model) if example_inputs is None else example_inputs
+        if inputs is None or inputs is False:
+            head_names = _fallback_heads(model, layers)
+        else:
+            try:
+                found, ran = output_layers(model, layers, inputs)
+            except Exception as e:  # noqa: BLE001 - any failure of the model's own forward
+                head_names = _fallback_heads(model, layers)
+                warnings.warn(
+                    f"could not run the model to find its output layers ({type(e).__name__}: "
+                    f"{e}); the head is {sorted(head_names)}. Pass example_inputs= or head=",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                head_names = set(found) or _fallback_heads(model, layers)
+                order = ran + [n for n in order if n not in ran]
+    if input_names is None:
+        embeddings = {n for n, m in layers.items() if isinstance(m, _EMBEDDINGS)}
+        input_names = embeddings or set([n for n in order if n not in head_names][:1])
+
+    role_of: dict[int, str] = {}
+    holders: dict[int, int] = {}  # how many layers hold each weight (tied: more than one)
+    for name, m in layers.items():
+        w = m.weight
+        holders[id(w)] = holders.get(id(w), 0) + 1
+        if name in head_names:
+            role_of[id(w)] = "head"  # a tied head weight is the head, whoever else holds it
+            layouts[_param_name(model, w)] = replace(weight_layout(m), module=name)
+        elif id(w) not in role_of:
+            role_of[id(w)] = "input" if name in input_names else "hidden"
+
     groups: dict[tuple, dict[str, Any]] = {}
-    for pname, p in model.named_parameters():  # named_parameters() yields tied tensors once
+    for pname, p in params.items():  # named_parameters() yields tied tensors once
         if not p.requires_grad:
             continue
-        role = role_of.get(id(p), "vector")
-        norm, kwargs = _fit_role(roles[role], p.ndim)
-        key = (role, norm, repr(sorted(kwargs.items())), roles[role].scale)
+        lay = layouts[pname]
+        default = "hidden" if lay.kind in layer_kinds else "vector"
+        role = (roles or {}).get(pname) or role_of.get(id(p), default)
+        if role != "vector" and lay.kind not in layer_kinds:
+            lay = Layout("matrix", lay.module, lay.rule)
+        norm, kwargs = _fit_role(by_role[role], lay)
+        misfit = describe_misfit(make_norm(norm, kwargs), p.shape, f"{pname!r} ({lay.rule})")
+        if misfit:
+            raise ValueError(
+                f"the {role} role's norm does not fit: {misfit}. Change the role's norm with "
+                f"overrides={{{role!r}: {{'norm': ...}}}}"
+            )
+        tied = holders.get(id(p), 0) > 1
+        if role == "head" and norm == "Sign" and not tied:
+            kwargs.setdefault("zero_init", True)  # logits start at 0, as the authors' nanoGPT
+        keep = (role == "vector" and lay.kind != "bias") or (role == "head" and tied)
+        key = (role, norm, repr(sorted(kwargs.items())), by_role[role].scale, keep)
         group = groups.setdefault(
             key,
             {
@@ -196,14 +300,15 @@ def param_groups(
                 "param_names": [],
                 "norm": norm,
                 "norm_kwargs": kwargs,
-                "scale": roles[role].scale,
+                "scale": by_role[role].scale,
                 "role": role,
+                **({"init": False} if keep else {}),
             },
         )
         group["params"].append(p)
         group["param_names"].append(pname)
-    order = {r: i for i, r in enumerate(ROLES)}
-    return sorted(groups.values(), key=lambda g: order[g["role"]])
+    rank = {r: i for i, r in enumerate(ROLES)}
+    return sorted(groups.values(), key=lambda g: rank[g["role"]])
 
 
 def newton_schulz_dtype(norm: Norm, shape: Sequence[int], device: torch.device | str) -> str:
@@ -220,10 +325,12 @@ def newton_schulz_dtype(norm: Norm, shape: Sequence[int], device: torch.device |
 
 
 def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
-    """A readable table: each parameter, its shape, role, norm (with options), radius, and the
-    dtype its Newton–Schulz computes in on the parameter's device (``(auto)``: chosen for the
-    hardware, see :func:`scion_kernels.newton_schulz.default_compute_dtype`)."""
-    rows = [("parameter", "shape", "role", "norm", "radius", "Newton–Schulz")]
+    """A readable table: each parameter, its shape, role, norm (with options), radius, what
+    ``Scion.init()`` does to it (``norm``: a point of radius ρ of its norm; ``kept``: left as
+    the model made it), and the dtype its Newton–Schulz computes in on the parameter's device
+    (``(auto)``: chosen for the hardware, see
+    :func:`scion_kernels.newton_schulz.default_compute_dtype`)."""
+    rows = [("parameter", "shape", "role", "norm", "radius", "init", "Newton–Schulz")]
     for gi, g in enumerate(groups):
         names = g.get("param_names") or [f"group{gi}[{i}]" for i in range(len(g["params"]))]
         given = g.get("norm", "Auto")
@@ -232,11 +339,14 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
             given, kw = given.spec()
         norm_obj = make_norm(given, kw)
         norm = given + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
+        init = "norm" if g.get("init", True) else "kept"
         for name, p in zip(names, g["params"], strict=True):
             shape = "×".join(str(s) for s in p.shape) or "scalar"
             ns = newton_schulz_dtype(norm_obj, p.shape, p.device)
-            rows.append((name, shape, str(g.get("role", "")), norm, f"{g.get('scale', '')}", ns))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+            rows.append(
+                (name, shape, str(g.get("role", "")), norm, f"{g.get('scale', '')}", init, ns)
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

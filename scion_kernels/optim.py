@@ -170,6 +170,19 @@ class _ScionBase(torch.optim.Optimizer):
                 "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
                 "weights); use unconstrained=True for larger steps"
             )
+        cycled = sorted({"base_momentum", "max_momentum"} & set(group))
+        if cycled:
+            raise ValueError(
+                f"{where} has {cycled}: a scheduler that cycles momentum (OneCycleLR or CyclicLR "
+                "with cycle_momentum=True, their default) writes the usual β (0.85–0.95) into "
+                "group['momentum'], but Scion's momentum is α = 1 − β, the weight of the new "
+                "gradient, so β = 0.95 would run as α = 0.95 (almost no averaging). Pass "
+                "cycle_momentum=False to the scheduler; to schedule α, set group['momentum'] "
+                "yourself"
+            )
+        init = group.get("init", True)
+        if not isinstance(init, bool):
+            raise TypeError(f"init must be a bool in {where} (False: init() leaves the group)")
         momentum = _number(group["momentum"], f"momentum ({where})")
         if not (0.0 < momentum <= 1.0):
             raise ValueError(
@@ -470,13 +483,18 @@ class _ScionBase(torch.optim.Optimizer):
 
         As the authors: orthogonal times ``s`` (Spectral, per kernel tap for SpectralConv),
         random ``±1/d_in`` (Sign), Gaussian normalized like the LMO (ColNorm, RowNorm), zeros
-        (BiasRMS) — then multiplied by ρ.
+        (BiasRMS) — then multiplied by ρ. Groups with ``init=False`` are left as they are:
+        :func:`~scion_kernels.param_groups` sets it for normalization gains, layer scales,
+        position embeddings and other vectors that are not biases (zero gains would silence
+        the layers they scale).
 
         Across ranks every replica gets the same values: a DTensor parameter is drawn whole
         and distributed from the first rank (``distribute_tensor``), a plain one under a
         ``process_group`` is broadcast from that group's first rank.
         """
         for group in self.param_groups:
+            if not group.get("init", True):
+                continue
             norm = self._norm(group)
             for p in group["params"]:
                 if p.numel() == 0:
@@ -529,6 +547,13 @@ class Scion(_ScionBase):
             ``fully_shard``) are split across ranks without it. Either way every rank of the
             group must call ``step()``; the step then runs the reference, except the
             Newton–Schulz iterations, which use the ``backend`` kernels where they apply.
+
+    A group may also set ``init=False``: :meth:`init` leaves its parameters as they are (what
+    :func:`~scion_kernels.param_groups` does for vectors other than biases).
+
+    Schedulers may change ``lr`` and ``momentum`` (α) of a group; one that cycles momentum
+    in the β convention (``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True``) is
+    refused at the next step with a ``ValueError`` saying so.
 
     Constrained Scion has no separate weight decay: the ``(1 − γ)`` shrink is it. The averaging
     buffer is saved in ``state_dict`` as ``"momentum_buffer"``, the authors' key.

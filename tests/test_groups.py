@@ -73,7 +73,7 @@ def test_gpt_recipe_untied():
     assert roles["wte.weight"] == ("input", "Sign", 1.0)
     assert roles["lm_head.weight"] == ("head", "Sign", 3000.0)
     input_group = next(g for g in groups if g["role"] == "input")
-    assert input_group["norm_kwargs"] == {"normalized": False}
+    assert input_group["norm_kwargs"] == {"normalized": False, "transpose": True}
 
 
 def test_mlp_recipe_first_layer_is_input():
@@ -91,8 +91,10 @@ def test_cnn_recipe_and_spectral_on_convs():
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4)
     )
     roles = _roles(param_groups(model, "cnn"))
-    assert roles["0.weight"] == ("input", "Auto", 8.0)
-    assert roles["2.weight"] == ("hidden", "Auto", 8.0)
+    # Auto is resolved per parameter, from the layer type.
+    assert roles["0.weight"] == ("input", "SpectralConv", 8.0)
+    assert roles["2.weight"] == ("hidden", "SpectralConv", 8.0)
+    assert roles["0.bias"] == ("vector", "BiasRMS", 8.0)
     assert roles["4.weight"] == ("head", "Sign", 128.0)
     # A Spectral role becomes SpectralConv on conv weights, dropping matrix-only options.
     groups = param_groups(model, "mlp")
@@ -106,7 +108,7 @@ def test_vit_recipe_free_tensors_get_biasrms():
     roles = _roles(param_groups(TinyViT(), "vit"))
     assert roles["pos_embed"] == ("vector", "BiasRMS", 25.0)
     assert roles["cls_token"] == ("vector", "BiasRMS", 25.0)
-    assert roles["patch.weight"] == ("input", "Auto", 25.0)
+    assert roles["patch.weight"] == ("input", "SpectralConv", 25.0)
     assert roles["head.weight"] == ("head", "Sign", 500.0)
 
 
@@ -156,10 +158,13 @@ def test_format_groups_lists_every_parameter():
     model = TinyGPT(tied=False)
     text = format_groups(param_groups(model, "gpt"))
     lines = text.splitlines()
-    assert lines[0].split() == ["parameter", "shape", "role", "norm", "radius", "Newton–Schulz"]
+    head = ["parameter", "shape", "role", "norm", "radius", "init", "Newton–Schulz"]
+    assert lines[0].split() == head
     assert len(lines) == 2 + sum(1 for _ in model.parameters())
     assert any("lm_head.weight" in ln and "31×16" in ln and "3000.0" in ln for ln in lines)
-    assert "Sign(normalized=False)" in text
+    assert "Sign(normalized=False, transpose=True)" in text
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    assert rows["blocks.0.ln.weight"][5] == "kept" and rows["blocks.0.ln.bias"][5] == "norm"
 
 
 @pytest.mark.parametrize(
@@ -178,7 +183,7 @@ def test_newton_schulz_dtype_is_shown(bf16_units, want, monkeypatch):
     rows = {line.split()[0]: line for line in format_groups(groups).splitlines()[2:]}
     assert rows["0.weight"].endswith(want)
     assert rows["1.weight"].endswith("float16")
-    assert rows["2.weight"].endswith("1024.0")  # Sign: nothing to orthogonalize
+    assert rows["2.weight"].endswith("1024.0  norm")  # Sign: nothing to orthogonalize
     text = repr(Scion(groups, lr=0.1))
     assert f"newton_schulz: {want}" in text and "newton_schulz: float16" in text
     assert text.count("newton_schulz:") == 2

@@ -535,9 +535,13 @@ def test_init_puts_weights_on_the_sphere():
     w = model[2].weight.detach().double()
     sv = torch.linalg.svdvals(w)
     torch.testing.assert_close(sv, torch.ones_like(sv), rtol=1e-6, atol=1e-6)
-    head = model[4].weight.detach()
-    torch.testing.assert_close(head.abs(), torch.full_like(head, 2.0**10 / 10))
+    # param_groups zero-initializes an untied Sign head (logits start at 0, as the authors'
+    # nanoGPT); Sign's own init is random ±ρ/d_in.
+    assert torch.equal(model[4].weight.detach(), torch.zeros(3, 10))
     assert torch.equal(model[0].bias.detach(), torch.zeros(10))
+    w = torch.empty(4, 10)
+    Scion([w], norm="Sign", scale=2.0**10).init()
+    torch.testing.assert_close(w.abs(), torch.full_like(w, 2.0**10 / 10))
 
 
 def test_init_conv1d_and_conv2d():
