@@ -1,18 +1,34 @@
-"""Parameter groups by role, with the authors' recipes as presets.
+"""Parameter groups by role, with recipes for stock models and the authors' recipes as presets.
 
 Every parameter of a model gets one of four roles:
 
-- ``input``: the token embedding (every ``nn.Embedding`` weight) or, in a model without
-  embeddings, the weight of the first ``nn.Linear``/``nn.ConvNd``;
-- ``head``: the weight of the output layer (by default the last ``nn.Linear``/``nn.ConvNd``
-  registered; name it with ``head=`` otherwise). A head weight tied to an embedding is counted
-  once, as the head, as in the authors' tied nanoGPT;
-- ``hidden``: every other ``nn.Linear``/``nn.ConvNd`` weight;
-- ``vector``: everything else — biases, norm gains, and free parameters such as a ViT's
-  position embedding and class token (any shape: BiasRMS reduces over all elements).
+- ``input``: the embeddings (every ``nn.Embedding``/``nn.EmbeddingBag`` weight) or, in a model
+  without embeddings, the first Linear/Conv to run (a ViT's patch embedding);
+- ``head``: every output layer — each layer whose output is a model output, found by running
+  the model once (:func:`scion_kernels.layers.output_layers`), several heads and tied ones
+  included; name them with ``head=`` otherwise. A head weight tied to an embedding is counted
+  once: as the head in the authors' recipes, as the embedding (``input``) in the stock ones
+  (:attr:`Recipe.tied`);
+- ``hidden``: every other matrix, conv or stacked-experts weight;
+- ``vector``: everything else — biases, norm gains, layer scales, and free parameters such as a
+  ViT's position embedding and class token (any shape: BiasRMS reduces over all elements).
+
+Each parameter's kind and storage come from its module's type
+(:func:`scion_kernels.layers.describe`), and its norm gets the options that make it read the
+layer's true ``(d_out, d_in)``: HF GPT-2's ``Conv1D`` and embeddings are stored transposed,
+MoE experts are stacked, grouped and depthwise convs take one LMO per group.
+
+What ``Scion.init()`` then does, per role: ``input``/``hidden`` weights go on the sphere of
+radius ρ of their norm (orthogonal for Spectral, per tap for SpectralConv, normalized columns
+for ColNorm, ±1 for unnormalized Sign); an untied Sign ``head`` is zeroed (logits start at 0);
+biases are zeroed; everything else is left as the model made it (``init: False`` in its group):
+norm gains and layer scales, position embeddings and class tokens, a head tied to an
+embedding, and every embedding of a model with such a head.
 
 A :class:`Recipe` maps each role to a norm, its options and a radius ρ, and suggests a learning
-rate and momentum. The presets come from the authors' README and examples (``LIONS-EPFL/scion``).
+rate and momentum. ``"stock"`` and ``"stock-cnn"`` are for models as their libraries build them;
+``"gpt"``, ``"mlp"``, ``"cnn"`` and ``"vit"`` are the authors' (``LIONS-EPFL/scion``), tuned on
+their modified models (weightless norms, scaled activations).
 """
 
 from __future__ import annotations
@@ -61,11 +77,44 @@ class Recipe:
     lr: float
     momentum: float
     source: str = ""
+    #: The role of a head weight tied to an embedding: ``"head"`` (the authors' tied nanoGPT)
+    #: or ``"input"`` (the embedding's norm and radius; the stock recipes).
+    tied: str = "head"
 
 
-#: The authors' recipes. ``lr`` and ``momentum`` are suggestions for ``Scion(groups, lr=...,
-#: momentum=...)``; the groups themselves carry only the norm, its options and the radius.
+#: Recipes for stock models (HF transformers, timm, torchvision as their libraries build them:
+#: norm layers with gains, GELU or ReLU unscaled), from a learning-rate/radius sweep on small
+#: stock models (``python -m bench.recipes``, bench/NOTES.md), and the authors' recipes.
+#: ``lr`` and ``momentum`` are suggestions for ``Scion(groups, lr=..., momentum=...)``; the
+#: groups themselves carry only the norm, its options and the radius.
 RECIPES: dict[str, Recipe] = {
+    # Transformers (GPT-2, Llama, ViT, BERT, MoE): hidden ρ = 2, vectors ρ = 0.1 (biases and
+    # gains; a larger radius lets the constrained step swing them), head Sign ρ = 32. Auto
+    # resolves per layer: ColNorm(transpose) on embeddings, Spectral on matrices,
+    # SpectralConv on a patch embedding.
+    "stock": Recipe(
+        input=Role("Auto", 2.0),
+        hidden=Role("Auto", 2.0),
+        head=Role("Sign", 32.0),
+        vector=Role("BiasRMS", 0.1),
+        lr=2**-6,
+        momentum=0.1,
+        source="bench/recipes.py sweep on stock GPT-2, Llama and ViT",
+        tied="input",
+    ),
+    # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): SpectralConv divides by the
+    # kernel size K, so hidden radii are larger; vectors ρ = 0.3 (BatchNorm gains that start
+    # at 0 in a residual branch must grow).
+    "stock-cnn": Recipe(
+        input=Role("Auto", 16.0),
+        hidden=Role("Auto", 16.0),
+        head=Role("Sign", 32.0),
+        vector=Role("BiasRMS", 0.3),
+        lr=2**-6,
+        momentum=0.1,
+        source="bench/recipes.py sweep on stock ResNet and ConvNeXt",
+        tied="input",
+    ),
     # nanoGPT (README, examples/modded-nanogpt): Spectral ρ=50 on the blocks, Sign ρ=50·60 on the
     # head; an untied embedding gets Sign(normalized=False) ρ=1 as in examples/shallow-nanogpt.
     "gpt": Recipe(
@@ -110,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 _SPECTRAL_ONLY = ("max", "normalized", "batch_dims", "split")
-_AUTO_BY_KIND = {"matrix": "Spectral", "embedding": "Spectral", "conv": "SpectralConv"}
+_AUTO_BY_KIND = {"matrix": "Spectral", "embedding": "ColNorm", "conv": "SpectralConv"}
 
 
 def _fit_role(role: Role, layout: Layout) -> tuple[str, dict[str, Any]]:
@@ -164,7 +213,7 @@ def _param_name(model: nn.Module, w: torch.Tensor) -> str:
 
 def param_groups(
     model: nn.Module,
-    recipe: str | Recipe = "gpt",
+    recipe: str | Recipe = "stock",
     *,
     head: str | Iterable[str] | None = None,
     input: str | Iterable[str] | None = None,  # noqa: A002 - the role's name
@@ -182,7 +231,7 @@ def param_groups(
 
     Args:
         model: the model; only parameters with ``requires_grad`` are included, tied ones once.
-        recipe: a name from :data:`RECIPES` or a :class:`Recipe`.
+        recipe: a name from :data:`RECIPES` (default ``"stock"``) or a :class:`Recipe`.
         head: module name(s) whose weight is an output head. Default: every layer whose output
             is a model output, found by running ``model`` once on ``example_inputs``
             (:func:`scion_kernels.layers.output_layers`); without inputs, what HF
@@ -203,9 +252,11 @@ def param_groups(
 
     Returns:
         A list of group dicts (``params``, ``param_names``, ``norm``, ``norm_kwargs``, ``scale``,
-        ``role``, and ``init: False`` for vectors that ``Scion.init()`` leaves as the model made
-        them: everything of the vector role but biases) for :class:`~scion_kernels.Scion`, one
-        per (role, norm, options, radius, init); empty roles are left out.
+        ``role``, and ``init: False`` where ``Scion.init()`` leaves the parameters as the model
+        made them: vectors other than biases, a head tied to an embedding, and every embedding
+        of a model with such a head) for :class:`~scion_kernels.Scion`, one per (role, norm,
+        options, radius, init); empty roles are left out. An untied ``Sign`` head gets
+        ``zero_init=True``: ``init()`` zeroes it and the logits start at 0.
         :func:`format_groups` prints which parameter got what.
     """
     if isinstance(recipe, str):
@@ -271,7 +322,13 @@ def param_groups(
             layouts[_param_name(model, w)] = replace(weight_layout(m), module=name)
         elif id(w) not in role_of:
             role_of[id(w)] = "input" if name in input_names else "hidden"
+    if recipe.tied == "input":  # a tied head is an embedding too: it keeps the input role
+        for name, m in layers.items():
+            if isinstance(m, _EMBEDDINGS) and holders[id(m.weight)] > 1:
+                role_of[id(m.weight)] = "input"
+                layouts[_param_name(model, m.weight)] = replace(weight_layout(m), module=name)
 
+    tied_head = any(n > 1 for n in holders.values())
     groups: dict[tuple, dict[str, Any]] = {}
     for pname, p in params.items():  # named_parameters() yields tied tensors once
         if not p.requires_grad:
@@ -291,7 +348,11 @@ def param_groups(
         tied = holders.get(id(p), 0) > 1
         if role == "head" and norm == "Sign" and not tied:
             kwargs.setdefault("zero_init", True)  # logits start at 0, as the authors' nanoGPT
-        keep = (role == "vector" and lay.kind != "bias") or (role == "head" and tied)
+        keep = (
+            (role == "vector" and lay.kind != "bias")
+            or tied
+            or (lay.kind == "embedding" and tied_head)  # summed with the tied one: same scale
+        )
         key = (role, norm, repr(sorted(kwargs.items())), by_role[role].scale, keep)
         group = groups.setdefault(
             key,

@@ -202,7 +202,7 @@ def describe(model: nn.Module, split_fused: bool = False) -> dict[str, Layout]:
         if known is not None:
             out[name] = Layout(known.kind, mname, known.rule, known.options)
             continue
-        if pname == "bias" or pname.startswith("bias_"):
+        if pname == "bias" or pname.startswith("bias_") or pname.endswith("_bias"):
             out[name] = Layout("bias", mname, f"{type(m).__name__} bias")
         elif _is_norm_layer(m):
             out[name] = Layout("gain", mname, f"{type(m).__name__} parameter")

@@ -170,6 +170,14 @@ class _ScionBase(torch.optim.Optimizer):
                 "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
                 "weights); use unconstrained=True for larger steps"
             )
+        if "weight_decay" in group:
+            raise ValueError(
+                f"{where} has weight_decay, which Scion does not take: the constrained step's "
+                "(1 − lr) shrink is its weight decay. Groups with weight_decay are what HF "
+                "Trainer builds for optimizer_cls_and_kwargs, and they carry no norms or radii; "
+                "build the optimizer with scion_kernels.param_groups(model, recipe) and pass "
+                "Trainer(optimizers=(optimizer, None)) instead"
+            )
         cycled = sorted({"base_momentum", "max_momentum"} & set(group))
         if cycled:
             raise ValueError(

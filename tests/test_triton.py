@@ -264,6 +264,46 @@ def test_unviewable_parameter_takes_reference_path():
     assert torch.equal(ps[0], ps[1])
 
 
+LAYOUTS = [
+    # norm, options, shape, taken by the kernels
+    ("Spectral", {"transpose": True}, (36, 20), True),  # HF Conv1D: stored (d_in, d_out)
+    ("SpectralConv", {"groups": 4}, (8, 2, 3), True),  # one matrix per group: a reshape
+    ("SpectralConv", {"groups": 8}, (8, 1, 3), True),  # depthwise
+    ("Spectral", {"split": (8, 12)}, (20, 36), False),  # split blocks: reference path
+    ("SpectralConv", {"groups": 2, "transpose": True}, (6, 4, 3), False),  # transposed conv
+]
+
+
+@pytest.mark.parametrize("norm, options, shape, taken", LAYOUTS, ids=lambda v: str(v))
+def test_layout_options(norm, options, shape, taken):
+    """Layout options the kernels take give the reference's update (bf16 rule); the others
+    are left to the reference path and match it exactly."""
+    from scion_kernels.kernels.dispatch import fused_norm
+    from scion_kernels.norms import make_norm
+
+    kwargs = {**options, **BF16}
+    assert (fused_norm(make_norm(norm, kwargs), shape) is not None) == taken
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    results = {}
+    for name, backend, dtype, opts in (
+        ("fused", "triton", torch.float32, kwargs),
+        ("reference", "torch", torch.float32, kwargs),
+        ("exact", "torch", torch.float64, {**options, "ns_dtype": torch.float64}),
+    ):
+        p = nn.Parameter(w.to(DEVICE, dtype))
+        opt = Scion([p], lr=0.1, momentum=0.5, norm=norm, norm_kwargs=opts, backend=backend)
+        for g in grads:
+            p.grad = g.to(DEVICE, dtype)
+            opt.step()
+        results[name] = p.detach()
+    if taken:
+        assert_rule(results["fused"], results["reference"], results["exact"])
+    else:
+        assert torch.equal(results["fused"], results["reference"])
+
+
 ROWWISE = [
     ("Sign", {}, (12, 20)),
     ("Sign", {"normalized": False, "batch_dims": 1}, (3, 4, 9)),

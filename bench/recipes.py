@@ -1,0 +1,314 @@
+"""Recipes on stock models: Scion with ``param_groups`` (no hand fixes) against AdamW.
+
+``python -m bench.recipes [--models gpt2,llama,vit,resnet,convnext] [--steps 60]`` trains small
+stock models built from their libraries' classes (random weights: HF transformers' GPT-2 and
+Llama, timm's ViT, ResNet-18 and ConvNeXt-atto layouts at 1/4 of their widths) on synthetic
+data that can be learned, for a fixed number of steps, and reports the mean training loss of
+the last 10 steps:
+
+- language models: token sequences from a fixed random bigram table in which every token has 4
+  likely successors (loss floor about ln 4 ≈ 1.4 nats);
+- image models: 10 classes, each a fixed random 32×32 template plus Gaussian noise (σ = 4).
+
+Each model runs AdamW at several learning rates and Scion at each point of a grid of learning
+rates and radii (``--grid``), with and without ``init()``. Results go to
+``bench/results/<device>/recipes.{json,md}``. Needs transformers and timm (timm needs
+torchvision); models whose library is missing are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scion_kernels import RECIPES, Scion, param_groups
+
+from .common import RESULTS, device_name, device_slug, environment
+
+VOCAB, SEQ, CLASSES, IMAGE = 96, 32, 10, 32
+
+
+@dataclass
+class Task:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[Any, torch.Tensor]]
+    loss: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+    recipe: str
+
+
+def _bigram_table() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    table = torch.full((VOCAB, VOCAB), -4.0)
+    for t in range(VOCAB):
+        table[t, torch.randperm(VOCAB, generator=gen)[:4]] = 2.0
+    return table.softmax(-1)
+
+
+_TABLE = _bigram_table()
+
+
+def _tokens(gen: torch.Generator, batch: int = 16) -> tuple[Any, torch.Tensor]:
+    ids = torch.empty(batch, SEQ, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, VOCAB, (batch,), generator=gen)
+    for i in range(1, SEQ):
+        ids[:, i] = torch.multinomial(_TABLE[ids[:, i - 1]], 1, generator=gen).squeeze(1)
+    return ids, ids
+
+
+_TEMPLATES = torch.randn(CLASSES, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(99))
+
+
+def _images(gen: torch.Generator, batch: int = 32) -> tuple[Any, torch.Tensor]:
+    labels = torch.randint(0, CLASSES, (batch,), generator=gen)
+    x = _TEMPLATES[labels] + 4.0 * torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)
+    return x, labels
+
+
+def _lm_loss(model: nn.Module, ids: Any, _: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _ce_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def tasks() -> dict[str, Task | str]:
+    """The tasks, or the reason a task cannot run here."""
+    out: dict[str, Task | str] = {}
+    try:
+        import transformers as hf
+    except ImportError as e:
+        out["gpt2"] = out["llama"] = f"transformers not importable: {e}"
+    else:
+        hf.logging.set_verbosity_error()
+        out["gpt2"] = Task(
+            "gpt2",
+            lambda: hf.GPT2LMHeadModel(
+                hf.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=4)
+            ),
+            _tokens,
+            _lm_loss,
+            "stock",
+        )
+        out["llama"] = Task(
+            "llama",
+            lambda: hf.LlamaForCausalLM(
+                hf.LlamaConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=SEQ,
+                )
+            ),
+            _tokens,
+            _lm_loss,
+            "stock",
+        )
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001 - timm fails in several ways without torchvision
+        for k in ("vit", "resnet", "convnext"):
+            out[k] = f"timm not importable: {type(e).__name__}: {e}"
+    else:
+        out["vit"] = Task(
+            "vit",
+            lambda: timm.models.vision_transformer.VisionTransformer(
+                img_size=IMAGE,
+                patch_size=8,
+                embed_dim=64,
+                depth=2,
+                num_heads=4,
+                num_classes=CLASSES,
+            ),  # fmt: skip
+            _images,
+            _ce_loss,
+            "stock",
+        )
+        out["resnet"] = Task(
+            "resnet",
+            lambda: timm.models.resnet.ResNet(
+                timm.models.resnet.BasicBlock,
+                [2, 2, 2, 2],
+                num_classes=CLASSES,
+                channels=(16, 32, 64, 128),
+            ),  # fmt: skip
+            _images,
+            _ce_loss,
+            "stock-cnn",
+        )
+        out["convnext"] = Task(
+            "convnext",
+            lambda: timm.models.convnext.ConvNeXt(
+                num_classes=CLASSES,
+                depths=(2, 2, 2, 2),
+                dims=(16, 32, 64, 128),
+            ),  # fmt: skip
+            _images,
+            _ce_loss,
+            "stock-cnn",
+        )
+    return out
+
+
+def train(task: Task, make_opt: Callable[[nn.Module], Any], steps: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = task.build()
+    opt, after = make_opt(model)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = task.batch(gen)
+        loss = task.loss(model, x, y)
+        if not torch.isfinite(loss):
+            losses.append(math.inf)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        after()
+        losses.append(float(loss))
+    tail = losses[-10:]
+    return {
+        "final": sum(tail) / len(tail),
+        "first": losses[0],
+        "seconds": time.perf_counter() - start,
+        "diverged": not math.isfinite(losses[-1]) or len(losses) < steps,
+    }
+
+
+def adamw(lr: float) -> Callable[[nn.Module], Any]:
+    def make(model: nn.Module) -> Any:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), lambda: None
+
+    return make
+
+
+def scion(recipe: str, lr: float, init: bool, **radii: float) -> Callable[[nn.Module], Any]:
+    def make(model: nn.Module) -> Any:
+        overrides = {role: {"scale": r} for role, r in radii.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = param_groups(model, recipe, overrides=overrides)
+        opt = Scion(groups, lr=lr, momentum=RECIPES[recipe].momentum)
+        if init:
+            opt.init()
+        return opt, lambda: None
+
+    return make
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__)
+    p.add_argument("--models", default="gpt2,llama,vit,resnet,convnext")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--recipe", default=None, help="the Scion recipe (default: the task's)")
+    p.add_argument(
+        "--lrs", default="", help="Scion learning rates (default: the recipe's ×2, ×1, ×½)"
+    )
+    p.add_argument("--hidden", default="", help="hidden (and input) radii (default: the recipe's)")
+    p.add_argument("--vector", default="", help="vector radii (default: the recipe's)")
+    p.add_argument("--head", default="", help="head radii (default: the recipe's)")
+    p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
+    p.add_argument("--init", default="0,1", help="run Scion with init() (1), without (0)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
+
+    rows = []
+    available = tasks()
+    for name in args.models.split(","):
+        task = available.get(name, f"unknown model {name!r}")
+        if isinstance(task, str):
+            print(f"{name}: skipped ({task})", file=sys.stderr)
+            rows.append({"model": name, "skipped": task})
+            continue
+        recipe = args.recipe or task.recipe
+        for lr in floats(args.adamw):
+            r = train(task, adamw(lr), args.steps)
+            rows.append({"model": name, "optimizer": "AdamW", "lr": lr, **r})
+            print(f"{name:9s} AdamW lr={lr:<8g} {r['final']:.3f}", file=sys.stderr, flush=True)
+        r = RECIPES[recipe]
+        grid = itertools.product(
+            floats(args.lrs) or [2 * r.lr, r.lr, r.lr / 2],
+            floats(args.hidden) or [r.hidden.scale],
+            floats(args.vector) or [r.vector.scale],
+            floats(args.head) or [r.head.scale],
+            [bool(int(v)) for v in args.init.split(",")],
+        )
+        for lr, hidden, vector, head, init in grid:
+            radii = {"input": hidden, "hidden": hidden, "vector": vector, "head": head}
+            r = train(task, scion(recipe, lr, init, **radii), args.steps)
+            rows.append(
+                {
+                    "model": name,
+                    "optimizer": f"Scion {recipe}",
+                    "lr": lr,
+                    "init": init,
+                    **radii,
+                    **r,
+                }
+            )
+            print(
+                f"{name:9s} Scion lr={lr:<8g} ρ={hidden:g}/{vector:g}/{head:g} init={int(init)} "
+                f"{r['final']:.3f}{' diverged' if r['diverged'] else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
+    out = Path(args.out) if args.out else RESULTS / device_slug(device_name(torch.device("cpu")))
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(torch.device("cpu"))
+    record = {
+        "environment": env,
+        "command": "python -m bench.recipes " + " ".join(argv or sys.argv[1:]),
+        "rows": rows,
+    }
+    (out / "recipes.json").write_text(json.dumps(record, indent=1))
+    (out / "recipes.md").write_text(_markdown(record))
+    return 0
+
+
+def _markdown(record: dict) -> str:
+    env = record["environment"]
+    lines = [
+        "# Stock models: Scion (param_groups, no overrides) against AdamW",
+        "",
+        f"`{record['command']}` — commit {env.get('commit', '?')}, {env.get('date', '?')}, "
+        f"{env.get('device', '?')}, torch {env.get('torch', '?')}",
+        "",
+        "Mean training loss of the last 10 steps.",
+        "",
+        "| model | optimizer | lr | radii (hidden/vector/head) | init() | loss |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in record["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | skipped: {r['skipped']} | | | | |")
+            continue
+        radii = f"{r['hidden']:g}/{r['vector']:g}/{r['head']:g}" if "hidden" in r else ""
+        init = ("yes" if r["init"] else "no") if "init" in r else ""
+        loss = "diverged" if r["diverged"] else f"{r['final']:.3f}"
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {r['lr']:g} | {radii} | {init} | {loss} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,470 @@
+"""param_groups on real layer types: each parameter's kind, storage, role, norm and init.
+
+Stock models from HF transformers and timm run when those libraries import (timm needs
+torchvision, which fails to import beside the CPU build of torch 2.13: those tests skip with
+the reason); the torch.nn layer types run everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from scion_kernels import Scion, format_groups, param_groups
+from scion_kernels.layers import describe, output_layers
+from scion_kernels.norms import Spectral, SpectralConv, make_norm
+
+
+def by_name(groups):
+    """``{parameter name: (role, norm, norm_kwargs, scale, init)}``."""
+    return {
+        n: (g["role"], g["norm"], g["norm_kwargs"], g["scale"], g.get("init", True))
+        for g in groups
+        for n in g["param_names"]
+    }
+
+
+def no_warnings(fn, *args, **kwargs):
+    """``fn(...)``, asserting that param_groups warned about nothing (the model's own forward
+    may warn about its kernels)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    ours = [str(w.message) for w in caught if re.match("no rule|could not run", str(w.message))]
+    assert not ours, ours
+    return out
+
+
+def assert_table(groups, table):
+    """Every parameter matches exactly one ``(pattern, role, norm, options, init)`` row, and
+    has exactly those options (a subset check would let an extra layout option slip by)."""
+    got = by_name(groups)
+    for name, (role, norm, kwargs, _, init) in got.items():
+        rows = [r for r in table if re.fullmatch(r[0], name)]
+        assert len(rows) == 1, (name, [r[0] for r in rows])
+        _, want_role, want_norm, want_kwargs, want_init = rows[0]
+        assert (role, norm, kwargs, init) == (want_role, want_norm, want_kwargs, want_init), name
+
+
+# ------------------------------------------------------------------------------- torch.nn layers
+class Layers(nn.Module):
+    """One of each layer type, used in a forward that ends in two heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.bag = nn.EmbeddingBag(20, 12)
+        self.attn = nn.MultiheadAttention(12, 3)
+        self.cross = nn.MultiheadAttention(12, 3, kdim=6, vdim=6, add_bias_kv=True)
+        self.lstm = nn.LSTM(12, 8, proj_size=4)
+        self.gru = nn.GRU(4, 8, bidirectional=True)
+        self.bilinear = nn.Bilinear(16, 16, 12)
+        self.conv = nn.Conv1d(12, 12, 3, padding=1)
+        self.depthwise = nn.Conv1d(12, 12, 3, padding=1, groups=12)
+        self.grouped = nn.Conv1d(12, 8, 1, groups=4)
+        self.up = nn.ConvTranspose1d(8, 6, 2, stride=2, groups=2)
+        self.bn = nn.BatchNorm1d(6)
+        self.ln = nn.LayerNorm(12)
+        self.rms = nn.RMSNorm(12)
+        self.gn = nn.GroupNorm(2, 6)
+        self.pos = nn.Parameter(torch.zeros(1, 5, 12))
+        self.scale = nn.Parameter(torch.ones(12))
+        self.fc = nn.Linear(12, 12)
+        self.out_a = nn.Linear(12, 7)
+        self.out_b = nn.Linear(6, 3)
+
+    def forward(self, ids):  # ids: (5, B)
+        x = self.emb(ids) + self.pos.transpose(0, 1) + self.bag(ids.T)[None]
+        x = x + self.attn(x, x, x)[0]
+        kv = torch.zeros(3, ids.shape[1], 6)
+        x = x + self.cross(x, kv, kv)[0]
+        y, _ = self.gru(self.lstm(x)[0])  # (5, B, 16)
+        x = x + self.bilinear(y, y)
+        x = self.rms(self.ln(x)) * self.scale
+        c = self.depthwise(self.conv(x.permute(1, 2, 0)))  # (B, 12, 5)
+        c = self.gn(self.bn(self.up(self.grouped(c))))  # (B, 6, 10)
+        return self.out_a(self.fc(x)), self.out_b(c.mean(-1))
+
+
+LAYER_TABLE = [
+    # name pattern, role, norm, norm_kwargs, init() touches it
+    (r"emb\.weight", "input", "Spectral", {"max": True, "transpose": True}, True),
+    (r"bag\.weight", "input", "Spectral", {"max": True, "transpose": True}, True),
+    (r"attn\.in_proj_weight", "hidden", "Spectral", {}, True),
+    (r"cross\.[qkv]_proj_weight", "hidden", "Spectral", {}, True),
+    (r"(cross|attn)\.out_proj\.weight", "hidden", "Spectral", {}, True),
+    (r"cross\.bias_[kv]", "vector", "BiasRMS", {}, False),  # learned key/value tokens
+    (r"lstm\.weight_(ih|hh|hr)_l0", "hidden", "Spectral", {}, True),
+    (r"gru\.weight_(ih|hh)_l0(_reverse)?", "hidden", "Spectral", {}, True),
+    (r"bilinear\.weight", "hidden", "SpectralConv", {}, True),
+    (r"conv\.weight", "hidden", "SpectralConv", {}, True),
+    (r"depthwise\.weight", "hidden", "SpectralConv", {"groups": 12}, True),
+    (r"grouped\.weight", "hidden", "SpectralConv", {"groups": 4}, True),
+    (r"up\.weight", "hidden", "SpectralConv", {"groups": 2, "transpose": True}, True),
+    (r"fc\.weight", "hidden", "Spectral", {}, True),
+    (r"out_[ab]\.weight", "head", "Sign", {"zero_init": True}, True),
+    (r"(bn|ln|rms|gn)\.weight", "vector", "BiasRMS", {}, False),
+    (r"pos|scale", "vector", "BiasRMS", {}, False),
+    (
+        r"\w+\.(bias|in_proj_bias|out_proj\.bias|bias_(ih|hh)_l0(_reverse)?)",
+        "vector",
+        "BiasRMS",
+        {},
+        True,
+    ),  # fmt: skip
+]
+
+
+def layers_model():
+    torch.manual_seed(0)
+    return Layers()
+
+
+def ids():
+    return torch.randint(0, 20, (5, 2), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_torch_layer_type_grouped_by_its_type():
+    model = layers_model()
+    groups = no_warnings(param_groups, model, "mlp", example_inputs=ids())
+    assert_table(groups, LAYER_TABLE)
+    opt = Scion(groups, lr=0.01)
+    model(ids())[0].sum().backward()
+    opt.step()
+
+
+def test_split_fused_orthogonalizes_each_block():
+    groups = no_warnings(
+        param_groups, layers_model(), "mlp", example_inputs=ids(), split_fused=True
+    )
+    got = by_name(groups)
+    assert got["attn.in_proj_weight"][2] == {"split": (12, 12, 12)}
+    assert got["lstm.weight_ih_l0"][2] == {"split": (8, 8, 8, 8)}
+    assert got["gru.weight_hh_l0_reverse"][2] == {"split": (8, 8, 8)}
+    assert got["lstm.weight_hr_l0"][2] == {}
+
+
+def test_heads_found_by_running_the_model():
+    model = layers_model()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d))}
+    heads, order = output_layers(model, layers, ids())
+    assert sorted(heads) == ["out_a", "out_b"]
+    assert order.index("conv") < order.index("depthwise") < order.index("out_b")
+    assert model.training  # flags restored
+
+
+def test_without_inputs_the_head_is_the_last_layer():
+    groups = param_groups(layers_model(), "mlp")
+    heads = [n for n, v in by_name(groups).items() if v[0] == "head"]
+    assert heads == ["out_b.weight"]
+
+
+def test_a_model_that_fails_to_run_warns_and_falls_back():
+    with pytest.warns(UserWarning, match="could not run the model"):
+        groups = param_groups(layers_model(), "mlp", example_inputs=torch.zeros(3))
+    assert [n for n, v in by_name(groups).items() if v[0] == "head"] == ["out_b.weight"]
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Linear(4, 8), nn.Linear(8, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(x + self.b(torch.relu(self.a(x))))
+
+
+class DirectTie(nn.Module):
+    """Logits as ``h @ wte.weightᵀ``: the embedding is the head, with no head module."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.fc, self.norm = nn.Embedding(10, 6), nn.Linear(6, 6), nn.LayerNorm(6)
+
+    def forward(self, idx):
+        return self.norm(self.fc(self.wte(idx))) @ self.wte.weight.T
+
+
+def test_backbone_has_no_traced_head_and_direct_tie_is_found():
+    layers = {"a": (m := Backbone()).a, "b": m.b}
+    assert output_layers(m, layers, torch.randn(2, 4))[0] == []
+    d = DirectTie()
+    heads, _ = output_layers(d, {"wte": d.wte, "fc": d.fc}, torch.zeros(2, 3, dtype=torch.long))
+    assert heads == ["wte"]
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(6, 4))
+        self.cube = nn.Parameter(torch.randn(2, 3, 4))
+        self.fc = nn.Linear(4, 4)
+
+
+def test_unknown_parameters_warn_by_name_and_roles_override():
+    with pytest.warns(UserWarning, match=r"no rule knows the layout of mix .*; cube "):
+        groups = param_groups(Odd(), "mlp")
+    got = by_name(groups)
+    assert got["mix"][:3] == ("hidden", "Spectral", {})
+    assert got["cube"][:3] == ("hidden", "Spectral", {"batch_dims": 1})
+    groups = no_warnings(param_groups, Odd(), "mlp", roles={"mix": "vector", "cube": "vector"})
+    assert by_name(groups)["mix"][:2] == ("vector", "BiasRMS")
+
+
+class Experts(nn.Module):
+    """transformers-5 style experts: ``is_transposed`` says how the 3-D weights are stored."""
+
+    def __init__(self, transposed):
+        super().__init__()
+        self.is_transposed = transposed
+        shape = (4, 6, 10) if transposed else (4, 10, 6)
+        self.up = nn.Parameter(torch.randn(shape))
+
+
+class Router(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.num_experts = 4
+        self.weight = nn.Parameter(torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_experts_and_router(transposed):
+    model = nn.ModuleDict({"experts": Experts(transposed), "router": Router()})
+    got = by_name(no_warnings(param_groups, model, "gpt", head=[], input=[]))
+    want = {"batch_dims": 1, **({"transpose": True} if transposed else {})}
+    assert got["experts.up"][:3] == ("hidden", "Spectral", want)
+    assert got["router.weight"][:3] == ("hidden", "Spectral", {})
+    norm = make_norm("Spectral", want)
+    assert norm.dims(model["experts"].up.shape) == (10, 6)
+
+
+def test_norm_layouts_match_the_layers_true_map():
+    """The LMO each layout option gives equals the plain norm's on the true matrices."""
+    g = torch.randn(10, 6, dtype=torch.float64)
+    svd = {"polar": "svd"}
+    torch.testing.assert_close(
+        Spectral(transpose=True, **svd).lmo(g.T.contiguous()), Spectral(**svd).lmo(g).T
+    )
+    split = Spectral(split=(4, 6), **svd).lmo(g)
+    torch.testing.assert_close(
+        split, torch.cat([Spectral(**svd).lmo(g[:4]), Spectral(**svd).lmo(g[4:])])
+    )
+    conv = torch.randn(6, 2, 3, dtype=torch.float64)  # Conv1d(6, 6, 3, groups=3)
+    got = SpectralConv(groups=3, **svd).lmo(conv)
+    want = torch.cat([SpectralConv(**svd).lmo(c) for c in conv.split(2)])
+    torch.testing.assert_close(got, want)
+    # ConvTranspose1d(4, 6, 3, groups=2): weight (4, 3, 3); per group the (3, 2·3) matrix of
+    # output channel × (input channel, tap).
+    w = torch.randn(4, 3, 3, dtype=torch.float64)
+    got = SpectralConv(groups=2, transpose=True, **svd).lmo(w)
+    for k in range(2):
+        block = w[2 * k : 2 * k + 2]  # (in 2, out 3, tap 3)
+        m = block.transpose(0, 1).reshape(3, 6)
+        want = Spectral(**svd).lmo(m) * math.sqrt(6 / 3) * math.sqrt(3 / 2) / 3
+        torch.testing.assert_close(got[2 * k : 2 * k + 2], want.reshape(3, 2, 3).transpose(0, 1))
+
+
+def test_init_keeps_gains_and_zeroes_untied_heads():
+    model = layers_model()
+    opt = Scion(param_groups(model, "mlp", example_inputs=ids()), lr=0.1)
+    opt.init()
+    for norm in (model.ln, model.rms, model.bn, model.gn):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    assert torch.equal(model.scale, torch.ones(12))
+    assert torch.equal(model.out_a.weight, torch.zeros(7, 12))
+    assert torch.equal(model.fc.bias, torch.zeros(12))
+    sv = torch.linalg.svdvals(model.fc.weight.double())
+    torch.testing.assert_close(sv, torch.ones_like(sv))
+
+
+def test_format_groups_says_what_init_does():
+    text = format_groups(param_groups(layers_model(), "mlp", example_inputs=ids()))
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
+    assert rows["ln.weight"][5] == "kept" and rows["ln.bias"][5] == "norm"
+
+
+# --------------------------------------------------------------------------- schedulers
+def test_momentum_cycling_scheduler_is_refused_and_the_fix_works():
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = Scion([w], lr=0.01, momentum=0.1)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10)
+    w.grad = torch.randn(4, 4)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="cycle_momentum=False"):
+        opt.step()
+    assert torch.equal(w, before)
+    opt = Scion([w], lr=0.01, momentum=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.01, total_steps=10, cycle_momentum=False
+    )
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["momentum"] == 0.1
+
+
+# ----------------------------------------------------------------------- HF transformers
+def _hf():
+    return pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def _quiet(hf):
+    hf.logging.set_verbosity_error()
+    return hf
+
+
+GPT2_TABLE = [
+    (r"transformer\.wte\.weight", "head", "Sign", {}, False),  # tied with lm_head, kept
+    (r"transformer\.wpe\.weight", "input", "Sign", {"normalized": False, "transpose": True}, False),
+    (r".*\.(c_attn|c_proj|c_fc)\.weight", "hidden", "Spectral", {"transpose": True}, True),
+    (r".*ln_.*\.weight", "vector", "BiasRMS", {}, False),
+    (r".*\.bias", "vector", "BiasRMS", {}, True),
+]
+
+
+def test_hf_gpt2_conv1d_is_transposed_and_the_tied_head_kept():
+    hf = _quiet(_hf())
+    cfg = hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = hf.GPT2LMHeadModel(cfg)
+    groups = no_warnings(param_groups, model, "gpt")
+    assert_table(groups, GPT2_TABLE)
+    for g in groups:
+        norm = make_norm(g["norm"], g["norm_kwargs"])
+        for name, p in zip(g["param_names"], g["params"], strict=True):
+            if name.endswith("c_fc.weight"):  # stored (16, 64): Linear 16 → 64
+                assert p.shape == (16, 64) and norm.dims(p.shape) == (64, 16)
+                assert norm.scale_for(p.shape) == pytest.approx(2.0)
+
+
+def test_hf_double_heads_bert_and_moe():
+    hf = _quiet(_hf())
+    gpt = hf.GPT2DoubleHeadsModel(
+        hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
+    got = by_name(no_warnings(param_groups, gpt, "gpt"))
+    assert got["transformer.wte.weight"][0] == "head"
+    assert got["multiple_choice_head.summary.weight"][:3] == ("head", "Sign", {"zero_init": True})
+
+    bert = hf.BertForPreTraining(
+        hf.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )  # fmt: skip
+    )
+    got = by_name(no_warnings(param_groups, bert, "gpt"))
+    heads = sorted(n for n, v in got.items() if v[0] == "head")
+    assert heads == ["bert.embeddings.word_embeddings.weight", "cls.seq_relationship.weight"]
+    assert got["bert.pooler.dense.weight"][0] == "hidden"
+
+    mix = hf.MixtralForCausalLM(
+        hf.MixtralConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+        )  # fmt: skip
+    )
+    groups = no_warnings(param_groups, mix, "gpt")
+    assert_table(
+        groups,
+        [
+            (
+                r"model\.embed_tokens\.weight",
+                "input",
+                "Sign",
+                {"normalized": False, "transpose": True},
+                True,
+            ),
+            (r"lm_head\.weight", "head", "Sign", {"zero_init": True}, True),
+            (r".*experts\.(gate_up_proj|down_proj)", "hidden", "Spectral", {"batch_dims": 1}, True),
+            (r".*(q|k|v|o)_proj\.weight|.*mlp\.gate\.weight", "hidden", "Spectral", {}, True),
+            (r".*norm\.weight", "vector", "BiasRMS", {}, False),
+        ],  # fmt: skip
+    )
+
+
+def _train(model, loss_fn, steps, init, recipe, lr):
+    groups = param_groups(model, recipe)
+    opt = Scion(groups, lr=lr, momentum=0.1)
+    if init:
+        opt.init()
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["model-init", "scion-init"])
+def test_hf_llama_trains_with_and_without_init(init):
+    hf = _quiet(_hf())
+    torch.manual_seed(0)
+    model = hf.LlamaForCausalLM(
+        hf.LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )  # fmt: skip
+    )
+    ids = torch.arange(32).repeat(2, 1)[:, :16]  # a sequence to memorize: t → t + 1
+
+    losses = _train(model, lambda m: m(input_ids=ids, labels=ids).loss, 30, init, "stock", 2**-5)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stock_recipe_gives_a_tied_head_the_embeddings_norm():
+    hf = _quiet(_hf())
+    cfg = hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    got = by_name(no_warnings(param_groups, hf.GPT2LMHeadModel(cfg)))
+    colnorm = ("input", "ColNorm", {"transpose": True}, 2.0, False)
+    assert got["transformer.wte.weight"] == colnorm  # tied to lm_head: kept by init()
+    assert got["transformer.wpe.weight"] == colnorm
+    assert not any(v[0] == "head" for v in got.values())
+
+
+# ------------------------------------------------------------------------------------ timm
+def _timm():
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001 - without torchvision timm fails to import
+        pytest.skip(f"timm does not import here: {type(e).__name__}: {e}")
+    return timm
+
+
+@pytest.mark.parametrize(
+    "name, heads, grouped",
+    [
+        ("resnet18", ["fc.weight"], 0),
+        ("convnext_atto", ["head.fc.weight"], 12),
+        ("deit_tiny_distilled_patch16_224", ["head.weight", "head_dist.weight"], 0),
+    ],
+)
+def test_timm_models(name, heads, grouped):
+    timm = _timm()
+    model = timm.create_model(name, num_classes=5)
+    got = by_name(no_warnings(param_groups, model, "vit"))
+    assert sorted(n for n, v in got.items() if v[0] == "head") == heads
+    assert sum(1 for v in got.values() if "groups" in v[2]) == grouped
+    for n, p in model.named_parameters():
+        lay = describe(model)[n]
+        if p.ndim >= 2 and lay.kind in ("matrix", "conv"):
+            assert got[n][0] in ("input", "hidden", "head"), n
+        if lay.kind == "gain":
+            assert got[n][4] is False, n
