@@ -364,17 +364,7 @@ def test_hf_double_heads_bert_and_moe():
     assert heads == ["bert.embeddings.word_embeddings.weight", "cls.seq_relationship.weight"]
     assert got["bert.pooler.dense.weight"][0] == "hidden"
 
-    mix = hf.MixtralForCausalLM(
-        hf.MixtralConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            num_local_experts=4,
-        )  # fmt: skip
-    )
+    mix = hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_DECODER, num_local_experts=4))
     groups = no_warnings(param_groups, mix, "gpt")
     assert_table(
         groups,
@@ -392,6 +382,13 @@ def test_hf_double_heads_bert_and_moe():
             (r".*norm\.weight", "vector", "BiasRMS", {}, False),
         ],  # fmt: skip
     )
+
+
+#: A one-layer decoder (Llama, Mixtral) with grouped-query attention.
+SMALL_DECODER = dict(
+    vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1,
+)  # fmt: skip
 
 
 def _train(model, loss_fn, steps, init, recipe, lr):
@@ -413,16 +410,7 @@ def _train(model, loss_fn, steps, init, recipe, lr):
 def test_hf_llama_trains_with_and_without_init(init):
     hf = _quiet(_hf())
     torch.manual_seed(0)
-    model = hf.LlamaForCausalLM(
-        hf.LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )  # fmt: skip
-    )
+    model = hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_DECODER))
     ids = torch.arange(32).repeat(2, 1)[:, :16]  # a sequence to memorize: t → t + 1
 
     losses = _train(model, lambda m: m(input_ids=ids, labels=ids).loss, 30, init, "stock", 2**-5)
