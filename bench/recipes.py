@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / device_slug(device_name(torch.device("cpu")))
     out.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))
+    for lib in ("transformers", "timm", "torchvision"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except Exception:  # noqa: BLE001 - absent, or timm without torchvision
+            env[lib] = None
     record = {
         "environment": env,
         "command": "python -m bench.recipes " + " ".join(argv or sys.argv[1:]),
@@ -290,7 +295,8 @@ def _markdown(record: dict) -> str:
         "# Stock models: Scion (param_groups, no overrides) against AdamW",
         "",
         f"`{record['command']}` — commit {env.get('commit', '?')}, {env.get('date', '?')}, "
-        f"{env.get('device', '?')}, torch {env.get('torch', '?')}",
+        f"{env.get('device', '?')}, torch {env.get('torch', '?')}, transformers "
+        f"{env.get('transformers')}, timm {env.get('timm')}, torchvision {env.get('torchvision')}",
         "",
         "Mean training loss of the last 10 steps.",
         "",

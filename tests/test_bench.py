@@ -149,3 +149,19 @@ def test_pytorch_optimizer_scion_step(benchmark):
     model = _mlp()
     opt = po.SCION(model.parameters(), lr=0.01, momentum=0.1)
     benchmark(opt.step)
+
+
+def test_recipes_sweep_writes_its_table(tmp_path):
+    """``python -m bench.recipes`` on one model, a few steps: one row per run, in both files."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from bench import recipes
+
+    argv = ["--models", "llama,nope", "--steps", "3", "--adamw", "0.001", "--init", "0,1"]
+    assert recipes.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "recipes.json").read_text())
+    rows = record["rows"]
+    assert [r["optimizer"] for r in rows if "optimizer" in r] == ["AdamW"] + ["Scion stock"] * 6
+    assert rows[-1] == {"model": "nope", "skipped": "unknown model 'nope'"}
+    assert all(math.isfinite(r["final"]) for r in rows if "final" in r)
+    table = (tmp_path / "recipes.md").read_text()
+    assert table.count("| llama |") == 7 and "skipped: unknown model" in table
