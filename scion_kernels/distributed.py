@@ -150,7 +150,10 @@ def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
     if isinstance(norm, Spectral):
         # A batch of matrices split along the batch dim has whole matrices on every shard.
         return "local" if sharded and batch_dims > 0 and len(shape) > 2 else "owner"
-    if not sharded or isinstance(norm, Sign):
+    if isinstance(norm, Sign):
+        # sign(g)/d_in is element-wise; only a transposed weight's d_in is the sharded dim 0.
+        return "owner" if sharded and norm.transpose and not batch_dims else "local"
+    if not sharded:
         return "local"
     if isinstance(norm, ColNorm):  # RowNorm too
         if batch_dims > 0:

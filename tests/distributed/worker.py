@@ -26,13 +26,17 @@ RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
 
 # (norm, norm_kwargs, shapes): every norm, with shapes that shard unevenly or leave a rank empty
-# (5 rows over 4 ranks: 2, 2, 1, 0), tall and wide matrices, a conv and stacked experts.
+# (5 rows over 4 ranks: 2, 2, 1, 0), tall and wide matrices, a conv and stacked experts, and
+# the layout options param_groups sets (transposed, split, grouped).
 GROUPS = [
     ("Spectral", {}, [(5, 8), (13, 7), (7, 13), (16, 16), (3, 20)]),
     ("Spectral", {"batch_dims": 1}, [(5, 6, 4)]),
     ("Auto", {}, [(4, 3, 3, 3)]),
     ("Auto", {}, [(6,)]),
     ("Sign", {}, [(6, 10), (5, 3)]),
+    ("Sign", {"transpose": True}, [(6, 10)]),  # d_in is dim 0, the sharded one
+    ("Spectral", {"transpose": True, "split": (4, 6)}, [(6, 10)]),
+    ("SpectralConv", {"groups": 2}, [(6, 2, 3)]),
     ("ColNorm", {}, [(6, 10), (5, 3)]),
     ("ColNorm", {"transpose": True}, [(6, 10)]),
     ("ColNorm", {"transpose": True, "normalized": True}, [(6, 10)]),
