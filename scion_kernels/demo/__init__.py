@@ -170,7 +170,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "Scion (constrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=False), 0.01
     ),
     "uscion": OptimizerSpec(
-        "Scion (unconstrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=True), 0.02
+        "Scion (unconstrained)", lambda m, lr, b: _scion(m, lr, b, unconstrained=True), 0.01
     ),
     "adamw": OptimizerSpec("AdamW", _adamw, 0.012),
     "muon": OptimizerSpec("Muon + AdamW", _muon, 0.02),
