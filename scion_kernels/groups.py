@@ -322,13 +322,18 @@ def param_groups(
             layouts[_param_name(model, w)] = replace(weight_layout(m), module=name)
         elif id(w) not in role_of:
             role_of[id(w)] = "input" if name in input_names else "hidden"
+    # Embedding weights another layer also holds (a head tied to the token embedding).
+    tied_ids = {
+        id(m.weight)
+        for m in layers.values()
+        if isinstance(m, _EMBEDDINGS) and holders[id(m.weight)] > 1
+    }
     if recipe.tied == "input":  # a tied head is an embedding too: it keeps the input role
         for name, m in layers.items():
-            if isinstance(m, _EMBEDDINGS) and holders[id(m.weight)] > 1:
+            if id(m.weight) in tied_ids and isinstance(m, _EMBEDDINGS):
                 role_of[id(m.weight)] = "input"
                 layouts[_param_name(model, m.weight)] = replace(weight_layout(m), module=name)
 
-    tied_head = any(n > 1 for n in holders.values())
     groups: dict[tuple, dict[str, Any]] = {}
     for pname, p in params.items():  # named_parameters() yields tied tensors once
         if not p.requires_grad:
@@ -345,13 +350,13 @@ def param_groups(
                 f"the {role} role's norm does not fit: {misfit}. Change the role's norm with "
                 f"overrides={{{role!r}: {{'norm': ...}}}}"
             )
-        tied = holders.get(id(p), 0) > 1
+        tied = id(p) in tied_ids
         if role == "head" and norm == "Sign" and not tied:
             kwargs.setdefault("zero_init", True)  # logits start at 0, as the authors' nanoGPT
         keep = (
             (role == "vector" and lay.kind != "bias")
             or tied
-            or (lay.kind == "embedding" and tied_head)  # summed with the tied one: same scale
+            or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
         key = (role, norm, repr(sorted(kwargs.items())), by_role[role].scale, keep)
         group = groups.setdefault(

@@ -384,6 +384,22 @@ def test_hf_double_heads_bert_and_moe():
     )
 
 
+def test_hf_qwen2_moe_shared_expert_and_router():
+    hf = _quiet(_hf())
+    cfg = hf.Qwen2MoeConfig(
+        **SMALL_DECODER, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=4
+    )
+    got = by_name(no_warnings(param_groups, hf.Qwen2MoeForCausalLM(cfg)))
+    experts = {n: v for n, v in got.items() if ".experts." in n}
+    assert experts and all(
+        v[:3] == ("hidden", "Spectral", {"batch_dims": 1}) for v in experts.values()
+    )
+    assert got["model.layers.0.mlp.gate.weight"][:3] == ("hidden", "Spectral", {})
+    assert got["model.layers.0.mlp.shared_expert_gate.weight"][:2] == ("hidden", "Spectral")
+    assert got["model.embed_tokens.weight"][:3] == ("input", "ColNorm", {"transpose": True})
+    assert got["lm_head.weight"][:3] == ("head", "Sign", {"zero_init": True})
+
+
 #: A one-layer decoder (Llama, Mixtral) with grouped-query attention.
 SMALL_DECODER = dict(
     vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
