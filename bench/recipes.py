@@ -138,7 +138,7 @@ def tasks() -> dict[str, Task | str]:
             ),  # fmt: skip
             _images,
             _ce_loss,
-            "stock",
+            "stock-vit",
         )
         out["resnet"] = Task(
             "resnet",
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lrs", default="", help="Scion learning rates (default: the recipe's ×2, ×1, ×½)"
     )
     p.add_argument("--hidden", default="", help="hidden (and input) radii (default: the recipe's)")
+    p.add_argument("--input", default="", help="input radii (default: the hidden radius)")
     p.add_argument("--vector", default="", help="vector radii (default: the recipe's)")
     p.add_argument("--head", default="", help="head radii (default: the recipe's)")
     p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
@@ -251,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             floats(args.vector) or [r.vector.scale],
             floats(args.head) or [r.head.scale],
             [bool(int(v)) for v in args.init.split(",")],
+            floats(args.input) or [None],
         )
-        for lr, hidden, vector, head, init in grid:
-            radii = {"input": hidden, "hidden": hidden, "vector": vector, "head": head}
+        for lr, hidden, vector, head, init, input_ in grid:
+            radii = {"input": input_ or hidden, "hidden": hidden, "vector": vector, "head": head}
             r = train(task, scion(recipe, lr, init, **radii), args.steps)
             rows.append(
                 {
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(
-                f"{name:9s} Scion lr={lr:<8g} ρ={hidden:g}/{vector:g}/{head:g} init={int(init)} "
+                f"{name:9s} Scion lr={lr:<8g} ρ={radii['input']:g}/{hidden:g}/{vector:g}/{head:g} "
+                f"init={int(init)} "
                 f"{r['final']:.3f}{' diverged' if r['diverged'] else ''}",
                 file=sys.stderr,
                 flush=True,
@@ -300,14 +303,16 @@ def _markdown(record: dict) -> str:
         "",
         "Mean training loss of the last 10 steps.",
         "",
-        "| model | optimizer | lr | radii (hidden/vector/head) | init() | loss |",
+        "| model | optimizer | lr | radii (input/hidden/vector/head) | init() | loss |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in record["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['model']} | skipped: {r['skipped']} | | | | |")
             continue
-        radii = f"{r['hidden']:g}/{r['vector']:g}/{r['head']:g}" if "hidden" in r else ""
+        radii = (
+            f"{r['input']:g}/{r['hidden']:g}/{r['vector']:g}/{r['head']:g}" if "hidden" in r else ""
+        )
         init = ("yes" if r["init"] else "no") if "init" in r else ""
         loss = "diverged" if r["diverged"] else f"{r['final']:.3f}"
         lines.append(

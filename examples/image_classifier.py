@@ -1,7 +1,7 @@
 """Scion on a stock timm or torchvision image model, from its constructor with random weights.
 
 ``param_groups`` reads the layer types (convs, depthwise convs, BatchNorm/LayerNorm gains,
-several heads) with no overrides; the ``stock-cnn`` recipe is for conv nets, ``stock`` for
+several heads) with no overrides; the ``stock-cnn`` recipe is for conv nets, ``stock-vit`` for
 vision transformers. The data: 10 classes, each a fixed random 32×32 template plus noise.
 Seconds on a CPU::
 
@@ -45,7 +45,7 @@ def build(name: str) -> tuple[nn.Module, str]:
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=CLASSES
     )
-    return model, "stock"
+    return model, "stock-vit"
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -26,7 +26,8 @@ norm gains and layer scales, position embeddings and class tokens, a head tied t
 embedding, and every embedding of a model with such a head.
 
 A :class:`Recipe` maps each role to a norm, its options and a radius ρ, and suggests a learning
-rate and momentum. ``"stock"`` and ``"stock-cnn"`` are for models as their libraries build them;
+rate and momentum. ``"stock"`` (language models), ``"stock-vit"`` and ``"stock-cnn"`` are for
+models as their libraries build them;
 ``"gpt"``, ``"mlp"``, ``"cnn"`` and ``"vit"`` are the authors' (``LIONS-EPFL/scion``), tuned on
 their modified models (weightless norms, scaled activations).
 """
@@ -88,18 +89,30 @@ class Recipe:
 #: ``lr`` and ``momentum`` are suggestions for ``Scion(groups, lr=..., momentum=...)``; the
 #: groups themselves carry only the norm, its options and the radius.
 RECIPES: dict[str, Recipe] = {
-    # Transformers (GPT-2, Llama, ViT, BERT, MoE): hidden ρ = 2, vectors ρ = 0.1 (biases and
-    # gains; a larger radius lets the constrained step swing them), head Sign ρ = 32. Auto
-    # resolves per layer: ColNorm(transpose) on embeddings, Spectral on matrices,
-    # SpectralConv on a patch embedding.
+    # Language transformers (GPT-2, Llama, BERT, MoE): embeddings ρ = 1, hidden ρ = 2,
+    # vectors ρ = 0.1 (biases and gains; a larger radius lets the constrained step swing
+    # them), head Sign ρ = 32. Auto resolves per layer: ColNorm(transpose) on embeddings,
+    # Spectral on matrices.
     "stock": Recipe(
+        input=Role("Auto", 1.0),
+        hidden=Role("Auto", 2.0),
+        head=Role("Sign", 32.0),
+        vector=Role("BiasRMS", 0.1),
+        lr=2**-6,
+        momentum=0.1,
+        source="bench/recipes.py sweep on stock GPT-2 and Llama",
+        tied="input",
+    ),
+    # Vision transformers (ViT, DeiT): as "stock", with the patch embedding (SpectralConv,
+    # divided by the patch area) at ρ = 2.
+    "stock-vit": Recipe(
         input=Role("Auto", 2.0),
         hidden=Role("Auto", 2.0),
         head=Role("Sign", 32.0),
         vector=Role("BiasRMS", 0.1),
         lr=2**-6,
         momentum=0.1,
-        source="bench/recipes.py sweep on stock GPT-2, Llama and ViT",
+        source="bench/recipes.py sweep on stock ViT",
         tied="input",
     ),
     # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): SpectralConv divides by the

@@ -437,7 +437,7 @@ def test_stock_recipe_gives_a_tied_head_the_embeddings_norm():
     hf = _quiet(_hf())
     cfg = hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     got = by_name(no_warnings(param_groups, hf.GPT2LMHeadModel(cfg)))
-    colnorm = ("input", "ColNorm", {"transpose": True}, 2.0, False)
+    colnorm = ("input", "ColNorm", {"transpose": True}, 1.0, False)
     assert got["transformer.wte.weight"] == colnorm  # tied to lm_head: kept by init()
     assert got["transformer.wpe.weight"] == colnorm
     assert not any(v[0] == "head" for v in got.values())
