@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lrs", default="", help="Scion learning rates (default: the recipe's ×2, ×1, ×½)"
     )
-    p.add_argument("--hidden", default="", help="hidden (and input) radii (default: the recipe's)")
-    p.add_argument("--input", default="", help="input radii (default: the hidden radius)")
+    p.add_argument("--hidden", default="", help="hidden radii (default: the recipe's)")
+    p.add_argument("--input", default="", help="input radii (default: the recipe's)")
     p.add_argument("--vector", default="", help="vector radii (default: the recipe's)")
     p.add_argument("--head", default="", help="head radii (default: the recipe's)")
     p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
@@ -252,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             floats(args.vector) or [r.vector.scale],
             floats(args.head) or [r.head.scale],
             [bool(int(v)) for v in args.init.split(",")],
-            floats(args.input) or [None],
+            floats(args.input) or [r.input.scale],
         )
         for lr, hidden, vector, head, init, input_ in grid:
-            radii = {"input": input_ or hidden, "hidden": hidden, "vector": vector, "head": head}
+            radii = {"input": input_, "hidden": hidden, "vector": vector, "head": head}
             r = train(task, scion(recipe, lr, init, **radii), args.steps)
             rows.append(
                 {
