@@ -226,14 +226,14 @@ def check_groups(name: str, model: nn.Module, groups: Sequence[Mapping[str, Any]
             problems.append("head: want Sign on the tied wte/lm_head weight")
         if count("vector") != count("vector", "BiasRMS") or count("vector") != 8 * n_layer + 2:
             problems.append(f"vector: want BiasRMS on {8 * n_layer + 2} vectors")
-    elif name.startswith("vit"):
-        if count("hidden", "Auto", 2) != 4 * len(model.blocks):
-            problems.append("hidden: want Auto on the block matrices")
-        if count("head", "Sign") != 1 or count("input", "Auto", 4) != 1:
-            problems.append("want Sign on the head and Auto on the patch embedding")
+    elif name.startswith("vit"):  # param_groups resolves the recipe's Auto per layer
+        if count("hidden", "Spectral", 2) != 4 * len(model.blocks):
+            problems.append("hidden: want Spectral on the block matrices")
+        if count("head", "Sign") != 1 or count("input", "SpectralConv", 4) != 1:
+            problems.append("want Sign on the head and SpectralConv on the patch embedding")
     elif name.startswith("resnet"):
-        if count("hidden", "Auto", 4) != 19 or count("input", "Auto", 4) != 1:
-            problems.append("want Auto on the stem and 19 other convs")
+        if count("hidden", "SpectralConv", 4) != 19 or count("input", "SpectralConv", 4) != 1:
+            problems.append("want SpectralConv on the stem and 19 other convs")
         if count("head", "Sign") != 1:
             problems.append("want Sign on the fc head")
     if problems:

@@ -165,3 +165,17 @@ def test_recipes_sweep_writes_its_table(tmp_path):
     assert all(math.isfinite(r["final"]) for r in rows if "final" in r)
     table = (tmp_path / "recipes.md").read_text()
     assert table.count("| llama |") == 7 and "skipped: unknown model" in table
+
+
+def test_step_benchmark_models_get_the_roles_it_checks():
+    """The step benchmark refuses to time a model whose groups are not what it expects; each of
+    its models passes that check (GPT-2 with 1 block, to stay small)."""
+    from bench import step
+
+    for name, build, recipe in [
+        ("gpt2-small-1L", lambda: step.GPT2(n_layer=1), "gpt"),
+        ("vit-s16", step.ViT, "vit"),
+        ("resnet18", step.ResNet18, "cnn"),
+    ]:
+        model = build()
+        step.check_groups(name, model, param_groups(model, recipe))
