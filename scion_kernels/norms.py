@@ -94,10 +94,9 @@ def _check_batch_dims(batch_dims: int) -> int:
 def _check_split(split: Sequence[int] | None) -> tuple[int, ...] | None:
     if split is None:
         return None
-    sizes = tuple(split) if isinstance(split, (list, tuple)) else ()
-    if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) for k in sizes):
+    if not isinstance(split, (list, tuple)) or not split:
         raise ValueError(f"split must be None or a sequence of positive ints; got {split!r}")
-    return tuple(_check_positive(k, "each split size") for k in sizes)
+    return tuple(_check_positive(k, "each split size") for k in split)
 
 
 def _check_positive(value: int, what: str) -> int:

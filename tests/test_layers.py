@@ -472,3 +472,23 @@ def test_timm_models(name, heads, grouped):
             assert got[n][0] in ("input", "hidden", "head"), n
         if lay.kind == "gain":
             assert got[n][4] is False, n
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Spectral(split=()), "split"),
+        (lambda: Spectral(split=(0, 2)), "split size"),
+        (lambda: Spectral(split=(True,)), "split size"),
+        (lambda: Spectral(split=3), "split"),
+        (lambda: SpectralConv(groups=0), "groups"),
+    ],
+)
+def test_layout_options_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_layout_options_that_do_not_fit_the_shape():
+    assert "does not sum to d_out" in Spectral(split=(2, 2)).fits((5, 3))
+    assert "does not divide" in SpectralConv(groups=3).fits((8, 2, 3))
