@@ -181,12 +181,13 @@ def _fit_role(role: Role, layout: Layout) -> tuple[str, dict[str, Any]]:
     ``batch_dims``, ``split``, ``groups``) added where the norm takes them."""
     name, kwargs = role.norm, dict(role.norm_kwargs)
     if name == "Auto":
+        make_norm("Auto", kwargs)  # an option no norm Auto picks accepts raises here
         name = _AUTO_BY_KIND.get(layout.kind, "BiasRMS")
+        kwargs = {k: v for k, v in kwargs.items() if k in _accepted_options(NORMS[name])}
     if name == "Spectral" and layout.kind == "conv":
         name = "SpectralConv"
         kwargs = {k: v for k, v in kwargs.items() if k not in _SPECTRAL_ONLY}
     accepted = _accepted_options(NORMS[name])
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     kwargs.update({k: v for k, v in layout.options.items() if k in accepted})
     return name, kwargs
 

@@ -187,3 +187,11 @@ def test_newton_schulz_dtype_is_shown(bf16_units, want, monkeypatch):
     text = repr(Scion(groups, lr=0.1))
     assert f"newton_schulz: {want}" in text and "newton_schulz: float16" in text
     assert text.count("newton_schulz:") == 2
+
+
+@pytest.mark.parametrize("norm", ["Spectral", "Auto"])
+def test_an_unknown_role_option_raises(norm):
+    """A misspelt option is an error, not dropped (Auto: one no norm it picks accepts)."""
+    bad = {"hidden": {"norm": norm, "norm_kwargs": {"coeficients": "classic"}}}
+    with pytest.raises(ValueError, match="coeficients"):
+        param_groups(TinyGPT(tied=False), "stock", overrides=bad)
