@@ -4,7 +4,7 @@
 stock models built from their libraries' classes (random weights: HF transformers' GPT-2 and
 Llama, timm's ViT, ResNet-18 and ConvNeXt-atto layouts at 1/4 of their widths) on synthetic
 data that can be learned, for a fixed number of steps, and reports the mean training loss of
-the last 10 steps:
+the last 10 steps, averaged over ``--seeds`` runs (model init and data differ per seed):
 
 - language models: token sequences from a fixed random bigram table in which every token has 4
   likely successors (loss floor about ln 4 ≈ 1.4 nats);
@@ -166,6 +166,20 @@ def tasks() -> dict[str, Task | str]:
     return out
 
 
+def train_seeds(
+    task: Task, make_opt: Callable[[nn.Module], Any], steps: int, seeds: int
+) -> dict[str, Any]:
+    """:func:`train` for seeds ``0 … seeds−1``: the mean final loss and each seed's."""
+    runs = [train(task, make_opt, steps, seed) for seed in range(seeds)]
+    finals = [r["final"] for r in runs]
+    return {
+        "final": sum(finals) / len(finals),
+        "finals": finals,
+        "seconds": sum(r["seconds"] for r in runs),
+        "diverged": any(r["diverged"] for r in runs),
+    }
+
+
 def train(task: Task, make_opt: Callable[[nn.Module], Any], steps: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = task.build()
@@ -183,7 +197,7 @@ def train(task: Task, make_opt: Callable[[nn.Module], Any], steps: int, seed: in
         loss.backward()
         opt.step()
         after()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     tail = losses[-10:]
     return {
         "final": sum(tail) / len(tail),
@@ -200,9 +214,17 @@ def adamw(lr: float) -> Callable[[nn.Module], Any]:
     return make
 
 
-def scion(recipe: str, lr: float, init: bool, **radii: float) -> Callable[[nn.Module], Any]:
+def scion(
+    recipe: str, lr: float, init: bool, conv: float | None = None, **radii: float
+) -> Callable[[nn.Module], Any]:
+    """Scion on ``param_groups(model, recipe)`` with each role's radius ``radii[role]`` and,
+    for the input and hidden roles, conv weights at ``conv`` (``None``: the recipe's)."""
+
     def make(model: nn.Module) -> Any:
-        overrides = {role: {"scale": r} for role, r in radii.items()}
+        overrides: dict[str, dict[str, float]] = {role: {"scale": r} for role, r in radii.items()}
+        if conv is not None:
+            for role in ("input", "hidden"):
+                overrides.setdefault(role, {})["conv_scale"] = conv
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             groups = param_groups(model, recipe, overrides=overrides)
@@ -226,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", default="", help="input radii (default: the recipe's)")
     p.add_argument("--vector", default="", help="vector radii (default: the recipe's)")
     p.add_argument("--head", default="", help="head radii (default: the recipe's)")
+    p.add_argument("--conv", default="", help="conv radii (default: the recipe's)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per point, averaged")
     p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
     p.add_argument("--init", default="0,1", help="run Scion with init() (1), without (0)")
     p.add_argument("--out", default=None)
@@ -242,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         recipe = args.recipe or task.recipe
         for lr in floats(args.adamw):
-            r = train(task, adamw(lr), args.steps)
+            r = train_seeds(task, adamw(lr), args.steps, args.seeds)
             rows.append({"model": name, "optimizer": "AdamW", "lr": lr, **r})
             print(f"{name:9s} AdamW lr={lr:<8g} {r['final']:.3f}", file=sys.stderr, flush=True)
         r = RECIPES[recipe]
@@ -253,22 +277,25 @@ def main(argv: list[str] | None = None) -> int:
             floats(args.head) or [r.head.scale],
             [bool(int(v)) for v in args.init.split(",")],
             floats(args.input) or [r.input.scale],
+            floats(args.conv) or [r.hidden.conv_scale],
         )
-        for lr, hidden, vector, head, init, input_ in grid:
+        for lr, hidden, vector, head, init, input_, conv in grid:
             radii = {"input": input_, "hidden": hidden, "vector": vector, "head": head}
-            r = train(task, scion(recipe, lr, init, **radii), args.steps)
+            r = train_seeds(task, scion(recipe, lr, init, conv, **radii), args.steps, args.seeds)
             rows.append(
                 {
                     "model": name,
                     "optimizer": f"Scion {recipe}",
                     "lr": lr,
                     "init": init,
+                    "conv": conv,
                     **radii,
                     **r,
                 }
             )
             print(
-                f"{name:9s} Scion lr={lr:<8g} ρ={radii['input']:g}/{hidden:g}/{vector:g}/{head:g} "
+                f"{name:9s} Scion lr={lr:<8g} ρ={radii['input']:g}/{hidden:g}/{vector:g}/{head:g}"
+                f"{f' conv {conv:g}' if conv else ''} "
                 f"init={int(init)} "
                 f"{r['final']:.3f}{' diverged' if r['diverged'] else ''}",
                 file=sys.stderr,
@@ -301,9 +328,10 @@ def _markdown(record: dict) -> str:
         f"{env.get('device', '?')}, torch {env.get('torch', '?')}, transformers "
         f"{env.get('transformers')}, timm {env.get('timm')}, torchvision {env.get('torchvision')}",
         "",
-        "Mean training loss of the last 10 steps.",
+        "Training loss: the mean of the last 10 steps, averaged over the seeds (each seed's in",
+        "brackets). Radii: input/hidden/vector/head, and conv weights where they differ.",
         "",
-        "| model | optimizer | lr | radii (input/hidden/vector/head) | init() | loss |",
+        "| model | optimizer | lr | radii | init() | loss |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in record["rows"]:
@@ -313,8 +341,12 @@ def _markdown(record: dict) -> str:
         radii = (
             f"{r['input']:g}/{r['hidden']:g}/{r['vector']:g}/{r['head']:g}" if "hidden" in r else ""
         )
+        if r.get("conv"):
+            radii += f", conv {r['conv']:g}"
         init = ("yes" if r["init"] else "no") if "init" in r else ""
         loss = "diverged" if r["diverged"] else f"{r['final']:.3f}"
+        if len(r.get("finals", [])) > 1 and not r["diverged"]:
+            loss += " (" + ", ".join(f"{f:.3f}" for f in r["finals"]) + ")"
         lines.append(
             f"| {r['model']} | {r['optimizer']} | {r['lr']:g} | {radii} | {init} | {loss} |"
         )

@@ -16,7 +16,10 @@ Every parameter of a model gets one of four roles:
 Each parameter's kind and storage come from its module's type
 (:func:`scion_kernels.layers.describe`), and its norm gets the options that make it read the
 layer's true ``(d_out, d_in)``: HF GPT-2's ``Conv1D`` and embeddings are stored transposed,
-MoE experts are stacked, grouped and depthwise convs take one LMO per group.
+MoE experts are stacked, grouped and depthwise convs take one LMO per group. The stock recipes
+orthogonalize convs whose windows overlap (stride < kernel) per kernel tap
+(``SpectralConv(per_tap=True)``, :attr:`Recipe.per_tap`) and give conv weights their own
+radius (:attr:`Role.conv_scale`: SpectralConv divides by the kernel size).
 
 What ``Scion.init()`` then does, per role: ``input``/``hidden`` weights go on the sphere of
 radius ρ of their norm (orthogonal for Spectral, per tap for SpectralConv, normalized columns
@@ -65,6 +68,13 @@ class Role:
     norm: str
     scale: float
     norm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: The radius of the role's conv weights (SpectralConv, which divides its LMO by the
+    #: kernel size K); ``None``: ``scale``.
+    conv_scale: float | None = None
+
+    def scale_of(self, norm: str) -> float:
+        """The radius of a parameter of this role whose norm is ``norm``."""
+        return self.conv_scale if norm == "SpectralConv" and self.conv_scale else self.scale
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,10 @@ class Recipe:
     #: The role of a head weight tied to an embedding: ``"head"`` (the authors' tied nanoGPT)
     #: or ``"input"`` (the embedding's norm and radius; the stock recipes).
     tied: str = "head"
+    #: Convs whose windows overlap (stride < kernel) get ``SpectralConv(per_tap=True)``, one
+    #: polar factor per kernel tap (the stock recipes); ``False``: one for the flattened kernel,
+    #: as the authors' code. Patchify convs (stride = kernel) are always one matrix.
+    per_tap: bool = False
 
 
 #: Recipes for stock models (HF transformers, timm, torchvision as their libraries build them:
@@ -102,6 +116,7 @@ RECIPES: dict[str, Recipe] = {
         momentum=0.1,
         source="bench/recipes.py sweep on stock GPT-2 and Llama",
         tied="input",
+        per_tap=True,
     ),
     # Vision transformers (ViT, DeiT): as "stock", with the patch embedding (SpectralConv,
     # divided by the patch area) at ρ = 2.
@@ -114,19 +129,22 @@ RECIPES: dict[str, Recipe] = {
         momentum=0.1,
         source="bench/recipes.py sweep on stock ViT",
         tied="input",
+        per_tap=True,
     ),
-    # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): SpectralConv divides by the
-    # kernel size K, so hidden radii are larger; vectors ρ = 0.3 (BatchNorm gains that start
-    # at 0 in a residual branch must grow).
+    # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): matrices (ConvNeXt's MLPs)
+    # ρ = 2 as in "stock"; conv weights ρ = 128 (SpectralConv divides by the kernel size K),
+    # one polar factor per tap where windows overlap; vectors ρ = 0.3 (BatchNorm gains that
+    # start at 0 in a residual branch must grow).
     "stock-cnn": Recipe(
-        input=Role("Auto", 16.0),
-        hidden=Role("Auto", 16.0),
+        input=Role("Auto", 2.0, conv_scale=128.0),
+        hidden=Role("Auto", 2.0, conv_scale=128.0),
         head=Role("Sign", 32.0),
         vector=Role("BiasRMS", 0.3),
         lr=2**-6,
         momentum=0.1,
         source="bench/recipes.py sweep on stock ResNet and ConvNeXt",
         tied="input",
+        per_tap=True,
     ),
     # nanoGPT (README, examples/modded-nanogpt): Spectral ρ=50 on the blocks, Sign ρ=50·60 on the
     # head; an untied embedding gets Sign(normalized=False) ρ=1 as in examples/shallow-nanogpt.
@@ -175,10 +193,11 @@ _SPECTRAL_ONLY = ("max", "normalized", "batch_dims", "split")
 _AUTO_BY_KIND = {"matrix": "Spectral", "embedding": "ColNorm", "conv": "SpectralConv"}
 
 
-def _fit_role(role: Role, layout: Layout) -> tuple[str, dict[str, Any]]:
+def _fit_role(role: Role, layout: Layout, per_tap: bool) -> tuple[str, dict[str, Any]]:
     """The role's norm and options for a parameter of ``layout``: ``Auto`` resolved by kind,
-    Spectral turned into SpectralConv for conv weights, and the layout's options (``transpose``,
-    ``batch_dims``, ``split``, ``groups``) added where the norm takes them."""
+    Spectral turned into SpectralConv for conv weights, the layout's options (``transpose``,
+    ``batch_dims``, ``split``, ``groups``) added where the norm takes them, and ``per_tap``
+    for a SpectralConv whose windows overlap (unless the role sets it)."""
     name, kwargs = role.norm, dict(role.norm_kwargs)
     if name == "Auto":
         make_norm("Auto", kwargs)  # an option no norm Auto picks accepts raises here
@@ -189,6 +208,8 @@ def _fit_role(role: Role, layout: Layout) -> tuple[str, dict[str, Any]]:
         kwargs = {k: v for k, v in kwargs.items() if k not in _SPECTRAL_ONLY}
     accepted = _accepted_options(NORMS[name])
     kwargs.update({k: v for k, v in layout.options.items() if k in accepted})
+    if name == "SpectralConv" and per_tap and layout.overlaps:
+        kwargs.setdefault("per_tap", True)
     return name, kwargs
 
 
@@ -357,7 +378,7 @@ def param_groups(
         role = (roles or {}).get(pname) or role_of.get(id(p), default)
         if role != "vector" and lay.kind not in layer_kinds:
             lay = Layout("matrix", lay.module, lay.rule)
-        norm, kwargs = _fit_role(by_role[role], lay)
+        norm, kwargs = _fit_role(by_role[role], lay, recipe.per_tap)
         misfit = describe_misfit(make_norm(norm, kwargs), p.shape, f"{pname!r} ({lay.rule})")
         if misfit:
             raise ValueError(
@@ -372,7 +393,8 @@ def param_groups(
             or tied
             or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
-        key = (role, norm, repr(sorted(kwargs.items())), by_role[role].scale, keep)
+        scale = by_role[role].scale_of(norm)
+        key = (role, norm, repr(sorted(kwargs.items())), scale, keep)
         group = groups.setdefault(
             key,
             {
@@ -380,7 +402,7 @@ def param_groups(
                 "param_names": [],
                 "norm": norm,
                 "norm_kwargs": kwargs,
-                "scale": by_role[role].scale,
+                "scale": scale,
                 "role": role,
                 **({"init": False} if keep else {}),
             },

@@ -8,8 +8,10 @@ module                                     parameter → kind (layout options of
 ``nn.Linear`` (and subclasses)             ``weight`` → matrix ``(d_out, d_in)``
 HF ``Conv1D`` (GPT-2, GPT-J style)         ``weight`` → matrix stored ``(d_in, d_out)``
                                            (``transpose=True``)
-``nn.Conv{1,2,3}d``                        ``weight`` → conv (``groups``: one LMO per group)
-``nn.ConvTranspose{1,2,3}d``               ``weight`` → conv (``groups``, ``transpose=True``)
+``nn.Conv{1,2,3}d``                        ``weight`` → conv (``groups``: one LMO per group;
+                                           :attr:`Layout.overlaps` if stride < kernel)
+``nn.ConvTranspose{1,2,3}d``               ``weight`` → conv (``groups``, ``transpose=True``;
+                                           ``overlaps`` likewise)
 ``nn.Bilinear``                            ``weight`` ``(d_out, d_in1, d_in2)`` → conv (the
                                            second input as its kernel)
 ``nn.Embedding``, ``nn.EmbeddingBag``      ``weight`` → embedding ``(vocab, dim)``, a map from
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -88,6 +90,9 @@ class Layout:
     rule: str
     options: Mapping[str, Any] = field(default_factory=dict)
     guessed: bool = False
+    #: A conv whose windows overlap (a stride smaller than its kernel in some dimension), as
+    #: opposed to a patchify conv (stride = kernel), which is a matrix on flattened patches.
+    overlaps: bool = False
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -100,6 +105,11 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
         and w.ndim == 2
         and tuple(w.shape) == (getattr(m, "nx", None), getattr(m, "nf", None))
     )
+
+
+def _overlaps(m: nn.Module) -> bool:
+    """Whether a conv's windows overlap: a stride smaller than its kernel in some dimension."""
+    return any(s < k for s, k in zip(m.stride, m.kernel_size, strict=True))
 
 
 def _is_norm_layer(m: nn.Module) -> bool:
@@ -126,12 +136,11 @@ def _module_rules(m: nn.Module, fused: bool) -> dict[str, Layout] | None:
         }
     if isinstance(m, _CONV):
         opts = {"groups": m.groups} if m.groups > 1 else {}
-        return {"weight": Layout("conv", "", f"nn.{kind_name}", opts)}
+        return {"weight": Layout("conv", "", f"nn.{kind_name}", opts, overlaps=_overlaps(m))}
     if isinstance(m, _CONV_T):
         opts = {"transpose": True, **({"groups": m.groups} if m.groups > 1 else {})}
-        return {
-            "weight": Layout("conv", "", f"nn.{kind_name}, stored (d_in, d_out/groups, k…)", opts)
-        }
+        rule = f"nn.{kind_name}, stored (d_in, d_out/groups, k…)"
+        return {"weight": Layout("conv", "", rule, opts, overlaps=_overlaps(m))}
     if isinstance(m, nn.Bilinear):
         return {"weight": Layout("conv", "", "nn.Bilinear, (d_out, d_in1, d_in2) as a conv")}
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
@@ -200,7 +209,7 @@ def describe(model: nn.Module, split_fused: bool = False) -> dict[str, Layout]:
         mname, pname, m = owner[id(p)]
         known = (_module_rules(m, split_fused) or {}).get(pname)
         if known is not None:
-            out[name] = Layout(known.kind, mname, known.rule, known.options)
+            out[name] = replace(known, module=mname)
             continue
         if pname == "bias" or pname.startswith("bias_") or pname.endswith("_bias"):
             out[name] = Layout("bias", mname, f"{type(m).__name__} bias")

@@ -382,6 +382,12 @@ class SpectralConv(Spectral):
         transpose: a transposed conv's weight ``(d_in, d_out/groups, *kernel)``
             (``nn.ConvTranspose{1,2,3}d``): each group's matrix is
             ``(d_out/groups, d_in/groups·K)``, rows indexed by output channel.
+        per_tap: one polar factor per kernel tap instead of one for the flattened kernel:
+            ``lmo(g)[:, :, t] = polar(g[:, :, t])·√(d_out/d_in)/K`` for every tap ``t`` (and
+            group): the LMO of ``K·maxₜ ‖W[:, :, t]‖_{RMS→RMS}``, the norm whose unit sphere
+            :meth:`init` samples. Suits convs whose windows overlap (stride < kernel); a
+            patchify conv (stride = kernel) is exactly a matrix on flattened patches, which the
+            default orthogonalizes.
     """
 
     name = "SpectralConv"
@@ -394,10 +400,12 @@ class SpectralConv(Spectral):
         polar: str = "newton_schulz",
         groups: int = 1,
         transpose: bool = False,
+        per_tap: bool = False,
     ) -> None:
         super().__init__(steps=steps, coefficients=coefficients, ns_dtype=ns_dtype, polar=polar)
         self.groups = _check_positive(groups, "groups")
         self.transpose = bool(transpose)
+        self.per_tap = bool(per_tap)
 
     def fits(self, shape: Sequence[int]) -> str | None:
         if len(shape) < 3:
@@ -413,24 +421,40 @@ class SpectralConv(Spectral):
 
     def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         d_out, d_in = self.dims(shape)
-        return self.groups, d_out, d_in * math.prod(shape[2:])
+        taps = math.prod(shape[2:])
+        if self.per_tap:
+            return self.groups * taps, d_out, d_in
+        return self.groups, d_out, d_in * taps
+
+    # The stored tensor seen as (groups, d_out, d_in, taps): a view, or the transpose of one.
+    def _by_tap(self, g: Tensor) -> Tensor:
+        d_out, d_in = self.dims(g.shape)
+        if self.transpose:
+            return g.reshape(self.groups, d_in, d_out, -1).transpose(1, 2)
+        return g.reshape(self.groups, d_out, d_in, -1)
+
+    def _from_by_tap(self, t: Tensor, shape: Sequence[int]) -> Tensor:
+        return (t.transpose(1, 2) if self.transpose else t).reshape(shape)
 
     def _matrices(self, g: Tensor) -> Tensor:
-        if not self.transpose:
+        if self._reshapes():
             return g.reshape(self._matrix_shape(g.shape))
-        d_out, d_in = self.dims(g.shape)
-        per_group = g.reshape(self.groups, d_in, d_out, -1).transpose(1, 2)
-        return per_group.reshape(self._matrix_shape(g.shape))
+        t = self._by_tap(g)
+        return (t.permute(0, 3, 1, 2) if self.per_tap else t).reshape(self._matrix_shape(g.shape))
 
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
         (mats,) = blocks
-        if not self.transpose:
+        if self._reshapes():
             return mats.reshape(shape)
         d_out, d_in = self.dims(shape)
-        return mats.reshape(self.groups, d_out, d_in, -1).transpose(1, 2).reshape(shape)
+        if self.per_tap:
+            t = mats.reshape(self.groups, -1, d_out, d_in).permute(0, 2, 3, 1)
+        else:
+            t = mats.reshape(self.groups, d_out, d_in, -1)
+        return self._from_by_tap(t, shape)
 
     def _reshapes(self) -> bool:
-        return not self.transpose
+        return not (self.transpose or self.per_tap)
 
     def scale_for(self, shape: Sequence[int]) -> float:
         d_out, d_in = self.dims(shape)
@@ -443,9 +467,8 @@ class SpectralConv(Spectral):
             mats = torch.empty(self.groups, taps, d_out, d_in, dtype=torch.float64)
             for m in mats.flatten(0, 1):
                 torch.nn.init.orthogonal_(m)
-            # (groups, taps, d_out, d_in) → the matrices (groups, d_out, d_in·K) of _matrices.
-            mats = mats.permute(0, 2, 3, 1).reshape(self._matrix_shape(w.shape))
-            w.copy_(self._assemble([mats.mul_(self.scale_for(w.shape))], w.shape))
+            by_tap = mats.permute(0, 2, 3, 1).mul_(self.scale_for(w.shape))
+            w.copy_(self._from_by_tap(by_tap, w.shape))
         return w
 
 

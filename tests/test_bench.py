@@ -157,12 +157,15 @@ def test_recipes_sweep_writes_its_table(tmp_path):
     from bench import recipes
 
     argv = ["--models", "llama,nope", "--steps", "3", "--adamw", "0.001", "--init", "0,1"]
-    assert recipes.main([*argv, "--out", str(tmp_path)]) == 0
+    assert recipes.main([*argv, "--seeds", "2", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "recipes.json").read_text())
     rows = record["rows"]
     assert [r["optimizer"] for r in rows if "optimizer" in r] == ["AdamW"] + ["Scion stock"] * 6
     assert rows[-1] == {"model": "nope", "skipped": "unknown model 'nope'"}
-    assert all(math.isfinite(r["final"]) for r in rows if "final" in r)
+    for r in rows[:-1]:
+        assert len(r["finals"]) == 2 and all(math.isfinite(f) for f in r["finals"])
+        assert r["final"] == pytest.approx(sum(r["finals"]) / 2)
+        assert r["finals"][0] != r["finals"][1]  # the seeds differ
     table = (tmp_path / "recipes.md").read_text()
     assert table.count("| llama |") == 7 and "skipped: unknown model" in table
 

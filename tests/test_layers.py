@@ -138,6 +138,42 @@ def test_every_torch_layer_type_grouped_by_its_type():
     opt.step()
 
 
+def test_stock_recipes_orthogonalize_overlapping_convs_per_tap():
+    """Convs whose windows overlap (stride < kernel) get ``per_tap``; 1×1 convs and a
+    ConvTranspose with stride = kernel stay one matrix. Conv weights take the role's
+    ``conv_scale``, matrices its ``scale``; the authors' recipes never set ``per_tap``."""
+    overlaps = {n: lay.overlaps for n, lay in describe(layers_model()).items()}
+    assert overlaps["conv.weight"] and overlaps["depthwise.weight"]
+    assert not (overlaps["grouped.weight"] or overlaps["up.weight"] or overlaps["fc.weight"])
+    got = by_name(no_warnings(param_groups, layers_model(), "stock-cnn", example_inputs=ids()))
+    assert got["conv.weight"][1:4] == ("SpectralConv", {"per_tap": True}, 128.0)
+    assert got["depthwise.weight"][1:4] == ("SpectralConv", {"groups": 12, "per_tap": True}, 128.0)
+    assert got["grouped.weight"][1:4] == ("SpectralConv", {"groups": 4}, 128.0)
+    assert got["up.weight"][2] == {"groups": 2, "transpose": True}
+    assert got["fc.weight"][1:4] == ("Spectral", {}, 2.0)
+    got = by_name(
+        param_groups(
+            layers_model(),
+            "stock-cnn",
+            example_inputs=ids(),
+            overrides={"hidden": {"scale": 4.0, "conv_scale": 8.0}},
+        )
+    )
+    assert (got["conv.weight"][3], got["fc.weight"][3]) == (8.0, 4.0)
+    got = by_name(param_groups(layers_model(), "cnn", example_inputs=ids()))
+    assert got["conv.weight"][1:3] == ("SpectralConv", {})
+    # A role that sets per_tap itself is not overridden.
+    got = by_name(
+        param_groups(
+            layers_model(),
+            "stock-cnn",
+            example_inputs=ids(),
+            overrides={"hidden": {"norm_kwargs": {"per_tap": False}}},
+        )
+    )
+    assert got["conv.weight"][2] == {"per_tap": False}
+
+
 def test_split_fused_orthogonalizes_each_block():
     groups = no_warnings(
         param_groups, layers_model(), "mlp", example_inputs=ids(), split_fused=True
@@ -268,6 +304,43 @@ def test_norm_layouts_match_the_layers_true_map():
         m = block.transpose(0, 1).reshape(3, 6)
         want = Spectral(**svd).lmo(m) * math.sqrt(6 / 3) * math.sqrt(3 / 2) / 3
         torch.testing.assert_close(got[2 * k : 2 * k + 2], want.reshape(3, 2, 3).transpose(0, 1))
+
+
+@pytest.mark.parametrize(
+    "shape, groups, transpose",
+    [
+        ((8, 4, 3, 3), 1, False),
+        ((8, 2, 3, 3), 4, False),
+        ((6, 1, 5), 6, False),  # depthwise: each tap a 1×1 matrix, the LMO a sign
+        ((5, 7, 2, 3, 3), 1, False),
+        ((16, 3, 7, 7), 1, False),  # a stem: tall taps
+        ((4, 6, 3, 3), 1, True),
+        ((6, 2, 3), 3, True),
+    ],
+)
+def test_per_tap_orthogonalizes_each_kernel_tap(shape, groups, transpose):
+    """``SpectralConv(per_tap=True)``: per group and tap, ``polar(W[:, :, t])·√(d_out/d_in)/K``
+    (float64 SVD); the init is a fixed point of the LMO (it lies on the norm's unit sphere)."""
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    norm = SpectralConv(groups=groups, transpose=transpose, per_tap=True, polar="svd")
+    by_tap = (  # (groups, taps, d_out, d_in)
+        g.reshape(groups, shape[0] // groups, shape[1], -1).permute(0, 3, 2, 1)
+        if transpose
+        else g.reshape(groups, shape[0] // groups, shape[1], -1).permute(0, 3, 1, 2)
+    )
+    u, _, vh = torch.linalg.svd(by_tap, full_matrices=False)
+    d_out, d_in, taps = by_tap.shape[2], by_tap.shape[3], by_tap.shape[1]
+    want = (u @ vh) * math.sqrt(d_out / d_in) / taps
+    want = want.permute(0, 3, 2, 1) if transpose else want.permute(0, 2, 3, 1)
+    torch.testing.assert_close(norm.lmo(g), want.reshape(shape), rtol=1e-12, atol=1e-12)
+    assert norm.dims(shape) == (d_out, d_in) and not norm._reshapes()
+    w = norm.init(torch.empty(shape, dtype=torch.float64))
+    torch.testing.assert_close(norm.lmo(w), w, rtol=1e-9, atol=1e-9)
+    torch.manual_seed(0)
+    a = SpectralConv(groups=groups, transpose=transpose).init(torch.empty(shape))
+    torch.manual_seed(0)
+    b = norm.init(torch.empty(shape))
+    assert torch.equal(a, b)  # the same init: orthogonal per tap
 
 
 def test_init_keeps_gains_and_zeroes_untied_heads():
@@ -418,7 +491,7 @@ def _train(model, loss_fn, steps, init, recipe, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

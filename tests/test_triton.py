@@ -271,6 +271,8 @@ LAYOUTS = [
     ("SpectralConv", {"groups": 8}, (8, 1, 3), True),  # depthwise
     ("Spectral", {"split": (8, 12)}, (20, 36), False),  # split blocks: reference path
     ("SpectralConv", {"groups": 2, "transpose": True}, (6, 4, 3), False),  # transposed conv
+    ("SpectralConv", {"per_tap": True}, (8, 4, 3), False),  # one matrix per tap: a permute
+    ("SpectralConv", {"per_tap": True, "groups": 2}, (8, 2, 3, 3), False),
 ]
 
 
