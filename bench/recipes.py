@@ -1,8 +1,9 @@
 """Recipes on stock models: Scion with ``param_groups`` (no hand fixes) against AdamW.
 
-``python -m bench.recipes [--models gpt2,llama,vit,resnet,convnext] [--steps 60]`` trains small
-stock models built from their libraries' classes (random weights: HF transformers' GPT-2 and
-Llama, timm's ViT, ResNet-18 and ConvNeXt-atto layouts at 1/4 of their widths) on synthetic
+``python -m bench.recipes [--models gpt2,llama,vit,resnet,mobilenet,convnext] [--steps 60]``
+trains small stock models built from their libraries' classes (random weights: HF
+transformers' GPT-2 and Llama, timm's ViT, ResNet-18 and ConvNeXt-atto layouts at 1/4 of their
+widths, MobileNetV3-small at width 0.5: depthwise and squeeze-excite convs) on synthetic
 data that can be learned, for a fixed number of steps, and reports the mean training loss of
 the last 10 steps, averaged over ``--seeds`` runs (model init and data differ per seed):
 
@@ -123,7 +124,7 @@ def tasks() -> dict[str, Task | str]:
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - timm fails in several ways without torchvision
-        for k in ("vit", "resnet", "convnext"):
+        for k in ("vit", "resnet", "mobilenet", "convnext"):
             out[k] = f"timm not importable: {type(e).__name__}: {e}"
     else:
         out["vit"] = Task(
@@ -148,6 +149,13 @@ def tasks() -> dict[str, Task | str]:
                 num_classes=CLASSES,
                 channels=(16, 32, 64, 128),
             ),  # fmt: skip
+            _images,
+            _ce_loss,
+            "stock-cnn",
+        )
+        out["mobilenet"] = Task(
+            "mobilenet",
+            lambda: timm.create_model("mobilenetv3_small_050", num_classes=CLASSES),
             _images,
             _ce_loss,
             "stock-cnn",
@@ -238,7 +246,7 @@ def scion(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__)
-    p.add_argument("--models", default="gpt2,llama,vit,resnet,convnext")
+    p.add_argument("--models", default="gpt2,llama,vit,resnet,mobilenet,convnext")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--recipe", default=None, help="the Scion recipe (default: the task's)")
     p.add_argument(

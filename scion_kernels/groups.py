@@ -37,6 +37,7 @@ their modified models (weightless norms, scaled activations).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -68,13 +69,17 @@ class Role:
     norm: str
     scale: float
     norm_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    #: The radius of the role's conv weights (SpectralConv, which divides its LMO by the
-    #: kernel size K); ``None``: ``scale``.
+    #: The radius of the role's conv weights with a kernel of more than one element
+    #: (SpectralConv divides its LMO by the kernel size K); ``None``: ``scale``. A 1×1 conv is
+    #: a matrix and takes ``scale``.
     conv_scale: float | None = None
 
-    def scale_of(self, norm: str) -> float:
-        """The radius of a parameter of this role whose norm is ``norm``."""
-        return self.conv_scale if norm == "SpectralConv" and self.conv_scale else self.scale
+    def scale_of(self, norm: str, shape: Sequence[int]) -> float:
+        """The radius of a parameter of ``shape`` in this role whose norm is ``norm``."""
+        kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
+        if norm == "SpectralConv" and kernel > 1 and self.conv_scale is not None:
+            return self.conv_scale
+        return self.scale
 
 
 @dataclass(frozen=True)
@@ -393,7 +398,7 @@ def param_groups(
             or tied
             or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
-        scale = by_role[role].scale_of(norm)
+        scale = by_role[role].scale_of(norm, p.shape)
         key = (role, norm, repr(sorted(kwargs.items())), scale, keep)
         group = groups.setdefault(
             key,

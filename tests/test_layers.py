@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from scion_kernels import Scion, format_groups, param_groups
+from scion_kernels import RECIPES, Scion, format_groups, param_groups
 from scion_kernels.layers import describe, output_layers
 from scion_kernels.norms import Spectral, SpectralConv, make_norm
 
@@ -148,7 +148,7 @@ def test_stock_recipes_orthogonalize_overlapping_convs_per_tap():
     got = by_name(no_warnings(param_groups, layers_model(), "stock-cnn", example_inputs=ids()))
     assert got["conv.weight"][1:4] == ("SpectralConv", {"per_tap": True}, 128.0)
     assert got["depthwise.weight"][1:4] == ("SpectralConv", {"groups": 12, "per_tap": True}, 128.0)
-    assert got["grouped.weight"][1:4] == ("SpectralConv", {"groups": 4}, 128.0)
+    assert got["grouped.weight"][1:4] == ("SpectralConv", {"groups": 4}, 2.0)  # 1×1: a matrix
     assert got["up.weight"][2] == {"groups": 2, "transpose": True}
     assert got["fc.weight"][1:4] == ("Spectral", {}, 2.0)
     got = by_name(
@@ -545,6 +545,92 @@ def test_timm_models(name, heads, grouped):
             assert got[n][0] in ("input", "hidden", "head"), n
         if lay.kind == "gain":
             assert got[n][4] is False, n
+
+
+# ----------------------------------------------------------------------------- torchvision
+def _torchvision():
+    try:
+        import torchvision
+    except Exception as e:  # noqa: BLE001 - PyPI's build fails beside torch 2.13's CPU build
+        pytest.skip(f"torchvision does not import here: {type(e).__name__}: {e}")
+    return torchvision
+
+
+def _tv_resnet(tv):
+    return tv.models.resnet18(num_classes=5), "stock-cnn"
+
+
+def _tv_vit(tv):
+    vit = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    return vit, "stock-vit"
+
+
+def _tv_mobilenet(tv):
+    return tv.models.mobilenet_v3_small(num_classes=5), "stock-cnn"
+
+
+TV_ATTN = "encoder.layers.encoder_layer_0.self_attention"
+DW_16 = {"groups": 16, "per_tap": True}  # a depthwise 3×3 conv of 16 channels
+
+
+@pytest.mark.parametrize(
+    "build, expect",
+    [
+        # parameter → (role, norm, options, radius, init touches it)
+        (
+            _tv_resnet,
+            {
+                "conv1.weight": ("input", "SpectralConv", {"per_tap": True}, 128.0, True),
+                "layer1.0.conv1.weight": ("hidden", "SpectralConv", {"per_tap": True}, 128.0, True),
+                "layer2.0.downsample.0.weight": ("hidden", "SpectralConv", {}, 2.0, True),
+                "layer1.0.bn1.weight": ("vector", "BiasRMS", {}, 0.3, False),
+                "fc.weight": ("head", "Sign", {"zero_init": True}, 32.0, True),
+            },
+        ),
+        (
+            _tv_vit,
+            {
+                "conv_proj.weight": ("input", "SpectralConv", {}, 2.0, True),  # patchify
+                f"{TV_ATTN}.in_proj_weight": ("hidden", "Spectral", {}, 2.0, True),
+                "class_token": ("vector", "BiasRMS", {}, 0.1, False),
+                "encoder.pos_embedding": ("vector", "BiasRMS", {}, 0.1, False),
+                "heads.head.weight": ("head", "Sign", {"zero_init": True}, 32.0, True),
+            },
+        ),
+        (
+            _tv_mobilenet,
+            {
+                "features.1.block.0.0.weight": ("hidden", "SpectralConv", DW_16, 128.0, True),
+                "features.1.block.1.fc1.weight": ("hidden", "SpectralConv", {}, 2.0, True),
+                "classifier.0.weight": ("hidden", "Spectral", {}, 2.0, True),
+                "classifier.3.weight": ("head", "Sign", {"zero_init": True}, 32.0, True),
+            },
+        ),
+    ],
+    ids=["resnet18", "vit", "mobilenet_v3_small"],
+)
+def test_torchvision_models(build, expect):
+    """Stock torchvision models: the groups of named parameters, every weight in a layer role
+    with no warning, and one step after ``init()`` stays finite."""
+    model, recipe = build(_torchvision())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    groups = no_warnings(param_groups, model, recipe, example_inputs=x)
+    got = by_name(groups)
+    for name, want in expect.items():
+        assert got[name] == want, name
+    for n, p in model.named_parameters():
+        assert p.ndim < 2 or got[n][0] in ("input", "hidden", "head", "vector"), n
+        if describe(model)[n].kind in ("matrix", "conv"):
+            assert got[n][0] != "vector", n
+    opt = Scion(groups, lr=RECIPES[recipe].lr, momentum=RECIPES[recipe].momentum)
+    opt.init()
+    model.train()
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize(
