@@ -1,8 +1,12 @@
-"""Run the benchmark suite: ``python -m bench [--quick | --full] [--only polar,step,...]``.
+"""Run the benchmark suite: ``python -m bench [--quick | --full | --check] [--only polar,...]``.
 
 ``--quick`` (the default) fits a 2-core CPU in a few minutes: the reference path, SVD and the
-peers on sizes that fit. ``--full`` is the GPU suite. Results go to
-``bench/results/<device>/<suite>.{json,md}`` with PNG plots beside them.
+peers on sizes that fit. ``--full`` is the GPU suite. ``--check`` is the GPU check's
+(``bench/gpu_check.py``) few minutes: the polar factor at 1024², 4096², 8192², GPT-2 small's
+matrices and 2048×5464 at batch 32 (classic coefficients), whole steps on GPT-2 small, the
+copy bandwidth and matrix rates; on a CPU it shrinks to sizes that only exercise the plumbing.
+Results go to ``bench/results/<device>/<suite>.{json,md}`` with PNG plots beside them. A run
+stopped by SIGTERM or Ctrl-C still writes what it measured (``"partial": true``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = p.add_mutually_exclusive_group()
     suite.add_argument("--quick", action="store_true", help="the CPU-sized suite (default)")
     suite.add_argument("--full", action="store_true", help="the full GPU suite")
+    suite.add_argument("--check", action="store_true", help="the GPU check's few minutes")
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma list of {BENCHES}")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats on a CPU")
@@ -36,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHES}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quick = not args.full
+    name = "full" if args.full else "check" if args.check else "quick"
+    quick = name == "quick"
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
 
     header = environment(device)
-    header["suite"] = "quick" if quick else "full"
+    header["suite"] = name
     header["command"] = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     repeats = args.repeats or (3 if device.type == "cpu" else 10)
     print(
@@ -54,15 +61,24 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(benches, unit="bench", file=sys.stdout) if tqdm else benches
     log = tqdm.write if tqdm else (lambda s: print(s, flush=True))
-    ctx = Context(device=device, quick=quick, repeats=repeats, log=log)
+    ctx = Context(device=device, quick=quick, repeats=repeats, log=log, suite=name)
     t0 = time.perf_counter()
-    for bench in bar:
-        if tqdm:
-            bar.set_description(bench)
-        module = importlib.import_module(f"bench.{bench}")
-        module.run(ctx)
-        if getattr(module, "LAST_COPY_GBPS", None):
-            header["copy_gbps"] = module.LAST_COPY_GBPS
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if name == "check":
+            ctx.matrix_rate(torch.bfloat16)
+        for bench in bar:
+            if tqdm:
+                bar.set_description(bench)
+            module = importlib.import_module(f"bench.{bench}")
+            module.run(ctx)
+            if getattr(module, "LAST_COPY_GBPS", None):
+                header["copy_gbps"] = module.LAST_COPY_GBPS
+    except KeyboardInterrupt:
+        header["partial"] = True
+        print("\nstopped: writing what was measured", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     header["matrix_tflops"] = dict(sorted(ctx.rates.items()))
     header["seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -73,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {path}")
     print("\n" + paths[1].read_text())
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a stage's time budget ran out) stops the run as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -82,13 +82,18 @@ def write(table: dict[str, dict[str, str]], path: Path = TABLE_FILE) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files")
+    parser.add_argument(
+        "--out", type=Path, default=TABLE_FILE, help="the table file (default: the package's)"
+    )
     args = parser.parse_args(argv)
     from scion_kernels._backend_table import TABLE
 
     table = dict(TABLE)
     table.update(choose([json.loads(p.read_text()) for p in args.results]))
-    write(table)
-    print(f"{TABLE_FILE.relative_to(ROOT)}: {len(table)} device(s)")
+    if args.out != TABLE_FILE:
+        args.out.write_text(TABLE_FILE.read_text())
+    write(table, args.out)
+    print(f"{args.out}: {len(table)} device(s)")
     for device, choice in table.items():
         print(f"  {device}: {choice}")
 

@@ -105,10 +105,18 @@ class Context:
     device: torch.device
     quick: bool = True
     repeats: int = 5
+    #: ``"quick"``, ``"full"`` or ``"check"`` (the GPU check's sized suite, ``quick=False``;
+    #: on a CPU it shrinks to plumbing sizes: :attr:`tiny`).
+    suite: str = "quick"
     log: Callable[[str], None] = print
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: Matrix rates (TFLOP/s) measured in this run, by dtype name (:meth:`matrix_rate`).
     rates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tiny(self) -> bool:
+        """A check suite on a CPU: every benchmark at sizes that only exercise its plumbing."""
+        return self.suite == "check" and self.device.type == "cpu"
 
     def matrix_rate(self, dtype: torch.dtype) -> float:
         """The measured matrix rate of ``dtype`` products on this device (TFLOP/s), measured

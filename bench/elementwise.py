@@ -57,11 +57,12 @@ BYTES_PER_ELEMENT = {"average": 12, "sign+update": 20, "biasrms": 12}
 TORCH_BYTES_PER_ELEMENT = {"average": 20, "sign+update": 36, "biasrms": 12}
 
 
-def gpt2_small_shapes(layers: int = 12) -> list[tuple[int, ...]]:
+def gpt2_small_shapes(layers: int = 12, **sizes: int) -> list[tuple[int, ...]]:
     """Parameter shapes of GPT-2 small (the step benchmark's model, tied output embedding):
-    148 tensors, 124,439,808 elements for 12 layers."""
+    148 tensors, 124,439,808 elements for 12 layers; ``sizes`` (``dim``, ``vocab``) shrink
+    it."""
     with torch.device("meta"):
-        model = GPT2(n_layer=layers)
+        model = GPT2(n_layer=layers, **sizes)
     return [tuple(p.shape) for p in model.parameters()]
 
 
@@ -105,7 +106,7 @@ def _record(
 def run(ctx: Context) -> None:
     """Measure the copy bandwidth, then each memory-bound stage; one row per (stage, backend)."""
     global LAST_COPY_GBPS
-    copy_numel = (1 << 28) if ctx.device.type == "cuda" else (1 << 25)
+    copy_numel = (1 << 28) if ctx.device.type == "cuda" else (1 << 20 if ctx.tiny else 1 << 25)
     LAST_COPY_GBPS = copy_bandwidth_gbps(ctx, copy_numel)
     _free(ctx)
     copy_bytes = 2 * 4 * copy_numel  # fp32, read + write
@@ -122,7 +123,11 @@ def run(ctx: Context) -> None:
     )
     ctx.log(f"elementwise: measured copy bandwidth {LAST_COPY_GBPS:.4g} GB/s on {ctx.device}")
 
-    shapes = gpt2_small_shapes(2 if ctx.quick else 12)
+    shapes = (
+        gpt2_small_shapes(2 if ctx.quick else 12, dim=64, vocab=256)
+        if ctx.tiny
+        else (gpt2_small_shapes(2 if ctx.quick else 12))
+    )
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(SEED)
     grads = _randn(ctx, shapes, gen)

@@ -70,6 +70,20 @@ _FULL_MATRICES: list[tuple[int, int]] = [
 ]
 #: The full (GPU) suite: every matrix at batch 1, 8 and 32, less what does not fit.
 FULL_SHAPES: list[Shape] = [(b, m, n) for (m, n) in _FULL_MATRICES for b in (1, 8, 32)]
+#: The GPU check's suite (classic coefficients only), most wanted first: a stage stopped at
+#: its time budget keeps what ran. 4096² is PERF.md's Newton–Schulz target.
+CHECK_SHAPES: list[Shape] = [
+    (1, 4096, 4096),
+    (1, 768, 768),
+    (1, 768, 2304),
+    (1, 768, 3072),
+    (1, 3072, 768),
+    (32, 2048, 5464),
+    (1, 1024, 1024),
+    (1, 8192, 8192),
+]
+#: The check suite on a CPU: plumbing only.
+TINY_SHAPES: list[Shape] = [(1, 64, 64), (2, 48, 96)]
 
 #: Fraction of device memory one configuration may use.
 MEMORY_FRACTION = 0.25
@@ -197,7 +211,7 @@ def backends(ctx: Context) -> dict[str, Backend]:
             note="torch.compile(newton_schulz, dynamic=False)",
         ),
     }
-    if ctx.quick and ctx.device.type == "cpu":
+    if (ctx.quick or ctx.tiny) and ctx.device.type == "cpu":
         # The compiled function runs the same BLAS products on a CPU, after ~5 s of compiling.
         del table["torch_compile"]
         ctx.log("polar: torch_compile skipped in a quick CPU run (the same CPU products)")
@@ -280,7 +294,9 @@ def _exact_affordable(ctx: Context, shape: Shape) -> bool:
     b, m, n = shape
     work = b * min(m, n) ** 2 * max(m, n)
     if ctx.device.type == "cuda":
-        return (b == 1 and min(m, n) <= _SVD_SINGLE_SIDE_CUDA) or work <= _SVD_BATCH_WORK_CUDA
+        # The check suite has minutes: a 4096² SVD takes seconds per call, ×11 calls.
+        side = 2048 if ctx.suite == "check" else _SVD_SINGLE_SIDE_CUDA
+        return (b == 1 and min(m, n) <= side) or work <= _SVD_BATCH_WORK_CUDA
     return work <= _SVD_WORK_CPU
 
 
@@ -321,14 +337,17 @@ def _label(name: str, coefficients: str | None) -> str:
 def run(ctx: Context, shapes: list[Shape] | None = None) -> None:
     """Measure every available backend on every shape of the suite; one row per result.
 
-    ``shapes`` overrides the suite (``QUICK_SHAPES`` or ``FULL_SHAPES`` by ``ctx.quick``).
+    ``shapes`` overrides the suite (``QUICK_SHAPES``, ``FULL_SHAPES``, ``CHECK_SHAPES`` or on
+    a CPU ``TINY_SHAPES``, by ``ctx.suite``). The check suite times classic coefficients only.
     """
     table = backends(ctx)
     for dtype in sorted({b.dtype for b in table.values()}, key=str):
         rate = ctx.matrix_rate(dtype)
         ctx.log(f"polar: measured {dtype} matrix rate {rate:.4g} TFLOP/s on {ctx.device}")
     _free(ctx)
-    shapes = shapes if shapes is not None else (QUICK_SHAPES if ctx.quick else FULL_SHAPES)
+    if shapes is None:
+        suites = {"quick": QUICK_SHAPES, "full": FULL_SHAPES, "check": CHECK_SHAPES}
+        shapes = TINY_SHAPES if ctx.tiny else suites[ctx.suite]
     budget = MEMORY_FRACTION * _device_memory(ctx)
     disabled: dict[str, str] = {}
 
@@ -368,6 +387,8 @@ def run(ctx: Context, shapes: list[Shape] | None = None) -> None:
             for coefficients in backend.coefficients:
                 if name in disabled:
                     break
+                if ctx.suite == "check" and coefficients not in (None, "classic"):
+                    continue
                 _measure(ctx, name, backend, coefficients, shape, inputs, exact, flops, disabled)
         del inputs, exact
         _free(ctx)

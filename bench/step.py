@@ -180,7 +180,13 @@ def model_specs(ctx: Context) -> list[ModelSpec]:
     (4 s on a 2-core CPU with bf16 matrix units, 10 s in float32 on one without), which with
     several candidates and interleaved rounds takes minutes; the reduced model has the same
     matrix shapes, embeddings and tied head. ``--full`` on a CPU measures the whole model.
+    The check suite measures GPT-2 small only (on a CPU, its layout at width 64).
     """
+    if ctx.suite == "check":
+        if ctx.tiny:
+            tiny = lambda: GPT2(n_layer=1, dim=64, vocab=256, context=64)  # noqa: E731
+            return [ModelSpec("gpt2-tiny", tiny, "gpt", "GPT-2 layout at width 64 (plumbing)")]
+        return [ModelSpec("gpt2-small", lambda: GPT2(n_layer=12), "gpt", "tied wte/lm_head")]
     if ctx.quick and ctx.device.type == "cpu":
         n = QUICK_CPU_GPT2_LAYERS
         gpt2 = ModelSpec(

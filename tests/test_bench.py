@@ -182,3 +182,77 @@ def test_step_benchmark_models_get_the_roles_it_checks():
     ]:
         model = build()
         step.check_groups(name, model, param_groups(model, recipe))
+
+
+def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
+    """``python -m bench.gpu_check --dry-run``: every stage runs its plumbing and passes, the
+    output is one archive and one summary, the archive holds every stage's log and the
+    benchmark results, and the package's ``auto`` table is left alone. It must stay well
+    inside the two minutes the CI budget gives it."""
+    import tarfile
+    import time
+
+    from bench import gpu_check
+    from bench.choose_backends import TABLE_FILE
+
+    table_before = TABLE_FILE.read_bytes()
+    start = time.monotonic()
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert time.monotonic() - start < 120
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.tar.gz", "summary.md"]
+    assert TABLE_FILE.read_bytes() == table_before
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        names = set(tar.getnames())
+        check = json.loads(tar.extractfile("gpu_check/bench/check.json").read())
+    for stage in ("build", "tests", "sanitizer", "bench", "table"):
+        assert f"gpu_check/logs/{stage}.log" in names
+    for name in ("env.json", "summary.md", "_backend_table.py", "tests/parity.xml"):
+        assert f"gpu_check/{name}" in names
+    assert check["suite"] == "check" and check["rows"]
+    assert {r["bench"] for r in check["rows"]} == {"polar", "step", "elementwise"}
+    summary = (tmp_path / "summary.md").read_text()
+    for stage in gpu_check.STAGES:
+        assert f"| {stage.name} | ok |" in summary
+    assert "tests collected" in summary and "matrix rate" in summary
+    assert sum(s.budget for s in gpu_check.STAGES) <= 8 * 60
+
+
+def test_a_stage_past_its_budget_is_stopped_and_the_next_runs(tmp_path):
+    """A command that outlives its stage's deadline is stopped (status ``timeout``); the
+    check goes on to the next stage."""
+    import time
+
+    from bench.gpu_check import Check
+
+    check = Check(work=tmp_path, dry_run=True)
+    start = time.monotonic()
+    rc = check.command("slow", ["sleep", "30"], deadline=start + 1)
+    assert rc == -1 and time.monotonic() - start < 10
+    assert "stopped at the stage's time budget" in (tmp_path / "logs" / "slow.log").read_text()
+    assert check.command("quick", ["true"], deadline=time.monotonic() + 10) == 0
+
+
+def test_benchmark_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """The check's bench stage is stopped by SIGTERM at its budget; the run must still write
+    its results, marked partial."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "bench", "--check", "--device", "cpu", "--only", "step,polar"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:  # the header is printed once the run has started
+        if line.startswith("scion_kernels benchmarks"):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert data.get("partial") is True, rest
