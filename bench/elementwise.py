@@ -3,17 +3,17 @@
 Measured over the parameter list of GPT-2 small (124M parameters, fp32 state and gradients;
 the quick suite keeps the same tensors with 2 transformer layers instead of 12):
 
-- ``average``: ``d ← (1 − α)·d + α·g`` over every tensor, with the pure-PyTorch reference
-  ``multi_tensor_average_reference_`` (backend ``torch``) and, on CUDA when the native module
-  is built, the fused kernel ``multi_tensor_average_`` (backend ``cuda``).
+- ``average``: ``d ← (1 − α)·d + α·g`` over every tensor, with the reference
+  ``momentum_average_`` (backend ``torch``; the fused backends average inside their first
+  launch, timed within whole steps).
 - ``sign+update``: ``u ← Sign().lmo_many(g)`` then ``x ← (1 − γ)·x − γ·ρ·u`` with the
   optimizer's ``_apply_update_``, over the matrices (every 2-D tensor).
 - ``biasrms``: ``BiasRMS().lmo_many(g)`` over the vectors (biases and norm gains).
 
 Byte rule: ``gbps`` counts the traffic of the stage's data flow, each named tensor moved once
 per access the algorithm needs, at the dtypes the code uses (fp32, 4 B): average reads ``d`` and
-``g`` and writes ``d`` (12 B/element; the reference makes two passes and moves 20, the fused
-kernel moves 12); sign+update reads ``g``, writes ``u``, reads ``u``, reads and writes ``x``
+``g`` and writes ``d`` (12 B/element; the reference makes two passes and moves 20, a fused
+pass would move 12); sign+update reads ``g``, writes ``u``, reads ``u``, reads and writes ``x``
 (20 B/element; the foreach code makes five passes and moves 36); biasrms reads ``g`` for the
 norm, reads it again and writes ``u`` (12 B/element, what the code moves). So ``gbps`` of two
 backends of one stage compare as their times do, and ``ceiling_fraction`` (``gbps`` over the
@@ -29,12 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scion_kernels._native import (
-    multi_tensor_average_,
-    multi_tensor_average_reference_,
-    native_available,
-    native_import_error,
-)
+from scion_kernels.average import momentum_average_
 from scion_kernels.norms import BiasRMS, Sign
 from scion_kernels.optim import _apply_update_
 
@@ -145,16 +140,8 @@ def run(ctx: Context) -> None:
 
 
 def _average(ctx: Context, grads: list[Tensor], state: list[Tensor]) -> None:
-    """(1) ``d ← (1 − α)·d + α·g`` over every tensor: the reference, and the CUDA kernel."""
-    _record(
-        ctx, "average", "torch", state, lambda: multi_tensor_average_reference_(state, grads, ALPHA)
-    )
-    if ctx.device.type != "cuda":
-        return
-    if native_available():
-        _record(ctx, "average", "cuda", state, lambda: multi_tensor_average_(state, grads, ALPHA))
-    else:
-        ctx.log(f"elementwise average cuda: skipped, no native module ({native_import_error()})")
+    """(1) ``d ← (1 − α)·d + α·g`` over every tensor, with the reference."""
+    _record(ctx, "average", "torch", state, lambda: momentum_average_(state, grads, ALPHA))
 
 
 def _sign_update(ctx: Context, grads: list[Tensor], params: list[Tensor]) -> None:

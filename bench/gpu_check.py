@@ -15,7 +15,7 @@ stage                   budget  predicted  what
 ``tests``                 120 s      90 s  the GPU parity tests of both backends:
                                            ``test_native_ns.py``, ``test_triton.py``,
                                            ``test_triton_training.py``, then the ``gpu``-marked
-                                           tests of ``test_native.py`` and ``test_optim.py``
+                                           tests of ``test_optim.py``
 ``sanitizer``              45 s      30 s  ``compute-sanitizer --tool memcheck`` over 24 of
                                            ``test_native_ns.py``'s tests (native kernels)
 ``bench``                 200 s     170 s  ``python -m bench --check``: matrix rate, copy
@@ -63,7 +63,7 @@ GRACE_S = 15.0
 #: The GPU parity tests: every test of these files runs on the GPU when there is one.
 PARITY_TESTS = ["tests/test_native_ns.py", "tests/test_triton.py", "tests/test_triton_training.py"]
 #: Files whose ``gpu``-marked tests run after them (their other tests are CPU tests).
-MARKED_TESTS = ["tests/test_native.py", "tests/test_optim.py"]
+MARKED_TESTS = ["tests/test_optim.py"]
 #: The native kernels' GPU tests run under compute-sanitizer: the one-block and tiled
 #: Newton–Schulz paths, a whole optimizer step and the row-wise step (24 tests).
 SANITIZED_TESTS = ["tests/test_native_ns.py"]

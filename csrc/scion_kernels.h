@@ -36,43 +36,6 @@ typedef enum scion_dtype {
 } scion_dtype;
 
 /*
- * In-place running average over a list of tensor pairs, for every element i of every pair t:
- *
- *   d_t[i] <- (1 - alpha) * d_t[i] + alpha * g_t[i]
- *
- * evaluated in fp32 as fmaf(alpha_f, g, beta_f * d) with alpha_f = (float)alpha and
- * beta_f = (float)(1.0 - alpha), the product beta_f * d rounded to fp32 on its own, and a single
- * final rounding to the state's type. See multi_tensor_average.cu for why it is written so.
- *
- *   num_tensors      number of (state, grad) pairs; 0 is a no-op
- *   state_ptrs[t]    device address of d_t, contiguous, of type state_dtype (FLOAT32 or BFLOAT16)
- *   grad_ptrs[t]     device address of g_t, contiguous, of type grad_dtype (FLOAT32, BFLOAT16 or
- *                    FLOAT16)
- *   numels[t]        element count of both d_t and g_t (>= 0; empty pairs are skipped)
- *   alpha            in [0, 1]
- *   device           CUDA device ordinal the tensors and the stream belong to; it is made current
- *                    for the duration of the call and the caller's current device is restored
- *   stream           stream to enqueue on; the call is asynchronous with respect to the host
- *
- * All pairs are processed with as few kernel launches as the kernel-argument space allows.
- */
-scion_status scion_multi_tensor_average(int64_t num_tensors, const uint64_t* state_ptrs,
-                                        const uint64_t* grad_ptrs, const int64_t* numels,
-                                        scion_dtype state_dtype, scion_dtype grad_dtype,
-                                        double alpha, int device, scion_stream_t stream);
-
-/*
- * Number of kernel launches scion_multi_tensor_average would issue for these element counts.
- * Pure host computation (touches no GPU), exposed so the packing can be checked anywhere.
- * Returns -1 and sets the error message if the arguments are invalid.
- */
-int64_t scion_multi_tensor_average_num_launches(int64_t num_tensors, const int64_t* numels);
-
-/* Packing limits of scion_multi_tensor_average. */
-int64_t scion_multi_tensor_average_max_tensors_per_launch(void);
-int64_t scion_multi_tensor_average_chunk_size(void);
-
-/*
  * The whole Scion step for a bucket of same-shape Spectral matrices (see newton_schulz.cu):
  *
  *   d <- (1 - alpha) * d + alpha * g               in place, in d's dtype (no buffer: d = g)

@@ -11,7 +11,6 @@ against those references.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -19,18 +18,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "multi_tensor_average_",
     "ns_step_",
     "polar",
     "rowwise_step_",
-    "multi_tensor_average_reference_",
     "native_available",
     "native_import_error",
     "unavailable_reason",
 ]
-
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _native: ModuleType | None = None
 _native_error: str | None = None
@@ -96,166 +90,6 @@ def _stream(device: torch.device) -> int:
     """The handle of ``device``'s current CUDA stream (0 on the CPU)."""
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
-
-def _check_alpha(alpha: float) -> float:
-    value = float(alpha)
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"alpha must be a finite number in [0, 1], got {alpha!r}")
-    return value
-
-
-def _check_pairs(
-    states: Sequence[Tensor], grads: Sequence[Tensor], op: str
-) -> tuple[list[Tensor], list[Tensor]]:
-    states, grads = list(states), list(grads)
-    if len(states) != len(grads):
-        raise ValueError(
-            f"{op}: states and grads must have the same length, got {len(states)} and {len(grads)}"
-        )
-    for i, (s, g) in enumerate(zip(states, grads, strict=True)):
-        if not isinstance(s, Tensor) or not isinstance(g, Tensor):
-            raise TypeError(
-                f"{op}: states[{i}] and grads[{i}] must be tensors, got "
-                f"{type(s).__name__} and {type(g).__name__}"
-            )
-        if s.shape != g.shape:
-            raise ValueError(
-                f"{op}: states[{i}] has shape {tuple(s.shape)} but grads[{i}] has shape "
-                f"{tuple(g.shape)}"
-            )
-    return states, grads
-
-
-def multi_tensor_average_reference_(
-    states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float
-) -> None:
-    """In place, for every pair: ``d ← (1 − α)·d + α·g``, in pure PyTorch.
-
-    This is the definition of :func:`multi_tensor_average_`. Each state ``d`` is updated as
-    ``d.mul_(1 - alpha).add_(g.to(d.dtype), alpha=alpha)``, batched with ``torch._foreach_*``
-    over the states that share a device and dtype. Any device and floating dtype is accepted;
-    each gradient must be on its state's device and have its shape.
-
-    For float32 states this is ``fl(fl(d·fl32(1 − α)) + fl32(α)·g)``, with ``α·g`` rounded
-    separately where the backend does not fuse it into the addition. For bfloat16 states each
-    op rounds to bfloat16, and how the scalars enter depends on the backend: CUDA applies them
-    in fp32, the CPU kernels in bfloat16, so CPU and CUDA results can differ by a few ulps.
-    """
-    alpha = _check_alpha(alpha)
-    states, grads = _check_pairs(states, grads, "multi_tensor_average_reference_")
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for i, (s, g) in enumerate(zip(states, grads, strict=True)):
-        if s.device != g.device:
-            raise ValueError(
-                f"multi_tensor_average_reference_: states[{i}] is on {s.device} but grads[{i}] "
-                f"is on {g.device}"
-            )
-        group_states, group_grads = groups.setdefault((s.device, s.dtype), ([], []))
-        group_states.append(s)
-        group_grads.append(g.to(s.dtype))
-    with torch.no_grad():
-        for group_states, group_grads in groups.values():
-            torch._foreach_mul_(group_states, 1.0 - alpha)
-            torch._foreach_add_(group_states, group_grads, alpha=alpha)
-
-
-def _describe(tensors: Sequence[Tensor], limit: int = 6) -> str:
-    shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:limit])
-    more = f", ... ({len(tensors)} in all)" if len(tensors) > limit else ""
-    return f"[{shapes}{more}]"
-
-
-def multi_tensor_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
-    """In place, for every pair: ``d ← (1 − α)·d + α·g``, with the native CUDA kernel.
-
-    All pairs go through one kernel launch (more only when the list exceeds what one launch's
-    argument block holds). Each element is computed in fp32 as
-    ``fmaf(α, g, fl32(1 − α)·d)`` and rounded once to the state's dtype, which matches
-    :func:`multi_tensor_average_reference_` to fp32 rounding for fp32 states; for bf16 states
-    the kernel is the more accurate of the two (the reference rounds after each op).
-
-    Requirements, checked before any data pointer is used: equal-length lists; each gradient has
-    its state's shape; states are float32 or bfloat16, gradients float32, bfloat16 or float16
-    (any combination); every tensor is contiguous and on the same CUDA device; ``0 <= alpha <= 1``.
-    States must not overlap one another. The work is enqueued on the current CUDA stream of
-    that device. Empty lists are a no-op.
-
-    Raises:
-        ValueError: invalid lengths, shapes, layout, devices or ``alpha``.
-        TypeError: a non-tensor element or an unsupported dtype.
-        RuntimeError: the native module is not built, or CUDA reports an error.
-    """
-    op = "multi_tensor_average_"
-    alpha = _check_alpha(alpha)
-    states, grads = _check_pairs(states, grads, op)
-    if not states:
-        return
-    device = None
-    for i, (s, g) in enumerate(zip(states, grads, strict=True)):
-        if s.dtype not in _STATE_DTYPES:
-            raise TypeError(
-                f"{op}: states[{i}] has dtype {s.dtype}; supported state dtypes are float32 and "
-                "bfloat16"
-            )
-        if g.dtype not in _GRAD_DTYPES:
-            raise TypeError(
-                f"{op}: grads[{i}] has dtype {g.dtype}; supported gradient dtypes are float32, "
-                "bfloat16 and float16"
-            )
-        if not (s.is_contiguous() and g.is_contiguous()):
-            which = f"states[{i}]" if not s.is_contiguous() else f"grads[{i}]"
-            raise ValueError(
-                f"{op}: {which} is not contiguous; the kernel walks flat memory (call "
-                ".contiguous() or use multi_tensor_average_reference_)"
-            )
-        for name, t in ((f"states[{i}]", s), (f"grads[{i}]", g)):
-            if not _runs_on(t.device, _import_native()):
-                raise ValueError(
-                    f"{op} runs on CUDA tensors only; got a tensor on {t.device.type} ({name}) — "
-                    "use the pure-PyTorch reference multi_tensor_average_reference_ for tensors "
-                    "on other devices"
-                )
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                raise ValueError(
-                    f"{op}: all tensors must be on one CUDA device; {name} is on {t.device}, "
-                    f"the first tensor on {device}"
-                )
-
-    native = _require_native()
-    codes = {
-        torch.float32: native.DTYPE_FLOAT32,
-        torch.bfloat16: native.DTYPE_BFLOAT16,
-        torch.float16: native.DTYPE_FLOAT16,
-    }
-    # One native call per dtype combination; each call packs its pairs into as few launches as
-    # the kernel-argument space allows.
-    groups: dict[tuple[torch.dtype, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
-    for s, g in zip(states, grads, strict=True):
-        if s.numel() > 0:
-            groups.setdefault((s.dtype, g.dtype), []).append((s, g))
-    stream = _stream(device)
-    for (state_dtype, grad_dtype), pairs in groups.items():
-        try:
-            native.multi_tensor_average(
-                [s.data_ptr() for s, _ in pairs],
-                [g.data_ptr() for _, g in pairs],
-                [s.numel() for s, _ in pairs],
-                codes[state_dtype],
-                codes[grad_dtype],
-                alpha,
-                device.index or 0,
-                stream,
-            )
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"{op} failed on {device} for {len(pairs)} {state_dtype}/{grad_dtype} "
-                f"(state/grad) pairs of shapes {_describe([s for s, _ in pairs])}: {exc}"
-            ) from exc
-
-
-# --- Newton–Schulz step ------------------------------------------------------------------------
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _COMPUTE = (torch.bfloat16, torch.float16)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._native import multi_tensor_average_reference_
+from .average import momentum_average_
 from .distributed import local
 from .groups import newton_schulz_dtype
 from .norms import NORMS, Norm, describe_misfit, make_norm
@@ -573,7 +573,7 @@ class Scion(_ScionBase):
         if bufs is None:
             return grads
         bufs = [local(b) for b in bufs]
-        multi_tensor_average_reference_(bufs, grads, float(group["momentum"]))
+        momentum_average_(bufs, grads, float(group["momentum"]))
         return bufs
 
     def _create_state(self, group: dict[str, Any]) -> None:

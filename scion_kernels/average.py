@@ -1,0 +1,71 @@
+"""The momentum average ``d ← (1 − α)·d + α·g`` over lists of tensors, in pure PyTorch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["momentum_average_"]
+
+
+def _check_alpha(alpha: float) -> float:
+    value = float(alpha)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"alpha must be a finite number in [0, 1], got {alpha!r}")
+    return value
+
+
+def _check_pairs(
+    states: Sequence[Tensor], grads: Sequence[Tensor], op: str
+) -> tuple[list[Tensor], list[Tensor]]:
+    states, grads = list(states), list(grads)
+    if len(states) != len(grads):
+        raise ValueError(
+            f"{op}: states and grads must have the same length, got {len(states)} and {len(grads)}"
+        )
+    for i, (s, g) in enumerate(zip(states, grads, strict=True)):
+        if not isinstance(s, Tensor) or not isinstance(g, Tensor):
+            raise TypeError(
+                f"{op}: states[{i}] and grads[{i}] must be tensors, got "
+                f"{type(s).__name__} and {type(g).__name__}"
+            )
+        if s.shape != g.shape:
+            raise ValueError(
+                f"{op}: states[{i}] has shape {tuple(s.shape)} but grads[{i}] has shape "
+                f"{tuple(g.shape)}"
+            )
+    return states, grads
+
+
+def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
+    """In place, for every pair: ``d ← (1 − α)·d + α·g``, in pure PyTorch.
+
+    The momentum average of every Scion step (``α`` is the optimizer's ``momentum``); the
+    fused backends do the same inside their first launch. Each state ``d`` is updated as
+    ``d.mul_(1 - alpha).add_(g.to(d.dtype), alpha=alpha)``, batched with ``torch._foreach_*``
+    over the states that share a device and dtype. Any device and floating dtype is accepted;
+    each gradient must be on its state's device and have its shape.
+
+    For float32 states this is ``fl(fl(d·fl32(1 − α)) + fl32(α)·g)``, with ``α·g`` rounded
+    separately where the backend does not fuse it into the addition. For bfloat16 states each
+    op rounds to bfloat16, and how the scalars enter depends on the backend: CUDA applies them
+    in fp32, the CPU kernels in bfloat16, so CPU and CUDA results can differ by a few ulps.
+    """
+    alpha = _check_alpha(alpha)
+    states, grads = _check_pairs(states, grads, "momentum_average_")
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for i, (s, g) in enumerate(zip(states, grads, strict=True)):
+        if s.device != g.device:
+            raise ValueError(
+                f"momentum_average_: states[{i}] is on {s.device} but grads[{i}] is on {g.device}"
+            )
+        group_states, group_grads = groups.setdefault((s.device, s.dtype), ([], []))
+        group_states.append(s)
+        group_grads.append(g.to(s.dtype))
+    with torch.no_grad():
+        for group_states, group_grads in groups.values():
+            torch._foreach_mul_(group_states, 1.0 - alpha)
+            torch._foreach_add_(group_states, group_grads, alpha=alpha)
