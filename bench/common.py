@@ -1,6 +1,6 @@
 """What every benchmark shares: the run context, timing, FLOP counts, the result schema.
 
-Timing follows bench/../PERF.md: on CUDA, ``triton.testing.do_bench`` medians (CUDA events,
+Timing follows docs/performance.md: on CUDA, ``triton.testing.do_bench`` medians (CUDA events,
 warm-up excluded) or CUDA events when Triton is missing; on a CPU, ``time.perf_counter``
 medians over repeats after one warm-up call. Callers rotate inputs larger than the L2 cache and
 never time on zeros.
@@ -200,7 +200,7 @@ def median_ms(
 
 
 def newton_schulz_flops(m: int, n: int, steps: int = 5, batch: int = 1) -> float:
-    """Dense FLOPs of ``steps`` Newton–Schulz steps (SCION.md §4): ``4m²n + 2m³`` per step,
+    """Dense FLOPs of ``steps`` Newton–Schulz steps (docs/math.md §4): ``4m²n + 2m³`` per step,
     with ``m ≤ n`` after orienting the matrix wide."""
     m, n = min(m, n), max(m, n)
     return float(batch) * steps * (4.0 * m * m * n + 2.0 * m**3)

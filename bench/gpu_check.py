@@ -71,7 +71,7 @@ SANITIZED_SELECTION = (
     "one_block_path_limits or bucket_above_one_argument_block or deterministic"
     " or optimizer_backend_cuda_matches_reference or rowwise_zero_and_tiny"
 )
-#: PERF.md's targets, reported against in the summary.
+#: docs/performance.md's targets, reported against in the summary.
 TARGET_NS_4096_MS = 1.8
 TARGET_NS_SPEEDUP = 1.4
 TARGET_STEP_MS = 4.0

@@ -71,7 +71,7 @@ _FULL_MATRICES: list[tuple[int, int]] = [
 #: The full (GPU) suite: every matrix at batch 1, 8 and 32, less what does not fit.
 FULL_SHAPES: list[Shape] = [(b, m, n) for (m, n) in _FULL_MATRICES for b in (1, 8, 32)]
 #: The GPU check's suite (classic coefficients only), most wanted first: a stage stopped at
-#: its time budget keeps what ran. 4096² is PERF.md's Newton–Schulz target.
+#: its time budget keeps what ran. 4096² is docs/performance.md's Newton–Schulz target.
 CHECK_SHAPES: list[Shape] = [
     (1, 4096, 4096),
     (1, 768, 768),

@@ -47,8 +47,8 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if header.get("copy_gbps"):
         lines.append(f"- measured in this run: copy bandwidth {header['copy_gbps']:.4g} GB/s")
     lines.append(
-        "- TFLOP/s use the dense Newton–Schulz count 5·(4m²n + 2m³) for every backend (SCION.md "
-        "§4), so rows compare; for `svd` it is an equivalent rate."
+        "- TFLOP/s use the dense Newton–Schulz count 5·(4m²n + 2m³) for every backend (docs/math.md"
+        " §4), so rows compare; for `svd` it is an equivalent rate."
     )
     for bench, title, columns in (
         ("polar", "Polar factor", POLAR_COLUMNS),

@@ -5,7 +5,7 @@ The step is the single-process step; what changes is where each LMO is computed.
 - **Replicated parameters** (plain tensors with ``Scion(..., process_group=pg)`` after DDP has
   averaged the gradients, or DTensors with ``Replicate()`` placements): every rank holds the
   same averaged direction ``d``. Each Spectral-family matrix gets one *owner* rank, chosen by
-  a greedy balance of the Newton–Schulz FLOPs (SCION.md §4); owners orthogonalize their
+  a greedy balance of the Newton–Schulz FLOPs (docs/math.md §4); owners orthogonalize their
   matrices and the updates are shared with ``all_gather_into_tensor``, in buckets. The cheap
   norms (Sign, ColNorm, RowNorm, BiasRMS) run on every rank, no communication.
 - **Sharded parameters** (DTensors with ``Shard(0)``, as ``fully_shard`` makes them): the
@@ -168,7 +168,7 @@ def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
 
 
 def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
-    """Newton–Schulz FLOPs of one LMO (SCION.md §4): per step and ``m×n`` matrix (``m ≤ n``),
+    """Newton–Schulz FLOPs of one LMO (docs/math.md §4): per step and ``m×n`` matrix (``m ≤ n``),
     ``2m²n`` (X·Xᵀ) + ``2m³`` (A·A) + ``2m²n`` (B·X); other norms cost their element count."""
     if not isinstance(norm, Spectral):
         return float(math.prod(shape))

@@ -23,7 +23,7 @@ def _ctx():
 
 
 def test_dense_flop_count_matches_the_design_numbers():
-    # SCION.md §4: five steps on 4096×4096 are 2.06 TFLOP dense; 768×3072 about 8 GFLOP a step.
+    # docs/math.md §4: five steps on 4096×4096 are 2.06 TFLOP dense; 768×3072 about 8 GFLOP a step.
     assert newton_schulz_flops(4096, 4096) == pytest.approx(2.06e12, rel=5e-3)
     assert newton_schulz_flops(768, 3072, steps=1) == pytest.approx(8.15e9, rel=5e-3)
     assert newton_schulz_flops(3072, 768) == newton_schulz_flops(768, 3072)

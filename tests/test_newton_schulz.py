@@ -1,4 +1,4 @@
-"""Newton–Schulz and the exact polar factor, against float64 SVD (SCION.md §4).
+"""Newton–Schulz and the exact polar factor, against float64 SVD (docs/math.md §4).
 
 For ``G = U·Σ·Vᵀ`` and ``X₀ = G/‖G‖_F``, every Newton–Schulz step maps each normalized singular
 value ``σ̂ = σ/‖G‖_F`` through ``aσ + bσ³ + cσ⁵`` and leaves ``U`` and ``V`` alone, so the output
@@ -87,7 +87,7 @@ class TestResolveCoefficients:
         table = resolve_coefficients("polar_express")
         assert table == COEFFICIENTS["polar_express"]
         assert len(table) == 5
-        # The numbers quoted in SCION.md §4, to their 4 decimals.
+        # The numbers quoted in docs/math.md §4, to their 4 decimals.
         quoted = [
             (8.1566, -22.4833, 15.8788),
             (4.0429, -2.8089, 0.5000),

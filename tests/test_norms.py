@@ -1,4 +1,4 @@
-"""Each norm's LMO and init against its formula (SCION.md §2–3), written out in float64 here."""
+"""Each norm's LMO and init against its formula (docs/math.md §2–3), written out in float64 here."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from scion_kernels.norms import make_norm
 
 
 def _authors_style_step(params, grads, bufs, *, lr, momentum, scale, norm, unconstrained):
-    """SCION.md §1, one parameter at a time, in float64: the definition the batched step meets."""
+    """docs/math.md §1, one parameter at a time, in float64: what the batched step meets."""
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if momentum != 1:
             bufs[i] = (1 - momentum) * bufs[i] + momentum * g
@@ -212,7 +212,7 @@ def test_constrained_step_stays_in_ball(norm, kwargs, radius_of):
     """From init on the sphere, Frank–Wolfe steps keep ‖W‖ ≤ ρ for 60 steps.
 
     With Newton–Schulz the bound is ρ times the largest singular value the coefficient set
-    can output (polar_express: 1.1411, SCION.md §4).
+    can output (polar_express: 1.1411, docs/math.md §4).
     """
     rho = 3.0
     w = nn.Parameter(torch.zeros(12, 20))

@@ -1,6 +1,6 @@
 """Property tests of the LMOs over random shapes and magnitudes from 1e-20 to 1e20 (float64).
 
-Properties of every LMO (SCION.md §2): finite and shape-preserving; ⟨g, lmo(g)⟩ is the dual norm
+Properties of every LMO (docs/math.md §2): finite and shape-preserving; ⟨g, lmo(g)⟩ is the dual norm
 of g; invariant under positive scaling; odd; of norm equal to the radius. The ε-regularized
 norms (ColNorm, RowNorm, BiasRMS) are checked with ε-aware formulas, or where ε is negligible.
 """
