@@ -325,8 +325,8 @@ def spectral_flops(groups: Iterable[Mapping[str, Any]]) -> float:
         for p in g["params"]:
             picked = norm.pick(p.shape)
             if isinstance(picked, Spectral) and picked.polar == "newton_schulz":
-                batch, r, c = picked._matrix_shape(p.shape)
-                total += newton_schulz_flops(r, c, len(picked._table), batch)
+                batch, r, c = picked.matrix_shape(p.shape)
+                total += newton_schulz_flops(r, c, len(picked.table), batch)
     return total
 
 

@@ -18,7 +18,7 @@ def shape_class(norm: Norm, shape: Sequence[int]) -> str:
     norm = norm.pick(shape)
     if not isinstance(norm, Spectral):
         return "rowwise"
-    return spectral_class(min(norm._matrix_shape(tuple(shape))[1:]))
+    return spectral_class(min(norm.matrix_shape(tuple(shape))[1:]))
 
 
 def spectral_class(short: int) -> str:

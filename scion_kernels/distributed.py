@@ -172,9 +172,9 @@ def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
     ``2m²n`` (X·Xᵀ) + ``2m³`` (A·A) + ``2m²n`` (B·X); other norms cost their element count."""
     if not isinstance(norm, Spectral):
         return float(math.prod(shape))
-    batch, d_out, d_in = norm._matrix_shape(shape)
+    batch, d_out, d_in = norm.matrix_shape(shape)
     m, n = min(d_out, d_in), max(d_out, d_in)
-    return float(batch * len(norm._table) * (4 * m * m * n + 2 * m**3))
+    return float(batch * len(norm.table) * (4 * m * m * n + 2 * m**3))
 
 
 def owner_slots(costs: Sequence[float], slots: int) -> list[int]:
@@ -331,7 +331,7 @@ def _kernel_spectral_lmos(norm: Spectral, gs: list[Tensor], backend: str) -> lis
     out: list[Tensor] = [gs[0]] * len(gs)
     for ks in by_shape.values():
         stacked = torch.cat([mats[k] for k in ks])
-        factors = polar(stacked, norm._table, kernel_dtype(norm)).float()
+        factors = polar(stacked, norm.table, kernel_dtype(norm)).float()
         for k, f in zip(ks, factors.split([mats[k].shape[0] for k in ks]), strict=True):
             out[k] = f.mul_(norm.scale_for(gs[k].shape)).reshape(gs[k].shape)
     return out

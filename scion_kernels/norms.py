@@ -207,18 +207,19 @@ class _MatrixNorm(Norm):
             return f"needs a {want}-D tensor ({self.batch_dims} batch dims, d_out, d_in)"
         return "needs a 2-D weight (d_out, d_in)"
 
-    def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """The ``(B, d_out, d_in)`` shape a tensor of ``shape`` is seen as."""
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The batch of matrices ``(B, rows, cols)`` a tensor of ``shape`` is seen as, rows and
+        columns as stored (:meth:`dims` gives the true ``(d_out, d_in)``)."""
         return math.prod(shape[:-2]), shape[-2], shape[-1]
 
     def _matrices(self, g: Tensor) -> Tensor:
         """``g`` as a batch of matrices ``(B, r, c)`` as stored (a view when possible)."""
-        return g.reshape(self._matrix_shape(g.shape))
+        return g.reshape(self.matrix_shape(g.shape))
 
     def dims(self, shape: Sequence[int]) -> tuple[int, int]:
         """The true ``(d_out, d_in)`` of one matrix of a tensor of ``shape`` (``transpose``:
         stored ``(d_in, d_out)``)."""
-        r, c = self._matrix_shape(shape)[1:]
+        r, c = self.matrix_shape(shape)[1:]
         return (c, r) if getattr(self, "transpose", False) else (r, c)
 
 
@@ -242,6 +243,10 @@ class Spectral(_MatrixNorm):
         split: sizes along ``d_out`` of blocks orthogonalized and scaled on their own, e.g.
             ``(d, d, d)`` for a fused Q, K, V projection ``(3d, d_in)``; each block gets
             ``√(size/d_in)·polar(block)``.
+
+    Attributes:
+        table: the ``(a, b, c)`` of each Newton–Schulz step, resolved from ``coefficients`` and
+            ``steps`` (what every backend iterates).
     """
 
     name = "Spectral"
@@ -274,7 +279,7 @@ class Spectral(_MatrixNorm):
                 "ns_dtype must be None (chosen per device), torch.bfloat16, float16, float32 or "
                 f"float64; got {ns_dtype!r}"
             )
-        self._table = resolve_coefficients(coefficients, steps)
+        self.table = resolve_coefficients(coefficients, steps)
 
     def fits(self, shape: Sequence[int]) -> str | None:
         reason = super().fits(shape)
@@ -297,7 +302,7 @@ class Spectral(_MatrixNorm):
             return [mats]
         return list(mats.split(list(self.split), dim=-1 if self.transpose else -2))
 
-    def _reshapes(self) -> bool:
+    def plain_reshape(self) -> bool:
         """Whether the matrices are a plain reshape of the stored tensor, all scaled by
         ``scale_for(shape)`` (the layouts the fused kernels take)."""
         return self.split is None
@@ -326,7 +331,7 @@ class Spectral(_MatrixNorm):
         if self.polar == "svd":
             return polar_svd(_cat(mats))
         dtype = self.compute_dtype(mats[0].device)
-        return iterate(normalized_stack(mats, dtype), self._table)
+        return iterate(normalized_stack(mats, dtype), self.table)
 
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
         """The inverse of :meth:`_blocks` after :meth:`_matrices`: a tensor of ``shape``."""
@@ -419,7 +424,7 @@ class SpectralConv(Spectral):
         a, b = shape[0] // self.groups, shape[1]
         return (b, a) if self.transpose else (a, b)
 
-    def _matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         d_out, d_in = self.dims(shape)
         taps = math.prod(shape[2:])
         if self.per_tap:
@@ -437,14 +442,14 @@ class SpectralConv(Spectral):
         return (t.transpose(1, 2) if self.transpose else t).reshape(shape)
 
     def _matrices(self, g: Tensor) -> Tensor:
-        if self._reshapes():
-            return g.reshape(self._matrix_shape(g.shape))
+        if self.plain_reshape():
+            return g.reshape(self.matrix_shape(g.shape))
         t = self._by_tap(g)
-        return (t.permute(0, 3, 1, 2) if self.per_tap else t).reshape(self._matrix_shape(g.shape))
+        return (t.permute(0, 3, 1, 2) if self.per_tap else t).reshape(self.matrix_shape(g.shape))
 
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
         (mats,) = blocks
-        if self._reshapes():
+        if self.plain_reshape():
             return mats.reshape(shape)
         d_out, d_in = self.dims(shape)
         if self.per_tap:
@@ -453,7 +458,7 @@ class SpectralConv(Spectral):
             t = mats.reshape(self.groups, d_out, d_in, -1)
         return self._from_by_tap(t, shape)
 
-    def _reshapes(self) -> bool:
+    def plain_reshape(self) -> bool:
         return not (self.transpose or self.per_tap)
 
     def scale_for(self, shape: Sequence[int]) -> float:

@@ -333,7 +333,7 @@ def test_per_tap_orthogonalizes_each_kernel_tap(shape, groups, transpose):
     want = (u @ vh) * math.sqrt(d_out / d_in) / taps
     want = want.permute(0, 3, 2, 1) if transpose else want.permute(0, 2, 3, 1)
     torch.testing.assert_close(norm.lmo(g), want.reshape(shape), rtol=1e-12, atol=1e-12)
-    assert norm.dims(shape) == (d_out, d_in) and not norm._reshapes()
+    assert norm.dims(shape) == (d_out, d_in) and not norm.plain_reshape()
     w = norm.init(torch.empty(shape, dtype=torch.float64))
     torch.testing.assert_close(norm.lmo(w), w, rtol=1e-9, atol=1e-9)
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
     norm = norm.pick(shape)
     if isinstance(norm, Spectral):
         ok = norm.polar == "newton_schulz" and kernel_dtype(norm) in _NS_DTYPES
-        return norm if ok and norm._reshapes() else None
+        return norm if ok and norm.plain_reshape() else None
     return norm if isinstance(norm, ROWWISE_NORMS) else None
 
 
@@ -123,7 +123,7 @@ def spectral_step_(
     buckets: dict[tuple, list[tuple[int, bool]]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = None if bufs is None else bufs[i]
-        shape = norm._matrix_shape(p.shape)
+        shape = norm.matrix_shape(p.shape)
         tensors = (p, g) if d is None else (p, g, d)
         views = all(view_strides(t.shape, t.stride(), shape) is not None for t in tensors)
         if not views or not all(writable(t) for t in tensors if t is not g):
@@ -131,7 +131,7 @@ def spectral_step_(
             continue
         r, c = shape[1:]
         key = (
-            p.device, min(r, c), max(r, c), kernel_dtype(norm), norm._table,
+            p.device, min(r, c), max(r, c), kernel_dtype(norm), norm.table,
             p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
         buckets.setdefault(key, []).append((i, r > c))
@@ -165,7 +165,7 @@ def _layout(norm: Norm, t: Tensor) -> tuple[tuple[int, int, int], bool]:
     columns = type(norm) is ColNorm
     if isinstance(norm, ColNorm) and norm.transpose:
         columns = not columns
-    return norm._matrix_shape(t.shape), columns
+    return norm.matrix_shape(t.shape), columns
 
 
 def _factors(norm: Norm, shape: Sequence[int], groups: int, length: int) -> tuple[float, float]:
