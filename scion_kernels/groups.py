@@ -76,8 +76,7 @@ class Role:
 
     def scale_of(self, norm: str, shape: Sequence[int]) -> float:
         """The radius of a parameter of ``shape`` in this role whose norm is ``norm``."""
-        kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
-        if norm == "SpectralConv" and kernel > 1 and self.conv_scale is not None:
+        if norm == "SpectralConv" and math.prod(shape[2:]) > 1 and self.conv_scale is not None:
             return self.conv_scale
         return self.scale
 

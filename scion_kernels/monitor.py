@@ -34,7 +34,7 @@ __all__ = ["NormMonitor", "spectral_norm"]
 
 def _one_matrix(norm: Spectral, shape: Any) -> bool:
     """Whether ``norm`` sees a tensor of ``shape`` as one matrix, its reshape to
-    ``(shape[0], -1)`` (not stacked, grouped, ``split`` or a transposed conv's)."""
+    ``(shape[0], -1)`` (not stacked, grouped, ``split``, per tap or a transposed conv's)."""
     return norm.matrix_shape(shape)[0] == 1 and norm.plain_reshape()
 
 

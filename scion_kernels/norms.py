@@ -431,8 +431,9 @@ class SpectralConv(Spectral):
             return self.groups * taps, d_out, d_in
         return self.groups, d_out, d_in * taps
 
-    # The stored tensor seen as (groups, d_out, d_in, taps): a view, or the transpose of one.
     def _by_tap(self, g: Tensor) -> Tensor:
+        """The stored tensor seen as ``(groups, d_out, d_in, taps)``: a view, or the transpose
+        of one (:meth:`_from_by_tap` is the inverse)."""
         d_out, d_in = self.dims(g.shape)
         if self.transpose:
             return g.reshape(self.groups, d_in, d_out, -1).transpose(1, 2)
