@@ -53,18 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     header["suite"] = name
     header["command"] = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     repeats = args.repeats or (3 if device.type == "cpu" else 10)
-    print(
-        f"scion_kernels benchmarks ({header['suite']}) on {header['device']}, "
-        f"torch {header['torch']}, commit {header['commit'][:12]}",
-        flush=True,
-    )
-
-    bar = tqdm(benches, unit="bench", file=sys.stdout) if tqdm else benches
     log = tqdm.write if tqdm else (lambda s: print(s, flush=True))
     ctx = Context(device=device, quick=quick, repeats=repeats, log=log, suite=name)
     t0 = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # before the header: see _interrupt
     try:
+        print(
+            f"scion_kernels benchmarks ({header['suite']}) on {header['device']}, "
+            f"torch {header['torch']}, commit {header['commit'][:12]}",
+            flush=True,
+        )
+        bar = tqdm(benches, unit="bench", file=sys.stdout) if tqdm else benches
         if name == "check":
             ctx.matrix_rate(torch.bfloat16)
         for bench in bar:
@@ -92,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a stage's time budget ran out) stops the run as Ctrl-C does."""
+    """SIGTERM (a stage's time budget ran out) stops the run as Ctrl-C does. It is handled from
+    the moment the header is printed, so a caller may stop the run as soon as it sees it."""
     raise KeyboardInterrupt
 
 
