@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from scion_kernels._auto import spectral_class
+from scion_kernels.backends import spectral_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = ROOT / "scion_kernels" / "_backend_table.py"

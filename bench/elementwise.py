@@ -7,7 +7,7 @@ the quick suite keeps the same tensors with 2 transformer layers instead of 12):
   ``momentum_average_`` (backend ``torch``; the fused backends average inside their first
   launch, timed within whole steps).
 - ``sign+update``: ``u ← Sign().lmo_many(g)`` then ``x ← (1 − γ)·x − γ·ρ·u`` with the
-  optimizer's ``_apply_update_``, over the matrices (every 2-D tensor).
+  reference ``apply_update_``, over the matrices (every 2-D tensor).
 - ``biasrms``: ``BiasRMS().lmo_many(g)`` over the vectors (biases and norm gains).
 
 Byte rule: ``gbps`` counts the traffic of the stage's data flow, each named tensor moved once
@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scion_kernels.average import momentum_average_
+from scion_kernels.elementwise import apply_update_, momentum_average_
 from scion_kernels.norms import BiasRMS, Sign
-from scion_kernels.optim import _apply_update_
 
 from .common import Context, copy_bandwidth_gbps
 from .step import GPT2
@@ -152,7 +151,7 @@ def _sign_update(ctx: Context, grads: list[Tensor], params: list[Tensor]) -> Non
         "sign+update",
         "torch",
         grads,
-        lambda: _apply_update_(params, sign.lmo_many(grads), LR, SCALE, constrained=True),
+        lambda: apply_update_(params, sign.lmo_many(grads), LR, SCALE, constrained=True),
     )
 
 

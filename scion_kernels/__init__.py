@@ -6,7 +6,7 @@ The pure-PyTorch implementation here is the definition every fast backend is tes
     opt = Scion(param_groups(model, recipe="gpt"), lr=2**-12, momentum=0.1)
 """
 
-from ._native import native_available
+from .backends import native_available
 from .groups import RECIPES, Recipe, Role, format_groups, param_groups
 from .monitor import NormMonitor
 from .newton_schulz import COEFFICIENTS, newton_schulz, polar_svd, resolve_coefficients

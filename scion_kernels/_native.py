@@ -1,11 +1,11 @@
-"""Optional native CUDA kernels (module ``scion_kernels._C``) and their pure-PyTorch definitions.
+"""The native CUDA kernels (module ``scion_kernels._C``, ``backend="cuda"``): loading them, and
+their host side as the ``"cuda"`` implementations of the package's ops (:mod:`._ops`).
 
 The native module is built at install time when a CUDA toolchain is present (see setup.py). It
-is imported lazily: importing ``scion_kernels`` never fails because of it, and its absence only
-surfaces, as a ``RuntimeError`` with build instructions, when a native op is actually called.
-
-Every native op here has a pure-PyTorch reference that defines its result; the kernels are tested
-against those references.
+is imported lazily, on the first call that needs it: importing ``scion_kernels`` never fails
+because of it, and its absence only surfaces, as a ``RuntimeError`` with build instructions,
+when a native op is actually called. The ops' results are defined by the reference
+(:mod:`scion_kernels.norms`); the kernels are tested against it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _ops
+from ._tables import bucket_rows, flatten, group_rows
 
 __all__ = [
     "ns_step_",
@@ -129,34 +133,14 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
     return buf, -(-buf.data_ptr() // 256) * 256
 
 
-def ns_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    tall: list[bool],
-    factors: list[float],
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    coefficients: list[float],
-    alpha: float,
-    coef: float,
-    decay: float,
-    tile: int = 0,
-) -> None:
-    """The Scion step of one bucket with the native kernels, from one C++ call: every tensor of
-    ``params`` is a stack of ``m×n`` matrices (``n×m`` where ``tall``) viewable as such without
-    a copy, and for each matrix::
-
-        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
-        x ← decay·x + coef·f·polar(d)     (``f`` from ``factors``, one per tensor)
-
-    with ``polar`` the Newton–Schulz iteration in ``dtype`` (bf16 or fp16) with the flattened
-    ``(a, b, c)`` triples ``coefficients``. Arguments as the Triton ``ns_step_``; ``tile``
-    forces the product tile (64 or 128; 0 chooses).
-    """
-    from .kernels.tables import bucket_rows
-
+@_ops.implement("ns_step_", "cuda")
+def ns_step_(*args: Any, tile: int = 0) -> None:
+    """``scion_kernels::ns_step_`` with the native kernels, from one C++ call (arguments:
+    :class:`~scion_kernels._ops.NSStep`; the compute dtype bf16 or fp16); ``tile`` forces the
+    product tile (64 or 128; 0 chooses)."""
+    params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay = _ops.NSStep(
+        *args
+    )
     op = "ns_step_"
     native = _require_native()
     if dtype not in _COMPUTE:
@@ -208,46 +192,34 @@ def polar(
     (holding values rounded to ``dtype``)."""
     if G.ndim < 2:
         raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    return _polar(G, flatten(coefficients), dtype, tile)
+
+
+def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype, tile: int = 0) -> Tensor:
     r, c = G.shape[-2:]
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel() == 0:
         return out
-    from .kernels.tables import flatten
-
-    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, flatten(coefficients),
+    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, coefficients,
              1.0, 1.0, 1.0, tile)  # fmt: skip
     return out
+
+
+@_ops.implement("polar", "cuda")
+def _polar_op(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    return _polar(G, coefficients, dtype).to(dtype)
 
 
 # --- Sign, ColNorm, RowNorm, BiasRMS -----------------------------------------------------------
 
 
-def rowwise_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    shapes: list[int],
-    columns: list[bool],
-    q: list[float],
-    eps: list[float],
-    sign: bool,
-    whole: bool,
-    alpha: float,
-    coef: float,
-    decay: float,
-) -> None:
-    """Sign or ℓ2 groups of many tensors with the native kernel, in one launch: tensor ``i`` is
-    seen as ``(-1, r, c)`` matrices (``r, c = shapes[2i:2i+2]``, a view, with the same strides
-    for ``x``, ``g`` and ``d``) whose groups are rows (columns where ``columns[i]``); for every
-    group::
-
-        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
-        x ← decay·x + coef·u,   u = d/(‖d‖₂·q + ε)   or, with ``sign``, u = sign(d)·q
-
-    ``whole``: every tensor is one group (BiasRMS). Arguments as the Triton ``rowwise_step_``.
-    """
-    from .kernels.tables import group_rows
-
+@_ops.implement("rowwise_step_", "cuda")
+def rowwise_step_(*args: Any) -> None:
+    """``scion_kernels::rowwise_step_`` with the native kernel, in one launch (arguments:
+    :class:`~scion_kernels._ops.RowwiseStep`)."""
+    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, coef, decay = _ops.RowwiseStep(
+        *args
+    )
     op = "rowwise_step_"
     native = _require_native()
     if not params:

@@ -25,15 +25,16 @@ everywhere, with a warning) and, unless ``nonfinite="ignore"``, which gradients 
 The owner choice and the buckets follow from the global shapes only, so a rank with an empty
 shard or no matrices to orthogonalize still takes part. Never calls ``full_tensor()``.
 
-The LMOs are the reference's (:mod:`scion_kernels.norms`), except the owners' Newton–Schulz,
-which runs the Triton or native kernels when the group's ``backend`` names them.
+The LMOs are the reference's (:mod:`scion_kernels.norms`, through its public methods), except
+the owners' Newton–Schulz, which runs a backend's kernels where the group's route
+(:mod:`scion_kernels.backends`) gives a parameter one.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .norms import BiasRMS, ColNorm, Norm, RowNorm, Sign, Spectral
+from .norms import Norm, Spectral
 
 __all__ = ["Layout", "layout_of", "local", "owner_slots", "shard_rows"]
 
@@ -143,28 +144,26 @@ def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
 
 def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
     """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
-    ``"reduce"`` (on the local shard after one all-reduce of sums of squares) or ``"owner"``
-    (on the whole tensor, on one rank)."""
-    sharded = layout.shards > 1 and len(shape) > 0
-    batch_dims = getattr(norm, "batch_dims", 0)
-    if isinstance(norm, Spectral):
-        # A batch of matrices split along the batch dim has whole matrices on every shard.
-        return "local" if sharded and batch_dims > 0 and len(shape) > 2 else "owner"
-    if isinstance(norm, Sign):
-        # sign(g)/d_in is element-wise; only a transposed weight's d_in is the sharded dim 0.
-        return "owner" if sharded and norm.transpose and not batch_dims else "local"
-    if not sharded:
+    ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
+    the sums of squares of groups that span the shards) or ``"owner"`` (on the whole tensor,
+    on one rank). Depends on the global shape and the layout only, so every rank agrees."""
+    if layout.shards == 1 or len(shape) == 0:
         return "local"
-    if isinstance(norm, ColNorm):  # RowNorm too
-        if batch_dims > 0:
-            return "local"
-        if isinstance(norm, RowNorm) == norm.transpose:
-            return "reduce"  # norms over dim 0, the sharded one
-        # Rows are whole; only transposed ColNorm's normalizing factor (the full d_out) is not.
-        return "reduce" if norm.normalized and not isinstance(norm, RowNorm) else "local"
-    if isinstance(norm, BiasRMS):
+    # A batch of matrices split along the batch dim has whole matrices on every shard.
+    batched = getattr(norm, "batch_dims", 0) > 0 and len(shape) > 2
+    if isinstance(norm, Spectral):
+        return "local" if batched else "owner"
+    spec = norm.groups(shape)
+    if spec is None:
+        return "owner"  # a norm this module does not know: computed on the whole tensor
+    if batched:
+        return "local"
+    if spec.columns or spec.whole:
         return "reduce"
-    return "owner"  # a norm this module does not know: computed on the whole tensor
+    # Groups are rows, whole on every shard; their LMO is the tensor's unless its factor
+    # reads the sharded dim (a transposed weight's d_in or d_out).
+    grown = norm.groups((shape[0] + 1, *shape[1:]))
+    return "local" if grown is not None and grown.q == spec.q else "reduce"
 
 
 def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
@@ -202,6 +201,7 @@ class _Item:
     shape: torch.Size  # global shape
     norm: Norm
     d: Tensor  # this rank's part of the averaged direction
+    polar: Callable[[Tensor], Tensor] | None  # a backend's polar factor, or the reference's
     owner: int = 0  # slot: replica · shards + shard
 
     @property
@@ -230,7 +230,7 @@ def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
     return out
 
 
-def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int, Tensor]:
+def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     """Reassemble this replica's matrices on their owners, compute their LMOs there, send the
     update rows back: two ``all_to_all_single`` (none without sharding). Returns this rank's
     rows of the update of every item this replica owns."""
@@ -239,7 +239,7 @@ def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int
     if not mine:
         return {}
     if S == 1:
-        return _lmos(mine, [it.d for it in mine], backend)
+        return _lmos(mine, [it.d for it in mine])
     d_dtype = mine[0].d.dtype
     device = mine[0].d.device
     by_dest: list[list[_Item]] = [[it for it in mine if it.owner % S == o] for o in range(S)]
@@ -262,7 +262,7 @@ def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int
             n = rows[k][s] * it.row_elems
             pieces[k].append(received[offset : offset + n].view(rows[k][s], *it.shape[1:]))
             offset += n
-    updates = _lmos(owned, [torch.cat(p) for p in pieces], backend)
+    updates = _lmos(owned, [torch.cat(p) for p in pieces])
     out_dtype = _update_dtype(mine[0].norm, d_dtype)
     parts = [updates[it.index].to(out_dtype).split(r) for it, r in zip(owned, rows, strict=True)]
     back = [part[s].reshape(-1) for s in range(S) for part in parts]
@@ -279,61 +279,22 @@ def _owned_updates(items: list[_Item], layout: Layout, backend: str) -> dict[int
     return out
 
 
-def _lmos(
-    items: list[_Item], directions: list[Tensor], backend: str = "torch"
-) -> dict[int, Tensor]:
-    """Each item's LMO, batched per norm as the single-process step batches: the reference,
-    or for Spectral-family items with ``backend="triton"``/``"cuda"`` (``"auto"``: the timing
-    table's pick) that backend's Newton–Schulz kernels."""
+def _lmos(items: list[_Item], directions: list[Tensor]) -> dict[int, Tensor]:
+    """Each item's LMO, batched per norm and polar factor as the single-process step
+    batches."""
     out: dict[int, Tensor] = {}
-    by_norm: dict[tuple[int, str], list[int]] = {}
+    by_norm: dict[tuple[int, int], list[int]] = {}
     for k, it in enumerate(items):
-        by_norm.setdefault((id(it.norm), _polar_backend(it, backend)), []).append(k)
-    for (_, polar_backend), ks in by_norm.items():
-        norm, gs = items[ks[0]].norm, [directions[k] for k in ks]
-        if polar_backend == "torch":
+        by_norm.setdefault((id(it.norm), id(it.polar)), []).append(k)
+    for ks in by_norm.values():
+        norm, polar, gs = items[ks[0]].norm, items[ks[0]].polar, [directions[k] for k in ks]
+        if polar is None:
             updates = norm.lmo_many(gs)
         else:
-            updates = _kernel_spectral_lmos(norm, gs, polar_backend)  # type: ignore[arg-type]
+            assert isinstance(norm, Spectral)
+            updates = norm.lmo_many(gs, polar=polar)
         for k, u in zip(ks, updates, strict=True):
             out[items[k].index] = u
-    return out
-
-
-def _polar_backend(item: _Item, backend: str) -> str:
-    """Which Newton–Schulz computes ``item``'s LMO: ``"torch"`` (the reference, and for
-    everything the kernels do not take), ``"triton"`` or ``"cuda"``."""
-    from .kernels.dispatch import fused_norm
-
-    if backend == "torch" or not isinstance(item.norm, Spectral):
-        return "torch"
-    if fused_norm(item.norm, item.shape) is None:
-        return "torch"
-    if backend == "auto":
-        from ._auto import choose, shape_class
-
-        backend = choose(item.d.device, shape_class(item.norm, item.shape))
-    return backend
-
-
-def _kernel_spectral_lmos(norm: Spectral, gs: list[Tensor], backend: str) -> list[Tensor]:
-    """``s·polar(g)`` in float32 with the ``backend`` kernels, one call per matrix shape."""
-    from .kernels.dispatch import kernel_dtype
-
-    if backend == "triton":
-        from .kernels.newton_schulz import polar
-    else:
-        from ._native import polar
-    mats = [norm._matrices(g) for g in gs]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, m in enumerate(mats):
-        by_shape.setdefault(tuple(m.shape[1:]), []).append(k)
-    out: list[Tensor] = [gs[0]] * len(gs)
-    for ks in by_shape.values():
-        stacked = torch.cat([mats[k] for k in ks])
-        factors = polar(stacked, norm.table, kernel_dtype(norm)).float()
-        for k, f in zip(ks, factors.split([mats[k].shape[0] for k in ks]), strict=True):
-            out[k] = f.mul_(norm.scale_for(gs[k].shape)).reshape(gs[k].shape)
     return out
 
 
@@ -369,50 +330,28 @@ def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Te
 
 
 def _reduced_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
-    """ColNorm, transposed RowNorm and BiasRMS on shards: the sums of squares that span the
-    shards (a column's, or the whole tensor's) in one float64 all-reduce over the shard group
-    for all items, then each LMO on the local rows with the global sizes. Transposed ColNorm
-    (norms of whole rows) needs only the global ``d_out``."""
-    partial, spans = [], []
+    """Grouped norms on shards: the sums of squares of the groups that span the shards (a
+    column's, or the whole tensor's) in one float64 all-reduce over the shard group for all
+    items, then each LMO on the local rows with the whole tensor's shape
+    (:meth:`~scion_kernels.norms.Norm.lmo_from_sums`)."""
+    partial = [it.norm.partial_sums(it.d) for it in items]
+    spans = []
     for it in items:
-        d = it.d.to(torch.float64)
-        if isinstance(it.norm, BiasRMS):
-            part, span = d.square().sum().reshape(1), True
-        elif isinstance(it.norm, RowNorm) or not it.norm.transpose:
-            part, span = d.square().sum(0), True  # over dim 0, one per column
-        else:
-            part, span = d.square().sum(1), False  # transposed ColNorm: over whole rows
-        partial.append(part)
-        spans.append(span)
-    shared = [p for p, span in zip(partial, spans, strict=True) if span]
+        spec = it.norm.groups(it.shape)
+        spans.append(spec is not None and (spec.columns or spec.whole))
+    shared = [p for p, span in zip(partial, spans, strict=True) if span and p is not None]
     if shared:
-        sums = torch.cat(shared)
+        sums = torch.cat([p.reshape(-1) for p in shared])
         dist.all_reduce(sums, group=layout.shard_group)
         offset = 0
-        for k, span in enumerate(spans):
-            if span:
-                partial[k] = sums[offset : offset + partial[k].numel()]
-                offset += partial[k].numel()
-    out: dict[int, Tensor] = {}
-    for it, total in zip(items, partial, strict=True):
-        norm = it.norm
-        work = torch.float64 if it.d.dtype == torch.float64 else torch.float32
-        d = it.d.to(work)
-        if isinstance(norm, BiasRMS):
-            rms = total.sqrt() / math.sqrt(max(math.prod(it.shape), 1))
-            out[it.index] = d / (rms.to(work) + norm.eps)
-            continue
-        d_out, d_in = it.shape[0], it.shape[1]
-        length = total.sqrt()
-        if isinstance(norm, RowNorm):  # transposed: gᵀ's rows are g's columns, d_out long
-            scale = length * math.sqrt(d_out) if norm.normalized else length
-        elif not norm.transpose:  # columns of g
-            scale = length / math.sqrt(d_out)
-            scale = scale * d_in if norm.normalized else scale
-        else:  # transposed ColNorm: gᵀ's columns are g's rows, d_in long; gᵀ has d_out columns
-            scale = (length / math.sqrt(d_in) * d_out).unsqueeze(1)
-        out[it.index] = d / (scale.to(work) + norm.eps)
-    return out
+        for k, (p, span) in enumerate(zip(partial, spans, strict=True)):
+            if span and p is not None:
+                partial[k] = sums[offset : offset + p.numel()].view(p.shape)
+                offset += p.numel()
+    return {
+        it.index: it.norm.lmo_from_sums(it.d, total, it.shape)
+        for it, total in zip(items, partial, strict=True)
+    }
 
 
 def group_updates(
@@ -420,18 +359,19 @@ def group_updates(
     params: list[Tensor],
     directions: list[Tensor],
     process_group: Any,
-    backend: str = "torch",
+    polars: Sequence[Callable[[Tensor], Tensor] | None],
 ) -> list[Tensor]:
     """Each parameter's ``lmo(d)`` rows on this rank (``directions``: this rank's part of the
-    averaged directions), computed across ranks as the module docstring describes; the
-    Spectral-family LMOs with ``backend``'s Newton–Schulz where it takes them."""
+    averaged directions), computed across ranks as the module docstring describes; a
+    parameter's Spectral LMO with its ``polars`` entry (a backend's kernels) where not
+    ``None``."""
     updates: dict[int, Tensor] = {}
     by_kind: dict[tuple[str, tuple], tuple[Layout, list[_Item]]] = {}
     for i, (p, d) in enumerate(zip(params, directions, strict=True)):
         layout = layout_of(p, process_group)
         concrete = norm.pick(p.shape)
         kind = _kind(concrete, p.shape, layout)
-        item = _Item(i, p.shape, concrete, d)
+        item = _Item(i, p.shape, concrete, d, polars[i] if isinstance(concrete, Spectral) else None)
         if kind == "local":
             by_kind.setdefault(("local", ()), (layout, []))[1].append(item)
             continue
@@ -439,7 +379,7 @@ def group_updates(
         by_kind.setdefault((kind, key), (layout, []))[1].append(item)
     for (kind, _), (layout, items) in by_kind.items():
         if kind == "local":
-            updates.update(_lmos(items, [it.d for it in items], backend))
+            updates.update(_lmos(items, [it.d for it in items]))
         elif kind == "reduce":
             updates.update(_reduced_updates(items, layout))
         else:
@@ -447,10 +387,58 @@ def group_updates(
             for it, slot in zip(items, owners, strict=True):
                 it.owner = slot
             for bucket in _buckets(items, layout.shards):
-                done = _owned_updates(bucket, layout, backend)
+                done = _owned_updates(bucket, layout)
                 _share_across_replicas(bucket, layout, done)
                 updates.update(done)
     return [updates[i] for i in range(len(params))]
+
+
+def init_(norm: Norm, p: Tensor, scale: float, process_group: Any | None) -> None:
+    """``p`` on the sphere of radius ``scale`` of ``norm`` (:meth:`Norm.init` times ``scale``),
+    the same values on every replica: a DTensor is drawn whole and distributed from the first
+    rank (``distribute_tensor``), a plain tensor under ``process_group`` broadcast from that
+    group's first rank."""
+    if _is_dtensor(p):
+        whole = torch.empty(p.shape, dtype=p.dtype, device=local(p).device)
+        norm.init(whole).mul_(scale)
+        local(p).copy_(distribute_like(whole, p))
+        return
+    norm.init(p)
+    p.mul_(scale)
+    if process_group is not None:
+        first = dist.get_global_rank(process_group, 0)
+        dist.broadcast(p.data, first, group=process_group)
+
+
+Work = list[tuple[int, dict[str, Any], list[int]]]
+
+
+def agree_work(
+    work: Work, process_group: Any, check_finite: bool, label: Callable[[dict, int, int], str]
+) -> tuple[Work, tuple[int, dict[str, Any], int] | None]:
+    """The step's ``(group index, group, parameter indices)`` agreed by one all-reduce,
+    identically on every rank: the parameters that step (those with a gradient on every rank;
+    the others are named, by ``label``, in a warning), and the first whose gradient is not
+    finite on some rank (``None`` if none, or without ``check_finite``)."""
+    where = [(index, group, i) for index, group, _ in work for i in range(len(group["params"]))]
+    entries = [(group["params"][i], group["params"][i].grad) for _, group, i in where]
+    has, finite = agree(entries, process_group, check_finite=check_finite)
+    partial = [
+        label(group, index, i)
+        for (index, group, i), everywhere, (_, g) in zip(where, has, entries, strict=True)
+        if g is not None and not everywhere
+    ]
+    warn_partial_gradients(partial)
+    bad = next((w for w, ok, h in zip(where, finite, has, strict=True) if h and not ok), None)
+    agreed = []
+    for index, group, _ in work:
+        idx = [
+            i
+            for k, (j, _, i) in enumerate(where)
+            if j == index and has[k] and group["params"][i].numel()
+        ]
+        agreed.append((index, group, idx))
+    return agreed, bad
 
 
 def agree(
@@ -486,5 +474,5 @@ def warn_partial_gradients(labels: list[str]) -> None:
             + ", ".join(labels[:5])
             + (f" (and {len(labels) - 5} more)" if len(labels) > 5 else ""),
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

@@ -101,54 +101,43 @@ class Recipe:
     per_tap: bool = False
 
 
+# Language transformers (GPT-2, Llama, BERT, MoE): embeddings ρ = 1, hidden ρ = 2, vectors
+# ρ = 0.1 (biases and gains; a larger radius lets the constrained step swing them), head Sign
+# ρ = 32. Auto resolves per layer: ColNorm(transpose) on embeddings, Spectral on matrices.
+_STOCK = Recipe(
+    input=Role("Auto", 1.0),
+    hidden=Role("Auto", 2.0),
+    head=Role("Sign", 32.0),
+    vector=Role("BiasRMS", 0.1),
+    lr=2**-6,
+    momentum=0.1,
+    source="bench/recipes.py sweep on stock GPT-2 and Llama",
+    tied="input",
+    per_tap=True,
+)
+
 #: Recipes for stock models (HF transformers, timm, torchvision as their libraries build them:
 #: norm layers with gains, GELU or ReLU unscaled), from a learning-rate/radius sweep on small
 #: stock models (``python -m bench.recipes``, bench/NOTES.md), and the authors' recipes.
 #: ``lr`` and ``momentum`` are suggestions for ``Scion(groups, lr=..., momentum=...)``; the
 #: groups themselves carry only the norm, its options and the radius.
 RECIPES: dict[str, Recipe] = {
-    # Language transformers (GPT-2, Llama, BERT, MoE): embeddings ρ = 1, hidden ρ = 2,
-    # vectors ρ = 0.1 (biases and gains; a larger radius lets the constrained step swing
-    # them), head Sign ρ = 32. Auto resolves per layer: ColNorm(transpose) on embeddings,
-    # Spectral on matrices.
-    "stock": Recipe(
-        input=Role("Auto", 1.0),
-        hidden=Role("Auto", 2.0),
-        head=Role("Sign", 32.0),
-        vector=Role("BiasRMS", 0.1),
-        lr=2**-6,
-        momentum=0.1,
-        source="bench/recipes.py sweep on stock GPT-2 and Llama",
-        tied="input",
-        per_tap=True,
-    ),
+    "stock": _STOCK,
     # Vision transformers (ViT, DeiT): as "stock", with the patch embedding (SpectralConv,
     # divided by the patch area) at ρ = 2.
-    "stock-vit": Recipe(
-        input=Role("Auto", 2.0),
-        hidden=Role("Auto", 2.0),
-        head=Role("Sign", 32.0),
-        vector=Role("BiasRMS", 0.1),
-        lr=2**-6,
-        momentum=0.1,
-        source="bench/recipes.py sweep on stock ViT",
-        tied="input",
-        per_tap=True,
+    "stock-vit": replace(
+        _STOCK, input=Role("Auto", 2.0), source="bench/recipes.py sweep on stock ViT"
     ),
     # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): matrices (ConvNeXt's MLPs)
     # ρ = 2 as in "stock"; conv weights ρ = 128 (SpectralConv divides by the kernel size K),
     # one polar factor per tap where windows overlap; vectors ρ = 0.3 (BatchNorm gains that
     # start at 0 in a residual branch must grow).
-    "stock-cnn": Recipe(
+    "stock-cnn": replace(
+        _STOCK,
         input=Role("Auto", 2.0, conv_scale=128.0),
         hidden=Role("Auto", 2.0, conv_scale=128.0),
-        head=Role("Sign", 32.0),
         vector=Role("BiasRMS", 0.3),
-        lr=2**-6,
-        momentum=0.1,
         source="bench/recipes.py sweep on stock ResNet and ConvNeXt",
-        tied="input",
-        per_tap=True,
     ),
     # nanoGPT (README, examples/modded-nanogpt): Spectral ρ=50 on the blocks, Sign ρ=50·60 on the
     # head; an untied embedding gets Sign(normalized=False) ρ=1 as in examples/shallow-nanogpt.

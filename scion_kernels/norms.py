@@ -45,7 +45,7 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ __all__ = [
     "NORMS",
     "Auto",
     "BiasRMS",
+    "GroupSpec",
     "ColNorm",
     "Norm",
     "RowNorm",
@@ -142,6 +143,24 @@ def _cat(mats: list[Tensor]) -> Tensor:
     return mats[0] if len(mats) == 1 else torch.cat(mats)
 
 
+class GroupSpec(NamedTuple):
+    """How a grouped LMO (Sign, ColNorm, RowNorm, BiasRMS) acts on a tensor, in the form the
+    fused kernels run: the tensor is seen as ``matrices`` ``(B, r, c)`` (as stored), its groups
+    are their rows, or their columns when ``columns``, or the whole tensor when ``whole``; for
+    every group ``v``::
+
+        u = v / (‖v‖₂·q + ε)      (ColNorm, RowNorm, BiasRMS)
+        u = sign(v)·q             (Sign: ``sign``, ε = 0)
+    """
+
+    matrices: tuple[int, int, int]
+    columns: bool
+    whole: bool
+    sign: bool
+    q: float
+    eps: float
+
+
 class Norm:
     """A norm for one family of tensors: its LMO, its unit-sphere init, the shapes it fits.
 
@@ -170,6 +189,24 @@ class Norm:
     def init(self, w: Tensor) -> Tensor:
         """Overwrite ``w`` in place with a point on this norm's unit sphere; return ``w``."""
         raise NotImplementedError
+
+    def groups(self, shape: Sequence[int]) -> GroupSpec | None:
+        """For an LMO that acts on independent groups of elements (Sign, ColNorm, RowNorm,
+        BiasRMS), how it acts on a tensor of ``shape`` (:class:`GroupSpec`); else ``None``."""
+        return None
+
+    def partial_sums(self, d: Tensor) -> Tensor | None:
+        """A grouped LMO's per-group sums of squares of ``d`` in float64 (``keepdim`` shape, as
+        :meth:`lmo_from_sums` takes them), or ``None`` when it needs none (Sign). Summed over
+        the pieces of a tensor split across ranks, they are the whole tensor's."""
+        raise NotImplementedError(f"{self.name} is not a grouped norm")
+
+    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
+        """``lmo`` of a tensor of ``shape`` on the piece ``d`` of it, given the whole tensor's
+        :meth:`partial_sums` of the groups ``d`` holds (every group of ``d`` has the
+        ``sums`` it would have in the whole tensor). With ``d`` whole and its own sums this is
+        :meth:`lmo` up to rounding."""
+        raise NotImplementedError(f"{self.name} is not a grouped norm")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
@@ -338,10 +375,15 @@ class Spectral(_MatrixNorm):
         mats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1 if self.transpose else -2)
         return mats.reshape(shape)
 
-    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+    def lmo_many(
+        self, gs: Sequence[Tensor], polar: Callable[[Tensor], Tensor] | None = None
+    ) -> list[Tensor]:
+        """``[lmo(g) for g in gs]``; ``polar``, if given, computes the polar factor of a stack
+        of wide matrices ``(B, m, n)`` (a backend's kernels) in place of :meth:`polar_factor`."""
         # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
         # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch (on a
         # CPU, large matrices go alone: see newton_schulz.stacks_well).
+        factor = self.polar_factor if polar is None else (lambda mats: polar(_cat(mats)))
         blocks = [self._blocks(self._matrices(g)) for g in gs]
         oriented, tall = [], []
         for b in itertools.chain.from_iterable(blocks):
@@ -349,7 +391,7 @@ class Spectral(_MatrixNorm):
             oriented.append(b.mT if is_tall else b)
             tall.append(is_tall)
         polars = _stacked_apply(
-            oriented, self.polar_factor, lambda m: not stacks_well(m.device, *m.shape[-2:])
+            oriented, factor, lambda m: not stacks_well(m.device, *m.shape[-2:])
         )
         out, k = [], 0
         for g, bs in zip(gs, blocks, strict=True):
@@ -506,6 +548,15 @@ class Sign(_MatrixNorm):
         """The factor ``f`` of ``lmo = f·sign`` for a tensor of ``shape``: ``1/d_in`` or 1."""
         return 1.0 / self.dims(shape)[1] if self.normalized else 1.0
 
+    def groups(self, shape: Sequence[int]) -> GroupSpec:
+        return GroupSpec(self.matrix_shape(shape), False, False, True, self.factor(shape), 0.0)
+
+    def partial_sums(self, d: Tensor) -> None:
+        return None
+
+    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
+        return torch.sign(d.to(_work_dtype(d))).mul_(self.factor(shape))
+
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         if not gs:
             return []
@@ -550,14 +601,45 @@ class ColNorm(_MatrixNorm):
         m = self._matrices(g).to(_work_dtype(g))
         return m.mT if self.transpose else m
 
-    def _col_scale(self, m: Tensor) -> Tensor:
-        """The per-column divisor without ε: ``‖m[:, j]‖₂/√d_out`` (times ``d_in``)."""
-        d_out, d_in = m.shape[-2:]
-        rms = torch.linalg.vector_norm(m, dim=-2, keepdim=True) / math.sqrt(d_out)
+    #: The dim of the oriented matrices that the groups run along (a column: its rows).
+    _dim = -2
+
+    def _divisor(self, length: Tensor, d_out: int, d_in: int) -> Tensor:
+        """The per-column divisor without ε from the columns' ℓ2 norms ``length``:
+        ``‖m[:, j]‖₂/√d_out`` (times ``d_in``)."""
+        rms = length / math.sqrt(d_out)
         return rms * d_in if self.normalized else rms
+
+    def _group_factor(self, groups: int, length: int) -> float:
+        """``q`` of :meth:`groups` for ``groups`` groups of ``length`` elements."""
+        return (groups if self.normalized else 1.0) / math.sqrt(length)
+
+    def _col_scale(self, m: Tensor) -> Tensor:
+        length = torch.linalg.vector_norm(m, dim=self._dim, keepdim=True)
+        return self._divisor(length, *m.shape[-2:])
 
     def _batched(self, m: Tensor) -> Tensor:
         return m / (self._col_scale(m) + self.eps)
+
+    def groups(self, shape: Sequence[int]) -> GroupSpec:
+        matrices = self.matrix_shape(shape)
+        # The groups are the oriented matrices' columns (ColNorm) or rows (RowNorm);
+        # ``transpose`` swaps rows and columns of the stored ones.
+        columns = (self._dim == -2) != self.transpose
+        r, c = matrices[1:]
+        groups, length = (c, r) if columns else (r, c)
+        return GroupSpec(matrices, columns, False, False, self._group_factor(groups, length),
+                         self.eps)  # fmt: skip
+
+    def partial_sums(self, d: Tensor) -> Tensor:
+        m = self._matrices(d).to(torch.float64)
+        return (m.mT if self.transpose else m).square().sum(self._dim, keepdim=True)
+
+    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
+        assert sums is not None
+        m = self._oriented(d)
+        out = m / (self._divisor(sums.sqrt(), *self.dims(shape)).to(m.dtype) + self.eps)
+        return (out.mT if self.transpose else out).reshape(d.shape)
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         res = _stacked_apply([self._oriented(g) for g in gs], lambda ms: self._batched(_cat(ms)))
@@ -596,10 +678,15 @@ class RowNorm(ColNorm):
     ) -> None:
         super().__init__(normalized, transpose, eps, batch_dims)
 
-    def _col_scale(self, m: Tensor) -> Tensor:
-        """The per-row divisor without ε: ``‖m[i, :]‖₂`` (times ``√d_in``)."""
-        norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
-        return norm * math.sqrt(m.shape[-1]) if self.normalized else norm
+    _dim = -1
+
+    def _divisor(self, length: Tensor, d_out: int, d_in: int) -> Tensor:
+        """The per-row divisor without ε from the rows' ℓ2 norms ``length``: ``‖m[i, :]‖₂``
+        (times ``√d_in``)."""
+        return length * math.sqrt(d_in) if self.normalized else length
+
+    def _group_factor(self, groups: int, length: int) -> float:
+        return math.sqrt(length) if self.normalized else 1.0
 
 
 class BiasRMS(Norm):
@@ -616,14 +703,32 @@ class BiasRMS(Norm):
     def fits(self, shape: Sequence[int]) -> str | None:
         return None
 
+    @staticmethod
+    def factor(shape: Sequence[int]) -> float:
+        """``1/√numel``: ``RMS(g) = ‖g‖₂·factor``."""
+        return 1.0 / math.sqrt(max(math.prod(shape), 1))
+
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         if not gs:
             return []
         g32 = [g.to(_work_dtype(g)) for g in gs]
         denom = torch._foreach_norm(g32)
-        torch._foreach_mul_(denom, [1.0 / math.sqrt(max(g.numel(), 1)) for g in gs])
+        torch._foreach_mul_(denom, [self.factor(g.shape) for g in gs])
         torch._foreach_add_(denom, self.eps)
         return list(torch._foreach_div(g32, denom))
+
+    def groups(self, shape: Sequence[int]) -> GroupSpec:
+        numel = math.prod(shape)
+        return GroupSpec((1, 1, numel), False, True, False, self.factor(shape), self.eps)
+
+    def partial_sums(self, d: Tensor) -> Tensor:
+        return d.to(torch.float64).square().sum().reshape(1)
+
+    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
+        assert sums is not None
+        work = _work_dtype(d)
+        rms = sums.sqrt().reshape(()) * self.factor(shape)
+        return d.to(work) / (rms.to(work) + self.eps)
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():

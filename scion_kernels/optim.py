@@ -14,64 +14,29 @@ The constructor signature and its defaults are the authors' (``LIONS-EPFL/scion`
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import distributed
-from .average import momentum_average_
+from . import _checks, backends, distributed
+from ._plan import Update
 from .distributed import local
+from .elementwise import apply_update_, momentum_average_
 from .groups import newton_schulz_dtype
-from .norms import NORMS, Norm, describe_misfit, make_norm
+from .norms import NORMS, Norm, make_norm
 
 __all__ = ["Scion", "ScionLight"]
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
-_FUSED_BACKENDS = ("triton", "cuda")
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
-_BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            shape = tuple(value.shape)
-            raise ValueError(f"{what}: a tensor must have exactly one element; got shape {shape}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number; got {value!r}")
-    return float(value)
-
-
-def _apply_update_(
-    params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, scale: float, constrained: bool
-) -> None:
-    """``x ← (1 − γ)·x − γ·ρ·u`` (constrained) or ``x ← x − γ·ρ·u``, for every pair.
-
-    Computed in the update's precision (float32 or float64) and rounded once to the parameter's
-    dtype, so bf16 parameters see a single rounding per step.
-    """
-    direct = [i for i, (p, u) in enumerate(zip(params, updates, strict=True)) if p.dtype == u.dtype]
-    upcast = [i for i in range(len(params)) if params[i].dtype != updates[i].dtype]
-    if direct:
-        ps, us = [params[i] for i in direct], [updates[i] for i in direct]
-        if constrained:
-            torch._foreach_mul_(ps, 1.0 - lr)
-        torch._foreach_add_(ps, us, alpha=-lr * scale)
-    if upcast:
-        xs = [params[i].to(updates[i].dtype) for i in upcast]
-        if constrained:
-            torch._foreach_mul_(xs, 1.0 - lr)
-        torch._foreach_add_(xs, [updates[i] for i in upcast], alpha=-lr * scale)
-        torch._foreach_copy_([params[i] for i in upcast], xs)
+#: The ``backend`` option's values (:mod:`scion_kernels.backends`).
+BACKENDS = backends.NAMES
+NONFINITE_POLICIES = _checks.NONFINITE_POLICIES
 
 
 class _ScionBase(torch.optim.Optimizer):
-    """What Scion and ScionLight share: options, validation, the step skeleton, ``init()``."""
+    """What Scion and ScionLight share: options, per-group routes, the step skeleton, ``init()``."""
 
     def __init__(
         self,
@@ -98,6 +63,8 @@ class _ScionBase(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
         self.skipped_steps = 0
+        #: Each param group's route (:func:`scion_kernels.backends.route`), by index.
+        self._routes: list[backends.Route] = []
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -110,10 +77,10 @@ class _ScionBase(torch.optim.Optimizer):
         )
         # Options are checked before the parameters are read (``params`` may be a generator).
         self._check_options(dict(defaults), "the defaults")
-        self._norm(defaults)
+        make_norm(norm, defaults["norm_kwargs"])
         super().__init__(params, defaults)
 
-    # ----------------------------------------------------------------------------- validation
+    # ---------------------------------------------------------------------- groups and routes
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
@@ -122,32 +89,23 @@ class _ScionBase(torch.optim.Optimizer):
             group["norm_kwargs"] = {}
         try:
             self._check_options(group, f"param group {index}")
-            norm = self._norm(group)
-            for i, p in enumerate(group["params"]):
-                if p.is_complex():
-                    raise ValueError(
-                        f"Scion does not support complex parameters: {self._label(group, index, i)}"
-                        f" is {p.dtype}. The LMOs here are defined for real tensors; keep the "
-                        "real and imaginary parts as separate real parameters"
-                    )
-                msg = describe_misfit(norm, p.shape, self._label(group, index, i))
-                if msg:
-                    raise ValueError(msg)
+            norm = make_norm(group["norm"], group["norm_kwargs"])
+            _checks.check_params(group, index, norm)
             spread = self.process_group is not None or any(
                 distributed._is_dtensor(p) for p in group["params"]
             )
             if spread:
                 for p in group["params"]:
                     distributed.layout_of(p, self.process_group)  # raises for unknown layouts
-            if group["backend"] in _FUSED_BACKENDS:
-                self._check_fused(group, index)
+            if isinstance(norm, Norm) and NORMS.get(norm.name) is type(norm):
+                # Plain data in the group (a name and options), so state_dict() loads with
+                # torch.load(weights_only=True) and equal configurations give equal state dicts.
+                group["norm"], group["norm_kwargs"] = norm.spec()
+            route = backends.route(group, f"param group {index}")
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
-        if isinstance(group["norm"], Norm) and NORMS.get(group["norm"].name) is type(group["norm"]):
-            # Plain data in the group (a name and options), so state_dict() loads with
-            # torch.load(weights_only=True) and equal configurations give equal state dicts.
-            group["norm"], group["norm_kwargs"] = group["norm"].spec()
+        self._routes[index:] = [route]
         if spread:
             self._distributed = True
             self._create_state(group)
@@ -155,73 +113,17 @@ class _ScionBase(torch.optim.Optimizer):
     def _check_options(self, group: dict[str, Any], where: str) -> None:
         """Raise a clear error for any option of ``group`` (described by ``where``) out of its
         domain."""
-        # Groups restored from a checkpoint of the authors' Scion lack our extra options.
-        for key in ("backend", "buffer_dtype"):
-            if key not in group:
-                group[key] = self.defaults[key]
-        lr = _number(group["lr"], f"lr ({where})")
-        if not (0.0 <= lr < math.inf):
-            raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")
-        if not isinstance(group["unconstrained"], bool):
-            raise TypeError(f"unconstrained must be a bool in {where}")
-        if not group["unconstrained"] and lr > 1.0:
-            raise ValueError(
-                f"Invalid learning rate {lr} in {where}: the constrained step "
-                "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
-                "weights); use unconstrained=True for larger steps"
-            )
-        if "weight_decay" in group:
-            raise ValueError(
-                f"{where} has weight_decay, which Scion does not take: the constrained step's "
-                "(1 − lr) shrink is its weight decay. Groups with weight_decay are what HF "
-                "Trainer builds for optimizer_cls_and_kwargs, and they carry no norms or radii; "
-                "build the optimizer with scion_kernels.param_groups(model, recipe) and pass "
-                "Trainer(optimizers=(optimizer, None)) instead"
-            )
-        cycled = sorted({"base_momentum", "max_momentum"} & set(group))
-        if cycled:
-            raise ValueError(
-                f"{where} has {cycled}: a scheduler that cycles momentum (OneCycleLR or CyclicLR "
-                "with cycle_momentum=True, their default) writes the usual β (0.85–0.95) into "
-                "group['momentum'], but Scion's momentum is α = 1 − β, the weight of the new "
-                "gradient, so β = 0.95 would run as α = 0.95 (almost no averaging). Pass "
-                "cycle_momentum=False to the scheduler; to schedule α, set group['momentum'] "
-                "yourself"
-            )
-        init = group.get("init", True)
-        if not isinstance(init, bool):
-            raise TypeError(f"init must be a bool in {where} (False: init() leaves the group)")
-        momentum = _number(group["momentum"], f"momentum ({where})")
-        if not (0.0 < momentum <= 1.0):
-            raise ValueError(
-                f"Invalid momentum {momentum} in {where}: it is the averaging factor α of "
-                "d ← (1 − α)·d + α·g and must satisfy 0 < α ≤ 1 (β = 0.9 is momentum=0.1)"
-            )
-        scale = _number(group["scale"], f"scale ({where})")
-        if not (0.0 < scale < math.inf):
-            raise ValueError(f"Invalid scale {scale} in {where}: the radius ρ must be > 0, finite")
-        backend = group["backend"]
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} in {where}; expected one of {BACKENDS}")
-        buffer_dtype = group["buffer_dtype"]
-        if buffer_dtype is not None and buffer_dtype not in _BUFFER_DTYPES:
-            raise ValueError(
-                f"buffer_dtype must be None (the gradient's dtype) or one of {_BUFFER_DTYPES}; "
-                f"got {buffer_dtype!r} in {where}"
-            )
-        if not isinstance(group["norm_kwargs"], dict):
-            raise TypeError(f"norm_kwargs must be a dict in {where}")
+        _checks.check_options(group, where, getattr(self, "defaults", {}))
 
-    @staticmethod
-    def _norm(group: dict[str, Any]) -> Norm:
-        return make_norm(group["norm"], group["norm_kwargs"])
-
-    @staticmethod
-    def _label(group: dict[str, Any], index: int, i: int) -> str:
-        names = group.get("param_names")
-        if names is not None and i < len(names):
-            return f"parameter {names[i]!r}"
-        return f"parameter {i} of param group {index}"
+    def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
+        """Group ``index``'s route, resolved again only when its options changed (a compiled
+        step uses the routes resolved eagerly)."""
+        route = self._routes[index] if index < len(self._routes) else None
+        if route is not None and (torch.compiler.is_compiling() or route.matches(group)):
+            return route
+        route = backends.route(group, f"param group {index}")
+        self._routes[index : index + 1] = [route]
+        return route
 
     # ------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -247,155 +149,91 @@ class _ScionBase(torch.optim.Optimizer):
             for i in idx:
                 if group["params"][i].grad.is_sparse:
                     raise RuntimeError(
-                        f"Scion does not support sparse gradients ({self._label(group, index, i)})"
+                        "Scion does not support sparse gradients "
+                        f"({_checks.label(group, index, i)})"
                     )
             if idx or self._distributed:
                 work.append((index, group, idx))
 
         bad = None
         if self._distributed:
-            work, bad = self._agree(work)
+            check = self.nonfinite != "ignore"
+            work, bad = distributed.agree_work(work, self.process_group, check, _checks.label)
         elif self.nonfinite != "ignore":
-            bad = self._first_nonfinite(work)
+            bad = _checks.first_nonfinite(work)
         if bad is not None:
-            index, group, i = bad
-            label = self._label(group, index, i)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"the gradient of {label} (shape {tuple(group['params'][i].shape)}) "
-                    "has non-finite values; no parameter or state was changed. Pass "
-                    "nonfinite='skip' to skip such steps instead."
-                )
-            self.skipped_steps += 1
-            self._on_skip(work)
-            warnings.warn(
-                f"Scion skipped a step: the gradient of {label} has non-finite values "
-                f"({self.skipped_steps} skipped so far)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._nonfinite(work, *bad)
             return loss
 
         for index, group, idx in work:
-            if not idx:
-                continue
-            params = [group["params"][i] for i in idx]
-            rest = params
-            if self._distributed:
-                pass  # LMOs split across ranks (scion_kernels.distributed), below
-            elif group["backend"] in _FUSED_BACKENDS:
-                rest = self._fused_step_(group, index, params, group["backend"])
-            elif group["backend"] == "auto":
-                rest = self._auto_step_(group, index, params)
-            if rest:
-                directions = self._averaged(group, rest)
-                norm = self._norm(group)
-                if self._distributed:
-                    updates = distributed.group_updates(
-                        norm, rest, directions, self.process_group, group["backend"]
-                    )
-                else:
-                    updates = norm.lmo_many(directions)
-                lr, scale = float(group["lr"]), float(group["scale"])
-                rest = [local(p) for p in rest]
-                _apply_update_(rest, updates, lr, scale, not group["unconstrained"])
-            self._after_update(group, params)
+            if idx:
+                self._step_group(group, idx, self._route(index, group))
         return loss
 
-    # ------------------------------------------------------------------------ fused backends
-    def _check_fused(self, group: dict[str, Any], index: int) -> None:
-        backend = group["backend"]
-        if backend == "triton":
-            from .kernels import unavailable_reason
-        else:
-            from ._native import unavailable_reason
-        for device in {p.device for p in group["params"]}:
-            reason = unavailable_reason(device)
-            if reason is not None:
-                raise ValueError(f"backend {backend!r} (param group {index}): {reason}")
+    def _step_group(self, group: dict[str, Any], idx: list[int], route: backends.Route) -> None:
+        """Step parameters ``idx`` of ``group``: the fused backends its route names, then the
+        reference on the rest (or the LMOs across ranks)."""
+        params = [group["params"][i] for i in idx]
+        lr, scale = float(group["lr"]), float(group["scale"])
+        constrained = not group["unconstrained"]
+        update = Update(float(group["momentum"]), lr, scale, constrained)
+        left = idx
+        if not self._distributed:
+            left = [i for i in idx if route.kernels[i] is None]
+            by_backend: dict[str, list[int]] = {}
+            for i in idx:
+                kernels = route.kernels[i]
+                if kernels is not None:
+                    by_backend.setdefault(kernels[0].name, []).append(i)
+            for ks in by_backend.values():
+                backend = route.kernels[ks[0]][0]  # type: ignore[index]
+                chosen = [group["params"][i] for i in ks]
+                undone = backend.step_(
+                    chosen,
+                    [p.grad for p in chosen],
+                    self._fused_buffers(group, chosen),
+                    [route.kernels[i][1] for i in ks],  # type: ignore[index]
+                    update,
+                )
+                left = left + [ks[j] for j in undone]
+            left = sorted(left)
+        if left:
+            rest = [group["params"][i] for i in left]
+            directions = self._averaged(group, rest)
+            if self._distributed:
+                polars = [route.polars[i] for i in left]
+                updates = distributed.group_updates(
+                    route.norm, rest, directions, self.process_group, polars
+                )
+            else:
+                updates = route.norm.lmo_many(directions)
+            apply_update_([local(p) for p in rest], updates, lr, scale, constrained)
+        self._after_update(group, params)
 
-    def _auto_step_(self, group: dict[str, Any], index: int, params: list[Tensor]) -> list[Tensor]:
-        """``backend="auto"``: each parameter's backend from the timing table (by device and
-        shape class); runs the fused ones, returns those left for the reference."""
-        if all(p.device.type != "cuda" for p in params):
-            return params  # the table covers GPUs only
-        from ._auto import choose, shape_class
-
-        norm = self._norm(group)
-        chosen: dict[str, list[Tensor]] = {}
-        for p in params:
-            chosen.setdefault(choose(p.device, shape_class(norm, p.shape)), []).append(p)
-        rest = chosen.pop("torch", [])
-        for backend, subset in chosen.items():
-            rest.extend(self._fused_step_(group, index, subset, backend, checked=True))
-        return rest
-
-    def _fused_step_(
-        self,
-        group: dict[str, Any],
-        index: int,
-        params: list[Tensor],
-        backend: str,
-        checked: bool = False,
-    ) -> list[Tensor]:
-        """Run ``backend``'s fused step on the parameters it takes; return the others,
-        untouched. ``checked``: the backend is known to run on these devices."""
-        from .kernels.dispatch import fused_norm, fused_step_
-
-        if not (checked or torch.compiler.is_compiling()):  # compiled steps trust __init__
-            self._check_fused(group, index)
-        norm = self._norm(group)
-        norms = [fused_norm(norm, p.shape) for p in params]
-        taken = [i for i, n in enumerate(norms) if n is not None]
-        if not taken:
-            return params
-        chosen = [params[i] for i in taken]
-        left = fused_step_(
-            chosen,
-            [p.grad for p in chosen],
-            self._fused_buffers(group, chosen),
-            [norms[i] for i in taken],  # type: ignore[misc]
-            alpha=float(group["momentum"]),
-            lr=float(group["lr"]),
-            scale=float(group["scale"]),
-            constrained=not group["unconstrained"],
-            backend=backend,
+    def _nonfinite(
+        self, work: list[tuple[int, dict[str, Any], list[int]]], index: int,
+        group: dict[str, Any], i: int,
+    ) -> None:  # fmt: skip
+        """A gradient is not finite: raise, or skip the step (``nonfinite``)."""
+        where = _checks.label(group, index, i)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"the gradient of {where} (shape {tuple(group['params'][i].shape)}) "
+                "has non-finite values; no parameter or state was changed. Pass "
+                "nonfinite='skip' to skip such steps instead."
+            )
+        self.skipped_steps += 1
+        self._on_skip(work)
+        warnings.warn(
+            f"Scion skipped a step: the gradient of {where} has non-finite values "
+            f"({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=3,
         )
-        done = set(taken) - {taken[i] for i in left}
-        return [p for i, p in enumerate(params) if i not in done]
 
     def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         """The averaging buffers the fused step updates in place, or ``None`` (d = g)."""
         raise NotImplementedError
-
-    def _first_nonfinite(
-        self, work: list[tuple[int, dict[str, Any], list[int]]]
-    ) -> tuple[int, dict[str, Any], int] | None:
-        """The first parameter whose gradient has a NaN or ±inf (one host sync per device)."""
-        where, grads = [], []
-        for index, group, idx in work:
-            for i in idx:
-                where.append((index, group, i))
-                grads.append(group["params"][i].grad)
-        if not grads:
-            return None
-        by_device: dict[torch.device, list[int]] = {}
-        for k, g in enumerate(grads):
-            by_device.setdefault(g.device, []).append(k)
-        first = None
-        for ks in by_device.values():
-            # The 2-norm is the cheap screen (a NaN or inf entry makes it non-finite); only the
-            # tensors it flags are confirmed with the max-norm, since a large finite gradient
-            # can overflow its 2-norm.
-            norms = torch._foreach_norm([grads[k] for k in ks])
-            finite = torch.isfinite(torch.stack([a.float() for a in norms]))
-            if bool(finite.all()):
-                continue
-            for j in (~finite).nonzero().flatten().tolist():
-                if not bool(torch.isfinite(torch.linalg.vector_norm(grads[ks[j]], math.inf))):
-                    first = ks[j] if first is None else min(first, ks[j])
-                    break
-        return None if first is None else where[first]
 
     def __repr__(self) -> str:
         """torch.optim's listing of each group's options, plus the dtype each group's
@@ -405,7 +243,7 @@ class _ScionBase(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
-            norm = self._norm(group)
+            norm = self._route(i, group).norm
             ns = {newton_schulz_dtype(norm, p.shape, p.device) for p in group["params"]}
             if ns - {""}:
                 lines.append(f"    newton_schulz: {', '.join(sorted(ns - {''}))}")
@@ -421,6 +259,7 @@ class _ScionBase(torch.optim.Optimizer):
         # A process group does not pickle: an unpickled optimizer steps on its own ranks' data.
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_distributed", False)
+        self.__dict__.setdefault("_routes", [])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, keeping every state tensor's dtype.
@@ -439,35 +278,6 @@ class _ScionBase(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and isinstance(loaded, Tensor):
                     if loaded.dtype != value.dtype:
                         self.state[p][key] = value.to(device=loaded.device, copy=True)
-
-    # ----------------------------------------------------------------------- across ranks
-    def _agree(
-        self, work: list[tuple[int, dict[str, Any], list[int]]]
-    ) -> tuple[list[tuple[int, dict[str, Any], list[int]]], tuple[int, dict[str, Any], int] | None]:
-        """Distributed steps: one all-reduce decides, identically on every rank, which
-        parameters step (those with a gradient on every rank) and which is the first whose
-        gradient is not finite on some rank. Returns the work list and that parameter."""
-        where = [(index, group, i) for index, group, _ in work for i in range(len(group["params"]))]
-        entries = [(group["params"][i], group["params"][i].grad) for _, group, i in where]
-        has, finite = distributed.agree(
-            entries, self.process_group, check_finite=self.nonfinite != "ignore"
-        )
-        partial = [
-            self._label(group, index, i)
-            for (index, group, i), everywhere, (_, g) in zip(where, has, entries, strict=True)
-            if g is not None and not everywhere
-        ]
-        distributed.warn_partial_gradients(partial)
-        bad = next((w for w, ok, h in zip(where, finite, has, strict=True) if h and not ok), None)
-        agreed = []
-        for index, group, _ in work:
-            idx = [
-                i
-                for k, (j, _, i) in enumerate(where)
-                if j == index and has[k] and group["params"][i].numel()
-            ]
-            agreed.append((index, group, idx))
-        return agreed, bad
 
     def _create_state(self, group: dict[str, Any]) -> None:
         """Create the state of ``group``'s parameters now (distributed optimizers), so every
@@ -500,23 +310,13 @@ class _ScionBase(torch.optim.Optimizer):
         and distributed from the first rank (``distribute_tensor``), a plain one under a
         ``process_group`` is broadcast from that group's first rank.
         """
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if not group.get("init", True):
                 continue
-            norm = self._norm(group)
+            norm = self._route(index, group).norm
             for p in group["params"]:
-                if p.numel() == 0:
-                    continue
-                if distributed._is_dtensor(p):
-                    whole = torch.empty(p.shape, dtype=p.dtype, device=local(p).device)
-                    norm.init(whole).mul_(float(group["scale"]))
-                    local(p).copy_(distributed.distribute_like(whole, p))
-                    continue
-                norm.init(p)
-                p.mul_(float(group["scale"]))
-                if self.process_group is not None:
-                    first = torch.distributed.get_global_rank(self.process_group, 0)
-                    torch.distributed.broadcast(p.data, first, group=self.process_group)
+                if p.numel():
+                    distributed.init_(norm, p, float(group["scale"]), self.process_group)
 
 
 class Scion(_ScionBase):

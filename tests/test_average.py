@@ -1,4 +1,4 @@
-"""The momentum average ``d ← (1 − α)·d + α·g`` (``scion_kernels.average``): its checks, and
+"""The momentum average ``d ← (1 − α)·d + α·g`` (``scion_kernels.elementwise``): its checks, and
 its values against the formula in float64."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from scion_kernels.average import momentum_average_
+from scion_kernels.elementwise import momentum_average_
 
 
 def test_empty_lists_are_a_no_op():

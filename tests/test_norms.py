@@ -865,3 +865,75 @@ def test_batch_dims_validation(cls, batch_dims):
 def test_spectral_option_validation(cls, options, match):
     with pytest.raises(ValueError, match=match):
         cls(**options)
+
+
+# --------------------------------------------------------------- the grouped norms' forms
+
+GROUPED = [
+    ("Sign", {}, (7, 33)),
+    ("Sign", {"transpose": True, "batch_dims": 1}, (3, 5, 9)),
+    ("Sign", {"normalized": False}, (4, 4)),
+    ("ColNorm", {}, (33, 7)),
+    ("ColNorm", {"normalized": True, "transpose": True}, (7, 33)),
+    ("ColNorm", {"batch_dims": 1}, (2, 5, 3)),
+    ("RowNorm", {}, (7, 33)),
+    ("RowNorm", {"normalized": False, "transpose": True}, (33, 7)),
+    ("BiasRMS", {}, (129,)),
+    ("BiasRMS", {}, (1, 5, 4)),
+    ("BiasRMS", {}, ()),
+]
+
+
+def _from_spec(norm, g):
+    """``lmo(g)`` computed from :meth:`Norm.groups` alone, in float64."""
+    spec = norm.groups(g.shape)
+    m = g.double().reshape(spec.matrices)
+    if spec.sign:
+        return (torch.sign(m) * spec.q).reshape(g.shape)
+    if spec.whole:
+        length = m.norm()
+    else:
+        length = m.norm(dim=-2 if spec.columns else -1, keepdim=True)
+    return (m / (length * spec.q + spec.eps)).reshape(g.shape)
+
+
+@pytest.mark.parametrize("name, options, shape", GROUPED, ids=str)
+def test_group_spec_defines_the_lmo(name, options, shape):
+    """What the fused kernels run (``groups``: the matrices, which way the groups run, ``q``
+    and ``ε``) is the reference LMO."""
+    norm = make_norm(name, options)
+    g = torch.randn(shape)
+    torch.testing.assert_close(_from_spec(norm, g), norm.lmo(g).double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, options, shape", GROUPED, ids=str)
+def test_lmo_from_sums_of_the_whole_tensor_is_the_lmo(name, options, shape):
+    norm = make_norm(name, options)
+    g = torch.randn(shape)
+    got = norm.lmo_from_sums(g, norm.partial_sums(g), g.shape)
+    assert got.dtype == torch.float32 and got.shape == g.shape
+    torch.testing.assert_close(got, norm.lmo(g), rtol=1e-5, atol=1e-7)
+
+
+PIECEWISE = [("ColNorm", {}), ("RowNorm", {"transpose": True}), ("BiasRMS", {}),
+             ("Sign", {"transpose": True})]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, options", PIECEWISE, ids=str)
+def test_lmo_from_sums_on_row_pieces(name, options):
+    """Rows split into pieces, the pieces' sums added: each piece's LMO is its rows of the
+    whole tensor's (how a tensor sharded along dim 0 is stepped)."""
+    norm = make_norm(name, options)
+    g = torch.randn(9, 6, dtype=torch.float64)
+    pieces = g.split([4, 0, 5])
+    sums = [norm.partial_sums(p) for p in pieces]
+    total = None if sums[0] is None else sum(sums)
+    got = torch.cat([norm.lmo_from_sums(p, total, g.shape) for p in pieces])
+    torch.testing.assert_close(got, norm.lmo(g), rtol=1e-12, atol=1e-14)
+
+
+def test_spectral_and_auto_have_no_group_spec():
+    assert make_norm("Spectral").groups((4, 4)) is None
+    assert make_norm("Auto").groups((4,)) is None  # Auto picks first: see Norm.pick
+    with pytest.raises(NotImplementedError, match="not a grouped norm"):
+        make_norm("Spectral").partial_sums(torch.zeros(2, 2))

@@ -603,3 +603,34 @@ def test_huge_finite_gradient_is_not_flagged():
     p.grad = torch.full((64, 64), 3e37)
     Scion([p], norm="Spectral", lr=0.1).step()
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_reference_step_imports_no_kernels(backend, tmp_path):
+    """A step on the reference path (``"auto"`` on a CPU is the reference), in one process and
+    across ranks, imports neither the Triton kernels nor the native module."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist
+        import scion_kernels as sk
+
+        def step(**kwargs):
+            w, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))
+            opt = sk.Scion([w, b], backend={backend!r}, momentum=0.5, **kwargs)
+            w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+            opt.step()
+
+        step()
+        dist.init_process_group("gloo", init_method="file://{tmp_path / "rendezvous"}",
+                                rank=0, world_size=1)
+        step(process_group=dist.group.WORLD)
+        dist.destroy_process_group()
+        prefixes = ("scion_kernels.kernels", "scion_kernels._native", "scion_kernels._C")
+        loaded = sorted(m for m in sys.modules if m.startswith(prefixes))
+        assert not loaded, loaded
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

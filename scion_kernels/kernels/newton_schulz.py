@@ -24,11 +24,12 @@ registers, one launch for the whole bucket, with the same rounding points.
 Matrices are addressed through tables of ``(address, row stride, column stride)`` rows
 (int64, in elements), one per matrix, so a bucket gathers parameters from anywhere in memory
 with one launch per stage; offsets are computed in int64. The tables are kept on the device
-between steps (:mod:`.tables`).
+between steps (:mod:`scion_kernels._tables`).
 
-Two ``torch.library`` ops wrap the host code, so ``torch.compile`` sees one opaque call per
-bucket: ``scion_kernels::ns_step_`` (the whole Scion step of a bucket, in place) and
-``scion_kernels::ns_polar`` (the orthogonalization alone).
+The host code is the ``"triton"`` implementation of two of the package's ops
+(:mod:`scion_kernels._ops`), so ``torch.compile`` sees one opaque call per bucket:
+``scion_kernels::ns_step_`` (the whole Scion step of a bucket, in place) and
+``scion_kernels::polar`` (the orthogonalization alone).
 
 The kernels are checked on CPU with Triton's interpreter, which rounds float32 → bfloat16 by
 truncation and does no bf16 arithmetic: when interpreting, operands are cast to float32 before
@@ -40,18 +41,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting, step_op
-from .tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
+from .. import _ops
+from .._tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
+from . import interpreting
 
-__all__ = [
-    "NSBucket", "newton_schulz_bucket", "ns_polar", "ns_step_", "ns_step_op", "polar",
-]  # fmt: skip
+__all__ = ["NSBucket", "newton_schulz_bucket", "ns_step_", "polar"]
 
 Triple = tuple[float, float, float]
 
@@ -661,56 +662,33 @@ def _padded(size: int) -> int:
 # ------------------------------------------------------------------------------- torch ops
 
 
-def ns_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    tall: list[bool],
-    factors: list[float],
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    coefficients: list[float],
-    alpha: float,
-    coef: float,
-    decay: float,
-) -> None:
-    """The Scion step of one bucket: every tensor of ``params`` is a stack of ``m×n`` matrices
-    (``n×m`` where ``tall``), viewable as such without a copy, and for each matrix::
-
-        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
-        x ← decay·x + coef·f·polar(d)     (``f`` from ``factors``, one per tensor)
-
-    with ``polar`` the Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)``
-    triples ``coefficients``. One launch per stage for the whole bucket.
-    """
-    p_rows, g_rows, d_rows, owner = bucket_rows(params, grads, bufs, tall, m, n)
-    mat_factors = [factors[i] for i in owner]
+@_ops.implement("ns_step_", "triton")
+def ns_step_(*args: Any) -> None:
+    """``scion_kernels::ns_step_`` with the Triton kernels (arguments: :class:`~scion_kernels.
+    _ops.NSStep`): the whole Scion step of one bucket, one launch per stage."""
+    a = _ops.NSStep(*args)
+    p_rows, g_rows, d_rows, owner = bucket_rows(a.params, a.grads, a.bufs, a.tall, a.m, a.n)
+    mat_factors = [a.factors[i] for i in owner]
     if not mat_factors:
         return
     newton_schulz_bucket(
-        NSBucket(len(mat_factors), m, n, dtype, params[0].device),
+        NSBucket(len(mat_factors), a.m, a.n, a.dtype, a.params[0].device),
         g_rows,
-        grads[0],
-        _triples(coefficients),
-        alpha=alpha,
-        bufs=d_rows if bufs else None,
-        d_like=bufs[0] if bufs else None,
+        a.grads[0],
+        _triples(a.coefficients),
+        alpha=a.alpha,
+        bufs=d_rows if a.bufs else None,
+        d_like=a.bufs[0] if a.bufs else None,
         params=p_rows,
-        p_like=params[0],
+        p_like=a.params[0],
         factors=mat_factors,
-        coef=coef,
-        decay=decay,
+        coef=a.coef,
+        decay=a.decay,
     )
 
 
-ns_step_op = step_op("ns_step_", ns_step_)
-
-
-@torch.library.custom_op("scion_kernels::ns_polar", mutates_args=())
-def ns_polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
-    """Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype`` with the
-    flattened ``(a, b, c)`` triples ``coefficients``; ``G``'s shape, in ``dtype``."""
+@_ops.implement("polar", "triton")
+def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
     r, c = G.shape[-2:]
     tall = r > c
     m, n = (c, r) if tall else (r, c)
@@ -722,11 +700,6 @@ def ns_polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor
     X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
     assert X is not None
     return (X.mT if tall else X).reshape(G.shape).contiguous()
-
-
-@ns_polar.register_fake
-def _(G, coefficients, dtype):
-    return G.new_empty(G.shape, dtype=dtype)
 
 
 def _triples(flat: Sequence[float]) -> list[Triple]:
@@ -741,10 +714,10 @@ def polar(
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the kernels.
 
     The same function as :func:`scion_kernels.newton_schulz` (``coefficients`` resolved to
-    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::ns_polar`` op.
+    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::polar`` op.
     """
     if G.ndim < 2:
         raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
-    return torch.ops.scion_kernels.ns_polar(G, flatten(coefficients), dtype)
+    return _ops.polar(G, flatten(coefficients), dtype, "triton")

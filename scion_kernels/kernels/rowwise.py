@@ -13,21 +13,24 @@ averages ``d ← (1 − α)·d + α·g`` (stored) and sums ``d²`` per group, th
 and applies ``x ← decay·x + coef·u`` in the parameter's dtype (Sign needs one pass). Tensors are
 described by table rows (addresses, group count and length, strides), so all tensors of a
 parameter group with the same dtypes and kind go in one launch. Which tensors go in which
-launch is planned in :mod:`.dispatch`.
+launch is planned in :mod:`scion_kernels._plan`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting, step_op
+from .. import _ops
+from .._tables import cached, cdiv, device_table, group_rows
+from . import interpreting
 from .newton_schulz import _round
-from .tables import cached, cdiv, device_table, group_rows
 
-__all__ = ["rowwise_op_", "rowwise_step_op"]
+__all__ = ["rowwise_step_"]
 
 
 @triton.jit
@@ -93,33 +96,17 @@ def _rowwise_kernel(
             tl.store(p_ptr + off, _round(x, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
-def rowwise_op_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    shapes: list[int],
-    columns: list[bool],
-    q: list[float],
-    eps: list[float],
-    sign: bool,
-    whole: bool,
-    alpha: float,
-    coef: float,
-    decay: float,
-) -> None:
-    """Sign or ℓ2 groups of many tensors in one launch: tensor ``i`` is seen as ``(-1, r, c)``
-    matrices (``r, c = shapes[2i:2i+2]``, a view, with the same strides for ``x``, ``g`` and
-    ``d``) whose groups are rows (columns where ``columns[i]``); for every group::
-
-        d ← (1 − α)·d + α·g   (in ``bufs``; none given: d = g)
-        x ← decay·x + coef·u,   u = d/(‖d‖₂·q + ε)   or, with ``sign``, u = sign(d)·q
-
-    ``whole``: every tensor is one group (BiasRMS), read in long strips.
-    """
+@_ops.implement("rowwise_step_", "triton")
+def rowwise_step_(*args: Any) -> None:
+    """``scion_kernels::rowwise_step_`` with the Triton kernel (arguments:
+    :class:`~scion_kernels._ops.RowwiseStep`): Sign or ℓ2 groups of many tensors in one
+    launch; BiasRMS tensors (``whole``) are read in long strips."""
+    a = _ops.RowwiseStep(*args)
+    params, grads, bufs, q, eps, sign = a.params, a.grads, a.bufs, a.q, a.eps, a.sign
     device = params[0].device
-    block_r = _block_r(sign, whole)
+    block_r = _block_r(sign, a.whole)
     ints, floats, strips = [], [], []
-    for i, row in group_rows(params, grads, bufs, shapes, columns):
+    for i, row in group_rows(params, grads, bufs, a.shapes, a.columns):
         ints.append(row)
         floats.append((q[i], eps[i]))
         strips.append(cdiv(row[3], block_r))
@@ -133,20 +120,17 @@ def rowwise_op_(
         params[0],
         grads[0],
         bufs[0] if bufs else grads[0],
-        float(alpha),
-        1.0 - float(alpha),
-        float(coef),
-        float(decay),
+        float(a.alpha),
+        1.0 - float(a.alpha),
+        float(a.coef),
+        float(a.decay),
         HAS_BUF=bool(bufs),
         SIGN=sign,
         EMULATE_RNE=interpret,
         BLOCK_R=block_r,
-        BLOCK_L=32 if interpret else (1024 if whole else 256),
+        BLOCK_L=32 if interpret else (1024 if a.whole else 256),
         num_warps=4,
     )
-
-
-rowwise_step_op = step_op("rowwise_step_", rowwise_op_)
 
 
 def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tensor:

@@ -385,22 +385,25 @@ def ddp_no_sync():
     return {"max_diff": worst}
 
 
-def _fsdp_with_kernels(backend: str, module) -> dict:
-    """FSDP with ``backend``: the owners' Newton–Schulz runs that backend's kernels (``module``,
-    whose ``polar`` is recorded). Against the single-process reference step: the relative
-    difference of each parameter's change, beside the same measure for the backend's
-    single-process fused step."""
+def _fsdp_with_kernels(backend: str) -> dict:
+    """FSDP with ``backend``: the owners' Newton–Schulz runs that backend's kernels (its
+    implementation of the ``scion_kernels::polar`` op, whose calls are recorded). Against the
+    single-process reference step: the relative difference of each parameter's change, beside
+    the same measure for the backend's single-process fused step."""
+    from scion_kernels import _ops
+
     mesh = init_device_mesh("cpu", (WORLD,))
     build, grad_of = sharded(mesh, [Shard(0)])
     spec = [("Spectral", {}, [(5, 8), (13, 7), (16, 16), (3, 20)]), ("Auto", {}, [(4, 3, 3, 3)])]
     runs = {}
-    polar, shapes = module.polar, []
+    key = ("polar", backend)
+    polar, shapes = _ops._IMPLS[key], []
 
-    def recording(G, *args, **kwargs):
+    def recording(G, *args):
         shapes.append(list(G.shape))
-        return polar(G, *args, **kwargs)
+        return polar(G, *args)
 
-    module.polar = recording
+    _ops._IMPLS[key] = recording
     plain = lambda t: t  # noqa: E731
     cases = [("reference", "torch", plain), ("fused", backend, plain),
              ("distributed", backend, build)]  # fmt: skip
@@ -415,7 +418,7 @@ def _fsdp_with_kernels(backend: str, module) -> dict:
         opt.step()
         after = [full(p.detach()) for g in groups for p in g["params"]]
         runs[name] = [a - b for a, b in zip(after, before, strict=True)]
-    module.polar = polar
+    _ops._IMPLS[key] = polar
 
     def rel(x, y):
         return max(((a - b).norm() / b.norm()).item() for a, b in zip(x, y, strict=True))
@@ -431,9 +434,9 @@ def fsdp_triton():
     why = unavailable_reason(torch.device("cpu"))
     if why is not None:
         return {"skipped": why}
-    from scion_kernels.kernels import newton_schulz
+    from scion_kernels.kernels import newton_schulz  # noqa: F401  (registers the kernels)
 
-    return _fsdp_with_kernels("triton", newton_schulz)
+    return _fsdp_with_kernels("triton")
 
 
 def fsdp_native():
@@ -447,7 +450,7 @@ def fsdp_native():
     from scion_kernels import _native
 
     _native._native, _native._native_error, _native._native_tried = emulated.build(), None, True
-    return _fsdp_with_kernels("cuda", _native)
+    return _fsdp_with_kernels("cuda")
 
 
 def bad_layouts():

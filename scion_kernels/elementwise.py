@@ -1,4 +1,5 @@
-"""The momentum average ``d ← (1 − α)·d + α·g`` over lists of tensors, in pure PyTorch."""
+"""The reference step's element-wise passes over lists of tensors, in pure PyTorch: the momentum
+average ``d ← (1 − α)·d + α·g`` and the update ``x ← (1 − γ)·x − γ·ρ·u``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["momentum_average_"]
+__all__ = ["apply_update_", "momentum_average_"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -69,3 +70,26 @@ def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: 
         for group_states, group_grads in groups.values():
             torch._foreach_mul_(group_states, 1.0 - alpha)
             torch._foreach_add_(group_states, group_grads, alpha=alpha)
+
+
+def apply_update_(
+    params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, scale: float, constrained: bool
+) -> None:
+    """``x ← (1 − γ)·x − γ·ρ·u`` (constrained) or ``x ← x − γ·ρ·u``, for every pair.
+
+    Computed in the update's precision (float32 or float64) and rounded once to the parameter's
+    dtype, so bf16 parameters see a single rounding per step.
+    """
+    direct = [i for i, (p, u) in enumerate(zip(params, updates, strict=True)) if p.dtype == u.dtype]
+    upcast = [i for i in range(len(params)) if params[i].dtype != updates[i].dtype]
+    if direct:
+        ps, us = [params[i] for i in direct], [updates[i] for i in direct]
+        if constrained:
+            torch._foreach_mul_(ps, 1.0 - lr)
+        torch._foreach_add_(ps, us, alpha=-lr * scale)
+    if upcast:
+        xs = [params[i].to(updates[i].dtype) for i in upcast]
+        if constrained:
+            torch._foreach_mul_(xs, 1.0 - lr)
+        torch._foreach_add_(xs, [updates[i] for i in upcast], alpha=-lr * scale)
+        torch._foreach_copy_([params[i] for i in upcast], xs)
