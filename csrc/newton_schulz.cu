@@ -641,11 +641,6 @@ Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request) {
   return p;
 }
 
-bool valid_dtype(int code, bool allow_none) {
-  return code == SCION_FLOAT32 || code == SCION_BFLOAT16 || code == SCION_FLOAT16 ||
-         (allow_none && code == -1);
-}
-
 bool check(const scion_ns_problem& pr) {
   if (pr.batch < 0 || pr.rows <= 0 || pr.cols <= 0) {
     set_error("ns_step: need batch >= 0 and a positive shape, got batch %lld of %lld x %lld",
@@ -658,12 +653,7 @@ bool check(const scion_ns_problem& pr) {
               static_cast<long long>(pr.rows), static_cast<long long>(pr.cols));
     return false;
   }
-  if (!valid_dtype(pr.p_dtype, false) || !valid_dtype(pr.g_dtype, false) ||
-      !valid_dtype(pr.d_dtype, true)) {
-    set_error("ns_step: unsupported dtype codes (param %d, grad %d, buffer %d)", pr.p_dtype,
-              pr.g_dtype, pr.d_dtype);
-    return false;
-  }
+  if (!check_dtypes("ns_step", pr.p_dtype, pr.g_dtype, pr.d_dtype)) return false;
   if (pr.compute_dtype != SCION_BFLOAT16 && pr.compute_dtype != SCION_FLOAT16) {
     set_error("ns_step: the compute dtype must be bfloat16 or float16, got code %d",
               pr.compute_dtype);
@@ -693,20 +683,14 @@ bool check(const scion_ns_problem& pr) {
   return true;
 }
 
+// What every launch of one call needs; the first failed CUDA call goes to `failure`.
 struct Launcher {
   const scion_ns_problem& pr;
   const Plan& plan;
   cudaStream_t stream;
-  cudaError_t err = cudaSuccess;
-  const char* what = "";
+  FirstError& failure;
 
-  bool ok(cudaError_t e, const char* stage) {
-    if (e != cudaSuccess && err == cudaSuccess) {
-      err = e;
-      what = stage;
-    }
-    return e == cudaSuccess;
-  }
+  bool ok(cudaError_t e, const char* stage) { return failure.ok(e, stage); }
 };
 
 template <typename T, typename Cfg>
@@ -968,25 +952,21 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
     }
   }
 
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
-  if (err != cudaSuccess) {
-    set_error("ns_step: selecting device %d failed: %s", device, cudaGetErrorString(err));
-    return SCION_ERROR_CUDA;
-  }
-  Launcher L{pr, plan, reinterpret_cast<cudaStream_t>(stream)};
+  DeviceGuard current(device, "ns_step");
+  if (!current.ok()) return SCION_ERROR_CUDA;
+  FirstError failure;
+  Launcher L{pr, plan, reinterpret_cast<cudaStream_t>(stream), failure};
   if (pr.compute_dtype == SCION_BFLOAT16) {
     run<__nv_bfloat16>(L, matrices, workspace);
   } else {
     run<__half>(L, matrices, workspace);
   }
-  if (previous != device) L.ok(cudaSetDevice(previous), "restoring the current device");
-  if (L.err != cudaSuccess) {
+  failure.ok(current.restore(), "restoring the current device");
+  if (failure.err != cudaSuccess) {
     set_error(
         "ns_step: %s failed: %s (%s) [%lld matrices of %lld x %lld, tile %d, device "
         "%d]",
-        L.what, cudaGetErrorName(L.err), cudaGetErrorString(L.err),
+        failure.what, cudaGetErrorName(failure.err), cudaGetErrorString(failure.err),
         static_cast<long long>(pr.batch), static_cast<long long>(pr.rows),
         static_cast<long long>(pr.cols), plan.tile, device);
     return SCION_ERROR_CUDA;
