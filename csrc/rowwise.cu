@@ -138,12 +138,7 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
                                 double coef, double decay, int device, scion_stream_t stream) {
   using namespace scion;
   clear_error();
-  auto valid = [](int code) {
-    return code == SCION_FLOAT32 || code == SCION_BFLOAT16 || code == SCION_FLOAT16;
-  };
-  if (!valid(p_dtype) || !valid(g_dtype) || !(d_dtype == -1 || valid(d_dtype))) {
-    set_error("rowwise_step: unsupported dtype codes (param %d, grad %d, buffer %d)", p_dtype,
-              g_dtype, d_dtype);
+  if (!check_dtypes("rowwise_step", p_dtype, g_dtype, d_dtype)) {
     return SCION_ERROR_INVALID_ARGUMENT;
   }
   if (!(alpha >= 0.0 && alpha <= 1.0) || num_tensors < 0 ||
@@ -167,13 +162,8 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
       return SCION_ERROR_INVALID_ARGUMENT;
     }
   }
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
-  if (err != cudaSuccess) {
-    set_error("rowwise_step: selecting device %d failed: %s", device, cudaGetErrorString(err));
-    return SCION_ERROR_CUDA;
-  }
+  DeviceGuard current(device, "rowwise_step");
+  if (!current.ok()) return SCION_ERROR_CUDA;
   RowwiseArgs a{};
   a.p_dtype = static_cast<scion_dtype>(p_dtype);
   a.g_dtype = static_cast<scion_dtype>(g_dtype);
@@ -192,30 +182,24 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
     a.count = 0;
     return e;
   };
-  for (int64_t i = 0; i < num_tensors && err == cudaSuccess; ++i) {
+  FirstError failure;
+  for (int64_t i = 0; i < num_tensors && failure.err == cudaSuccess; ++i) {
     const scion_rowwise_tensor& t = tensors[i];
     if (t.groups == 0 || t.length == 0) continue;
     const int64_t blocks = (t.groups + groups_per_block(t) - 1) / groups_per_block(t);
     if (a.count == kMaxTensors || a.block_start[a.count] + blocks > (int64_t{1} << 31) - 1) {
-      err = flush();
+      failure.ok(flush(), "launch");
     }
     a.t[a.count] = t;
     a.block_start[a.count + 1] = a.block_start[a.count] + static_cast<int32_t>(blocks);
     ++a.count;
   }
-  if (err == cudaSuccess) err = flush();
-  const char* what = "launch";
-  if (previous != device) {
-    const cudaError_t restore = cudaSetDevice(previous);
-    if (err == cudaSuccess && restore != cudaSuccess) {
-      err = restore;
-      what = "restoring the current device";
-    }
-  }
-  if (err != cudaSuccess) {
-    set_error("rowwise_step: %s failed: %s (%s) [%lld tensors, device %d]", what,
-              cudaGetErrorName(err), cudaGetErrorString(err), static_cast<long long>(num_tensors),
-              device);
+  if (failure.err == cudaSuccess) failure.ok(flush(), "launch");
+  failure.ok(current.restore(), "restoring the current device");
+  if (failure.err != cudaSuccess) {
+    set_error("rowwise_step: %s failed: %s (%s) [%lld tensors, device %d]", failure.what,
+              cudaGetErrorName(failure.err), cudaGetErrorString(failure.err),
+              static_cast<long long>(num_tensors), device);
     return SCION_ERROR_CUDA;
   }
   return SCION_OK;

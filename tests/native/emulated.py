@@ -5,7 +5,7 @@ force-included, linked with ``emulation.cpp`` and the unchanged ``python/binding
 extension module with the real module's interface, marked ``EMULATED = True``; the wrappers in
 ``scion_kernels._native`` then accept CPU tensors and pass stream 0. Needs a C++ compiler, the
 CUDA headers (from a CUDA toolkit) and pybind11; the build is kept in the temporary directory
-under a hash of its sources.
+under a hash of its sources and of every header in ``csrc/`` (``*.h``, ``*.cuh``).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def build() -> ModuleType:
     import pybind11
 
     cxx = os.environ.get("CXX", "g++")
-    inputs = [*_sources(), *sorted((ROOT / "csrc").glob("*.h*")), HERE / "emulation.h",
-              HERE / "emulation.cpp", ROOT / "python" / "bindings.cpp"]  # fmt: skip
+    headers = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc").glob("*.cuh")])
+    inputs = [*_sources(), *headers, HERE / "emulation.h", HERE / "emulation.cpp",
+              ROOT / "python" / "bindings.cpp"]  # fmt: skip
     digest = hashlib.sha256(sys.version.encode())
     for path in inputs:
         digest.update(path.name.encode() + path.read_bytes())

@@ -1,0 +1,297 @@
+// Newton–Schulz kernel 3 (see newton_schulz.cu): the tiled tensor-core products of every step —
+// X·Xᵀ and b·A + c·A·A on upper-triangle tiles, a·X + B·X on the full grid, the last one with the
+// parameter update in its epilogue — and the warp-level pieces they share with the one-block path
+// (ns_small.cuh).
+//
+// Included by ns_launch.cu only: a kernel is defined in the one source file that launches it.
+#ifndef SCION_NS_GEMM_CUH_
+#define SCION_NS_GEMM_CUH_
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "device.cuh"
+#include "ns_plan.cuh"
+
+namespace scion::ns {
+
+// ---------------------------------------------------------------------------------------------
+// 3. The products.
+
+enum class Product { kGram, kPoly, kApply };
+
+// Block tile kTile×kTile×32, kWarpsM×kWarpsN warps, kStages-deep cp.async pipeline.
+template <int kTile_, int kWarpsM_, int kWarpsN_>
+struct Tiling {
+  static constexpr int kTile = kTile_;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kK = 32;
+  static constexpr int kStages = 3;
+  static constexpr int kWarpM = kTile / kWarpsM;  // warp tile
+  static constexpr int kWarpN = kTile / kWarpsN;
+  static constexpr int kMI = kWarpM / 16;     // m16 fragments per warp
+  static constexpr int kNI = kWarpN / 8;      // n8 fragments per warp
+  static constexpr int kPad = 8;              // elements of row padding (ldmatrix bank spread)
+  static constexpr int kRowA = kK + kPad;     // smem row length of a [tile][k] operand
+  static constexpr int kRowT = kTile + kPad;  // of a [k][tile] (transposed) operand
+  static constexpr int kStageElems =
+      kTile * kRowA + (kK * kRowT > kTile * kRowA ? kK * kRowT : kTile * kRowA);
+  static constexpr size_t kSmemBytes = size_t{kStages} * kStageElems * 2;
+  static_assert(kWarpN % 16 == 0 && kWarpM % 16 == 0, "warp tile must hold whole fragments");
+};
+using TileSmall = Tiling<64, 2, 2>;   // 128 threads, warp tile 32×32
+using TileLarge = Tiling<128, 2, 4>;  // 256 threads, warp tile 64×32
+
+struct GemmArgs {
+  const void* a;    // left operand rows, [batch][·][lda]
+  const void* b;    // right operand: rows of Bᵀ (kGram, kPoly) or rows of B (kApply)
+  const void* add;  // the term added in the epilogue (kPoly: A, kApply: X), laid out as out
+  void* out;
+  int64_t a_batch, b_batch, out_batch;  // element strides between matrices
+  int32_t lda, ldb, ldc;
+  int32_t k;                   // reduction length (a multiple of kK)
+  int32_t tiles;               // tiles per matrix side (rows; kApply: rows of the output)
+  int32_t tiles_n;             // kApply: tiles along the output's columns
+  int32_t batch0;              // first matrix of this launch
+  float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
+};
+
+struct NoUpdate {};
+
+// The parameter update of the last product, in oriented (wide) coordinates.
+struct UpdateRef {
+  void* p;
+  int64_t rs, cs;
+  float scale;
+};
+
+struct UpdateArgs {
+  UpdateRef refs[kMaxRefs];
+  int32_t count;
+  int32_t m, n;  // true (unpadded) oriented size
+  scion_dtype p_dtype;
+  float coef, decay;
+};
+static_assert(sizeof(UpdateArgs) <= 3072, "update references leave too little argument space");
+
+// One k16 slice of a warp's (16·kMI)×(8·kNI) tile from shared memory: acc += A·B with A rows
+// a_row.. of `sa` (row-major, k along rows, leading dimension lda) and B either as rows of Bᵀ
+// (b_col.. of `sb`, k along rows: X·Xᵀ-type products) or, with kTransB, as rows k of B
+// (columns b_col..: B·X-type products). `kk` is the slice's first k.
+template <typename T, int kMI, int kNI, bool kTransB>
+__device__ __forceinline__ void warp_mma_k16(float (&acc)[kMI][kNI][4], const T* sa, int lda,
+                                             int a_row, const T* sb, int ldb, int b_col, int kk,
+                                             int lane) {
+  uint32_t af[kMI][4];
+  uint32_t bf[kNI][2];
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    const int r = a_row + i * 16 + lane % 16;
+    ldmatrix_x4<false>(af[i], sa + r * lda + kk + (lane / 16) * 8);
+  }
+  SCION_UNROLL
+  for (int j = 0; j < kNI; j += 2) {
+    uint32_t r4[4];
+    if constexpr (kTransB) {
+      const int k = kk + ((lane / 8) % 2) * 8 + lane % 8;
+      const int n = b_col + j * 8 + (lane / 16) * 8;
+      ldmatrix_x4<true>(r4, sb + k * ldb + n);
+    } else {
+      const int n = b_col + j * 8 + (lane / 16) * 8 + lane % 8;
+      const int k = kk + ((lane / 8) % 2) * 8;
+      ldmatrix_x4<false>(r4, sb + n * ldb + k);
+    }
+    bf[j][0] = r4[0];
+    bf[j][1] = r4[1];
+    bf[j + 1][0] = r4[2];
+    bf[j + 1][1] = r4[3];
+  }
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < kNI; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
+  }
+}
+
+// Calls f(element, row, column) for every accumulator element of a warp's tile whose top-left
+// element is (row0, col0), in the mma.m16n8k16 C layout.
+template <int kMI, int kNI, typename F>
+__device__ __forceinline__ void for_each_acc(float (&acc)[kMI][kNI][4], int row0, int col0,
+                                             int lane, F&& f) {
+  SCION_UNROLL
+  for (int i = 0; i < kMI; ++i) {
+    SCION_UNROLL
+    for (int j = 0; j < kNI; ++j) {
+      SCION_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        f(acc[i][j][e], row0 + i * 16 + lane / 4 + (e / 2) * 8,
+          col0 + j * 8 + 2 * (lane % 4) + e % 2);
+      }
+    }
+  }
+}
+
+template <int kMI, int kNI>
+__device__ __forceinline__ void zero(float (&acc)[kMI][kNI][4]) {
+  for_each_acc(acc, 0, 0, 0, [](float& v, int, int) { v = 0.0f; });
+}
+
+// Maps a linear index over the upper-triangle tiles (ti ≤ tj), row by row.
+__device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int& tj) {
+  ti = 0;
+  while (index >= tiles - ti) {
+    index -= tiles - ti;
+    ++ti;
+  }
+  tj = ti + index;
+}
+
+template <typename T, Product kProduct, typename Cfg, typename Update>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    gemm_kernel(const GemmArgs args, const __grid_constant__ Update upd) {
+  constexpr int kTile = Cfg::kTile;
+  constexpr int kK = Cfg::kK;
+  constexpr int kStages = Cfg::kStages;
+  constexpr bool kTransB = kProduct == Product::kApply;
+  T* smem = reinterpret_cast<T*>(dynamic_smem());
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warp_m = warp / Cfg::kWarpsN;
+  const int warp_n = warp % Cfg::kWarpsN;
+  const int local = static_cast<int>(blockIdx.y);
+  const int matrix = args.batch0 + local;
+
+  int ti, tj;
+  if constexpr (kProduct == Product::kApply) {
+    ti = static_cast<int>(blockIdx.x) / args.tiles_n;
+    tj = static_cast<int>(blockIdx.x) % args.tiles_n;
+  } else {
+    triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
+  }
+  const int row0 = ti * kTile;
+  const int col0 = tj * kTile;
+  const T* a = static_cast<const T*>(args.a) + matrix * args.a_batch;
+  const T* b = static_cast<const T*>(args.b) + matrix * args.b_batch;
+
+  // Stage s: the left tile [kTile][kRowA], then the right tile ([kTile][kRowA], or [kK][kRowT]
+  // when transposed).
+  auto stage_a = [&](int s) { return smem + s * Cfg::kStageElems; };
+  auto stage_b = [&](int s) { return smem + s * Cfg::kStageElems + kTile * Cfg::kRowA; };
+
+  auto load_stage = [&](int s, int k0) {
+    T* sa = stage_a(s);
+    T* sb = stage_b(s);
+    constexpr int kChunksA = kTile * kK / 8;  // 16-byte pieces
+    for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
+      const int r = c / (kK / 8);
+      const int k = (c % (kK / 8)) * 8;
+      cp_async_16(sa + r * Cfg::kRowA + k, a + static_cast<int64_t>(row0 + r) * args.lda + k0 + k);
+    }
+    if constexpr (kTransB) {
+      constexpr int kChunksB = kK * kTile / 8;
+      for (int c = tid; c < kChunksB; c += Cfg::kThreads) {
+        const int k = c / (kTile / 8);
+        const int n = (c % (kTile / 8)) * 8;
+        cp_async_16(sb + k * Cfg::kRowT + n,
+                    b + static_cast<int64_t>(k0 + k) * args.ldb + col0 + n);
+      }
+    } else {
+      for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
+        const int r = c / (kK / 8);
+        const int k = (c % (kK / 8)) * 8;
+        cp_async_16(sb + r * Cfg::kRowA + k,
+                    b + static_cast<int64_t>(col0 + r) * args.ldb + k0 + k);
+      }
+    }
+  };
+
+  float acc[Cfg::kMI][Cfg::kNI][4];
+  zero(acc);
+
+  const int ktiles = args.k / kK;
+  SCION_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) load_stage(s, s * kK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    // The stage consumed in the previous iteration is free again: refill it.
+    const int next = kt + kStages - 1;
+    if (next < ktiles) load_stage(next % kStages, next * kK);
+    cp_async_commit();
+
+    const T* sa = stage_a(kt % kStages);
+    const T* sb = stage_b(kt % kStages);
+    SCION_UNROLL
+    for (int kk = 0; kk < kK; kk += 16) {
+      warp_mma_k16<T, Cfg::kMI, Cfg::kNI, kTransB>(acc, sa, Cfg::kRowA, warp_m * Cfg::kWarpM, sb,
+                                                   kTransB ? Cfg::kRowT : Cfg::kRowA,
+                                                   warp_n * Cfg::kWarpN, kk, lane);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T and staged in shared memory
+  // (the pipeline's buffers, free once every warp is done), then written out coalesced:
+  //   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products
+  //     its mirror, walked along the mirror's rows;
+  //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
+  //     dimension (tall parameters have X's columns as their rows).
+  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
+  constexpr int kStageLd = kTile + 8;
+  static_assert(size_t{kTile} * kStageLd * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
+  const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
+  __syncthreads();
+  for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
+               [&](float a_rc, int r, int c) {
+                 float v = args.acc_scale * a_rc;
+                 if constexpr (kProduct != Product::kGram) {
+                   v = __fmaf_rn(args.add_scale,
+                                 Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+                 }
+                 smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
+               });
+  __syncthreads();
+  if constexpr (kUpdate) {
+    const UpdateRef& ref = upd.refs[local];
+    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
+    for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
+      const int lr = rows_fast ? idx % kTile : idx / kTile;
+      const int lc = rows_fast ? idx / kTile : idx % kTile;
+      const int r = row0 + lr;
+      const int c = col0 + lc;
+      if (r < upd.m && c < upd.n) {
+        const int64_t at = r * ref.rs + c * ref.cs;
+        const float x = load_as_float(ref.p, at, upd.p_dtype);
+        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
+        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
+      }
+    }
+  } else {
+    T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
+    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
+    for (int idx = tid; idx < kTile * kPieces; idx += Cfg::kThreads) {
+      const int lr = idx / kPieces;
+      const int lc = idx % kPieces * 8;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
+          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
+    }
+    if (kProduct != Product::kApply && ti != tj) {
+      for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
+        const int lr = idx % kTile;
+        const int lc = idx / kTile;
+        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
+      }
+    }
+  }
+}
+
+}  // namespace scion::ns
+
+#endif  // SCION_NS_GEMM_CUH_

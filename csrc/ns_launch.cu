@@ -1,0 +1,255 @@
+// The launch sequence of the Newton–Schulz step (newton_schulz.cu has the overview): each kernel's
+// arguments from the problem and the plan, and the launches in order, a bucket in slices of as many
+// matrices as one launch's arguments can reference.
+#include <cstddef>
+#include <cstdint>
+
+#include "device.cuh"
+#include "ns_gemm.cuh"
+#include "ns_launch.cuh"
+#include "ns_plan.cuh"
+#include "ns_prepare.cuh"
+#include "ns_small.cuh"
+#include "status.cuh"
+
+namespace scion::ns {
+namespace {
+
+// What every launch of one call needs; the first failed CUDA call goes to `failure`.
+struct Launcher {
+  const scion_ns_problem& pr;
+  const Plan& plan;
+  cudaStream_t stream;
+  FirstError& failure;
+
+  bool ok(cudaError_t e, const char* stage) { return failure.ok(e, stage); }
+};
+
+// Calls launch(first, count) for the bucket's matrices first.. first + count - 1, in consecutive
+// slices of at most `per`, until a call returns false; whether none did.
+template <typename F>
+bool for_each_slice(int64_t batch, int per, F&& launch) {
+  for (int64_t first = 0; first < batch; first += per) {
+    const int count = static_cast<int>(batch - first < per ? batch - first : per);
+    if (!launch(first, count)) return false;
+  }
+  return true;
+}
+
+// out = acc_scale·(a·bᵀ or a·b) + add_scale·add, with `add` laid out as `out`. (The initializer
+// lists GemmArgs' fields in their declared order.)
+GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int64_t b_batch,
+                 int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc, int32_t k,
+                 float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
+  const int32_t batch0 = 0;  // set per launch where a launch takes part of the bucket
+  return GemmArgs{a,   b,   add, out,   a_batch, b_batch, out_batch, lda,
+                  ldb, ldc, k,   tiles, tiles_n, batch0,  acc_scale, add_scale};
+}
+
+template <typename T, typename Cfg>
+bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  T* x = static_cast<T*>(workspace);
+  T* y = x + pr.batch * plan.x_elems;
+  T* a = y + pr.batch * plan.x_elems;
+  T* b = a + pr.batch * plan.a_elems;
+  const int tiles_m = static_cast<int>(plan.m_pad / Cfg::kTile);
+  const int tiles_n = static_cast<int>(plan.n_pad / Cfg::kTile);
+  const int tri = tiles_m * (tiles_m + 1) / 2;
+  const size_t smem = Cfg::kSmemBytes;
+  auto* gram = gemm_kernel<T, Product::kGram, Cfg, NoUpdate>;
+  auto* poly = gemm_kernel<T, Product::kPoly, Cfg, NoUpdate>;
+  auto* apply = gemm_kernel<T, Product::kApply, Cfg, NoUpdate>;
+  auto* apply_update = gemm_kernel<T, Product::kApply, Cfg, UpdateArgs>;
+  for (const void* f :
+       {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
+        reinterpret_cast<const void*>(apply), reinterpret_cast<const void*>(apply_update)}) {
+    if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)),
+              "raising the shared-memory limit")) {
+      return false;
+    }
+  }
+  const dim3 block(Cfg::kThreads);
+  const int32_t mp = static_cast<int32_t>(plan.m_pad);
+  const int32_t np = static_cast<int32_t>(plan.n_pad);
+  for (int s = 0; s < pr.steps; ++s) {
+    const bool last = s + 1 == pr.steps;
+    const float ca = static_cast<float>(pr.coefficients[3 * s]);
+    const float cb = static_cast<float>(pr.coefficients[3 * s + 1]);
+    const float cc = static_cast<float>(pr.coefficients[3 * s + 2]);
+    const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
+    // A ← X·Xᵀ
+    GemmArgs g = product(x, plan.x_elems, np, x, plan.x_elems, np, a, a, plan.a_elems, mp, np, 1.0f,
+                         0.0f, tiles_m, tiles_n);
+    if (!L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+              "the X·Xᵀ launch")) {
+      return false;
+    }
+    // B ← b·A + c·A·A
+    g = product(a, plan.a_elems, mp, a, plan.a_elems, mp, a, b, plan.a_elems, mp, mp, cc, cb,
+                tiles_m, tiles_n);
+    if (!L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+              "the b·A + c·A·A launch")) {
+      return false;
+    }
+    // X ← a·X + B·X
+    g = product(b, plan.a_elems, mp, x, plan.x_elems, np, x, y, plan.x_elems, np, mp, 1.0f, ca,
+                tiles_m, tiles_n);
+    const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n));
+    if (!last) {
+      if (!L.ok(launch_kernel(apply, dim3(grid_apply.x, static_cast<unsigned>(pr.batch)), block,
+                              smem, L.stream, g, NoUpdate{}),
+                "the a·X + B·X launch")) {
+        return false;
+      }
+      T* swap = x;
+      x = y;
+      y = swap;
+      continue;
+    }
+    // The last one also updates the parameters: x ← decay·x + coef·s·X.
+    const bool tall = pr.rows > pr.cols;
+    return for_each_slice(pr.batch, kMaxRefs, [&](int64_t first, int count) {
+      UpdateArgs u{};
+      u.count = count;
+      u.m = static_cast<int32_t>(plan.m);
+      u.n = static_cast<int32_t>(plan.n);
+      u.p_dtype = static_cast<scion_dtype>(pr.p_dtype);
+      u.coef = static_cast<float>(pr.coef);
+      u.decay = static_cast<float>(pr.decay);
+      for (int k = 0; k < count; ++k) {
+        const scion_ns_matrix& mat = mats[first + k];
+        u.refs[k].p = reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p));
+        u.refs[k].rs = tall ? mat.p_strides[1] : mat.p_strides[0];
+        u.refs[k].cs = tall ? mat.p_strides[0] : mat.p_strides[1];
+        u.refs[k].scale = mat.scale;
+      }
+      g.batch0 = static_cast<int32_t>(first);
+      return L.ok(launch_kernel(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)),
+                                block, smem, L.stream, g, u),
+                  "the a·X + B·X launch with the update");
+    });
+  }
+  return true;
+}
+
+template <typename T>
+bool run_small(Launcher& L, const scion_ns_matrix* mats) {
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  const size_t smem = small_smem_bytes(plan.n_pad);
+  if (!L.ok(
+          cudaFuncSetAttribute(reinterpret_cast<const void*>(small_kernel<T>),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+          "raising the shared-memory limit")) {
+    return false;
+  }
+  const bool tall = pr.rows > pr.cols;
+  const bool has_buffer = pr.d_dtype != -1;
+  SmallArgs args{};
+  args.m = static_cast<int32_t>(plan.m);
+  args.n = static_cast<int32_t>(plan.n);
+  args.n_pad = static_cast<int32_t>(plan.n_pad);
+  args.steps = pr.steps;
+  for (int i = 0; i < 3 * pr.steps; ++i) args.coef[i] = static_cast<float>(pr.coefficients[i]);
+  args.p_dtype = static_cast<scion_dtype>(pr.p_dtype);
+  args.g_dtype = static_cast<scion_dtype>(pr.g_dtype);
+  args.d_dtype = has_buffer ? static_cast<scion_dtype>(pr.d_dtype) : SCION_FLOAT32;
+  args.has_buffer = has_buffer;
+  args.alpha = static_cast<float>(pr.alpha);
+  args.beta = static_cast<float>(1.0 - pr.alpha);
+  args.update_coef = static_cast<float>(pr.coef);
+  args.decay = static_cast<float>(pr.decay);
+  const int r = tall ? 1 : 0;  // which stride walks the oriented rows
+  return for_each_slice(pr.batch, kSmallRefs, [&](int64_t first, int count) {
+    for (int k = 0; k < count; ++k) {
+      const scion_ns_matrix& mat = mats[first + k];
+      args.refs[k] = SmallRef{reinterpret_cast<const void*>(static_cast<uintptr_t>(mat.g)),
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(mat.d)),
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p)),
+                              mat.g_strides[r],
+                              mat.g_strides[1 - r],
+                              mat.d_strides[r],
+                              mat.d_strides[1 - r],
+                              mat.p_strides[r],
+                              mat.p_strides[1 - r],
+                              mat.scale};
+    }
+    return L.ok(
+        launch_kernel(small_kernel<T>, dim3(count), dim3(kSmallThreads), smem, L.stream, args),
+        "the one-block launch");
+  });
+}
+
+template <typename T>
+bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
+  if (L.plan.tile == 1) return run_small<T>(L, mats);
+  const scion_ns_problem& pr = L.pr;
+  const Plan& plan = L.plan;
+  T* x = static_cast<T*>(workspace);
+  auto* partial =
+      reinterpret_cast<double*>(static_cast<unsigned char*>(workspace) + plan.sums_offset);
+  const bool has_buffer = pr.d_dtype != -1;
+  const bool prepared = for_each_slice(pr.batch, kMaxRefs, [&](int64_t first, int count) {
+    SourceArgs src{};
+    src.count = count;
+    src.rows = static_cast<int32_t>(pr.rows);
+    src.cols = static_cast<int32_t>(pr.cols);
+    src.chunk_rows = plan.chunk_rows;
+    src.chunks = plan.chunks;
+    src.g_dtype = static_cast<scion_dtype>(pr.g_dtype);
+    src.d_dtype = has_buffer ? static_cast<scion_dtype>(pr.d_dtype) : SCION_FLOAT32;
+    src.has_buffer = has_buffer;
+    src.alpha = static_cast<float>(pr.alpha);
+    src.beta = static_cast<float>(1.0 - pr.alpha);
+    src.partial = partial + first * plan.chunks;
+    for (int k = 0; k < count; ++k) {
+      const scion_ns_matrix& mat = mats[first + k];
+      SourceRef& r = src.refs[k];
+      r.g = reinterpret_cast<const void*>(static_cast<uintptr_t>(mat.g));
+      r.d = reinterpret_cast<void*>(static_cast<uintptr_t>(mat.d));
+      r.g_rs = mat.g_strides[0];
+      r.g_cs = mat.g_strides[1];
+      r.d_rs = mat.d_strides[0];
+      r.d_cs = mat.d_strides[1];
+    }
+    const size_t sums = (kThreads + 1) * sizeof(double);
+    if (!L.ok(launch_kernel(average_kernel, dim3(plan.chunks, count), dim3(kThreads), sums,
+                            L.stream, src),
+              "the averaging launch")) {
+      return false;
+    }
+    NormalizeArgs na{};
+    na.m_pad = static_cast<int32_t>(plan.m_pad);
+    na.n_pad = static_cast<int32_t>(plan.n_pad);
+    na.col_blocks = static_cast<int32_t>((plan.n_pad + kNormCols - 1) / kNormCols);
+    na.tall = pr.rows > pr.cols;
+    na.x = x + first * plan.x_elems;
+    na.chunks = plan.chunks;
+    na.partial = src.partial;
+    const size_t norm_smem = kNormSumsBytes + 32 * 33 * sizeof(float);
+    const unsigned norm_blocks = static_cast<unsigned>(plan.m_pad / 32 * na.col_blocks);
+    return L.ok(launch_kernel(normalize_kernel<T>, dim3(norm_blocks, count), dim3(kThreads),
+                              norm_smem, L.stream, src, na),
+                "the normalization launch");
+  });
+  if (!prepared) return false;
+  if (plan.tile == 128) return run_products<T, TileLarge>(L, mats, workspace);
+  return run_products<T, TileSmall>(L, mats, workspace);
+}
+
+}  // namespace
+
+void run_step(const scion_ns_problem& pr, const Plan& plan, const scion_ns_matrix* matrices,
+              void* workspace, cudaStream_t stream, FirstError& failure) {
+  Launcher L{pr, plan, stream, failure};
+  if (pr.compute_dtype == SCION_BFLOAT16) {
+    run<__nv_bfloat16>(L, matrices, workspace);
+  } else {
+    run<__half>(L, matrices, workspace);
+  }
+}
+
+}  // namespace scion::ns
