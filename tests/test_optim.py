@@ -634,3 +634,30 @@ def test_reference_step_imports_no_kernels(backend, tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_groups_are_resolved_once(monkeypatch):
+    """A group's route (its norm and each parameter's backend) is resolved when the group is
+    added, and again only when its backend or norm options change, not at every step."""
+    from scion_kernels import backends
+
+    calls = []
+    real = backends.route
+    monkeypatch.setattr(
+        backends, "route", lambda group, where: calls.append(where) or real(group, where)
+    )
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = Scion([w], lr=0.1, backend="torch")
+    assert calls == ["param group 0"]
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert len(calls) == 1
+    opt.param_groups[0]["norm_kwargs"] = {"steps": 3}
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert len(calls) == 2
+    assert len(opt._routes[0].norm.pick((6, 4)).table) == 3
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        opt.param_groups[0]["backend"] = "fast"
+        opt.step()
