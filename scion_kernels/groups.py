@@ -101,6 +101,17 @@ class Recipe:
     per_tap: bool = False
 
 
+def _auto_everywhere(scale: float, head: float, **options: Any) -> Recipe:
+    """Auto at radius ``scale`` on every role but the head (Sign at ``head``)."""
+    return Recipe(
+        Role("Auto", scale),
+        Role("Auto", scale),
+        Role("Sign", head),
+        Role("BiasRMS", scale),
+        **options,
+    )
+
+
 # Language transformers (GPT-2, Llama, BERT, MoE): embeddings ρ = 1, hidden ρ = 2, vectors
 # ρ = 0.1 (biases and gains; a larger radius lets the constrained step swing them), head Sign
 # ρ = 32. Auto resolves per layer: ColNorm(transpose) on embeddings, Spectral on matrices.
@@ -121,6 +132,7 @@ _STOCK = Recipe(
 #: stock models (``python -m bench.recipes``, bench/NOTES.md), and the authors' recipes.
 #: ``lr`` and ``momentum`` are suggestions for ``Scion(groups, lr=..., momentum=...)``; the
 #: groups themselves carry only the norm, its options and the radius.
+# fmt: off
 RECIPES: dict[str, Recipe] = {
     "stock": _STOCK,
     # Vision transformers (ViT, DeiT): as "stock", with the patch embedding (SpectralConv,
@@ -142,45 +154,22 @@ RECIPES: dict[str, Recipe] = {
     # nanoGPT (README, examples/modded-nanogpt): Spectral ρ=50 on the blocks, Sign ρ=50·60 on the
     # head; an untied embedding gets Sign(normalized=False) ρ=1 as in examples/shallow-nanogpt.
     "gpt": Recipe(
-        input=Role("Sign", 1.0, {"normalized": False}),
-        hidden=Role("Spectral", 50.0),
-        head=Role("Sign", 3000.0),
-        vector=Role("BiasRMS", 50.0),
-        lr=2**-12,
-        momentum=0.1,
+        Role("Sign", 1.0, {"normalized": False}), Role("Spectral", 50.0), Role("Sign", 3000.0),
+        Role("BiasRMS", 50.0), lr=2**-12, momentum=0.1,
         source="README nanoGPT; examples/modded-nanogpt, examples/shallow-nanogpt",
     ),
     # MLP (README): Spectral(max=True) on the input layer, Spectral on hidden, Sign ρ=2¹⁰ head.
     "mlp": Recipe(
-        input=Role("Spectral", 1.0, {"max": True}),
-        hidden=Role("Spectral", 1.0),
-        head=Role("Sign", 2.0**10),
-        vector=Role("BiasRMS", 1.0),
-        lr=2**-6,
-        momentum=0.1,
-        source="README MLP",
+        Role("Spectral", 1.0, {"max": True}), Role("Spectral", 1.0), Role("Sign", 2.0**10),
+        Role("BiasRMS", 1.0), lr=2**-6, momentum=0.1, source="README MLP",
     ),
     # CNN (README, examples/airbench): Auto ρ=8 everywhere but the head, Sign ρ=8·16.
-    "cnn": Recipe(
-        input=Role("Auto", 8.0),
-        hidden=Role("Auto", 8.0),
-        head=Role("Sign", 128.0),
-        vector=Role("BiasRMS", 8.0),
-        lr=2**-4,
-        momentum=0.5,
-        source="README CNN; examples/airbench",
-    ),
+    "cnn": _auto_everywhere(8.0, 128.0, lr=2**-4, momentum=0.5,
+                            source="README CNN; examples/airbench"),
     # DeiT (examples/deit): Auto ρ=25, head Sign ρ=500, BiasRMS ρ=25 on pos_embed and cls_token.
-    "vit": Recipe(
-        input=Role("Auto", 25.0),
-        hidden=Role("Auto", 25.0),
-        head=Role("Sign", 500.0),
-        vector=Role("BiasRMS", 25.0),
-        lr=8e-5,
-        momentum=0.1,
-        source="examples/deit",
-    ),
+    "vit": _auto_everywhere(25.0, 500.0, lr=8e-5, momentum=0.1, source="examples/deit"),
 }
+# fmt: on
 
 _SPECTRAL_ONLY = ("max", "normalized", "batch_dims", "split")
 _AUTO_BY_KIND = {"matrix": "Spectral", "embedding": "ColNorm", "conv": "SpectralConv"}
