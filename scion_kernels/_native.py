@@ -201,7 +201,7 @@ def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype, tile: int =
     if G.numel() == 0:
         return out
     ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, coefficients,
-             1.0, 1.0, 1.0, tile)  # fmt: skip
+             1.0, 1.0, 1.0, tile=tile)  # fmt: skip
     return out
 
 
