@@ -188,13 +188,6 @@ def owner_slots(costs: Sequence[float], slots: int) -> list[int]:
     return owner
 
 
-def _update_dtype(norm: Norm, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the reference LMO returns for a direction of ``dtype``."""
-    if isinstance(norm, Spectral) and (norm.polar == "svd" or norm.ns_dtype == torch.float64):
-        return torch.float64
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @dataclass
 class _Item:
     index: int  # position in the group's parameter list
@@ -263,7 +256,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
             pieces[k].append(received[offset : offset + n].view(rows[k][s], *it.shape[1:]))
             offset += n
     updates = _lmos(owned, [torch.cat(p) for p in pieces])
-    out_dtype = _update_dtype(mine[0].norm, d_dtype)
+    out_dtype = mine[0].norm.update_dtype(d_dtype)
     parts = [updates[it.index].to(out_dtype).split(r) for it, r in zip(owned, rows, strict=True)]
     back = [part[s].reshape(-1) for s in range(S) for part in parts]
     recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
@@ -309,7 +302,7 @@ def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Te
     width = max(sizes)
     if width == 0:
         return
-    dtype = _update_dtype(items[0].norm, items[0].d.dtype)
+    dtype = items[0].norm.update_dtype(items[0].d.dtype)
     device = items[0].d.device
     send = torch.zeros(width, dtype=dtype, device=device)
     mine = by_replica[layout.replica_rank]

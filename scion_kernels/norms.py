@@ -190,6 +190,11 @@ class Norm:
         """Overwrite ``w`` in place with a point on this norm's unit sphere; return ``w``."""
         raise NotImplementedError
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``lmo(g)`` for a ``g`` of ``dtype``: float64 for float64, else float32
+        (float64 too where a norm computes in it, e.g. ``Spectral(polar="svd")``)."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
     def groups(self, shape: Sequence[int]) -> GroupSpec | None:
         """For an LMO that acts on independent groups of elements (Sign, ColNorm, RowNorm,
         BiasRMS), how it acts on a tensor of ``shape`` (:class:`GroupSpec`); else ``None``."""
@@ -354,10 +359,10 @@ class Spectral(_MatrixNorm):
         without bf16 matrix instructions)."""
         return self.ns_dtype or default_compute_dtype(device)
 
-    def _out_dtype(self, g: Tensor) -> torch.dtype:
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if self.polar == "svd" or self.ns_dtype == torch.float64:
             return torch.float64
-        return _work_dtype(g)
+        return super().update_dtype(dtype)
 
     def polar_factor(self, mats: list[Tensor]) -> Tensor:
         """``polar`` of wide matrices (each ``(B_i, m, n)``, ``m ≤ n``, one shape), stacked.
@@ -397,7 +402,7 @@ class Spectral(_MatrixNorm):
         for g, bs in zip(gs, blocks, strict=True):
             scaled = []
             for b in bs:
-                p = (polars[k].mT if tall[k] else polars[k]).to(self._out_dtype(g))
+                p = (polars[k].mT if tall[k] else polars[k]).to(self.update_dtype(g.dtype))
                 scaled.append(p.mul_(self._block_scale(b, g.shape)))
                 k += 1
             out.append(self._assemble(scaled, g.shape))
