@@ -158,4 +158,6 @@ def _(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) ->
 def polar(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) -> Tensor:
     """The ``scion_kernels::polar`` op: ``polar`` of every matrix of ``G`` with ``backend``'s
     kernels, ``coefficients`` the flattened ``(a, b, c)`` triples; ``G``'s shape in ``dtype``."""
+    if G.ndim < 2:
+        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
     return torch.ops.scion_kernels.polar(G, coefficients, dtype, backend)

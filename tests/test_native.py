@@ -1,7 +1,8 @@
 """Native module scion_kernels._C: build, lazy import, and the error that says how to build it.
 
-The native kernels' parity with the reference is tested in tests/test_native_ns.py (on a GPU, or
-through the host emulation of the CUDA features they use)."""
+The native kernels' parity with the reference is tested in tests/test_backends.py, their own
+tiles, workspace and errors in tests/test_native_ns.py (on a GPU, or through the host emulation
+of the CUDA features they use)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ reference drives the trajectory, and at every one of its 50 steps the fused step
 step start from the reference's exact state (parameters, gradients, buffers):
 
 - Spectral parameters (bf16 Newton–Schulz): the fused update's error against the float64 update
-  is at most twice the reference's (plus a small floor), as in ``test_triton.py``;
+  is at most twice the reference's (plus a small floor), as in ``test_backends.py``;
 - ColNorm, RowNorm, Sign, BiasRMS parameters and every buffer (float32 throughout): the fused
   values equal the reference's to float32 rounding.
 """
