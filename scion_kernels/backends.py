@@ -13,12 +13,13 @@ auto      per device and shape class, the backend the committed timing table
 ========  ================================================================================
 
 A param group is resolved once by :func:`route` (when it is added, or when its ``backend``,
-``norm`` or ``norm_kwargs`` change) into a :class:`Route`: its norm and, per parameter, the
-fused backend that steps it and the norm its kernels run, or nothing (the reference). The fused
-backends share one plan (:mod:`scion_kernels._plan`) and run their kernels through the
-package's ops (:mod:`scion_kernels._ops`); a parameter they cannot take at step time (a layout
-that needs a copy) falls back to the reference in the same step. Nothing here imports Triton or
-the native module until a group names a backend that needs it.
+``norm``, ``norm_kwargs`` or its parameters' shapes or devices change) into a :class:`Route`:
+its norm and, per parameter, the fused backend that steps it and the norm its kernels run, or
+nothing (the reference). The fused backends share one plan (:mod:`scion_kernels._plan`) and
+run their kernels through the package's ops (:mod:`scion_kernels._ops`); a parameter they
+cannot take at step time (a layout that needs a copy) falls back to the reference in the same
+step. Nothing here imports Triton or the native module until a group names a backend that
+needs it.
 """
 
 from __future__ import annotations
@@ -181,19 +182,26 @@ class Route:
     norm_option: Any
     norm_kwargs: dict[str, Any]
     norm: Norm
+    #: Each parameter's shape and device when the route was made.
+    layout: tuple[tuple[torch.Size, torch.device], ...]
     kernels: tuple[tuple[Backend, Norm] | None, ...]
     #: Per parameter, its backend's polar factor for a Spectral kernel norm (one function per
     #: backend and norm, so the distributed step batches them), else ``None``.
     polars: tuple[Callable[[Tensor], Tensor] | None, ...]
 
     def matches(self, group: dict[str, Any]) -> bool:
-        """Whether ``group`` still has the options and parameters this route was made for."""
+        """Whether ``group`` still has the options and parameters (their shapes and devices:
+        a model moved after the optimizer was made) this route was made for."""
         norm = group["norm"]
         return (
             (norm is self.norm_option or (isinstance(norm, str) and norm == self.norm_option))
             and group["backend"] == self.backend
             and group["norm_kwargs"] == self.norm_kwargs
-            and len(group["params"]) == len(self.kernels)
+            and len(group["params"]) == len(self.layout)
+            and all(
+                p.shape == shape and p.device == device
+                for p, (shape, device) in zip(group["params"], self.layout, strict=True)
+            )
         )
 
 
@@ -232,4 +240,5 @@ def route(group: dict[str, Any], where: str) -> Route:
         else:
             polars.append(None)
     options = dict(group["norm_kwargs"])
-    return Route(name, group["norm"], options, norm, tuple(kernels), tuple(polars))
+    layout = tuple((p.shape, p.device) for p in params)
+    return Route(name, group["norm"], options, norm, layout, tuple(kernels), tuple(polars))

@@ -116,8 +116,8 @@ class _ScionBase(torch.optim.Optimizer):
         _checks.check_options(group, where, getattr(self, "defaults", {}))
 
     def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
-        """Group ``index``'s route, resolved again only when its options changed (a compiled
-        step uses the routes resolved eagerly)."""
+        """Group ``index``'s route, resolved again only when its options or its parameters'
+        shapes or devices changed (a compiled step uses the routes resolved eagerly)."""
         route = self._routes[index] if index < len(self._routes) else None
         if route is not None and (torch.compiler.is_compiling() or route.matches(group)):
             return route

@@ -638,7 +638,8 @@ def test_reference_step_imports_no_kernels(backend, tmp_path):
 
 def test_groups_are_resolved_once(monkeypatch):
     """A group's route (its norm and each parameter's backend) is resolved when the group is
-    added, and again only when its backend or norm options change, not at every step."""
+    added, and again only when its backend or norm options, or a parameter's shape or device,
+    change; not at every step."""
     from scion_kernels import backends
 
     calls = []
@@ -658,6 +659,10 @@ def test_groups_are_resolved_once(monkeypatch):
     opt.step()
     assert len(calls) == 2
     assert len(opt._routes[0].norm.pick((6, 4)).table) == 3
+    w.data = torch.randn(4, 6)  # a parameter given another shape: resolved again
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert len(calls) == 3
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         opt.param_groups[0]["backend"] = "fast"
         opt.step()
