@@ -24,6 +24,7 @@ needs it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,7 +196,7 @@ class Route:
         norm = group["norm"]
         return (
             (norm is self.norm_option or (isinstance(norm, str) and norm == self.norm_option))
-            and group["backend"] == self.backend
+            and group.get("backend") == self.backend
             and group["norm_kwargs"] == self.norm_kwargs
             and len(group["params"]) == len(self.layout)
             and all(
@@ -239,6 +240,6 @@ def route(group: dict[str, Any], where: str) -> Route:
             polars.append(made[key])
         else:
             polars.append(None)
-    options = dict(group["norm_kwargs"])
+    options = copy.deepcopy(group["norm_kwargs"])  # in-place changes to them must not match
     layout = tuple((p.shape, p.device) for p in params)
     return Route(name, group["norm"], options, norm, layout, tuple(kernels), tuple(polars))

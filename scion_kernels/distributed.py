@@ -147,12 +147,14 @@ def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
     ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
     the sums of squares of groups that span the shards) or ``"owner"`` (on the whole tensor,
     on one rank). Depends on the global shape and the layout only, so every rank agrees."""
-    if layout.shards == 1 or len(shape) == 0:
-        return "local"
+    sharded = layout.shards > 1 and len(shape) > 0
     # A batch of matrices split along the batch dim has whole matrices on every shard.
     batched = getattr(norm, "batch_dims", 0) > 0 and len(shape) > 2
     if isinstance(norm, Spectral):
-        return "local" if batched else "owner"
+        # Replicated too: one owner orthogonalizes, the others receive its update.
+        return "local" if sharded and batched else "owner"
+    if not sharded:
+        return "local"
     spec = norm.groups(shape)
     if spec is None:
         return "owner"  # a norm this module does not know: computed on the whole tensor

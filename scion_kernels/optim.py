@@ -97,15 +97,17 @@ class _ScionBase(torch.optim.Optimizer):
             if spread:
                 for p in group["params"]:
                     distributed.layout_of(p, self.process_group)  # raises for unknown layouts
+            resolved = dict(group)
             if isinstance(norm, Norm) and NORMS.get(norm.name) is type(norm):
                 # Plain data in the group (a name and options), so state_dict() loads with
                 # torch.load(weights_only=True) and equal configurations give equal state dicts.
-                group["norm"], group["norm_kwargs"] = norm.spec()
-            route = backends.route(group, f"param group {index}")
+                resolved["norm"], resolved["norm_kwargs"] = norm.spec()
+            route = backends.route(resolved, f"param group {index}")
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
-        self._routes[index:] = [route]
+        group["norm"], group["norm_kwargs"] = resolved["norm"], resolved["norm_kwargs"]
+        self._store_route(index, route)
         if spread:
             self._distributed = True
             self._create_state(group)
@@ -117,13 +119,22 @@ class _ScionBase(torch.optim.Optimizer):
 
     def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
         """Group ``index``'s route, resolved again only when its options or its parameters'
-        shapes or devices changed (a compiled step uses the routes resolved eagerly)."""
+        shapes or devices changed. The check also runs while ``torch.compile`` traces, so
+        the compiler guards on what it compares."""
         route = self._routes[index] if index < len(self._routes) else None
-        if route is not None and (torch.compiler.is_compiling() or route.matches(group)):
+        if route is not None and route.matches(group):
             return route
+        self._check_options(group, f"param group {index}")
+        norm = make_norm(group["norm"], group["norm_kwargs"])
+        _checks.check_params(group, index, norm)
         route = backends.route(group, f"param group {index}")
-        self._routes[index : index + 1] = [route]
+        self._store_route(index, route)
         return route
+
+    def _store_route(self, index: int, route: backends.Route) -> None:
+        while len(self._routes) <= index:
+            self._routes.append(None)  # type: ignore[arg-type]
+        self._routes[index] = route
 
     # ------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -165,9 +176,10 @@ class _ScionBase(torch.optim.Optimizer):
             self._nonfinite(work, *bad)
             return loss
 
-        for index, group, idx in work:
-            if idx:
-                self._step_group(group, idx, self._route(index, group))
+        # Every route is resolved (and may raise) before any parameter changes.
+        routes = [self._route(index, group) for index, group, idx in work if idx]
+        for (_, group, idx), route in zip([w for w in work if w[2]], routes, strict=True):
+            self._step_group(group, idx, route)
         return loss
 
     def _step_group(self, group: dict[str, Any], idx: list[int], route: backends.Route) -> None:
@@ -243,7 +255,7 @@ class _ScionBase(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
-            norm = self._route(i, group).norm
+            norm = make_norm(group["norm"], group["norm_kwargs"])
             ns = {newton_schulz_dtype(norm, p.shape, p.device) for p in group["params"]}
             if ns - {""}:
                 lines.append(f"    newton_schulz: {', '.join(sorted(ns - {''}))}")

@@ -666,3 +666,78 @@ def test_groups_are_resolved_once(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         opt.param_groups[0]["backend"] = "fast"
         opt.step()
+
+
+def test_replicated_spectral_lmos_have_one_owner():
+    """Under DDP (one shard, several replicas) every Spectral LMO is computed by one owner
+    and shared; a batch split along its batch dim stays local only when it is sharded."""
+    from scion_kernels.distributed import Layout, _kind
+
+    ddp = Layout(None, 1, 0, None, 2, 0)
+    fsdp = Layout(None, 2, 0, None, 1, 0)
+    spectral, batched = make_norm("Spectral"), make_norm("Spectral", {"batch_dims": 1})
+    assert _kind(spectral, (64, 32), ddp) == "owner"
+    assert _kind(batched, (4, 64, 32), ddp) == "owner"
+    assert _kind(batched, (4, 64, 32), fsdp) == "local"
+    assert _kind(make_norm("ColNorm"), (64, 32), ddp) == "local"
+    assert _kind(make_norm("ColNorm"), (64, 32), fsdp) == "reduce"
+
+
+def _two_groups(w, b):
+    return [{"params": [w], "norm": "Spectral"}, {"params": [b], "norm": "BiasRMS"}]
+
+
+def test_routes_follow_groups_after_copy_and_under_compile():
+    """Routes stay with their groups after a deepcopy and a group added later, and a compiled
+    step follows a change of a group's norm, as an eager step does."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8))
+    gw, gb = torch.randn(8, 4), torch.randn(8)
+
+    def run(compiled: bool, change_norm: bool) -> list[torch.Tensor]:
+        ws, bs = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+        opt = Scion([{"params": [ws], "norm": "Spectral"}], lr=0.1, nonfinite="ignore",
+                    backend="torch")  # fmt: skip
+        opt = copy.deepcopy(opt)
+        ws = opt.param_groups[0]["params"][0]
+        opt.add_param_group({"params": [bs], "norm": "BiasRMS"})
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        for k in range(2):
+            if change_norm and k == 1:
+                opt.param_groups[0]["norm"] = "Sign"
+            ws.grad, bs.grad = gw.clone(), gb.clone()
+            step()
+        return [ws.detach(), bs.detach()]
+
+    torch._dynamo.reset()
+    for change in (False, True):
+        eager, compiled = run(False, change), run(True, change)
+        for a, c in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(run(False, True)[0], run(False, False)[0])
+
+
+def test_repr_and_init_of_groups_restored_without_our_options():
+    """Groups loaded from a state dict of the authors' optimizer lack ``backend`` and
+    ``buffer_dtype``: ``repr`` and ``init`` work before the first step."""
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = Scion([p], norm="Spectral")
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g.pop("backend")
+        g.pop("buffer_dtype")
+    opt.load_state_dict(sd)
+    assert "Spectral" in repr(opt)
+    opt.init()
+    assert torch.linalg.svdvals(p.detach()).sub(math.sqrt(6 / 4)).abs().max() < 1e-4
+
+
+def test_norm_options_changed_in_place_are_seen():
+    coefficients = [[3.4445, -4.7750, 2.0315]] * 5
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = Scion([p], norm="Spectral", norm_kwargs={"coefficients": coefficients},
+                backend="torch")  # fmt: skip
+    opt.param_groups[0]["norm_kwargs"]["coefficients"].append([1.875, -1.25, 0.375])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(opt._routes[0].norm.table) == 6
