@@ -31,17 +31,42 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--quick", action="store_true", help="the CPU-sized suite (default)")
     suite.add_argument("--full", action="store_true", help="the full GPU suite")
     suite.add_argument("--check", action="store_true", help="the GPU check's few minutes")
-    p.add_argument("--only", default=",".join(BENCHES), help=f"comma list of {BENCHES}")
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma list of {BENCHES} (default: all; on a CPU all but kernels)",
+    )
+    p.add_argument(
+        "--polar-shapes",
+        default=None,
+        help="the polar benchmark's shapes instead of its suite's, e.g. 1x4096x4096,8x768x768",
+    )
+    p.add_argument(
+        "--polar-backends", default=None, help="comma list: time only these polar backends"
+    )
+    p.add_argument(
+        "--progress",
+        default=None,
+        help="append every row to this file as one JSON line the moment it is measured",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats on a CPU")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
 
-    benches = [b.strip() for b in args.only.split(",") if b.strip()]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.only is None:  # the kernels' rows say little on a CPU (no Triton kernels there)
+        benches = [b for b in BENCHES if device.type == "cuda" or b != "kernels"]
+    else:
+        benches = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = [b for b in benches if b not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHES}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        polar_shapes = _shapes(args.polar_shapes) if args.polar_shapes else None
+    except ValueError as err:
+        p.error(str(err))
+    polar_backends = args.polar_backends.split(",") if args.polar_backends else None
     name = "full" if args.full else "check" if args.check else "quick"
     quick = name == "quick"
     try:
@@ -55,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if device.type == "cpu" else 10)
     log = tqdm.write if tqdm else (lambda s: print(s, flush=True))
     ctx = Context(device=device, quick=quick, repeats=repeats, log=log, suite=name)
+    if args.progress:
+        ctx.progress = Path(args.progress)
+        ctx.progress.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # before the header: see _interrupt
     try:
@@ -70,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             if tqdm:
                 bar.set_description(bench)
             module = importlib.import_module(f"bench.{bench}")
-            module.run(ctx)
+            if bench == "polar":
+                module.run(ctx, polar_shapes, backends=polar_backends)
+            else:
+                module.run(ctx)
             if getattr(module, "LAST_COPY_GBPS", None):
                 header["copy_gbps"] = module.LAST_COPY_GBPS
     except KeyboardInterrupt:
@@ -88,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {path}")
     print("\n" + paths[1].read_text())
     return 0
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"1x4096x4096,8x768x768"`` → ``[(1, 4096, 4096), (8, 768, 768)]``."""
+    out = []
+    for item in text.split(","):
+        dims = item.strip().lower().replace("×", "x").split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"a shape is batch x m x n, e.g. 1x4096x4096; got {item!r}")
+        out.append((int(dims[0]), int(dims[1]), int(dims[2])))
+    return out
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -9,6 +9,7 @@ never time on zeros.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 import statistics
 import subprocess
@@ -41,9 +42,12 @@ OPTIONAL_KEYS = (
     "sv_min",
     "sv_max",
     "numel",
+    "kernel",  # "gram", "poly", "apply" for "kernels"
+    "peak_bytes",  # for "step" on a GPU: peak allocated memory beyond parameters and gradients
+    "first_s",  # seconds of the first call (compilation included), where it was timed
     "note",
 )
-BENCHES = ("polar", "step", "elementwise")
+BENCHES = ("kernels", "polar", "step", "elementwise")
 
 
 def device_name(device: torch.device) -> str:
@@ -112,6 +116,9 @@ class Context:
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: Matrix rates (TFLOP/s) measured in this run, by dtype name (:meth:`matrix_rate`).
     rates: dict[str, float] = field(default_factory=dict)
+    #: When set, every row is also appended to this file as one JSON line the moment it is
+    #: recorded, so a run that is killed still leaves what it measured.
+    progress: Path | None = None
 
     @property
     def tiny(self) -> bool:
@@ -152,6 +159,9 @@ class Context:
         if ("shape" in row) == ("model" in row):
             raise ValueError(f"a row has exactly one of shape and model: {row}")
         self.rows.append(row)
+        if self.progress is not None:
+            with self.progress.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
 
     def sync(self) -> None:

@@ -1,38 +1,48 @@
 """The GPU check in one short call: ``python -m bench.gpu_check [--dry-run] [--out DIR]``.
 
-Runs these stages in order, each as its own process stopped at its own time budget (SIGTERM,
-then SIGKILL 15 s later), so that one stage that hangs or runs long leaves the later ones their
-time. Everything the stages write goes into one archive, ``DIR/gpu_check.tar.gz``, beside one
-short ``DIR/summary.md`` (two files: the GPU machine returns at most eight). ``DIR`` defaults
-to ``$OUT`` or ``bench/results/gpu-check``.
+A GPU machine is lent rarely and briefly, so this check is built to return answers however it
+ends. It runs the stages below, each as its own process group stopped at its own time budget,
+the whole run at most ``TOTAL_BUDGET_S`` (a stage that no longer fits is skipped, saying so).
+``DIR/summary.md`` (default ``$OUT``, else ``bench/results/gpu-check``) is rewritten every few
+seconds while a stage runs and after every stage, with the headline figures first and the rows
+measured so far; ``DIR/gpu_check.tar.gz`` (logs, JUnit XML, benchmark JSON and JSON lines, the
+regenerated ``auto`` table) is rewritten after every stage. A run killed at any point leaves
+both, as of its last stage (summary: its last few seconds).
 
-======================  ======  =========  ==================================================
-stage                   budget  predicted  what
-======================  ======  =========  ==================================================
-``env``                    10 s       2 s  GPU, driver, torch/Triton/CUDA/nvcc versions, commit
-``build``                  90 s      40 s  the native module for ``sm_90a`` only
-                                           (``SCION_CUDA_ARCHS=90a``, ``pip install -e .``)
-``tests``                 120 s      90 s  the GPU parity tests of both backends:
-                                           ``test_backends.py``, ``test_native_ns.py``,
-                                           ``test_triton.py``, ``test_triton_training.py``
-                                           (not the host emulation's cases, which CI runs),
-                                           then the ``gpu``-marked tests of ``test_optim.py``
-``sanitizer``              45 s      30 s  ``compute-sanitizer --tool memcheck`` over 12 of
-                                           the native kernels' tests
-``bench``                 200 s     170 s  ``python -m bench --check``: matrix rate, copy
-                                           bandwidth, GPT-2 small steps, the polar factor
-``table``                  10 s       3 s  the ``backend="auto"`` table from those timings
-======================  ======  =========  ==================================================
+=============  ======  =========  ===============================================================
+stage          budget  predicted  what
+=============  ======  =========  ===============================================================
+``env``          15 s       5 s   GPU, driver, torch/Triton/CUDA/nvcc versions, commit
+``build``       120 s      45 s   in the background from the start: the native module for
+                                  ``sm_90a`` only, offline (``pip --no-index -v``), with
+                                  ``-Xptxas -v`` (registers, spills) in its log
+``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in three
+                                  processes at once (``bench.warm``): the compile-time figure
+``headline``     90 s      55 s   ``bench --check`` kernels (each product at 4096² and GPT-2
+                                  small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
+                                  backend, GPT-2 small steps with peak memory
+``parity``      110 s      80 s   the parity tests of every backend (``pytest -n 8``; the host
+                                  emulation's cases are CPU tests, left to CI)
+``marked``       20 s      10 s   the ``gpu``-marked tests of ``test_optim.py``
+``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 12 native tests,
+                                  PyTorch's caching allocator off (so overruns are seen)
+``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 4 native tests
+``rest``         60 s      45 s   the polar factor at the check's other shapes, the memory-bound
+                                  stages
+``table``        10 s       3 s   the ``backend="auto"`` table from the timings, into the archive
+=============  ======  =========  ===============================================================
 
-The budgets add up to 475 s (7.9 min). The predictions and their reasoning are in
-``bench/NOTES.md`` ("The GPU check's time budget"). ``--dry-run`` runs every stage's plumbing
-on any machine, a CPU included, in well under two minutes:
-- ``build`` imports the package instead of building it;
-- ``tests`` and ``sanitizer`` collect their selections (``--collect-only``) instead of running
-  them;
-- ``bench`` runs the check suite, which on a CPU shrinks to plumbing sizes;
-- ``table`` writes into the archive, never into ``scion_kernels/``.
-A test in CI runs it.
+Predicted on the H200: about 280 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
+check's time budget", gives the reasoning). Tests are stopped with SIGINT first, so pytest
+still writes its summary and JUnit XML; benchmarks with SIGTERM, on which they write what they
+measured.
+
+``--dry-run`` runs every stage's plumbing on any machine, a CPU included, in about a minute:
+``build`` imports the package instead of building it; ``warm`` and the kernel rows run in
+Triton's interpreter at plumbing sizes (the ``step`` warm target is left out: minutes there);
+the tests and sanitizer stages collect their selections (``--collect-only``); the benchmarks
+shrink to plumbing sizes; ``table`` writes into the archive, never into ``scion_kernels/``.
+A test in CI runs it, and stops one with SIGTERM midway.
 
 Exit status: 0 when every stage passed or was skipped for want of a tool (say, no
 ``compute-sanitizer``), else 1.
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -56,12 +67,21 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-GRACE_S = 15.0
-#: The GPU parity tests: every test of these files runs on the GPU when there is one.
+#: The whole run, in seconds (6 minutes: a rerun still fits the 15 minutes of a lease).
+TOTAL_BUDGET_S = 360.0
+#: A stage stopped at its budget gets this long after its first signal, then SIGKILL.
+GRACE_S = 10.0
+#: How often the summary is rewritten while a stage runs.
+REFRESH_S = 5.0
+#: A stage is not started with less than this left of the whole run.
+MIN_STAGE_S = 5.0
+
+#: The parity tests: every backend's test of these files runs on the GPU when there is one.
 PARITY_TESTS = [
     "tests/test_backends.py", "tests/test_native_ns.py", "tests/test_triton.py",
     "tests/test_triton_training.py",
@@ -69,17 +89,31 @@ PARITY_TESTS = [
 #: Files whose ``gpu``-marked tests run after them (their other tests are CPU tests).
 MARKED_TESTS = ["tests/test_optim.py"]
 #: The native kernels' GPU tests run under compute-sanitizer: the one-block and tiled
-#: Newton–Schulz paths, a whole optimizer step and the row-wise step (12 tests).
+#: Newton–Schulz paths, a whole optimizer step and the row-wise step (12 tests) for memcheck,
+#: the four that launch every native kernel once for racecheck (much slower per launch).
 SANITIZED_TESTS = ["tests/test_backends.py", "tests/test_native_ns.py"]
+_NATIVE_ONLY = " and not triton and not emulated and not torch"
 SANITIZED_SELECTION = (
     "(one_block_path_limits or bucket_above_one_argument_block or deterministic"
-    " or optimizer_matches_reference_step_by_step or rowwise_zero_and_tiny)"
-    " and not triton and not emulated and not torch"
+    " or optimizer_matches_reference_step_by_step or rowwise_zero_and_tiny)" + _NATIVE_ONLY
 )
+RACECHECK_SELECTION = (
+    "(one_block_path_limits or bucket_above_one_argument_block or deterministic)" + _NATIVE_ONLY
+)
+#: The headline's polar factor: docs/performance.md's target shape, every step backend and
+#: the peers that take no compilation (``torch_compile`` is left to the full suite).
+HEADLINE_POLAR = "1x4096x4096"
+POLAR_BACKENDS = "torch,triton,cuda,torch.optim.Muon,svd"
+#: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
+REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
 #: docs/performance.md's targets, reported against in the summary.
 TARGET_NS_4096_MS = 1.8
 TARGET_NS_SPEEDUP = 1.4
 TARGET_STEP_MS = 4.0
+
+
+class Stopped(Exception):
+    """The check itself was sent SIGTERM or SIGINT."""
 
 
 @dataclass
@@ -92,57 +126,153 @@ class Stage:
 
 @dataclass
 class StageResult:
-    status: str  # "ok", "failed", "timeout", "skipped"
+    status: str  # "ok", "failed", "timeout", "skipped", "running", "stopped"
     detail: str = ""
     seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """A command running in its own process group, its output appended to a log."""
+
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen
+    log: Any
+    started: float
 
 
 @dataclass
 class Check:
     work: Path
     dry_run: bool
+    out: Path | None = None
     python: str = sys.executable
+    results: dict[str, StageResult] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    command_line: str = ""
+    jobs: list[Job] = field(default_factory=list)
+    _refreshed: float = 0.0
 
-    def command(self, name: str, cmd: list[str], deadline: float, env: dict | None = None) -> int:
-        """Run ``cmd`` in the repository, its output appended to ``logs/<name>.log``; stop it
-        at ``deadline`` (``time.monotonic()``). Returns its exit status, or ``-1`` when it was
-        stopped."""
-        log = self.work / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                start_new_session=True,
-            )
-            try:
-                return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=GRACE_S)
-                except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
-                    proc.wait()
-                f.write(f"\n[stopped at the stage's time budget: {shlex.join(cmd[:4])} …]\n")
-                return -1
+    # -------------------------------------------------------------------------- processes
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Job:
+        """Start ``cmd`` in the repository, in a new process group, its output appended to
+        ``logs/<name>.log``."""
+        path = self.work / "logs" / f"{name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = path.open("a")
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+        job = Job(name, cmd, proc, log, time.monotonic())
+        self.jobs.append(job)
+        return job
+
+    def wait(self, jobs: list[Job], deadline: float, stop: int = signal.SIGTERM) -> list[int]:
+        """Wait for ``jobs``, rewriting the summary every ``REFRESH_S``; at ``deadline`` stop
+        the ones still running (``stop`` first, then SIGKILL after ``GRACE_S``). Returns each
+        job's exit status, ``-1`` for one that was stopped."""
+        while any(j.proc.poll() is None for j in jobs) and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            self.refresh()
+        codes = []
+        for job in jobs:
+            if job.proc.poll() is None:
+                _stop(job, stop)
+                job.log.write(
+                    f"\n[stopped at the stage's time budget: {shlex.join(job.cmd[:4])} …]\n"
+                )
+                codes.append(-1)
+            else:
+                codes.append(job.proc.returncode)
+            job.log.close()
+            if job in self.jobs:
+                self.jobs.remove(job)
+        return codes
+
+    def command(
+        self,
+        name: str,
+        cmd: list[str],
+        deadline: float,
+        env: dict | None = None,
+        stop: int = signal.SIGTERM,
+    ) -> int:
+        """Run ``cmd`` (see :meth:`spawn`) and wait for it until ``deadline``
+        (``time.monotonic()``). Returns its exit status, or ``-1`` when it was stopped."""
+        return self.wait([self.spawn(name, cmd, env)], deadline, stop)[0]
+
+    def stop_all(self) -> None:
+        for job in list(self.jobs):
+            _stop(job, signal.SIGTERM, grace=2.0)
+            job.log.close()
+        self.jobs.clear()
 
     def log_tail(self, name: str, lines: int = 1) -> str:
         path = self.work / "logs" / f"{name}.log"
         text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
         return " / ".join(t.strip() for t in text[-lines:])
 
+    # ---------------------------------------------------------------------------- outputs
+    def refresh(self, force: bool = False) -> None:
+        """Rewrite summary.md (in the work folder and ``out``), at most every ``REFRESH_S``
+        unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._refreshed < REFRESH_S:
+            return
+        self._refreshed = now
+        text = summary(self, now - self.started)
+        (self.work / "summary.md").write_text(text)
+        if self.out is not None:
+            _atomic_write(self.out / "summary.md", text.encode())
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    def archive(self) -> None:
+        """Rewrite gpu_check.tar.gz from the work folder."""
+        if self.out is None:
+            return
+        tmp = self.out / ".gpu_check.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(self.work, arcname="gpu_check")
+        os.replace(tmp, self.out / "gpu_check.tar.gz")
+
+
+def _stop(job: Job, sig: int, grace: float = GRACE_S) -> None:
+    """Stop a job: ``sig`` (SIGINT to the leading process only, as Ctrl-C reaches pytest;
+    other signals to the whole group), then SIGTERM and SIGKILL to the group."""
     try:
-        os.killpg(proc.pid, sig)
+        if sig == signal.SIGINT:
+            os.kill(job.proc.pid, sig)
+        else:
+            os.killpg(job.proc.pid, sig)
     except ProcessLookupError:
+        return
+    try:
+        job.proc.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
         pass
+    for follow in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(job.proc.pid, follow)
+            job.proc.wait(timeout=3.0)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _outcome(rc: int, detail: str = "") -> StageResult:
@@ -158,9 +288,12 @@ def stage_env(check: Check, deadline: float) -> StageResult:
         "try:\n import triton; tv = triton.__version__\n"
         "except Exception as e:\n tv = f'not importable: {e}'\n"
         "cuda = torch.cuda.is_available()\n"
+        "p = torch.cuda.get_device_properties(0) if cuda else None\n"
         "print(json.dumps({'torch': torch.__version__, 'torch_cuda': torch.version.cuda,\n"
         " 'triton': tv, 'gpu': torch.cuda.get_device_name() if cuda else None,\n"
         " 'capability': list(torch.cuda.get_device_capability()) if cuda else None,\n"
+        " 'sms': p.multi_processor_count if p else None,\n"
+        " 'memory_gib': round(p.total_memory / 2**30, 1) if p else None,\n"
         " 'cpu_capability': torch.backends.cpu.get_cpu_capability()}))\n"
     )
     facts: dict[str, object] = {
@@ -169,128 +302,246 @@ def stage_env(check: Check, deadline: float) -> StageResult:
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpus": os.cpu_count(),
         "dry_run": check.dry_run,
     }
-    out = subprocess.run(
-        [check.python, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    if out.returncode == 0:
-        facts.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    else:
-        facts["torch"] = f"not importable: {out.stderr.strip()[-300:]}"
+    try:
+        out = subprocess.run(
+            [check.python, "-c", probe],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+        if out.returncode == 0:
+            facts.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        else:
+            facts["torch"] = f"not importable: {out.stderr.strip()[-300:]}"
+    except subprocess.TimeoutExpired:
+        facts["torch"] = "probe timed out"
     facts["driver"] = _first_line(
-        ["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"]
+        ["nvidia-smi", "--query-gpu=driver_version,memory.total,clocks.sm", "--format=csv,noheader"]
     )
     facts["nvcc"] = _first_line(["nvcc", "--version"], index=-2)  # "… release 13.0, V13.0.48"
     facts["cmake"] = _first_line(["cmake", "--version"])
+    facts["plugins"] = {m: _has(m) for m in ("xdist", "pytest_timeout", "transformers")}
     (check.work / "env.json").write_text(json.dumps(facts, indent=1))
     (check.work / "env.txt").write_text("".join(f"{k}: {v}\n" for k, v in facts.items()))
     gpu = facts.get("gpu") or "no GPU"
     return StageResult("ok", f"{gpu}; torch {facts.get('torch')}, triton {facts.get('triton')}")
 
 
-def stage_build(check: Check, deadline: float) -> StageResult:
-    """The native module for sm_90a only, into this checkout (editable install)."""
-    build = [check.python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps"]
-    build += ["-e", "."]
-    probe = [
-        check.python,
-        "-c",
-        "import scion_kernels as s; print('native:', s.native_available())",
-    ]
+def _build_command(check: Check) -> list[str]:
+    cmd = [check.python, "-m", "pip", "install", "--no-index", "--no-build-isolation"]
+    return cmd + ["--no-deps", "--disable-pip-version-check", "-v", "-e", "."]
+
+
+def start_build(check: Check) -> Job:
+    """The native module for sm_90a only, into this checkout (editable install), offline, its
+    log verbose; or, in a dry run, an import of the package."""
     if check.dry_run:
-        rc = check.command("build", probe, deadline)
-        return _outcome(rc, f"dry run: not built (would run {shlex.join(build)})")
-    env = {"SCION_CUDA_ARCHS": "90a", "MAX_JOBS": str(os.cpu_count() or 1)}
-    rc = check.command("build", build, deadline, env)
+        probe = "import scion_kernels as s; print('native:', s.native_available())"
+        return check.spawn("build", [check.python, "-c", probe])
+    env = {
+        "SCION_CUDA_ARCHS": "90a",
+        "MAX_JOBS": str(os.cpu_count() or 1),
+        "CUDAFLAGS": "-Xptxas=-v",  # CMake's initial CUDA flags: ptxas's per-kernel report
+    }
+    return check.spawn("build", _build_command(check), env)
+
+
+def finish_build(check: Check, job: Job, deadline: float) -> StageResult:
+    rc = check.wait([job], deadline)[0]
+    if check.dry_run:
+        return _outcome(rc, f"dry run: not built (would run {shlex.join(_build_command(check))})")
     if rc != 0:
         return _outcome(rc, check.log_tail("build", 3))
-    rc = check.command("build", probe, deadline)
-    return _outcome(rc, check.log_tail("build"))
+    probe = (
+        "import scion_kernels as s; print('native:', s.native_available(), s.native_import_error())"
+    )
+    rc = check.command("build", [check.python, "-c", probe], deadline + 20)
+    return _outcome(rc, check.log_tail("build") + "; " + _ptxas_report(check))
 
 
-def stage_tests(check: Check, deadline: float) -> StageResult:
-    """The GPU parity tests, then the gpu-marked ones; every failure listed."""
-    # The host emulation's cases are CPU tests (CI runs them); its build alone takes minutes.
-    runs = [
-        ("parity", PARITY_TESTS, ["-k", "not emulated"]),
-        ("gpu-marked", MARKED_TESTS, ["-m", "gpu"]),
+def _ptxas_report(check: Check) -> str:
+    """One line from ptxas's per-kernel reports in the build log: kernels, most registers,
+    any spills or stack."""
+    path = check.work / "logs" / "build.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
+    spills = [
+        int(a) + int(b)
+        for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ]
-    details, codes = [], []
-    for name, files, extra in runs:
-        xml = check.work / "tests" / f"{name}.xml"
-        xml.parent.mkdir(exist_ok=True)
-        cmd = [
-            check.python,
-            "-m",
-            "pytest",
-            "-q",
-            "-rfEs",
-            "--maxfail=30",
-            "-p",
-            "no:cacheprovider",
-        ]
-        cmd += [f"--junitxml={xml}", *extra, *files]
-        if check.dry_run:
-            cmd.append("--collect-only")
-        codes.append(check.command("tests", cmd, deadline))
-        details.append(f"{name}: {_pytest_counts(check.log_tail('tests', 3))}")
+    if not regs:
+        return "no ptxas report in the log"
+    spilled = sum(1 for s in spills if s)
+    return f"ptxas: {len(regs)} kernels, ≤ {max(regs)} registers, {spilled} spill"
+
+
+def stage_warm(check: Check, deadline: float) -> StageResult:
+    """The Triton kernels the measurements use, compiled cold in parallel processes."""
+    targets = ["kernels", "polar"] if check.dry_run else ["kernels", "polar", "step"]
+    env = {"TRITON_INTERPRET": "1"} if check.dry_run else {}
+    t0 = time.monotonic()
+    jobs = [check.spawn(f"warm-{t}", [check.python, "-m", "bench.warm", t], env) for t in targets]
+    codes = check.wait(jobs, deadline)
+    wall = time.monotonic() - t0
+    parts = []
+    for t, rc in zip(targets, codes, strict=True):
+        line = check.log_tail(f"warm-{t}")
+        found = re.search(r"warm \w+: ([\d.]+) s", line)
+        parts.append(
+            f"{t} {found.group(1)} s" if found else f"{t} {'stopped' if rc == -1 else 'failed'}"
+        )
     rc = -1 if -1 in codes else next((c for c in codes if c != 0), 0)
-    return _outcome(rc, "; ".join(details))
+    (check.work / "compile.json").write_text(json.dumps({"wall_s": wall, "targets": parts}))
+    return _outcome(
+        rc,
+        f"cold compile, {len(targets)} processes at once: {wall:.1f} s wall ({', '.join(parts)})",
+    )
 
 
-def stage_sanitizer(check: Check, deadline: float) -> StageResult:
-    """One compute-sanitizer memcheck pass over a small selection of the native kernels'
-    tests (on a GPU they run the kernels; without one, their host emulation)."""
-    tool = shutil.which("compute-sanitizer") or _cuda_tool("compute-sanitizer")
-    pytest = [check.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    pytest += ["-k", SANITIZED_SELECTION, *SANITIZED_TESTS]
+def _bench(check: Check, name: str, args: list[str], deadline: float) -> StageResult:
+    """``python -m bench --check`` with ``args`` into ``bench/<name>``; rows also as JSON lines
+    the moment they are measured; a run stopped at the budget keeps its rows."""
+    folder = check.work / "bench" / name
+    cmd = [check.python, "-m", "bench", "--check", *args, "--out", str(folder)]
+    cmd += ["--progress", str(check.work / "bench" / f"{name}.jsonl")]
+    env = {"TRITON_INTERPRET": "1"} if check.dry_run else {}
+    rc = check.command(name, cmd, deadline, env)
+    rows = _jsonl(check.work / "bench" / f"{name}.jsonl")
+    written = (folder / "check.json").exists()
+    detail = (
+        f"{len(rows)} rows"
+        + ("" if written else ", no results file")
+        + (" (partial)" if rc == -1 else "")
+    )
+    return _outcome(rc if written or rc == -1 else rc or 1, detail)
+
+
+def stage_headline(check: Check, deadline: float) -> StageResult:
+    args = ["--only", "kernels,polar,step", "--polar-backends", POLAR_BACKENDS]
+    args += ["--polar-shapes", "1x64x64" if check.dry_run else HEADLINE_POLAR]
+    return _bench(check, "headline", args, deadline)
+
+
+def stage_rest(check: Check, deadline: float) -> StageResult:
+    args = ["--only", "polar,elementwise", "--polar-backends", POLAR_BACKENDS]
+    args += ["--polar-shapes", "2x48x96" if check.dry_run else REST_POLAR]
+    return _bench(check, "rest", args, deadline)
+
+
+def _pytest(
+    check: Check,
+    name: str,
+    files: list[str],
+    extra: list[str],
+    deadline: float,
+    *,
+    workers: int = 0,
+    prefix: list[str] | None = None,
+    env: dict | None = None,
+) -> StageResult:
+    """One pytest run with its JUnit XML, stopped with SIGINT at the budget (so it still
+    writes both its summary and the XML)."""
+    xml = check.work / "tests" / f"{name}.xml"
+    xml.parent.mkdir(exist_ok=True)
+    cmd = [*(prefix or []), check.python, "-m", "pytest", "-q", "-rfEs", "--maxfail=50"]
+    cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}", *extra, *files]
+    if workers and _has("xdist") and not check.dry_run:
+        cmd += ["-n", str(workers)]
+    if _has("pytest_timeout") and not check.dry_run:
+        cmd += ["--timeout=60"]  # one hung test fails alone instead of eating the stage
     if check.dry_run:
-        rc = check.command("sanitizer", [*pytest, "--collect-only"], deadline)
-        found = f"found at {tool}" if tool else "not found"
-        return _outcome(rc if rc != 5 else 0, f"dry run: collected only; compute-sanitizer {found}")
-    if tool is None:
+        cmd.append("--collect-only")
+    rc = check.command(name, cmd, deadline, env, stop=signal.SIGINT)
+    counts = _pytest_counts(check.log_tail(name, 3))
+    if rc == 5 and check.dry_run:  # nothing selected without a GPU: collection worked
+        rc = 0
+    return _outcome(rc, counts)
+
+
+def stage_parity(check: Check, deadline: float) -> StageResult:
+    """The parity tests of every backend against the reference."""
+    # The host emulation's cases are CPU tests (CI runs them); its build alone takes minutes.
+    return _pytest(check, "parity", PARITY_TESTS, ["-k", "not emulated"], deadline, workers=8)
+
+
+def stage_marked(check: Check, deadline: float) -> StageResult:
+    return _pytest(check, "marked", MARKED_TESTS, ["-m", "gpu"], deadline)
+
+
+def _sanitizer(check: Check, name: str, tool: str, selection: str, deadline: float) -> StageResult:
+    exe = shutil.which("compute-sanitizer") or _cuda_tool("compute-sanitizer")
+    if exe is None and not check.dry_run:
         return StageResult("skipped", "compute-sanitizer not found")
-    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "9", *pytest]
-    rc = check.command("sanitizer", cmd, deadline)
-    log = (check.work / "logs" / "sanitizer.log").read_text(errors="replace")
-    if rc != 0 and "Device not supported" in log:
-        # Some sandboxed runtimes (gVisor) refuse the device to compute-sanitizer.
+    prefix = [] if check.dry_run else [exe, "--tool", tool, "--error-exitcode", "9"]
+    # Without PyTorch's caching allocator every tensor is its own allocation: memcheck sees
+    # an overrun past a tensor's end, which inside a cached block it cannot.
+    env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    r = _pytest(check, name, SANITIZED_TESTS, ["-k", selection], deadline, prefix=prefix, env=env)
+    log = (check.work / "logs" / f"{name}.log").read_text(errors="replace")
+    if r.status != "ok" and "Device not supported" in log:
         return StageResult("skipped", "compute-sanitizer: «Device not supported» on this machine")
-    return _outcome(rc, check.log_tail("sanitizer", 2))
+    errors = re.search(r"ERROR SUMMARY: (\d+) errors?", log)
+    hazards = re.search(
+        r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", log
+    )
+    found = []
+    if errors:
+        found.append(f"{errors.group(1)} sanitizer errors")
+    if hazards:
+        found.append(f"{hazards.group(2)} race errors, {hazards.group(3)} warnings")
+    if check.dry_run:
+        found.append(
+            f"dry run: collected only; compute-sanitizer {'at ' + exe if exe else 'not found'}"
+        )
+    r.detail = "; ".join([r.detail, *found])
+    return r
 
 
-def stage_bench(check: Check, deadline: float) -> StageResult:
-    """``python -m bench --check`` into ``bench/``; a run stopped at the budget keeps its rows."""
-    cmd = [check.python, "-m", "bench", "--check", "--only", "elementwise,step,polar"]
-    cmd += ["--out", str(check.work / "bench")]
-    rc = check.command("bench", cmd, deadline)
-    results = check.work / "bench" / "check.json"
-    if not results.exists():
-        return _outcome(rc or 1, "no results written")
-    rows = len(json.loads(results.read_text())["rows"])
-    return _outcome(rc, f"{rows} rows" + (" (partial)" if rc == -1 else ""))
+def stage_memcheck(check: Check, deadline: float) -> StageResult:
+    return _sanitizer(check, "memcheck", "memcheck", SANITIZED_SELECTION, deadline)
+
+
+def stage_racecheck(check: Check, deadline: float) -> StageResult:
+    return _sanitizer(check, "racecheck", "racecheck", RACECHECK_SELECTION, deadline)
 
 
 def stage_table(check: Check, deadline: float) -> StageResult:
     """The ``auto`` table regenerated from the check's timings, into the archive."""
-    results = check.work / "bench" / "check.json"
-    if not results.exists():
+    results = [p for p in (check.work / "bench").glob("*/check.json")]
+    if not results:
         return StageResult("skipped", "no benchmark results")
     out = check.work / "_backend_table.py"
-    cmd = [check.python, "-m", "bench.choose_backends", str(results), "--out", str(out)]
+    cmd = [
+        check.python,
+        "-m",
+        "bench.choose_backends",
+        *map(str, sorted(results)),
+        "--out",
+        str(out),
+    ]
     rc = check.command("table", cmd, deadline)
     return _outcome(rc, "_backend_table.py in the archive; " + check.log_tail("table"))
 
 
 STAGES = [
-    Stage("env", 10, 2, stage_env),
-    Stage("build", 90, 40, stage_build),
-    Stage("tests", 120, 90, stage_tests),
-    Stage("sanitizer", 45, 30, stage_sanitizer),
-    Stage("bench", 200, 170, stage_bench),
+    Stage("env", 15, 5, stage_env),
+    Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
+    Stage("warm", 60, 35, stage_warm),
+    Stage("headline", 90, 55, stage_headline),
+    Stage("parity", 110, 80, stage_parity),
+    Stage("marked", 20, 10, stage_marked),
+    Stage("memcheck", 40, 25, stage_memcheck),
+    Stage("racecheck", 30, 20, stage_racecheck),
+    Stage("rest", 60, 45, stage_rest),
     Stage("table", 10, 3, stage_table),
 ]
+#: The build runs beside ``warm`` (it needs CPUs, warm mostly the GPU and one CPU each), so its
+#: prediction does not add to the run's.
+PREDICTED_S = sum(s.predicted for s in STAGES if s.name != "build")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -300,6 +551,13 @@ def _git(*args: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _first_line(cmd: list[str], index: int = 0) -> str:
@@ -319,6 +577,18 @@ def _cuda_tool(name: str) -> str | None:
         if root and (Path(root) / "bin" / name).exists():
             return str(Path(root) / "bin" / name)
     return None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file; a line cut off by a kill is skipped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _pytest_counts(tail: str) -> str:
@@ -342,63 +612,118 @@ def _failures(work: Path) -> list[str]:
         for case in root.iter("testcase"):
             for bad in [*case.findall("failure"), *case.findall("error")]:
                 msg = (bad.get("message") or "").splitlines()[0][:200] if bad.get("message") else ""
-                out.append(f"{case.get('classname')}::{case.get('name')}: {msg}")
+                out.append(f"{xml.stem}: {case.get('classname')}::{case.get('name')}: {msg}")
     return out
 
 
-def _key_numbers(work: Path) -> list[str]:
-    """The figures the check exists for, each beside its target."""
-    path = work / "bench" / "check.json"
-    if not path.exists():
-        return ["no benchmark results"]
-    data = json.loads(path.read_text())
-    rows, lines = data["rows"], []
-    rates = data.get("matrix_tflops") or {}
-    if rates:
-        lines.append("matrix rate: " + ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in rates.items()))
-    if data.get("copy_gbps"):
-        lines.append(f"copy bandwidth: {data['copy_gbps']:.4g} GB/s")
-    polar = [r for r in rows if r.get("bench") == "polar"]
-    for shape in sorted({tuple(r["shape"]) for r in polar}, key=lambda s: (-s[1] * s[2], s)):
-        at = {r["backend"]: r["ms"] for r in polar if tuple(r["shape"]) == shape}
+def _fmt_ms(r: dict[str, Any]) -> str:
+    rate = f", {r['tflops']:.4g} TFLOP/s" if r.get("tflops") else ""
+    return f"{r['ms']:.4g} ms{rate}"
+
+
+def headline(work: Path) -> list[str]:
+    """The figures the check exists for, from the rows measured so far, each beside its
+    baseline or target."""
+    rows = _jsonl(work / "bench" / "headline.jsonl") + _jsonl(work / "bench" / "rest.jsonl")
+    lines: list[str] = []
+    rate = next((r["tflops"] / r["ceiling_fraction"] for r in rows
+                 if r.get("dtype") == "bfloat16" and r.get("ceiling_fraction")), None)  # fmt: skip
+    if rate:
+        lines.append(f"bf16 matrix rate measured (torch.mm): {rate:.4g} TFLOP/s")
+    kern = [r for r in rows if r["bench"] == "kernels"]
+    if kern:
+        lines += [
+            "",
+            "Newton–Schulz products, one launch each (dense-FLOP rate; gram and poly compute"
+            " about half of it, one triangle):",
+            "",
+        ]
+        lines += [
+            "| shape | kernel | triton | torch (cuBLAS) | triton speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in kern):
+            for k in ("gram", "poly", "apply"):
+                at = {
+                    r["backend"]: r for r in kern if tuple(r["shape"]) == shape and r["kernel"] == k
+                }
+                if not at:
+                    continue
+                t, ref = at.get("triton"), at.get("torch")
+                ratio = f"{ref['ms'] / t['ms']:.2f}×" if t and ref else ""
+                lines.append(
+                    f"| {'×'.join(map(str, shape))} | {k} | {_fmt_ms(t) if t else '—'} "
+                    f"| {_fmt_ms(ref) if ref else '—'} | {ratio} |"
+                )
+        lines.append("")
+    polar = [r for r in rows if r["bench"] == "polar"]
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in polar):
+        at = {r["backend"]: r for r in polar if tuple(r["shape"]) == shape}
         ref = at.get("torch")
         cells = []
-        for backend, ms in sorted(at.items(), key=lambda kv: kv[1]):
-            ratio = f" ({ref / ms:.2f}× torch)" if ref and backend != "torch" else ""
-            cells.append(f"{backend} {ms:.4g} ms{ratio}")
-        lines.append(f"polar {'×'.join(map(str, shape))}: " + "; ".join(cells))
-    big = [r for r in polar if tuple(r["shape"]) == (1, 4096, 4096)]
-    ref = next((r["ms"] for r in big if r["backend"] == "torch"), None)
-    for r in big:
-        if r["backend"] in ("triton", "cuda"):
-            ok = (
-                r["ms"] <= TARGET_NS_4096_MS
-                and ref is not None
-                and ref / r["ms"] >= TARGET_NS_SPEEDUP
-            )
-            lines.append(
-                f"target Newton–Schulz 4096² ≤ {TARGET_NS_4096_MS} ms and ≥ {TARGET_NS_SPEEDUP}× "
-                f"torch: {r['backend']} {r['ms']:.4g} ms — {'met' if ok else 'not met'}"
-            )
-    for r in rows:
-        if r.get("bench") == "step" and r.get("optimizer") == "Scion":
-            line = f"step {r.get('model')} Scion ({r['backend']}): {r['ms']:.4g} ms"
-            if r.get("model") == "gpt2-small":
+        for backend, r in sorted(at.items(), key=lambda kv: kv[1]["ms"]):
+            ratio = f", {ref['ms'] / r['ms']:.2f}× torch" if ref and backend != "torch" else ""
+            err = f", err {r['rel_err']:.2g}" if r.get("rel_err") is not None else ""
+            cells.append(f"{backend} {_fmt_ms(r)}{ratio}{err}")
+        lines.append(f"Newton–Schulz 5 steps {'×'.join(map(str, shape))}: " + "; ".join(cells))
+        if shape == (1, 4096, 4096):
+            for backend in ("triton", "cuda"):
+                r = at.get(backend)
+                if r is None:
+                    continue
+                ok = (
+                    r["ms"] <= TARGET_NS_4096_MS
+                    and ref is not None
+                    and ref["ms"] / r["ms"] >= TARGET_NS_SPEEDUP
+                )
+                lines.append(
+                    f"target Newton–Schulz 4096² ≤ {TARGET_NS_4096_MS} ms and "
+                    f"≥ {TARGET_NS_SPEEDUP}× torch: {backend} {r['ms']:.4g} ms — "
+                    + ("met" if ok else "not met")
+                )
+    step = [r for r in rows if r["bench"] == "step"]
+    if step:
+        lines += [
+            "",
+            "Whole optimizer step, "
+            + step[0]["model"]
+            + " (peak: allocated memory beyond parameters and gradients during the first step):",
+            "",
+        ]
+        lines += [
+            "| optimizer | backend | ms | peak MiB | state MiB | first step s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(step, key=lambda r: r["ms"]):
+            peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else ""
+            first = f"{r['first_s']:.2f}" if r.get("first_s") is not None else ""
+            lines.append(f"| {r['optimizer']} | {r['backend']} | {r['ms']:.4g} | {peak} "
+                         f"| {r.get('state_bytes', 0) / 2**20:.1f} | {first} |")  # fmt: skip
+        scion = [
+            r for r in step if r["optimizer"] == "Scion" and r["backend"] in ("triton", "cuda")
+        ]
+        for r in scion:
+            if r["model"] == "gpt2-small":
                 met = "met" if r["ms"] <= TARGET_STEP_MS else "not met"
-                line += f" (target ≤ {TARGET_STEP_MS} ms: {met})"
-            lines.append(line)
-    return lines or ["no rows"]
+                lines.append(
+                    f"target GPT-2 small Scion step ≤ {TARGET_STEP_MS} ms: "
+                    f"{r['backend']} {r['ms']:.4g} ms — {met}"
+                )
+        lines.append("")
+    compile_json = work / "compile.json"
+    if compile_json.exists():
+        c = json.loads(compile_json.read_text())
+        lines.append(
+            f"Cold Triton compilation (warm stage): {c['wall_s']:.1f} s wall; "
+            + ", ".join(c["targets"])
+        )
+    return lines or ["no figures yet"]
 
 
-def summary(
-    check: Check, results: list[tuple[Stage, StageResult]], total: float, command: str
-) -> str:
-    """The short report: facts, one row per stage, the key figures, the failed tests."""
-    env = (
-        json.loads((check.work / "env.json").read_text())
-        if (check.work / "env.json").exists()
-        else {}
-    )
+def summary(check: Check, elapsed: float) -> str:
+    """The report: facts, the headline figures, one row per stage, the failed tests."""
+    path = check.work / "env.json"
+    env = json.loads(path.read_text()) if path.exists() else {}
     lines = [
         "# GPU check" + (" (dry run)" if check.dry_run else ""),
         "",
@@ -406,28 +731,45 @@ def summary(
         f"{' (dirty)' if env.get('dirty') else ''}; {env.get('gpu') or 'no GPU'}, driver "
         f"{env.get('driver', '?')}; torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}),"
         f" triton {env.get('triton', '?')}, Python {env.get('python', '?')}; nvcc "
-        f"{env.get('nvcc', '?')}. Command: `{command}`.",
+        f"{env.get('nvcc', '?')}. Command: `{check.command_line}`.",
+        "",
+        "## Headline",
+        "",
+        *headline(check.work),
+        "",
+        "## Stages",
         "",
         "| stage | status | seconds | budget | predicted (GPU) | detail |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for stage, r in results:
+    for stage in STAGES:
+        r = check.results.get(stage.name)
+        if r is None:
+            lines.append(f"| {stage.name} | pending | | {stage.budget:g} | {stage.predicted:g} | |")
+            continue
         detail = r.detail.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {stage.name} | {r.status} | {r.seconds:.1f} | {stage.budget:g} "
             f"| {stage.predicted:g} | {detail} |"
         )
-    lines += ["", f"Total {total:.1f} s of {sum(s.budget for s in STAGES):g} s budgeted.", ""]
-    lines += ["## Results", "", *(f"- {line}" for line in _key_numbers(check.work)), ""]
+    lines += [
+        "",
+        f"{elapsed:.1f} s so far of the run's {TOTAL_BUDGET_S:g} s (predicted {PREDICTED_S:g} s).",
+        "",
+    ]
     failures = _failures(check.work)
     lines += ["## Failed tests", ""]
     lines += [f"- {f}" for f in failures] if failures else ["none"]
     lines += [
         "",
-        "Everything else (logs, JUnit XML, benchmark JSON/Markdown/plots, the regenerated",
+        "Everything else (logs, JUnit XML, benchmark JSON and JSON lines, the regenerated",
         "`_backend_table.py`, env.json) is in `gpu_check.tar.gz`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,33 +786,79 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-")) / "gpu_check"
     work.mkdir()
-    check = Check(work=work, dry_run=args.dry_run)
-    results: list[tuple[Stage, StageResult]] = []
-    start = time.monotonic()
-    for stage in STAGES:
-        if only and stage.name not in only:
-            continue
-        t0 = time.monotonic()
-        print(f"== {stage.name} (budget {stage.budget:g} s)", flush=True)
-        try:
-            r = stage.run(check, t0 + stage.budget)
-        except Exception as e:  # noqa: BLE001 - a stage's own bug must not stop the others
-            r = StageResult("failed", f"{type(e).__name__}: {e}")
-        r.seconds = time.monotonic() - t0
-        print(f"   {r.status} in {r.seconds:.1f} s: {r.detail}", flush=True)
-        results.append((stage, r))
-    command = shlex.join(
+    check = Check(work=work, dry_run=args.dry_run, out=out)
+    check.command_line = shlex.join(
         ["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])]
     )
-    text = summary(check, results, time.monotonic() - start, command)
-    (work / "summary.md").write_text(text)
-    (out / "summary.md").write_text(text)
-    with tarfile.open(out / "gpu_check.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname="gpu_check")
+    end = check.started + TOTAL_BUDGET_S
+    wanted = [s for s in STAGES if not only or s.name in only]
+    build = next((s for s in wanted if s.name == "build"), None)
+    build_job: Job | None = None
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+    current = None
+    try:
+        check.refresh(force=True)
+        for stage in wanted:
+            current = stage
+            t0 = time.monotonic()
+            if stage is build:  # joined before the first stage that runs kernels
+                build_job = start_build(check)
+                check.results["build"] = StageResult("running", "in the background")
+                build_deadline = min(t0 + stage.budget, end)
+                continue
+            if build_job is not None and stage.name not in ("env", "warm"):
+                r = finish_build(check, build_job, build_deadline)
+                r.seconds = time.monotonic() - build_job.started
+                check.results["build"] = r
+                build_job = None
+                _report("build", r)
+                t0 = time.monotonic()
+            left = end - t0
+            if left < MIN_STAGE_S:
+                r = StageResult(
+                    "skipped", f"out of time: {left:.0f} s left of the run's {TOTAL_BUDGET_S:g}"
+                )
+            else:
+                print(f"== {stage.name} (budget {stage.budget:g} s)", flush=True)
+                check.results[stage.name] = StageResult("running")
+                check.refresh(force=True)
+                try:
+                    r = stage.run(check, t0 + min(stage.budget, left))
+                except Stopped:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a stage's own bug must not stop the others
+                    r = StageResult("failed", f"{type(e).__name__}: {e}")
+            r.seconds = time.monotonic() - t0
+            check.results[stage.name] = r
+            _report(stage.name, r)
+            check.refresh(force=True)
+            check.archive()
+        if build_job is not None:
+            r = finish_build(check, build_job, build_deadline)
+            r.seconds = time.monotonic() - build_job.started
+            check.results["build"] = r
+    except Stopped as why:
+        check.stop_all()
+        for name, r in check.results.items():
+            if r.status == "running":
+                r.status, r.detail = "stopped", f"the check was sent {why}"
+                r.seconds = time.monotonic() - check.started if name == "build" else r.seconds
+        if current is not None and current.name not in check.results:
+            check.results[current.name] = StageResult("stopped", f"the check was sent {why}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    check.refresh(force=True)
+    check.archive()
+    text = (out / "summary.md").read_text()
     shutil.rmtree(work.parent, ignore_errors=True)
     print(text)
     print(f"wrote {out / 'summary.md'} and {out / 'gpu_check.tar.gz'}")
-    return 0 if all(r.status in ("ok", "skipped") for _, r in results) else 1
+    return 0 if all(r.status in ("ok", "skipped") for r in check.results.values()) else 1
+
+
+def _report(name: str, r: StageResult) -> None:
+    print(f"   {name}: {r.status} in {r.seconds:.1f} s: {r.detail}", flush=True)
 
 
 if __name__ == "__main__":

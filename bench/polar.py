@@ -46,7 +46,7 @@ from scion_kernels.newton_schulz import (
 
 from .common import Context, newton_schulz_flops
 
-__all__ = ["FULL_SHAPES", "QUICK_SHAPES", "Backend", "backends", "run"]
+__all__ = ["FULL_SHAPES", "QUICK_SHAPES", "Backend", "available_backends", "run"]
 
 PolarFn = Callable[[Tensor], Tensor]
 Shape = tuple[int, int, int]  # (batch, m, n)
@@ -199,7 +199,7 @@ def _pytorch_optimizer() -> tuple[PolarFn, str] | str:
     return polar, "zero_power_via_newton_schulz_5"
 
 
-def backends(ctx: Context) -> dict[str, Backend]:
+def available_backends(ctx: Context) -> dict[str, Backend]:
     """The backends available here, by the name rows carry; logs the ones that are missing."""
     ours = default_compute_dtype(ctx.device)  # what newton_schulz uses when given no dtype
     table: dict[str, Backend] = {
@@ -334,13 +334,21 @@ def _label(name: str, coefficients: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def run(ctx: Context, shapes: list[Shape] | None = None) -> None:
+def run(
+    ctx: Context, shapes: list[Shape] | None = None, *, backends: list[str] | None = None
+) -> None:
     """Measure every available backend on every shape of the suite; one row per result.
 
     ``shapes`` overrides the suite (``QUICK_SHAPES``, ``FULL_SHAPES``, ``CHECK_SHAPES`` or on
-    a CPU ``TINY_SHAPES``, by ``ctx.suite``). The check suite times classic coefficients only.
+    a CPU ``TINY_SHAPES``, by ``ctx.suite``), ``backends`` the backends timed (by row name;
+    default: every one available). The check suite times classic coefficients only.
     """
-    table = backends(ctx)
+    table = available_backends(ctx)
+    if backends is not None:
+        unknown = set(backends) - set(table)
+        if unknown:
+            ctx.log(f"polar: not available here, skipped: {sorted(unknown)}")
+        table = {k: v for k, v in table.items() if k in backends}
     for dtype in sorted({b.dtype for b in table.values()}, key=str):
         rate = ctx.matrix_rate(dtype)
         ctx.log(f"polar: measured {dtype} matrix rate {rate:.4g} TFLOP/s on {ctx.device}")

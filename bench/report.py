@@ -22,8 +22,9 @@ POLAR_COLUMNS = [
 ]
 STEP_COLUMNS = [
     "model", "optimizer", "backend", "dtype", "ms", "tflops", "ceiling_fraction", "state_bytes",
-    "note",
+    "peak_bytes", "first_s", "note",
 ]  # fmt: skip
+KERNEL_COLUMNS = ["kernel", "shape", "backend", "dtype", "ms", "tflops", "ceiling_fraction", "note"]
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
 
 
@@ -51,6 +52,7 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         " §4), so rows compare; for `svd` it is an equivalent rate."
     )
     for bench, title, columns in (
+        ("kernels", "Newton–Schulz products, kernel by kernel", KERNEL_COLUMNS),
         ("polar", "Polar factor", POLAR_COLUMNS),
         ("step", "Optimizer step", STEP_COLUMNS),
         ("elementwise", "Memory-bound stages", ELEMENTWISE_COLUMNS),

@@ -27,7 +27,11 @@ matrix instructions, else bf16), for Muon and pytorch_optimizer's SCION bf16, al
 ``state_bytes`` is measured, not computed: the bytes of every tensor in the optimizer's
 ``state`` after the timed steps (each storage counted once; parameter and gradient storages
 excluded). ScionLight keeps its average in ``p.grad`` and so counts 0 extra bytes. On CUDA the
-note adds the ``torch.cuda.memory_allocated()`` growth over building and a first step.
+note adds the ``torch.cuda.memory_allocated()`` growth over building and a first step,
+``peak_bytes`` is the peak of allocated memory during that first step beyond what was allocated
+before the optimizer was built (state plus workspace, the most a step ever needs beyond
+parameters and gradients), and ``first_s`` the seconds of that first step (compilation
+included).
 """
 
 from __future__ import annotations
@@ -553,6 +557,11 @@ class _Ready:
     built: Built
     fn: Callable[[], Any]
     cuda_delta: int | None = None
+    #: On CUDA: the peak of allocated memory during the first step, beyond what was allocated
+    #: before the optimizer was built (parameters, gradients): state plus workspace.
+    peak: int | None = None
+    #: Seconds of the first step (JIT compilation, tables, state creation included).
+    first_s: float | None = None
     single_ms: float | None = None  # set when its first call was too slow to repeat
 
 
@@ -599,7 +608,12 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
             fn = _light_refresh(fn, [p.grad for p in params], recipe.momentum)
         item = _Ready(cand, built, fn)
         if cuda:  # one step creates the state; the growth of live memory is its size
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+            t0 = time.perf_counter()
             fn()
+            torch.cuda.synchronize(ctx.device)
+            item.first_s = time.perf_counter() - t0
+            item.peak = torch.cuda.max_memory_allocated(ctx.device) - alloc0
             _release(ctx.device)
             item.cuda_delta = torch.cuda.memory_allocated(ctx.device) - alloc0
             _set_grads(params, pristine)
@@ -652,6 +666,8 @@ def measure_model(ctx: Context, spec: ModelSpec) -> dict[tuple[str, str], float]
             optimizer=cand.optimizer,
             ms=ms,
             state_bytes=nbytes,
+            **({"peak_bytes": item.peak} if item.peak is not None else {}),
+            **({"first_s": item.first_s} if item.first_s is not None else {}),
             numel=numel,
             **rates,
             note=note,

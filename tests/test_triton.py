@@ -59,19 +59,16 @@ def test_tuning_picks_fastest_and_touches_no_state(monkeypatch, mixed_params):
     monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
     monkeypatch.setattr(kns, "AUTOTUNE", True)
     slow = dict(num_warps=4, num_stages=1)
-    monkeypatch.setattr(
-        kns,
-        "_INTERPRET_SYRK",
-        [dict(BLOCK=16, BLOCK_K=16, **slow), dict(BLOCK=32, BLOCK_K=16, **slow)],
-    )
-    monkeypatch.setattr(
-        kns,
-        "_INTERPRET_APPLY",
-        [
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, **slow),
-            dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, **slow),
-        ],
-    )
+    syrk = [dict(BLOCK=16, BLOCK_K=16, **slow), dict(BLOCK=32, BLOCK_K=16, **slow)]
+    apply = [
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, **slow),
+        dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, **slow),
+    ]
+    # The interpreter's lists and the GPU's: the test runs on either.
+    for name, configs in [("_INTERPRET_SYRK", syrk), ("SYRK_CONFIGS", syrk)]:
+        monkeypatch.setattr(kns, name, configs)
+    for name, configs in [("_INTERPRET_APPLY", apply), ("APPLY_CONFIGS", apply)]:
+        monkeypatch.setattr(kns, name, configs)
     timed = []
 
     def fake_time(fn):  # runs the launch once; the second candidate is "faster"
@@ -89,7 +86,7 @@ def test_tuning_picks_fastest_and_touches_no_state(monkeypatch, mixed_params):
         if len(results) == 1:
             count = len(timed)
     assert count > 0 and len(timed) == count  # nothing timed on the second run
-    faster = (kns._INTERPRET_SYRK[1], kns._INTERPRET_APPLY[1])
+    faster = (syrk[1], apply[1])
     assert kns.TUNED and all(cfg in faster for cfg in kns.TUNED.values())
     for tuned, chosen in zip(*results, strict=True):
         assert torch.equal(tuned, chosen)

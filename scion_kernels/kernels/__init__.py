@@ -10,11 +10,12 @@ GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-__all__ = ["available", "interpreting", "unavailable_reason"]
+__all__ = ["available", "interpreting", "on_device", "unavailable_reason"]
 
 
 def interpreting() -> bool:
@@ -41,3 +42,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 def available(device: torch.device | str = "cuda") -> bool:
     """Whether the Triton kernels can run on ``device``."""
     return unavailable_reason(torch.device(device)) is None
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while kernels launch: Triton launches on the current CUDA
+    device and its current stream, whatever device the tensors are on (parameters on
+    ``cuda:1`` with ``cuda:0`` current would fault or read across devices)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

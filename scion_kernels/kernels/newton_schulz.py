@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
-from . import interpreting
+from . import interpreting, on_device
 
 __all__ = ["NSBucket", "newton_schulz_bucket", "ns_step_", "polar"]
 
@@ -478,16 +478,26 @@ def _candidates(configs: list[dict], rows: int, block: str) -> list[dict]:
     return fit or configs[-1:]
 
 
-def _config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], None]) -> dict:
-    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) for this bucket: the
-    default, or with ``AUTOTUNE`` the fastest candidate, timed once per shape by running
-    ``launch(config)`` (which must write scratch buffers only)."""
+def _bucket_candidates(bucket: NSBucket, kernel: str) -> list[dict]:
     syrk = kernel == "syrk"
     if bucket.interpret:
         configs = _INTERPRET_SYRK if syrk else _INTERPRET_APPLY
     else:
         configs = SYRK_CONFIGS if syrk else APPLY_CONFIGS
-    candidates = _candidates(configs, bucket.m, "BLOCK" if syrk else "BLOCK_M")
+    return _candidates(configs, bucket.m, "BLOCK" if syrk else "BLOCK_M")
+
+
+def default_config(bucket: NSBucket, kernel: str) -> dict:
+    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) a step uses for this
+    bucket when not autotuning."""
+    return _bucket_candidates(bucket, kernel)[0]
+
+
+def _config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], None]) -> dict:
+    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) for this bucket: the
+    default, or with ``AUTOTUNE`` the fastest candidate, timed once per shape by running
+    ``launch(config)`` (which must write scratch buffers only)."""
+    candidates = _bucket_candidates(bucket, kernel)
     if not AUTOTUNE or len(candidates) == 1:
         return candidates[0]
     dev = bucket.device
@@ -618,17 +628,12 @@ def newton_schulz_bucket(
     y = _empty((B, m, ldx), dtype, dev)
 
     def syrk(src, dst, k, c, b, config, *, has_d=False):
-        tri = cdiv(m, config["BLOCK"])
-        _syrk_kernel[(tri * (tri + 1) // 2 * B,)](
-            src, src, dst, m, k, src.shape[-1], ldm, c, b, HAS_D=has_d, **config, **flags,
-        )  # fmt: skip
+        launch_syrk(src, dst, k, c, b, config, flags, has_d=has_d)
 
     def apply(src, dst, a, config, *, last=False):
-        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]) * B,)
-        _apply_kernel[grid](
-            p_mat, src, dst, ptable, p_like, ftable, m, n, ldm, ldx, a, float(coef),
-            float(decay), UPDATE=last and update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
-            **config, **flags,
+        launch_apply(
+            p_mat, src, dst, n, a, config, flags, update=last and update, ptable=ptable,
+            p_like=p_like, ftable=ftable, coef=coef, decay=decay,
         )  # fmt: skip
 
     # Timing runs write a_mat, p_mat and y only: scratch that the steps below overwrite.
@@ -654,6 +659,60 @@ def newton_schulz_bucket(
     return None if update else x[..., :n]
 
 
+def launch_syrk(
+    src: Tensor,
+    dst: Tensor,
+    k: int,
+    alpha: float,
+    beta: float,
+    config: dict,
+    flags: dict,
+    *,
+    has_d: bool = False,
+) -> None:
+    """``dst ← α·src·srcᵀ + β·src`` (``β`` read only with ``has_d``, for a symmetric ``src``)
+    over the ``(B, m, ld)`` stacks: ``src`` holds ``m×k`` matrices, ``dst`` ``m×m`` ones, each
+    with rows padded to the last dimension. One launch over the lower-triangle tiles."""
+    batch, m = dst.shape[0], dst.shape[1]
+    tri = cdiv(m, config["BLOCK"])
+    _syrk_kernel[(tri * (tri + 1) // 2 * batch,)](
+        src, src, dst, m, k, src.shape[-1], dst.shape[-1], float(alpha), float(beta),
+        HAS_D=has_d, **config, **flags,
+    )  # fmt: skip
+
+
+def launch_apply(
+    p_mat: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    n: int,
+    a: float,
+    config: dict,
+    flags: dict,
+    *,
+    update: bool = False,
+    ptable: Tensor | None = None,
+    p_like: Tensor | None = None,
+    ftable: Tensor | None = None,
+    coef: float = 0.0,
+    decay: float = 1.0,
+) -> None:
+    """``dst ← a·src + p_mat·src`` over ``(B, m, ld)`` stacks (``src``, ``dst``: ``m×n``;
+    ``p_mat``: ``m×m``); with ``update`` the result is also applied to the parameters of
+    ``ptable`` as ``x ← decay·x + coef·f_b·dst``. One launch."""
+    batch, m = src.shape[0], src.shape[1]
+    if ptable is None or ftable is None or p_like is None:
+        if update:
+            raise ValueError("launch_apply(update=True) needs ptable, p_like and ftable")
+        ptable, ftable, p_like = p_mat, p_mat, src  # typed placeholders, never read
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]) * batch,)
+    _apply_kernel[grid](
+        p_mat, src, dst, ptable, p_like, ftable, m, n, p_mat.shape[-1], src.shape[-1], float(a),
+        float(coef), float(decay), UPDATE=update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
+        **config, **flags,
+    )  # fmt: skip
+
+
 def _padded(size: int) -> int:
     """``size`` rounded up to a multiple of 16 (a 32-byte row in bf16)."""
     return -(-size // 16) * 16
@@ -671,20 +730,22 @@ def ns_step_(*args: Any) -> None:
     mat_factors = [a.factors[i] for i in owner]
     if not mat_factors:
         return
-    newton_schulz_bucket(
-        NSBucket(len(mat_factors), a.m, a.n, a.dtype, a.params[0].device),
-        g_rows,
-        a.grads[0],
-        _triples(a.coefficients),
-        alpha=a.alpha,
-        bufs=d_rows if a.bufs else None,
-        d_like=a.bufs[0] if a.bufs else None,
-        params=p_rows,
-        p_like=a.params[0],
-        factors=mat_factors,
-        coef=a.coef,
-        decay=a.decay,
-    )
+    device = a.params[0].device
+    with on_device(device):
+        newton_schulz_bucket(
+            NSBucket(len(mat_factors), a.m, a.n, a.dtype, device),
+            g_rows,
+            a.grads[0],
+            _triples(a.coefficients),
+            alpha=a.alpha,
+            bufs=d_rows if a.bufs else None,
+            d_like=a.bufs[0] if a.bufs else None,
+            params=p_rows,
+            p_like=a.params[0],
+            factors=mat_factors,
+            coef=a.coef,
+            decay=a.decay,
+        )
 
 
 @_ops.implement("polar", "triton")
@@ -697,7 +758,8 @@ def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
     mats = G.reshape(-1, r, c)
     bucket = NSBucket(mats.shape[0], m, n, dtype, G.device)
     rows = matrix_rows(mats, mats.shape, transpose=tall)
-    X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
+    with on_device(G.device):
+        X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
     assert X is not None
     return (X.mT if tall else X).reshape(G.shape).contiguous()
 

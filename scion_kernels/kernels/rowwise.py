@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._tables import cached, cdiv, device_table, group_rows
-from . import interpreting
+from . import interpreting, on_device
 from .newton_schulz import _round
 
 __all__ = ["rowwise_step_"]
@@ -113,24 +113,25 @@ def rowwise_step_(*args: Any) -> None:
     if not ints:
         return
     interpret = interpreting()
-    _rowwise_kernel[(sum(strips),)](
-        _strip_table(strips, block_r, device),
-        device_table(ints, torch.int64, device),
-        device_table(floats, torch.float32, device),
-        params[0],
-        grads[0],
-        bufs[0] if bufs else grads[0],
-        float(a.alpha),
-        1.0 - float(a.alpha),
-        float(a.coef),
-        float(a.decay),
-        HAS_BUF=bool(bufs),
-        SIGN=sign,
-        EMULATE_RNE=interpret,
-        BLOCK_R=block_r,
-        BLOCK_L=32 if interpret else (1024 if a.whole else 256),
-        num_warps=4,
-    )
+    with on_device(device):  # Triton launches on the current device
+        _rowwise_kernel[(sum(strips),)](
+            _strip_table(strips, block_r, device),
+            device_table(ints, torch.int64, device),
+            device_table(floats, torch.float32, device),
+            params[0],
+            grads[0],
+            bufs[0] if bufs else grads[0],
+            float(a.alpha),
+            1.0 - float(a.alpha),
+            float(a.coef),
+            float(a.decay),
+            HAS_BUF=bool(bufs),
+            SIGN=sign,
+            EMULATE_RNE=interpret,
+            BLOCK_R=block_r,
+            BLOCK_L=32 if interpret else (1024 if a.whole else 256),
+            num_warps=4,
+        )
 
 
 def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tensor:
