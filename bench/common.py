@@ -43,6 +43,7 @@ OPTIONAL_KEYS = (
     "sv_max",
     "numel",
     "kernel",  # "gram", "poly", "apply" for "kernels"
+    "config",  # a kernel's tile configuration, where several are timed (bench/tiles.py)
     "peak_bytes",  # for "step" on a GPU: peak allocated memory beyond parameters and gradients
     "first_s",  # seconds of the first call (compilation included), where it was timed
     "note",

@@ -16,8 +16,9 @@ stage          budget  predicted  what
 ``build``       120 s      45 s   in the background from the start: the native module for
                                   ``sm_90a`` only, offline (``pip --no-index -v``), with
                                   ``-Xptxas -v`` (registers, spills) in its log
-``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in three
-                                  processes at once (``bench.warm``): the compile-time figure
+``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in
+                                  parallel processes (``bench.warm``, ``bench.tiles --warm``):
+                                  the compile-time figure
 ``headline``     90 s      55 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend, GPT-2 small steps with peak memory
@@ -29,10 +30,12 @@ stage          budget  predicted  what
 ``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 4 native tests
 ``rest``         60 s      45 s   the polar factor at the check's other shapes, the memory-bound
                                   stages
+``tiles``        50 s      30 s   every tile candidate of the Triton products at 4096², 1024²
+                                  and GPT-2 small's buckets (``bench.tiles``)
 ``table``        10 s       3 s   the ``backend="auto"`` table from the timings, into the archive
 =============  ======  =========  ===============================================================
 
-Predicted on the H200: about 280 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
+Predicted on the H200: about 310 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
 check's time budget", gives the reasoning). Tests are stopped with SIGINT first, so pytest
 still writes its summary and JUnit XML; benchmarks with SIGTERM, on which they write what they
 measured.
@@ -106,6 +109,8 @@ HEADLINE_POLAR = "1x4096x4096"
 POLAR_BACKENDS = "torch,triton,cuda,torch.optim.Muon,svd"
 #: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
 REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
+#: Processes compiling the tile candidates of bench/tiles.py in the warm stage.
+TILE_WARM_PROCESSES = 6
 #: docs/performance.md's targets, reported against in the summary.
 TARGET_NS_4096_MS = 1.8
 TARGET_NS_SPEEDUP = 1.4
@@ -336,12 +341,18 @@ def _build_command(check: Check) -> list[str]:
     return cmd + ["--no-deps", "--disable-pip-version-check", "-v", "-e", "."]
 
 
+#: Run after the build (and instead of it in a dry run): whether the native module loads.
+NATIVE_PROBE = (
+    "from scion_kernels import _native as n; "
+    "print('native:', n.native_available(), n.native_import_error() or '')"
+)
+
+
 def start_build(check: Check) -> Job:
     """The native module for sm_90a only, into this checkout (editable install), offline, its
     log verbose; or, in a dry run, an import of the package."""
     if check.dry_run:
-        probe = "import scion_kernels as s; print('native:', s.native_available())"
-        return check.spawn("build", [check.python, "-c", probe])
+        return check.spawn("build", [check.python, "-c", NATIVE_PROBE])
     env = {
         "SCION_CUDA_ARCHS": "90a",
         "MAX_JOBS": str(os.cpu_count() or 1),
@@ -356,10 +367,7 @@ def finish_build(check: Check, job: Job, deadline: float) -> StageResult:
         return _outcome(rc, f"dry run: not built (would run {shlex.join(_build_command(check))})")
     if rc != 0:
         return _outcome(rc, check.log_tail("build", 3))
-    probe = (
-        "import scion_kernels as s; print('native:', s.native_available(), s.native_import_error())"
-    )
-    rc = check.command("build", [check.python, "-c", probe], deadline + 20)
+    rc = check.command("build", [check.python, "-c", NATIVE_PROBE], deadline + 20)
     return _outcome(rc, check.log_tail("build") + "; " + _ptxas_report(check))
 
 
@@ -381,16 +389,21 @@ def _ptxas_report(check: Check) -> str:
 
 def stage_warm(check: Check, deadline: float) -> StageResult:
     """The Triton kernels the measurements use, compiled cold in parallel processes."""
-    targets = ["kernels", "polar"] if check.dry_run else ["kernels", "polar", "step"]
+    py = [check.python, "-m"]
+    targets = {t: [*py, "bench.warm", t] for t in ("kernels", "polar", "step")}
+    parts = 1 if check.dry_run else TILE_WARM_PROCESSES
+    for i in range(parts):
+        targets[f"tiles{i}"] = [*py, "bench.tiles", "--warm", f"{i}/{parts}"]
+    if check.dry_run:
+        del targets["step"]  # minutes in the interpreter
     env = {"TRITON_INTERPRET": "1"} if check.dry_run else {}
     t0 = time.monotonic()
-    jobs = [check.spawn(f"warm-{t}", [check.python, "-m", "bench.warm", t], env) for t in targets]
+    jobs = [check.spawn(f"warm-{t}", cmd, env) for t, cmd in targets.items()]
     codes = check.wait(jobs, deadline)
     wall = time.monotonic() - t0
     parts = []
     for t, rc in zip(targets, codes, strict=True):
-        line = check.log_tail(f"warm-{t}")
-        found = re.search(r"warm \w+: ([\d.]+) s", line)
+        found = re.search(r": ([\d.]+) s", check.log_tail(f"warm-{t}"))
         parts.append(
             f"{t} {found.group(1)} s" if found else f"{t} {'stopped' if rc == -1 else 'failed'}"
         )
@@ -424,6 +437,17 @@ def stage_headline(check: Check, deadline: float) -> StageResult:
     args = ["--only", "kernels,polar,step", "--polar-backends", POLAR_BACKENDS]
     args += ["--polar-shapes", "1x64x64" if check.dry_run else HEADLINE_POLAR]
     return _bench(check, "headline", args, deadline)
+
+
+def stage_tiles(check: Check, deadline: float) -> StageResult:
+    """Every tile candidate of the Triton products at the shapes that matter (bench/tiles.py),
+    compiled by the warm stage."""
+    folder = check.work / "bench" / "tiles"
+    progress = check.work / "bench" / "tiles.jsonl"
+    cmd = [check.python, "-m", "bench.tiles", "--progress", str(progress), "--out", str(folder)]
+    env = {"TRITON_INTERPRET": "1"} if check.dry_run else {}
+    rc = check.command("tiles", cmd, deadline, env)
+    return _outcome(rc, f"{len(_jsonl(progress))} rows" + (" (partial)" if rc == -1 else ""))
 
 
 def stage_rest(check: Check, deadline: float) -> StageResult:
@@ -537,6 +561,7 @@ STAGES = [
     Stage("memcheck", 40, 25, stage_memcheck),
     Stage("racecheck", 30, 20, stage_racecheck),
     Stage("rest", 60, 45, stage_rest),
+    Stage("tiles", 50, 30, stage_tiles),
     Stage("table", 10, 3, stage_table),
 ]
 #: The build runs beside ``warm`` (it needs CPUs, warm mostly the GPU and one CPU each), so its
@@ -710,6 +735,7 @@ def headline(work: Path) -> list[str]:
                     f"{r['backend']} {r['ms']:.4g} ms — {met}"
                 )
         lines.append("")
+    lines += _tile_lines(_jsonl(work / "bench" / "tiles.jsonl"))
     compile_json = work / "compile.json"
     if compile_json.exists():
         c = json.loads(compile_json.read_text())
@@ -718,6 +744,28 @@ def headline(work: Path) -> list[str]:
             + ", ".join(c["targets"])
         )
     return lines or ["no figures yet"]
+
+
+def _tile_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per shape and kernel: the step's default tile and the fastest candidate."""
+    if not rows:
+        return []
+    lines = ["Tile candidates (bench/tiles.py):", ""]
+    lines += ["| shape | kernel | default | fastest | speed-up |", "|---|---|---|---|---|"]
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        for k in ("gram", "poly", "apply"):
+            at = [r for r in rows if tuple(r["shape"]) == shape and r["kernel"] == k]
+            if not at:
+                continue
+            best = min(at, key=lambda r: r["ms"])
+            default = next((r for r in at if r.get("note") == "the step's default"), None)
+            cell = f"{default['config']}: {_fmt_ms(default)}" if default else "—"
+            gain = f"{default['ms'] / best['ms']:.2f}×" if default else ""
+            lines.append(
+                f"| {'×'.join(map(str, shape))} | {k} | {cell} "
+                f"| {best['config']}: {_fmt_ms(best)} | {gain} |"
+            )
+    return [*lines, ""]
 
 
 def summary(check: Check, elapsed: float) -> str:

@@ -24,7 +24,9 @@ STEP_COLUMNS = [
     "model", "optimizer", "backend", "dtype", "ms", "tflops", "ceiling_fraction", "state_bytes",
     "peak_bytes", "first_s", "note",
 ]  # fmt: skip
-KERNEL_COLUMNS = ["kernel", "shape", "backend", "dtype", "ms", "tflops", "ceiling_fraction", "note"]
+KERNEL_COLUMNS = [
+    "kernel", "shape", "backend", "config", "dtype", "ms", "tflops", "ceiling_fraction", "note",
+]  # fmt: skip
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
 
 

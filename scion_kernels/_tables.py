@@ -94,30 +94,57 @@ def writable(t: Tensor) -> bool:
     return all(stride != 0 or size <= 1 for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
-#: Device tables kept by content. A table is a pure function of its rows, so a kept one is
-#: right whatever tensor the addresses belong to now; the oldest goes first when full.
-_TABLES: dict[tuple, Tensor] = {}
+#: Device tables kept by content, with the pinned host copy each was made from. A table is a
+#: pure function of its rows, so a kept one is right whatever tensor the addresses belong to
+#: now; the oldest goes first when full.
+_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+#: Tables a CUDA graph was captured with: a replay reads them, so they are never evicted.
+_CAPTURED: dict[tuple, tuple[Tensor, Tensor]] = {}
 TABLE_CACHE_SIZE = 512
 
 
-def cached(key: tuple, build: Callable[[], Tensor]) -> Tensor:
-    """The device table kept under ``key``, made by ``build()`` the first time. ``key`` must
-    name the table's whole content (with its device and dtype)."""
-    table = _TABLES.get(key)
-    if table is None:
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cached(key: tuple, build: Callable[[], Tensor], device: torch.device) -> Tensor:
+    """The table kept under ``key`` on ``device``, made from ``build()`` (a CPU tensor) the
+    first time. ``key`` must name the table's whole content (with its device and dtype).
+
+    On a GPU the first copy goes from pinned memory without waiting (no host synchronization,
+    whether a step sees new addresses or not). While a CUDA graph is being captured a table
+    must already exist (the warm-up steps before a capture make them): making one would
+    allocate and copy inside the graph. Tables used in a capture are kept for good.
+    """
+    entry = _TABLES.get(key) or _CAPTURED.get(key)
+    if entry is None:
+        if _capturing(device):
+            raise RuntimeError(
+                "scion_kernels: a kernel table was first needed while a CUDA graph was being "
+                "captured; run the step eagerly on the same tensors first (warm-up steps, as "
+                "torch.cuda.graphs asks), then capture"
+            )
         if len(_TABLES) >= TABLE_CACHE_SIZE:
             _TABLES.pop(next(iter(_TABLES)))
-        table = _TABLES[key] = build()
-    return table
+        host = build()
+        if device.type == "cuda":
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
+        else:
+            table = host.to(device)
+        entry = _TABLES[key] = (table, host)  # the host copy lives as long as the table
+    elif _capturing(device) and key in _TABLES:
+        _CAPTURED[key] = _TABLES.pop(key)
+    return entry[0]
 
 
 def device_table(
     rows: Sequence[Sequence[int | float]], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``rows`` (equal-width tuples) as a ``(len(rows), width)`` tensor of ``dtype`` on
-    ``device``, copied there only the first time these rows are asked for."""
+    ``device``, copied there only the first time these rows are asked for (:func:`cached`)."""
     key = (device, dtype, tuple(map(tuple, rows)))
-    return cached(key, lambda: torch.tensor(key[2], dtype=dtype).reshape(len(rows), -1).to(device))
+    return cached(key, lambda: torch.tensor(key[2], dtype=dtype).reshape(len(rows), -1), device)
 
 
 def matrix_rows(

@@ -785,3 +785,96 @@ def test_choose_backends_from_results(tmp_path):
     namespace: dict = {}
     exec(path.read_text(), namespace)
     assert namespace["TABLE"] == table and namespace["__doc__"] == "doc"
+
+
+# ------------------------------------------------------------ the step on a GPU's stream
+
+
+def _gpu_model() -> nn.Module:
+    """Matrices of three buckets (one small enough for the one-program path), vectors and a
+    head: every fused launch kind."""
+    return nn.Sequential(
+        nn.Linear(96, 200), nn.GELU(), nn.Linear(200, 96), nn.GELU(), nn.Linear(96, 24),
+        nn.LayerNorm(24), nn.Linear(24, 40),
+    )  # fmt: skip
+
+
+def _gpu_opt(model: nn.Module, backend: str) -> Scion:
+    from scion_kernels import param_groups
+
+    # nonfinite="ignore": the non-finite check is the one host synchronization a step makes.
+    return Scion(
+        param_groups(model, "mlp"), lr=0.02, momentum=0.3, backend=backend, nonfinite="ignore"
+    )
+
+
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the device's own stream)")
+
+
+@needs_gpu
+@over("triton", "cuda")
+def test_step_never_waits_for_the_device(kernels):
+    """A fused step makes no host synchronization, also when every step's gradients live at
+    new addresses (so every table is new): torch's sync debug mode raises on one."""
+    torch.manual_seed(0)
+    model = _gpu_model().cuda()
+    opt = _gpu_opt(model, kernels.name)
+    params = list(model.parameters())
+    kept = []  # the old gradients stay alive, so the new ones cannot reuse their memory
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        kept.append(grads)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        if step == 0:
+            opt.step()  # the first step creates the state (allocations, no waiting either)
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@needs_gpu
+@over("triton", "cuda")
+def test_step_replays_as_a_cuda_graph(kernels):
+    """A fused step captured in a CUDA graph (after warm-up steps, as torch asks) replays the
+    eager steps bit for bit: the same kernels, tables and tile choices on new gradients."""
+    torch.manual_seed(0)
+    eager_model = _gpu_model().cuda()
+    graph_model = copy.deepcopy(eager_model)
+    eager, captured = _gpu_opt(eager_model, kernels.name), _gpu_opt(graph_model, kernels.name)
+    eager_params, graph_params = list(eager_model.parameters()), list(graph_model.parameters())
+    static = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static, strict=True):
+        p.grad = g
+
+    def feed() -> None:
+        for p, g in zip(eager_params, static, strict=True):
+            p.grad = torch.randn_like(p)
+            g.copy_(p.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs documents
+            feed()
+            eager.step()
+            captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    feed()
+    with torch.cuda.graph(graph):
+        captured.step()
+    eager.step()  # the captured step did not run; the first replay is its step
+    graph.replay()
+    for _ in range(3):
+        feed()
+        eager.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_params, graph_params, strict=True):
+        assert torch.equal(a, b)

@@ -206,7 +206,7 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         rest = json.loads(tar.extractfile("gpu_check/bench/rest/check.json").read())
     for stage in ("build", "warm-kernels", "warm-polar", "headline", "parity", "marked"):
         assert f"gpu_check/logs/{stage}.log" in names
-    for stage in ("memcheck", "racecheck", "rest", "table"):
+    for stage in ("memcheck", "racecheck", "rest", "tiles", "table", "warm-tiles0"):
         assert f"gpu_check/logs/{stage}.log" in names
     for name in ("env.json", "summary.md", "_backend_table.py", "tests/parity.xml"):
         assert f"gpu_check/{name}" in names
@@ -217,6 +217,8 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         assert f"| {stage.name} | ok |" in summary
     assert summary.index("## Headline") < summary.index("## Stages")
     for figure in ("matrix rate", "| gram |", "Newton–Schulz 5 steps", "Cold Triton compilation"):
+        assert figure in summary
+    for figure in ("Tile candidates", "Whole optimizer step"):
         assert figure in summary
     assert "tests collected" in summary
     assert gpu_check.PREDICTED_S <= gpu_check.TOTAL_BUDGET_S <= 6 * 60

@@ -135,3 +135,47 @@ def test_tables_kept_between_steps(mixed_params):
         opt.step()
         kept.append(list(tables._TABLES))
     assert kept[0] and kept[1] == kept[0] and kept[2] == kept[0]
+
+
+def test_kernels_launch_on_the_parameters_device(monkeypatch, mixed_params):
+    """Every Triton op makes the parameters' device current while it launches (Triton launches
+    on the current device, whatever device the tensors are on)."""
+    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.kernels import on_device
+    from scion_kernels.kernels import rowwise as krw
+
+    seen = []
+
+    def recording(device):
+        seen.append(device)
+        return on_device(device)
+
+    monkeypatch.setattr(kns, "on_device", recording)
+    monkeypatch.setattr(krw, "on_device", recording)
+    groups, params = mixed_params.with_gradients(DEVICE)
+    Scion(groups, lr=0.1, momentum=0.5, backend="triton").step()
+    assert len(seen) >= 2 and set(seen) == {params[0].device}
+    guard = on_device(torch.device("cuda", 1))  # made without a GPU; entered only on one
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_tables_while_a_cuda_graph_is_captured(monkeypatch):
+    """During a capture a table must exist already (a new one would allocate and copy inside
+    the graph): a clear error. One used in a capture is never evicted, since replays read it."""
+    from scion_kernels import _tables as tables
+
+    monkeypatch.setattr(tables, "_TABLES", {})
+    monkeypatch.setattr(tables, "_CAPTURED", {})
+    monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 4)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    kept = torch.arange(3)
+    tables._TABLES[("kept",)] = (kept, kept)  # made before the capture (no GPU needed here)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="captured"):
+        tables.cached(("new",), lambda: torch.arange(2), gpu)
+    assert tables.cached(("kept",), lambda: torch.arange(9), gpu) is kept
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for i in range(10):  # fill the cache past its size: the captured table stays
+        tables.cached(("other", i), lambda: torch.zeros(1), cpu)
+    assert len(tables._TABLES) <= 4
+    assert tables.cached(("kept",), lambda: torch.arange(9), gpu) is kept

@@ -70,6 +70,13 @@ def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
+def _finite(x):
+    """Whether float32 ``x`` is finite, read off its exponent bits: the compiled kernels are
+    built assuming no NaNs, under which ``x == x`` may be folded to true."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+
+@triton.jit
 def _operand(x, CAST_F32: tl.constexpr):
     """A ``tl.dot`` operand: as loaded on a GPU, in float32 in the interpreter."""
     if CAST_F32:
@@ -160,7 +167,8 @@ def _prologue_kernel(
     # A scaled sum of squares (as LAPACK's nrm2): no overflow for |d| up to the float32 max.
     amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
     safe = tl.where(amax > 0, amax, 1.0)
-    ssq = tl.sum(tl.sum((d / safe) * (d / safe), axis=1), axis=0)
+    ratio = tl.div_rn(d, safe)
+    ssq = tl.sum(tl.sum(ratio * ratio, axis=1), axis=0)
     out = partials + tl.program_id(0).to(tl.int64) * 2
     tl.store(out, amax)
     tl.store(out + 1, ssq)
@@ -187,9 +195,9 @@ def _scales_kernel(
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for t0 in range(0, TILES, BLOCK):
         t = t0 + lanes
-        ratio = tl.load(base + t * 2, mask=t < TILES, other=0.0) / safe
+        ratio = tl.div_rn(tl.load(base + t * 2, mask=t < TILES, other=0.0), safe)
         acc += ratio * ratio * tl.load(base + t * 2 + 1, mask=t < TILES, other=0.0)
-    rest = tl.sqrt(tl.sum(acc, axis=0))
+    rest = tl.sqrt_rn(tl.sum(acc, axis=0))
     tl.store(scales + b * 2, tl.where(top == 0, 1.0, top))
     tl.store(scales + b * 2 + 1, tl.where(rest == 0, 1.0, rest))
 
@@ -220,7 +228,7 @@ def _normalize_kernel(
     d_ptr = tl.load(entry + 3).to(d_like.dtype)
     d_off = r64 * tl.load(entry + 4) + c64 * tl.load(entry + 5)
     d = tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
-    x = (d / tl.load(scales + b * 2)) / tl.load(scales + b * 2 + 1)
+    x = tl.div_rn(tl.div_rn(d, tl.load(scales + b * 2)), tl.load(scales + b * 2 + 1))
     x_off = b * M * LDX + r64 * LDX + c64
     tl.store(x0 + x_off, _round(x, x0.dtype.element_ty, EMULATE_RNE), mask=(r64 < M) & (c64 < LDX))
 
@@ -391,10 +399,10 @@ def _small_kernel(
 
     # Divide by the largest entry first, so 1e-30 and 1e30 matrices neither under- nor overflow.
     amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
-    y = d / tl.where(amax > 0, amax, 1.0)
-    norm = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0))
-    inv = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
-    inv = tl.where(norm == norm, inv, norm)  # a NaN/inf input stays non-finite
+    y = tl.div_rn(d, tl.where(amax > 0, amax, 1.0))
+    norm = tl.sqrt_rn(tl.sum(tl.sum(y * y, axis=1), axis=0))
+    inv = tl.where(norm > 0, tl.div_rn(1.0, tl.where(norm > 0, norm, 1.0)), 0.0)
+    inv = tl.where(_finite(norm), inv, norm)  # a NaN/inf input stays non-finite
     x = _round(y * inv, dtype, EMULATE_RNE)
 
     for k in range(STEPS):

@@ -85,7 +85,7 @@ def _rowwise_kernel(
     if not SIGN:
         # Each thread reads back what it stored: the loads below use the stores' layout.
         tl.debug_barrier()
-        inv = 1.0 / (tl.sqrt(ssq) * q + eps)
+        inv = tl.div_rn(1.0, tl.sqrt_rn(ssq) * q + eps)
         src = d_ptr if HAS_BUF else g_ptr
         for l0 in range(0, length, BLOCK_L):
             cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
@@ -142,9 +142,9 @@ def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tenso
         owner = torch.repeat_interleave(torch.arange(len(strips)), counts)
         start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         first = torch.arange(len(owner)) - start  # strip index within its tensor
-        return torch.stack([owner, first * block_r], dim=1).to(device)
+        return torch.stack([owner, first * block_r], dim=1)
 
-    return cached(("strips", device, block_r, tuple(strips)), build)
+    return cached(("strips", device, block_r, tuple(strips)), build, device)
 
 
 def _block_r(sign: bool, whole: bool) -> int:
