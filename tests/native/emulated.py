@@ -63,7 +63,10 @@ def build() -> ModuleType:
     headers = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc").glob("*.cuh")])
     inputs = [*_sources(), *headers, HERE / "emulation.h", HERE / "emulation.cpp",
               ROOT / "python" / "bindings.cpp"]  # fmt: skip
-    digest = hashlib.sha256(sys.version.encode())
+    # Hidden symbols, bound inside the module: the emulated CUDA runtime functions must never
+    # resolve to (or be taken by) a real libcudart that a CUDA build of PyTorch has loaded.
+    visibility = ["-fvisibility=hidden"]
+    digest = hashlib.sha256(sys.version.encode() + " ".join(visibility).encode())
     for path in inputs:
         digest.update(path.name.encode() + path.read_bytes())
     out = Path(tempfile.gettempdir()) / f"scion-emulated-{digest.hexdigest()[:16]}"
@@ -71,15 +74,15 @@ def build() -> ModuleType:
     module_path = out / f"_C{suffix}"
     if not module_path.exists():
         work = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
-        common = ["-std=c++20", "-O2", "-fPIC", f"-I{cuda_include()}", f"-I{ROOT / 'csrc'}"]
+        common = ["-std=c++20", "-O2", "-fPIC", *visibility, f"-I{cuda_include()}"]
+        common.append(f"-I{ROOT / 'csrc'}")
         emulate = ["-x", "c++", "-DSCION_HOST_EMULATION", "-include", str(HERE / "emulation.h")]
         py = [f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"]
         jobs = [[cxx, *common, *emulate, "-c", str(s), "-o", str(work / f"{s.stem}.o")]
                 for s in _sources()]  # fmt: skip
         jobs.append([cxx, *common, "-c", str(HERE / "emulation.cpp"), "-o", str(work / "emu.o")])
         binding = str(ROOT / "python" / "bindings.cpp")
-        jobs.append([cxx, *common, *py, "-fvisibility=hidden", "-c", binding, "-o",
-                     str(work / "bindings.o")])  # fmt: skip
+        jobs.append([cxx, *common, *py, "-c", binding, "-o", str(work / "bindings.o")])
 
         def compile_one(cmd: list[str]) -> subprocess.CompletedProcess:
             return subprocess.run(cmd, capture_output=True, text=True)
@@ -90,8 +93,8 @@ def build() -> ModuleType:
             if res.returncode != 0:
                 raise RuntimeError(f"emulated build failed: {' '.join(cmd)}\n{res.stderr}")
         objects = sorted(str(p) for p in work.glob("*.o"))
-        link = subprocess.run([cxx, "-shared", "-o", str(work / module_path.name), *objects],
-                              capture_output=True, text=True)  # fmt: skip
+        link = [cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(work / module_path.name), *objects]
+        link = subprocess.run(link, capture_output=True, text=True)
         if link.returncode != 0:
             raise RuntimeError(f"emulated link failed:\n{link.stderr}")
         out.mkdir(exist_ok=True)
