@@ -81,6 +81,8 @@ TOTAL_BUDGET_S = 360.0
 GRACE_S = 10.0
 #: How often the summary is rewritten while a stage runs.
 REFRESH_S = 5.0
+#: What stopping a stage at its budget can take: ``GRACE_S``, then SIGTERM and SIGKILL.
+STOP_S = GRACE_S + 6.0
 #: A stage is not started with less than this left of the whole run.
 MIN_STAGE_S = 5.0
 
@@ -145,6 +147,11 @@ class Job:
     proc: subprocess.Popen
     log: Any
     started: float
+    #: The first signal at the budget, and whether it goes to the whole process group or to
+    #: the leading process only (as Ctrl-C reaches pytest's xdist controller, which then
+    #: stops its workers and still writes its summary and XML).
+    stop: int = signal.SIGTERM
+    stop_group: bool = True
 
 
 @dataclass
@@ -160,43 +167,55 @@ class Check:
     _refreshed: float = 0.0
 
     # -------------------------------------------------------------------------- processes
-    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Job:
-        """Start ``cmd`` in the repository, in a new process group, its output appended to
-        ``logs/<name>.log``."""
+    def spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict | None = None,
+        stop: int = signal.SIGTERM,
+        stop_group: bool = True,
+    ) -> Job:
+        """Start ``cmd`` in the repository, in a new process group (killed with the check
+        if the check itself is killed), its output appended to ``logs/<name>.log``."""
         path = self.work / "logs" / f"{name}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         log = path.open("a")
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
-        )
-        job = Job(name, cmd, proc, log, time.monotonic())
-        self.jobs.append(job)
+        # No signal between the start and the bookkeeping: a stop must see every child.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            job = Job(name, cmd, proc, log, time.monotonic(), stop, stop_group)
+            self.jobs.append(job)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return job
 
-    def wait(self, jobs: list[Job], deadline: float, stop: int = signal.SIGTERM) -> list[int]:
+    def wait(self, jobs: list[Job], deadline: float) -> list[int]:
         """Wait for ``jobs``, rewriting the summary every ``REFRESH_S``; at ``deadline`` stop
-        the ones still running (``stop`` first, then SIGKILL after ``GRACE_S``). Returns each
-        job's exit status, ``-1`` for one that was stopped."""
+        the ones still running (:func:`_stop_all`). Returns each job's exit status, ``-1`` for
+        one that was stopped."""
         while any(j.proc.poll() is None for j in jobs) and time.monotonic() < deadline:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             self.refresh()
+        late = [j for j in jobs if j.proc.poll() is None]
+        for job in late:
+            job.log.write(f"\n[stopped at the stage's time budget: {shlex.join(job.cmd[:4])} …]\n")
+            job.log.flush()
+        _stop_all(late, GRACE_S)
         codes = []
         for job in jobs:
-            if job.proc.poll() is None:
-                _stop(job, stop)
-                job.log.write(
-                    f"\n[stopped at the stage's time budget: {shlex.join(job.cmd[:4])} …]\n"
-                )
-                codes.append(-1)
-            else:
-                codes.append(job.proc.returncode)
+            codes.append(-1 if job in late else job.proc.returncode)
+            _kill_group(job)  # whatever it left behind
             job.log.close()
             if job in self.jobs:
                 self.jobs.remove(job)
@@ -209,14 +228,18 @@ class Check:
         deadline: float,
         env: dict | None = None,
         stop: int = signal.SIGTERM,
+        stop_group: bool = True,
     ) -> int:
         """Run ``cmd`` (see :meth:`spawn`) and wait for it until ``deadline``
         (``time.monotonic()``). Returns its exit status, or ``-1`` when it was stopped."""
-        return self.wait([self.spawn(name, cmd, env)], deadline, stop)[0]
+        return self.wait([self.spawn(name, cmd, env, stop, stop_group)], deadline)[0]
 
-    def stop_all(self) -> None:
-        for job in list(self.jobs):
-            _stop(job, signal.SIGTERM, grace=2.0)
+    def stop_all(self, grace: float = 3.0) -> None:
+        """Stop every running job at once (the check itself is being stopped)."""
+        jobs = list(self.jobs)
+        _stop_all(jobs, grace)
+        for job in jobs:
+            _kill_group(job)
             job.log.close()
         self.jobs.clear()
 
@@ -233,7 +256,10 @@ class Check:
         if not force and now - self._refreshed < REFRESH_S:
             return
         self._refreshed = now
-        text = summary(self, now - self.started)
+        try:
+            text = summary(self, now - self.started)
+        except Exception as e:  # noqa: BLE001 - a report's own bug must not stop the check
+            text = f"# GPU check\n\nThe summary could not be written: {type(e).__name__}: {e}\n"
         (self.work / "summary.md").write_text(text)
         if self.out is not None:
             _atomic_write(self.out / "summary.md", text.encode())
@@ -248,30 +274,49 @@ class Check:
         os.replace(tmp, self.out / "gpu_check.tar.gz")
 
 
-def _stop(job: Job, sig: int, grace: float = GRACE_S) -> None:
-    """Stop a job: ``sig`` (SIGINT to the leading process only, as Ctrl-C reaches pytest;
-    other signals to the whole group), then SIGTERM and SIGKILL to the group."""
-    try:
-        if sig == signal.SIGINT:
-            os.kill(job.proc.pid, sig)
-        else:
-            os.killpg(job.proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        job.proc.wait(timeout=grace)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    for follow in (signal.SIGTERM, signal.SIGKILL):
+def _stop_all(jobs: list[Job], grace: float) -> None:
+    """Stop ``jobs`` together: each its own first signal, then, for those still running after
+    ``grace`` seconds, SIGTERM and 3 s later SIGKILL to their whole groups."""
+    for job in jobs:
+        _signal(job, job.stop, group=job.stop_group)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        until = time.monotonic() + (grace if sig == signal.SIGTERM else 3.0)
+        while any(j.proc.poll() is None for j in jobs) and time.monotonic() < until:
+            time.sleep(0.05)
+        for job in jobs:
+            if job.proc.poll() is None:
+                _signal(job, sig, group=True)
+    for job in jobs:
         try:
-            os.killpg(job.proc.pid, follow)
             job.proc.wait(timeout=3.0)
-            return
-        except ProcessLookupError:
-            return
         except subprocess.TimeoutExpired:
-            continue
+            pass
+
+
+def _signal(job: Job, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(job.proc.pid, sig)
+        else:
+            os.kill(job.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group(job: Job) -> None:
+    """SIGKILL whatever is left of a job's process group (its leader has exited)."""
+    _signal(job, signal.SIGKILL, group=True)
+
+
+def _die_with_parent() -> None:
+    """In a child before it runs: SIGKILL it when the check dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -403,10 +448,13 @@ def stage_warm(check: Check, deadline: float) -> StageResult:
     wall = time.monotonic() - t0
     parts = []
     for t, rc in zip(targets, codes, strict=True):
-        found = re.search(r": ([\d.]+) s", check.log_tail(f"warm-{t}"))
-        parts.append(
-            f"{t} {found.group(1)} s" if found else f"{t} {'stopped' if rc == -1 else 'failed'}"
-        )
+        line = check.log_tail(f"warm-{t}")
+        found = re.search(r": ([\d.]+) s", line)
+        if found:
+            parts.append(f"{t} {found.group(1)} s")
+        else:
+            why = "skipped" if "skipped" in line else "stopped" if rc == -1 else "failed"
+            parts.append(f"{t} {why}")
     rc = -1 if -1 in codes else next((c for c in codes if c != 0), 0)
     (check.work / "compile.json").write_text(json.dumps({"wall_s": wall, "targets": parts}))
     return _outcome(
@@ -447,6 +495,8 @@ def stage_tiles(check: Check, deadline: float) -> StageResult:
     cmd = [check.python, "-m", "bench.tiles", "--progress", str(progress), "--out", str(folder)]
     env = {"TRITON_INTERPRET": "1"} if check.dry_run else {}
     rc = check.command("tiles", cmd, deadline, env)
+    if rc == 0 and "skipped" in check.log_tail("tiles"):
+        return StageResult("skipped", check.log_tail("tiles"))
     return _outcome(rc, f"{len(_jsonl(progress))} rows" + (" (partial)" if rc == -1 else ""))
 
 
@@ -473,14 +523,17 @@ def _pytest(
     xml.parent.mkdir(exist_ok=True)
     cmd = [*(prefix or []), check.python, "-m", "pytest", "-q", "-rfEs", "--maxfail=50"]
     cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}", *extra, *files]
-    if workers and _has("xdist") and not check.dry_run:
+    xdist = bool(workers) and _has("xdist") and not check.dry_run
+    if xdist:
         cmd += ["-n", str(workers)]
     if _has("pytest_timeout") and not check.dry_run:
         cmd += ["--timeout=60"]  # one hung test fails alone instead of eating the stage
     if check.dry_run:
         cmd.append("--collect-only")
-    rc = check.command(name, cmd, deadline, env, stop=signal.SIGINT)
-    counts = _pytest_counts(check.log_tail(name, 3))
+    # SIGINT as Ctrl-C sends it: to xdist's controller alone (it stops its workers), else to
+    # the whole group (compute-sanitizer and the pytest under it).
+    rc = check.command(name, cmd, deadline, env, stop=signal.SIGINT, stop_group=not xdist)
+    counts = _pytest_counts(check.log_tail(name, 12))
     if rc == 5 and check.dry_run:  # nothing selected without a GPU: collection worked
         rc = 0
     return _outcome(rc, counts)
@@ -617,12 +670,14 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _pytest_counts(tail: str) -> str:
-    """``"12 passed, 1 skipped"`` from pytest's last lines (or what it printed last)."""
-    kinds = r"passed|failed|skipped|errors?|xfailed|deselected|tests? collected"
-    found = re.findall(rf"(\d+)(?:/\d+)? ({kinds})", tail)
-    if not found:
-        return tail[-160:] or "no output"
-    return ", ".join(f"{n} {what}" for n, what in found)
+    """``"12 passed, 1 skipped"`` from pytest's closing line in ``tail`` (lines joined by
+    " / "), or what was printed last when there is none."""
+    kinds = r"passed|failed|skipped|errors?|xfailed|xpassed|deselected|warnings?|tests? collected"
+    for line in reversed(tail.split(" / ")):
+        if re.search(rf"\d+(?:/\d+)? (?:{kinds})\b.* in [\d.]+s", line):
+            found = re.findall(rf"(\d+)(?:/\d+)? ({kinds})\b", line)
+            return ", ".join(f"{n} {what}" for n, what in found if not what.startswith("warning"))
+    return tail[-160:] or "no output"
 
 
 def _failures(work: Path) -> list[str]:
@@ -838,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     check.command_line = shlex.join(
         ["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])]
     )
-    end = check.started + TOTAL_BUDGET_S
+    # Stages end early enough that stopping them (GRACE_S, then SIGTERM and SIGKILL) and the
+    # last summary still fit the run's budget.
+    end = check.started + TOTAL_BUDGET_S - STOP_S
     wanted = [s for s in STAGES if not only or s.name in only]
     build = next((s for s in wanted if s.name == "build"), None)
     build_job: Job | None = None
@@ -886,6 +943,10 @@ def main(argv: list[str] | None = None) -> int:
             r.seconds = time.monotonic() - build_job.started
             check.results["build"] = r
     except Stopped as why:
+        # Stopped once is enough: further signals would cut the cleanup that writes the results.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        check.refresh(force=True)
         check.stop_all()
         for name, r in check.results.items():
             if r.status == "running":
@@ -896,8 +957,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    check.refresh(force=True)
-    check.archive()
+    try:
+        check.refresh(force=True)
+    finally:
+        check.archive()
     text = (out / "summary.md").read_text()
     shutil.rmtree(work.parent, ignore_errors=True)
     print(text)

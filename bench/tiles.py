@@ -129,6 +129,9 @@ def run(ctx: Context, shapes: list[Shape] | None = None, part: tuple[int, int] |
                     )
             except OutOfResources as err:
                 ctx.log(f"tiles {label(config)} at {shape}: cannot run here ({err})")
+            except Exception as err:  # noqa: BLE001 - one candidate must not end the sweep
+                first = (str(err).splitlines() or [""])[0]
+                ctx.log(f"tiles {label(config)} at {shape}: failed, {type(err).__name__}: {first}")
         ctx.sync()
 
 
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", default=None, help="append each row to this JSON-lines file")
     p.add_argument("--out", default=None, help="write tiles.json and tiles.md here")
     args = p.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        print(f"tiles: skipped, Triton is not importable ({err})", flush=True)
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Context(device=device, quick=False, suite="check", repeats=3)
     if args.progress:

@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m bench.warm {{{'|'.join(TARGETS)}}}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        print(f"warm {args[0]}: skipped, Triton is not importable ({err})", flush=True)
+        return 0
     t0 = time.perf_counter()
     warm(args[0], device)
     print(f"warm {args[0]}: {time.perf_counter() - t0:.1f} s on {device}", flush=True)

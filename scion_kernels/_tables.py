@@ -94,12 +94,11 @@ def writable(t: Tensor) -> bool:
     return all(stride != 0 or size <= 1 for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
-#: Device tables kept by content, with the pinned host copy each was made from. A table is a
-#: pure function of its rows, so a kept one is right whatever tensor the addresses belong to
-#: now; the oldest goes first when full.
-_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
-#: Tables a CUDA graph was captured with: a replay reads them, so they are never evicted.
-_CAPTURED: dict[tuple, tuple[Tensor, Tensor]] = {}
+#: Device tables kept by content, least recently used first. A table is a pure function of its
+#: rows, so a kept one is right whatever tensor the addresses belong to now.
+_TABLES: dict[tuple, Tensor] = {}
+#: Tables a CUDA graph was captured with: a replay reads them, so they are kept for good.
+_CAPTURED: dict[tuple, Tensor] = {}
 TABLE_CACHE_SIZE = 512
 
 
@@ -111,13 +110,17 @@ def cached(key: tuple, build: Callable[[], Tensor], device: torch.device) -> Ten
     """The table kept under ``key`` on ``device``, made from ``build()`` (a CPU tensor) the
     first time. ``key`` must name the table's whole content (with its device and dtype).
 
-    On a GPU the first copy goes from pinned memory without waiting (no host synchronization,
-    whether a step sees new addresses or not). While a CUDA graph is being captured a table
-    must already exist (the warm-up steps before a capture make them): making one would
-    allocate and copy inside the graph. Tables used in a capture are kept for good.
+    On a GPU a new table is copied from pinned memory without waiting (no host
+    synchronization, whether a step sees new addresses or not; PyTorch keeps the pinned block
+    until the copy is done). While a CUDA graph is being captured a table must already exist
+    (the warm-up steps before a capture make them): making one would allocate and copy inside
+    the graph. Tables used in a capture are kept for good.
     """
-    entry = _TABLES.get(key) or _CAPTURED.get(key)
-    if entry is None:
+    table = _CAPTURED.get(key)
+    if table is not None:
+        return table
+    table = _TABLES.pop(key, None)
+    if table is None:
         if _capturing(device):
             raise RuntimeError(
                 "scion_kernels: a kernel table was first needed while a CUDA graph was being "
@@ -128,14 +131,14 @@ def cached(key: tuple, build: Callable[[], Tensor], device: torch.device) -> Ten
             _TABLES.pop(next(iter(_TABLES)))
         host = build()
         if device.type == "cuda":
-            host = host.pin_memory()
-            table = host.to(device, non_blocking=True)
+            table = host.pin_memory().to(device, non_blocking=True)
         else:
             table = host.to(device)
-        entry = _TABLES[key] = (table, host)  # the host copy lives as long as the table
-    elif _capturing(device) and key in _TABLES:
-        _CAPTURED[key] = _TABLES.pop(key)
-    return entry[0]
+    if _capturing(device):
+        _CAPTURED[key] = table
+    else:
+        _TABLES[key] = table  # the most recently used goes last
+    return table
 
 
 def device_table(

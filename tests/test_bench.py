@@ -213,12 +213,14 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
     assert {r["bench"] for r in headline["rows"]} == {"kernels", "polar", "step"}
     assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise"}
     summary = (tmp_path / "summary.md").read_text()
+    triton = gpu_check._has("triton")  # .ci/run's second pass hides it
     for stage in gpu_check.STAGES:
-        assert f"| {stage.name} | ok |" in summary
+        ok = "ok" if triton or stage.name != "tiles" else "skipped"  # nothing to time
+        assert f"| {stage.name} | {ok} |" in summary
     assert summary.index("## Headline") < summary.index("## Stages")
     for figure in ("matrix rate", "| gram |", "Newton–Schulz 5 steps", "Cold Triton compilation"):
         assert figure in summary
-    for figure in ("Tile candidates", "Whole optimizer step"):
+    for figure in ("Tile candidates", "Whole optimizer step")[0 if triton else 1 :]:
         assert figure in summary
     assert "tests collected" in summary
     assert gpu_check.PREDICTED_S <= gpu_check.TOTAL_BUDGET_S <= 6 * 60

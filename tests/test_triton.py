@@ -169,7 +169,7 @@ def test_tables_while_a_cuda_graph_is_captured(monkeypatch):
     monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 4)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     kept = torch.arange(3)
-    tables._TABLES[("kept",)] = (kept, kept)  # made before the capture (no GPU needed here)
+    tables._TABLES[("kept",)] = kept  # made before the capture (no GPU needed here)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="captured"):
         tables.cached(("new",), lambda: torch.arange(2), gpu)
@@ -179,3 +179,18 @@ def test_tables_while_a_cuda_graph_is_captured(monkeypatch):
         tables.cached(("other", i), lambda: torch.zeros(1), cpu)
     assert len(tables._TABLES) <= 4
     assert tables.cached(("kept",), lambda: torch.arange(9), gpu) is kept
+
+
+def test_table_cache_keeps_the_most_recently_used(monkeypatch):
+    """A full cache drops the table used longest ago, not the one made first: a table every
+    step asks for stays while others come and go."""
+    from scion_kernels import _tables as tables
+
+    monkeypatch.setattr(tables, "_TABLES", {})
+    monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 3)
+    cpu = torch.device("cpu")
+    hot = tables.cached(("hot",), lambda: torch.ones(1), cpu)
+    for i in range(10):
+        tables.cached(("cold", i), lambda: torch.zeros(1), cpu)
+        assert tables.cached(("hot",), lambda: torch.full((1,), 2.0), cpu) is hot
+    assert len(tables._TABLES) == 3

@@ -34,7 +34,14 @@ The host code is the ``"triton"`` implementation of two of the package's ops
 The kernels are checked on CPU with Triton's interpreter, which rounds float32 → bfloat16 by
 truncation and does no bf16 arithmetic: when interpreting, operands are cast to float32 before
 ``tl.dot`` and bf16 stores round to nearest-even explicitly (``_round``), so the interpreted
-kernels compute what the compiled ones do.
+kernels compute the function the compiled ones do. Not the same bits: compiled, the products
+accumulate in the tensor cores' order, element-wise arithmetic may contract into FMAs, and the
+code is built assuming no NaNs. So the per-matrix normalizations use round-to-nearest division
+and square root (``div_rn``, ``sqrt_rn``), a non-finite value is told by its exponent bits
+(``_finite``) rather than by ``x == x``, and the tests compare every backend with the reference
+under the tolerance rules of ``tests/test_backends.py``, never bit for bit across backends or
+between the interpreter and a GPU (only a backend against itself: the same inputs give the
+same bits).
 """
 
 from __future__ import annotations
