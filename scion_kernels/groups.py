@@ -10,8 +10,15 @@ Every parameter of a model gets one of four roles:
   once: as the head in the authors' recipes, as the embedding (``input``) in the stock ones
   (:attr:`Recipe.tied`);
 - ``hidden``: every other matrix, conv or stacked-experts weight;
-- ``vector``: everything else — biases, norm gains, layer scales, and free parameters such as a
-  ViT's position embedding and class token (any shape: BiasRMS reduces over all elements).
+- ``vector``: biases, norm gains, layer scales, and broadcast parameters such as a ViT's
+  position embedding and class token (any shape: BiasRMS reduces over all elements);
+- ``free``: parameters with a meaning of their own, whose value the model reads as such
+  (:func:`scion_kernels.layers.free_layout`): attention bias tables (Swin's
+  ``relative_position_bias_table``, T5's ``relative_attention_bias``), state-space parameters
+  (Mamba's ``A_log``, ``D``, time-step biases), temperatures (CLIP's ``logit_scale``) and any
+  scalar. They take an unconstrained element-wise step (``unconstrained=True`` in their group:
+  the constrained step's ``(1 − γ)·x`` would pull ``A_log`` or a temperature towards zero)
+  and ``init()`` leaves them as the model made them.
 
 Each parameter's kind and storage come from its module's type
 (:func:`scion_kernels.layers.describe`), and its norm gets the options that make it read the
@@ -25,8 +32,8 @@ What ``Scion.init()`` then does, per role: ``input``/``hidden`` weights go on th
 radius ρ of their norm (orthogonal for Spectral, per tap for SpectralConv, normalized columns
 for ColNorm, ±1 for unnormalized Sign); an untied Sign ``head`` is zeroed (logits start at 0);
 biases are zeroed; everything else is left as the model made it (``init: False`` in its group):
-norm gains and layer scales, position embeddings and class tokens, a head tied to an
-embedding, and every embedding of a model with such a head.
+norm gains and layer scales, position embeddings and class tokens, ``free`` parameters, a head
+tied to an embedding, and every embedding of a model with such a head.
 
 A :class:`Recipe` maps each role to a norm, its options and a radius ρ, and suggests a learning
 rate and momentum. ``"stock"`` (language models), ``"stock-vit"`` and ``"stock-cnn"`` are for
@@ -51,7 +58,7 @@ from .layers import (
     describe,
     example_inputs_for,
     layer_modules,
-    output_layers,
+    run_layers,
     warn_guessed,
     weight_layout,
 )
@@ -59,7 +66,7 @@ from .norms import NORMS, Norm, Spectral, _accepted_options, describe_misfit, ma
 
 __all__ = ["RECIPES", "Recipe", "Role", "format_groups", "param_groups"]
 
-ROLES = ("input", "hidden", "head", "vector")
+ROLES = ("input", "hidden", "head", "vector", "free")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Role:
     #: (SpectralConv divides its LMO by the kernel size K); ``None``: ``scale``. A 1×1 conv is
     #: a matrix and takes ``scale``.
     conv_scale: float | None = None
+    #: Step the role's parameters with ``x ← x − γ·ρ·lmo`` (no shrink towards the origin):
+    #: their groups get ``unconstrained=True``.
+    unconstrained: bool = False
 
     def scale_of(self, norm: str, shape: Sequence[int]) -> float:
         """The radius of a parameter of ``shape`` in this role whose norm is ``norm``."""
@@ -99,6 +109,10 @@ class Recipe:
     #: polar factor per kernel tap (the stock recipes); ``False``: one for the flattened kernel,
     #: as the authors' code. Patchify convs (stride = kernel) are always one matrix.
     per_tap: bool = False
+    #: Parameters with a meaning of their own (attention bias tables, state-space parameters,
+    #: temperatures, scalars): an unconstrained element-wise step, since pulling them towards
+    #: zero (the constrained step's ``(1 − γ)·x``) changes what they mean.
+    free: Role = Role("BiasRMS", 0.1, unconstrained=True)
 
 
 def _auto_everywhere(scale: float, head: float, **options: Any) -> Recipe:
@@ -201,9 +215,9 @@ def _as_names(names: str | Iterable[str] | None) -> set[str] | None:
     return {names} if isinstance(names, str) else set(names)
 
 
-def _fallback_heads(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[str]:
-    """Output layers without running the model: what HF (``get_output_embeddings``) and timm
-    (``get_classifier``) models name, else the last layer registered."""
+def _named_heads(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[str]:
+    """The output layers HF (``get_output_embeddings``) and timm (``get_classifier``) models
+    name."""
     by_id = {id(m): n for n, m in layers.items()}
     found: set[str] = set()
     for method in ("get_output_embeddings", "get_classifier"):
@@ -214,10 +228,24 @@ def _fallback_heads(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[st
         for m in got if isinstance(got, (tuple, list)) else [got]:
             if isinstance(m, nn.Module) and id(m) in by_id:
                 found.add(by_id[id(m)])
+    return found
+
+
+def _fallback_heads(model: nn.Module, layers: Mapping[str, nn.Module]) -> set[str]:
+    """Output layers without running the model: :func:`_named_heads`, else the last layer
+    registered."""
+    found = _named_heads(model, layers)
     if not found:
         matrices = [n for n, m in layers.items() if not isinstance(m, _EMBEDDINGS)]
         found = set(matrices[-1:])
     return found
+
+
+def _guess_words(
+    model: nn.Module, layers: Mapping[str, nn.Module], head_names: set[str] | None
+) -> str:
+    heads = sorted(head_names if head_names is not None else _fallback_heads(model, layers))
+    return f"the head is {heads}" + ("" if head_names is not None else " (guessed)")
 
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -259,7 +287,7 @@ def param_groups(
         overrides: per role, fields of :class:`Role` to replace, e.g.
             ``{"head": {"scale": 1000.0}}``.
         roles: per parameter name, its role (``"input"``, ``"hidden"``, ``"head"``,
-            ``"vector"``), overriding everything above.
+            ``"vector"``, ``"free"``), overriding everything above.
         example_inputs: what ``model`` is called with once to find its heads: a tensor, a tuple
             of positional inputs, or a dict of keyword inputs. Default: derived for HF
             transformers and timm models (:func:`scion_kernels.layers.example_inputs_for`);
@@ -270,9 +298,11 @@ def param_groups(
     Returns:
         A list of group dicts (``params``, ``param_names``, ``norm``, ``norm_kwargs``, ``scale``,
         ``role``, and ``init: False`` where ``Scion.init()`` leaves the parameters as the model
-        made them: vectors other than biases, a head tied to an embedding, and every embedding
-        of a model with such a head) for :class:`~scion_kernels.Scion`, one per (role, norm,
-        options, radius, init); empty roles are left out. An untied ``Sign`` head gets
+        made them: vectors other than biases, ``free`` parameters, a head tied to an
+        embedding, and every embedding of a model with such a head; ``unconstrained: True``
+        where the role steps without the constraint, ``free`` in every recipe) for
+        :class:`~scion_kernels.Scion`, one per (role, norm, options, radius, init, step);
+        empty roles are left out. An untied ``Sign`` head gets
         ``zero_init=True``: ``init()`` zeroes it and the logits start at 0.
         :func:`format_groups` prints which parameter got what.
     """
@@ -307,27 +337,56 @@ def param_groups(
     layer_kinds = ("matrix", "conv", "embedding")
     layers = layer_modules(model)
     order = list(layers)
-    if head_names is None:
+    fed: set[str] = set()  # layers that took a model input itself
+    if head_names is None or input_names is None:
         inputs = example_inputs_for(model) if example_inputs is None else example_inputs
-        if inputs is None or inputs is False:
-            head_names = _fallback_heads(model, layers)
-        else:
+        run = None
+        if inputs is not None and inputs is not False:
             try:
-                found, ran = output_layers(model, layers, inputs)
+                run = run_layers(model, layers, inputs)
             except Exception as e:  # noqa: BLE001 - any failure of the model's own forward
-                head_names = _fallback_heads(model, layers)
+                what = "output layers" if head_names is None else "input layers"
                 warnings.warn(
-                    f"could not run the model to find its output layers ({type(e).__name__}: "
-                    f"{e}); the head is {sorted(head_names)}. Pass example_inputs= or head=",
+                    f"could not run the model to find its {what} ({type(e).__name__}: {e}); "
+                    f"{_guess_words(model, layers, head_names)}. Pass example_inputs= or "
+                    "head=/input=",
                     UserWarning,
                     stacklevel=2,
                 )
-            else:
-                head_names = set(found) or _fallback_heads(model, layers)
-                order = ran + [n for n in order if n not in ran]
+        elif (
+            head_names is None
+            and getattr(model, "config", None) is not None
+            and not _named_heads(model, layers)
+        ):
+            # A library model (it has a config) that names no head and whose inputs could not
+            # be derived: the last layer registered is a guess (a plain module's is documented).
+            warnings.warn(
+                "the model was not run (no example inputs derived from its config), so its "
+                f"output layer is a guess: {_guess_words(model, layers, None)}. Pass "
+                "example_inputs= or head=",
+                UserWarning,
+                stacklevel=2,
+            )
+        if run is not None:
+            if head_names is None:
+                # No head but normalized outputs (CLIP): every output is scale-free, so the
+                # model has no head; none at all (a backbone): the layer it names, or its last.
+                head_names = set(run.heads)
+                if not head_names and not run.normalized:
+                    head_names = _fallback_heads(model, layers)
+            order = run.order + [n for n in order if n not in run.order]
+            fed = set(run.fed)
+        elif head_names is None:
+            head_names = _fallback_heads(model, layers)
+    assert head_names is not None
     if input_names is None:
+        # Every embedding, and every layer that read a model input itself (a ViT's patch
+        # embedding, Whisper's first conv, CLIP's image tower beside its token embedding);
+        # else the first layer to run.
         embeddings = {n for n, m in layers.items() if isinstance(m, _EMBEDDINGS)}
-        input_names = embeddings or set([n for n in order if n not in head_names][:1])
+        input_names = (embeddings | fed) - head_names
+        if not input_names:
+            input_names = set([n for n in order if n not in head_names][:1])
 
     role_of: dict[int, str] = {}
     holders: dict[int, int] = {}  # how many layers hold each weight (tied: more than one)
@@ -356,9 +415,12 @@ def param_groups(
         if not p.requires_grad:
             continue
         lay = layouts[pname]
-        default = "hidden" if lay.kind in layer_kinds else "vector"
-        role = (roles or {}).get(pname) or role_of.get(id(p), default)
-        if role != "vector" and lay.kind not in layer_kinds:
+        if lay.kind == "free":
+            default = "free"
+        else:
+            default = role_of.get(id(p), "hidden" if lay.kind in layer_kinds else "vector")
+        role = (roles or {}).get(pname) or default
+        if role in ("input", "hidden", "head") and lay.kind not in layer_kinds:
             lay = Layout("matrix", lay.module, lay.rule)
         norm, kwargs = _fit_role(by_role[role], lay, recipe.per_tap)
         misfit = describe_misfit(make_norm(norm, kwargs), p.shape, f"{pname!r} ({lay.rule})")
@@ -372,11 +434,13 @@ def param_groups(
             kwargs.setdefault("zero_init", True)  # logits start at 0, as the authors' nanoGPT
         keep = (
             (role == "vector" and lay.kind != "bias")
+            or role == "free"
             or tied
             or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
         scale = by_role[role].scale_of(norm, p.shape)
-        key = (role, norm, repr(sorted(kwargs.items())), scale, keep)
+        free = by_role[role].unconstrained
+        key = (role, norm, repr(sorted(kwargs.items())), scale, keep, free)
         group = groups.setdefault(
             key,
             {
@@ -387,6 +451,7 @@ def param_groups(
                 "scale": scale,
                 "role": role,
                 **({"init": False} if keep else {}),
+                **({"unconstrained": True} if free else {}),
             },
         )
         group["params"].append(p)

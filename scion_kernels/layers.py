@@ -30,6 +30,11 @@ normalization layers                       ``weight`` → gain, ``bias`` → bia
                                            LayerNorm, GroupNorm, RMSNorm, InstanceNorm, and any
                                            module whose class name contains ``Norm`` and whose
                                            parameters are all 1-D)
+a parameter with a meaning of its own      → free: attention bias tables (``relative_position_
+                                           bias_table``, ``relative_attention_bias``,
+                                           ``rel_pos*``), state-space ``A_log``, ``D``,
+                                           ``dt_bias``, ``dt_proj.bias``, temperatures
+                                           (``logit_scale``, ``logit_bias``), any scalar
 any module                                 a parameter named ``bias`` → bias; other 1-D
                                            parameters (layer scales) → vector; a parameter with
                                            leading dim 1 (a ViT's position embedding or class
@@ -47,10 +52,11 @@ from the outputs to the first layer on each path.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,12 +67,34 @@ __all__ = [
     "describe",
     "example_inputs_for",
     "layer_modules",
+    "LayerRun",
     "output_layers",
+    "run_layers",
     "weight_layout",
 ]
 
 #: The kinds of parameter :func:`describe` tells apart.
-KINDS = ("matrix", "conv", "embedding", "gain", "bias", "vector")
+KINDS = ("matrix", "conv", "embedding", "gain", "bias", "vector", "free")
+
+#: Parameters with a meaning of their own, by attribute name: what the model reads from them is
+#: their value itself, not a map. Attention bias tables (added to attention logits: Swin and
+#: BEiT's ``relative_position_bias_table``, T5's ``relative_attention_bias`` embedding, SAM's
+#: ``rel_pos_h``/``rel_pos_w``), state-space parameters (Mamba's ``A_log`` with
+#: ``A = −exp(A_log)``, its skip ``D``, the time-step bias ``dt_bias`` or ``dt_proj.bias``), and
+#: temperatures (CLIP's ``logit_scale``, SigLIP's ``logit_bias``). Scalar parameters are free
+#: whatever their name.
+_FREE_NAMES = {
+    "relative_position_bias_table": "attention bias table",
+    "relative_attention_bias": "attention bias table",
+    "rel_pos_h": "attention bias table",
+    "rel_pos_w": "attention bias table",
+    "rel_pos": "attention bias table",
+    "A_log": "state-space A = −exp(A_log)",
+    "dt_bias": "state-space time-step bias",
+    "logit_scale": "temperature",
+    "logit_bias": "logit offset",
+    "temperature": "temperature",
+}
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -188,6 +216,28 @@ def _module_rules(m: nn.Module, fused: bool) -> dict[str, Layout] | None:
     return None
 
 
+def _is_ssm(m: nn.Module) -> bool:
+    """A state-space mixer (Mamba's): it holds ``A_log``."""
+    return isinstance(getattr(m, "A_log", None), Tensor)
+
+
+def free_layout(model_names: tuple[str, str], m: nn.Module, p: Tensor) -> Layout | None:
+    """The layout of a parameter with a meaning of its own (see ``_FREE_NAMES``), or ``None``.
+    ``model_names`` is ``(module name, attribute name)``."""
+    mname, pname = model_names
+    tail = mname.rsplit(".", 1)[-1]
+    why = _FREE_NAMES.get(pname) or _FREE_NAMES.get(tail)
+    if why is None and _is_ssm(m) and pname == "D":
+        why = "state-space skip D"
+    if why is None and pname == "bias" and tail == "dt_proj":
+        why = "state-space time-step bias (dt_proj.bias)"
+    if why is None and p.ndim == 0:
+        why = "a scalar parameter"
+    if why is None:
+        return None
+    return Layout("free", mname, f"{why}: {type(m).__name__}.{pname}")
+
+
 def weight_layout(m: nn.Module) -> Layout | None:
     """The layout of ``m.weight`` by ``m``'s type, or ``None`` when no rule knows it."""
     return (_module_rules(m, False) or {}).get("weight")
@@ -207,6 +257,10 @@ def describe(model: nn.Module, split_fused: bool = False) -> dict[str, Layout]:
     out: dict[str, Layout] = {}
     for name, p in model.named_parameters():
         mname, pname, m = owner[id(p)]
+        free = free_layout((mname, pname), m, p)
+        if free is not None:
+            out[name] = free
+            continue
         known = (_module_rules(m, split_fused) or {}).get(pname)
         if known is not None:
             out[name] = replace(known, module=mname)
@@ -236,7 +290,8 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         rule = weight_layout(m)
         if rule is not None and rule.kind in ("matrix", "conv", "embedding"):
-            out[name] = m
+            if free_layout((name, "weight"), m, m.weight) is None:  # not a bias table
+                out[name] = m
     return out
 
 
@@ -253,10 +308,21 @@ def warn_guessed(layouts: Mapping[str, Layout]) -> None:
 
 
 # ------------------------------------------------------------------------------- output layers
+def _config_int(config: Any, name: str, subconfigs: tuple[str, ...] = ()) -> int | None:
+    """``config.name``, else the first ``config.<sub>.name`` (composite models keep their
+    towers' sizes in ``text_config``, ``vision_config``, ``decoder``...)."""
+    for holder in (config, *(getattr(config, sub, None) for sub in subconfigs)):
+        value = getattr(holder, name, None) if holder is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def example_inputs_for(model: nn.Module) -> Any | None:
     """Inputs to run ``model`` once, for models that say what they take: HF transformers
-    (``main_input_name``: token ids, or images of the config's size) and timm (the
-    ``pretrained_cfg`` input size). ``None`` for others."""
+    (every input their ``forward`` takes among token ids, images and audio features, sized from
+    the config or its ``text_config``/``vision_config``/``audio_config``; decoder token ids for
+    encoder–decoder models) and timm (the ``pretrained_cfg`` input size). ``None`` for others."""
     try:
         param = next(model.parameters())
     except StopIteration:
@@ -264,18 +330,36 @@ def example_inputs_for(model: nn.Module) -> Any | None:
     device, dtype = param.device, param.dtype if param.is_floating_point() else torch.float32
     main = getattr(model, "main_input_name", None)
     config = getattr(model, "config", None)
-    if main == "input_ids" and config is not None:
-        vocab = int(getattr(config, "vocab_size", 0) or 0)
-        if vocab > 1:
-            gen = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, vocab, (2, 8), generator=gen).to(device)
-            return {"input_ids": ids}
-    if main == "pixel_values" and config is not None:
-        size = getattr(config, "image_size", None)
-        channels = getattr(config, "num_channels", 3)
-        if isinstance(size, int):
-            images = torch.zeros(2, channels, size, size, device=device, dtype=dtype)
-            return {"pixel_values": images}
+    if main is not None and config is not None:
+        try:
+            accepted = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            accepted = {main}
+        gen = torch.Generator().manual_seed(0)
+        inputs: dict[str, Tensor] = {}
+        vocab = _config_int(config, "vocab_size", ("text_config", "decoder"))
+        if "input_ids" in accepted and vocab is not None and vocab > 1:
+            inputs["input_ids"] = torch.randint(0, vocab, (2, 8), generator=gen).to(device)
+        size = _config_int(config, "image_size", ("vision_config",))
+        if "pixel_values" in accepted and size is not None:
+            channels = _config_int(config, "num_channels", ("vision_config",)) or 3
+            images = torch.randn(2, channels, size, size, generator=gen)
+            inputs["pixel_values"] = images.to(device, dtype)
+        mels = _config_int(config, "num_mel_bins", ("audio_config",))
+        frames = _config_int(config, "max_source_positions", ("audio_config",))
+        if "input_features" in accepted and mels is not None and frames is not None:
+            features = torch.randn(2, mels, 2 * frames, generator=gen)  # two frames a position
+            inputs["input_features"] = features.to(device, dtype)
+        decoder_vocab = _config_int(config, "vocab_size", ("decoder", "text_config"))
+        if (
+            getattr(config, "is_encoder_decoder", False)
+            and "decoder_input_ids" in accepted
+            and decoder_vocab is not None
+        ):
+            ids = torch.randint(0, decoder_vocab, (2, 4), generator=gen)
+            inputs["decoder_input_ids"] = ids.to(device)
+        if main in inputs:
+            return inputs
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, Mapping) and isinstance(cfg.get("input_size"), (tuple, list)):
         return torch.zeros(2, *cfg["input_size"], device=device, dtype=dtype)
@@ -302,21 +386,64 @@ def _outputs(out: Any) -> list[Tensor]:
     return [t for t in _tensors(out) if t.grad_fn is not None]
 
 
+class LayerRun(NamedTuple):
+    """What one run of a model says about its layers (:func:`run_layers`)."""
+
+    #: The layers whose outputs are the model's outputs, met first walking back from them.
+    heads: list[str]
+    #: Every layer, in the order they ran.
+    order: list[str]
+    #: The layers that took a model input itself (the token ids, the images) as an argument.
+    fed: list[str]
+    #: Layers met walking back from the outputs whose output is divided by its own vector
+    #: norm on the way (CLIP's projections: ``x / ‖x‖``): not heads, since nothing of their
+    #: scale reaches the outputs.
+    normalized: list[str]
+
+
+#: Autograd nodes of a vector norm (``x.norm()``, ``F.normalize``, ``torch.linalg.vector_norm``).
+_NORM_NODES = ("LinalgVectorNormBackward", "NormBackward")
+#: Nodes that only reshape, copy or broadcast their input (walked through to find what a norm
+#: was taken of).
+_SHAPE_NODES = ("View", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Clone", "ToCopy",
+                "Permute", "Transpose", "T", "Select", "Slice", "Index", "Clamp")  # fmt: skip
+
+
 def output_layers(
     model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: Any
 ) -> tuple[list[str], list[str]]:
+    """``(heads, order)`` of :func:`run_layers`: the output layers and every layer's name in the
+    order they ran."""
+    run = run_layers(model, layers, example_inputs)
+    return run.heads, run.order
+
+
+def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: Any) -> LayerRun:
     """Run ``model`` once on ``example_inputs`` (a tensor, a tuple of positional inputs, or a
-    mapping of keyword inputs) and return ``(heads, order)``: the names of the ``layers`` that
-    are the first met walking back from each output (through any op, but not through a
-    normalization layer: a backbone's output has no head), and every layer's name in the order
-    they ran. A weight used directly by an output (``x @ wte.weightᵀ``) counts for its layer.
+    mapping of keyword inputs) and read its layers off the run (:class:`LayerRun`): the heads
+    are the ``layers`` first met walking back from each output (through any op, but not through
+    a normalization layer: a backbone's output has no head; and not one whose output the walk
+    sees divided by its own vector norm), the order they ran, and the ones that took a model
+    input itself. A weight used directly by an output (``x @ wte.weightᵀ``) counts for its
+    layer.
 
     The model runs in eval mode with gradients on; its training flags are restored. Nothing
     is written to its parameters or buffers."""
     stops: dict[Any, str | None] = {}
     order: list[str] = []
+    fed: list[str] = []
     names_by_module = {id(m): n for n, m in layers.items()}
     weights = {id(getattr(m, "weight", None)): n for n, m in layers.items()}
+    given = {id(t) for t in _tensors(example_inputs)}
+
+    def before(module: nn.Module, args: Any, kwargs: Any) -> None:
+        name = names_by_module.get(id(module))
+        if (
+            name is not None
+            and name not in fed
+            and any(id(t) in given for t in _tensors((args, kwargs)))
+        ):
+            fed.append(name)
 
     def hook(module: nn.Module, _args: Any, out: Any) -> None:
         name = names_by_module.get(id(module))
@@ -328,6 +455,11 @@ def output_layers(
 
     ends = [m for m in model.modules() if id(m) in names_by_module or _is_norm_layer(m)]
     handles = [m.register_forward_hook(hook) for m in ends]
+    handles += [
+        m.register_forward_pre_hook(before, with_kwargs=True)
+        for m in model.modules()
+        if id(m) in names_by_module
+    ]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -345,6 +477,7 @@ def output_layers(
             m.training = mode
 
     heads: list[str] = []
+    normalized: list[str] = []
     seen: set[Any] = set()
     todo = [t.grad_fn for t in _outputs(out)]
     while todo:
@@ -357,6 +490,9 @@ def output_layers(
             if name is not None and name not in heads:
                 heads.append(name)
             continue
+        for name in _normalized_by(node, stops):
+            if name not in normalized:
+                normalized.append(name)
         variable = getattr(node, "variable", None)
         if variable is not None:
             name = weights.get(id(variable))
@@ -364,4 +500,42 @@ def output_layers(
                 heads.append(name)
             continue
         todo.extend(nxt for nxt, _ in node.next_functions)
-    return heads, order
+    heads = [h for h in heads if h not in normalized]
+    return LayerRun(heads, order, fed, normalized)
+
+
+def _normalized_by(node: Any, stops: Mapping[Any, str | None]) -> list[str]:
+    """The layers whose output ``node`` normalizes: the argument of a vector norm, or ``x`` in
+    ``x / f(x)`` (a division whose denominator is computed from its numerator's layer, as
+    ``x / x.pow(2).sum(-1).sqrt()``)."""
+    kind = type(node).__name__
+    if kind.startswith(_NORM_NODES):
+        return _reached(node.next_functions, stops, _SHAPE_NODES)
+    if kind.startswith("DivBackward") and len(node.next_functions) == 2:
+        (num, _), (den, _) = node.next_functions
+        mine = set(_reached([(num, 0)], stops, _SHAPE_NODES))
+        return [n for n in _reached([(den, 0)], stops, None, depth=12) if n in mine]
+    return []
+
+
+def _reached(
+    start: Iterable[tuple[Any, int]],
+    stops: Mapping[Any, str | None],
+    through: tuple[str, ...] | None,
+    depth: int = 64,
+) -> list[str]:
+    """The layers (``stops``) met walking back from ``start`` through nodes whose type names
+    start with one of ``through`` (``None``: any node), at most ``depth`` nodes deep."""
+    found, seen = [], set()
+    todo = [(nxt, 0) for nxt, _ in start]
+    while todo:
+        nxt, level = todo.pop()
+        if nxt is None or nxt in seen or level > depth:
+            continue
+        seen.add(nxt)
+        if nxt in stops:
+            if stops[nxt] is not None:
+                found.append(stops[nxt])
+        elif through is None or type(nxt).__name__.startswith(through):
+            todo.extend((n, level + 1) for n, _ in nxt.next_functions)
+    return found

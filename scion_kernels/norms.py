@@ -161,6 +161,26 @@ class GroupSpec(NamedTuple):
     eps: float
 
 
+def init_dtype(w: Tensor) -> torch.dtype:
+    """The dtype an init computes in for a parameter ``w``: float64 for float64, else float32
+    (rounded once to ``w``'s dtype when copied in)."""
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def random_orthogonal(
+    shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A stack of random matrices of ``shape`` ``(..., r, c)`` with orthonormal rows (r ≤ c) or
+    columns, drawn from the Haar measure as ``torch.nn.init.orthogonal_`` draws them (the Q of
+    a Gaussian's QR, its columns' signs fixed by R's diagonal), all at once on ``device``."""
+    *batch, r, c = shape
+    tall = (max(r, c), min(r, c))
+    g = torch.randn((*batch, *tall), device=device, dtype=dtype)
+    q, rr = torch.linalg.qr(g)
+    q = q * torch.sgn(torch.diagonal(rr, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q if r >= c else q.mT.contiguous()
+
+
 class Norm:
     """A norm for one family of tensors: its LMO, its unit-sphere init, the shapes it fits.
 
@@ -411,11 +431,9 @@ class Spectral(_MatrixNorm):
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
             blocks = []
-            for b in self._blocks(self._matrices(torch.empty(w.shape, dtype=torch.float64))):
-                b = torch.empty(b.shape, dtype=torch.float64)
-                for m in b:
-                    torch.nn.init.orthogonal_(m)
-                blocks.append(b.mul_(self._block_scale(b, w.shape)))
+            for b in self._blocks(self._matrices(torch.empty(w.shape, device="meta"))):
+                q = random_orthogonal(b.shape, w.device, init_dtype(w))
+                blocks.append(q.mul_(self._block_scale(b, w.shape)))
             w.copy_(self._assemble(blocks, w.shape))
         return w
 
@@ -517,9 +535,7 @@ class SpectralConv(Spectral):
         d_out, d_in = self.dims(w.shape)
         taps = math.prod(w.shape[2:])
         with torch.no_grad():
-            mats = torch.empty(self.groups, taps, d_out, d_in, dtype=torch.float64)
-            for m in mats.flatten(0, 1):
-                torch.nn.init.orthogonal_(m)
+            mats = random_orthogonal((self.groups, taps, d_out, d_in), w.device, init_dtype(w))
             by_tap = mats.permute(0, 2, 3, 1).mul_(self.scale_for(w.shape))
             w.copy_(self._from_by_tap(by_tap, w.shape))
         return w
@@ -574,7 +590,7 @@ class Sign(_MatrixNorm):
             if self.zero_init:
                 return w.zero_()
             signs = torch.randint(0, 2, w.shape, device=w.device).mul_(2).sub_(1)
-            w.copy_(signs.to(torch.float64).mul_(self.factor(w.shape)))
+            w.copy_(signs.to(init_dtype(w)).mul_(self.factor(w.shape)))
         return w
 
 
@@ -654,7 +670,7 @@ class ColNorm(_MatrixNorm):
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
-            m = torch.randn(self._matrices(w).shape, dtype=torch.float64)
+            m = torch.randn(self._matrices(w).shape, dtype=init_dtype(w), device=w.device)
             m = m.mT if self.transpose else m
             m = m / self._col_scale(m)
             w.copy_((m.mT if self.transpose else m).reshape(w.shape))

@@ -313,15 +313,34 @@ class _ScionBase(torch.optim.Optimizer):
 
         As the authors: orthogonal times ``s`` (Spectral, per kernel tap for SpectralConv),
         random ``±1/d_in`` (Sign), Gaussian normalized like the LMO (ColNorm, RowNorm), zeros
-        (BiasRMS) — then multiplied by ρ. Groups with ``init=False`` are left as they are:
-        :func:`~scion_kernels.param_groups` sets it for normalization gains, layer scales,
-        position embeddings and other vectors that are not biases (zero gains would silence
-        the layers they scale).
+        (BiasRMS) — then multiplied by ρ. Drawn on the parameters' device, in float32 (float64
+        for float64 parameters), then rounded once to their dtype. Groups with ``init=False``
+        are left as they are: :func:`~scion_kernels.param_groups` sets it for normalization
+        gains, layer scales, position embeddings and other vectors that are not biases (zero
+        gains would silence the layers they scale) and for ``free`` parameters (attention
+        bias tables, state-space parameters, temperatures). Parameters on the ``meta`` device
+        are refused at once (``ValueError``), before anything is written.
 
         Across ranks every replica gets the same values: a DTensor parameter is drawn whole
         and distributed from the first rank (``distribute_tensor``), a plain one under a
         ``process_group`` is broadcast from that group's first rank.
         """
+        on_meta = [
+            name
+            for index, group in enumerate(self.param_groups)
+            if group.get("init", True)
+            for name, p in zip(_names(group), group["params"], strict=True)
+            if local(p).is_meta
+        ]
+        if on_meta:
+            shown = ", ".join(on_meta[:3]) + (
+                f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else ""
+            )
+            raise ValueError(
+                f"init() writes values, and {shown} {'is' if len(on_meta) == 1 else 'are'} on "
+                "the meta device, which holds none. Materialize the model first "
+                "(model.to_empty(device=...)), then call init()"
+            )
         for index, group in enumerate(self.param_groups):
             if not group.get("init", True):
                 continue
@@ -329,6 +348,14 @@ class _ScionBase(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.numel():
                     distributed.init_(norm, p, float(group["scale"]), self.process_group)
+
+
+def _names(group: dict[str, Any]) -> list[str]:
+    """The group's parameter names (``param_names``), or ``group[i]`` labels."""
+    names = group.get("param_names")
+    if names is not None and len(names) == len(group["params"]):
+        return list(names)
+    return [f"parameter {i} of a group" for i in range(len(group["params"]))]
 
 
 class Scion(_ScionBase):
