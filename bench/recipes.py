@@ -122,6 +122,13 @@ def tasks() -> dict[str, Task | str]:
             "stock",
         )
     try:
+        import transformers as hf
+    except ImportError as e:
+        for k in FAMILIES_II:
+            out[k] = f"transformers not importable: {e}"
+    else:
+        out.update(_families_ii(hf))
+    try:
         import timm
     except Exception as e:  # noqa: BLE001 - timm fails in several ways without torchvision
         for k in ("vit", "resnet", "mobilenet", "convnext"):
@@ -172,6 +179,91 @@ def tasks() -> dict[str, Task | str]:
             "stock-cnn",
         )
     return out
+
+
+#: Real models II (bench/NOTES.md): families whose parameters are not all weight matrices.
+FAMILIES_II = ("clip", "mamba", "gemma", "t5", "whisper", "swin", "convnextv2")
+#: CLIP and Whisper: the token sequence each class is described by (fixed, random).
+_CAPTIONS = torch.randint(1, VOCAB, (CLASSES, 8), generator=torch.Generator().manual_seed(7))
+MELS, FRAMES = 16, 32
+_SOUNDS = torch.randn(CLASSES, MELS, FRAMES, generator=torch.Generator().manual_seed(11))
+
+
+def _pairs(gen: torch.Generator, batch: int = 32) -> tuple[Any, torch.Tensor]:
+    """CLIP: images of the ``_images`` task with their class's caption (one class each)."""
+    labels = torch.randperm(CLASSES, generator=gen)[: min(batch, CLASSES)]
+    x = _TEMPLATES[labels] + 4.0 * torch.randn(len(labels), 3, IMAGE, IMAGE, generator=gen)
+    return {"pixel_values": x, "input_ids": _CAPTIONS[labels]}, labels
+
+
+def _clip_loss(model: nn.Module, x: Any, _: torch.Tensor) -> torch.Tensor:
+    return model(**x, return_loss=True).loss
+
+
+def _copy_loss(model: nn.Module, ids: Any, _: torch.Tensor) -> torch.Tensor:
+    """T5: read a bigram sequence, write it back."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _sounds(gen: torch.Generator, batch: int = 16) -> tuple[Any, torch.Tensor]:
+    """Whisper: a class's sound (a fixed random spectrogram) plus noise → its caption."""
+    labels = torch.randint(0, CLASSES, (batch,), generator=gen)
+    x = _SOUNDS[labels] + 1.0 * torch.randn(batch, MELS, FRAMES, generator=gen)
+    return x, _CAPTIONS[labels]
+
+
+def _whisper_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
+    return model(input_features=x, labels=y).loss
+
+
+def _hf_ce_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=x, labels=y).loss
+
+
+def _families_ii(hf: Any) -> dict[str, Task]:
+    small = dict(num_hidden_layers=2, num_attention_heads=4)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                max_position_embeddings=SEQ, **small)  # fmt: skip
+    vision = dict(hidden_size=64, intermediate_size=128, image_size=IMAGE, patch_size=8, **small)
+    clip = hf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    mamba = hf.MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2)
+    gemma = hf.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                            num_key_value_heads=2, head_dim=16, max_position_embeddings=SEQ,
+                            **small)  # fmt: skip
+    t5 = hf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                     num_heads=4, decoder_start_token_id=0)  # fmt: skip
+    whisper = hf.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=MELS,
+                               max_source_positions=FRAMES // 2, max_target_positions=SEQ,
+                               decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    swin = hf.SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=32, depths=[2, 2],
+                         num_heads=[2, 4], window_size=4, num_labels=CLASSES)  # fmt: skip
+    convnext = hf.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1],
+                                   num_labels=CLASSES)  # fmt: skip
+    return {
+        "clip": Task("clip", lambda: hf.CLIPModel(clip), _pairs, _clip_loss, "stock"),
+        "mamba": Task("mamba", lambda: hf.MambaForCausalLM(mamba), _tokens, _lm_loss, "stock"),
+        "gemma": Task("gemma", lambda: hf.Gemma2ForCausalLM(gemma), _tokens, _lm_loss, "stock"),
+        "t5": Task("t5", lambda: hf.T5ForConditionalGeneration(t5), _tokens, _copy_loss, "stock"),
+        "whisper": Task(
+            "whisper",
+            lambda: hf.WhisperForConditionalGeneration(whisper),
+            _sounds,
+            _whisper_loss,
+            "stock",
+        ),
+        "swin": Task(
+            "swin", lambda: hf.SwinForImageClassification(swin), _images, _hf_ce_loss, "stock-vit"
+        ),
+        "convnextv2": Task(
+            "convnextv2",
+            lambda: hf.ConvNextV2ForImageClassification(convnext),
+            _images,
+            _hf_ce_loss,
+            "stock-cnn",
+        ),
+    }
 
 
 def train_seeds(

@@ -765,7 +765,10 @@ def test_real_models_roles_init_and_a_step(family):
         for name, (r, nm, _, _, _) in matched.items():
             assert (r, nm) == (role, norm), (name, r, nm)
     assert not banned & {v[0] for v in got.values()}, family
+    stock = RECIPES["stock"]
     for g in groups:
+        want = getattr(stock, g["role"]).scale_of(g["norm"], g["params"][0].shape)
+        assert g["scale"] == want, (g["role"], g["param_names"])
         if g["role"] == "free":
             assert g.get("init") is False and g.get("unconstrained") is True, g["param_names"]
     params = dict(model.named_parameters())
