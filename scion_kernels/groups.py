@@ -126,17 +126,19 @@ def _auto_everywhere(scale: float, head: float, **options: Any) -> Recipe:
     )
 
 
-# Language transformers (GPT-2, Llama, BERT, MoE): embeddings ρ = 1, hidden ρ = 2, vectors
-# ρ = 0.1 (biases and gains; a larger radius lets the constrained step swing them), head Sign
-# ρ = 32. Auto resolves per layer: ColNorm(transpose) on embeddings, Spectral on matrices.
+# Language transformers (GPT-2, Llama, BERT, MoE, Gemma, Mamba, T5, Whisper, CLIP): embeddings
+# ρ = 1, hidden ρ = 2, vectors ρ = 0.1 (biases and gains; a larger radius lets the constrained
+# step swing them), head Sign ρ = 32. Auto resolves per layer: ColNorm(transpose) on
+# embeddings, Spectral on matrices. lr 2⁻⁷: the best of 2⁻³…2⁻⁹ without init() on 7 of these 8
+# families (Whisper: 2⁻⁶), bench/NOTES.md.
 _STOCK = Recipe(
     input=Role("Auto", 1.0),
     hidden=Role("Auto", 2.0),
     head=Role("Sign", 32.0),
     vector=Role("BiasRMS", 0.1),
-    lr=2**-6,
+    lr=2**-7,
     momentum=0.1,
-    source="bench/recipes.py sweep on stock GPT-2 and Llama",
+    source="bench/recipes.py sweeps on stock GPT-2, Llama and the real-models-II families",
     tied="input",
     per_tap=True,
 )
@@ -152,7 +154,7 @@ RECIPES: dict[str, Recipe] = {
     # Vision transformers (ViT, DeiT): as "stock", with the patch embedding (SpectralConv,
     # divided by the patch area) at ρ = 2.
     "stock-vit": replace(
-        _STOCK, input=Role("Auto", 2.0), source="bench/recipes.py sweep on stock ViT"
+        _STOCK, input=Role("Auto", 2.0), lr=2**-6, source="bench/recipes.py sweep on stock ViT"
     ),
     # Conv nets with BatchNorm or LayerNorm (ResNet, ConvNeXt): matrices (ConvNeXt's MLPs)
     # ρ = 2 as in "stock"; conv weights ρ = 128 (SpectralConv divides by the kernel size K),
@@ -163,6 +165,7 @@ RECIPES: dict[str, Recipe] = {
         input=Role("Auto", 2.0, conv_scale=128.0),
         hidden=Role("Auto", 2.0, conv_scale=128.0),
         vector=Role("BiasRMS", 0.3),
+        lr=2**-6,
         source="bench/recipes.py sweep on stock ResNet and ConvNeXt",
     ),
     # nanoGPT (README, examples/modded-nanogpt): Spectral ρ=50 on the blocks, Sign ρ=50·60 on the
