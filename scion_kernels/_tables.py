@@ -119,9 +119,10 @@ def cached(key: tuple, build: Callable[[], Tensor], device: torch.device) -> Ten
     table = _CAPTURED.get(key)
     if table is not None:
         return table
+    capturing = _capturing(device)
     table = _TABLES.pop(key, None)
     if table is None:
-        if _capturing(device):
+        if capturing:
             raise RuntimeError(
                 "scion_kernels: a kernel table was first needed while a CUDA graph was being "
                 "captured; run the step eagerly on the same tensors first (warm-up steps, as "
@@ -134,7 +135,7 @@ def cached(key: tuple, build: Callable[[], Tensor], device: torch.device) -> Ten
             table = host.pin_memory().to(device, non_blocking=True)
         else:
             table = host.to(device)
-    if _capturing(device):
+    if capturing:
         _CAPTURED[key] = table
     else:
         _TABLES[key] = table  # the most recently used goes last

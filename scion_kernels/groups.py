@@ -442,8 +442,8 @@ def param_groups(
             or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
         scale = by_role[role].scale_of(norm, p.shape)
-        free = by_role[role].unconstrained
-        key = (role, norm, repr(sorted(kwargs.items())), scale, keep, free)
+        unconstrained = by_role[role].unconstrained
+        key = (role, norm, repr(sorted(kwargs.items())), scale, keep, unconstrained)
         group = groups.setdefault(
             key,
             {
@@ -454,7 +454,7 @@ def param_groups(
                 "scale": scale,
                 "role": role,
                 **({"init": False} if keep else {}),
-                **({"unconstrained": True} if free else {}),
+                **({"unconstrained": True} if unconstrained else {}),
             },
         )
         group["params"].append(p)
