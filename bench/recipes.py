@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vector", default="", help="vector radii (default: the recipe's)")
     p.add_argument("--head", default="", help="head radii (default: the recipe's)")
     p.add_argument("--conv", default="", help="conv radii (default: the recipe's)")
+    p.add_argument("--free", default="", help="free-role radii (default: the recipe's)")
     p.add_argument("--seeds", type=int, default=3, help="runs per point, averaged")
     p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
     p.add_argument("--init", default="0,1", help="run Scion with init() (1), without (0)")
@@ -378,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             [bool(int(v)) for v in args.init.split(",")],
             floats(args.input) or [r.input.scale],
             floats(args.conv) or [r.hidden.conv_scale],
+            floats(args.free) or [r.free.scale],
         )
-        for lr, hidden, vector, head, init, input_, conv in grid:
+        for lr, hidden, vector, head, init, input_, conv, free in grid:
             radii = {"input": input_, "hidden": hidden, "vector": vector, "head": head}
+            radii["free"] = free
             r = train_seeds(task, scion(recipe, lr, init, conv, **radii), args.steps, args.seeds)
             rows.append(
                 {
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"{name:9s} Scion lr={lr:<8g} ρ={radii['input']:g}/{hidden:g}/{vector:g}/{head:g}"
-                f"{f' conv {conv:g}' if conv else ''} "
+                f"{f' conv {conv:g}' if conv else ''} free {free:g} "
                 f"init={int(init)} "
                 f"{r['final']:.3f}{' diverged' if r['diverged'] else ''}",
                 file=sys.stderr,
@@ -429,7 +432,8 @@ def _markdown(record: dict) -> str:
         f"{env.get('transformers')}, timm {env.get('timm')}, torchvision {env.get('torchvision')}",
         "",
         "Training loss: the mean of the last 10 steps, averaged over the seeds (each seed's in",
-        "brackets). Radii: input/hidden/vector/head, and conv weights where they differ.",
+        "brackets). Radii: input/hidden/vector/head; conv weights and the free role where they",
+        "differ.",
         "",
         "| model | optimizer | lr | radii | init() | loss |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -443,6 +447,8 @@ def _markdown(record: dict) -> str:
         )
         if r.get("conv"):
             radii += f", conv {r['conv']:g}"
+        if "free" in r and r["free"] != RECIPES["stock"].free.scale:
+            radii += f", free {r['free']:g}"
         init = ("yes" if r["init"] else "no") if "init" in r else ""
         loss = "diverged" if r["diverged"] else f"{r['final']:.3f}"
         if len(r.get("finals", [])) > 1 and not r["diverged"]:

@@ -8,7 +8,9 @@ Every parameter of a model gets one of four roles:
   the model once (:func:`scion_kernels.layers.output_layers`), several heads and tied ones
   included; name them with ``head=`` otherwise. A head weight tied to an embedding is counted
   once: as the head in the authors' recipes, as the embedding (``input``) in the stock ones
-  (:attr:`Recipe.tied`);
+  (:attr:`Recipe.tied`). Where the run shows the tied head reading its input rescaled by a
+  constant ``c`` (T5 multiplies by ``d_model^-½``; more than √2 away from 1), that matrix's
+  radius is divided by ``c``;
 - ``hidden``: every other matrix, conv or stacked-experts weight;
 - ``vector``: biases, norm gains, layer scales, and broadcast parameters such as a ViT's
   position embedding and class token (any shape: BiasRMS reduces over all elements);
@@ -341,9 +343,9 @@ def param_groups(
     layers = layer_modules(model)
     order = list(layers)
     fed: set[str] = set()  # layers that took a model input itself
+    run = None
     if head_names is None or input_names is None:
         inputs = example_inputs_for(model) if example_inputs is None else example_inputs
-        run = None
         if inputs is not None and inputs is not False:
             try:
                 run = run_layers(model, layers, inputs)
@@ -407,6 +409,17 @@ def param_groups(
         for m in layers.values()
         if isinstance(m, _EMBEDDINGS) and holders[id(m.weight)] > 1
     }
+    # A tied head that reads its input rescaled by a constant (T5: the final norm's output
+    # times d_model^-½) would give logits that much smaller than the radius of the matrix it
+    # shares says: that matrix's radius is divided by the RMS the head read in the run. Only
+    # a clear rescale counts (more than √2 away from 1; a norm's output reads 1).
+    read_rms = {
+        id(layers[n].weight): run.input_rms[n]
+        for n in sorted(head_names & set(run.input_rms) if run is not None else ())
+        if n in layers
+        and id(layers[n].weight) in tied_ids
+        and abs(math.log2(max(run.input_rms[n], 1e-30))) > 0.5
+    }
     if recipe.tied == "input":  # a tied head is an embedding too: it keeps the input role
         for name, m in layers.items():
             if id(m.weight) in tied_ids and isinstance(m, _EMBEDDINGS):
@@ -442,6 +455,8 @@ def param_groups(
             or (lay.kind == "embedding" and bool(tied_ids))  # summed with the tied one
         )
         scale = by_role[role].scale_of(norm, p.shape)
+        if id(p) in read_rms:
+            scale = float(f"{scale / read_rms[id(p)]:.3g}")
         unconstrained = by_role[role].unconstrained
         key = (role, norm, repr(sorted(kwargs.items())), scale, keep, unconstrained)
         group = groups.setdefault(

@@ -399,6 +399,9 @@ class LayerRun(NamedTuple):
     #: norm on the way (CLIP's projections: ``x / ‖x‖``): not heads, since nothing of their
     #: scale reaches the outputs.
     normalized: list[str]
+    #: The RMS of each layer's first input on its first call (what it read: T5's tied head
+    #: reads its final norm's output times ``d_model^-½``).
+    input_rms: dict[str, float]
 
 
 #: Autograd nodes of a vector norm (``x.norm()``, ``F.normalize``, ``torch.linalg.vector_norm``).
@@ -432,12 +435,22 @@ def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs
     stops: dict[Any, str | None] = {}
     order: list[str] = []
     fed: list[str] = []
+    input_rms: dict[str, float] = {}
     names_by_module = {id(m): n for n, m in layers.items()}
     weights = {id(getattr(m, "weight", None)): n for n, m in layers.items()}
     given = {id(t) for t in _tensors(example_inputs)}
 
     def before(module: nn.Module, args: Any, kwargs: Any) -> None:
         name = names_by_module.get(id(module))
+        if name is not None and name not in input_rms:
+            first = next(iter(_tensors((args, kwargs))), None)
+            if (
+                type(first) is Tensor  # not a DTensor or other subclass
+                and first.is_floating_point()
+                and first.numel()
+                and not first.is_meta
+            ):
+                input_rms[name] = first.detach().float().pow(2).mean().sqrt().item()
         if (
             name is not None
             and name not in fed
@@ -501,7 +514,7 @@ def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs
             continue
         todo.extend(nxt for nxt, _ in node.next_functions)
     heads = [h for h in heads if h not in normalized]
-    return LayerRun(heads, order, fed, normalized)
+    return LayerRun(heads, order, fed, normalized, input_rms)
 
 
 def _normalized_by(node: Any, stops: Mapping[Any, str | None]) -> list[str]:

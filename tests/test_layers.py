@@ -748,6 +748,11 @@ FAMILIES = {
 }
 
 
+#: Per family, parameters whose radius is the stock one times a factor (see
+#: ``test_a_tied_head_that_reads_a_rescaled_input``).
+READ_SCALED = {"t5": {"shared.weight": 32**0.5}}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_real_models_roles_init_and_a_step(family):
     """Each family from a tiny random config: the named parameters get the role and norm of
@@ -768,7 +773,10 @@ def test_real_models_roles_init_and_a_step(family):
     stock = RECIPES["stock"]
     for g in groups:
         want = getattr(stock, g["role"]).scale_of(g["norm"], g["params"][0].shape)
-        assert g["scale"] == want, (g["role"], g["param_names"])
+        # T5's tied head reads its input times d_model^-½ (32 here): the shared matrix's
+        # radius makes up for it.
+        want *= READ_SCALED.get(family, {}).get(g["param_names"][0], 1.0)
+        assert g["scale"] == pytest.approx(want, rel=1e-3), (g["role"], g["param_names"])
         if g["role"] == "free":
             assert g.get("init") is False and g.get("unconstrained") is True, g["param_names"]
     params = dict(model.named_parameters())
@@ -789,6 +797,42 @@ def test_real_models_roles_init_and_a_step(family):
     moved = [n for n in free if not torch.equal(params[n], kept[n]) or params[n].grad is None]
     assert moved == free, set(free) - set(moved)
     assert torch.isfinite(loss_fn(model)), family
+
+
+class _TiedLM(nn.Module):
+    """Token embedding, one hidden layer and a norm, then a head tied to the embedding (or
+    not) that reads the norm's output times ``read``, as T5 does with ``d_model^-½``."""
+
+    def __init__(self, read: float, tied: bool = True, vocab: int = 11, d: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.read = read
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.mix(self.embed(ids))) * self.read)
+
+
+@pytest.mark.parametrize("read", [1.0, 0.8, 1.3, 0.125, 1 / 6, 4.0])
+def test_a_tied_head_that_reads_a_rescaled_input(read):
+    """A head tied to the embedding that reads its input rescaled by a constant ``c`` (T5:
+    ``d_model^-½``) gets the shared matrix's radius divided by ``c``, as measured in the run,
+    so the logits have the scale the radius means; within √2 of 1 (what a norm's output
+    reads) nothing changes, and an untied head keeps its radius whatever it reads."""
+    ids = torch.randint(0, 11, (2, 5))
+    stock = RECIPES["stock"]
+    groups = param_groups(_TiedLM(read), example_inputs=ids)
+    (tied,) = [g for g in groups if "embed.weight" in g["param_names"]]
+    assert tied["role"] == "input" and tied.get("init") is False
+    want = stock.input.scale / read if abs(math.log2(read)) > 0.5 else stock.input.scale
+    assert tied["scale"] == pytest.approx(want, rel=2e-3), (read, tied["scale"])
+    untied = param_groups(_TiedLM(read, tied=False), example_inputs=ids)
+    scales = {g["role"]: g["scale"] for g in untied}
+    assert scales["input"] == stock.input.scale and scales["head"] == stock.head.scale
 
 
 def test_init_refuses_meta_parameters_at_once():
