@@ -124,10 +124,11 @@ def tasks() -> dict[str, Task | str]:
     try:
         import transformers as hf
     except ImportError as e:
-        for k in FAMILIES_II:
+        for k in FAMILIES_II + FAMILIES_III:
             out[k] = f"transformers not importable: {e}"
     else:
         out.update(_families_ii(hf))
+        out.update(_families_iii(hf))
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - timm fails in several ways without torchvision
@@ -183,6 +184,8 @@ def tasks() -> dict[str, Task | str]:
 
 #: Real models II (bench/NOTES.md): families whose parameters are not all weight matrices.
 FAMILIES_II = ("clip", "mamba", "gemma", "t5", "whisper", "swin", "convnextv2")
+#: The held-out families of the first real-models check, rerun on the same tasks.
+FAMILIES_III = ("phi", "falcon", "deepseekv3", "gemma3", "modernbert", "distilbert")
 #: CLIP and Whisper: the token sequence each class is described by (fixed, random).
 _CAPTIONS = torch.randint(1, VOCAB, (CLASSES, 8), generator=torch.Generator().manual_seed(7))
 MELS, FRAMES = 16, 32
@@ -218,6 +221,50 @@ def _whisper_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
 
 def _hf_ce_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=x, labels=y).loss
+
+
+def _masked(gen: torch.Generator, batch: int = 16) -> tuple[Any, torch.Tensor]:
+    """Masked LM: bigram sequences with a quarter of the tokens replaced by a mask token
+    (``VOCAB``, one past the sequences' tokens), to be filled in from their neighbours;
+    unmasked labels are ignored."""
+    ids, _ = _tokens(gen, batch)
+    hidden = torch.rand(ids.shape, generator=gen) < 0.25
+    labels = torch.where(hidden, ids, -100)
+    return ids.masked_fill(hidden, VOCAB), labels
+
+
+def _masked_loss(model: nn.Module, ids: Any, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=labels).loss
+
+
+def _families_iii(hf: Any) -> dict[str, Task]:
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=SEQ)  # fmt: skip
+    phi = hf.PhiConfig(**small)
+    falcon = hf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4)  # fmt: skip
+    deepseek = hf.DeepseekV3Config(**small, moe_intermediate_size=32, n_routed_experts=4,
+                                   num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+                                   topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
+                                   q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=16, num_key_value_heads=4)  # fmt: skip
+    gemma3 = hf.Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=16)
+    modernbert = hf.ModernBertConfig(vocab_size=VOCAB + 1, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=SEQ, pad_token_id=0,
+                                     mask_token_id=VOCAB)  # fmt: skip
+    distilbert = hf.DistilBertConfig(vocab_size=VOCAB + 1, dim=64, hidden_dim=128, n_layers=2,
+                                     n_heads=4, max_position_embeddings=SEQ)  # fmt: skip
+    lm = lambda name, cls, cfg: Task(name, lambda: cls(cfg), _tokens, _lm_loss, "stock")  # noqa: E731
+    mlm = lambda name, cls, cfg: Task(name, lambda: cls(cfg), _masked, _masked_loss, "stock")  # noqa: E731
+    return {
+        "phi": lm("phi", hf.PhiForCausalLM, phi),
+        "falcon": lm("falcon", hf.FalconForCausalLM, falcon),
+        "deepseekv3": lm("deepseekv3", hf.DeepseekV3ForCausalLM, deepseek),
+        "gemma3": lm("gemma3", hf.Gemma3ForCausalLM, gemma3),
+        "modernbert": mlm("modernbert", hf.ModernBertForMaskedLM, modernbert),
+        "distilbert": mlm("distilbert", hf.DistilBertForMaskedLM, distilbert),
+    }
 
 
 def _families_ii(hf: Any) -> dict[str, Task]:

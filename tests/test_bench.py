@@ -171,6 +171,48 @@ def test_recipes_sweep_writes_its_table(tmp_path):
     assert table.count("| llama |") == 7 and "skipped: unknown model" in table
 
 
+@pytest.mark.parametrize("family", ["phi", "falcon", "deepseekv3", "gemma3", "modernbert",
+                                    "distilbert"])  # fmt: skip
+def test_recipes_families_iii_train(family):
+    """The sweep's held-out families (causal and masked LMs) build, get groups without a
+    warning about guessed layers, and take finite steps with and without ``init()``; the masked
+    task labels exactly the masked tokens."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    import warnings
+
+    from bench import recipes
+
+    assert family in recipes.FAMILIES_III
+    task = recipes.tasks()[family]
+    if isinstance(task, str):
+        pytest.skip(task)
+    gen = torch.Generator().manual_seed(0)
+    x, y = task.batch(gen)
+    if task.loss is recipes._masked_loss:
+        masked = x == recipes.VOCAB
+        assert masked.any() and torch.equal(y != -100, masked)
+    for init in (False, True):
+        torch.manual_seed(0)
+        model = task.build()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            groups = param_groups(model, task.recipe)
+        guessed = ("no rule", "could not run", "the model was not run")
+        assert not [w for w in caught if str(w.message).startswith(guessed)], family
+        opt = Scion(groups, lr=2**-7, momentum=0.1)
+        if init:
+            opt.init()
+        losses = []
+        for _ in range(2):
+            loss = task.loss(model, *task.batch(gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(v) for v in losses), (family, init, losses)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_step_benchmark_models_get_the_roles_it_checks():
     """The step benchmark refuses to time a model whose groups are not what it expects; each of
     its models passes that check (GPT-2 with 1 block, to stay small)."""
