@@ -30,7 +30,7 @@ RESULTS = ROOT / "bench" / "results"
 REQUIRED_KEYS = ("bench", "backend", "ms")
 OPTIONAL_KEYS = (
     "shape",  # [batch, m, n] for "polar"
-    "model",  # "gpt2-small", "vit-s16", "resnet18" for "step"
+    "model",  # "gpt2-small", "vit-s16", "resnet18" for "step"; a layout for "init"
     "optimizer",  # "Scion", "ScionLight", "Muon+AdamW", ...
     "coefficients",
     "dtype",
@@ -48,7 +48,7 @@ OPTIONAL_KEYS = (
     "first_s",  # seconds of the first call (compilation included), where it was timed
     "note",
 )
-BENCHES = ("kernels", "polar", "step", "elementwise")
+BENCHES = ("kernels", "polar", "step", "elementwise", "init")
 
 
 def device_name(device: torch.device) -> str:

@@ -28,8 +28,8 @@ stage          budget  predicted  what
 ``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 12 native tests,
                                   PyTorch's caching allocator off (so overruns are seen)
 ``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 4 native tests
-``rest``         60 s      45 s   the polar factor at the check's other shapes, the memory-bound
-                                  stages
+``rest``         60 s      50 s   the polar factor at the check's other shapes, the memory-bound
+                                  stages, ``init()`` on a 1.1B Llama layout (``bench.init``)
 ``tiles``        50 s      30 s   every tile candidate of the Triton products at 4096², 1024²
                                   and GPT-2 small's buckets (``bench.tiles``)
 ``table``        10 s       3 s   the ``backend="auto"`` table from the timings, into the archive
@@ -501,7 +501,7 @@ def stage_tiles(check: Check, deadline: float) -> StageResult:
 
 
 def stage_rest(check: Check, deadline: float) -> StageResult:
-    args = ["--only", "polar,elementwise", "--polar-backends", POLAR_BACKENDS]
+    args = ["--only", "polar,elementwise,init", "--polar-backends", POLAR_BACKENDS]
     args += ["--polar-shapes", "2x48x96" if check.dry_run else REST_POLAR]
     return _bench(check, "rest", args, deadline)
 
@@ -613,7 +613,7 @@ STAGES = [
     Stage("marked", 20, 10, stage_marked),
     Stage("memcheck", 40, 25, stage_memcheck),
     Stage("racecheck", 30, 20, stage_racecheck),
-    Stage("rest", 60, 45, stage_rest),
+    Stage("rest", 60, 50, stage_rest),
     Stage("tiles", 50, 30, stage_tiles),
     Stage("table", 10, 3, stage_table),
 ]

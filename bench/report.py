@@ -28,6 +28,7 @@ KERNEL_COLUMNS = [
     "kernel", "shape", "backend", "config", "dtype", "ms", "tflops", "ceiling_fraction", "note",
 ]  # fmt: skip
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
+INIT_COLUMNS = ["model", "numel", "first_s", "ms", "tflops", "note"]
 
 
 def write_json(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -58,6 +59,7 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ("polar", "Polar factor", POLAR_COLUMNS),
         ("step", "Optimizer step", STEP_COLUMNS),
         ("elementwise", "Memory-bound stages", ELEMENTWISE_COLUMNS),
+        ("init", "Scion.init() on a whole model", INIT_COLUMNS),
     ):
         sel = [r for r in rows if r["bench"] == bench]
         if sel:

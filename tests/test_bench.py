@@ -213,6 +213,28 @@ def test_recipes_families_iii_train(family):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_init_benchmark_layout_and_row():
+    """The init benchmark's 1.1B layout has TinyLlama's parameter count and QR count; on a CPU
+    the quick suite times the tiny layout and records one row."""
+    from bench import init
+
+    with torch.device("meta"):
+        big = init.LlamaLayout("llama-1.1b")
+    assert sum(p.numel() for p in big.parameters()) == 1_100_048_384
+    groups = param_groups(big, head="head", example_inputs=False)
+    # Per block: two 2048² and two 2048×256 draws, three 5632×2048.
+    square, kv = 8 * 2048**3 / 3, 4 * 2048 * 256**2 - 4 * 256**3 / 3
+    mlp = 4 * 5632 * 2048**2 - 4 * 2048**3 / 3
+    assert init.qr_flops(groups) == pytest.approx(22 * (2 * square + 2 * kv + 3 * mlp))
+    ctx = Context(device=torch.device("cpu"), quick=True, repeats=1)
+    init.run(ctx)
+    (row,) = ctx.rows
+    assert row["bench"] == "init" and row["model"] == "llama-tiny" and row["ms"] > 0
+    assert row["numel"] == sum(math.prod(s) for s in [(1000, 128), (1000, 128), (128,)]) + 2 * (
+        2 * 128 * 128 + 2 * 32 * 128 + 3 * 352 * 128 + 2 * 128
+    )
+
+
 def test_step_benchmark_models_get_the_roles_it_checks():
     """The step benchmark refuses to time a model whose groups are not what it expects; each of
     its models passes that check (GPT-2 with 1 block, to stay small)."""
@@ -253,7 +275,7 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
     for name in ("env.json", "summary.md", "_backend_table.py", "tests/parity.xml"):
         assert f"gpu_check/{name}" in names
     assert {r["bench"] for r in headline["rows"]} == {"kernels", "polar", "step"}
-    assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise"}
+    assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise", "init"}
     summary = (tmp_path / "summary.md").read_text()
     triton = gpu_check._has("triton")  # .ci/run's second pass hides it
     for stage in gpu_check.STAGES:
