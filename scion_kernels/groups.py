@@ -9,8 +9,8 @@ Every parameter of a model gets one of four roles:
   included; name them with ``head=`` otherwise. A head weight tied to an embedding is counted
   once: as the head in the authors' recipes, as the embedding (``input``) in the stock ones
   (:attr:`Recipe.tied`). Where the run shows the tied head reading its input rescaled by a
-  constant ``c`` (T5 multiplies by ``d_model^-½``; more than √2 away from 1), that matrix's
-  radius is divided by ``c``;
+  constant ``c`` (T5 multiplies by ``d_model^-½``; more than √2 away from 1, within 2^±8),
+  that matrix's radius is divided by ``c``;
 - ``hidden``: every other matrix, conv or stacked-experts weight;
 - ``vector``: biases, norm gains, layer scales, and broadcast parameters such as a ViT's
   position embedding and class token (any shape: BiasRMS reduces over all elements);
@@ -412,14 +412,23 @@ def param_groups(
     # A tied head that reads its input rescaled by a constant (T5: the final norm's output
     # times d_model^-½) would give logits that much smaller than the radius of the matrix it
     # shares says: that matrix's radius is divided by the RMS the head read in the run. Only
-    # a clear rescale counts (more than √2 away from 1; a norm's output reads 1).
-    read_rms = {
-        id(layers[n].weight): run.input_rms[n]
-        for n in sorted(head_names & set(run.input_rms) if run is not None else ())
-        if n in layers
-        and id(layers[n].weight) in tied_ids
-        and abs(math.log2(max(run.input_rms[n], 1e-30))) > 0.5
-    }
+    # a clear rescale counts (more than √2 away from 1; a norm's output reads 1), and only
+    # within 2^±8: past that the input is no rescaled norm output (zeros at init, say).
+    read_rms: dict[int, float] = {}
+    for n in sorted(head_names & set(run.input_rms) if run is not None else ()):
+        c = run.input_rms[n]
+        if n not in layers or id(layers[n].weight) not in tied_ids:
+            continue
+        if not (math.isfinite(c) and 2.0**-8 <= c <= 2.0**8):
+            warnings.warn(
+                f"the tied head {n!r} read an input of RMS {c:.3g} in the example run; its "
+                "radius is left as the recipe gives it. Set it with overrides= if the logits' "
+                "scale needs it",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif abs(math.log2(c)) > 0.5:
+            read_rms[id(layers[n].weight)] = c
     if recipe.tied == "input":  # a tied head is an embedding too: it keeps the input role
         for name, m in layers.items():
             if id(m.weight) in tied_ids and isinstance(m, _EMBEDDINGS):

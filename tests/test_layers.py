@@ -817,6 +817,17 @@ class _TiedLM(nn.Module):
         return self.head(self.norm(self.mix(self.embed(ids))) * self.read)
 
 
+@pytest.mark.parametrize("read", [0.0, 1e-4])
+def test_a_tied_head_that_reads_next_to_nothing_keeps_its_radius(read):
+    """A tied head whose input is (nearly) zero in the run is no rescaled norm output: its
+    radius stays the recipe's, with a warning naming it, never divided by zero."""
+    ids = torch.randint(0, 11, (2, 5))
+    with pytest.warns(UserWarning, match=r"tied head 'head' read an input of RMS"):
+        groups = param_groups(_TiedLM(read), example_inputs=ids)
+    (tied,) = [g for g in groups if "embed.weight" in g["param_names"]]
+    assert tied["scale"] == RECIPES["stock"].input.scale
+
+
 @pytest.mark.parametrize("read", [1.0, 0.8, 1.3, 0.125, 1 / 6, 4.0])
 def test_a_tied_head_that_reads_a_rescaled_input(read):
     """A head tied to the embedding that reads its input rescaled by a constant ``c`` (T5:
