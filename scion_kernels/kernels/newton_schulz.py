@@ -515,12 +515,16 @@ def _config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], 
     candidates = _bucket_candidates(bucket, kernel)
     if not AUTOTUNE or len(candidates) == 1:
         return candidates[0]
-    dev = bucket.device
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    key = (kernel, bucket.m, inner, bucket.batch, bucket.dtype, where)
+    key = _tuning_key(bucket, kernel, inner)
     if key not in TUNED:
         TUNED[key] = _fastest(candidates, launch)
     return TUNED[key]
+
+
+def _tuning_key(bucket: NSBucket, kernel: str, inner: int) -> tuple:
+    dev = bucket.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return (kernel, bucket.m, inner, bucket.batch, bucket.dtype, where)
 
 
 def _time(fn: Callable[[], None]) -> float:
@@ -661,6 +665,11 @@ def newton_schulz_bucket(
     def time_apply(cfg):
         apply(x, y, 1.0, cfg)
 
+    if AUTOTUNE and any(
+        _tuning_key(bucket, k, i) not in TUNED for k, i in (("syrk", n), ("syrk", m), ("apply", n))
+    ):
+        a_mat.zero_()  # the timing runs read them before any step has written them
+        p_mat.zero_()
     gram = _config(bucket, "syrk", n, time_gram)
     poly = _config(bucket, "syrk", m, time_poly)
     prod = _config(bucket, "apply", n, time_apply)
