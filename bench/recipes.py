@@ -11,6 +11,11 @@ the last 10 steps, averaged over ``--seeds`` runs (model init and data differ pe
   likely successors (loss floor about ln 4 ≈ 1.4 nats);
 - image models: 10 classes, each a fixed random 32×32 template plus Gaussian noise (σ = 4).
 
+More families by name (``--models``), from tiny configs: ``FAMILIES_II`` (CLIP on image–caption
+pairs, Mamba, Gemma 2, T5 copying its input, Whisper from sounds to captions, Swin,
+ConvNeXtV2) and ``FAMILIES_III`` (Phi, Falcon, DeepseekV3 and Gemma 3 as causal LMs;
+ModernBERT and DistilBERT restoring sequences with a quarter of the tokens masked).
+
 Each model runs AdamW at several learning rates and Scion at each point of a grid of learning
 rates and radii (``--grid``), with and without ``init()``. Results go to
 ``bench/results/<device>/recipes.{json,md}``. Needs transformers and timm (timm needs
