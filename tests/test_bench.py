@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -171,18 +172,39 @@ def test_recipes_sweep_writes_its_table(tmp_path):
     assert table.count("| llama |") == 7 and "skipped: unknown model" in table
 
 
-@pytest.mark.parametrize("family", ["phi", "falcon", "deepseekv3", "gemma3", "modernbert",
-                                    "distilbert"])  # fmt: skip
+#: Per held-out family: (parameter-name pattern, role, norm, norm options) rows that must hold,
+#: and whether the model has a head of its own (untied).
+FAMILIES_III = {
+    "phi": ([(r"model\.embed_tokens\.weight", "input", "ColNorm", {"transpose": True}),
+             (r"lm_head\.weight", "head", "Sign", {"zero_init": True})], True),
+    "falcon": ([(r"transformer\.word_embeddings\.weight", "input", "ColNorm",
+                 {"transpose": True})], False),
+    "deepseekv3": ([(r".*mlp\.experts\.(gate_up_proj|down_proj)", "hidden", "Spectral",
+                     {"batch_dims": 1}),
+                    (r".*mlp\.gate\.weight", "hidden", "Spectral", {}),
+                    (r".*self_attn\.kv_a_proj_with_mqa\.weight", "hidden", "Spectral", {}),
+                    (r"lm_head\.weight", "head", "Sign", {"zero_init": True})], True),
+    "gemma3": ([(r"model\.embed_tokens\.weight", "input", "ColNorm", {"transpose": True})],
+               False),
+    "modernbert": ([(r"model\.embeddings\.tok_embeddings\.weight", "input", "ColNorm",
+                     {"transpose": True})], False),
+    "distilbert": ([(r"distilbert\.embeddings\.word_embeddings\.weight", "input", "ColNorm",
+                     {"transpose": True})], False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES_III))
 def test_recipes_families_iii_train(family):
     """The sweep's held-out families (causal and masked LMs) build, get groups without a
-    warning about guessed layers, and take finite steps with and without ``init()``; the masked
-    task labels every position with the token the mask hid."""
+    warning about guessed layers, with the named parameters' roles, norms and options (stacked
+    experts, router, MLA, tied or untied heads), and take finite steps with and without
+    ``init()``; the masked task labels every position with the token the mask hid."""
     pytest.importorskip("transformers", reason="transformers is not installed")
     import warnings
 
     from bench import recipes
 
-    assert family in recipes.FAMILIES_III
+    assert set(FAMILIES_III) == set(recipes.FAMILIES_III)
     task = recipes.tasks()[family]
     if isinstance(task, str):
         pytest.skip(task)
@@ -199,6 +221,14 @@ def test_recipes_families_iii_train(family):
             groups = param_groups(model, task.recipe)
         guessed = ("no rule", "could not run", "the model was not run")
         assert not [w for w in caught if str(w.message).startswith(guessed)], family
+        rows, has_head = FAMILIES_III[family]
+        got = {n: g for g in groups for n in g["param_names"]}
+        for pattern, role, norm, kwargs in rows:
+            matched = {n: g for n, g in got.items() if re.fullmatch(pattern, n)}
+            assert matched, (family, pattern)
+            for name, g in matched.items():
+                assert (g["role"], g["norm"], dict(g["norm_kwargs"])) == (role, norm, kwargs), name
+        assert any(g["role"] == "head" for g in groups) == has_head, family
         opt = Scion(groups, lr=2**-7, momentum=0.1)
         if init:
             opt.init()
