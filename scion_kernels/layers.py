@@ -53,6 +53,7 @@ from the outputs to the first layer on each path.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -435,14 +436,14 @@ def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs
     stops: dict[Any, str | None] = {}
     order: list[str] = []
     fed: list[str] = []
-    input_rms: dict[str, float] = {}
+    squares: dict[str, Tensor] = {}  # each layer's first input's mean square, on its device
     names_by_module = {id(m): n for n, m in layers.items()}
     weights = {id(getattr(m, "weight", None)): n for n, m in layers.items()}
     given = {id(t) for t in _tensors(example_inputs)}
 
     def before(module: nn.Module, args: Any, kwargs: Any) -> None:
         name = names_by_module.get(id(module))
-        if name is not None and name not in input_rms:
+        if name is not None and name not in squares:
             first = next(iter(_tensors((args, kwargs))), None)
             if (
                 type(first) is Tensor  # not a DTensor or other subclass
@@ -450,7 +451,9 @@ def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs
                 and first.numel()
                 and not first.is_meta
             ):
-                input_rms[name] = first.detach().float().pow(2).mean().sqrt().item()
+                # No copy of the input, no wait for the device: read once the run is over.
+                norm = torch.linalg.vector_norm(first.detach(), dtype=torch.float32)
+                squares[name] = norm.square() / first.numel()
         if (
             name is not None
             and name not in fed
@@ -514,6 +517,7 @@ def run_layers(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs
             continue
         todo.extend(nxt for nxt, _ in node.next_functions)
     heads = [h for h in heads if h not in normalized]
+    input_rms = {name: math.sqrt(sq.item()) for name, sq in squares.items()}
     return LayerRun(heads, order, fed, normalized, input_rms)
 
 
