@@ -434,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
             floats(args.free) or [r.free.scale],
         )
         for lr, hidden, vector, head, init, input_, conv, free in grid:
-            radii = {"input": input_, "hidden": hidden, "vector": vector, "head": head}
-            radii["free"] = free
+            radii = {
+                "input": input_,
+                "hidden": hidden,
+                "vector": vector,
+                "head": head,
+                "free": free,
+            }
             r = train_seeds(task, scion(recipe, lr, init, conv, **radii), args.steps, args.seeds)
             rows.append(
                 {
