@@ -46,6 +46,8 @@ OPTIONAL_KEYS = (
     "config",  # a kernel's tile configuration, where several are timed (bench/tiles.py)
     "peak_bytes",  # for "step" on a GPU: peak allocated memory beyond parameters and gradients
     "first_s",  # seconds of the first call (compilation included), where it was timed
+    "draws",  # "independent" or "shared" for "init"
+    "touch_s",  # for "init": seconds of a first zero_() pass over freshly materialized memory
     "note",
 )
 BENCHES = ("kernels", "polar", "step", "elementwise", "init")

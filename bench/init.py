@@ -10,10 +10,16 @@ from the first call (``first_s``: the solver's set-up included) and, on a GPU, a
 three more (``ms``; on a CPU ``ms`` is the first call). The full suite, and the check's on a
 GPU, take ``llama-1.1b``; the others ``llama-tiny``.
 
+Each layout is timed with both ``draws`` of ``init()``: ``independent`` (one QR per matrix, the
+default) and ``shared`` (one QR per shape, signed row permutations of it per matrix). The
+``shared`` row is timed first, so its ``first_s`` includes the operating system's first touch
+of the freshly materialized memory; ``touch_s`` is that cost alone (one ``zero_()`` pass over a
+second model materialized the same way).
+
 FLOP count: one Householder QR per orthogonal draw, ``4mn² − 4n³/3`` for an ``m × n`` Gaussian
 (``m ≥ n``: the factorization and forming Q), summed over the Spectral weights; ``tflops`` is that
-count over ``ms``. The Sign head (zeroed), embedding (normalized columns) and gains add only
-memory traffic.
+count over ``ms`` (``independent`` rows only). The Sign head (zeroed), embedding (normalized
+columns) and gains add only memory traffic.
 """
 
 from __future__ import annotations
@@ -72,44 +78,70 @@ def qr_flops(groups: list[dict]) -> float:
     return total
 
 
-def _timed_init(ctx: Context, opt: Scion) -> float:
-    """Seconds of one ``opt.init()``, the device synchronized on both sides."""
+def _timed_init(ctx: Context, opt: Scion, draws: str) -> float:
+    """Seconds of one ``opt.init(draws=draws)``, the device synchronized on both sides."""
     ctx.sync()
     t0 = time.perf_counter()
-    opt.init()
+    opt.init(draws=draws)
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
+def _materialized(name: str, device: torch.device) -> nn.Module:
+    """A ``LlamaLayout`` built on ``meta`` and materialized on ``device`` (memory not touched)."""
+    with torch.device("meta"):
+        model = LlamaLayout(name)
+    return model.to_empty(device=device)
+
+
+def _touch_s(ctx: Context, name: str) -> float:
+    """Seconds of one ``zero_()`` pass over a freshly materialized model: the first touch."""
+    model = _materialized(name, ctx.device)
+    ctx.sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
     ctx.sync()
     return time.perf_counter() - t0
 
 
 def run(ctx: Context) -> None:
-    """One row per layout the suite sizes for the device."""
+    """Rows per layout the suite sizes for the device: each ``draws``."""
     big = not ctx.quick and not ctx.tiny  # the full suite, or the check's on a GPU
     gpu = ctx.device.type == "cuda"
     for name in ["llama-1.1b"] if big else ["llama-tiny"]:
-        with torch.device("meta"):
-            model = LlamaLayout(name)
-        model.to_empty(device=ctx.device)
+        touch_s = _touch_s(ctx, name)
+        if gpu:
+            torch.cuda.empty_cache()
+        model = _materialized(name, ctx.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no forward: the head is named
             groups = param_groups(model, head="head", example_inputs=False)
         opt = Scion(groups, lr=2**-7, momentum=0.1)
-
-        first_s = _timed_init(ctx, opt)
-        # A call is seconds to minutes long on a CPU: there the first is the figure.
-        ms = 1e3 * (statistics.median(_timed_init(ctx, opt) for _ in range(3)) if gpu else first_s)
         flops = qr_flops(groups)
         numel = sum(p.numel() for p in model.parameters())
-        row = ctx.add(
-            bench="init",
-            backend="torch",
-            model=name,
-            ms=ms,
-            first_s=round(first_s, 3),
-            numel=numel,
-            tflops=flops / (ms * 1e-3) / 1e12,
-            note=f"{flops / 1e12:.3g} TFLOP of QR",
-        )
-        ctx.log(f"init {name} ({numel / 1e9:.3g}B parameters): {row['ms']:.1f} ms")
+        for draws in ("shared", "independent"):
+            first_s = _timed_init(ctx, opt, draws)
+            # A call is seconds to minutes long on a CPU: there the first is the figure.
+            ms = 1e3 * (
+                statistics.median(_timed_init(ctx, opt, draws) for _ in range(3))
+                if gpu
+                else first_s
+            )
+            row = ctx.add(
+                bench="init",
+                backend="torch",
+                model=name,
+                draws=draws,
+                ms=ms,
+                first_s=round(first_s, 3),
+                touch_s=touch_s,
+                numel=numel,
+                tflops=flops / (ms * 1e-3) / 1e12 if draws == "independent" else None,
+                note=f"{flops / 1e12:.3g} TFLOP of QR" if draws == "independent" else "",
+            )
+            ctx.log(f"init {name} ({numel / 1e9:.3g}B parameters), {draws}: {row['ms']:.1f} ms")
         del opt, groups, model
         if gpu:
             torch.cuda.empty_cache()

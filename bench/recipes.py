@@ -367,10 +367,11 @@ def adamw(lr: float) -> Callable[[nn.Module], Any]:
 
 
 def scion(
-    recipe: str, lr: float, init: bool, conv: float | None = None, **radii: float
+    recipe: str, lr: float, init: bool | str, conv: float | None = None, **radii: float
 ) -> Callable[[nn.Module], Any]:
     """Scion on ``param_groups(model, recipe)`` with each role's radius ``radii[role]`` and,
-    for the input and hidden roles, conv weights at ``conv`` (``None``: the recipe's)."""
+    for the input and hidden roles, conv weights at ``conv`` (``None``: the recipe's);
+    ``init``: no ``init()`` (``False``), the default one (``True``) or ``"shared"`` draws."""
 
     def make(model: nn.Module) -> Any:
         overrides: dict[str, dict[str, float]] = {role: {"scale": r} for role, r in radii.items()}
@@ -382,7 +383,7 @@ def scion(
             groups = param_groups(model, recipe, overrides=overrides)
         opt = Scion(groups, lr=lr, momentum=RECIPES[recipe].momentum)
         if init:
-            opt.init()
+            opt.init(draws="shared" if init == "shared" else "independent")
         return opt, lambda: None
 
     return make
@@ -404,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--free", default="", help="free-role radii (default: the recipe's)")
     p.add_argument("--seeds", type=int, default=3, help="runs per point, averaged")
     p.add_argument("--adamw", default="0.003,0.001,0.0003", help="AdamW learning rates")
-    p.add_argument("--init", default="0,1", help="run Scion with init() (1), without (0)")
+    p.add_argument(
+        "--init",
+        default="0,1",
+        help='run Scion with init() (1), without (0), with init(draws="shared") (shared)',
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             floats(args.hidden) or [r.hidden.scale],
             floats(args.vector) or [r.vector.scale],
             floats(args.head) or [r.head.scale],
-            [bool(int(v)) for v in args.init.split(",")],
+            [v if v == "shared" else bool(int(v)) for v in args.init.split(",")],
             floats(args.input) or [r.input.scale],
             floats(args.conv) or [r.hidden.conv_scale],
             floats(args.free) or [r.free.scale],
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:9s} Scion lr={lr:<8g} ρ={radii['input']:g}/{hidden:g}/{vector:g}/{head:g}"
                 f"{f' conv {conv:g}' if conv else ''} free {free:g} "
-                f"init={int(init)} "
+                f"init={init if init == 'shared' else int(init)} "
                 f"{r['final']:.3f}{' diverged' if r['diverged'] else ''}",
                 file=sys.stderr,
                 flush=True,
@@ -506,7 +511,7 @@ def _markdown(record: dict) -> str:
             radii += f", conv {r['conv']:g}"
         if "free" in r and r["free"] != RECIPES["stock"].free.scale:
             radii += f", free {r['free']:g}"
-        init = ("yes" if r["init"] else "no") if "init" in r else ""
+        init = {True: "yes", False: "no", "shared": "shared"}[r["init"]] if "init" in r else ""
         loss = "diverged" if r["diverged"] else f"{r['final']:.3f}"
         if len(r.get("finals", [])) > 1 and not r["diverged"]:
             loss += " (" + ", ".join(f"{f:.3f}" for f in r["finals"]) + ")"

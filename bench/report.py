@@ -28,7 +28,7 @@ KERNEL_COLUMNS = [
     "kernel", "shape", "backend", "config", "dtype", "ms", "tflops", "ceiling_fraction", "note",
 ]  # fmt: skip
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
-INIT_COLUMNS = ["model", "numel", "first_s", "ms", "tflops", "note"]
+INIT_COLUMNS = ["model", "draws", "numel", "touch_s", "first_s", "ms", "tflops", "note"]
 
 
 def write_json(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:

@@ -23,7 +23,8 @@ float64 or the polar factor is computed in float64) and maps a zero gradient to 
 Each norm's ``init`` puts a weight on the unit sphere of that norm (the optimizer's ``init()``
 then multiplies by the radius ρ), as the authors do: orthogonal (times ``s``) for the spectral
 norms, random signs for Sign, Gaussian normalized like the LMO for ColNorm and RowNorm, zeros for
-BiasRMS.
+BiasRMS. Inside :func:`shared_draws` the orthogonal matrices of one shape are signed row
+permutations of one draw (each still Haar-distributed; one QR per shape instead of per matrix).
 
 How a weight is stored is an option of its norm, so the LMO, its scale and ``init`` all read
 the true ``(d_out, d_in)``: ``transpose=True`` for a weight stored ``(d_in, d_out)`` (HF's GPT-2
@@ -41,10 +42,12 @@ direction); matrix norms take stacked weights ``(E, d_out, d_in)`` with ``batch_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -73,6 +76,8 @@ __all__ = [
     "SpectralConv",
     "make_norm",
     "norms_that_fit",
+    "random_orthogonal",
+    "shared_draws",
 ]
 
 _EPS = 1e-8
@@ -167,18 +172,80 @@ def init_dtype(w: Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
+#: The one draw per ``(tall shape, device, dtype)`` of the enclosing :func:`shared_draws`
+#: block, or ``None`` outside one (every draw independent).
+_SHARED: ContextVar[dict[tuple, Tensor] | None] = ContextVar("scion_shared_draws", default=None)
+
+
+@contextlib.contextmanager
+def shared_draws() -> Iterator[None]:
+    """Within this block, :func:`random_orthogonal` draws one Haar matrix per shape, device and
+    dtype, and returns it with the rows and columns of each copy randomly permuted and their
+    signs flipped.
+
+    Each matrix is still exactly Haar-distributed on its own (the Haar measure is invariant
+    under signed permutations on either side); matrices of one shape are no longer independent
+    of each other. The QR, the cost of a draw (``O(mn²)``), is paid once per shape instead of
+    once per matrix; what is left is memory traffic.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def random_orthogonal(
-    shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32
+    shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    scale: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """A stack of random matrices of ``shape`` ``(..., r, c)`` with orthonormal rows (r ≤ c) or
     columns, drawn from the Haar measure as ``torch.nn.init.orthogonal_`` draws them (the Q of
-    a Gaussian's QR, its columns' signs fixed by R's diagonal), all at once on ``device``."""
+    a Gaussian's QR, its columns' signs fixed by R's diagonal), all at once on ``device``, times
+    ``scale``. Inside :func:`shared_draws`, signed permutations of one draw per shape instead.
+    ``out``: a contiguous tensor of ``shape`` and ``dtype`` to write them into (returned)."""
     *batch, r, c = shape
-    tall = (max(r, c), min(r, c))
-    g = torch.randn((*batch, *tall), device=device, dtype=dtype)
+    shared = _SHARED.get()
+    if shared is None:
+        q = _haar(r, c, batch, device, dtype)
+        if out is None:
+            return q.mul_(scale) if scale != 1.0 else q
+        return torch.mul(q, scale, out=out) if scale != 1.0 else out.copy_(q)
+    key = (r, c, torch.device(device), dtype)
+    if key not in shared:
+        turned = shared.get((c, r, *key[2:]))  # the other orientation's draw serves as well
+        q = _haar(r, c, [], device, dtype) if turned is None else turned.mT
+        shared[key] = q.contiguous()  # LAPACK's Q is column-major: rows are gathered below
+    copies = _signed_permutations(shared[key], math.prod(batch), scale, out)
+    return copies.view(*batch, r, c)
+
+
+def _haar(
+    r: int, c: int, batch: Sequence[int], device: torch.device | str, dtype: torch.dtype
+) -> Tensor:
+    """Haar-distributed ``(*batch, r, c)`` matrices with orthonormal rows or columns."""
+    g = torch.randn((*batch, max(r, c), min(r, c)), device=device, dtype=dtype)
     q, rr = torch.linalg.qr(g)
     q = q * torch.sgn(torch.diagonal(rr, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q if r >= c else q.mT.contiguous()
+
+
+def _signed_permutations(q: Tensor, count: int, scale: float, out: Tensor | None) -> Tensor:
+    """``count`` copies of ``scale·q`` (``q``: ``(m, n)``), each ``D₁P·q·D₂`` with a fresh
+    random row permutation ``P`` and random signs ``D`` on both sides: ``(count, m, n)``, into
+    ``out`` if given. (Rows are whole-row copies; a column permutation as well would cost a
+    strided gather, and the column signs already decorrelate the copies.)"""
+    m, n = q.shape
+    rows = torch.rand(count, m, device=q.device).argsort(-1).flatten()
+    flat = None if out is None else out.view(count * m, n)
+    copies = torch.index_select(q, 0, rows, out=flat).view(count, m, n)
+    row_factors = torch.randint(0, 2, (count, m, 1), device=q.device, dtype=q.dtype)
+    col_signs = torch.randint(0, 2, (count, 1, n), device=q.device, dtype=q.dtype) * 2 - 1
+    return copies.mul_(row_factors.mul_(2 * scale).sub_(scale)).mul_(col_signs)
 
 
 class Norm:
@@ -283,6 +350,14 @@ class _MatrixNorm(Norm):
         stored ``(d_in, d_out)``)."""
         r, c = self.matrix_shape(shape)[1:]
         return (c, r) if getattr(self, "transpose", False) else (r, c)
+
+    def _init_in_place(self, w: Tensor) -> Tensor | None:
+        """``w``'s matrices ``(B, r, c)`` as a contiguous view an init can draw straight into
+        (``w`` already in :func:`init_dtype`), or ``None`` (draw aside, then copy)."""
+        mats = self._matrices(w)
+        if mats.is_contiguous() and mats.data_ptr() == w.data_ptr() and w.dtype == init_dtype(w):
+            return mats
+        return None
 
 
 class Spectral(_MatrixNorm):
@@ -430,6 +505,11 @@ class Spectral(_MatrixNorm):
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
+            mats = self._init_in_place(w) if self.split is None else None
+            if mats is not None:
+                scale = self.scale_for(w.shape)
+                random_orthogonal(mats.shape, w.device, w.dtype, scale=scale, out=mats)
+                return w
             blocks = []
             for b in self._blocks(self._matrices(torch.empty(w.shape, device="meta"))):
                 q = random_orthogonal(b.shape, w.device, init_dtype(w))
@@ -670,6 +750,11 @@ class ColNorm(_MatrixNorm):
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
+            mats = self._init_in_place(w)
+            if mats is not None:  # drawn straight into w, no copy
+                m = mats.normal_().mT if self.transpose else mats.normal_()
+                m.div_(self._col_scale(m))
+                return w
             m = torch.randn(self._matrices(w).shape, dtype=init_dtype(w), device=w.device)
             m = m.mT if self.transpose else m
             m = m / self._col_scale(m)

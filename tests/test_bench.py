@@ -245,7 +245,7 @@ def test_recipes_families_iii_train(family):
 
 def test_init_benchmark_layout_and_row():
     """The init benchmark's 1.1B layout has TinyLlama's parameter count and QR count; on a CPU
-    the quick suite times the tiny layout and records one row."""
+    the quick suite times the tiny layout and records a row per ``draws``."""
     from bench import init
 
     with torch.device("meta"):
@@ -258,11 +258,12 @@ def test_init_benchmark_layout_and_row():
     assert init.qr_flops(groups) == pytest.approx(22 * (2 * square + 2 * kv + 3 * mlp))
     ctx = Context(device=torch.device("cpu"), quick=True, repeats=1)
     init.run(ctx)
-    (row,) = ctx.rows
-    assert row["bench"] == "init" and row["model"] == "llama-tiny" and row["ms"] > 0
-    assert row["numel"] == sum(math.prod(s) for s in [(1000, 128), (1000, 128), (128,)]) + 2 * (
-        2 * 128 * 128 + 2 * 32 * 128 + 3 * 352 * 128 + 2 * 128
-    )
+    numel = 2 * 1000 * 128 + 128 + 2 * (2 * 128 * 128 + 2 * 32 * 128 + 3 * 352 * 128 + 2 * 128)
+    assert [r["draws"] for r in ctx.rows] == ["shared", "independent"]
+    for row in ctx.rows:
+        assert row["bench"] == "init" and row["model"] == "llama-tiny" and row["ms"] > 0
+        assert row["touch_s"] > 0 and row["numel"] == numel
+    assert ctx.rows[1]["tflops"] > 0 and ctx.rows[0]["tflops"] is None
 
 
 def test_step_benchmark_models_get_the_roles_it_checks():

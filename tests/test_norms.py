@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -22,6 +23,8 @@ from scion_kernels.norms import (
     describe_misfit,
     make_norm,
     norms_that_fit,
+    random_orthogonal,
+    shared_draws,
 )
 
 F64 = torch.float64
@@ -632,11 +635,20 @@ def test_lmo_does_not_modify_its_input():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["independent", "shared"])
+def draws(request):
+    """Orthogonal inits drawn on their own, or inside :func:`shared_draws`."""
+    with shared_draws() if request.param == "shared" else contextlib.nullcontext():
+        yield request.param
+
+
 @pytest.mark.parametrize("shape", [(5, 7), (7, 5), (6, 6), (1, 9), (9, 1)], ids=_ids)
 @pytest.mark.parametrize(
-    "options", [{}, {"normalized": False}, {"max": True}], ids=["default", "unnormalized", "max"]
+    "options",
+    [{}, {"normalized": False}, {"max": True}, {"transpose": True}],
+    ids=["default", "unnormalized", "max", "transposed"],
 )
-def test_spectral_init(shape, options):
+def test_spectral_init(shape, options, draws):
     norm = Spectral(**options)
     w = torch.empty(shape)
     sv = torch.linalg.svdvals(norm.init(w).to(F64))
@@ -644,25 +656,70 @@ def test_spectral_init(shape, options):
     assert torch.allclose(sv, torch.full_like(sv, s), rtol=1e-5, atol=0)
 
 
+def test_spectral_init_split(draws):
+    """A fused projection's blocks are each on their own sphere."""
+    w = Spectral(split=(2, 5)).init(torch.empty(7, 4))
+    for block in (w[:2], w[2:]):
+        sv = torch.linalg.svdvals(block.to(F64))
+        s = math.sqrt(block.shape[0] / block.shape[1])
+        assert torch.allclose(sv, torch.full_like(sv, s), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 7, 5)], ids=_ids)
-def test_spectral_init_batch_dims(shape):
+def test_spectral_init_batch_dims(shape, draws):
     w = Spectral(batch_dims=1).init(torch.empty(shape))
     d_out, d_in = shape[-2:]
     sv = torch.linalg.svdvals(w.to(F64))
     assert sv.shape == (shape[0], min(d_out, d_in))
     assert torch.allclose(sv, torch.full_like(sv, math.sqrt(d_out / d_in)), rtol=1e-5, atol=0)
-    assert not torch.allclose(w[0], w[1])  # independent matrices
+    if draws == "independent":  # shared: see test_shared_draws_are_signed_row_permutations
+        assert not torch.allclose(w[0], w[1])
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 3), (8, 4, 3, 3), (4, 8, 3), (4, 2, 3, 1)], ids=_ids)
-def test_spectral_conv_init(shape):
+def test_spectral_conv_init(shape, draws):
     w = SpectralConv().init(torch.empty(shape))
     d_out, d_in, *kernel = shape
     target = math.sqrt(d_out / d_in) / math.prod(kernel)
     taps = w.to(F64).reshape(d_out, d_in, -1).permute(2, 0, 1)  # (K, d_out, d_in)
     sv = torch.linalg.svdvals(taps)
     assert torch.allclose(sv, torch.full_like(sv, target), rtol=1e-5, atol=0)
-    assert not torch.allclose(taps[0], taps[1])  # each tap drawn on its own
+    if draws == "independent":  # each tap drawn on its own
+        assert not torch.allclose(taps[0], taps[1])
+
+
+def _magnitudes(q: torch.Tensor) -> torch.Tensor:
+    """A matrix's entries' magnitudes, sorted: the same for every signed permutation of it."""
+    return q.abs().flatten(-2).sort(-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (3, 16, 9), (1, 40), (40, 1)], ids=_ids)
+def test_shared_draws_are_signed_row_permutations(shape, dtype):
+    """Inside ``shared_draws`` every draw of one shape is the same Haar matrix with its rows
+    permuted and the signs of its rows and columns flipped: orthonormal, and distinct copies;
+    the other orientation is served by the same draw; outside, draws are unrelated."""
+    tol = 1e-12 if dtype == F64 else 1e-6
+    r, c = shape[-2:]
+    with shared_draws():
+        a, b = (random_orthogonal(shape, "cpu", dtype) for _ in range(2))
+        turned = random_orthogonal((*shape[:-2], c, r), "cpu", dtype)
+    fresh = random_orthogonal(shape, "cpu", dtype)
+    for q in (a, b, turned, fresh):
+        assert q.dtype == dtype and q.shape[-2:] in ((r, c), (c, r))
+        gram = q @ q.mT if q.shape[-2] <= q.shape[-1] else q.mT @ q
+        eye = torch.eye(gram.shape[-1], dtype=dtype).expand_as(gram)
+        torch.testing.assert_close(gram, eye, rtol=0, atol=tol)
+    copies = torch.cat([m.reshape(-1, r, c) for m in (a, b, turned.mT)])
+    seen = _magnitudes(copies)
+    torch.testing.assert_close(seen, seen[:1].expand_as(seen), rtol=0, atol=tol)
+    # Rows gathered whole: a's first copy's rows, up to order and sign, are b's.
+    rows = a.reshape(-1, r, c)[0].abs().sort(0).values
+    torch.testing.assert_close(b.reshape(-1, r, c)[0].abs().sort(0).values, rows, rtol=0, atol=0)
+    if r * c > 1 and max(r, c) >= 12:  # a repeat is a (r!·2^(r+c))⁻¹ chance: none here
+        for i in range(1, len(copies)):
+            assert not torch.equal(copies[0], copies[i])
+        assert not torch.allclose(_magnitudes(fresh.reshape(-1, r, c))[0], seen[0])
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (16, 4)], ids=_ids)
@@ -727,7 +784,7 @@ INIT_NORMS = [
 
 @pytest.mark.parametrize("norm, shape", INIT_NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_init_is_in_place(norm, shape, dtype):
+def test_init_is_in_place(norm, shape, dtype, draws):
     w = torch.full(shape, 123.0, dtype=dtype)
     ptr = w.data_ptr()
     out = norm.init(w)

@@ -544,6 +544,31 @@ def test_init_puts_weights_on_the_sphere():
     torch.testing.assert_close(w.abs(), torch.full_like(w, 2.0**10 / 10))
 
 
+def test_init_with_shared_draws():
+    """``init(draws="shared")`` puts every matrix on its sphere as the default does (one QR per
+    shape: same-shaped matrices are signed row permutations of one draw, so their sorted
+    magnitudes agree); anything else is refused before a value is written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3))
+    opt = Scion(sk.param_groups(model, "mlp", example_inputs=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="draws must be"):
+        opt.init(draws="fast")
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    opt.init(draws="shared")
+    hidden = [model[1].weight.detach().double(), model[2].weight.detach().double()]
+    for w in hidden:
+        sv = torch.linalg.svdvals(w)
+        torch.testing.assert_close(sv, torch.ones_like(sv), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(hidden[0], hidden[1])
+    torch.testing.assert_close(hidden[0].abs().flatten().sort().values,
+                               hidden[1].abs().flatten().sort().values, rtol=0, atol=0)  # fmt: skip
+    opt.init()  # independent again: the shared draw lived inside the call only
+    hidden = [model[1].weight.detach().abs().flatten().sort().values,
+              model[2].weight.detach().abs().flatten().sort().values]  # fmt: skip
+    assert not torch.allclose(hidden[0], hidden[1])
+
+
 def test_init_conv1d_and_conv2d():
     c1, c2 = nn.Conv1d(4, 8, 3), nn.Conv2d(4, 8, 3)
     opt = Scion([c1.weight, c2.weight], norm="SpectralConv", scale=2.0)
