@@ -41,17 +41,21 @@ def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -
     """Raise a clear error for any option of ``group`` (described by ``where``) out of its
     domain."""
     # Groups restored from a checkpoint of the authors' Scion lack our extra options.
-    for key in ("backend", "buffer_dtype"):
+    for key in ("backend", "buffer_dtype", "lr_scale"):
         if key not in group:
             group[key] = defaults[key]
     lr = _number(group["lr"], f"lr ({where})")
     if not (0.0 <= lr < math.inf):
         raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")
+    lr_scale = _number(group["lr_scale"], f"lr_scale ({where})")
+    if not (0.0 < lr_scale < math.inf):
+        raise ValueError(f"Invalid lr_scale {lr_scale} in {where}: it must be > 0 and finite")
     if not isinstance(group["unconstrained"], bool):
         raise TypeError(f"unconstrained must be a bool in {where}")
-    if not group["unconstrained"] and lr > 1.0:
+    if not group["unconstrained"] and lr * lr_scale > 1.0:
+        scaled = f" (lr {lr} × lr_scale {lr_scale})" if lr_scale != 1.0 else ""
         raise ValueError(
-            f"Invalid learning rate {lr} in {where}: the constrained step "
+            f"Invalid learning rate {lr * lr_scale}{scaled} in {where}: the constrained step "
             "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
             "weights); use unconstrained=True for larger steps"
         )

@@ -38,7 +38,10 @@ norm gains and layer scales, position embeddings and class tokens, ``free`` para
 tied to an embedding, and every embedding of a model with such a head.
 
 A :class:`Recipe` maps each role to a norm, its options and a radius ρ, and suggests a learning
-rate and momentum. ``"stock"`` (language models), ``"stock-vit"`` and ``"stock-cnn"`` are for
+rate and momentum. A role may step at a multiple of the learning rate (:attr:`Role.lr_scale`,
+the group's ``lr_scale``): the stock recipes do so in a model whose head is tied to its
+embedding (:attr:`Recipe.tied_lr_scale`: hidden matrices ×2; the shared matrix, vectors and
+``free`` parameters ×½). ``"stock"`` (language models), ``"stock-vit"`` and ``"stock-cnn"`` are for
 models as their libraries build them;
 ``"gpt"``, ``"mlp"``, ``"cnn"`` and ``"vit"`` are the authors' (``LIONS-EPFL/scion``), tuned on
 their modified models (weightless norms, scaled activations).
@@ -85,6 +88,9 @@ class Role:
     #: Step the role's parameters with ``x ← x − γ·ρ·lmo`` (no shrink towards the origin):
     #: their groups get ``unconstrained=True``.
     unconstrained: bool = False
+    #: The role's learning rate as a multiple of the optimizer's: its groups get
+    #: ``lr_scale`` and step with ``γ·lr_scale`` (the step and the shrink alike).
+    lr_scale: float = 1.0
 
     def scale_of(self, norm: str, shape: Sequence[int]) -> float:
         """The radius of a parameter of ``shape`` in this role whose norm is ``norm``."""
@@ -115,6 +121,9 @@ class Recipe:
     #: temperatures, scalars): an unconstrained element-wise step, since pulling them towards
     #: zero (the constrained step's ``(1 − γ)·x``) changes what they mean.
     free: Role = Role("BiasRMS", 0.1, unconstrained=True)
+    #: Per role, its ``lr_scale`` in a model whose head is tied to its embedding (the stock
+    #: recipes: hidden matrices ×2, the shared matrix, vectors and free parameters ×½).
+    tied_lr_scale: Mapping[str, float] = field(default_factory=dict)
 
 
 def _auto_everywhere(scale: float, head: float, **options: Any) -> Recipe:
@@ -132,7 +141,9 @@ def _auto_everywhere(scale: float, head: float, **options: Any) -> Recipe:
 # ρ = 1, hidden ρ = 2, vectors ρ = 0.1 (biases and gains; a larger radius lets the constrained
 # step swing them), head Sign ρ = 32. Auto resolves per layer: ColNorm(transpose) on
 # embeddings, Spectral on matrices. lr 2⁻⁷: the best of 2⁻³…2⁻⁹ without init() on 7 of these 8
-# families (Whisper: 2⁻⁶), bench/NOTES.md.
+# families (Whisper: 2⁻⁶), bench/NOTES.md. With a tied head the hidden matrices learn at 2γ
+# and the shared matrix, vectors and free parameters at γ/2: tied Llama 2.216 → 2.097, Mamba
+# 2.126 → 2.047, T5 2.473 → 2.048 (bench/NOTES.md, "Real models IV").
 _STOCK = Recipe(
     input=Role("Auto", 1.0),
     hidden=Role("Auto", 2.0),
@@ -143,6 +154,7 @@ _STOCK = Recipe(
     source="bench/recipes.py sweeps on stock GPT-2, Llama and the real-models-II families",
     tied="input",
     per_tap=True,
+    tied_lr_scale={"hidden": 2.0, "input": 0.5, "vector": 0.5, "free": 0.5},
 )
 
 #: Recipes for stock models (HF transformers, timm, torchvision as their libraries build them:
@@ -302,11 +314,12 @@ def param_groups(
 
     Returns:
         A list of group dicts (``params``, ``param_names``, ``norm``, ``norm_kwargs``, ``scale``,
-        ``role``, and ``init: False`` where ``Scion.init()`` leaves the parameters as the model
-        made them: vectors other than biases, ``free`` parameters, a head tied to an
-        embedding, and every embedding of a model with such a head; ``unconstrained: True``
-        where the role steps without the constraint, ``free`` in every recipe) for
-        :class:`~scion_kernels.Scion`, one per (role, norm, options, radius, init, step);
+        ``role``; ``lr_scale`` where a role steps at a multiple of the learning rate;
+        ``init: False`` where ``Scion.init()`` leaves the parameters as the model made them:
+        vectors other than biases, ``free`` parameters, a head tied to an embedding, and
+        every embedding of a model with such a head; ``unconstrained: True`` where the role
+        steps without the constraint, ``free`` in every recipe) for
+        :class:`~scion_kernels.Scion`, one per (role, norm, options, radius, init, step, lr);
         empty roles are left out. An untied ``Sign`` head gets
         ``zero_init=True``: ``init()`` zeroes it and the logits start at 0.
         :func:`format_groups` prints which parameter got what.
@@ -315,11 +328,10 @@ def param_groups(
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
         recipe = RECIPES[recipe]
-    by_role = {r: getattr(recipe, r) for r in ROLES}
     for r, fields in (overrides or {}).items():
-        if r not in by_role:
+        if r not in ROLES:
             raise ValueError(f"unknown role {r!r} in overrides; roles are {ROLES}")
-        by_role[r] = replace(by_role[r], **fields)
+        replace(getattr(recipe, r), **fields)  # unknown fields raise here, before any run
 
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -394,21 +406,27 @@ def param_groups(
             input_names = set([n for n in order if n not in head_names][:1])
 
     role_of: dict[int, str] = {}
-    holders: dict[int, int] = {}  # how many layers hold each weight (tied: more than one)
     for name, m in layers.items():
         w = m.weight
-        holders[id(w)] = holders.get(id(w), 0) + 1
         if name in head_names:
             role_of[id(w)] = "head"  # a tied head weight is the head, whoever else holds it
             layouts[_param_name(model, w)] = replace(weight_layout(m), module=name)
         elif id(w) not in role_of:
             role_of[id(w)] = "input" if name in input_names else "hidden"
-    # Embedding weights another layer also holds (a head tied to the token embedding).
+    # Embedding weights a head also holds (a head tied to the token embedding). Embeddings
+    # shared only with other embeddings (T5's encoder and decoder without a tied head) are not.
+    head_weights = {id(layers[n].weight) for n in head_names if n in layers}
     tied_ids = {
         id(m.weight)
         for m in layers.values()
-        if isinstance(m, _EMBEDDINGS) and holders[id(m.weight)] > 1
+        if isinstance(m, _EMBEDDINGS) and id(m.weight) in head_weights
     }
+    by_role = {r: getattr(recipe, r) for r in ROLES}
+    if tied_ids:
+        for r, k in recipe.tied_lr_scale.items():
+            by_role[r] = replace(by_role[r], lr_scale=k)
+    for r, fields in (overrides or {}).items():
+        by_role[r] = replace(by_role[r], **fields)
     # A tied head that reads its input rescaled by a constant (T5: the final norm's output
     # times d_model^-½) would give logits that much smaller than the radius of the matrix it
     # shares says: that matrix's radius is divided by the RMS the head read in the run. Only
@@ -467,7 +485,8 @@ def param_groups(
         if id(p) in read_rms:
             scale = float(f"{scale / read_rms[id(p)]:.3g}")
         unconstrained = by_role[role].unconstrained
-        key = (role, norm, repr(sorted(kwargs.items())), scale, keep, unconstrained)
+        lr_scale = float(by_role[role].lr_scale)
+        key = (role, norm, repr(sorted(kwargs.items())), scale, keep, unconstrained, lr_scale)
         group = groups.setdefault(
             key,
             {
@@ -479,6 +498,7 @@ def param_groups(
                 "role": role,
                 **({"init": False} if keep else {}),
                 **({"unconstrained": True} if unconstrained else {}),
+                **({"lr_scale": lr_scale} if lr_scale != 1.0 else {}),
             },
         )
         group["params"].append(p)
@@ -501,12 +521,13 @@ def newton_schulz_dtype(norm: Norm, shape: Sequence[int], device: torch.device |
 
 
 def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
-    """A readable table: each parameter, its shape, role, norm (with options), radius, what
+    """A readable table: each parameter, its shape, role, norm (with options), radius, its
+    learning rate as a multiple of the optimizer's (``lr_scale``), what
     ``Scion.init()`` does to it (``norm``: a point of radius ρ of its norm; ``kept``: left as
     the model made it), and the dtype its Newton–Schulz computes in on the parameter's device
     (``(auto)``: chosen for the hardware, see
     :func:`scion_kernels.newton_schulz.default_compute_dtype`)."""
-    rows = [("parameter", "shape", "role", "norm", "radius", "init", "Newton–Schulz")]
+    rows = [("parameter", "shape", "role", "norm", "radius", "lr", "init", "Newton–Schulz")]
     for gi, g in enumerate(groups):
         names = g.get("param_names") or [f"group{gi}[{i}]" for i in range(len(g["params"]))]
         given = g.get("norm", "Auto")
@@ -516,12 +537,12 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
         norm_obj = make_norm(given, kw)
         norm = given + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
         init = "norm" if g.get("init", True) else "kept"
+        lr = f"×{float(g.get('lr_scale', 1.0)):g}"
         for name, p in zip(names, g["params"], strict=True):
             shape = "×".join(str(s) for s in p.shape) or "scalar"
             ns = newton_schulz_dtype(norm_obj, p.shape, p.device)
-            rows.append(
-                (name, shape, str(g.get("role", "")), norm, f"{g.get('scale', '')}", init, ns)
-            )
+            role = str(g.get("role", ""))
+            rows.append((name, shape, role, norm, f"{g.get('scale', '')}", lr, init, ns))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -75,6 +75,7 @@ class _ScionBase(torch.optim.Optimizer):
             unconstrained=unconstrained,
             backend=backend,
             buffer_dtype=buffer_dtype,
+            lr_scale=1.0,
         )
         # Options are checked before the parameters are read (``params`` may be a generator).
         self._check_options(dict(defaults), "the defaults")
@@ -187,7 +188,7 @@ class _ScionBase(torch.optim.Optimizer):
         """Step parameters ``idx`` of ``group``: the fused backends its route names, then the
         reference on the rest (or the LMOs across ranks)."""
         params = [group["params"][i] for i in idx]
-        lr, scale = float(group["lr"]), float(group["scale"])
+        lr, scale = float(group["lr"]) * float(group["lr_scale"]), float(group["scale"])
         constrained = not group["unconstrained"]
         update = Update(float(group["momentum"]), lr, scale, constrained)
         left = idx
@@ -408,7 +409,10 @@ class Scion(_ScionBase):
             Newton–Schulz iterations, which use the ``backend`` kernels where they apply.
 
     A group may also set ``init=False``: :meth:`init` leaves its parameters as they are (what
-    :func:`~scion_kernels.param_groups` does for vectors other than biases).
+    :func:`~scion_kernels.param_groups` does for vectors other than biases), and ``lr_scale``
+    (default 1): the group steps with ``γ·lr_scale`` in place of ``γ``, in the step and the
+    shrink alike, whatever a scheduler sets ``lr`` to (what ``param_groups`` gives each role
+    of a model with a tied head).
 
     Schedulers may change ``lr`` and ``momentum`` (α) of a group; one that cycles momentum
     in the β convention (``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True``) is

@@ -76,6 +76,51 @@ def test_gpt_recipe_untied():
     assert input_group["norm_kwargs"] == {"normalized": False, "transpose": True}
 
 
+def _lr_scales(groups):
+    return {n: g.get("lr_scale", 1.0) for g in groups for n in g["param_names"]}
+
+
+def test_stock_recipe_scales_role_lrs_only_with_a_tied_head():
+    """With a head tied to the embedding the stock recipe steps hidden matrices at 2γ and the
+    shared matrix, vectors and free parameters at γ/2; untied, or with the authors' recipes,
+    every group steps at γ; a user's override wins."""
+    ex = torch.randint(0, 31, (2, 8))
+    tied = _lr_scales(param_groups(TinyGPT(tied=True), "stock", example_inputs=ex))
+    assert tied["blocks.0.fc.weight"] == tied["blocks.1.proj.weight"] == 2.0
+    assert tied["wte.weight"] == tied["wpe.weight"] == 0.5
+    assert tied["blocks.0.fc.bias"] == tied["blocks.0.ln.weight"] == 0.5
+    assert set(_lr_scales(param_groups(TinyGPT(tied=False), "stock", example_inputs=ex))
+               .values()) == {1.0}  # fmt: skip
+    assert set(_lr_scales(param_groups(TinyGPT(tied=True), "gpt")).values()) == {1.0}
+    mine = param_groups(
+        TinyGPT(tied=True), "stock", example_inputs=ex, overrides={"hidden": {"lr_scale": 3.0}}
+    )
+    assert _lr_scales(mine)["blocks.0.fc.weight"] == 3.0 and _lr_scales(mine)["wte.weight"] == 0.5
+    assert RECIPES["stock"].hidden.lr_scale == 1.0  # the scaling is the recipe's tied_lr_scale
+
+
+def test_embeddings_sharing_a_table_without_a_tied_head_are_not_tied():
+    """Two embeddings holding one table (T5's encoder and decoder) with a head of its own: the
+    table is an input layer that ``init()`` draws, and no role's lr is scaled."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = nn.Embedding(20, 8), nn.Embedding(20, 8)
+            self.dec.weight = self.enc.weight
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+
+        def forward(self, a, b):
+            return self.head(self.mix(self.enc(a) + self.dec(b)))
+
+    ids = torch.randint(0, 20, (2, 5))
+    groups = param_groups(Shared(), "stock", example_inputs=(ids, ids))
+    table = next(g for g in groups if "enc.weight" in g["param_names"])
+    assert table["role"] == "input" and table.get("init", True)
+    assert set(_lr_scales(groups).values()) == {1.0}
+
+
 def test_mlp_recipe_first_layer_is_input():
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     groups = param_groups(model, "mlp")
@@ -158,13 +203,13 @@ def test_format_groups_lists_every_parameter():
     model = TinyGPT(tied=False)
     text = format_groups(param_groups(model, "gpt"))
     lines = text.splitlines()
-    head = ["parameter", "shape", "role", "norm", "radius", "init", "Newton–Schulz"]
+    head = ["parameter", "shape", "role", "norm", "radius", "lr", "init", "Newton–Schulz"]
     assert lines[0].split() == head
     assert len(lines) == 2 + sum(1 for _ in model.parameters())
-    assert any("lm_head.weight" in ln and "31×16" in ln and "3000.0" in ln for ln in lines)
+    assert any("lm_head.weight" in ln and "31×16" in ln and "3000.0  ×1" in ln for ln in lines)
     assert "Sign(normalized=False, transpose=True)" in text
     rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
-    assert rows["blocks.0.ln.weight"][5] == "kept" and rows["blocks.0.ln.bias"][5] == "norm"
+    assert rows["blocks.0.ln.weight"][6] == "kept" and rows["blocks.0.ln.bias"][6] == "norm"
 
 
 @pytest.mark.parametrize(
@@ -183,7 +228,7 @@ def test_newton_schulz_dtype_is_shown(bf16_units, want, monkeypatch):
     rows = {line.split()[0]: line for line in format_groups(groups).splitlines()[2:]}
     assert rows["0.weight"].endswith(want)
     assert rows["1.weight"].endswith("float16")
-    assert rows["2.weight"].endswith("1024.0  norm")  # Sign: nothing to orthogonalize
+    assert rows["2.weight"].endswith("1024.0  ×1  norm")  # Sign: nothing to orthogonalize
     text = repr(Scion(groups, lr=0.1))
     assert f"newton_schulz: {want}" in text and "newton_schulz: float16" in text
     assert text.count("newton_schulz:") == 2

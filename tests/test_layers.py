@@ -364,7 +364,9 @@ def test_init_keeps_gains_and_zeroes_untied_heads():
 def test_format_groups_says_what_init_does():
     text = format_groups(param_groups(layers_model(), "mlp", example_inputs=ids()))
     rows = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
-    assert rows["ln.weight"][5] == "kept" and rows["ln.bias"][5] == "norm"
+    # After the lr multiple (×1 for every role: no tied head), what init() does.
+    after = {name: r[r.index("×1") + 1] for name, r in rows.items()}
+    assert after["ln.weight"] == "kept" and after["ln.bias"] == "norm"
 
 
 # --------------------------------------------------------------------------- schedulers

@@ -544,6 +544,35 @@ def test_init_puts_weights_on_the_sphere():
     torch.testing.assert_close(w.abs(), torch.full_like(w, 2.0**10 / 10))
 
 
+def test_lr_scale_is_a_group_learning_rate_multiple():
+    """A group's ``lr_scale`` steps it exactly as ``lr·lr_scale`` would, under a scheduler too;
+    the constrained bound applies to the product; groups saved without it load as ×1."""
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(6, 5)) for _ in range(2))
+    b.data.copy_(a.data)
+    scaled = Scion([{"params": [a], "lr_scale": 4.0}], lr=0.01, momentum=0.5)
+    plain = Scion([b], lr=0.04, momentum=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(scaled, lambda t: 0.5**t)
+    plain_sched = torch.optim.lr_scheduler.LambdaLR(plain, lambda t: 0.5**t)
+    for _ in range(3):
+        g = torch.randn(6, 5)
+        a.grad, b.grad = g.clone(), g.clone()
+        scaled.step(), plain.step(), sched.step(), plain_sched.step()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lr 0\.6 × lr_scale 2\.0.*lr ≤ 1"):
+        Scion([{"params": [nn.Parameter(torch.randn(3, 3))], "lr_scale": 2.0}], lr=0.6)
+    for bad, err in ((0.0, ValueError), (float("inf"), ValueError), ("2", TypeError)):
+        with pytest.raises(err, match="lr_scale"):
+            Scion([{"params": [nn.Parameter(torch.randn(3, 3))], "lr_scale": bad}], lr=0.1)
+    state = scaled.state_dict()
+    del state["param_groups"][0]["lr_scale"]
+    plain.load_state_dict(state)
+    assert plain.param_groups[0]["lr"] == scaled.param_groups[0]["lr"]
+    b.grad = torch.randn(6, 5)
+    plain.step()
+    assert plain.param_groups[0]["lr_scale"] == 1.0
+
+
 def test_init_with_shared_draws():
     """``init(draws="shared")`` puts every matrix on its sphere as the default does (one QR per
     shape: same-shaped matrices are signed row permutations of one draw, so their sorted
