@@ -17,7 +17,7 @@ from torch import nn
 
 from bench.common import Context, device_slug, format_table, newton_schulz_flops
 from bench.report import write_all
-from scion_kernels import Scion, newton_schulz, param_groups
+from scion_kernels import RECIPES, Scion, newton_schulz, param_groups
 
 
 def _ctx():
@@ -229,6 +229,10 @@ def test_recipes_families_iii_train(family):
             for name, g in matched.items():
                 assert (g["role"], g["norm"], dict(g["norm_kwargs"])) == (role, norm, kwargs), name
         assert any(g["role"] == "head" for g in groups) == has_head, family
+        scales = RECIPES[task.recipe].tied_lr_scale  # a tied head: the roles' lr scales
+        for g in groups:
+            want = 1.0 if has_head else scales.get(g["role"], 1.0)
+            assert g.get("lr_scale", 1.0) == want, (family, g["role"])
         opt = Scion(groups, lr=2**-7, momentum=0.1)
         if init:
             opt.init()

@@ -754,6 +754,10 @@ FAMILIES = {
 #: ``test_a_tied_head_that_reads_a_rescaled_input``).
 READ_SCALED = {"t5": {"shared.weight": 32**0.5}}
 
+#: The families whose head is tied to their token embedding: their roles step at the stock
+#: recipe's ``tied_lr_scale``; the others at the optimizer's lr.
+TIED = {"mamba", "t5", "whisper"}
+
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_real_models_roles_init_and_a_step(family):
@@ -781,6 +785,8 @@ def test_real_models_roles_init_and_a_step(family):
         assert g["scale"] == pytest.approx(want, rel=1e-3), (g["role"], g["param_names"])
         if g["role"] == "free":
             assert g.get("init") is False and g.get("unconstrained") is True, g["param_names"]
+        lr_scale = stock.tied_lr_scale.get(g["role"], 1.0) if family in TIED else 1.0
+        assert g.get("lr_scale", 1.0) == lr_scale, (family, g["role"], g.get("lr_scale"))
     params = dict(model.named_parameters())
     kept = {n: params[n].detach().clone() for g in groups if g.get("init") is False
             for n in g["param_names"]}  # fmt: skip
