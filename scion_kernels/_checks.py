@@ -18,14 +18,15 @@ NONFINITE_POLICIES = ("raise", "skip", "ignore")
 _BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _number(value: Any, what: str) -> float:
+def _number(value: Any, name: str, where: str) -> float:
+    """Option ``name`` of ``where`` as a float: a number, or a 1-element tensor."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             shape = tuple(value.shape)
-            raise ValueError(f"{what}: a tensor must have exactly one element; got shape {shape}")
+            raise ValueError(f"Tensor {name} must be 1-element; got shape {shape} in {where}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number; got {value!r}")
+        raise TypeError(f"{name} ({where}) must be a number; got {value!r}")
     return float(value)
 
 
@@ -37,17 +38,19 @@ def label(group: dict[str, Any], index: int, i: int) -> str:
     return f"parameter {i} of param group {index}"
 
 
-def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -> None:
+def check_options(
+    group: dict[str, Any], where: str, defaults: dict[str, Any], owner: str = "Scion"
+) -> None:
     """Raise a clear error for any option of ``group`` (described by ``where``) out of its
-    domain."""
+    domain; ``owner``: the optimizer's class name, as the messages say it."""
     # Groups restored from a checkpoint of the authors' Scion lack our extra options.
     for key in ("backend", "buffer_dtype", "lr_scale"):
         if key not in group:
             group[key] = defaults[key]
-    lr = _number(group["lr"], f"lr ({where})")
+    lr = _number(group["lr"], "lr", where)
     if not (0.0 <= lr < math.inf):
         raise ValueError(f"Invalid learning rate {lr} in {where}: lr must be ≥ 0 and finite")
-    lr_scale = _number(group["lr_scale"], f"lr_scale ({where})")
+    lr_scale = _number(group["lr_scale"], "lr_scale", where)
     if not (0.0 < lr_scale < math.inf):
         raise ValueError(f"Invalid lr_scale {lr_scale} in {where}: it must be > 0 and finite")
     if not isinstance(group["unconstrained"], bool):
@@ -59,12 +62,14 @@ def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -
             "x ← (1 − lr)·x − lr·ρ·lmo(d) needs lr ≤ 1 (lr > 1 flips the sign of the "
             "weights); use unconstrained=True for larger steps"
         )
-    if "weight_decay" in group:
+    # AdamW-style groupings give biases and gains weight_decay=0.0: nothing to refuse.
+    if "weight_decay" in group and _number(group["weight_decay"], "weight_decay", where):
         raise ValueError(
-            f"{where} has weight_decay, which Scion does not take: the constrained step's "
-            "(1 − lr) shrink is its weight decay. Groups with weight_decay are what HF "
-            "Trainer builds for optimizer_cls_and_kwargs, and they carry no norms or radii; "
-            "build the optimizer with scion_kernels.param_groups(model, recipe) and pass "
+            f"{where} has weight_decay={group['weight_decay']}, which {owner} does not take: "
+            "the constrained step's (1 − lr) shrink is its weight decay. Groups with "
+            "weight_decay are what HF Trainer builds for optimizer_cls_and_kwargs, and they "
+            "carry no norms or radii; build the optimizer with "
+            "scion_kernels.param_groups(model, recipe) and pass "
             "Trainer(optimizers=(optimizer, None)) instead"
         )
     cycled = sorted({"base_momentum", "max_momentum"} & set(group))
@@ -72,7 +77,7 @@ def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -
         raise ValueError(
             f"{where} has {cycled}: a scheduler that cycles momentum (OneCycleLR or CyclicLR "
             "with cycle_momentum=True, their default) writes the usual β (0.85–0.95) into "
-            "group['momentum'], but Scion's momentum is α = 1 − β, the weight of the new "
+            f"group['momentum'], but {owner}'s momentum is α = 1 − β, the weight of the new "
             "gradient, so β = 0.95 would run as α = 0.95 (almost no averaging). Pass "
             "cycle_momentum=False to the scheduler; to schedule α, set group['momentum'] "
             "yourself"
@@ -80,13 +85,13 @@ def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -
     init = group.get("init", True)
     if not isinstance(init, bool):
         raise TypeError(f"init must be a bool in {where} (False: init() leaves the group)")
-    momentum = _number(group["momentum"], f"momentum ({where})")
+    momentum = _number(group["momentum"], "momentum", where)
     if not (0.0 < momentum <= 1.0):
         raise ValueError(
             f"Invalid momentum {momentum} in {where}: it is the averaging factor α of "
             "d ← (1 − α)·d + α·g and must satisfy 0 < α ≤ 1 (β = 0.9 is momentum=0.1)"
         )
-    scale = _number(group["scale"], f"scale ({where})")
+    scale = _number(group["scale"], "scale", where)
     if not (0.0 < scale < math.inf):
         raise ValueError(f"Invalid scale {scale} in {where}: the radius ρ must be > 0, finite")
     backend = group["backend"]
@@ -102,12 +107,12 @@ def check_options(group: dict[str, Any], where: str, defaults: dict[str, Any]) -
         raise TypeError(f"norm_kwargs must be a dict in {where}")
 
 
-def check_params(group: dict[str, Any], index: int, norm: Norm) -> None:
-    """Raise for a parameter of group ``index`` that Scion cannot step with ``norm``."""
+def check_params(group: dict[str, Any], index: int, norm: Norm, owner: str = "Scion") -> None:
+    """Raise for a parameter of group ``index`` that ``owner`` cannot step with ``norm``."""
     for i, p in enumerate(group["params"]):
         if p.is_complex():
             raise ValueError(
-                f"Scion does not support complex parameters: {label(group, index, i)} is "
+                f"{owner} does not support complex parameters: {label(group, index, i)} is "
                 f"{p.dtype}. The LMOs here are defined for real tensors; keep the real and "
                 "imaginary parts as separate real parameters"
             )

@@ -92,7 +92,7 @@ class _ScionBase(torch.optim.Optimizer):
         try:
             self._check_options(group, f"param group {index}")
             norm = make_norm(group["norm"], group["norm_kwargs"])
-            _checks.check_params(group, index, norm)
+            _checks.check_params(group, index, norm, type(self).__name__)
             spread = self.process_group is not None or any(
                 distributed._is_dtensor(p) for p in group["params"]
             )
@@ -117,7 +117,7 @@ class _ScionBase(torch.optim.Optimizer):
     def _check_options(self, group: dict[str, Any], where: str) -> None:
         """Raise a clear error for any option of ``group`` (described by ``where``) out of its
         domain."""
-        _checks.check_options(group, where, getattr(self, "defaults", {}))
+        _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
 
     def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
         """Group ``index``'s route, resolved again only when its options or its parameters'
@@ -128,7 +128,7 @@ class _ScionBase(torch.optim.Optimizer):
             return route
         self._check_options(group, f"param group {index}")
         norm = make_norm(group["norm"], group["norm_kwargs"])
-        _checks.check_params(group, index, norm)
+        _checks.check_params(group, index, norm, type(self).__name__)
         route = backends.route(group, f"param group {index}")
         self._store_route(index, route)
         return route
@@ -162,7 +162,7 @@ class _ScionBase(torch.optim.Optimizer):
             for i in idx:
                 if group["params"][i].grad.is_sparse:
                     raise RuntimeError(
-                        "Scion does not support sparse gradients "
+                        f"{type(self).__name__} does not support sparse gradients "
                         f"({_checks.label(group, index, i)})"
                     )
             if idx or self._distributed:
@@ -239,7 +239,7 @@ class _ScionBase(torch.optim.Optimizer):
         self.skipped_steps += 1
         self._on_skip(work)
         warnings.warn(
-            f"Scion skipped a step: the gradient of {where} has non-finite values "
+            f"{type(self).__name__} skipped a step: the gradient of {where} has non-finite values "
             f"({self.skipped_steps} skipped so far)",
             RuntimeWarning,
             stacklevel=3,

@@ -55,8 +55,42 @@ def test_one_element_tensor_lr_is_a_number(cls):
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 @pytest.mark.parametrize("shape", [(2,), (1, 2), (0,)], ids=str)
 def test_tensor_lr_of_other_sizes_raises_value_error(cls, shape):
-    with pytest.raises(ValueError, match="exactly one element"):
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):  # torch's wording
         cls([nn.Parameter(torch.ones(3))], lr=torch.full(shape, 0.1))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_weight_decay_zero_is_accepted_and_any_other_refused(cls):
+    """AdamW-style groupings give biases and gains ``weight_decay=0.0``: accepted, and the
+    step is the one without it; a non-zero weight decay is refused, naming the optimizer."""
+    p, q = nn.Parameter(torch.ones(4, 6)), nn.Parameter(torch.ones(4, 6))
+    with_key = cls([{"params": [p], "weight_decay": 0.0}], lr=0.1, momentum=0.5)
+    plain = cls([q], lr=0.1, momentum=0.5)
+    g = torch.arange(24.0).reshape(4, 6) - 11.5
+    _step_with(with_key, [p], [g.clone()])
+    _step_with(plain, [q], [g.clone()])
+    assert torch.equal(p, q)
+    for wd in (0.01, torch.tensor(0.1)):
+        with pytest.raises(ValueError, match=rf"weight_decay=.*which {cls.__name__} does not"):
+            cls([{"params": [nn.Parameter(torch.ones(3))], "weight_decay": wd}], lr=0.1)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_errors_and_warnings_name_the_optimizer(cls):
+    """ScionLight's messages say ScionLight, Scion's say Scion."""
+    name = cls.__name__
+    with pytest.raises(ValueError, match=rf"{name} does not support complex parameters"):
+        cls([nn.Parameter(torch.ones(3, dtype=torch.complex64))], lr=0.1)
+    p = nn.Parameter(torch.ones(4, 6))
+    opt = cls([p], lr=0.1, nonfinite="skip")
+    p.grad = torch.full((4, 6), float("nan"))
+    with pytest.warns(RuntimeWarning, match=rf"^{name} skipped a step"):
+        opt.step()
+    e = nn.Embedding(5, 3, sparse=True)
+    opt = cls([e.weight], lr=0.1, norm="ColNorm")
+    e(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=rf"{name} does not support sparse gradients"):
+        opt.step()
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
@@ -64,7 +98,7 @@ def test_tensor_lr_of_other_sizes_raises_value_error(cls, shape):
     "kwargs, match",
     [
         ({"lr": -1.0}, "Invalid learning rate"),
-        ({"lr": torch.tensor([0.1, 0.2])}, "exactly one element"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
         ({"momentum": 0.0}, "Invalid momentum"),
         ({"scale": -2.0}, "Invalid scale"),
         ({"backend": "fast"}, "unknown backend"),

@@ -27,20 +27,28 @@ def test_hf_trainer_example_learns(model, tmp_path):
     assert loss < 3.6  # from ln 64 ≈ 4.16 at the start
 
 
-def test_hf_trainer_refuses_its_own_weight_decay_groups(tmp_path):
+def test_hf_trainer_weight_decay_groups(tmp_path):
+    """HF Trainer's own groups (``optimizer_cls_and_kwargs``) carry ``weight_decay``: with its
+    default 0.0 they train (as ``Scion(model.parameters())`` would, norms by shape); with a
+    weight decay they are refused, pointing at ``param_groups`` and ``optimizers=``."""
     _needs("transformers", "accelerate")
     import transformers as hf
 
     from scion_kernels import Scion
 
     example = importlib.import_module("hf_causal_lm")
-    args = hf.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
-    trainer = hf.Trainer(
-        model=example.build("gpt2"), args=args, train_dataset=example.Tokens(8),
-        optimizer_cls_and_kwargs=(Scion, {"lr": 0.01}),
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"Trainer\(optimizers=\(optimizer, None\)\)"):
-        trainer.train()
+    for weight_decay in (0.0, 0.01):
+        args = hf.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                                    use_cpu=True, weight_decay=weight_decay)  # fmt: skip
+        trainer = hf.Trainer(
+            model=example.build("gpt2"), args=args, train_dataset=example.Tokens(8),
+            optimizer_cls_and_kwargs=(Scion, {"lr": 0.01}),
+        )  # fmt: skip
+        if weight_decay:
+            with pytest.raises(ValueError, match=r"Trainer\(optimizers=\(optimizer, None\)\)"):
+                trainer.train()
+        else:
+            assert trainer.train().global_step == 1
 
 
 def test_image_example_learns():
