@@ -205,8 +205,9 @@ def _norm_dtype(input_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.d
 
 
 #: On a CPU, matrices with at least this many elements are multiplied one at a time (see
-#: :func:`stacks_well`).
-_CPU_PER_MATRIX_ELEMENTS = 2**17
+#: :func:`stacks_well`). Below it stacking won on an AVX-512 CPU (1.06–1.75× at 2¹⁶–2¹⁸
+#: elements); from 2¹⁹ up one at a time won or tied on it and on an AVX2 one (bench/NOTES.md).
+_CPU_PER_MATRIX_ELEMENTS = 2**19
 
 
 def stacks_well(device: torch.device, m: int, n: int) -> bool:

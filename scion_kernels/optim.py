@@ -1,4 +1,7 @@
-"""``Scion`` and ``ScionLight``: the optimizer of Pethick et al. (2025), pure-PyTorch reference.
+"""``Scion`` and ``ScionLight``: the optimizer of Pethick et al. (2025).
+
+Each param group's step runs on its route (:mod:`scion_kernels.backends`): the fused Triton or
+CUDA kernels where the group's backend takes its parameters, else the pure-PyTorch reference.
 
 For every parameter ``x`` with gradient ``g`` in a group with learning rate ``γ`` (``lr``),
 averaging factor ``α`` (``momentum``), radius ``ρ`` (``scale``) and a norm::
@@ -396,7 +399,8 @@ class Scion(_ScionBase):
             or ``"auto"``: per device and shape class, the backend the committed timing table
             (``scion_kernels/_backend_table.py``, from ``python -m bench.choose_backends``)
             names, and the reference where it names none (every device, for now).
-        buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's).
+        buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's; the
+            parameter's for a buffer made before its first gradient).
         nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``
             skips the whole step with a ``RuntimeWarning`` and counts it in ``skipped_steps``;
@@ -436,8 +440,9 @@ class Scion(_ScionBase):
             return
         for p in group["params"]:
             if "momentum_buffer" not in self.state[p]:
-                dtype = group["buffer_dtype"] or p.dtype
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                like = p if p.grad is None else p.grad
+                dtype = group["buffer_dtype"] or like.dtype
+                self.state[p]["momentum_buffer"] = torch.zeros_like(like, dtype=dtype)
 
     def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         if float(group["momentum"]) == 1.0:

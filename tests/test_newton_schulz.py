@@ -354,6 +354,19 @@ def test_batch_matches_per_matrix(batch_shape, mn):
         assert torch.allclose(x, newton_schulz(g, dtype=torch.float32), atol=5e-6, rtol=0)
 
 
+def test_large_matrices_on_a_cpu_go_one_at_a_time_with_the_same_bits():
+    """A stack of matrices too large to batch well on a CPU (``stacks_well``) is iterated one
+    matrix at a time: each result is bit for bit that matrix's own Newton–Schulz."""
+    from scion_kernels.newton_schulz import stacks_well
+
+    m, n, cpu = 512, 1024, torch.device("cpu")
+    assert not stacks_well(cpu, m, n) and stacks_well(cpu, 256, 1024)
+    G = torch.randn(2, m, n)
+    X = newton_schulz(G, dtype=torch.float32)
+    for g, x in zip(G, X, strict=True):
+        assert torch.equal(x, newton_schulz(g, dtype=torch.float32))
+
+
 def test_batch_normalizes_each_matrix_on_its_own():
     """Magnitudes differing by 1e40 and a zero matrix in one batch do not interact."""
     mats = [torch.randn(6, 10) for _ in range(3)]
