@@ -172,7 +172,7 @@ def init_dtype(w: Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-#: The one draw per ``(tall shape, device, dtype)`` of the enclosing :func:`shared_draws`
+#: The one draw per ``(rows, columns, device, dtype)`` of the enclosing :func:`shared_draws`
 #: block, or ``None`` outside one (every draw independent).
 _SHARED: ContextVar[dict[tuple, Tensor] | None] = ContextVar("scion_shared_draws", default=None)
 
@@ -180,8 +180,8 @@ _SHARED: ContextVar[dict[tuple, Tensor] | None] = ContextVar("scion_shared_draws
 @contextlib.contextmanager
 def shared_draws() -> Iterator[None]:
     """Within this block, :func:`random_orthogonal` draws one Haar matrix per shape, device and
-    dtype, and returns it with the rows and columns of each copy randomly permuted and their
-    signs flipped.
+    dtype (a matrix and its transpose share one), and returns copies of it, each with its rows
+    randomly permuted and the signs of its rows and columns flipped at random.
 
     Each matrix is still exactly Haar-distributed on its own (the Haar measure is invariant
     under signed permutations on either side); matrices of one shape are no longer independent
