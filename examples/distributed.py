@@ -21,6 +21,7 @@ any number of processes, before training.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from pathlib import Path
@@ -84,7 +85,17 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    train(args, rank, world, device)
+    # Everything that held the process groups (FSDP keeps its modules in reference cycles) is
+    # collected now, while the interpreter is whole: gloo's threads must not be torn down
+    # during interpreter exit, which aborts the process.
+    gc.collect()
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    """Build, optionally resume, train and optionally save (on every rank)."""
     data, _, vocab = char_data()
     torch.manual_seed(0)
     model = TinyGPT(vocab, ctx=args.ctx).to(device)
@@ -105,7 +116,7 @@ def main() -> None:
         first = int(state["step"])
     if rank == 0:
         print(
-            f"{args.mode} on {world} processes ({'nccl' if cuda else 'gloo'}), "
+            f"{args.mode} on {world} processes ({dist.get_backend()}), "
             f"steps {first}..{first + args.steps - 1}, {args.batch}×{args.ctx} tokens per "
             f"process and step",
             flush=True,
@@ -143,8 +154,6 @@ def main() -> None:
         dcp.save(state, checkpoint_id=str(args.save))
         if rank == 0:
             print(f"saved step {last} to {args.save}", flush=True)
-    dist.barrier()  # no rank tears the group down while another still uses it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
