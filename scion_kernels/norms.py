@@ -750,15 +750,13 @@ class ColNorm(_MatrixNorm):
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
-            mats = self._init_in_place(w)
-            if mats is not None:  # drawn straight into w, no copy
-                m = mats.normal_().mT if self.transpose else mats.normal_()
-                m.div_(self._col_scale(m))
-                return w
-            m = torch.randn(self._matrices(w).shape, dtype=init_dtype(w), device=w.device)
-            m = m.mT if self.transpose else m
-            m = m / self._col_scale(m)
-            w.copy_((m.mT if self.transpose else m).reshape(w.shape))
+            into = self._init_in_place(w)  # drawn straight into w where it can be
+            mats = into if into is not None else w.new_empty(self.matrix_shape(w.shape),
+                                                             dtype=init_dtype(w))  # fmt: skip
+            m = mats.normal_().mT if self.transpose else mats.normal_()
+            m.div_(self._col_scale(m))
+            if into is None:
+                w.copy_(mats.reshape(w.shape))
         return w
 
 
