@@ -11,7 +11,8 @@ Environment variables:
     Do not build the native module.
 ``SCION_CUDA_ARCHS``
     Semicolon- or comma-separated CUDA architectures, in CMake's ``CUDA_ARCHITECTURES`` form
-    (default ``80;90a``). ``90a`` (architecture-specific Hopper features) becomes
+    (default: ``ARCHS`` in ``scion_kernels/backends/cuda/__init__.py``, ``80;90a``). ``90a``
+    (architecture-specific Hopper features) becomes
     ``--generate-code=arch=compute_90a,code=[compute_90a,sm_90a]``; ``80-real`` omits the PTX.
 ``SCION_NVCC``
     Path of the nvcc to use. Overrides the search below; if it names no executable file the
@@ -35,6 +36,7 @@ build with ``pip install -e . --no-build-isolation``.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -48,7 +50,21 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "80;90a"
+
+
+def _declared_archs() -> str:
+    """``ARCHS`` of the native backend (``scion_kernels/backends/cuda/__init__.py``), read
+    without importing the package: the one place the default architectures are written."""
+    source = ROOT / "scion_kernels" / "backends" / "cuda" / "__init__.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+            "ARCHS"
+        ]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{source} declares no ARCHS")
+
+
+DEFAULT_CUDA_ARCHS = _declared_archs()
 
 
 def _is_executable(path: str | os.PathLike[str] | None) -> bool:

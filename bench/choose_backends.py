@@ -1,4 +1,4 @@
-"""Regenerate ``scion_kernels/_backend_table.py``, the table behind ``backend="auto"``.
+"""Regenerate ``scion_kernels/backends/auto_table.py``, the table behind ``backend="auto"``.
 
     python -m bench.choose_backends bench/results/<device>/full.json [more results ...]
 
@@ -26,7 +26,7 @@ from typing import Any
 from scion_kernels.backends import spectral_class
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_FILE = ROOT / "scion_kernels" / "_backend_table.py"
+TABLE_FILE = ROOT / "scion_kernels" / "backends" / "auto_table.py"
 CANDIDATES = ("torch", "triton", "cuda")
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=TABLE_FILE, help="the table file (default: the package's)"
     )
     args = parser.parse_args(argv)
-    from scion_kernels._backend_table import TABLE
+    from scion_kernels.backends.auto_table import TABLE
 
     table = dict(TABLE)
     table.update(choose([json.loads(p.read_text()) for p in args.results]))

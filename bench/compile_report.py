@@ -55,8 +55,8 @@ class Report:
 
 
 def _kernels() -> dict[str, Any]:
-    from scion_kernels.kernels import newton_schulz as kns
-    from scion_kernels.kernels import rowwise
+    from scion_kernels.backends.triton import newton_schulz as kns
+    from scion_kernels.backends.triton import rowwise
 
     return {
         "prologue": kns._prologue_kernel,
@@ -74,7 +74,7 @@ _COMPILED = dict(CAST_F32=False, EMULATE_RNE=False)
 
 def variants(quick: bool = False) -> list[Variant]:
     """The default configurations (``quick``) or every tuning candidate and small-kernel size."""
-    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.backends.triton import Policy
 
     ns_ptr = {"g_like": "fp32", "d_like": "fp32", "p_like": "fp32"}
     out = [
@@ -102,8 +102,8 @@ def variants(quick: bool = False) -> list[Variant]:
         "p_mat": "bf16", "x": "bf16", "out": "bf16", "table": "i64", "factors": "fp32",
         "p_like": "fp32",
     }  # fmt: skip
-    syrk = kns.SYRK_CONFIGS[:1] if quick else kns.SYRK_CONFIGS
-    apply = kns.APPLY_CONFIGS[:1] if quick else kns.APPLY_CONFIGS
+    syrk = Policy().syrk[:1] if quick else Policy().syrk
+    apply = Policy().apply[:1] if quick else Policy().apply
     for cfg in syrk:
         c = {k: v for k, v in cfg.items() if not k.startswith("num_")}
         for aligned in (True,) if quick else (True, False):

@@ -33,7 +33,7 @@ from scion_kernels.elementwise import apply_update_, momentum_average_
 from scion_kernels.norms import BiasRMS, Sign
 
 from .common import Context, copy_bandwidth_gbps
-from .step import GPT2
+from .models import GPT2
 
 __all__ = ["LAST_COPY_GBPS", "gpt2_small_shapes", "run"]
 

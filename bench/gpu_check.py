@@ -388,7 +388,7 @@ def _build_command(check: Check) -> list[str]:
 
 #: Run after the build (and instead of it in a dry run): whether the native module loads.
 NATIVE_PROBE = (
-    "from scion_kernels import _native as n; "
+    "from scion_kernels.backends.cuda import native as n; "
     "print('native:', n.native_available(), n.native_import_error() or '')"
 )
 

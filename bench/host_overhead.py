@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the optimizer accept CPU tensors
 
@@ -37,11 +38,13 @@ class _Launches:
         return launch
 
 
-def _stub_native() -> None:
-    """The native module with its entry points counted instead of run (CPU tensors accepted)."""
-    from scion_kernels import _native
+def _stub_native() -> Any:
+    """A native backend whose module counts its entry points instead of running them (CPU
+    tensors accepted)."""
+    from scion_kernels.backends import NativeBackend
+    from scion_kernels.backends.cuda import native
 
-    real = _native._import_native()
+    real = native.import_native()
     kept: dict[torch.device, torch.Tensor] = {}
 
     class Stub:
@@ -65,8 +68,8 @@ def _stub_native() -> None:
             buf = kept[device] = torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
         return buf, -(-buf.data_ptr() // 256) * 256
 
-    _native._native, _native._native_tried = Stub(), True
-    _native._workspace = workspace
+    native._workspace = workspace
+    return NativeBackend(module=Stub())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,19 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
 
-    import scion_kernels as sk
-    from scion_kernels.kernels import newton_schulz as kns
-    from scion_kernels.kernels import rowwise
-
-    from .step import GPT2
+    from scion_kernels import backends
+    from scion_kernels.backends.triton import POLICIES, TritonBackend, rowwise
+    from scion_kernels.backends.triton import newton_schulz as kns
 
     for module in (kns, rowwise):
-        module.interpreting = lambda: False  # tile choice and flags as on a GPU
+        module.interpreting = lambda: False  # flags as on a GPU
         for name in [n for n in vars(module) if n.endswith("_kernel")]:  # every launch
             setattr(module, name, _Launches())
-    kns.AUTOTUNE = False
     if args.backend == "cuda":
-        _stub_native()
+        backend = _stub_native()
+    else:  # the GPU's tile choice on CPU tensors, never autotuned
+        gpu = POLICIES[min(POLICIES)]
+        backend = TritonBackend(interpreter=gpu).with_policy(autotune=False)
+    with backends.using(backend):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import scion_kernels as sk
+
+    from .models import GPT2
 
     torch.manual_seed(0)
     model = GPT2(n_layer=args.layers)

@@ -7,7 +7,7 @@ For a wide ``m×n`` stack ``X`` (``m ≤ n``, batch ``B``) one step is
 - ``poly``: ``P ← b·A + c·A·A`` (``2·B·m³`` dense; symmetric, so again about half);
 - ``apply``: ``X' ← a·X + P·X`` (``2·B·m²·n``).
 
-Backends: ``triton`` (``scion_kernels.kernels.newton_schulz``'s launchers, each kernel's
+Backends: ``triton`` (``scion_kernels.backends.triton.newton_schulz``'s launchers, each kernel's
 default tile configuration, as a step uses them) and ``torch`` (``bmm`` and ``baddbmm`` into
 preallocated outputs: cuBLAS on a GPU). The native CUDA C++ products have no per-product entry
 point; their whole Newton–Schulz is timed by the ``polar`` benchmark. ``tflops`` counts the
@@ -82,12 +82,13 @@ def _torch_calls(x: Tensor, a: Tensor, p: Tensor, n: int) -> dict[str, Callable[
 
 
 def _triton_calls(shape: Shape, x: Tensor, a: Tensor, p: Tensor) -> dict[str, Callable[[], Any]]:
-    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.backends.triton import newton_schulz as kns
+    from scion_kernels.backends.triton import tuning
 
     b, m, n = shape
-    bucket = kns.NSBucket(b, m, n, x.dtype, x.device)
+    bucket = tuning.NSBucket(b, m, n, x.dtype, x.device)
     flags = bucket.flags()
-    rows = {k: kns.default_config(bucket, k) for k in ("syrk", "apply")}
+    rows = {k: tuning.default_config(bucket, k) for k in ("syrk", "apply")}
     a_out, p_out, y = torch.empty_like(a), torch.empty_like(p), torch.empty_like(x)
     return {
         "gram": lambda: kns.launch_syrk(x, a_out, n, 1.0, 0.0, rows["syrk"], flags),
@@ -99,7 +100,7 @@ def _triton_calls(shape: Shape, x: Tensor, a: Tensor, p: Tensor) -> dict[str, Ca
 def _triton_ready(ctx: Context) -> str | None:
     """Why the Triton kernels are not timed here, or ``None``."""
     try:
-        from scion_kernels.kernels import unavailable_reason
+        from scion_kernels.backends.triton import unavailable_reason
     except ImportError as err:
         return f"Triton is not importable ({err})"
     return unavailable_reason(ctx.device)

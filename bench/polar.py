@@ -134,18 +134,24 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
-def _triton(coefficients: str | None) -> PolarFn:
-    from scion_kernels.kernels.newton_schulz import polar
+def _kernels(name: str, coefficients: str | None) -> PolarFn:
+    """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients``, in bf16 unless
+    the call says otherwise."""
+    from scion_kernels import backends
+    from scion_kernels.backends.ops import polar
+    from scion_kernels.backends.tables import flatten
 
-    table = resolve_coefficients(coefficients or "classic", STEPS)
-    return functools.partial(polar, coefficients=table)
+    table = flatten(resolve_coefficients(coefficients or "classic", STEPS))
+    backend = backends.get(name)
+    return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype)
+
+
+def _triton(coefficients: str | None) -> PolarFn:
+    return _kernels("triton", coefficients)
 
 
 def _native(coefficients: str | None) -> PolarFn:
-    from scion_kernels._native import polar
-
-    table = resolve_coefficients(coefficients or "classic", STEPS)
-    return functools.partial(polar, coefficients=table)
+    return _kernels("cuda", coefficients)
 
 
 def _svd(coefficients: str | None) -> PolarFn:
@@ -225,14 +231,14 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
         ),
     }
     if ctx.device.type == "cuda":
-        table["triton"] = Backend(_triton, note="scion_kernels.kernels.newton_schulz.polar")
+        table["triton"] = Backend(_triton, note="the scion_kernels::polar op, Triton")
     else:
         ctx.log("polar: triton skipped: the Triton kernels are timed on CUDA devices only")
-    from scion_kernels._native import unavailable_reason
+    from scion_kernels import backends
 
-    why = unavailable_reason(ctx.device)
+    why = backends.get("cuda").unavailable_reason(ctx.device)
     if why is None:
-        table["cuda"] = Backend(_native, note="scion_kernels._native.polar (CUDA C++)")
+        table["cuda"] = Backend(_native, note="the scion_kernels::polar op, CUDA C++")
     else:
         ctx.log(f"polar: cuda skipped: {why}")
     for name, probe in (

@@ -1,8 +1,8 @@
 """Every tile configuration of the Triton Newton–Schulz products, timed at the shapes that
 matter: ``python -m bench.tiles [--warm I/N] [--progress FILE] [--out DIR]``.
 
-The step runs each product with one configuration (the first of ``SYRK_CONFIGS`` or
-``APPLY_CONFIGS`` that fits, :func:`scion_kernels.kernels.newton_schulz.default_config`). This
+The step runs each product with one configuration (the first of the policy's ``syrk`` or
+``apply`` candidates that fits, :func:`scion_kernels.backends.triton.tuning.default_config`). This
 benchmark times each candidate of those lists, plus ``EXTRA_SYRK`` and ``EXTRA_APPLY`` (larger
 or narrower tiles not in the lists), on each kernel (``gram``, ``poly``, ``apply``, as in
 :mod:`bench.kernels`) at ``SHAPES``: the data for choosing the defaults per shape. Rows are
@@ -50,10 +50,10 @@ WARM_SHAPE: Shape = (1, 256, 256)
 
 def configs() -> list[tuple[str, dict]]:
     """``(kind, config)`` for every candidate: ``"syrk"`` ones serve ``gram`` and ``poly``."""
-    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.backends.triton import Policy
 
-    out = [("syrk", c) for c in [*kns.SYRK_CONFIGS, *EXTRA_SYRK]]
-    return out + [("apply", c) for c in [*kns.APPLY_CONFIGS, *EXTRA_APPLY]]
+    out = [("syrk", c) for c in [*Policy().syrk, *EXTRA_SYRK]]
+    return out + [("apply", c) for c in [*Policy().apply, *EXTRA_APPLY]]
 
 
 def label(config: dict) -> str:
@@ -68,7 +68,7 @@ def label(config: dict) -> str:
 def _launches(data: tuple, shape: Shape, kind: str, config: dict, flags: dict):
     """``{kernel: fn}`` running ``kind``'s kernels with ``config`` on ``data`` (``X``, ``A``,
     ``P`` of :func:`bench.kernels._inputs`)."""
-    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.backends.triton import newton_schulz as kns
 
     b, m, n = shape
     x, a, p = data
@@ -86,7 +86,7 @@ def run(ctx: Context, shapes: list[Shape] | None = None, part: tuple[int, int] |
     configurations ``i, i+n, …``)."""
     from triton.runtime.errors import OutOfResources
 
-    from scion_kernels.kernels import newton_schulz as kns
+    from scion_kernels.backends.triton import tuning
 
     todo = configs()
     on_gpu = ctx.device.type == "cuda"
@@ -101,9 +101,9 @@ def run(ctx: Context, shapes: list[Shape] | None = None, part: tuple[int, int] |
     rate = None if part is not None else ctx.matrix_rate(dtype)
     for shape in shapes:
         b, m, n = shape
-        bucket = kns.NSBucket(b, m, n, dtype, ctx.device)
+        bucket = tuning.NSBucket(b, m, n, dtype, ctx.device)
         flags = bucket.flags()
-        defaults = {k: label(kns.default_config(bucket, k)) for k in ("syrk", "apply")}
+        defaults = {k: label(tuning.default_config(bucket, k)) for k in ("syrk", "apply")}
         data = _inputs(shape, ctx.device, dtype, -(-n // 16) * 16, -(-m // 16) * 16)
         for kind, config in todo:
             try:

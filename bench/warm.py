@@ -32,14 +32,15 @@ def warm(target: str, device: torch.device) -> None:
         kernels.run(ctx, warm_only=True)
     elif target == "polar":
         from scion_kernels import resolve_coefficients
-        from scion_kernels.kernels.newton_schulz import polar
+        from scion_kernels.backends.triton.newton_schulz import polar
 
         side = 4096 if device.type == "cuda" else 64
         polar(torch.randn(side, side, device=device), resolve_coefficients("classic", 5))
     elif target == "step":
         import scion_kernels
 
-        from .step import GPT2, SEED
+        from .models import GPT2
+        from .step import SEED
 
         torch.manual_seed(SEED)
         with device:

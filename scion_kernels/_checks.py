@@ -9,12 +9,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends import NAMES
+from . import backends
 from .norms import Norm, describe_misfit
 
-__all__ = ["NONFINITE_POLICIES", "check_options", "check_params", "first_nonfinite", "label"]
+__all__ = [
+    "CHECKED",
+    "MISSING",
+    "NONFINITE_POLICIES",
+    "check_options",
+    "check_params",
+    "first_nonfinite",
+    "label",
+]
 
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
+#: The group keys :func:`check_options` reads, and the value of one that is absent.
+CHECKED = (
+    "lr", "lr_scale", "unconstrained", "weight_decay", "base_momentum", "max_momentum", "init",
+    "momentum", "scale", "backend", "buffer_dtype", "norm_kwargs",
+)  # fmt: skip
+MISSING = object()
 _BUFFER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -95,8 +109,10 @@ def check_options(
     if not (0.0 < scale < math.inf):
         raise ValueError(f"Invalid scale {scale} in {where}: the radius ρ must be > 0, finite")
     backend = group["backend"]
-    if backend not in NAMES:
-        raise ValueError(f"unknown backend {backend!r} in {where}; expected one of {NAMES}")
+    if backend not in backends.names():
+        raise ValueError(
+            f"unknown backend {backend!r} in {where}; expected one of {backends.names()}"
+        )
     buffer_dtype = group["buffer_dtype"]
     if buffer_dtype is not None and buffer_dtype not in _BUFFER_DTYPES:
         raise ValueError(

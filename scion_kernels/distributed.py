@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .norms import Norm, Spectral
 
-__all__ = ["Layout", "layout_of", "local", "owner_slots", "shard_rows"]
+__all__ = ["Placement", "placement_of", "local", "owner_slots", "shard_rows"]
 
 #: Elements of one rank's share of a bucket before the next bucket starts.
 BUCKET_ELEMENTS = 1 << 26
@@ -70,7 +70,7 @@ def shard_rows(n: int, shards: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Placement:
     """How one parameter lies across ranks: split along dim 0 over ``shard_group``
     (``shards`` ranks) and repeated over ``replicate_group`` (``replicas`` ranks)."""
 
@@ -90,15 +90,16 @@ class Layout:
         return self.shards * self.replicas
 
 
-_SINGLE = Layout(None, 1, 0, None, 1, 0)
+_SINGLE = Placement(None, 1, 0, None, 1, 0)
 
 
-def layout_of(p: Tensor, process_group: Any | None) -> Layout:
-    """``p``'s layout: from its placements for a DTensor, ``process_group`` replicas otherwise."""
+def placement_of(p: Tensor, process_group: Any | None) -> Placement:
+    """How ``p`` lies across ranks: from a DTensor's placements, else ``process_group``
+    replicas."""
     if not _is_dtensor(p):
         if process_group is None:
             return _SINGLE
-        return Layout(
+        return Placement(
             None, 1, 0, process_group, dist.get_world_size(process_group),
             dist.get_rank(process_group),
         )  # fmt: skip
@@ -116,7 +117,7 @@ def layout_of(p: Tensor, process_group: Any | None) -> Layout:
                 f"Scion takes DTensor parameters placed as Shard(0) and/or Replicate() on at "
                 f"most one mesh dimension each (FSDP2, DDP or hybrid); got {p.placements}"
             )
-    layout = Layout(
+    placement = Placement(
         mesh.get_group(shard_dim) if shard_dim is not None else None,
         mesh.size(shard_dim) if shard_dim is not None else 1,
         mesh.get_local_rank(shard_dim) if shard_dim is not None else 0,
@@ -124,14 +125,14 @@ def layout_of(p: Tensor, process_group: Any | None) -> Layout:
         mesh.size(replicate_dim) if replicate_dim is not None else 1,
         mesh.get_local_rank(replicate_dim) if replicate_dim is not None else 0,
     )
-    rows = shard_rows(p.shape[0], layout.shards)[layout.shard_rank] if p.dim() else 1
+    rows = shard_rows(p.shape[0], placement.shards)[placement.shard_rank] if p.dim() else 1
     if p.dim() and local(p).shape[0] != rows:
         raise ValueError(
             f"a Shard(0) parameter of shape {tuple(p.shape)} holds {local(p).shape[0]} rows on "
-            f"shard {layout.shard_rank} of {layout.shards}; Scion expects {rows} (torch.chunk "
-            "sizes, as fully_shard and distribute_tensor use)"
+            f"shard {placement.shard_rank} of {placement.shards}; Scion expects {rows} "
+            "(torch.chunk sizes, as fully_shard and distribute_tensor use)"
         )
-    return layout
+    return placement
 
 
 def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
@@ -142,12 +143,12 @@ def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
 
 
-def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
+def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
     ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
     the sums of squares of groups that span the shards) or ``"owner"`` (on the whole tensor,
-    on one rank). Depends on the global shape and the layout only, so every rank agrees."""
-    sharded = layout.shards > 1 and len(shape) > 0
+    on one rank). Depends on the global shape and the placement only, so every rank agrees."""
+    sharded = placement.shards > 1 and len(shape) > 0
     # A batch of matrices split along the batch dim has whole matrices on every shard.
     batched = getattr(norm, "batch_dims", 0) > 0 and len(shape) > 2
     if isinstance(norm, Spectral):
@@ -155,7 +156,7 @@ def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
         return "local" if sharded and batched else "owner"
     if not sharded:
         return "local"
-    spec = norm.groups(shape)
+    spec = norm.group_spec(shape)
     if spec is None:
         return "owner"  # a norm this module does not know: computed on the whole tensor
     if batched:
@@ -164,7 +165,7 @@ def _kind(norm: Norm, shape: Sequence[int], layout: Layout) -> str:
         return "reduce"
     # Groups are rows, whole on every shard; their LMO is the tensor's unless its factor
     # reads the sharded dim (a transposed weight's d_in or d_out).
-    grown = norm.groups((shape[0] + 1, *shape[1:]))
+    grown = norm.group_spec((shape[0] + 1, *shape[1:]))
     return "local" if grown is not None and grown.q == spec.q else "reduce"
 
 
@@ -225,12 +226,12 @@ def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
     return out
 
 
-def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
+def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor]:
     """Reassemble this replica's matrices on their owners, compute their LMOs there, send the
     update rows back: two ``all_to_all_single`` (none without sharding). Returns this rank's
     rows of the update of every item this replica owns."""
-    S, me = layout.shards, layout.shard_rank
-    mine = [it for it in items if it.owner // S == layout.replica_rank]
+    S, me = placement.shards, placement.shard_rank
+    mine = [it for it in items if it.owner // S == placement.replica_rank]
     if not mine:
         return {}
     if S == 1:
@@ -248,7 +249,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     ]
     received = torch.empty(sum(recv_splits), dtype=d_dtype, device=device)
     payload = torch.cat(send) if send else torch.empty(0, dtype=d_dtype, device=device)
-    dist.all_to_all_single(received, payload, recv_splits, send_splits, group=layout.shard_group)
+    dist.all_to_all_single(received, payload, recv_splits, send_splits, group=placement.shard_group)
     # Whole matrices: shard s's rows of every owned item, in item order, for s = 0, 1, ...
     pieces: list[list[Tensor]] = [[] for _ in owned]
     offset = 0
@@ -264,7 +265,7 @@ def _owned_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
     result = torch.empty(sum(recv_back), dtype=out_dtype, device=device)
     payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
-    dist.all_to_all_single(result, payload, recv_back, recv_splits, group=layout.shard_group)
+    dist.all_to_all_single(result, payload, recv_back, recv_splits, group=placement.shard_group)
     out: dict[int, Tensor] = {}
     offset = 0
     for o in range(S):
@@ -293,10 +294,12 @@ def _lmos(items: list[_Item], directions: list[Tensor]) -> dict[int, Tensor]:
     return out
 
 
-def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Tensor]) -> None:
+def _share_across_replicas(
+    items: list[_Item], placement: Placement, out: dict[int, Tensor]
+) -> None:
     """Fill ``out`` with the update rows of the items other replicas own: one
     ``all_gather_into_tensor`` over the replicas, each sending its owned items' rows."""
-    S, R = layout.shards, layout.replicas
+    S, R = placement.shards, placement.replicas
     if R == 1:
         return
     by_replica = [[it for it in items if it.owner // S == k] for k in range(R)]
@@ -307,16 +310,16 @@ def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Te
     dtype = items[0].norm.update_dtype(items[0].d.dtype)
     device = items[0].d.device
     send = torch.zeros(width, dtype=dtype, device=device)
-    mine = by_replica[layout.replica_rank]
+    mine = by_replica[placement.replica_rank]
     if mine:
         torch.cat(
             [out[it.index].to(dtype).reshape(-1) for it in mine],
-            out=send[: sizes[layout.replica_rank]],
+            out=send[: sizes[placement.replica_rank]],
         )
     gathered = torch.empty(R * width, dtype=dtype, device=device)
-    _all_gather_single(gathered, send, group=layout.replicate_group)
+    _all_gather_single(gathered, send, group=placement.replicate_group)
     for k in range(R):
-        if k == layout.replica_rank:
+        if k == placement.replica_rank:
             continue
         offset = k * width
         for it in by_replica[k]:
@@ -324,7 +327,7 @@ def _share_across_replicas(items: list[_Item], layout: Layout, out: dict[int, Te
             offset += it.d.numel()
 
 
-def _reduced_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
+def _reduced_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor]:
     """Grouped norms on shards: the sums of squares of the groups that span the shards (a
     column's, or the whole tensor's) in one float64 all-reduce over the shard group for all
     items, then each LMO on the local rows with the whole tensor's shape
@@ -332,12 +335,12 @@ def _reduced_updates(items: list[_Item], layout: Layout) -> dict[int, Tensor]:
     partial = [it.norm.partial_sums(it.d) for it in items]
     spans = []
     for it in items:
-        spec = it.norm.groups(it.shape)
+        spec = it.norm.group_spec(it.shape)
         spans.append(spec is not None and (spec.columns or spec.whole))
     shared = [p for p, span in zip(partial, spans, strict=True) if span and p is not None]
     if shared:
         sums = torch.cat([p.reshape(-1) for p in shared])
-        dist.all_reduce(sums, group=layout.shard_group)
+        dist.all_reduce(sums, group=placement.shard_group)
         offset = 0
         for k, (p, span) in enumerate(zip(partial, spans, strict=True)):
             if span and p is not None:
@@ -361,29 +364,29 @@ def group_updates(
     parameter's Spectral LMO with its ``polars`` entry (a backend's kernels) where not
     ``None``."""
     updates: dict[int, Tensor] = {}
-    by_kind: dict[tuple[str, tuple], tuple[Layout, list[_Item]]] = {}
+    by_kind: dict[tuple[str, tuple], tuple[Placement, list[_Item]]] = {}
     for i, (p, d) in enumerate(zip(params, directions, strict=True)):
-        layout = layout_of(p, process_group)
+        placement = placement_of(p, process_group)
         concrete = norm.pick(p.shape)
-        kind = _kind(concrete, p.shape, layout)
+        kind = _kind(concrete, p.shape, placement)
         item = _Item(i, p.shape, concrete, d, polars[i] if isinstance(concrete, Spectral) else None)
         if kind == "local":
-            by_kind.setdefault(("local", ()), (layout, []))[1].append(item)
+            by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue
-        key = (kind, layout.key, d.dtype, d.device)
-        by_kind.setdefault((kind, key), (layout, []))[1].append(item)
-    for (kind, _), (layout, items) in by_kind.items():
+        key = (kind, placement.key, d.dtype, d.device)
+        by_kind.setdefault((kind, key), (placement, []))[1].append(item)
+    for (kind, _), (placement, items) in by_kind.items():
         if kind == "local":
             updates.update(_lmos(items, [it.d for it in items]))
         elif kind == "reduce":
-            updates.update(_reduced_updates(items, layout))
+            updates.update(_reduced_updates(items, placement))
         else:
-            owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], layout.slots)
+            owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], placement.slots)
             for it, slot in zip(items, owners, strict=True):
                 it.owner = slot
-            for bucket in _buckets(items, layout.shards):
-                done = _owned_updates(bucket, layout)
-                _share_across_replicas(bucket, layout, done)
+            for bucket in _buckets(items, placement.shards):
+                done = _owned_updates(bucket, placement)
+                _share_across_replicas(bucket, placement, done)
                 updates.update(done)
     return [updates[i] for i in range(len(params))]
 

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import backends
 from .layers import (
     Layout,
     describe,
@@ -67,7 +68,7 @@ from .layers import (
     warn_guessed,
     weight_layout,
 )
-from .norms import NORMS, Norm, Spectral, _accepted_options, describe_misfit, make_norm
+from .norms import NORMS, Norm, _accepted_options, describe_misfit, make_norm
 
 __all__ = ["RECIPES", "Recipe", "Role", "format_groups", "param_groups"]
 
@@ -507,27 +508,17 @@ def param_groups(
     return sorted(groups.values(), key=lambda g: rank[g["role"]])
 
 
-def newton_schulz_dtype(norm: Norm, shape: Sequence[int], device: torch.device | str) -> str:
-    """How the LMO of ``norm`` orthogonalizes a tensor of ``shape`` on ``device``: the
-    Newton–Schulz compute dtype (``"float32 (auto)"`` when chosen for the device), ``"svd"``,
-    or ``""`` for norms that do not orthogonalize."""
-    picked = norm.pick(shape)
-    if not isinstance(picked, Spectral):
-        return ""
-    if picked.polar == "svd":
-        return "svd (float64)"
-    name = str(picked.compute_dtype(device)).removeprefix("torch.")
-    return f"{name} (auto)" if picked.ns_dtype is None else name
-
-
 def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
     """A readable table: each parameter, its shape, role, norm (with options), radius, its
     learning rate as a multiple of the optimizer's (``lr_scale``), what
     ``Scion.init()`` does to it (``norm``: a point of radius ρ of its norm; ``kept``: left as
-    the model made it), and the dtype its Newton–Schulz computes in on the parameter's device
+    the model made it), the dtype its Newton–Schulz computes in on the parameter's device
     (``(auto)``: chosen for the hardware, see
-    :func:`scion_kernels.newton_schulz.default_compute_dtype`)."""
-    rows = [("parameter", "shape", "role", "norm", "radius", "lr", "init", "Newton–Schulz")]
+    :func:`scion_kernels.newton_schulz.default_compute_dtype`), and the backend that steps it
+    (the group's ``backend``, ``"auto"`` if it has none; where that backend does not take the
+    parameter, the reference ``torch`` and why)."""
+    rows = [("parameter", "shape", "role", "norm", "radius", "lr", "init", "Newton–Schulz",
+             "backend")]  # fmt: skip
     for gi, g in enumerate(groups):
         names = g.get("param_names") or [f"group{gi}[{i}]" for i in range(len(g["params"]))]
         given = g.get("norm", "Auto")
@@ -538,11 +529,19 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
         norm = given + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
         init = "norm" if g.get("init", True) else "kept"
         lr = f"×{float(g.get('lr_scale', 1.0)):g}"
-        for name, p in zip(names, g["params"], strict=True):
+        option = g.get("backend", "auto")
+        plain = {"params": list(g["params"]), "norm": given, "norm_kwargs": kw}
+        try:
+            route = backends.route({**plain, "backend": option}, f"group {gi}", norm_obj)
+            unavailable = ""
+        except ValueError:
+            route = backends.route({**plain, "backend": "torch"}, f"group {gi}", norm_obj)
+            unavailable = f" ({option} cannot run here)"
+        for i, (name, p) in enumerate(zip(names, g["params"], strict=True)):
             shape = "×".join(str(s) for s in p.shape) or "scalar"
-            ns = newton_schulz_dtype(norm_obj, p.shape, p.device)
             role = str(g.get("role", ""))
-            rows.append((name, shape, role, norm, f"{g.get('scale', '')}", lr, init, ns))
+            rows.append((name, shape, role, norm, f"{g.get('scale', '')}", lr, init,
+                         route.newton_schulz(i), route.describe(i) + unavailable))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

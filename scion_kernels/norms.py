@@ -282,7 +282,7 @@ class Norm:
         (float64 too where a norm computes in it, e.g. ``Spectral(polar="svd")``)."""
         return torch.float64 if dtype == torch.float64 else torch.float32
 
-    def groups(self, shape: Sequence[int]) -> GroupSpec | None:
+    def group_spec(self, shape: Sequence[int]) -> GroupSpec | None:
         """For an LMO that acts on independent groups of elements (Sign, ColNorm, RowNorm,
         BiasRMS), how it acts on a tensor of ``shape`` (:class:`GroupSpec`); else ``None``."""
         return None
@@ -649,7 +649,7 @@ class Sign(_MatrixNorm):
         """The factor ``f`` of ``lmo = f·sign`` for a tensor of ``shape``: ``1/d_in`` or 1."""
         return 1.0 / self.dims(shape)[1] if self.normalized else 1.0
 
-    def groups(self, shape: Sequence[int]) -> GroupSpec:
+    def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         return GroupSpec(self.matrix_shape(shape), False, False, True, self.factor(shape), 0.0)
 
     def partial_sums(self, d: Tensor) -> None:
@@ -712,7 +712,7 @@ class ColNorm(_MatrixNorm):
         return rms * d_in if self.normalized else rms
 
     def _group_factor(self, groups: int, length: int) -> float:
-        """``q`` of :meth:`groups` for ``groups`` groups of ``length`` elements."""
+        """``q`` of :meth:`group_spec` for ``groups`` groups of ``length`` elements."""
         return (groups if self.normalized else 1.0) / math.sqrt(length)
 
     def _col_scale(self, m: Tensor) -> Tensor:
@@ -722,7 +722,7 @@ class ColNorm(_MatrixNorm):
     def _batched(self, m: Tensor) -> Tensor:
         return m / (self._col_scale(m) + self.eps)
 
-    def groups(self, shape: Sequence[int]) -> GroupSpec:
+    def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         matrices = self.matrix_shape(shape)
         # The groups are the oriented matrices' columns (ColNorm) or rows (RowNorm);
         # ``transpose`` swaps rows and columns of the stored ones.
@@ -821,7 +821,7 @@ class BiasRMS(Norm):
         torch._foreach_add_(denom, self.eps)
         return list(torch._foreach_div(g32, denom))
 
-    def groups(self, shape: Sequence[int]) -> GroupSpec:
+    def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         numel = math.prod(shape)
         return GroupSpec((1, 1, numel), False, True, False, self.factor(shape), self.eps)
 

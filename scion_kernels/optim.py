@@ -1,7 +1,8 @@
 """``Scion`` and ``ScionLight``: the optimizer of Pethick et al. (2025).
 
-Each param group's step runs on its route (:mod:`scion_kernels.backends`): the fused Triton or
-CUDA kernels where the group's backend takes its parameters, else the pure-PyTorch reference.
+Each param group's step runs on its route (:func:`scion_kernels.backends.route`): per
+parameter a backend object, the fused Triton or CUDA kernels where the group's backend takes
+the parameter, else the pure-PyTorch reference.
 
 For every parameter ``x`` with gradient ``g`` in a group with learning rate ``γ`` (``lr``),
 averaging factor ``α`` (``momentum``), radius ``ρ`` (``scale``) and a norm::
@@ -26,16 +27,14 @@ import torch
 from torch import Tensor
 
 from . import _checks, backends, distributed
-from ._plan import Update
+from .backends import Backend, Update
+from .backends.plan import fused_step_
 from .distributed import local
 from .elementwise import apply_update_, momentum_average_
-from .groups import newton_schulz_dtype
 from .norms import NORMS, Norm, make_norm, shared_draws
 
 __all__ = ["Scion", "ScionLight"]
 
-#: The ``backend`` option's values (:mod:`scion_kernels.backends`).
-BACKENDS = backends.NAMES
 NONFINITE_POLICIES = _checks.NONFINITE_POLICIES
 
 
@@ -69,6 +68,8 @@ class _ScionBase(torch.optim.Optimizer):
         self.skipped_steps = 0
         #: Each param group's route (:func:`scion_kernels.backends.route`), by index.
         self._routes: list[backends.Route] = []
+        #: Each param group's options as they were last checked, by index.
+        self._checked: dict[int, tuple[Any, ...]] = {}
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -101,13 +102,13 @@ class _ScionBase(torch.optim.Optimizer):
             )
             if spread:
                 for p in group["params"]:
-                    distributed.layout_of(p, self.process_group)  # raises for unknown layouts
+                    distributed.placement_of(p, self.process_group)  # raises for unknown placements
             resolved = dict(group)
             if isinstance(norm, Norm) and NORMS.get(norm.name) is type(norm):
                 # Plain data in the group (a name and options), so state_dict() loads with
                 # torch.load(weights_only=True) and equal configurations give equal state dicts.
                 resolved["norm"], resolved["norm_kwargs"] = norm.spec()
-            route = backends.route(resolved, f"param group {index}")
+            route = backends.route(resolved, f"param group {index}", norm)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -122,6 +123,24 @@ class _ScionBase(torch.optim.Optimizer):
         domain."""
         _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
 
+    def _check_changed_options(self, index: int, group: dict[str, Any]) -> None:
+        """Check group ``index``'s options when they differ from the ones checked last (a
+        scheduler's new ``lr``, an option set by hand); tensor options every time (they can
+        change in place)."""
+        seen = tuple(group.get(key, _checks.MISSING) for key in _checks.CHECKED)
+        checked = self._checked.get(index)
+        if (
+            checked is not None
+            and len(checked) == len(seen)
+            and all(
+                a is b or (not isinstance(a, Tensor) and type(a) is type(b) and a == b)
+                for a, b in zip(seen, checked, strict=True)
+            )
+        ):
+            return
+        self._check_options(group, f"param group {index}")
+        self._checked[index] = tuple(group.get(key, _checks.MISSING) for key in _checks.CHECKED)
+
     def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
         """Group ``index``'s route, resolved again only when its options or its parameters'
         shapes or devices changed. The check also runs while ``torch.compile`` traces, so
@@ -132,7 +151,7 @@ class _ScionBase(torch.optim.Optimizer):
         self._check_options(group, f"param group {index}")
         norm = make_norm(group["norm"], group["norm_kwargs"])
         _checks.check_params(group, index, norm, type(self).__name__)
-        route = backends.route(group, f"param group {index}")
+        route = backends.route(group, f"param group {index}", norm)
         self._store_route(index, route)
         return route
 
@@ -159,7 +178,7 @@ class _ScionBase(torch.optim.Optimizer):
 
         work = []
         for index, group in enumerate(self.param_groups):
-            self._check_options(group, f"param group {index}")
+            self._check_changed_options(index, group)
             # A parameter with no elements has nothing to update.
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
             for i in idx:
@@ -196,20 +215,19 @@ class _ScionBase(torch.optim.Optimizer):
         update = Update(float(group["momentum"]), lr, scale, constrained)
         left = idx
         if not self._distributed:
-            left = [i for i in idx if route.kernels[i] is None]
-            by_backend: dict[str, list[int]] = {}
+            left = [i for i in idx if not route.backends[i].fused]
+            fused: dict[str, tuple[Backend, list[int]]] = {}
             for i in idx:
-                kernels = route.kernels[i]
-                if kernels is not None:
-                    by_backend.setdefault(kernels[0].name, []).append(i)
-            for ks in by_backend.values():
-                backend = route.kernels[ks[0]][0]  # type: ignore[index]
+                if route.backends[i].fused:
+                    fused.setdefault(route.backends[i].name, (route.backends[i], []))[1].append(i)
+            for backend, ks in fused.values():
                 chosen = [group["params"][i] for i in ks]
-                undone = backend.step_(
+                undone = fused_step_(
+                    backend,
                     chosen,
                     [p.grad for p in chosen],
                     self._fused_buffers(group, chosen),
-                    [route.kernels[i][1] for i in ks],  # type: ignore[index]
+                    [route.norms[i] for i in ks],
                     update,
                 )
                 left = left + [ks[j] for j in undone]
@@ -253,17 +271,22 @@ class _ScionBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        """torch.optim's listing of each group's options, plus the dtype each group's
-        Newton–Schulz computes in on its parameters' devices (``(auto)``: chosen for the
-        hardware)."""
+        """torch.optim's listing of each group's options, plus what steps its parameters (the
+        backend objects of its route, with the reason for any fallback to the reference) and
+        the dtype their Newton–Schulz computes in (``(auto)``: chosen for the hardware)."""
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
-            norm = make_norm(group["norm"], group["norm_kwargs"])
-            ns = {newton_schulz_dtype(norm, p.shape, p.device) for p in group["params"]}
-            if ns - {""}:
-                lines.append(f"    newton_schulz: {', '.join(sorted(ns - {''}))}")
+            try:
+                route = self._route(i, group)
+            except (ValueError, TypeError) as err:
+                lines.append(f"    route: {err}")
+                continue
+            lines.append(f"    stepped by: {backends.summary(route)}")
+            ns = {route.newton_schulz(k) for k in range(len(group["params"]))} - {""}
+            if ns:
+                lines.append(f"    newton_schulz: {', '.join(sorted(ns))}")
         return "\n".join(lines) + "\n)"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -277,6 +300,7 @@ class _ScionBase(torch.optim.Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_distributed", False)
         self.__dict__.setdefault("_routes", [])
+        self.__dict__.setdefault("_checked", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, keeping every state tensor's dtype.

@@ -40,14 +40,13 @@ def emulated_module():
 
 
 @pytest.fixture
-def emulated_native(emulated_module, monkeypatch):
-    """``scion_kernels._native`` running the emulated module for the duration of a test."""
-    from scion_kernels import _native
+def emulated_native(emulated_module):
+    """The ``"cuda"`` backend running the emulated module (on CPU tensors) for the duration of
+    a test; yields the module."""
+    from scion_kernels import backends
 
-    monkeypatch.setattr(_native, "_native", emulated_module)
-    monkeypatch.setattr(_native, "_native_error", None)
-    monkeypatch.setattr(_native, "_native_tried", True)
-    return emulated_module
+    with backends.using(backends.NativeBackend(module=emulated_module)):
+        yield emulated_module
 
 
 class GraphRecorder:

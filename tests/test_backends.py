@@ -16,7 +16,8 @@ sense for:
 
 Tests of the Newton–Schulz kernels run both paths (``-chosen``: the backend picks, one program or
 block per matrix where the shape allows; ``-tiled``: the tiled kernels forced, Triton with
-``SMALL_LIMIT = 0``, the native ones with 64-wide tiles). The backends' own tests (Triton's
+``small_limit=0``, the native ones with 64-wide tiles: backends with another policy, run through
+:func:`scion_kernels.backends.using`). The backends' own tests (Triton's
 tuning, tables and interpreter; the native tiles, workspace and C++ errors) are in
 ``test_triton.py`` and ``test_native_ns.py``.
 
@@ -40,11 +41,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from recording import Recording
 from torch import Tensor, nn
 
-from scion_kernels import Scion, ScionLight, _native, _ops, backends
-from scion_kernels._plan import Update, fused_norm, fused_step_
-from scion_kernels._tables import flatten
+from scion_kernels import Scion, ScionLight, backends
+from scion_kernels.backends import Backend, NativeBackend, Update, ops
+from scion_kernels.backends.cuda import Policy as NativePolicy
+from scion_kernels.backends.cuda.native import native_available
+from scion_kernels.backends.ops import NSStep
+from scion_kernels.backends.plan import fused_step_
+from scion_kernels.backends.tables import flatten
 from scion_kernels.newton_schulz import newton_schulz, polar_svd, resolve_coefficients
 from scion_kernels.norms import BiasRMS, make_norm
 
@@ -61,10 +67,15 @@ ROWWISE_STEP = "scion_kernels.rowwise_step_"
 
 @dataclass(frozen=True)
 class Kernels:
-    """A backend as the tests use it: its ``backend=`` name and the device of its tensors."""
+    """A backend as the tests use it: the object (registered under its name while the test
+    runs, so ``backend=kernels.name`` selects it) and the device of its tensors."""
 
-    name: str
+    backend: Backend
     device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
     @property
     def interpreted(self) -> bool:
@@ -77,7 +88,7 @@ class Kernels:
         in ``dtype``."""
         if self.name == "torch":
             return newton_schulz(G, table, dtype=dtype)
-        return _ops.polar(G, flatten(table), dtype, self.name)
+        return ops.polar(self.backend, G, flatten(table), dtype)
 
 
 FUSED = ("triton", "cuda-emulated", "cuda")
@@ -97,42 +108,35 @@ def over(*variants: str, paths: bool = False):
     return pytest.mark.parametrize("kernels", params, indirect=True)
 
 
-def _tiled_native_polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
-    triples = [coefficients[i : i + 3] for i in range(0, len(coefficients), 3)]
-    return _native.polar(G, triples, dtype, tile=64).to(dtype)
-
-
 @pytest.fixture
-def kernels(request, monkeypatch) -> Kernels:
-    """The backend of ``request.param`` (``(variant, path)``, see :func:`over`); skips where it
-    cannot run, saying why."""
+def kernels(request) -> Kernels:
+    """The backend of ``request.param`` (``(variant, path)``, see :func:`over`), registered
+    for the test; skips where it cannot run, saying why."""
     variant, path = request.param
     if variant == "torch":
-        return Kernels("torch", DEVICE)
+        yield Kernels(backends.get("torch"), DEVICE)
+        return
     if variant == "triton":
-        reason = backends.get("triton").unavailable_reason(DEVICE)
+        triton = backends.get("triton")
+        reason = triton.unavailable_reason(DEVICE)
         if reason is not None:
             pytest.skip(f"Triton kernels: {reason}")
-        backends.get("triton").load()
-        from scion_kernels.kernels import newton_schulz as kns
-
         # Work buffers start as NaN, so an element the kernels skip shows up in the result.
-        monkeypatch.setattr(kns, "POISON", True)
-        if path == "tiled":
-            monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
-        return Kernels("triton", DEVICE)
-    if variant == "cuda-emulated":
-        request.getfixturevalue("emulated_native")
-        device = torch.device("cpu")
-    elif CUDA and _native.native_available():
-        device = torch.device("cuda")
+        changes = dict(poison=True, small_limit=0) if path == "tiled" else dict(poison=True)
+        backend: Backend = triton.with_policy(**changes)
+        device = DEVICE
     else:
-        pytest.skip("needs a CUDA GPU and the built native module")
-    if path == "tiled":
-        tiled_step = functools.partial(_native.ns_step_, tile=64)
-        monkeypatch.setitem(_ops._IMPLS, ("ns_step_", "cuda"), tiled_step)
-        monkeypatch.setitem(_ops._IMPLS, ("polar", "cuda"), _tiled_native_polar)
-    return Kernels("cuda", device)
+        if variant == "cuda-emulated":
+            module, device = request.getfixturevalue("emulated_module"), torch.device("cpu")
+        elif CUDA and native_available():
+            module, device = None, torch.device("cuda")
+        else:
+            pytest.skip("needs a CUDA GPU and the built native module")
+        policies = {(8, 0): NativePolicy(tile=64)} if path == "tiled" else None
+        backend = NativeBackend(module, policies)
+    with backends.using(backend):
+        backend.load()
+        yield Kernels(backend, device)
 
 
 # --------------------------------------------------------------------- Newton–Schulz polar
@@ -317,8 +321,8 @@ def test_ns_step_matches_reference(kernels, p_dtype, buf_dtype, g_dtype):
     x0 = [p.clone() for p in params]
     d0 = [b.clone() for b in bufs]
     coeffs = flatten(resolve_coefficients("classic"))
-    _ops.ns_step_(params, grads, bufs, tall, factors, 20, 40, torch.bfloat16, coeffs,
-                  alpha, coef, decay, backend=kernels.name)  # fmt: skip
+    ops.ns_step_(kernels.backend, params, grads, bufs, tall, factors, 20, 40, torch.bfloat16,
+                 coeffs, alpha, coef, decay)  # fmt: skip
 
     for i, p in enumerate(params):
         g = grads[i]
@@ -447,19 +451,14 @@ def test_optimizer_matches_reference_step_by_step(kernels, cls, unconstrained):
 
 
 @over(*FUSED)
-def test_buckets_share_orientation(kernels, mixed_params, monkeypatch):
+def test_buckets_share_orientation(kernels, mixed_params):
     """20×36 and 36×20 weights share one bucket; one op call per bucket, with every matrix of
     the bucket."""
-    calls = []
-    original = _ops._IMPLS["ns_step_", kernels.name]
-
-    def counting(params, grads, bufs, tall, factors, m, n, *args):
-        calls.append((sum(p.numel() // (m * n) for p in params), m, n))
-        return original(params, grads, bufs, tall, factors, m, n, *args)
-
-    monkeypatch.setitem(_ops._IMPLS, ("ns_step_", kernels.name), counting)
     groups, _ = mixed_params.with_gradients(kernels.device)
-    Scion(groups, backend=kernels.name).step()
+    with backends.using(Recording(kernels.backend)) as recording:
+        Scion(groups, backend=kernels.name).step()
+    calls = [(sum(p.numel() // (a.m * a.n) for p in a.params), a.m, a.n)
+             for a in (NSStep(*args) for args in recording.of("ns_step_"))]  # fmt: skip
     assert sorted(calls) == [(1, 8, 12), (1, 24, 24), (2, 20, 36), (3, 12, 20)]
 
 
@@ -481,7 +480,8 @@ def test_layout_options(kernels, tolerance, norm, options, shape, taken):
     """Layout options the kernels take give the reference's update (bf16 rule); the others
     are left to the reference path and match it exactly."""
     kwargs = {**options, **BF16}
-    assert (fused_norm(make_norm(norm, kwargs), shape) is not None) == taken
+    lmo = make_norm(norm, kwargs)
+    assert kernels.backend.takes(lmo, shape, torch.float32, kernels.device) == taken
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
     grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -673,10 +673,10 @@ def test_rowwise_step_matches_reference(kernels, norm, p_dtype, buffer):
         d = (1 - alpha) * bufs[i] + alpha * grads[i] if buffer else grads[i]
         u = lmo.lmo(d.float().cpu())
         want.append(((1 - lr) * p.float().cpu() - lr * scale * u.float()).to(p_dtype))
-    norms = [fused_norm(lmo, p.shape) for p in params]
-    assert all(n is not None for n in norms)
+    assert all(kernels.backend.takes(lmo, p.shape, p.dtype, device) for p in params)
+    norms = [lmo.pick(p.shape) for p in params]
     update = Update(alpha=alpha, lr=lr, scale=scale, constrained=True)
-    left = fused_step_(params, grads, bufs, norms, kernels.name, update)
+    left = fused_step_(kernels.backend, params, grads, bufs, norms, update)
     assert left == []
     tol = 2**-7 if p_dtype == torch.bfloat16 else 1e-5
     for p, w in zip(params, want, strict=True):
@@ -698,7 +698,7 @@ def test_rowwise_zero_and_tiny_gradients(kernels, norm):
         g = torch.randn(shape, device=device) * factor
         want = 0.9 * p.cpu() - 0.1 * lmo.lmo(g.cpu()).float()
         update = Update(alpha=1.0, lr=0.1, scale=1.0, constrained=True)
-        left = fused_step_([p], [g], None, [lmo], kernels.name, update)
+        left = fused_step_(kernels.backend, [p], [g], None, [lmo], update)
         assert left == []
         torch.testing.assert_close(p.cpu(), want, rtol=1e-5, atol=1e-6)
 
@@ -730,7 +730,7 @@ def test_strided_vector_taken_by_the_kernel(kernels):
     assert p.stride() == (6,)
     expected = p - 0.1 * g / (g.norm() / 2.0 + 1e-8)
     update = Update(alpha=1.0, lr=0.1, scale=1.0, constrained=False)
-    left = fused_step_([p], [g], None, [BiasRMS()], kernels.name, update)
+    left = fused_step_(kernels.backend, [p], [g], None, [BiasRMS()], update)
     assert left == []
     torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
 
@@ -753,7 +753,7 @@ def test_auto_table_choice(monkeypatch):
         triton = importlib.util.find_spec("triton") is not None  # without it: the reference
         assert backends.choose(cuda, "spectral-large") == ("triton" if triton else "torch")
         assert backends.choose(cuda, "spectral-small") == "torch"  # not in the table
-        native = "cuda" if _native.native_available() else "torch"
+        native = "cuda" if native_available() else "torch"
         assert backends.choose(cuda, "rowwise") == native
         assert backends.choose(torch.device("cpu"), "spectral-large") == "torch"
     finally:

@@ -273,12 +273,12 @@ def test_init_benchmark_layout_and_row():
 def test_step_benchmark_models_get_the_roles_it_checks():
     """The step benchmark refuses to time a model whose groups are not what it expects; each of
     its models passes that check (GPT-2 with 1 block, to stay small)."""
-    from bench import step
+    from bench import models, step
 
     for name, build, recipe in [
-        ("gpt2-small-1L", lambda: step.GPT2(n_layer=1), "gpt"),
-        ("vit-s16", step.ViT, "vit"),
-        ("resnet18", step.ResNet18, "cnn"),
+        ("gpt2-small-1L", lambda: models.GPT2(n_layer=1), "gpt"),
+        ("vit-s16", models.ViT, "vit"),
+        ("resnet18", models.ResNet18, "cnn"),
     ]:
         model = build()
         step.check_groups(name, model, param_groups(model, recipe))

@@ -14,8 +14,11 @@ import sys
 
 import pytest
 
-from scion_kernels import _native
-from scion_kernels._native import native_available, native_import_error
+from scion_kernels.backends.cuda.native import (
+    native_available,
+    native_import_error,
+    require_native,
+)
 
 
 def _nvcc_found() -> bool:
@@ -58,13 +61,9 @@ def test_package_import_does_not_load_native_module():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_missing_native_module_error_explains_how_to_build(monkeypatch):
-    monkeypatch.setattr(_native, "_native", None)
-    monkeypatch.setattr(_native, "_native_tried", True)
-    monkeypatch.setattr(_native, "_native_error", "ImportError: no module named _C")
-    assert not native_available()
+def test_missing_native_module_error_explains_how_to_build():
     with pytest.raises(RuntimeError, match="not available") as info:
-        _native._require_native()
+        require_native(None)
     message = str(info.value)
     for needle in ("CUDA toolchain", "pip install -e . --no-build-isolation", "SCION_SKIP_NATIVE"):
         assert needle in message

@@ -15,7 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scion_kernels import _native
+from scion_kernels import backends
+from scion_kernels.backends.cuda import NativeBackend, Policy
+from scion_kernels.backends.cuda.native import native_available, ns_step_, rowwise_step_
+from scion_kernels.backends.tables import flatten
 from scion_kernels.newton_schulz import resolve_coefficients
 
 
@@ -24,13 +27,15 @@ def native(request):
     """(module, device): the emulated module on the CPU, or the built module on a GPU."""
     if request.param == "emulated":
         return request.getfixturevalue("emulated_native"), torch.device("cpu")
-    if not (torch.cuda.is_available() and _native.native_available()):
+    if not (torch.cuda.is_available() and native_available()):
         pytest.skip("needs a CUDA GPU and the built native module")
-    return _native._require_native(), torch.device("cuda")
+    return backends.get("cuda").module, torch.device("cuda")
 
 
 def _polar(G: torch.Tensor, coefficients: str, dtype: torch.dtype, tile: int = 0) -> torch.Tensor:
-    return _native.polar(G, resolve_coefficients(coefficients), dtype, tile)
+    """The registered native backend's polar with product tile ``tile`` (0: chosen)."""
+    backend = NativeBackend(backends.get("cuda").module, {(8, 0): Policy(tile=tile)})
+    return backend.polar_(G, flatten(resolve_coefficients(coefficients)), dtype)
 
 
 def test_one_block_path_limits(native, tolerance):
@@ -91,8 +96,8 @@ def test_invalid_arguments(native):
     module, device = native
     p = torch.zeros(1, 4, 8, device=device)
     with pytest.raises(ValueError, match="compute dtype"):
-        _native.ns_step_([p], [p.clone()], [], [False], [1.0], 4, 8, torch.float32,
-                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+        ns_step_(module, 0, [p], [p.clone()], [], [False], [1.0], 4, 8, torch.float32,
+                 [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="triples"):
         module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 2.0], 1.0, 1.0, 1.0, 0, [p.data_ptr()],
                        [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 0, 0, 0, 0)  # fmt: skip
@@ -103,32 +108,30 @@ def test_invalid_arguments(native):
 
 def test_mixed_dtypes_and_shapes_rejected(native):
     """One call runs one dtype combination: a mixed list is an error, never a misread."""
-    _, device = native
+    module, device = native
     p = [torch.zeros(4, 8, device=device), torch.zeros(4, 8, device=device, dtype=torch.bfloat16)]
     g = [torch.zeros(4, 8, device=device) for _ in p]
     with pytest.raises(TypeError, match="param 1 is torch.bfloat16"):
-        _native.ns_step_(p, g, [], [False, False], [1.0, 1.0], 4, 8, torch.bfloat16,
-                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+        ns_step_(module, 0, p, g, [], [False, False], [1.0, 1.0], 4, 8, torch.bfloat16,
+                 [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="grad 0 has shape"):
-        _native.ns_step_(p[:1], [torch.zeros(8, 4, device=device)], [], [False], [1.0], 4, 8,
-                         torch.bfloat16, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+        ns_step_(module, 0, p[:1], [torch.zeros(8, 4, device=device)], [], [False], [1.0], 4, 8,
+                 torch.bfloat16, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
     with pytest.raises(TypeError, match="grad 1"):
-        _native.rowwise_step_(p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
-                              [1.0] * 2, [0.0] * 2, True, False, 1.0, 1.0, 1.0)  # fmt: skip
+        rowwise_step_(module, p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
+                      [1.0] * 2, [0.0] * 2, True, False, 1.0, 1.0, 1.0)  # fmt: skip
 
 
-def test_cpu_tensors_rejected_without_emulation(monkeypatch):
+def test_cpu_tensors_rejected_without_emulation():
     """The real module never takes CPU tensors: a clear error, before any address is used."""
 
     class Module:  # stands in for a built module: no EMULATED flag
         pass
 
-    monkeypatch.setattr(_native, "_native", Module())
-    monkeypatch.setattr(_native, "_native_tried", True)
     p = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        _native.ns_step_([p], [p.clone()], [], [False], [1.0], 4, 8, torch.bfloat16,
-                         [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
+        ns_step_(Module(), 0, [p], [p.clone()], [], [False], [1.0], 4, 8, torch.bfloat16,
+                 [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
 
 
 def test_optimizer_backend_cuda_rejects_cpu_without_emulation():

@@ -943,7 +943,7 @@ GROUPED = [
 
 def _from_spec(norm, g):
     """``lmo(g)`` computed from :meth:`Norm.groups` alone, in float64."""
-    spec = norm.groups(g.shape)
+    spec = norm.group_spec(g.shape)
     m = g.double().reshape(spec.matrices)
     if spec.sign:
         return (torch.sign(m) * spec.q).reshape(g.shape)
@@ -990,7 +990,7 @@ def test_lmo_from_sums_on_row_pieces(name, options):
 
 
 def test_spectral_and_auto_have_no_group_spec():
-    assert make_norm("Spectral").groups((4, 4)) is None
-    assert make_norm("Auto").groups((4,)) is None  # Auto picks first: see Norm.pick
+    assert make_norm("Spectral").group_spec((4, 4)) is None
+    assert make_norm("Auto").group_spec((4,)) is None  # Auto picks first: see Norm.pick
     with pytest.raises(NotImplementedError, match="not a grouped norm"):
         make_norm("Spectral").partial_sums(torch.zeros(2, 2))

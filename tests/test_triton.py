@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from scion_kernels import Scion
-from scion_kernels.kernels import interpreting, unavailable_reason
+from scion_kernels import Scion, backends
+from scion_kernels.backends.triton import Policy, TritonBackend, interpreting, unavailable_reason
 from scion_kernels.newton_schulz import resolve_coefficients
 
 CUDA = torch.cuda.is_available()
@@ -22,16 +22,16 @@ REASON = unavailable_reason(DEVICE)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"Triton kernels: {REASON}")
 
 if REASON is None:
-    from scion_kernels.kernels import newton_schulz as kns
-    from scion_kernels.kernels.newton_schulz import polar
+    from scion_kernels.backends.triton import tuning
+    from scion_kernels.backends.triton.newton_schulz import polar
 
 
-def test_paths_by_shape(monkeypatch):
-    assert kns.NSBucket(1, 33, 100, torch.bfloat16, DEVICE).small  # pads to 64×128
-    assert not kns.NSBucket(1, 65, 100, torch.bfloat16, DEVICE).small  # 128 rows
-    assert not kns.NSBucket(1, 16, 1000, torch.bfloat16, DEVICE).small  # 16×1024 elements
-    monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
-    assert not kns.NSBucket(1, 1, 5, torch.bfloat16, DEVICE).small
+def test_paths_by_shape():
+    assert tuning.NSBucket(1, 33, 100, torch.bfloat16, DEVICE).small  # pads to 64×128
+    assert not tuning.NSBucket(1, 65, 100, torch.bfloat16, DEVICE).small  # 128 rows
+    assert not tuning.NSBucket(1, 16, 1000, torch.bfloat16, DEVICE).small  # 16×1024 elements
+    tiled = Policy(small_limit=0)
+    assert not tuning.NSBucket(1, 1, 5, torch.bfloat16, DEVICE, tiled).small
 
 
 def test_polar_rejects_bad_input():
@@ -56,19 +56,14 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 def test_tuning_picks_fastest_and_touches_no_state(monkeypatch, mixed_params):
     """The tuner times scratch-only launches: a tuned step equals a step that starts from the
     configurations it picked, bit for bit (no parameter or buffer was written twice)."""
-    monkeypatch.setattr(kns, "SMALL_LIMIT", 0)
-    monkeypatch.setattr(kns, "AUTOTUNE", True)
     slow = dict(num_warps=4, num_stages=1)
-    syrk = [dict(BLOCK=16, BLOCK_K=16, **slow), dict(BLOCK=32, BLOCK_K=16, **slow)]
-    apply = [
+    syrk = (dict(BLOCK=16, BLOCK_K=16, **slow), dict(BLOCK=32, BLOCK_K=16, **slow))
+    apply = (
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, **slow),
         dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, **slow),
-    ]
-    # The interpreter's lists and the GPU's: the test runs on either.
-    for name, configs in [("_INTERPRET_SYRK", syrk), ("SYRK_CONFIGS", syrk)]:
-        monkeypatch.setattr(kns, name, configs)
-    for name, configs in [("_INTERPRET_APPLY", apply), ("APPLY_CONFIGS", apply)]:
-        monkeypatch.setattr(kns, name, configs)
+    )
+    # The interpreter's policy and the GPU's: the test runs on either.
+    tuned = TritonBackend().with_policy(syrk=syrk, apply=apply, small_limit=0, autotune=True)
     timed = []
 
     def fake_time(fn):  # runs the launch once; the second candidate is "faster"
@@ -76,25 +71,26 @@ def test_tuning_picks_fastest_and_touches_no_state(monkeypatch, mixed_params):
         timed.append(1)
         return 1.0 / len(timed) if len(timed) % 2 == 0 else 1.0
 
-    monkeypatch.setattr(kns, "_time", fake_time)
-    monkeypatch.setattr(kns, "TUNED", {})
+    monkeypatch.setattr(tuning, "time_launch", fake_time)
+    monkeypatch.setattr(tuning, "TUNED", {})
     results = []
     for _ in range(2):  # first run tunes; the second finds every choice made
         groups, params = mixed_params.with_gradients(DEVICE)
-        Scion(groups, lr=0.1, momentum=0.5, backend="triton").step()
+        with backends.using(tuned):
+            Scion(groups, lr=0.1, momentum=0.5, backend="triton").step()
         results.append(params)
         if len(results) == 1:
             count = len(timed)
     assert count > 0 and len(timed) == count  # nothing timed on the second run
     faster = (syrk[1], apply[1])
-    assert kns.TUNED and all(cfg in faster for cfg in kns.TUNED.values())
+    assert tuning.TUNED and all(cfg in faster for cfg in tuning.TUNED.values())
     for tuned, chosen in zip(*results, strict=True):
         assert torch.equal(tuned, chosen)
 
 
 def test_view_strides_agree_with_view():
     """The copy-free test the dispatch uses agrees with ``Tensor.view`` on random layouts."""
-    from scion_kernels._tables import view_strides
+    from scion_kernels.backends.tables import view_strides
 
     gen = torch.Generator().manual_seed(5)
 
@@ -120,7 +116,7 @@ def test_view_strides_agree_with_view():
 
 def test_tables_kept_between_steps(mixed_params):
     """Steps on the same tensors (gradients accumulated in place) copy no new table."""
-    from scion_kernels import _tables as tables
+    from scion_kernels.backends import tables
 
     tables._TABLES.clear()
     groups = mixed_params.groups(DEVICE)
@@ -140,9 +136,9 @@ def test_tables_kept_between_steps(mixed_params):
 def test_kernels_launch_on_the_parameters_device(monkeypatch, mixed_params):
     """Every Triton op makes the parameters' device current while it launches (Triton launches
     on the current device, whatever device the tensors are on)."""
-    from scion_kernels.kernels import newton_schulz as kns
-    from scion_kernels.kernels import on_device
-    from scion_kernels.kernels import rowwise as krw
+    from scion_kernels.backends.triton import newton_schulz as kns
+    from scion_kernels.backends.triton import on_device
+    from scion_kernels.backends.triton import rowwise as krw
 
     seen = []
 
@@ -162,7 +158,7 @@ def test_kernels_launch_on_the_parameters_device(monkeypatch, mixed_params):
 def test_tables_while_a_cuda_graph_is_captured(monkeypatch):
     """During a capture a table must exist already (a new one would allocate and copy inside
     the graph): a clear error. One used in a capture is never evicted, since replays read it."""
-    from scion_kernels import _tables as tables
+    from scion_kernels.backends import tables
 
     monkeypatch.setattr(tables, "_TABLES", {})
     monkeypatch.setattr(tables, "_CAPTURED", {})
@@ -184,7 +180,7 @@ def test_tables_while_a_cuda_graph_is_captured(monkeypatch):
 def test_table_cache_keeps_the_most_recently_used(monkeypatch):
     """A full cache drops the table used longest ago, not the one made first: a table every
     step asks for stays while others come and go."""
-    from scion_kernels import _tables as tables
+    from scion_kernels.backends import tables
 
     monkeypatch.setattr(tables, "_TABLES", {})
     monkeypatch.setattr(tables, "TABLE_CACHE_SIZE", 3)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scion_kernels import Scion, ScionLight
-from scion_kernels.kernels import available
+from scion_kernels.backends.triton import available
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 
 def _triton_modules() -> list[str]:
     """Modules of Triton, or of ours that need it, imported so far (the hiding entry aside)."""
-    ours = ("scion_kernels.kernels.newton_schulz", "scion_kernels.kernels.rowwise")
+    kernels = ("newton_schulz", "rowwise", "tuning")
+    ours = tuple(f"scion_kernels.backends.triton.{m}" for m in kernels)
     return sorted(
         name
         for name, module in sys.modules.items()

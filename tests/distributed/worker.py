@@ -390,35 +390,32 @@ def _fsdp_with_kernels(backend: str) -> dict:
     implementation of the ``scion_kernels::polar`` op, whose calls are recorded). Against the
     single-process reference step: the relative difference of each parameter's change, beside
     the same measure for the backend's single-process fused step."""
-    from scion_kernels import _ops
+    from scion_kernels import backends
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from recording import Recording
 
     mesh = init_device_mesh("cpu", (WORLD,))
     build, grad_of = sharded(mesh, [Shard(0)])
     spec = [("Spectral", {}, [(5, 8), (13, 7), (16, 16), (3, 20)]), ("Auto", {}, [(4, 3, 3, 3)])]
     runs = {}
-    key = ("polar", backend)
-    polar, shapes = _ops._IMPLS[key], []
-
-    def recording(G, *args):
-        shapes.append(list(G.shape))
-        return polar(G, *args)
-
-    _ops._IMPLS[key] = recording
+    recording = Recording(backends.get(backend))
     plain = lambda t: t  # noqa: E731
     cases = [("reference", "torch", plain), ("fused", backend, plain),
              ("distributed", backend, build)]  # fmt: skip
     for name, case_backend, make in cases:
         groups = make_groups(make, spec, ns_dtype=torch.bfloat16)  # the kernels' dtype
         before = [full(p.detach()).clone() for g in groups for p in g["params"]]
-        opt = Scion(groups, lr=0.1, momentum=1.0, backend=case_backend)
-        grads = gradients(groups, 0)
-        for g, gs in zip(groups, grads, strict=True):
-            for p, grad in zip(g["params"], gs, strict=True):
-                p.grad = grad_of(grad, p) if name == "distributed" else grad.clone()
-        opt.step()
+        with backends.using(recording):
+            opt = Scion(groups, lr=0.1, momentum=1.0, backend=case_backend)
+            grads = gradients(groups, 0)
+            for g, gs in zip(groups, grads, strict=True):
+                for p, grad in zip(g["params"], gs, strict=True):
+                    p.grad = grad_of(grad, p) if name == "distributed" else grad.clone()
+            opt.step()
         after = [full(p.detach()) for g in groups for p in g["params"]]
         runs[name] = [a - b for a, b in zip(after, before, strict=True)]
-    _ops._IMPLS[key] = polar
+    shapes = [list(args[0].shape) for args in recording.of("polar")]
 
     def rel(x, y):
         return max(((a - b).norm() / b.norm()).item() for a, b in zip(x, y, strict=True))
@@ -429,13 +426,11 @@ def _fsdp_with_kernels(backend: str) -> dict:
 
 def fsdp_triton():
     """backend="triton" under FSDP (Triton's interpreter on the CPU)."""
-    from scion_kernels.kernels import unavailable_reason
+    from scion_kernels import backends
 
-    why = unavailable_reason(torch.device("cpu"))
+    why = backends.get("triton").unavailable_reason(torch.device("cpu"))
     if why is not None:
         return {"skipped": why}
-    from scion_kernels.kernels import newton_schulz  # noqa: F401  (registers the kernels)
-
     return _fsdp_with_kernels("triton")
 
 
@@ -447,10 +442,10 @@ def fsdp_native():
     sys.path.insert(0, str(Path(__file__).parent.parent / "native"))
     import emulated
 
-    from scion_kernels import _native
+    from scion_kernels import backends
 
-    _native._native, _native._native_error, _native._native_tried = emulated.build(), None, True
-    return _fsdp_with_kernels("cuda")
+    with backends.using(backends.NativeBackend(module=emulated.build())):
+        return _fsdp_with_kernels("cuda")
 
 
 def bad_layouts():

@@ -3,9 +3,10 @@
 Every ``csrc/*.cu`` is compiled as C++ with ``SCION_HOST_EMULATION`` and ``emulation.h``
 force-included, linked with ``emulation.cpp`` and the unchanged ``python/bindings.cpp`` into an
 extension module with the real module's interface, marked ``EMULATED = True``; the wrappers in
-``scion_kernels._native`` then accept CPU tensors and pass stream 0. Needs a C++ compiler, the
-CUDA headers (from a CUDA toolkit) and pybind11; the build is kept in the temporary directory
-under a hash of its sources and of every header in ``csrc/`` (``*.h``, ``*.cuh``).
+``scion_kernels.backends.cuda.native`` then accept CPU tensors and pass stream 0. Needs a C++
+compiler, the CUDA headers (from a CUDA toolkit) and pybind11; the build is kept in the
+temporary directory under a hash of its sources and of every header in ``csrc/``
+(``*.h``, ``*.cuh``).
 """
 
 from __future__ import annotations

@@ -17,17 +17,18 @@ fp16; a zero matrix gives a zero update; NaN and inf stay non-finite. Work matri
 rows padded with zeros to a multiple of 16 elements (aligned, vectorizable rows). All grids
 are one-dimensional, the matrix index folded into the program index.
 
-Small buckets (a padded matrix of at most ``SMALL_LIMIT`` elements and ``SMALL_ROWS`` rows) run
+Small buckets (a padded matrix of at most the policy's ``small_limit`` elements and
+``small_rows`` rows, :class:`~scion_kernels.backends.triton.Policy`) run
 all of this in one program per matrix instead (``_small_kernel``), every intermediate in
 registers, one launch for the whole bucket, with the same rounding points.
 
 Matrices are addressed through tables of ``(address, row stride, column stride)`` rows
 (int64, in elements), one per matrix, so a bucket gathers parameters from anywhere in memory
 with one launch per stage; offsets are computed in int64. The tables are kept on the device
-between steps (:mod:`scion_kernels._tables`).
+between steps (:mod:`scion_kernels.backends.tables`).
 
-The host code is the ``"triton"`` implementation of two of the package's ops
-(:mod:`scion_kernels._ops`), so ``torch.compile`` sees one opaque call per bucket:
+The host code runs two of the package's ops for the backend object
+(:mod:`scion_kernels.backends.ops`), so ``torch.compile`` sees one opaque call per bucket:
 ``scion_kernels::ns_step_`` (the whole Scion step of a bucket, in place) and
 ``scion_kernels::polar`` (the orthogonalization alone).
 
@@ -46,8 +47,7 @@ same bits).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,11 +55,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _ops
-from .._tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
-from . import interpreting, on_device
+from .. import ops, registry
+from ..ops import NSStep
+from ..tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
+from . import Policy, on_device
+from .tuning import NSBucket, config, tuned
 
-__all__ = ["NSBucket", "newton_schulz_bucket", "ns_step_", "polar"]
+__all__ = ["NSBucket", "newton_schulz_bucket", "ns_step_", "polar", "polar_"]
 
 Triple = tuple[float, float, float]
 
@@ -430,137 +432,12 @@ def _small_kernel(
 
 # ------------------------------------------------------------------------------------ host
 
-#: Buckets whose padded matrix has at most this many elements (and at most ``SMALL_ROWS`` padded
-#: rows) run the whole step in one program per matrix (``_small_kernel``); larger ones use the
-#: tiled kernels. Tests set it to 0 to check the tiled kernels on small shapes.
-SMALL_LIMIT = 8192
-SMALL_ROWS = 64
 
-#: Tile configurations of the tiled kernels on a GPU, the default first. ``X·Xᵀ`` and
-#: ``b·A + c·A·A`` take ``SYRK_CONFIGS`` (each timed separately: their inner dimensions differ),
-#: ``a·X + B·X`` takes ``APPLY_CONFIGS``.
-SYRK_CONFIGS = [
-    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=4),
-    dict(BLOCK=128, BLOCK_K=128, num_warps=8, num_stages=2),
-    dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=4),
-]
-APPLY_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
-]
-#: In the interpreter: small tiles keep it fast (``tl.dot`` needs at least 16).
-_INTERPRET_SYRK = [dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1)]
-_INTERPRET_APPLY = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)]
-
-#: With ``SCION_KERNELS_AUTOTUNE=1``, time the candidate configurations the first time a bucket
-#: shape is seen on a GPU and keep the fastest (only launches that write scratch buffers are
-#: timed, never one that updates parameters or buffers). Off by default: tile shapes change the
-#: order of the sums, and a choice made by timing can differ between runs and between the ranks
-#: of a distributed job, whose parameters would then drift apart bit by bit.
-AUTOTUNE = os.environ.get("SCION_KERNELS_AUTOTUNE", "0") == "1"
-#: The configuration chosen per (kernel, m, k or n, batch, dtype, device name).
-TUNED: dict[tuple, dict] = {}
-
-
-class NSBucket:
-    """Static launch parameters for one bucket: shape, dtype and path."""
-
-    def __init__(self, batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
-        if m > n:
-            raise ValueError(f"a bucket is oriented wide (m ≤ n); got {m}×{n}")
-        self.batch, self.m, self.n, self.dtype, self.device = batch, m, n, dtype, device
-        self.interpret = interpreting()
-        # tl.dot needs every dimension to be at least 16.
-        self.pad_m = max(16, next_power_of_2(m))
-        self.pad_n = max(16, next_power_of_2(n))
-        self.small = self.pad_m <= SMALL_ROWS and self.pad_m * self.pad_n <= SMALL_LIMIT
-        self.warps = 4 if self.pad_m * self.pad_n <= 4096 else 8  # the small kernel's
-        self.prologue_tile = 16 if self.interpret else 64
-
-    def flags(self) -> dict:
-        return dict(CAST_F32=self.interpret, EMULATE_RNE=self.interpret)
-
-
-def _candidates(configs: list[dict], rows: int, block: str) -> list[dict]:
-    """The configurations worth timing for ``rows`` output rows: no tile taller than twice the
-    padded rows (more would compute padding only)."""
-    fit = [c for c in configs if c[block] <= 2 * max(16, next_power_of_2(rows))]
-    return fit or configs[-1:]
-
-
-def _bucket_candidates(bucket: NSBucket, kernel: str) -> list[dict]:
-    syrk = kernel == "syrk"
-    if bucket.interpret:
-        configs = _INTERPRET_SYRK if syrk else _INTERPRET_APPLY
-    else:
-        configs = SYRK_CONFIGS if syrk else APPLY_CONFIGS
-    return _candidates(configs, bucket.m, "BLOCK" if syrk else "BLOCK_M")
-
-
-def default_config(bucket: NSBucket, kernel: str) -> dict:
-    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) a step uses for this
-    bucket when not autotuning."""
-    return _bucket_candidates(bucket, kernel)[0]
-
-
-def _config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], None]) -> dict:
-    """The tile configuration of ``kernel`` (``"syrk"`` or ``"apply"``) for this bucket: the
-    default, or with ``AUTOTUNE`` the fastest candidate, timed once per shape by running
-    ``launch(config)`` (which must write scratch buffers only)."""
-    candidates = _bucket_candidates(bucket, kernel)
-    if not AUTOTUNE or len(candidates) == 1:
-        return candidates[0]
-    key = _tuning_key(bucket, kernel, inner)
-    if key not in TUNED:
-        TUNED[key] = _fastest(candidates, launch)
-    return TUNED[key]
-
-
-def _tuning_key(bucket: NSBucket, kernel: str, inner: int) -> tuple:
-    dev = bucket.device
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return (kernel, bucket.m, inner, bucket.batch, bucket.dtype, where)
-
-
-def _time(fn: Callable[[], None]) -> float:
-    """Median milliseconds of ``fn`` (a few warm-up runs first)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-
-def _fastest(candidates: list[dict], launch: Callable[[dict], None]) -> dict:
-    """The candidate with the lowest median time; one that cannot run here (too much shared
-    memory, say) is passed over."""
-    from triton.runtime.errors import OutOfResources
-
-    best, best_ms = None, float("inf")
-    for config in candidates:
-        try:
-            ms = _time(lambda config=config: launch(config))
-        except OutOfResources:
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
-    if best is None:
-        raise RuntimeError(f"no tile configuration of {candidates} can run on this device")
-    return best
-
-
-#: Fill every work buffer with NaN before the kernels write it (tests set this to prove that
-#: every element is written).
-POISON = False
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _empty(bucket: NSBucket, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A work buffer (NaN-filled with the policy's ``poison``)."""
+    if bucket.policy.poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=bucket.device)
+    return torch.empty(shape, dtype=dtype, device=bucket.device)
 
 
 def newton_schulz_bucket(
@@ -610,7 +487,7 @@ def newton_schulz_bucket(
     d_like = g_like if d_like is None else d_like
 
     if bucket.small:
-        out = _empty((0,) if update else (B, m, n), dtype, dev)
+        out = _empty(bucket, (0,) if update else (B, m, n), dtype)
         _small_kernel[(B,)](
             table6, g_like, d_like, out, ptable, p_like, ftable,
             device_table(coefficients, torch.float32, dev),
@@ -624,16 +501,16 @@ def newton_schulz_bucket(
     # 32-byte aligned whatever m and n are: the compiler can then vectorize and pipeline the
     # loads (cp.async) of the tiled products (see bench/compile_report.py).
     ldx, ldm = _padded(n), _padded(m)
-    x = _empty((B, m, ldx), dtype, dev)
+    x = _empty(bucket, (B, m, ldx), dtype)
     T = bucket.prologue_tile
     tiles = cdiv(m, T) * cdiv(n, T)
-    partials = _empty((B, tiles, 2), torch.float32, dev)
+    partials = _empty(bucket, (B, tiles, 2), torch.float32)
     _prologue_kernel[(tiles * B,)](
         table6, g_like, d_like, partials, m, n, float(alpha), 1.0 - float(alpha),
         HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
         num_warps=4,
     )  # fmt: skip
-    scales = _empty((B, 2), torch.float32, dev)
+    scales = _empty(bucket, (B, 2), torch.float32)
     _scales_kernel[(B,)](partials, scales, tiles, BLOCK=max(16, min(1024, next_power_of_2(tiles))))
     # X₀ = d/‖d‖ rounded once, as the reference: d is read a second time (a memory-bound pass)
     # rather than rounded before the scale is known, which over- or underflows fp16.
@@ -642,9 +519,9 @@ def newton_schulz_bucket(
         EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T, num_warps=4,
     )  # fmt: skip
 
-    a_mat = _empty((B, m, ldm), dtype, dev)
-    p_mat = _empty((B, m, ldm), dtype, dev)
-    y = _empty((B, m, ldx), dtype, dev)
+    a_mat = _empty(bucket, (B, m, ldm), dtype)
+    p_mat = _empty(bucket, (B, m, ldm), dtype)
+    y = _empty(bucket, (B, m, ldx), dtype)
 
     def syrk(src, dst, k, c, b, config, *, has_d=False):
         launch_syrk(src, dst, k, c, b, config, flags, has_d=has_d)
@@ -665,14 +542,14 @@ def newton_schulz_bucket(
     def time_apply(cfg):
         apply(x, y, 1.0, cfg)
 
-    if AUTOTUNE and any(
-        _tuning_key(bucket, k, i) not in TUNED for k, i in (("syrk", n), ("syrk", m), ("apply", n))
+    if bucket.policy.autotune and not all(
+        tuned(bucket, k, i) for k, i in (("syrk", n), ("syrk", m), ("apply", n))
     ):
         a_mat.zero_()  # the timing runs read them before any step has written them
         p_mat.zero_()
-    gram = _config(bucket, "syrk", n, time_gram)
-    poly = _config(bucket, "syrk", m, time_poly)
-    prod = _config(bucket, "apply", n, time_apply)
+    gram = config(bucket, "syrk", n, time_gram)
+    poly = config(bucket, "syrk", m, time_poly)
+    prod = config(bucket, "apply", n, time_apply)
 
     steps = len(coefficients)
     for step, (a, b, c) in enumerate(coefficients):
@@ -742,14 +619,14 @@ def _padded(size: int) -> int:
     return -(-size // 16) * 16
 
 
-# ------------------------------------------------------------------------------- torch ops
+# --------------------------------------------------------------------- the backend's entry points
 
 
-@_ops.implement("ns_step_", "triton")
-def ns_step_(*args: Any) -> None:
-    """``scion_kernels::ns_step_`` with the Triton kernels (arguments: :class:`~scion_kernels.
-    _ops.NSStep`): the whole Scion step of one bucket, one launch per stage."""
-    a = _ops.NSStep(*args)
+def ns_step_(policy: Policy, *args: Any) -> None:
+    """``scion_kernels::ns_step_`` with the Triton kernels (arguments after ``policy``:
+    :class:`~scion_kernels.backends.ops.NSStep`): the whole Scion step of one bucket, one
+    launch per stage."""
+    a = NSStep(*args)
     p_rows, g_rows, d_rows, owner = bucket_rows(a.params, a.grads, a.bufs, a.tall, a.m, a.n)
     mat_factors = [a.factors[i] for i in owner]
     if not mat_factors:
@@ -757,7 +634,7 @@ def ns_step_(*args: Any) -> None:
     device = a.params[0].device
     with on_device(device):
         newton_schulz_bucket(
-            NSBucket(len(mat_factors), a.m, a.n, a.dtype, device),
+            NSBucket(len(mat_factors), a.m, a.n, a.dtype, device, policy),
             g_rows,
             a.grads[0],
             _triples(a.coefficients),
@@ -772,15 +649,15 @@ def ns_step_(*args: Any) -> None:
         )
 
 
-@_ops.implement("polar", "triton")
-def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+def polar_(policy: Policy, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    """``scion_kernels::polar`` with the Triton kernels: ``G``'s shape in ``dtype``."""
     r, c = G.shape[-2:]
     tall = r > c
     m, n = (c, r) if tall else (r, c)
     if G.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
     mats = G.reshape(-1, r, c)
-    bucket = NSBucket(mats.shape[0], m, n, dtype, G.device)
+    bucket = NSBucket(mats.shape[0], m, n, dtype, G.device, policy)
     rows = matrix_rows(mats, mats.shape, transpose=tall)
     with on_device(G.device):
         X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
@@ -800,10 +677,9 @@ def polar(
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the kernels.
 
     The same function as :func:`scion_kernels.newton_schulz` (``coefficients`` resolved to
-    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::polar`` op.
+    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::polar`` op on the
+    registered ``"triton"`` backend.
     """
-    if G.ndim < 2:
-        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
-    return _ops.polar(G, flatten(coefficients), dtype, "triton")
+    return ops.polar(registry.get("triton"), G, flatten(coefficients), dtype)

@@ -1,5 +1,6 @@
 """The native CUDA kernels (module ``scion_kernels._C``, ``backend="cuda"``): loading them, and
-their host side as the ``"cuda"`` implementations of the package's ops (:mod:`._ops`).
+their host side, which the backend object (:class:`~scion_kernels.backends.cuda.NativeBackend`)
+runs for the package's ops (:mod:`scion_kernels.backends.ops`).
 
 The native module is built at install time when a CUDA toolchain is present (see setup.py). It
 is imported lazily, on the first call that needs it: importing ``scion_kernels`` never fails
@@ -18,15 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._tables import bucket_rows, flatten, group_rows
+from ..ops import NSStep, RowwiseStep
+from ..tables import bucket_rows, group_rows
 
 __all__ = [
-    "ns_step_",
-    "polar",
-    "rowwise_step_",
+    "import_native",
     "native_available",
     "native_import_error",
+    "ns_step_",
+    "polar_",
+    "require_native",
+    "rowwise_step_",
     "unavailable_reason",
 ]
 
@@ -35,7 +38,8 @@ _native_error: str | None = None
 _native_tried = False
 
 
-def _import_native() -> ModuleType | None:
+def import_native() -> ModuleType | None:
+    """The built module ``scion_kernels._C``, or ``None`` where it does not import."""
     global _native, _native_error, _native_tried
     if not _native_tried:
         try:
@@ -48,18 +52,18 @@ def _import_native() -> ModuleType | None:
 
 def native_available() -> bool:
     """Whether the native module ``scion_kernels._C`` can be imported. Never raises."""
-    return _import_native() is not None
+    return import_native() is not None
 
 
 def native_import_error() -> str | None:
     """Why ``scion_kernels._C`` could not be imported, or ``None`` if it imports."""
-    _import_native()
+    import_native()
     return _native_error
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the native kernels (``backend="cuda"``) cannot run on ``device``, or ``None``."""
-    module = _import_native()
+def unavailable_reason(device: torch.device, module: ModuleType | None) -> str | None:
+    """Why the native kernels of ``module`` (``None``: not built) cannot run on ``device``, or
+    ``None``."""
     if module is None:
         return (
             f"the native module scion_kernels._C is not available ({_native_error}); it is "
@@ -70,8 +74,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _require_native() -> ModuleType:
-    module = _import_native()
+def require_native(module: ModuleType | None) -> ModuleType:
+    """``module``, or a ``RuntimeError`` with build instructions where it is ``None``."""
     if module is None:
         raise RuntimeError(
             "the native module scion_kernels._C is not available "
@@ -133,16 +137,15 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
     return buf, -(-buf.data_ptr() // 256) * 256
 
 
-@_ops.implement("ns_step_", "cuda")
-def ns_step_(*args: Any, tile: int = 0) -> None:
-    """``scion_kernels::ns_step_`` with the native kernels, from one C++ call (arguments:
-    :class:`~scion_kernels._ops.NSStep`; the compute dtype bf16 or fp16); ``tile`` forces the
-    product tile (64 or 128; 0 chooses)."""
-    params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay = _ops.NSStep(
+def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
+    """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
+    (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
+    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses)."""
+    params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, coef, decay = NSStep(
         *args
     )
     op = "ns_step_"
-    native = _require_native()
+    native = require_native(module)
     if dtype not in _COMPUTE:
         raise ValueError(f"{op}: the compute dtype must be bfloat16 or float16, got {dtype}")
     if not params:
@@ -180,48 +183,31 @@ def ns_step_(*args: Any, tile: int = 0) -> None:
     del buf  # freed in stream order: the allocator hands it out only to later work
 
 
-def polar(
-    G: Tensor,
-    coefficients: Sequence[Sequence[float]],
-    dtype: torch.dtype = torch.bfloat16,
-    tile: int = 0,
+def polar_(
+    module: ModuleType | None, tile: int, G: Tensor, coefficients: list[float], dtype: torch.dtype
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
-    kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``.
-    ``coefficients`` are the per-step ``(a, b, c)`` triples. Returns float32 of ``G``'s shape
-    (holding values rounded to ``dtype``)."""
+    kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
+    into a float32 matrix, returned in ``dtype`` (``G``'s shape)."""
     if G.ndim < 2:
         raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
-    return _polar(G, flatten(coefficients), dtype, tile)
-
-
-def _polar(G: Tensor, coefficients: list[float], dtype: torch.dtype, tile: int = 0) -> Tensor:
     r, c = G.shape[-2:]
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
-    if G.numel() == 0:
-        return out
-    ns_step_([out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype, coefficients,
-             1.0, 1.0, 1.0, tile=tile)  # fmt: skip
-    return out
-
-
-@_ops.implement("polar", "cuda")
-def _polar_op(G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
-    return _polar(G, coefficients, dtype).to(dtype)
+    if G.numel():
+        ns_step_(module, tile, [out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype,
+                 coefficients, 1.0, 1.0, 1.0)  # fmt: skip
+    return out.to(dtype)
 
 
 # --- Sign, ColNorm, RowNorm, BiasRMS -----------------------------------------------------------
 
 
-@_ops.implement("rowwise_step_", "cuda")
-def rowwise_step_(*args: Any) -> None:
-    """``scion_kernels::rowwise_step_`` with the native kernel, in one launch (arguments:
-    :class:`~scion_kernels._ops.RowwiseStep`)."""
-    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, coef, decay = _ops.RowwiseStep(
-        *args
-    )
+def rowwise_step_(module: ModuleType | None, *args: Any) -> None:
+    """``scion_kernels::rowwise_step_`` with the native kernel of ``module``, in one launch
+    (arguments after it: :class:`~scion_kernels.backends.ops.RowwiseStep`)."""
+    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, coef, decay = RowwiseStep(*args)
     op = "rowwise_step_"
-    native = _require_native()
+    native = require_native(module)
     if not params:
         return
     device = params[0].device

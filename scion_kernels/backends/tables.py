@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._util import eager_cache
+from .._util import eager_cache
 
 __all__ = [
     "bucket_rows", "cached", "cdiv", "device_table", "flatten", "group_rows", "matrix_rows",

@@ -1,11 +1,11 @@
-"""The package's ``torch.library`` ops: each schema and fake defined once, implemented per backend.
+"""The package's ``torch.library`` ops: each schema and fake defined once, run by a backend.
 
-Each op takes the backend that runs it as its last argument, and calls the implementation that
-backend registered with :func:`implement` (the Triton kernels in :mod:`scion_kernels.kernels`,
-the native ones in :mod:`scion_kernels._native`) when its module was imported::
+Each op takes the name of the backend that runs it as its last argument (a schema holds no
+objects); the registry (:mod:`.registry`) turns it back into the :class:`~.base.Backend`, whose
+method of the op's name runs the kernels::
 
     scion_kernels::ns_step_(params, grads, bufs, tall, factors, m, n, dtype, coefficients,
-                            alpha, coef, decay, backend)
+                            alpha, coef, decay, backend)            → Backend.ns_step_
         The whole step of one Newton–Schulz bucket, in place: every tensor of ``params`` is a
         stack of ``m×n`` matrices (``n×m`` where ``tall``), and for each matrix
         d ← (1 − α)·d + α·g (in ``bufs``; none given: d = g),
@@ -13,22 +13,22 @@ the native ones in :mod:`scion_kernels._native`) when its module was imported::
         Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)`` triples.
 
     scion_kernels::rowwise_step_(params, grads, bufs, shapes, columns, q, eps, sign, whole,
-                                 alpha, coef, decay, backend)
+                                 alpha, coef, decay, backend)       → Backend.rowwise_step_
         Sign or ℓ2 groups of many tensors, in place: tensor ``i`` is seen as ``(-1, r, c)``
         matrices (``r, c = shapes[2i:2i+2]``, the same strides for ``x``, ``g`` and ``d``)
         whose groups are rows (columns where ``columns[i]``; the whole tensor with ``whole``);
         for every group d ← (1 − α)·d + α·g, x ← decay·x + coef·u with
         u = d/(‖d‖₂·q + ε), or u = sign(d)·q with ``sign``.
 
-    scion_kernels::polar(G, coefficients, dtype, backend) -> Tensor
+    scion_kernels::polar(G, coefficients, dtype, backend) -> Tensor  → Backend.polar_
         Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype``;
         ``G``'s shape, in ``dtype``.
 
-While ``torch.compile`` traces, the step functions here call the ops (opaque to the compiler,
-one node per bucket). In eager mode they call the implementation directly, which skips the
-dispatcher's layers (a tenth of a millisecond per call, several calls per step), and bump the
-mutated tensors' version counters as the op would, so autograd still notices a parameter
-changed under a saved graph.
+While ``torch.compile`` traces, :func:`ns_step_`, :func:`rowwise_step_` and :func:`polar` call
+the ops (opaque to the compiler, one node per bucket). In eager mode they call the backend's
+method directly, which skips the dispatcher's layers (a tenth of a millisecond per call,
+several calls per step), and bump the mutated tensors' version counters as the op would, so
+autograd still notices a parameter changed under a saved graph.
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["NSStep", "RowwiseStep", "implement", "ns_step_", "polar", "rowwise_step_"]
+from . import registry
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from .base import Backend
 
-_IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
+__all__ = ["NSStep", "RowwiseStep", "ns_step_", "polar", "rowwise_step_"]
 
 
 class NSStep(NamedTuple):
@@ -82,24 +83,6 @@ class RowwiseStep(NamedTuple):
     decay: float
 
 
-def implement(op: str, backend: str) -> Callable[[F], F]:
-    """Register the decorated function as ``backend``'s implementation of op ``op``; it is
-    called with the op's arguments before ``backend``, positionally."""
-
-    def register(fn: F) -> F:
-        _IMPLS[op, backend] = fn
-        return fn
-
-    return register
-
-
-def _impl(op: str, backend: str) -> Callable[..., Any]:
-    fn = _IMPLS.get((op, backend))
-    if fn is None:
-        raise RuntimeError(f"backend {backend!r} registered no implementation of {op}")
-    return fn
-
-
 #: Tags of the in-place step ops. Not CUDA-graph safe: a table seen for the first time is
 #: copied from host memory, and a kept table can be evicted while a captured graph still
 #: points at it, so the compiler must not capture them.
@@ -109,15 +92,16 @@ _STEP_TAGS = tuple(getattr(torch.Tag, n) for n in ("cudagraph_unsafe",) if hasat
 def _step_op(name: str, schema: type[tuple]) -> Callable[..., None]:
     """Define ``scion_kernels::<name>`` with ``schema``'s fields and ``backend: str`` as its
     arguments (``params`` and ``bufs`` mutated, nothing returned); return the function that
-    runs it: the op while ``torch.compile`` traces, the implementation directly in eager mode
-    (bumping the mutated tensors' version counters as the op would)."""
+    runs it on a :class:`~.base.Backend`: the op while ``torch.compile`` traces, the backend's
+    method ``name`` directly in eager mode (bumping the mutated tensors' version counters as the
+    op would)."""
     hints = typing.get_type_hints(schema)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     fields = [*schema._fields, "backend"]  # type: ignore[attr-defined]
     hints["backend"] = str
 
     def dispatch(*args: Any) -> None:
-        _impl(name, args[-1])(*args[:-1])
+        getattr(registry.get(args[-1]), name)(*args[:-1])
 
     dispatch.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(f, kind, annotation=hints[f]) for f in fields], return_annotation=None
@@ -127,27 +111,27 @@ def _step_op(name: str, schema: type[tuple]) -> Callable[..., None]:
     )
     op.register_fake(lambda *args: None)
 
-    def run(*args: Any, backend: str) -> None:
+    def run(backend: Backend, *args: Any) -> None:
         if torch.compiler.is_compiling():
-            op(*args, backend)
+            op(*args, backend.name)
             return
-        _impl(name, backend)(*args)
+        getattr(backend, name)(*args)
         torch.autograd.graph.increment_version([*args[0], *args[2]])
 
     run.__name__ = run.__qualname__ = name
     return run
 
 
-#: ``ns_step_(*args, backend=...)``: the ``scion_kernels::ns_step_`` op (:class:`NSStep`).
+#: ``ns_step_(backend, *args)``: the ``scion_kernels::ns_step_`` op (:class:`NSStep`).
 ns_step_ = _step_op("ns_step_", NSStep)
-#: ``rowwise_step_(*args, backend=...)``: the ``scion_kernels::rowwise_step_`` op
+#: ``rowwise_step_(backend, *args)``: the ``scion_kernels::rowwise_step_`` op
 #: (:class:`RowwiseStep`).
 rowwise_step_ = _step_op("rowwise_step_", RowwiseStep)
 
 
 @torch.library.custom_op("scion_kernels::polar", mutates_args=())
 def _polar_op(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) -> Tensor:
-    return _impl("polar", backend)(G, coefficients, dtype)
+    return registry.get(backend).polar_(G, coefficients, dtype)
 
 
 @_polar_op.register_fake
@@ -155,9 +139,9 @@ def _(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) ->
     return G.new_empty(G.shape, dtype=dtype)
 
 
-def polar(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) -> Tensor:
+def polar(backend: Backend, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
     """The ``scion_kernels::polar`` op: ``polar`` of every matrix of ``G`` with ``backend``'s
     kernels, ``coefficients`` the flattened ``(a, b, c)`` triples; ``G``'s shape in ``dtype``."""
     if G.ndim < 2:
         raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
-    return torch.ops.scion_kernels.polar(G, coefficients, dtype, backend)
+    return torch.ops.scion_kernels.polar(G, coefficients, dtype, backend.name)

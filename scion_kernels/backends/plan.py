@@ -1,84 +1,46 @@
-"""Planning for the fused backends: which parameters of a group their kernels take, and one op
-call per bucket.
+"""The plan of a fused step: one op call per bucket of a group's parameters, the same for every
+fused backend.
 
-A Spectral-family parameter (``Spectral``, ``SpectralConv``, or what ``Auto`` picks for it) with
-Newton–Schulz in bf16 or fp16 (``ns_dtype=None`` is bf16 here: the kernels run on GPUs) is taken
-when its matrices are a reshape of it (not ``split`` blocks, not a transposed conv's) and its
-parameter, gradient and buffer can all be seen as them without a copy; Sign, ColNorm, RowNorm and
-BiasRMS parameters (their :meth:`~scion_kernels.norms.Norm.groups`) when the three share one such
-layout. Everything else stays on the reference path. Taken Spectral parameters are bucketed by
-oriented shape, dtypes and coefficient set, one ``scion_kernels::ns_step_`` op call per bucket;
-the grouped ones go by kind and dtypes, one ``scion_kernels::rowwise_step_`` call each
-(:mod:`scion_kernels._ops`; the backend is an argument of the op).
+The route (:func:`scion_kernels.backends.route`) has already asked the backend which
+parameters it takes (:meth:`~.base.Backend.refusal`: norm, dtype, steps, layout). Here, at
+step time, a taken parameter whose parameter, gradient and buffer cannot all be seen as its
+matrices without a copy (a transposed view, a non-contiguous gradient) is left for the
+reference path. Taken Spectral parameters are bucketed by oriented shape, dtypes and
+coefficient set, one ``scion_kernels::ns_step_`` call per bucket; the grouped ones (Sign,
+ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.group_spec`) by kind and
+dtypes, one ``scion_kernels::rowwise_step_`` call each (:mod:`.ops`).
 
-The same plan serves every fused backend, and this module imports none of them. It looks only
-at shapes, strides, dtypes and norms (never at data or addresses), so ``torch.compile
-(fullgraph=True)`` traces it into those op calls.
+It looks only at shapes, strides, dtypes and norms (never at data or addresses), so
+``torch.compile(fullgraph=True)`` traces it into those op calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
 from torch import Tensor
 
-from . import _ops
-from ._tables import flatten, view_strides, writable
-from .norms import Norm, Spectral
+from ..norms import Norm, Spectral
+from . import ops
+from .tables import flatten, view_strides, writable
 
-__all__ = ["Update", "fused_norm", "fused_step_", "kernel_dtype"]
+if TYPE_CHECKING:
+    from .base import Backend, Update
 
-_NS_DTYPES = (torch.bfloat16, torch.float16)
-
-
-class Update(NamedTuple):
-    """The step's scalars: ``d ← (1 − α)·d + α·g``, then ``x ← (1 − γ)·x − γ·ρ·u``
-    (``constrained``) or ``x ← x − γ·ρ·u``."""
-
-    alpha: float
-    lr: float
-    scale: float
-    constrained: bool
-
-    @property
-    def decay(self) -> float:
-        """The factor of ``x``: ``1 − γ`` (constrained) or 1."""
-        return 1.0 - self.lr if self.constrained else 1.0
-
-    @property
-    def coef(self) -> float:
-        """The factor of ``u``: ``−γ·ρ``."""
-        return -self.lr * self.scale
-
-
-def kernel_dtype(norm: Spectral) -> torch.dtype:
-    """The Newton–Schulz operand dtype the kernels use for ``norm``: its compute dtype on a GPU,
-    where they run (also when Triton's interpreter runs them on a CPU)."""
-    return norm.compute_dtype("cuda")
-
-
-def fused_norm(norm: Norm, shape: Sequence[int]) -> Norm | None:
-    """The norm the kernels (Triton or native: the same set) run for a parameter of ``shape``
-    (``Auto`` resolved), or ``None``."""
-    norm = norm.pick(shape)
-    if isinstance(norm, Spectral):
-        ok = norm.polar == "newton_schulz" and kernel_dtype(norm) in _NS_DTYPES
-        return norm if ok and norm.plain_reshape() else None
-    return norm if norm.groups(shape) is not None else None
+__all__ = ["fused_step_"]
 
 
 def fused_step_(
+    backend: Backend,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     bufs: Sequence[Tensor] | None,
     norms: Sequence[Norm],
-    backend: str,
     update: Update,
 ) -> list[int]:
     """The Scion step with ``update``'s scalars on every parameter ``backend``'s kernels take
-    (``norms`` from :func:`fused_norm`); returns the indices of the others."""
+    at these strides (``norms``: each one's picked norm); returns the indices of the others."""
     left: list[int] = []
     for spectral, step in ((True, _spectral_step_), (False, _grouped_step_)):
         idx = [i for i, n in enumerate(norms) if isinstance(n, Spectral) == spectral]
@@ -103,7 +65,7 @@ class _Batch(NamedTuple):
     norms: list[Any]
 
 
-def _spectral_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
+def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]:
     """The whole Scion step for the parameters the kernels can take; returns the others.
 
     For each taken parameter ``x`` (gradient ``g``, buffer ``d`` or none when ``bufs`` is
@@ -127,7 +89,7 @@ def _spectral_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
             continue
         r, c = shape[1:]
         key = (
-            p.device, min(r, c), max(r, c), kernel_dtype(norm), norm.table,
+            p.device, min(r, c), max(r, c), backend.compute_dtype(norm, p.device), norm.table,
             p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
         buckets.setdefault(key, []).append((i, r > c))
@@ -135,7 +97,8 @@ def _spectral_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
     for key, members in buckets.items():
         _, m, n, ns_dtype, table = key[:5]
         idx = [i for i, _ in members]
-        _ops.ns_step_(
+        ops.ns_step_(
+            backend,
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
@@ -148,12 +111,11 @@ def _spectral_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
             update.alpha,
             update.coef,
             update.decay,
-            backend=backend,
         )
     return left
 
 
-def _grouped_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
+def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]:
     """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
 
     ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
@@ -166,7 +128,7 @@ def _grouped_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
     launches: dict[tuple, list[tuple[int, int, int, bool, float, float]]] = {}
     for i, (p, g, norm) in enumerate(zip(params, grads, norms, strict=True)):
         d = g if bufs is None else bufs[i]
-        spec = norm.groups(p.shape)
+        spec = norm.group_spec(p.shape)
         assert spec is not None
         shape = spec.matrices
         strides = view_strides(p.shape, p.stride(), shape)
@@ -182,7 +144,8 @@ def _grouped_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
 
     for (_, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
-        _ops.rowwise_step_(
+        ops.rowwise_step_(
+            backend,
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [] if bufs is None else [bufs[i] for i in idx],
@@ -195,6 +158,5 @@ def _grouped_step_(batch: _Batch, backend: str, update: Update) -> list[int]:
             update.alpha,
             update.coef,
             update.decay,
-            backend=backend,
         )
     return left

@@ -13,7 +13,7 @@ averages ``d ← (1 − α)·d + α·g`` (stored) and sums ``d²`` per group, th
 and applies ``x ← decay·x + coef·u`` in the parameter's dtype (Sign needs one pass). Tensors are
 described by table rows (addresses, group count and length, strides), so all tensors of a
 parameter group with the same dtypes and kind go in one launch. Which tensors go in which
-launch is planned in :mod:`scion_kernels._plan`.
+launch is planned in :mod:`scion_kernels.backends.plan`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _ops
-from .._tables import cached, cdiv, device_table, group_rows
-from . import interpreting, on_device
+from ..ops import RowwiseStep
+from ..tables import cached, cdiv, device_table, group_rows
+from . import Policy, interpreting, on_device
 from .newton_schulz import _round
 
 __all__ = ["rowwise_step_"]
@@ -96,15 +96,16 @@ def _rowwise_kernel(
             tl.store(p_ptr + off, _round(x, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
-@_ops.implement("rowwise_step_", "triton")
-def rowwise_step_(*args: Any) -> None:
-    """``scion_kernels::rowwise_step_`` with the Triton kernel (arguments:
-    :class:`~scion_kernels._ops.RowwiseStep`): Sign or ℓ2 groups of many tensors in one
-    launch; BiasRMS tensors (``whole``) are read in long strips."""
-    a = _ops.RowwiseStep(*args)
+def rowwise_step_(policy: Policy, *args: Any) -> None:
+    """``scion_kernels::rowwise_step_`` with the Triton kernel (arguments after ``policy``:
+    :class:`~scion_kernels.backends.ops.RowwiseStep`): Sign or ℓ2 groups of many tensors in
+    one launch; BiasRMS tensors (``whole``) are read in long strips."""
+    a = RowwiseStep(*args)
     params, grads, bufs, q, eps, sign = a.params, a.grads, a.bufs, a.q, a.eps, a.sign
+    if not params:
+        return
     device = params[0].device
-    block_r = _block_r(sign, a.whole)
+    block_r = 1 if a.whole else policy.rowwise_rows[0 if sign else 1]
     ints, floats, strips = [], [], []
     for i, row in group_rows(params, grads, bufs, a.shapes, a.columns):
         ints.append(row)
@@ -129,7 +130,7 @@ def rowwise_step_(*args: Any) -> None:
             SIGN=sign,
             EMULATE_RNE=interpret,
             BLOCK_R=block_r,
-            BLOCK_L=32 if interpret else (1024 if a.whole else 256),
+            BLOCK_L=policy.rowwise_chunk[1 if a.whole else 0],
             num_warps=4,
         )
 
@@ -145,9 +146,3 @@ def _strip_table(strips: list[int], block_r: int, device: torch.device) -> Tenso
         return torch.stack([owner, first * block_r], dim=1)
 
     return cached(("strips", device, block_r, tuple(strips)), build, device)
-
-
-def _block_r(sign: bool, whole: bool) -> int:
-    if whole:
-        return 1
-    return 4 if interpreting() else (8 if sign else 4)

@@ -1,0 +1,167 @@
+"""What a backend is: the :class:`Backend` protocol, its :class:`Capabilities` (data, read at
+construction), and the per-architecture policy lookup.
+
+A backend is an object. It says on which devices it runs (:meth:`Backend.unavailable_reason`),
+which parameters it takes (:meth:`Backend.refusal`, from its capabilities), and runs the three
+kernel entry points of the package's ops (:mod:`.ops`): ``ns_step_``, ``rowwise_step_`` and
+``polar``. The plan (:mod:`.plan`) turns a param group's step into calls of those entry points,
+the same for every fused backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..norms import Norm, Spectral
+
+__all__ = ["Backend", "Capabilities", "Update", "below_floor", "capability", "for_arch"]
+
+P = TypeVar("P")
+
+#: The norms whose LMO is per group (rows, columns, or the whole tensor): one
+#: ``rowwise_step_`` kernel family.
+GROUPED_NORMS = ("Sign", "ColNorm", "RowNorm", "BiasRMS")
+SPECTRAL_NORMS = ("Spectral", "SpectralConv")
+
+
+class Update(NamedTuple):
+    """The step's scalars: ``d ← (1 − α)·d + α·g``, then ``x ← (1 − γ)·x − γ·ρ·u``
+    (``constrained``) or ``x ← x − γ·ρ·u``."""
+
+    alpha: float
+    lr: float
+    scale: float
+    constrained: bool
+
+    @property
+    def decay(self) -> float:
+        """The factor of ``x``: ``1 − γ`` (constrained) or 1."""
+        return 1.0 - self.lr if self.constrained else 1.0
+
+    @property
+    def coef(self) -> float:
+        """The factor of ``u``: ``−γ·ρ``."""
+        return -self.lr * self.scale
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels take, as data. A parameter outside it steps on the reference,
+    decided when its route is built (:meth:`Backend.refusal`)."""
+
+    #: Device types the kernels run on (a CPU only where :meth:`Backend.unavailable_reason`
+    #: allows it: Triton's interpreter, the native module's host emulation).
+    devices: tuple[str, ...]
+    #: Norm names (after ``Auto`` picks) whose whole step the kernels run.
+    norms: tuple[str, ...] = (*SPECTRAL_NORMS, *GROUPED_NORMS)
+    #: Dtypes of the parameter, its gradient and its buffer.
+    tensor_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    #: Newton–Schulz operand dtypes, the default (``ns_dtype=None``) first.
+    compute_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+    #: The most Newton–Schulz steps one call runs (``None``: no limit).
+    max_steps: int | None = None
+    #: The lowest CUDA compute capability the kernels are built for.
+    min_capability: tuple[int, int] = (8, 0)
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """``device``'s CUDA compute capability, or ``None`` (not a CUDA device, or a PyTorch
+    without CUDA: nothing can run there, and the caller says so)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def below_floor(backend: Backend, device: torch.device) -> str | None:
+    """Why ``device`` is older than ``backend``'s ``min_capability``, or ``None``."""
+    have, need = capability(device), backend.capabilities.min_capability
+    if have is None or have >= need:
+        return None
+    return (f"the {backend.name} kernels need compute capability {need[0]}.{need[1]} or newer; "
+            f"{device} has {have[0]}.{have[1]}")  # fmt: skip
+
+
+def for_arch(policies: Mapping[tuple[int, int], P], capability: tuple[int, int]) -> P:
+    """The policy of the newest architecture in ``policies`` that ``capability`` has (the
+    keys are compute capabilities; the lowest is the floor)."""
+    fitting = [arch for arch in policies if arch <= capability]
+    return policies[max(fitting) if fitting else min(policies)]
+
+
+class Backend:
+    """A backend: a name, capabilities, and the kernels behind the package's ops.
+
+    Subclasses set :attr:`name` and :attr:`capabilities` and implement
+    :meth:`unavailable_reason`, :meth:`ns_step_`, :meth:`rowwise_step_` and :meth:`polar_`
+    (the reference implements none of the kernels: :attr:`fused` is false).
+    """
+
+    name: str = ""
+    capabilities: Capabilities = Capabilities(devices=())
+    #: Whether the backend runs the whole step in its kernels (false: the reference, which
+    #: the optimizer runs itself).
+    fused: bool = True
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name!r}>"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why the kernels cannot run on ``device``, or ``None`` if they can."""
+        raise NotImplementedError
+
+    def compute_dtype(self, norm: Spectral, device: torch.device) -> torch.dtype:
+        """The Newton–Schulz operand dtype for ``norm`` on ``device``: ``ns_dtype`` if given,
+        else the backend's default (the first of its ``compute_dtypes``)."""
+        return norm.ns_dtype or self.capabilities.compute_dtypes[0]
+
+    def refusal(
+        self, norm: Norm, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        """Why the kernels do not take a parameter of ``shape`` and ``dtype`` on ``device``
+        under ``norm`` (``Auto`` is resolved first), or ``None`` if they do. Reads the
+        capabilities and the norm's layout only, never data."""
+        caps, picked = self.capabilities, norm.pick(shape)
+        if picked.name not in caps.norms:
+            return f"{picked.name} is not among its norms"
+        if dtype not in caps.tensor_dtypes:
+            return f"{str(dtype).removeprefix('torch.')} parameters"
+        if isinstance(picked, Spectral):
+            if picked.polar != "newton_schulz":
+                return f"polar={picked.polar!r}"
+            compute = self.compute_dtype(picked, device)
+            if compute not in caps.compute_dtypes:
+                return f"ns_dtype={str(compute).removeprefix('torch.')}"
+            if caps.max_steps is not None and len(picked.table) > caps.max_steps:
+                return f"{len(picked.table)} Newton–Schulz steps (at most {caps.max_steps})"
+            if not picked.plain_reshape():
+                return "its matrices are not a reshape of the parameter"
+            return None
+        if picked.group_spec(shape) is None:
+            return "its groups are not a reshape of the parameter"
+        return None
+
+    def takes(
+        self, norm: Norm, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """Whether the kernels take such a parameter (:meth:`refusal` is ``None``)."""
+        return self.refusal(norm, shape, dtype, device) is None
+
+    def load(self) -> None:
+        """Import the kernels (once; nothing is imported before a route needs them)."""
+
+    # The kernels behind the package's ops (arguments: :class:`.ops.NSStep`,
+    # :class:`.ops.RowwiseStep`); called by the plan in eager mode and by the ops while
+    # ``torch.compile`` traces.
+    def ns_step_(self, *args: Any) -> None:
+        raise NotImplementedError(f"{self!r} has no Newton–Schulz step kernels")
+
+    def rowwise_step_(self, *args: Any) -> None:
+        raise NotImplementedError(f"{self!r} has no grouped-norm step kernels")
+
+    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError(f"{self!r} has no polar kernels")

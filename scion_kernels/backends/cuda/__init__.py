@@ -1,0 +1,95 @@
+"""The native CUDA C++ backend (``backend="cuda"``, module ``scion_kernels._C`` built from
+``csrc/``): its capabilities, the architectures it is compiled for, its policy per
+architecture, and the object that runs its kernels (:mod:`.native`).
+
+Nothing here imports the native module: it is imported the first time a route needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Backend, Capabilities, below_floor, capability, for_arch
+
+__all__ = ["ARCHS", "POLICIES", "NativeBackend", "Policy"]
+
+#: The architectures the native module is compiled for by default, in CMake's
+#: ``CUDA_ARCHITECTURES`` form (``SCION_CUDA_ARCHS`` overrides it at build time; setup.py reads
+#: this line). ``90a``: Hopper's architecture-specific features.
+ARCHS = "80;90a"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the native kernels launch on one architecture."""
+
+    #: The product tile: 64 or 128 forces it; 0 lets the C++ plan choose by matrix size
+    #: (``csrc/ns_plan.cu``).
+    tile: int = 0
+
+
+#: The policy per compute capability (the newest the device has is used). A new architecture
+#: adds its entry here and its code to ``ARCHS``.
+POLICIES: dict[tuple[int, int], Policy] = {(8, 0): Policy()}
+
+
+class NativeBackend(Backend):
+    """The native kernels: every norm's whole step on CUDA GPUs of compute capability 8.0 and
+    up (``csrc/device.cuh``), Newton–Schulz in bf16 or fp16 with at most 16 steps
+    (``kMaxSteps``, ``csrc/ns_plan.cuh``).
+
+    ``module``: the native module to run (default: the built ``scion_kernels._C``; the test
+    suite passes its host emulation, which also runs on CPU tensors). ``policies``: the launch
+    policy per architecture (default :data:`POLICIES`).
+    """
+
+    name = "cuda"
+    capabilities = Capabilities(devices=("cuda",), max_steps=16)
+
+    def __init__(
+        self,
+        module: ModuleType | None = None,
+        policies: dict[tuple[int, int], Policy] | None = None,
+    ) -> None:
+        self._module = module
+        self.policies = POLICIES if policies is None else policies
+
+    @property
+    def module(self) -> ModuleType | None:
+        """The native module the kernels run from, or ``None`` where it was not built."""
+        if self._module is not None:
+            return self._module
+        from .native import import_native
+
+        return import_native()
+
+    def policy(self, device: torch.device) -> Policy:
+        """The launch policy on ``device`` (the floor's on a CPU: the host emulation)."""
+        arch = capability(device)
+        return self.policies[min(self.policies)] if arch is None else for_arch(self.policies, arch)
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        from .native import unavailable_reason
+
+        return unavailable_reason(device, self.module) or below_floor(self, device)
+
+    def ns_step_(self, *args: Any) -> None:
+        from .native import ns_step_
+
+        tile = self.policy(args[0][0].device).tile if args[0] else 0
+        ns_step_(self.module, tile, *args)
+
+    def rowwise_step_(self, *args: Any) -> None:
+        from .native import rowwise_step_
+
+        rowwise_step_(self.module, *args)
+
+    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+        from .native import polar_
+
+        return polar_(self.module, self.policy(G.device).tile, G, coefficients, dtype)

@@ -1,0 +1,171 @@
+"""The Triton backend (``backend="triton"``): its capabilities, its policy per GPU architecture,
+and the object that runs its kernels (:mod:`.newton_schulz`, :mod:`.rowwise`).
+
+Nothing here imports Triton: the kernels are imported the first time a route needs them.
+Without Triton the package still works on the reference path, and :func:`available` says why
+the kernels cannot run. On CPU tensors the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the test suite checks them without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Backend, Capabilities, below_floor, capability, for_arch
+
+__all__ = [
+    "INTERPRETER", "POLICIES", "Policy", "TritonBackend", "available", "interpreting",
+    "on_device", "unavailable_reason",
+]  # fmt: skip
+
+#: Tile configurations of the tiled kernels, the default first: ``X·Xᵀ`` and ``b·A + c·A·A``
+#: take the ``syrk`` ones (each timed separately: their inner dimensions differ), ``a·X + B·X``
+#: the ``apply`` ones.
+_SYRK = (
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    dict(BLOCK=128, BLOCK_K=128, num_warps=8, num_stages=2),
+    dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=4),
+)
+_APPLY = (
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the kernels launch on one architecture."""
+
+    #: Candidate tile configurations (the default first), see ``_SYRK`` and ``_APPLY``.
+    syrk: tuple[dict[str, int], ...] = _SYRK
+    apply: tuple[dict[str, int], ...] = _APPLY
+    #: Buckets whose padded matrix has at most ``small_limit`` elements and ``small_rows``
+    #: rows run the whole step in one program per matrix; larger ones the tiled kernels (0:
+    #: always tiled, how tests check the tiled kernels on small shapes).
+    small_limit: int = 8192
+    small_rows: int = 64
+    #: Tile of the averaging and normalizing passes; rows per program of the grouped norms'
+    #: kernel (Sign, the ℓ2 norms) and its group chunk (grouped, whole tensor).
+    prologue_tile: int = 64
+    rowwise_rows: tuple[int, int] = (8, 4)
+    rowwise_chunk: tuple[int, int] = (256, 1024)
+    #: Time the candidate tiles the first time a bucket shape is seen and keep the fastest
+    #: (``SCION_KERNELS_AUTOTUNE=1``). Off by default: tile shapes change the order of the
+    #: sums, and a choice made by timing can differ between runs and between the ranks of a
+    #: distributed job, whose parameters would then drift apart bit by bit.
+    autotune: bool = field(default_factory=lambda: os.environ.get("SCION_KERNELS_AUTOTUNE") == "1")
+    #: Fill every work buffer with NaN before the kernels write it (tests: proves every
+    #: element is written).
+    poison: bool = False
+
+
+#: The policy per compute capability (the newest the device has is used). A new architecture
+#: adds its entry here.
+POLICIES: dict[tuple[int, int], Policy] = {(8, 0): Policy()}
+#: In Triton's interpreter: small tiles keep it fast (``tl.dot`` needs at least 16).
+INTERPRETER = Policy(
+    syrk=(dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1),),
+    apply=(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),),
+    prologue_tile=16,
+    rowwise_rows=(4, 4),
+    rowwise_chunk=(32, 32),
+    autotune=False,
+)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or ``None`` if they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - triton is a dependency here
+        return f"Triton is not installed ({err})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"the Triton kernels run on CUDA tensors (got a {device.type} tensor); on CPU they run "
+        "only in Triton's interpreter (TRITON_INTERPRET=1), which is meant for testing"
+    )
+
+
+def available(device: torch.device | str = "cuda") -> bool:
+    """Whether the Triton kernels can run on ``device``."""
+    return unavailable_reason(torch.device(device)) is None
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while kernels launch: Triton launches on the current CUDA
+    device and its current stream, whatever device the tensors are on (parameters on
+    ``cuda:1`` with ``cuda:0`` current would fault or read across devices)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TritonBackend(Backend):
+    """The Triton kernels: every norm's whole step on CUDA GPUs of compute capability 8.0 and
+    up (and on the CPU in Triton's interpreter), Newton–Schulz in bf16 or fp16.
+
+    ``policies``: the launch policy per architecture (default :data:`POLICIES`; the
+    interpreter always runs ``interpreter``, default :data:`INTERPRETER`).
+    """
+
+    name = "triton"
+    capabilities = Capabilities(devices=("cuda", "cpu"))
+
+    def __init__(
+        self,
+        policies: dict[tuple[int, int], Policy] | None = None,
+        interpreter: Policy | None = None,
+    ) -> None:
+        self.policies = POLICIES if policies is None else policies
+        self.interpreter = INTERPRETER if interpreter is None else interpreter
+
+    def with_policy(self, **changes: Any) -> TritonBackend:
+        """This backend with ``changes`` made to every policy (e.g. ``small_limit=0``)."""
+        return TritonBackend(
+            {arch: dataclasses.replace(p, **changes) for arch, p in self.policies.items()},
+            dataclasses.replace(self.interpreter, **changes),
+        )
+
+    def policy(self, device: torch.device) -> Policy:
+        """The launch policy on ``device``."""
+        arch = capability(device)
+        return self.interpreter if arch is None else for_arch(self.policies, arch)
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return unavailable_reason(device) or below_floor(self, device)
+
+    def load(self) -> None:
+        from . import newton_schulz, rowwise  # noqa: F401
+
+    def ns_step_(self, *args: Any) -> None:
+        from .newton_schulz import ns_step_
+
+        ns_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
+
+    def rowwise_step_(self, *args: Any) -> None:
+        from .rowwise import rowwise_step_
+
+        rowwise_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
+
+    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+        from .newton_schulz import polar_
+
+        return polar_(self.policy(G.device), G, coefficients, dtype)
