@@ -166,6 +166,22 @@ class GroupSpec(NamedTuple):
     eps: float
 
 
+def _group_dim(spec: GroupSpec) -> int:
+    """The dim of ``spec``'s matrices that its groups run along (a column runs down its rows)."""
+    return -2 if spec.columns else -1
+
+
+def _grouped_lmo(m: Tensor, spec: GroupSpec, norms: Tensor | None = None) -> Tensor:
+    """The grouped LMO :class:`GroupSpec` describes, on ``m`` seen as its matrices: ``sign(v)·q``,
+    or ``v/(‖v‖₂·q + ε)`` per group with the groups' ℓ2 norms ``norms`` (``keepdim`` along
+    the groups' dim; computed from ``m`` when not given)."""
+    if spec.sign:
+        return torch.sign(m).mul_(spec.q)
+    if norms is None:
+        norms = torch.linalg.vector_norm(m, dim=_group_dim(spec), keepdim=True)
+    return m / (norms * spec.q + spec.eps)
+
+
 def init_dtype(w: Tensor) -> torch.dtype:
     """The dtype an init computes in for a parameter ``w``: float64 for float64, else float32
     (rounded once to ``w``'s dtype when copied in)."""
@@ -621,7 +637,39 @@ class SpectralConv(Spectral):
         return w
 
 
-class Sign(_MatrixNorm):
+class _Grouped(Norm):
+    """A norm whose LMO acts on independent groups of elements (Sign, ColNorm, RowNorm,
+    BiasRMS). :meth:`group_spec` describes it for each shape, once; the reference
+    (:meth:`lmo_many`), the distributed forms (:meth:`partial_sums`, :meth:`lmo_from_sums`) and
+    the fused kernels all run that description."""
+
+    def group_spec(self, shape: Sequence[int]) -> GroupSpec:
+        raise NotImplementedError
+
+    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
+        """Tensors whose matrices have one shape are stacked: one LMO call per shape."""
+        specs = [self.group_spec(g.shape) for g in gs]
+        views = [g.to(_work_dtype(g)).reshape(s.matrices) for g, s in zip(gs, specs, strict=True)]
+        by_shape = {tuple(v.shape[1:]): s for v, s in zip(views, specs, strict=True)}
+        res = _stacked_apply(
+            views, lambda ms: _grouped_lmo(_cat(ms), by_shape[tuple(ms[0].shape[1:])])
+        )
+        return [r.reshape(g.shape) for g, r in zip(gs, res, strict=True)]
+
+    def partial_sums(self, d: Tensor) -> Tensor | None:
+        spec = self.group_spec(d.shape)
+        if spec.sign:
+            return None
+        m = d.to(torch.float64).reshape(spec.matrices)
+        return m.square().sum(_group_dim(spec), keepdim=True)
+
+    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
+        m = d.to(_work_dtype(d)).reshape(self.group_spec(d.shape).matrices)
+        norms = None if sums is None else sums.sqrt().to(m.dtype)
+        return _grouped_lmo(m, self.group_spec(shape), norms).reshape(d.shape)
+
+
+class Sign(_MatrixNorm, _Grouped):
     """The max-norm ball (scaled ℓ1→ℓ∞): ``lmo(g) = sign(g)/d_in``.
 
     Args:
@@ -647,23 +695,10 @@ class Sign(_MatrixNorm):
 
     def factor(self, shape: Sequence[int]) -> float:
         """The factor ``f`` of ``lmo = f·sign`` for a tensor of ``shape``: ``1/d_in`` or 1."""
-        return 1.0 / self.dims(shape)[1] if self.normalized else 1.0
+        return 1.0 / max(self.dims(shape)[1], 1) if self.normalized else 1.0
 
     def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         return GroupSpec(self.matrix_shape(shape), False, False, True, self.factor(shape), 0.0)
-
-    def partial_sums(self, d: Tensor) -> None:
-        return None
-
-    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
-        return torch.sign(d.to(_work_dtype(d))).mul_(self.factor(shape))
-
-    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
-        if not gs:
-            return []
-        out = torch._foreach_sign([g.to(_work_dtype(g)) for g in gs])
-        torch._foreach_mul_(out, [self.factor(g.shape) for g in gs])
-        return list(out)
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
@@ -674,7 +709,7 @@ class Sign(_MatrixNorm):
         return w
 
 
-class ColNorm(_MatrixNorm):
+class ColNorm(_MatrixNorm, _Grouped):
     """Column normalization: ``lmo(g)[:, j] = g[:, j] / (‖g[:, j]‖₂/√d_out + ε)``.
 
     Args:
@@ -698,29 +733,13 @@ class ColNorm(_MatrixNorm):
         self.eps = _check_eps(eps)
         self.batch_dims = _check_batch_dims(batch_dims)
 
-    def _oriented(self, g: Tensor) -> Tensor:
-        m = self._matrices(g).to(_work_dtype(g))
-        return m.mT if self.transpose else m
-
     #: The dim of the oriented matrices that the groups run along (a column: its rows).
     _dim = -2
 
-    def _divisor(self, length: Tensor, d_out: int, d_in: int) -> Tensor:
-        """The per-column divisor without ε from the columns' ℓ2 norms ``length``:
-        ``‖m[:, j]‖₂/√d_out`` (times ``d_in``)."""
-        rms = length / math.sqrt(d_out)
-        return rms * d_in if self.normalized else rms
-
-    def _group_factor(self, groups: int, length: int) -> float:
-        """``q`` of :meth:`group_spec` for ``groups`` groups of ``length`` elements."""
-        return (groups if self.normalized else 1.0) / math.sqrt(length)
-
-    def _col_scale(self, m: Tensor) -> Tensor:
-        length = torch.linalg.vector_norm(m, dim=self._dim, keepdim=True)
-        return self._divisor(length, *m.shape[-2:])
-
-    def _batched(self, m: Tensor) -> Tensor:
-        return m / (self._col_scale(m) + self.eps)
+    def _q(self, groups: int, length: int) -> float:
+        """``q`` of :meth:`group_spec` for ``groups`` groups of ``length`` elements: the
+        divisor is ``‖column‖₂/√d_out`` (times ``d_in`` when ``normalized``)."""
+        return (groups if self.normalized else 1.0) / math.sqrt(max(length, 1))
 
     def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         matrices = self.matrix_shape(shape)
@@ -729,32 +748,16 @@ class ColNorm(_MatrixNorm):
         columns = (self._dim == -2) != self.transpose
         r, c = matrices[1:]
         groups, length = (c, r) if columns else (r, c)
-        return GroupSpec(matrices, columns, False, False, self._group_factor(groups, length),
-                         self.eps)  # fmt: skip
-
-    def partial_sums(self, d: Tensor) -> Tensor:
-        m = self._matrices(d).to(torch.float64)
-        return (m.mT if self.transpose else m).square().sum(self._dim, keepdim=True)
-
-    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
-        assert sums is not None
-        m = self._oriented(d)
-        out = m / (self._divisor(sums.sqrt(), *self.dims(shape)).to(m.dtype) + self.eps)
-        return (out.mT if self.transpose else out).reshape(d.shape)
-
-    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
-        res = _stacked_apply([self._oriented(g) for g in gs], lambda ms: self._batched(_cat(ms)))
-        return [
-            (r.mT if self.transpose else r).reshape(g.shape) for g, r in zip(gs, res, strict=True)
-        ]
+        return GroupSpec(matrices, columns, False, False, self._q(groups, length), self.eps)
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
             into = self._init_in_place(w)  # drawn straight into w where it can be
             mats = into if into is not None else w.new_empty(self.matrix_shape(w.shape),
                                                              dtype=init_dtype(w))  # fmt: skip
-            m = mats.normal_().mT if self.transpose else mats.normal_()
-            m.div_(self._col_scale(m))
+            spec = self.group_spec(w.shape)  # the LMO's groups and scale, without its ε
+            norms = torch.linalg.vector_norm(mats.normal_(), dim=_group_dim(spec), keepdim=True)
+            mats.div_(norms * spec.q)
             if into is None:
                 w.copy_(mats.reshape(w.shape))
         return w
@@ -784,16 +787,12 @@ class RowNorm(ColNorm):
 
     _dim = -1
 
-    def _divisor(self, length: Tensor, d_out: int, d_in: int) -> Tensor:
-        """The per-row divisor without ε from the rows' ℓ2 norms ``length``: ``‖m[i, :]‖₂``
-        (times ``√d_in``)."""
-        return length * math.sqrt(d_in) if self.normalized else length
-
-    def _group_factor(self, groups: int, length: int) -> float:
+    def _q(self, groups: int, length: int) -> float:
+        """The divisor is ``‖row‖₂`` (times ``√d_in`` when ``normalized``)."""
         return math.sqrt(length) if self.normalized else 1.0
 
 
-class BiasRMS(Norm):
+class BiasRMS(_Grouped):
     """RMS normalization over all elements: ``lmo(g) = g / (RMS(g) + ε)``.
 
     Fits a tensor of any shape (biases, norm gains, position embeddings ``(1, N, D)``).
@@ -812,27 +811,9 @@ class BiasRMS(Norm):
         """``1/√numel``: ``RMS(g) = ‖g‖₂·factor``."""
         return 1.0 / math.sqrt(max(math.prod(shape), 1))
 
-    def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
-        if not gs:
-            return []
-        g32 = [g.to(_work_dtype(g)) for g in gs]
-        denom = torch._foreach_norm(g32)
-        torch._foreach_mul_(denom, [self.factor(g.shape) for g in gs])
-        torch._foreach_add_(denom, self.eps)
-        return list(torch._foreach_div(g32, denom))
-
     def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         numel = math.prod(shape)
         return GroupSpec((1, 1, numel), False, True, False, self.factor(shape), self.eps)
-
-    def partial_sums(self, d: Tensor) -> Tensor:
-        return d.to(torch.float64).square().sum().reshape(1)
-
-    def lmo_from_sums(self, d: Tensor, sums: Tensor | None, shape: Sequence[int]) -> Tensor:
-        assert sums is not None
-        work = _work_dtype(d)
-        rms = sums.sqrt().reshape(()) * self.factor(shape)
-        return d.to(work) / (rms.to(work) + self.eps)
 
     def init(self, w: Tensor) -> Tensor:
         with torch.no_grad():
