@@ -29,10 +29,12 @@ from torch import Tensor
 
 __all__ = [
     "COEFFICIENTS",
+    "check_matrices",
     "cpu_has_bf16_matmul",
     "default_compute_dtype",
     "describe_device",
     "newton_schulz",
+    "orient",
     "polar_svd",
     "resolve_coefficients",
 ]
@@ -147,6 +149,19 @@ def resolve_coefficients(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"Newton–Schulz steps must be a positive integer; got {steps!r}")
     return tuple(table[min(i, len(table) - 1)] for i in range(n))
+
+
+def orient(rows: int, cols: int) -> tuple[int, int, bool]:
+    """The orientation Newton–Schulz runs a ``rows×cols`` matrix in: ``(m, n, tall)`` with
+    ``m ≤ n``; a tall matrix (more rows than columns) is iterated transposed, on its smaller
+    Gram matrix. Every path (the reference, the plan, the kernels) orients by this."""
+    return (cols, rows, True) if rows > cols else (rows, cols, False)
+
+
+def check_matrices(G: Tensor, what: str) -> None:
+    """Raise unless ``G`` is a stack of matrices ``(..., m, n)`` (``what`` names the caller)."""
+    if G.ndim < 2:
+        raise ValueError(f"{what} needs matrices (..., m, n); got shape {tuple(G.shape)}")
 
 
 def _finite(x: float) -> bool:
@@ -266,8 +281,7 @@ def newton_schulz(
     matrix is orthogonalized on its own, all of them with batched matrix products. Returns a
     tensor of ``G``'s shape in that dtype. Non-finite input gives non-finite output.
     """
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    check_matrices(G, "newton_schulz")
     if dtype is None:
         dtype = default_compute_dtype(G.device)
     if dtype not in _COMPUTE_DTYPES:
@@ -275,7 +289,7 @@ def newton_schulz(
             f"Newton–Schulz compute dtype must be one of {_COMPUTE_DTYPES}; got {dtype}"
         )
     table = resolve_coefficients(coefficients, steps)
-    tall = G.shape[-2] > G.shape[-1]
+    tall = orient(*G.shape[-2:])[2]
     X = G.mT if tall else G
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     if X.numel() == 0:
@@ -292,8 +306,7 @@ def polar_svd(G: Tensor) -> Tensor:
     zero or rank-deficient matrix maps to the partial isometry Newton–Schulz converges to, never
     to an arbitrary basis. Returns float64 of ``G``'s shape.
     """
-    if G.ndim < 2:
-        raise ValueError(f"polar_svd needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    check_matrices(G, "polar_svd")
     Gd = G.to(torch.float64)
     if Gd.numel() == 0:
         return torch.zeros_like(Gd)

@@ -58,6 +58,7 @@ from .newton_schulz import (
     default_compute_dtype,
     iterate,
     normalized_stack,
+    orient,
     polar_svd,
     resolve_coefficients,
     stacks_well,
@@ -503,7 +504,7 @@ class Spectral(_MatrixNorm):
         blocks = [self._blocks(self._matrices(g)) for g in gs]
         oriented, tall = [], []
         for b in itertools.chain.from_iterable(blocks):
-            is_tall = b.shape[-2] > b.shape[-1]
+            is_tall = orient(*b.shape[-2:])[2]
             oriented.append(b.mT if is_tall else b)
             tall.append(is_tall)
         polars = _stacked_apply(

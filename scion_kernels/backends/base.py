@@ -27,6 +27,8 @@ P = TypeVar("P")
 #: ``rowwise_step_`` kernel family.
 GROUPED_NORMS = ("Sign", "ColNorm", "RowNorm", "BiasRMS")
 SPECTRAL_NORMS = ("Spectral", "SpectralConv")
+#: The half-precision dtypes the kernels' Newton–Schulz operands take.
+HALF = (torch.bfloat16, torch.float16)
 
 
 class Update(NamedTuple):
@@ -62,7 +64,7 @@ class Capabilities:
     #: Dtypes of the parameter, its gradient and its buffer.
     tensor_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     #: Newton–Schulz operand dtypes, the default (``ns_dtype=None``) first.
-    compute_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+    compute_dtypes: tuple[torch.dtype, ...] = HALF
     #: The most Newton–Schulz steps one call runs (``None``: no limit).
     max_steps: int | None = None
     #: The lowest CUDA compute capability the kernels are built for.

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..newton_schulz import check_matrices
 from . import registry
 
 if TYPE_CHECKING:
@@ -142,6 +143,5 @@ def _(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) ->
 def polar(backend: Backend, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
     """The ``scion_kernels::polar`` op: ``polar`` of every matrix of ``G`` with ``backend``'s
     kernels, ``coefficients`` the flattened ``(a, b, c)`` triples; ``G``'s shape in ``dtype``."""
-    if G.ndim < 2:
-        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
+    check_matrices(G, "polar")
     return torch.ops.scion_kernels.polar(G, coefficients, dtype, backend.name)

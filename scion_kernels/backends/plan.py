@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
+from ..newton_schulz import orient
 from ..norms import Norm, Spectral
 from . import ops
 from .tables import flatten, view_strides, writable
@@ -87,12 +88,12 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
         if not views or not all(writable(t) for t in tensors if t is not g):
             left.append(i)
             continue
-        r, c = shape[1:]
+        m, n, tall = orient(*shape[1:])
         key = (
-            p.device, min(r, c), max(r, c), backend.compute_dtype(norm, p.device), norm.table,
+            p.device, m, n, backend.compute_dtype(norm, p.device), norm.table,
             p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
-        buckets.setdefault(key, []).append((i, r > c))
+        buckets.setdefault(key, []).append((i, tall))
 
     for key, members in buckets.items():
         _, m, n, ns_dtype, table = key[:5]

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...newton_schulz import check_matrices, orient
+from ..base import HALF
 from ..ops import NSStep, RowwiseStep
 from ..tables import bucket_rows, group_rows
 
@@ -100,7 +102,6 @@ def _stream(device: torch.device) -> int:
 
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_COMPUTE = (torch.bfloat16, torch.float16)
 
 
 def _check_like(
@@ -146,7 +147,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     )
     op = "ns_step_"
     native = require_native(module)
-    if dtype not in _COMPUTE:
+    if dtype not in HALF:
         raise ValueError(f"{op}: the compute dtype must be bfloat16 or float16, got {dtype}")
     if not params:
         return
@@ -189,13 +190,12 @@ def polar_(
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
     kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
     into a float32 matrix, returned in ``dtype`` (``G``'s shape)."""
-    if G.ndim < 2:
-        raise ValueError(f"polar needs matrices (..., m, n); got shape {tuple(G.shape)}")
-    r, c = G.shape[-2:]
+    check_matrices(G, "polar")
+    m, n, tall = orient(*G.shape[-2:])
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel():
-        ns_step_(module, tile, [out], [G], [], [r > c], [1.0], min(r, c), max(r, c), dtype,
-                 coefficients, 1.0, 1.0, 1.0)  # fmt: skip
+        ns_step_(module, tile, [out], [G], [], [tall], [1.0], m, n, dtype, coefficients,
+                 1.0, 1.0, 1.0)  # fmt: skip
     return out.to(dtype)
 
 

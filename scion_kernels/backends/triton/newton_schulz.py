@@ -55,7 +55,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...newton_schulz import orient
 from .. import ops, registry
+from ..base import HALF
 from ..ops import NSStep
 from ..tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
 from . import Policy, on_device
@@ -652,8 +654,7 @@ def ns_step_(policy: Policy, *args: Any) -> None:
 def polar_(policy: Policy, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
     """``scion_kernels::polar`` with the Triton kernels: ``G``'s shape in ``dtype``."""
     r, c = G.shape[-2:]
-    tall = r > c
-    m, n = (c, r) if tall else (r, c)
+    m, n, tall = orient(r, c)
     if G.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
     mats = G.reshape(-1, r, c)
@@ -680,6 +681,6 @@ def polar(
     triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::polar`` op on the
     registered ``"triton"`` backend.
     """
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in HALF:
         raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
     return ops.polar(registry.get("triton"), G, flatten(coefficients), dtype)
