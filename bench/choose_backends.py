@@ -8,7 +8,7 @@ For every GPU in the given benchmark results (JSON written by ``python -m bench`
   ``triton`` and ``cuda``, the backend with the least total time over the polar shapes of the
   class that every candidate ran (same coefficient set and dtype); a fused backend whose
   ``rel_err`` on some shape exceeds twice the reference's is not eligible for the class.
-- ``rowwise``: the backend of the fastest whole ``Scion`` step (the row-wise parameters are
+- ``grouped``: the backend of the fastest whole ``Scion`` step (the grouped parameters are
   a small part of a step, and the step benchmark is where they run).
 
 Devices already in the table and absent from the results are kept.
@@ -61,7 +61,7 @@ def choose(results: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         steps = [r for r in rows if r.get("bench") == "step" and r.get("optimizer") == "Scion"
                  and r.get("backend") in CANDIDATES]  # fmt: skip
         if steps:
-            choice["rowwise"] = min(steps, key=lambda r: r["ms"])["backend"]
+            choice["grouped"] = min(steps, key=lambda r: r["ms"])["backend"]
         if choice:
             table[device] = dict(sorted(choice.items()))
     return table

@@ -55,8 +55,8 @@ class Report:
 
 
 def _kernels() -> dict[str, Any]:
+    from scion_kernels.backends.triton import grouped
     from scion_kernels.backends.triton import newton_schulz as kns
-    from scion_kernels.backends.triton import rowwise
 
     return {
         "prologue": kns._prologue_kernel,
@@ -65,7 +65,7 @@ def _kernels() -> dict[str, Any]:
         "syrk": kns._syrk_kernel,
         "apply": kns._apply_kernel,
         "small": kns._small_kernel,
-        "rowwise": rowwise._rowwise_kernel,
+        "grouped": grouped._grouped_kernel,
     }
 
 
@@ -92,7 +92,7 @@ def variants(quick: bool = False) -> list[Variant]:
             dict(EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64), 4, 1,
         ),
         Variant(
-            "rowwise", "rows 4x256",
+            "grouped", "rows 4x256",
             {"strips": "i64", "ints": "i64", "floats": "fp32", **ns_ptr},
             dict(HAS_BUF=True, SIGN=False, EMULATE_RNE=False, BLOCK_R=4, BLOCK_L=256), 4, 1,
         ),

@@ -94,13 +94,13 @@ PARITY_TESTS = [
 #: Files whose ``gpu``-marked tests run after them (their other tests are CPU tests).
 MARKED_TESTS = ["tests/test_optim.py"]
 #: The native kernels' GPU tests run under compute-sanitizer: the one-block and tiled
-#: Newton–Schulz paths, a whole optimizer step and the row-wise step (12 tests) for memcheck,
+#: Newton–Schulz paths, a whole optimizer step and the grouped step (12 tests) for memcheck,
 #: the four that launch every native kernel once for racecheck (much slower per launch).
 SANITIZED_TESTS = ["tests/test_backends.py", "tests/test_native_ns.py"]
 _NATIVE_ONLY = " and not triton and not emulated and not torch"
 SANITIZED_SELECTION = (
     "(one_block_path_limits or bucket_above_one_argument_block or deterministic"
-    " or optimizer_matches_reference_step_by_step or rowwise_zero_and_tiny)" + _NATIVE_ONLY
+    " or optimizer_matches_reference_step_by_step or grouped_zero_and_tiny)" + _NATIVE_ONLY
 )
 RACECHECK_SELECTION = (
     "(one_block_path_limits or bucket_above_one_argument_block or deterministic)" + _NATIVE_ONLY

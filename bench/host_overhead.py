@@ -59,7 +59,7 @@ def _stub_native() -> Any:
             _Launches.count += 1
 
         @staticmethod
-        def rowwise_step(*args) -> None:
+        def grouped_step(*args) -> None:
             _Launches.count += 1
 
     def workspace(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from scion_kernels import backends
-    from scion_kernels.backends.triton import POLICIES, TritonBackend, rowwise
+    from scion_kernels.backends.triton import POLICIES, TritonBackend, grouped
     from scion_kernels.backends.triton import newton_schulz as kns
 
-    for module in (kns, rowwise):
+    for module in (kns, grouped):
         module.interpreting = lambda: False  # flags as on a GPU
         for name in [n for n in vars(module) if n.endswith("_kernel")]:  # every launch
             setattr(module, name, _Launches())

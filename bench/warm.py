@@ -10,7 +10,7 @@ the compiled kernels instead of compiling them. Prints one line: the target and 
 - ``kernels``: the three products at ``bench.kernels.CHECK_SHAPES`` (their default tiles);
 - ``polar``: the Triton polar factor at 4096² (prologue, scales, normalize, products);
 - ``step``: one Scion and one ScionLight step on GPT-2 small (``backend="triton"``: the fused
-  update, the row-wise kernel, the one-program kernel where a bucket fits).
+  update, the grouped kernel, the one-program kernel where a bucket fits).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
                            scion_stream_t stream);
 
 /*
- * Sign, ColNorm, RowNorm and BiasRMS (see rowwise.cu): for every group of every tensor,
+ * Sign, ColNorm, RowNorm and BiasRMS (see grouped.cu): for every group of every tensor,
  *
  *   d <- (1 - alpha) * d + alpha * g        in place, in d's dtype (d_dtype -1: no buffer, d = g)
  *   u = d / (||d||_2 * q + eps)             or, with sign, u = sign(d) * q
@@ -88,13 +88,13 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
  * k * group_stride + e * elem_stride (the same offsets in x, g and d). All tensors share the
  * three dtypes; they go in as few launches as the kernel-argument space allows.
  */
-typedef struct scion_rowwise_tensor {
+typedef struct scion_grouped_tensor {
   uint64_t p, g, d; /* device addresses (d is 0 when there is no buffer) */
   int64_t groups, length, group_stride, elem_stride;
   float q, eps;
-} scion_rowwise_tensor;
+} scion_grouped_tensor;
 
-scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor* tensors,
+scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor* tensors,
                                 int p_dtype, int g_dtype, int d_dtype, int sign, double alpha,
                                 double coef, double decay, int device, scion_stream_t stream);
 

@@ -108,7 +108,7 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
   if (status != SCION_OK) raise_last_error("ns_step");
 }
 
-void rowwise_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g,
+void grouped_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g,
                   const std::vector<uint64_t>& d, const std::vector<int64_t>& layout,
                   const std::vector<float>& q, const std::vector<float>& eps, int p_dtype,
                   int g_dtype, int d_dtype, bool sign, double alpha, double coef, double decay,
@@ -118,14 +118,14 @@ void rowwise_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
   if (g.size() != n || (has_buffer ? d.size() != n : !d.empty()) || layout.size() != 4 * n ||
       q.size() != n || eps.size() != n) {
     throw std::invalid_argument(
-        "rowwise_step: per-tensor lists disagree (p " + std::to_string(n) + ", g " +
+        "grouped_step: per-tensor lists disagree (p " + std::to_string(n) + ", g " +
         std::to_string(g.size()) + ", d " + std::to_string(d.size()) + ", layout " +
         std::to_string(layout.size()) + " (4 each), q " + std::to_string(q.size()) + ", eps " +
         std::to_string(eps.size()) + ")");
   }
-  std::vector<scion_rowwise_tensor> tensors(n);
+  std::vector<scion_grouped_tensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
-    tensors[i] = scion_rowwise_tensor{p[i],
+    tensors[i] = scion_grouped_tensor{p[i],
                                       g[i],
                                       has_buffer ? d[i] : 0,
                                       layout[4 * i],
@@ -138,12 +138,12 @@ void rowwise_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
   scion_status status;
   {
     py::gil_scoped_release release;
-    status = scion_rowwise_step(static_cast<int64_t>(n), tensors.data(), p_dtype, g_dtype, d_dtype,
+    status = scion_grouped_step(static_cast<int64_t>(n), tensors.data(), p_dtype, g_dtype, d_dtype,
                                 sign ? 1 : 0, alpha, coef, decay, device,
                                 reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
   }
   if (status == SCION_ERROR_INVALID_ARGUMENT) throw std::invalid_argument(scion_last_error());
-  if (status != SCION_OK) raise_last_error("rowwise_step");
+  if (status != SCION_OK) raise_last_error("grouped_step");
 }
 
 }  // namespace
@@ -172,7 +172,7 @@ PYBIND11_MODULE(_C, m) {
         "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d). "
         "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
         "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`.");
-  m.def("rowwise_step", &rowwise_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
+  m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
         py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("device"),
         py::arg("stream"),

@@ -39,9 +39,9 @@ class Recording(Backend):
         self.calls.append(("ns_step_", args))
         self.inner.ns_step_(*args)
 
-    def rowwise_step_(self, *args: Any) -> None:
-        self.calls.append(("rowwise_step_", args))
-        self.inner.rowwise_step_(*args)
+    def grouped_step_(self, *args: Any) -> None:
+        self.calls.append(("grouped_step_", args))
+        self.inner.grouped_step_(*args)
 
     def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
         self.calls.append(("polar", (G, coefficients, dtype)))

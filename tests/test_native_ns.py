@@ -1,4 +1,4 @@
-"""The native backend's own tests (csrc/newton_schulz.cu, csrc/rowwise.cu): its tiles, workspace
+"""The native backend's own tests (csrc/newton_schulz.cu, csrc/grouped.cu): its tiles, workspace
 and argument checks, and the errors of the C++ side.
 
 Its parity with the reference (and with the Triton backend) is in ``test_backends.py``. These run
@@ -17,7 +17,7 @@ import torch
 
 from scion_kernels import backends
 from scion_kernels.backends.cuda import NativeBackend, Policy
-from scion_kernels.backends.cuda.native import native_available, ns_step_, rowwise_step_
+from scion_kernels.backends.cuda.native import grouped_step_, native_available, ns_step_
 from scion_kernels.backends.tables import flatten
 from scion_kernels.newton_schulz import resolve_coefficients
 
@@ -118,7 +118,7 @@ def test_mixed_dtypes_and_shapes_rejected(native):
         ns_step_(module, 0, p[:1], [torch.zeros(8, 4, device=device)], [], [False], [1.0], 4, 8,
                  torch.bfloat16, [1.0, 0.0, 0.0], 1.0, 1.0, 1.0)  # fmt: skip
     with pytest.raises(TypeError, match="grad 1"):
-        rowwise_step_(module, p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
+        grouped_step_(module, p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
                       [1.0] * 2, [0.0] * 2, True, False, 1.0, 1.0, 1.0)  # fmt: skip
 
 

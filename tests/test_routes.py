@@ -103,7 +103,7 @@ def test_steps_over_the_native_limit_never_reach_the_kernel(emulated_module):
         opt = Scion(groups, lr=0.1, backend="cuda")
         w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
         opt.step()
-    assert [op for op, _ in recording.calls] == ["rowwise_step_"]
+    assert [op for op, _ in recording.calls] == ["grouped_step_"]
     assert "20 Newton–Schulz steps (at most 16)" in repr(opt)
 
 

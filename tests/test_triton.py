@@ -136,9 +136,9 @@ def test_tables_kept_between_steps(mixed_params):
 def test_kernels_launch_on_the_parameters_device(monkeypatch, mixed_params):
     """Every Triton op makes the parameters' device current while it launches (Triton launches
     on the current device, whatever device the tensors are on)."""
+    from scion_kernels.backends.triton import grouped as krw
     from scion_kernels.backends.triton import newton_schulz as kns
     from scion_kernels.backends.triton import on_device
-    from scion_kernels.backends.triton import rowwise as krw
 
     seen = []
 

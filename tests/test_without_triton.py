@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 def _triton_modules() -> list[str]:
     """Modules of Triton, or of ours that need it, imported so far (the hiding entry aside)."""
-    kernels = ("newton_schulz", "rowwise", "tuning")
+    kernels = ("newton_schulz", "grouped", "tuning")
     ours = tuple(f"scion_kernels.backends.triton.{m}" for m in kernels)
     return sorted(
         name
@@ -62,7 +62,7 @@ def test_reference_backends_step(cls, backend):
 @pytest.mark.parametrize("cls", [Scion, ScionLight])
 def test_native_backend_steps_without_triton(emulated_native, cls):
     """``backend="cuda"`` (the native kernels, here in the host emulation) imports no Triton:
-    its step plans buckets and row-wise launches in Triton-free code."""
+    its step plans buckets and grouped launches in Triton-free code."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
     twin = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))

@@ -71,7 +71,7 @@ def shape_class(norm: Norm, shape: Sequence[int]) -> str:
     """The timing table's class of a parameter of ``shape`` under ``norm``."""
     norm = norm.pick(shape)
     if not isinstance(norm, Spectral):
-        return "rowwise"
+        return "grouped"
     return spectral_class(min(norm.matrix_shape(tuple(shape))[1:]))
 
 
@@ -82,14 +82,11 @@ def spectral_class(short: int) -> str:
     return "spectral-medium" if short < 1024 else "spectral-large"
 
 
+@eager_cache(maxsize=256)
 def choose(device: torch.device, kind: str) -> str:
     """The backend for class ``kind`` on ``device``: the table's choice where it has one and
-    that backend can run there, else ``"torch"``."""
-    return _choose(device, kind)
-
-
-@eager_cache(maxsize=256)
-def _choose(device: torch.device, kind: str) -> str:
+    that backend can run there, else ``"torch"`` (kept per device and class; a test that
+    changes the table calls ``choose.cache_clear()``)."""
     if device.type != "cuda":
         return "torch"
     name = TABLE.get(torch.cuda.get_device_name(device), {}).get(kind, "torch")

@@ -5,7 +5,7 @@ results (the fastest backend per class whose accuracy passed); edit by regenerat
 is not listed, and any class it does not list, runs the reference backend ``"torch"``.
 
 Classes: ``spectral-small`` (short side < 256), ``spectral-medium`` (< 1024),
-``spectral-large`` (≥ 1024), ``rowwise`` (Sign, ColNorm, RowNorm, BiasRMS).
+``spectral-large`` (≥ 1024), ``grouped`` (Sign, ColNorm, RowNorm, BiasRMS).
 """
 
 TABLE: dict[str, dict[str, str]] = {}

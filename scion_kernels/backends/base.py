@@ -3,7 +3,7 @@ construction), and the per-architecture policy lookup.
 
 A backend is an object. It says on which devices it runs (:meth:`Backend.unavailable_reason`),
 which parameters it takes (:meth:`Backend.refusal`, from its capabilities), and runs the three
-kernel entry points of the package's ops (:mod:`.ops`): ``ns_step_``, ``rowwise_step_`` and
+kernel entry points of the package's ops (:mod:`.ops`): ``ns_step_``, ``grouped_step_`` and
 ``polar``. The plan (:mod:`.plan`) turns a param group's step into calls of those entry points,
 the same for every fused backend.
 """
@@ -24,7 +24,7 @@ __all__ = ["Backend", "Capabilities", "Update", "below_floor", "capability", "fo
 P = TypeVar("P")
 
 #: The norms whose LMO is per group (rows, columns, or the whole tensor): one
-#: ``rowwise_step_`` kernel family.
+#: ``grouped_step_`` kernel family.
 GROUPED_NORMS = ("Sign", "ColNorm", "RowNorm", "BiasRMS")
 SPECTRAL_NORMS = ("Spectral", "SpectralConv")
 #: The half-precision dtypes the kernels' Newton–Schulz operands take.
@@ -99,7 +99,7 @@ class Backend:
     """A backend: a name, capabilities, and the kernels behind the package's ops.
 
     Subclasses set :attr:`name` and :attr:`capabilities` and implement
-    :meth:`unavailable_reason`, :meth:`ns_step_`, :meth:`rowwise_step_` and :meth:`polar_`
+    :meth:`unavailable_reason`, :meth:`ns_step_`, :meth:`grouped_step_` and :meth:`polar_`
     (the reference implements none of the kernels: :attr:`fused` is false).
     """
 
@@ -157,12 +157,12 @@ class Backend:
         """Import the kernels (once; nothing is imported before a route needs them)."""
 
     # The kernels behind the package's ops (arguments: :class:`.ops.NSStep`,
-    # :class:`.ops.RowwiseStep`); called by the plan in eager mode and by the ops while
+    # :class:`.ops.GroupedStep`); called by the plan in eager mode and by the ops while
     # ``torch.compile`` traces.
     def ns_step_(self, *args: Any) -> None:
         raise NotImplementedError(f"{self!r} has no Newton–Schulz step kernels")
 
-    def rowwise_step_(self, *args: Any) -> None:
+    def grouped_step_(self, *args: Any) -> None:
         raise NotImplementedError(f"{self!r} has no grouped-norm step kernels")
 
     def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:

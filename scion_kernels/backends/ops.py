@@ -12,8 +12,8 @@ method of the op's name runs the kernels::
         x ← decay·x + coef·f·polar(d) (``f`` from ``factors``, one per tensor), ``polar`` the
         Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)`` triples.
 
-    scion_kernels::rowwise_step_(params, grads, bufs, shapes, columns, q, eps, sign, whole,
-                                 alpha, coef, decay, backend)       → Backend.rowwise_step_
+    scion_kernels::grouped_step_(params, grads, bufs, shapes, columns, q, eps, sign, whole,
+                                 alpha, coef, decay, backend)       → Backend.grouped_step_
         Sign or ℓ2 groups of many tensors, in place: tensor ``i`` is seen as ``(-1, r, c)``
         matrices (``r, c = shapes[2i:2i+2]``, the same strides for ``x``, ``g`` and ``d``)
         whose groups are rows (columns where ``columns[i]``; the whole tensor with ``whole``);
@@ -24,7 +24,7 @@ method of the op's name runs the kernels::
         Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype``;
         ``G``'s shape, in ``dtype``.
 
-While ``torch.compile`` traces, :func:`ns_step_`, :func:`rowwise_step_` and :func:`polar` call
+While ``torch.compile`` traces, :func:`ns_step_`, :func:`grouped_step_` and :func:`polar` call
 the ops (opaque to the compiler, one node per bucket). In eager mode they call the backend's
 method directly, which skips the dispatcher's layers (a tenth of a millisecond per call,
 several calls per step), and bump the mutated tensors' version counters as the op would, so
@@ -47,7 +47,7 @@ from . import registry
 if TYPE_CHECKING:
     from .base import Backend
 
-__all__ = ["NSStep", "RowwiseStep", "ns_step_", "polar", "rowwise_step_"]
+__all__ = ["NSStep", "GroupedStep", "ns_step_", "polar", "grouped_step_"]
 
 
 class NSStep(NamedTuple):
@@ -67,8 +67,8 @@ class NSStep(NamedTuple):
     decay: float
 
 
-class RowwiseStep(NamedTuple):
-    """The arguments of ``scion_kernels::rowwise_step_`` before ``backend`` (the op's schema)."""
+class GroupedStep(NamedTuple):
+    """The arguments of ``scion_kernels::grouped_step_`` before ``backend`` (the op's schema)."""
 
     params: list[Tensor]
     grads: list[Tensor]
@@ -125,9 +125,9 @@ def _step_op(name: str, schema: type[tuple]) -> Callable[..., None]:
 
 #: ``ns_step_(backend, *args)``: the ``scion_kernels::ns_step_`` op (:class:`NSStep`).
 ns_step_ = _step_op("ns_step_", NSStep)
-#: ``rowwise_step_(backend, *args)``: the ``scion_kernels::rowwise_step_`` op
-#: (:class:`RowwiseStep`).
-rowwise_step_ = _step_op("rowwise_step_", RowwiseStep)
+#: ``grouped_step_(backend, *args)``: the ``scion_kernels::grouped_step_`` op
+#: (:class:`GroupedStep`).
+grouped_step_ = _step_op("grouped_step_", GroupedStep)
 
 
 @torch.library.custom_op("scion_kernels::polar", mutates_args=())

@@ -8,7 +8,7 @@ matrices without a copy (a transposed view, a non-contiguous gradient) is left f
 reference path. Taken Spectral parameters are bucketed by oriented shape, dtypes and
 coefficient set, one ``scion_kernels::ns_step_`` call per bucket; the grouped ones (Sign,
 ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.group_spec`) by kind and
-dtypes, one ``scion_kernels::rowwise_step_`` call each (:mod:`.ops`).
+dtypes, one ``scion_kernels::grouped_step_`` call each (:mod:`.ops`).
 
 It looks only at shapes, strides, dtypes and norms (never at data or addresses), so
 ``torch.compile(fullgraph=True)`` traces it into those op calls.
@@ -120,7 +120,7 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
     """The whole step for Sign/ColNorm/RowNorm/BiasRMS parameters; returns the ones left.
 
     ``x ← (1 − γ)·x − γ·ρ·lmo(d)`` (or ``x ← x − γ·ρ·lmo(d)``) after ``d ← (1 − α)·d + α·g``
-    (``bufs`` ``None``: ``d = g``), one ``scion_kernels::rowwise_step_`` call per kind and dtype
+    (``bufs`` ``None``: ``d = g``), one ``scion_kernels::grouped_step_`` call per kind and dtype
     combination. A parameter whose ``x``, ``g`` and ``d`` cannot all be seen as the same
     strided matrices without a copy is left for the reference path.
     """
@@ -145,7 +145,7 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
 
     for (_, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
-        ops.rowwise_step_(
+        ops.grouped_step_(
             backend,
             [params[i] for i in idx],
             [grads[i] for i in idx],

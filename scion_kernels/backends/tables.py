@@ -214,7 +214,7 @@ def group_rows(
     shapes: Sequence[int],
     columns: Sequence[bool],
 ) -> list[tuple[int, tuple[int, ...]]]:
-    """The matrices of a row-wise launch: tensor ``i`` is seen as ``(-1, r, c)`` matrices
+    """The matrices of a grouped launch: tensor ``i`` is seen as ``(-1, r, c)`` matrices
     (``r, c = shapes[2i:2i+2]``, the same strides for ``x``, ``g`` and ``d``; ``d = g`` without
     ``bufs``) whose groups are rows, or columns where ``columns[i]``. Returns, per matrix, its
     tensor's index and ``(x, g, d addresses, groups, group length, group stride, element

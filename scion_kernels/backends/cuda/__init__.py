@@ -84,10 +84,10 @@ class NativeBackend(Backend):
         tile = self.policy(args[0][0].device).tile if args[0] else 0
         ns_step_(self.module, tile, *args)
 
-    def rowwise_step_(self, *args: Any) -> None:
-        from .native import rowwise_step_
+    def grouped_step_(self, *args: Any) -> None:
+        from .native import grouped_step_
 
-        rowwise_step_(self.module, *args)
+        grouped_step_(self.module, *args)
 
     def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
         from .native import polar_

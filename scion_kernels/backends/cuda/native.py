@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...newton_schulz import check_matrices, orient
 from ..base import HALF
-from ..ops import NSStep, RowwiseStep
+from ..ops import GroupedStep, NSStep
 from ..tables import bucket_rows, group_rows
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "ns_step_",
     "polar_",
     "require_native",
-    "rowwise_step_",
+    "grouped_step_",
     "unavailable_reason",
 ]
 
@@ -202,11 +202,11 @@ def polar_(
 # --- Sign, ColNorm, RowNorm, BiasRMS -----------------------------------------------------------
 
 
-def rowwise_step_(module: ModuleType | None, *args: Any) -> None:
-    """``scion_kernels::rowwise_step_`` with the native kernel of ``module``, in one launch
-    (arguments after it: :class:`~scion_kernels.backends.ops.RowwiseStep`)."""
-    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, coef, decay = RowwiseStep(*args)
-    op = "rowwise_step_"
+def grouped_step_(module: ModuleType | None, *args: Any) -> None:
+    """``scion_kernels::grouped_step_`` with the native kernel of ``module``, in one launch
+    (arguments after it: :class:`~scion_kernels.backends.ops.GroupedStep`)."""
+    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, coef, decay = GroupedStep(*args)
+    op = "grouped_step_"
     native = require_native(module)
     if not params:
         return
@@ -230,7 +230,7 @@ def rowwise_step_(module: ModuleType | None, *args: Any) -> None:
         epss.append(float(eps[i]))
     dtypes = (params[0].dtype, grads[0].dtype, bufs[0].dtype if bufs else None)
     try:
-        native.rowwise_step(
+        native.grouped_step(
             p_addr, g_addr, d_addr, layout, qs, epss, _CODES[dtypes[0]], _CODES[dtypes[1]],
             _CODES[dtypes[2]] if bufs else -1, bool(sign), float(alpha), float(coef),
             float(decay), device.index or 0, _stream(device),

@@ -1,5 +1,5 @@
 """The Triton backend (``backend="triton"``): its capabilities, its policy per GPU architecture,
-and the object that runs its kernels (:mod:`.newton_schulz`, :mod:`.rowwise`).
+and the object that runs its kernels (:mod:`.newton_schulz`, :mod:`.grouped`).
 
 Nothing here imports Triton: the kernels are imported the first time a route needs them.
 Without Triton the package still works on the reference path, and :func:`available` says why
@@ -59,8 +59,8 @@ class Policy:
     #: Tile of the averaging and normalizing passes; rows per program of the grouped norms'
     #: kernel (Sign, the ℓ2 norms) and its group chunk (grouped, whole tensor).
     prologue_tile: int = 64
-    rowwise_rows: tuple[int, int] = (8, 4)
-    rowwise_chunk: tuple[int, int] = (256, 1024)
+    grouped_rows: tuple[int, int] = (8, 4)
+    grouped_chunk: tuple[int, int] = (256, 1024)
     #: Time the candidate tiles the first time a bucket shape is seen and keep the fastest
     #: (``SCION_KERNELS_AUTOTUNE=1``). Off by default: tile shapes change the order of the
     #: sums, and a choice made by timing can differ between runs and between the ranks of a
@@ -79,8 +79,8 @@ INTERPRETER = Policy(
     syrk=(dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1),),
     apply=(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),),
     prologue_tile=16,
-    rowwise_rows=(4, 4),
-    rowwise_chunk=(32, 32),
+    grouped_rows=(4, 4),
+    grouped_chunk=(32, 32),
     autotune=False,
 )
 
@@ -153,17 +153,17 @@ class TritonBackend(Backend):
         return unavailable_reason(device) or below_floor(self, device)
 
     def load(self) -> None:
-        from . import newton_schulz, rowwise  # noqa: F401
+        from . import grouped, newton_schulz  # noqa: F401
 
     def ns_step_(self, *args: Any) -> None:
         from .newton_schulz import ns_step_
 
         ns_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
 
-    def rowwise_step_(self, *args: Any) -> None:
-        from .rowwise import rowwise_step_
+    def grouped_step_(self, *args: Any) -> None:
+        from .grouped import grouped_step_
 
-        rowwise_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
+        grouped_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
 
     def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
         from .newton_schulz import polar_

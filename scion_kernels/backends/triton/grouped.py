@@ -25,16 +25,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops import RowwiseStep
+from ..ops import GroupedStep
 from ..tables import cached, cdiv, device_table, group_rows
 from . import Policy, interpreting, on_device
 from .newton_schulz import _round
 
-__all__ = ["rowwise_step_"]
+__all__ = ["grouped_step_"]
 
 
 @triton.jit
-def _rowwise_kernel(
+def _grouped_kernel(
     strips,  # int64 (S, 2): tensor index, first group of the strip
     ints,  # int64 (T, 7): p, g, d addresses, groups, group length, group stride, elem stride
     floats,  # float32 (T, 2): q (or f for Sign), ε
@@ -96,16 +96,16 @@ def _rowwise_kernel(
             tl.store(p_ptr + off, _round(x, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
-def rowwise_step_(policy: Policy, *args: Any) -> None:
-    """``scion_kernels::rowwise_step_`` with the Triton kernel (arguments after ``policy``:
-    :class:`~scion_kernels.backends.ops.RowwiseStep`): Sign or ℓ2 groups of many tensors in
+def grouped_step_(policy: Policy, *args: Any) -> None:
+    """``scion_kernels::grouped_step_`` with the Triton kernel (arguments after ``policy``:
+    :class:`~scion_kernels.backends.ops.GroupedStep`): Sign or ℓ2 groups of many tensors in
     one launch; BiasRMS tensors (``whole``) are read in long strips."""
-    a = RowwiseStep(*args)
+    a = GroupedStep(*args)
     params, grads, bufs, q, eps, sign = a.params, a.grads, a.bufs, a.q, a.eps, a.sign
     if not params:
         return
     device = params[0].device
-    block_r = 1 if a.whole else policy.rowwise_rows[0 if sign else 1]
+    block_r = 1 if a.whole else policy.grouped_rows[0 if sign else 1]
     ints, floats, strips = [], [], []
     for i, row in group_rows(params, grads, bufs, a.shapes, a.columns):
         ints.append(row)
@@ -115,7 +115,7 @@ def rowwise_step_(policy: Policy, *args: Any) -> None:
         return
     interpret = interpreting()
     with on_device(device):  # Triton launches on the current device
-        _rowwise_kernel[(sum(strips),)](
+        _grouped_kernel[(sum(strips),)](
             _strip_table(strips, block_r, device),
             device_table(ints, torch.int64, device),
             device_table(floats, torch.float32, device),
@@ -130,7 +130,7 @@ def rowwise_step_(policy: Policy, *args: Any) -> None:
             SIGN=sign,
             EMULATE_RNE=interpret,
             BLOCK_R=block_r,
-            BLOCK_L=policy.rowwise_chunk[1 if a.whole else 0],
+            BLOCK_L=policy.grouped_chunk[1 if a.whole else 0],
             num_warps=4,
         )
 

@@ -28,34 +28,34 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTensors = 48;
 
-struct RowwiseArgs {
-  scion_rowwise_tensor t[kMaxTensors];
+struct GroupedArgs {
+  scion_grouped_tensor t[kMaxTensors];
   int32_t block_start[kMaxTensors + 1];  // first block of each tensor; the last is the grid
   int32_t count;
   scion_dtype p_dtype, g_dtype, d_dtype;
   bool has_buffer, sign;
   float alpha, beta, coef, decay;
 };
-static_assert(sizeof(RowwiseArgs) <= 4096, "kernel argument block exceeds 4 KB");
+static_assert(sizeof(GroupedArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
 // Lane-per-group layout: the groups are adjacent and their elements are not.
-__host__ __device__ inline bool lane_groups(const scion_rowwise_tensor& t) {
+__host__ __device__ inline bool lane_groups(const scion_grouped_tensor& t) {
   return t.group_stride == 1 && t.elem_stride != 1 && t.groups > 1;
 }
 
-__host__ __device__ inline int64_t groups_per_block(const scion_rowwise_tensor& t) {
+__host__ __device__ inline int64_t groups_per_block(const scion_grouped_tensor& t) {
   return lane_groups(t) ? kThreads : kWarps;
 }
 
 // One element of pass 1: the averaging, stored; returns d.
-__device__ __forceinline__ float averaged(const RowwiseArgs& a, const scion_rowwise_tensor& t,
+__device__ __forceinline__ float averaged(const GroupedArgs& a, const scion_grouped_tensor& t,
                                           int64_t at) {
   return average_element(reinterpret_cast<const void*>(t.g), at, a.g_dtype,
                          reinterpret_cast<void*>(t.d), at, a.d_dtype, a.has_buffer, a.alpha,
                          a.beta);
 }
 
-__device__ __forceinline__ void update(const RowwiseArgs& a, const scion_rowwise_tensor& t,
+__device__ __forceinline__ void update(const GroupedArgs& a, const scion_grouped_tensor& t,
                                        int64_t at, float u) {
   void* p = reinterpret_cast<void*>(t.p);
   const float x = load_as_float(p, at, a.p_dtype);
@@ -68,7 +68,7 @@ __device__ __forceinline__ float sign_times(float d, float q) {
 
 // A group of `length` elements at `base`, `stride` apart, walked by `lanes` threads from `lane`;
 // returns this thread's share of Σd² (Sign: updates at once, returns 0).
-__device__ __forceinline__ float first_pass(const RowwiseArgs& a, const scion_rowwise_tensor& t,
+__device__ __forceinline__ float first_pass(const GroupedArgs& a, const scion_grouped_tensor& t,
                                             int64_t base, int lane, int lanes) {
   float ssq = 0.0f;
   for (int64_t e = lane; e < t.length; e += lanes) {
@@ -84,7 +84,7 @@ __device__ __forceinline__ float first_pass(const RowwiseArgs& a, const scion_ro
 }
 
 // Pass 2 of an ℓ2 group: reads back the d this thread stored (or g) and updates x.
-__device__ __forceinline__ void second_pass(const RowwiseArgs& a, const scion_rowwise_tensor& t,
+__device__ __forceinline__ void second_pass(const GroupedArgs& a, const scion_grouped_tensor& t,
                                             int64_t base, int lane, int lanes, float inv) {
   const void* src =
       a.has_buffer ? reinterpret_cast<const void*>(t.d) : reinterpret_cast<const void*>(t.g);
@@ -95,7 +95,7 @@ __device__ __forceinline__ void second_pass(const RowwiseArgs& a, const scion_ro
   }
 }
 
-__global__ void __launch_bounds__(kThreads) rowwise_kernel(const __grid_constant__ RowwiseArgs a) {
+__global__ void __launch_bounds__(kThreads) grouped_kernel(const __grid_constant__ GroupedArgs a) {
   const int block = static_cast<int>(blockIdx.x);
   int lo = 0;
   int hi = a.count - 1;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) rowwise_kernel(const __grid_constant
       hi = mid - 1;
     }
   }
-  const scion_rowwise_tensor& t = a.t[lo];
+  const scion_grouped_tensor& t = a.t[lo];
   const int64_t first = static_cast<int64_t>(block - a.block_start[lo]) * groups_per_block(t);
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -133,38 +133,38 @@ __global__ void __launch_bounds__(kThreads) rowwise_kernel(const __grid_constant
 
 extern "C" {
 
-scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor* tensors,
+scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor* tensors,
                                 int p_dtype, int g_dtype, int d_dtype, int sign, double alpha,
                                 double coef, double decay, int device, scion_stream_t stream) {
   using namespace scion;
   clear_error();
-  if (!check_dtypes("rowwise_step", p_dtype, g_dtype, d_dtype)) {
+  if (!check_dtypes("grouped_step", p_dtype, g_dtype, d_dtype)) {
     return SCION_ERROR_INVALID_ARGUMENT;
   }
   if (!(alpha >= 0.0 && alpha <= 1.0) || num_tensors < 0 ||
       (num_tensors > 0 && tensors == nullptr)) {
-    set_error("rowwise_step: need 0 <= alpha <= 1 and a tensor list (alpha %g, %lld tensors)",
+    set_error("grouped_step: need 0 <= alpha <= 1 and a tensor list (alpha %g, %lld tensors)",
               alpha, static_cast<long long>(num_tensors));
     return SCION_ERROR_INVALID_ARGUMENT;
   }
   for (int64_t i = 0; i < num_tensors; ++i) {
-    const scion_rowwise_tensor& t = tensors[i];
+    const scion_grouped_tensor& t = tensors[i];
     if (t.groups < 0 || t.length < 0 || t.p == 0 || t.g == 0 || ((d_dtype != -1) != (t.d != 0))) {
       set_error(
-          "rowwise_step: tensor %lld has a negative size, a null address, or a buffer "
+          "grouped_step: tensor %lld has a negative size, a null address, or a buffer "
           "address that does not match the buffer dtype",
           static_cast<long long>(i));
       return SCION_ERROR_INVALID_ARGUMENT;
     }
     if ((t.groups + kThreads - 1) / kWarps > (int64_t{1} << 30)) {
-      set_error("rowwise_step: tensor %lld has too many groups (%lld)", static_cast<long long>(i),
+      set_error("grouped_step: tensor %lld has too many groups (%lld)", static_cast<long long>(i),
                 static_cast<long long>(t.groups));
       return SCION_ERROR_INVALID_ARGUMENT;
     }
   }
-  DeviceGuard current(device, "rowwise_step");
+  DeviceGuard current(device, "grouped_step");
   if (!current.ok()) return SCION_ERROR_CUDA;
-  RowwiseArgs a{};
+  GroupedArgs a{};
   a.p_dtype = static_cast<scion_dtype>(p_dtype);
   a.g_dtype = static_cast<scion_dtype>(g_dtype);
   a.d_dtype = d_dtype == -1 ? SCION_FLOAT32 : static_cast<scion_dtype>(d_dtype);
@@ -177,14 +177,14 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
   auto flush = [&]() {
     if (a.count == 0) return cudaSuccess;
     const cudaError_t e =
-        launch_kernel(rowwise_kernel, dim3(a.block_start[a.count]), dim3(kThreads), 0,
+        launch_kernel(grouped_kernel, dim3(a.block_start[a.count]), dim3(kThreads), 0,
                       reinterpret_cast<cudaStream_t>(stream), a);
     a.count = 0;
     return e;
   };
   FirstError failure;
   for (int64_t i = 0; i < num_tensors && failure.err == cudaSuccess; ++i) {
-    const scion_rowwise_tensor& t = tensors[i];
+    const scion_grouped_tensor& t = tensors[i];
     if (t.groups == 0 || t.length == 0) continue;
     const int64_t blocks = (t.groups + groups_per_block(t) - 1) / groups_per_block(t);
     if (a.count == kMaxTensors || a.block_start[a.count] + blocks > (int64_t{1} << 31) - 1) {
@@ -197,7 +197,7 @@ scion_status scion_rowwise_step(int64_t num_tensors, const scion_rowwise_tensor*
   if (failure.err == cudaSuccess) failure.ok(flush(), "launch");
   failure.ok(current.restore(), "restoring the current device");
   if (failure.err != cudaSuccess) {
-    set_error("rowwise_step: %s failed: %s (%s) [%lld tensors, device %d]", failure.what,
+    set_error("grouped_step: %s failed: %s (%s) [%lld tensors, device %d]", failure.what,
               cudaGetErrorName(failure.err), cudaGetErrorString(failure.err),
               static_cast<long long>(num_tensors), device);
     return SCION_ERROR_CUDA;
