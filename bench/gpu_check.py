@@ -591,7 +591,7 @@ def stage_table(check: Check, deadline: float) -> StageResult:
     results = [p for p in (check.work / "bench").glob("*/check.json")]
     if not results:
         return StageResult("skipped", "no benchmark results")
-    out = check.work / "_backend_table.py"
+    out = check.work / "auto_table.py"
     cmd = [
         check.python,
         "-m",
@@ -601,7 +601,7 @@ def stage_table(check: Check, deadline: float) -> StageResult:
         str(out),
     ]
     rc = check.command("table", cmd, deadline)
-    return _outcome(rc, "_backend_table.py in the archive; " + check.log_tail("table"))
+    return _outcome(rc, "auto_table.py in the archive; " + check.log_tail("table"))
 
 
 STAGES = [
@@ -866,7 +866,7 @@ def summary(check: Check, elapsed: float) -> str:
     lines += [
         "",
         "Everything else (logs, JUnit XML, benchmark JSON and JSON lines, the regenerated",
-        "`_backend_table.py`, env.json) is in `gpu_check.tar.gz`.",
+        "`auto_table.py`, env.json) is in `gpu_check.tar.gz`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -307,7 +307,7 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         assert f"gpu_check/logs/{stage}.log" in names
     for stage in ("memcheck", "racecheck", "rest", "tiles", "table", "warm-tiles0"):
         assert f"gpu_check/logs/{stage}.log" in names
-    for name in ("env.json", "summary.md", "_backend_table.py", "tests/parity.xml"):
+    for name in ("env.json", "summary.md", "auto_table.py", "tests/parity.xml"):
         assert f"gpu_check/{name}" in names
     assert {r["bench"] for r in headline["rows"]} == {"kernels", "polar", "step"}
     assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise", "init"}
