@@ -2,8 +2,9 @@
 //
 // This is the only C++ that knows about Python. It takes plain integers: device addresses as
 // unsigned 64-bit ints, element counts, dtype codes, the device ordinal and the CUDA stream handle
-// (torch.cuda.Stream.cuda_stream). Tensor validation happens in scion_kernels/_native.py before
-// any address gets here; the C library repeats the checks it can make on integers alone.
+// (torch.cuda.Stream.cuda_stream). Tensor validation happens in
+// scion_kernels/backends/cuda/native.py before any address gets here; the C library repeats the
+// checks it can make on integers alone.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -151,7 +152,7 @@ void grouped_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
 PYBIND11_MODULE(_C, m) {
   m.doc() =
       "Native CUDA kernels of scion_kernels. Low-level: takes raw device addresses; use "
-      "scion_kernels._native instead.";
+      "the \"cuda\" backend (scion_kernels.backends.cuda) instead.";
 
   m.attr("DTYPE_FLOAT32") = static_cast<int>(SCION_FLOAT32);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(SCION_BFLOAT16);

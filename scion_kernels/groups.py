@@ -516,9 +516,11 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
     (``(auto)``: chosen for the hardware, see
     :func:`scion_kernels.newton_schulz.default_compute_dtype`), and the backend that steps it
     (the group's ``backend``, ``"auto"`` if it has none; where that backend does not take the
-    parameter, the reference ``torch`` and why)."""
+    parameter, the reference ``torch`` and why; where it cannot run on the parameters' device,
+    the reason in a line below the table). An unknown backend name raises ``ValueError``."""
     rows = [("parameter", "shape", "role", "norm", "radius", "lr", "init", "Newton–Schulz",
              "backend")]  # fmt: skip
+    notes: list[str] = []
     for gi, g in enumerate(groups):
         names = g.get("param_names") or [f"group{gi}[{i}]" for i in range(len(g["params"]))]
         given = g.get("norm", "Auto")
@@ -530,13 +532,17 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
         init = "norm" if g.get("init", True) else "kept"
         lr = f"×{float(g.get('lr_scale', 1.0)):g}"
         option = g.get("backend", "auto")
-        plain = {"params": list(g["params"]), "norm": given, "norm_kwargs": kw}
+        if option != "auto":
+            backends.get(option)  # an unknown name is an error, not a fallback
+        plain = {"params": list(g["params"]), "norm": given, "norm_kwargs": kw,
+                 "buffer_dtype": g.get("buffer_dtype")}  # fmt: skip
         try:
             route = backends.route({**plain, "backend": option}, f"group {gi}", norm_obj)
             unavailable = ""
-        except ValueError:
+        except ValueError as err:
             route = backends.route({**plain, "backend": "torch"}, f"group {gi}", norm_obj)
             unavailable = f" ({option} cannot run here)"
+            notes.append(str(err))
         for i, (name, p) in enumerate(zip(names, g["params"], strict=True)):
             shape = "×".join(str(s) for s in p.shape) or "scalar"
             role = str(g.get("role", ""))
@@ -545,4 +551,4 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + [f"({note})" for note in dict.fromkeys(notes)])

@@ -133,7 +133,7 @@ class _ScionBase(torch.optim.Optimizer):
             checked is not None
             and len(checked) == len(seen)
             and all(
-                a is b or (not isinstance(a, Tensor) and type(a) is type(b) and a == b)
+                not isinstance(a, Tensor) and (a is b or (type(a) is type(b) and a == b))
                 for a, b in zip(seen, checked, strict=True)
             )
         ):
@@ -421,7 +421,7 @@ class Scion(_ScionBase):
             ColNorm, RowNorm, BiasRMS; parameters it cannot take, e.g. ``polar="svd"``, take
             the reference path), ``"cuda"`` (the native CUDA C++ step, the same parameters),
             or ``"auto"``: per device and shape class, the backend the committed timing table
-            (``scion_kernels/_backend_table.py``, from ``python -m bench.choose_backends``)
+            (``scion_kernels/backends/auto_table.py``, from ``python -m bench.choose_backends``)
             names, and the reference where it names none (every device, for now).
         buffer_dtype: dtype of the averaging buffer ``d`` (default: the gradient's; the
             parameter's for a buffer made before its first gradient).

@@ -32,9 +32,6 @@ class Recording(Backend):
     def refusal(self, *args: Any) -> str | None:
         return self.inner.refusal(*args)
 
-    def load(self) -> None:
-        self.inner.load()
-
     def ns_step_(self, *args: Any) -> None:
         self.calls.append(("ns_step_", args))
         self.inner.ns_step_(*args)

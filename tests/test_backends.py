@@ -135,7 +135,6 @@ def kernels(request) -> Kernels:
         policies = {(8, 0): NativePolicy(tile=64)} if path == "tiled" else None
         backend = NativeBackend(module, policies)
     with backends.using(backend):
-        backend.load()
         yield Kernels(backend, device)
 
 

@@ -942,7 +942,7 @@ GROUPED = [
 
 
 def _from_spec(norm, g):
-    """``lmo(g)`` computed from :meth:`Norm.groups` alone, in float64."""
+    """``lmo(g)`` computed from :meth:`Norm.group_spec` alone, in float64."""
     spec = norm.group_spec(g.shape)
     m = g.double().reshape(spec.matrices)
     if spec.sign:
@@ -956,7 +956,7 @@ def _from_spec(norm, g):
 
 @pytest.mark.parametrize("name, options, shape", GROUPED, ids=str)
 def test_group_spec_defines_the_lmo(name, options, shape):
-    """What the fused kernels run (``groups``: the matrices, which way the groups run, ``q``
+    """What the fused kernels run (``group_spec``: the matrices, which way the groups run, ``q``
     and ``ε``) is the reference LMO."""
     norm = make_norm(name, options)
     g = torch.randn(shape)

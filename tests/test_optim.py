@@ -687,3 +687,22 @@ def test_repr_and_init_of_groups_restored_without_our_options():
     assert "Spectral" in repr(opt)
     opt.init()
     assert torch.linalg.svdvals(p.detach()).sub(math.sqrt(6 / 4)).abs().max() < 1e-4
+
+
+def test_options_are_checked_again_when_they_change():
+    """Options are checked when they change, not at every step: a scheduler's new float ``lr``
+    and a tensor ``lr`` changed in place (as ``LRScheduler`` does with ``fill_``) are both
+    refused past the constrained step's limit."""
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = Scion([w], lr=0.1, norm="Spectral", backend="torch")
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.param_groups[0]["lr"] = 2.0
+    with pytest.raises(ValueError, match="needs lr ≤ 1"):
+        opt.step()
+    lr = torch.tensor(0.1)
+    opt = Scion([w], lr=lr, norm="Spectral", backend="torch")
+    opt.step()
+    lr.fill_(2.0)
+    with pytest.raises(ValueError, match="needs lr ≤ 1"):
+        opt.step()

@@ -21,7 +21,7 @@ from torch import nn
 
 from scion_kernels import Scion, backends, format_groups
 from scion_kernels.backends import Backend, Capabilities, NativeBackend
-from scion_kernels.backends.base import for_arch
+from scion_kernels.backends.base import below_floor, for_arch
 from scion_kernels.backends.triton import POLICIES, Policy, TritonBackend
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -81,6 +81,8 @@ def test_declared_limits_fall_back_at_construction(fused):
             continue
         assert route.backends[0].name == "torch", what
         assert route.fallbacks[0].startswith(f"{fused.name} does not take"), what
+        if "split" in options:
+            assert route.fallbacks[0].endswith("not a reshape of the parameter (split blocks)")
         assert f"stepped by: torch ({fused.name} does not take" in repr(opt), what
         ref = nn.Parameter(p.detach().clone())
         twin = Scion([ref], lr=0.1, norm=norm, norm_kwargs=options, backend="torch")
@@ -117,30 +119,37 @@ def test_format_groups_shows_the_backend_and_fallbacks(fused):
     assert rows["v"].endswith(f"torch ({fused.name} does not take float64 parameters)")
 
 
+class _Stub(Backend):
+    """A backend registered as ``"triton"`` for a test, whatever Triton this machine has:
+    its capabilities, and the device answer ``why`` (``None``: runs anywhere)."""
+
+    name = "triton"
+
+    def __init__(self, capabilities: Capabilities, why: str | None = None) -> None:
+        self.capabilities, self.why = capabilities, why
+
+    def unavailable_reason(self, device):
+        return super().unavailable_reason(device) or self.why
+
+
 def test_format_groups_says_when_a_backend_cannot_run():
-    """A backend that cannot run on the parameters' device is named, with the reference's
-    dtype shown: format_groups describes, it does not raise."""
-
-    class Nowhere(TritonBackend):
-        def unavailable_reason(self, device):
-            return "not here"
-
-    with backends.using(Nowhere()):
+    """A backend that cannot run on the parameters' device is named with the reason below the
+    table, and the reference's dtype shown: format_groups describes, it does not raise. An
+    unknown backend name does raise."""
+    with backends.using(_Stub(Capabilities(devices=("*",)), why="not on this machine")):
         groups = [{"params": [nn.Parameter(torch.randn(8, 4))], "backend": "triton"}]
-        assert "torch (triton cannot run here)" in format_groups(groups)
+        text = format_groups(groups)
+        assert "torch (triton cannot run here)" in text
+        assert text.endswith("not on this machine)")
+    with pytest.raises(ValueError, match="unknown backend 'tritn'"):
+        format_groups([{"params": [nn.Parameter(torch.randn(8, 4))], "backend": "tritn"}])
 
 
 def test_a_route_follows_a_parameter_cast():
     """A parameter cast to a dtype its backend does not take is routed again (a route
     remembers each parameter's dtype as well as its shape and device)."""
 
-    class Float32Only(TritonBackend):
-        capabilities = Capabilities(devices=("cpu",), tensor_dtypes=(torch.float32,))
-
-        def unavailable_reason(self, device):
-            return None
-
-    with backends.using(Float32Only()):
+    with backends.using(_Stub(Capabilities(devices=("cpu",), tensor_dtypes=(torch.float32,)))):
         w = nn.Parameter(torch.randn(8, 4))
         opt = Scion([w], lr=0.1, norm="Sign", backend="triton")
         assert opt._route(0, opt.param_groups[0]).fallbacks == (None,)
@@ -175,13 +184,34 @@ def test_policy_per_architecture():
 
 
 def test_devices_below_the_floor_are_refused(monkeypatch):
-    """A GPU older than a backend's ``min_capability`` is refused when the group is built, with
-    the reason (here a CUDA device reported as compute capability 7.5)."""
+    """A GPU older than a backend's ``min_capability`` is refused, with the reason (here a
+    CUDA device reported as compute capability 7.5); one at the floor is not."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    cuda = torch.device("cuda", 0)
     for backend in (TritonBackend(), NativeBackend(module=object())):
-        why = backend.unavailable_reason(torch.device("cuda", 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        why = below_floor(backend, cuda)
         assert why is not None and "compute capability 8.0" in why, why
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert below_floor(backend, cuda) is None
+
+
+def test_devices_outside_the_declared_ones_are_refused():
+    """A device type a backend does not declare is refused when the group is built."""
+    with backends.using(_Stub(Capabilities(devices=("cuda",)))):
+        with pytest.raises(ValueError, match="run on cuda tensors .got a cpu tensor"):
+            Scion([nn.Parameter(torch.randn(4, 4))], backend="triton")
+
+
+def test_a_buffer_dtype_outside_the_declared_ones_falls_back():
+    """``buffer_dtype`` the kernels do not take (float64 buffers) is routed to the reference
+    when the group is built, not refused inside the kernel call."""
+    with backends.using(_Stub(Capabilities(devices=("*",)))):
+        w = nn.Parameter(torch.randn(8, 4))
+        opt = Scion([w], lr=0.1, momentum=0.5, norm="Sign", backend="triton",
+                    buffer_dtype=torch.float64)  # fmt: skip
+        route = opt._route(0, opt.param_groups[0])
+        assert route.fallbacks == ("triton does not take float64 buffers",)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

@@ -52,7 +52,7 @@ __all__ = [
     "spectral_class", "summary", "using",
 ]  # fmt: skip
 
-REFERENCE = register(Reference())
+register(Reference())
 register(TritonBackend())
 register(NativeBackend())
 
@@ -90,7 +90,7 @@ def choose(device: torch.device, kind: str) -> str:
     if device.type != "cuda":
         return "torch"
     name = TABLE.get(torch.cuda.get_device_name(device), {}).get(kind, "torch")
-    if name not in names() or get(name).unavailable_reason(device) is not None:
+    if name == "auto" or name not in names() or get(name).unavailable_reason(device) is not None:
         return "torch"
     return name
 
@@ -194,10 +194,11 @@ def route(group: dict[str, Any], where: str, norm: Norm | None = None) -> Route:
     fallbacks: list[str | None] = []
     polars: list[Callable[[Tensor], Tensor] | None] = []
     made: dict[tuple[str, int, torch.device], Callable[[Tensor], Tensor]] = {}
+    buffer_dtype = group.get("buffer_dtype")
     for p, backend in zip(params, chosen, strict=True):
-        why = backend.refusal(norm, p.shape, p.dtype, p.device)
+        why = backend.refusal(norm, p.shape, p.dtype, p.device, buffer_dtype)
         if why is not None:
-            why, backend = f"{backend.name} does not take {why}", REFERENCE
+            why, backend = f"{backend.name} does not take {why}", get("torch")
         backends.append(backend)
         fallbacks.append(why)
         picked = norm.pick(p.shape)
@@ -208,8 +209,6 @@ def route(group: dict[str, Any], where: str, norm: Norm | None = None) -> Route:
         if key not in made:
             made[key] = _polar(backend, picked, p.device)
         polars.append(made[key])
-    for backend in {b.name: b for b in backends}.values():
-        backend.load()
     options = copy.deepcopy(group["norm_kwargs"])  # in-place changes to them must not match
     shapes = tuple((p.shape, p.dtype, p.device) for p in params)
     picked_norms = tuple(norm.pick(p.shape) for p in params)

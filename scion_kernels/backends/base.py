@@ -1,11 +1,11 @@
-"""What a backend is: the :class:`Backend` protocol, its :class:`Capabilities` (data, read at
+"""What a backend is: the :class:`Backend` base class, its :class:`Capabilities` (data, read at
 construction), and the per-architecture policy lookup.
 
 A backend is an object. It says on which devices it runs (:meth:`Backend.unavailable_reason`),
 which parameters it takes (:meth:`Backend.refusal`, from its capabilities), and runs the three
 kernel entry points of the package's ops (:mod:`.ops`): ``ns_step_``, ``grouped_step_`` and
-``polar``. The plan (:mod:`.plan`) turns a param group's step into calls of those entry points,
-the same for every fused backend.
+``polar_`` (for the op ``scion_kernels::polar``). The plan (:mod:`.plan`) turns a param group's
+step into calls of those entry points, the same for every fused backend.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class Capabilities:
     """What a backend's kernels take, as data. A parameter outside it steps on the reference,
     decided when its route is built (:meth:`Backend.refusal`)."""
 
-    #: Device types the kernels run on (a CPU only where :meth:`Backend.unavailable_reason`
-    #: allows it: Triton's interpreter, the native module's host emulation).
+    #: Device types the kernels run on (``"*"``: any). A route refuses other devices with
+    #: the backend's :meth:`Backend.unavailable_reason`, which also says when a listed device
+    #: cannot run them here (no Triton, no built module, an older GPU).
     devices: tuple[str, ...]
     #: Norm names (after ``Auto`` picks) whose whole step the kernels run.
     norms: tuple[str, ...] = (*SPECTRAL_NORMS, *GROUPED_NORMS)
@@ -113,8 +114,14 @@ class Backend:
         return f"<backend {self.name!r}>"
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        """Why the kernels cannot run on ``device``, or ``None`` if they can."""
-        raise NotImplementedError
+        """Why the kernels cannot run on ``device``, or ``None`` if they can: here, a device
+        type outside the declared ``devices``; subclasses add what else they need (calling
+        this first)."""
+        devices = self.capabilities.devices
+        if "*" in devices or device.type in devices:
+            return None
+        return (f"the {self.name} kernels run on {' and '.join(devices)} tensors (got a "
+                f"{device.type} tensor)")  # fmt: skip
 
     def compute_dtype(self, norm: Spectral, device: torch.device) -> torch.dtype:
         """The Newton–Schulz operand dtype for ``norm`` on ``device``: ``ns_dtype`` if given,
@@ -122,16 +129,24 @@ class Backend:
         return norm.ns_dtype or self.capabilities.compute_dtypes[0]
 
     def refusal(
-        self, norm: Norm, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+        self,
+        norm: Norm,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        buffer_dtype: torch.dtype | None = None,
     ) -> str | None:
-        """Why the kernels do not take a parameter of ``shape`` and ``dtype`` on ``device``
-        under ``norm`` (``Auto`` is resolved first), or ``None`` if they do. Reads the
-        capabilities and the norm's layout only, never data."""
+        """What the kernels do not take about a parameter of ``shape`` and ``dtype`` on
+        ``device`` under ``norm`` (``Auto`` is resolved first), with its averaging buffer in
+        ``buffer_dtype`` (``None``: the gradient's), as a phrase that follows "does not take",
+        or ``None`` if they take it. Reads the capabilities and the norm's layout only, never
+        data. (Whether the kernels run on ``device`` at all is :meth:`unavailable_reason`.)"""
         caps, picked = self.capabilities, norm.pick(shape)
         if picked.name not in caps.norms:
-            return f"{picked.name} is not among its norms"
-        if dtype not in caps.tensor_dtypes:
-            return f"{str(dtype).removeprefix('torch.')} parameters"
+            return f"the {picked.name} norm"
+        for what, t in (("parameters", dtype), ("buffers", buffer_dtype)):
+            if t is not None and t not in caps.tensor_dtypes:
+                return f"{str(t).removeprefix('torch.')} {what}"
         if isinstance(picked, Spectral):
             if picked.polar != "newton_schulz":
                 return f"polar={picked.polar!r}"
@@ -141,20 +156,22 @@ class Backend:
             if caps.max_steps is not None and len(picked.table) > caps.max_steps:
                 return f"{len(picked.table)} Newton–Schulz steps (at most {caps.max_steps})"
             if not picked.plain_reshape():
-                return "its matrices are not a reshape of the parameter"
+                return "matrices that are not a reshape of the parameter (split blocks)"
             return None
         if picked.group_spec(shape) is None:
-            return "its groups are not a reshape of the parameter"
+            return "groups that are not a reshape of the parameter"
         return None
 
     def takes(
-        self, norm: Norm, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+        self,
+        norm: Norm,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        buffer_dtype: torch.dtype | None = None,
     ) -> bool:
         """Whether the kernels take such a parameter (:meth:`refusal` is ``None``)."""
-        return self.refusal(norm, shape, dtype, device) is None
-
-    def load(self) -> None:
-        """Import the kernels (once; nothing is imported before a route needs them)."""
+        return self.refusal(norm, shape, dtype, device, buffer_dtype) is None
 
     # The kernels behind the package's ops (arguments: :class:`.ops.NSStep`,
     # :class:`.ops.GroupedStep`); called by the plan in eager mode and by the ops while

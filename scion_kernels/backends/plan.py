@@ -1,14 +1,14 @@
 """The plan of a fused step: one op call per bucket of a group's parameters, the same for every
 fused backend.
 
-The route (:func:`scion_kernels.backends.route`) has already asked the backend which
-parameters it takes (:meth:`~.base.Backend.refusal`: norm, dtype, steps, layout). Here, at
-step time, a taken parameter whose parameter, gradient and buffer cannot all be seen as its
-matrices without a copy (a transposed view, a non-contiguous gradient) is left for the
-reference path. Taken Spectral parameters are bucketed by oriented shape, dtypes and
-coefficient set, one ``scion_kernels::ns_step_`` call per bucket; the grouped ones (Sign,
-ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.group_spec`) by kind and
-dtypes, one ``scion_kernels::grouped_step_`` call each (:mod:`.ops`).
+The route (:func:`scion_kernels.backends.route`) has already asked the backend which parameters
+it takes (:meth:`~.base.Backend.refusal`: norm, dtypes, steps, layout). Here, at step time, a
+taken parameter whose parameter, gradient and buffer cannot all be seen as its matrices without
+a copy (a transposed view, a non-contiguous gradient), or whose gradient has a dtype the kernels
+do not take, is left for the reference path. Taken Spectral parameters are bucketed by oriented
+shape, dtypes and coefficient set, one ``scion_kernels::ns_step_`` call per bucket; the grouped
+ones (Sign, ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.group_spec`) by
+kind and dtypes, one ``scion_kernels::grouped_step_`` call each (:mod:`.ops`).
 
 It looks only at shapes, strides, dtypes and norms (never at data or addresses), so
 ``torch.compile(fullgraph=True)`` traces it into those op calls.
@@ -85,7 +85,8 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
         shape = norm.matrix_shape(p.shape)
         tensors = (p, g) if d is None else (p, g, d)
         views = all(view_strides(t.shape, t.stride(), shape) is not None for t in tensors)
-        if not views or not all(writable(t) for t in tensors if t is not g):
+        typed = all(t.dtype in backend.capabilities.tensor_dtypes for t in tensors)
+        if not views or not typed or not all(writable(t) for t in tensors if t is not g):
             left.append(i)
             continue
         m, n, tall = orient(*shape[1:])
@@ -137,7 +138,9 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
             t.stride() == p.stride() or view_strides(t.shape, t.stride(), shape) == strides
             for t in (g, d)
         )
-        if strides is None or not same or not writable(p):  # same strides: d is writable too
+        typed = all(t.dtype in backend.capabilities.tensor_dtypes for t in (p, g, d))
+        # Same strides as p: d is writable too.
+        if strides is None or not same or not typed or not writable(p):
             left.append(i)
             continue
         key = (p.device, spec.sign, spec.whole, p.dtype, g.dtype, d.dtype)

@@ -7,6 +7,7 @@ Nothing here imports the native module: it is imported the first time a route ne
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -44,7 +45,8 @@ class NativeBackend(Backend):
     (``kMaxSteps``, ``csrc/ns_plan.cuh``).
 
     ``module``: the native module to run (default: the built ``scion_kernels._C``; the test
-    suite passes its host emulation, which also runs on CPU tensors). ``policies``: the launch
+    suite passes its host emulation, which also runs on CPU tensors, so its ``devices`` then
+    include ``"cpu"``). ``policies``: the launch
     policy per architecture (default :data:`POLICIES`).
     """
 
@@ -58,6 +60,8 @@ class NativeBackend(Backend):
     ) -> None:
         self._module = module
         self.policies = POLICIES if policies is None else policies
+        if getattr(module, "EMULATED", False):  # the host emulation runs on CPU tensors
+            self.capabilities = dataclasses.replace(self.capabilities, devices=("cuda", "cpu"))
 
     @property
     def module(self) -> ModuleType | None:
@@ -76,7 +80,11 @@ class NativeBackend(Backend):
     def unavailable_reason(self, device: torch.device) -> str | None:
         from .native import unavailable_reason
 
-        return unavailable_reason(device, self.module) or below_floor(self, device)
+        return (
+            super().unavailable_reason(device)
+            or unavailable_reason(device, self.module)
+            or below_floor(self, device)
+        )
 
     def ns_step_(self, *args: Any) -> None:
         from .native import ns_step_

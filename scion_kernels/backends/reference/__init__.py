@@ -26,15 +26,17 @@ class Reference(Backend):
     )
     fused = False
 
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        return None
-
     def compute_dtype(self, norm: Spectral, device: torch.device) -> torch.dtype:
         """``ns_dtype``, or the device's default (bf16, or float32 on a CPU without bf16
         matrix instructions: :meth:`Spectral.compute_dtype`)."""
         return norm.compute_dtype(device)
 
     def refusal(
-        self, norm: Norm, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+        self,
+        norm: Norm,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        buffer_dtype: torch.dtype | None = None,
     ) -> str | None:
         return None

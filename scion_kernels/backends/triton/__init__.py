@@ -1,18 +1,19 @@
 """The Triton backend (``backend="triton"``): its capabilities, its policy per GPU architecture,
 and the object that runs its kernels (:mod:`.newton_schulz`, :mod:`.grouped`).
 
-Nothing here imports Triton: the kernels are imported the first time a route needs them.
-Without Triton the package still works on the reference path, and :func:`available` says why
-the kernels cannot run. On CPU tensors the kernels run only under Triton's interpreter
+Nothing here imports Triton: the kernels are imported the first time a step runs them.
+Without Triton the package still works on the reference path, and :func:`unavailable_reason`
+says why the kernels cannot run. On CPU tensors the kernels run only under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the test suite checks them without a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,10 +63,11 @@ class Policy:
     grouped_rows: tuple[int, int] = (8, 4)
     grouped_chunk: tuple[int, int] = (256, 1024)
     #: Time the candidate tiles the first time a bucket shape is seen and keep the fastest
-    #: (``SCION_KERNELS_AUTOTUNE=1``). Off by default: tile shapes change the order of the
-    #: sums, and a choice made by timing can differ between runs and between the ranks of a
-    #: distributed job, whose parameters would then drift apart bit by bit.
-    autotune: bool = field(default_factory=lambda: os.environ.get("SCION_KERNELS_AUTOTUNE") == "1")
+    #: (``None``: when ``SCION_KERNELS_AUTOTUNE=1`` is set at that time). Off by default:
+    #: tile shapes change the order of the sums, and a choice made by timing can differ
+    #: between runs and between the ranks of a distributed job, whose parameters would then
+    #: drift apart bit by bit.
+    autotune: bool | None = None
     #: Fill every work buffer with NaN before the kernels write it (tests: proves every
     #: element is written).
     poison: bool = False
@@ -139,10 +141,10 @@ class TritonBackend(Backend):
 
     def with_policy(self, **changes: Any) -> TritonBackend:
         """This backend with ``changes`` made to every policy (e.g. ``small_limit=0``)."""
-        return TritonBackend(
-            {arch: dataclasses.replace(p, **changes) for arch, p in self.policies.items()},
-            dataclasses.replace(self.interpreter, **changes),
-        )
+        other = copy.copy(self)
+        other.policies = {a: dataclasses.replace(p, **changes) for a, p in self.policies.items()}
+        other.interpreter = dataclasses.replace(self.interpreter, **changes)
+        return other
 
     def policy(self, device: torch.device) -> Policy:
         """The launch policy on ``device``."""
@@ -150,10 +152,11 @@ class TritonBackend(Backend):
         return self.interpreter if arch is None else for_arch(self.policies, arch)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        return unavailable_reason(device) or below_floor(self, device)
-
-    def load(self) -> None:
-        from . import grouped, newton_schulz  # noqa: F401
+        return (
+            super().unavailable_reason(device)
+            or unavailable_reason(device)
+            or below_floor(self, device)
+        )
 
     def ns_step_(self, *args: Any) -> None:
         from .newton_schulz import ns_step_

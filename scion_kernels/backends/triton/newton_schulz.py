@@ -61,7 +61,7 @@ from ..base import HALF
 from ..ops import NSStep
 from ..tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
 from . import Policy, on_device
-from .tuning import NSBucket, config, tuned
+from .tuning import NSBucket, autotuning, config, tuned
 
 __all__ = ["NSBucket", "newton_schulz_bucket", "ns_step_", "polar", "polar_"]
 
@@ -544,7 +544,7 @@ def newton_schulz_bucket(
     def time_apply(cfg):
         apply(x, y, 1.0, cfg)
 
-    if bucket.policy.autotune and not all(
+    if autotuning(bucket) and not all(
         tuned(bucket, k, i) for k, i in (("syrk", n), ("syrk", m), ("apply", n))
     ):
         a_mat.zero_()  # the timing runs read them before any step has written them

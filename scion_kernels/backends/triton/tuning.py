@@ -4,6 +4,7 @@ fastest candidate timed once per bucket shape and device."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..tables import next_power_of_2
 from . import Policy, TritonBackend, interpreting
 
-__all__ = ["TUNED", "NSBucket", "config", "default_config", "tuned"]
+__all__ = ["TUNED", "NSBucket", "autotuning", "config", "default_config", "tuned"]
 
 #: The configuration chosen per (kernel, m, k or n, batch, dtype, device name).
 TUNED: dict[tuple, dict] = {}
@@ -70,12 +71,20 @@ def config(bucket: NSBucket, kernel: str, inner: int, launch: Callable[[dict], N
     default, or with the policy's ``autotune`` the fastest candidate, timed once per shape by
     running ``launch(config)`` (which must write scratch buffers only)."""
     candidates = _bucket_candidates(bucket, kernel)
-    if not bucket.policy.autotune or len(candidates) == 1:
+    if not autotuning(bucket) or len(candidates) == 1:
         return candidates[0]
     key = _tuning_key(bucket, kernel, inner)
     if key not in TUNED:
         TUNED[key] = _fastest(candidates, launch)
     return TUNED[key]
+
+
+def autotuning(bucket: NSBucket) -> bool:
+    """Whether this bucket's tiles are timed: the policy's ``autotune``, or where it is
+    ``None``, ``SCION_KERNELS_AUTOTUNE=1`` in the environment now."""
+    if bucket.policy.autotune is not None:
+        return bucket.policy.autotune
+    return os.environ.get("SCION_KERNELS_AUTOTUNE") == "1"
 
 
 def tuned(bucket: NSBucket, kernel: str, inner: int) -> bool:
