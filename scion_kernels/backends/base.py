@@ -60,8 +60,12 @@ class Capabilities:
     #: the backend's :meth:`Backend.unavailable_reason`, which also says when a listed device
     #: cannot run them here (no Triton, no built module, an older GPU).
     devices: tuple[str, ...]
-    #: Norm names (after ``Auto`` picks) whose whole step the kernels run.
+    #: Norm names (after ``Auto`` picks) whose whole step the kernels run (``"*"``: any).
     norms: tuple[str, ...] = (*SPECTRAL_NORMS, *GROUPED_NORMS)
+    #: Spectral ``polar`` options the kernels run.
+    polars: tuple[str, ...] = ("newton_schulz",)
+    #: Only matrices (and groups) that are a reshape of the parameter: not ``split`` blocks.
+    reshapes_only: bool = True
     #: Dtypes of the parameter, its gradient and its buffer.
     tensor_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     #: Newton–Schulz operand dtypes, the default (``ns_dtype=None``) first.
@@ -142,36 +146,30 @@ class Backend:
         or ``None`` if they take it. Reads the capabilities and the norm's layout only, never
         data. (Whether the kernels run on ``device`` at all is :meth:`unavailable_reason`.)"""
         caps, picked = self.capabilities, norm.pick(shape)
-        if picked.name not in caps.norms:
+        if "*" not in caps.norms and picked.name not in caps.norms:
             return f"the {picked.name} norm"
         for what, t in (("parameters", dtype), ("buffers", buffer_dtype)):
             if t is not None and t not in caps.tensor_dtypes:
                 return f"{str(t).removeprefix('torch.')} {what}"
         if isinstance(picked, Spectral):
-            if picked.polar != "newton_schulz":
+            if picked.polar not in caps.polars:
                 return f"polar={picked.polar!r}"
             compute = self.compute_dtype(picked, device)
             if compute not in caps.compute_dtypes:
                 return f"ns_dtype={str(compute).removeprefix('torch.')}"
             if caps.max_steps is not None and len(picked.table) > caps.max_steps:
                 return f"{len(picked.table)} Newton–Schulz steps (at most {caps.max_steps})"
-            if not picked.plain_reshape():
+            if caps.reshapes_only and not picked.plain_reshape():
                 return "matrices that are not a reshape of the parameter (split blocks)"
             return None
-        if picked.group_spec(shape) is None:
+        if caps.reshapes_only and picked.group_spec(shape) is None:
             return "groups that are not a reshape of the parameter"
         return None
 
-    def takes(
-        self,
-        norm: Norm,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
-        buffer_dtype: torch.dtype | None = None,
-    ) -> bool:
-        """Whether the kernels take such a parameter (:meth:`refusal` is ``None``)."""
-        return self.refusal(norm, shape, dtype, device, buffer_dtype) is None
+    def takes(self, *args: Any, **kwargs: Any) -> bool:
+        """Whether the kernels take such a parameter: :meth:`refusal`'s arguments, and it
+        returns ``None``."""
+        return self.refusal(*args, **kwargs) is None
 
     # The kernels behind the package's ops (arguments: :class:`.ops.NSStep`,
     # :class:`.ops.GroupedStep`); called by the plan in eager mode and by the ops while

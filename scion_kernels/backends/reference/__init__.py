@@ -5,11 +5,9 @@ this object only answers the questions a route asks."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from ...norms import Norm, Spectral
+from ...norms import Spectral
 from ..base import Backend, Capabilities
 
 __all__ = ["Reference"]
@@ -21,8 +19,11 @@ class Reference(Backend):
     name = "torch"
     capabilities = Capabilities(
         devices=("*",),
+        norms=("*",),
         tensor_dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
         compute_dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
+        polars=("newton_schulz", "svd"),
+        reshapes_only=False,
     )
     fused = False
 
@@ -30,13 +31,3 @@ class Reference(Backend):
         """``ns_dtype``, or the device's default (bf16, or float32 on a CPU without bf16
         matrix instructions: :meth:`Spectral.compute_dtype`)."""
         return norm.compute_dtype(device)
-
-    def refusal(
-        self,
-        norm: Norm,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
-        buffer_dtype: torch.dtype | None = None,
-    ) -> str | None:
-        return None
