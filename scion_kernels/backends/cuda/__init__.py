@@ -2,7 +2,8 @@
 ``csrc/``): its capabilities, the architectures it is compiled for, its policy per
 architecture, and the object that runs its kernels (:mod:`.native`).
 
-Nothing here imports the native module: it is imported the first time a route needs it.
+Nothing here imports the native module: it is imported the first time a route or a step
+asks for it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class NativeBackend(Backend):
 
     ``module``: the native module to run (default: the built ``scion_kernels._C``; the test
     suite passes its host emulation, which also runs on CPU tensors, so its ``devices`` then
-    include ``"cpu"``). ``policies``: the launch
-    policy per architecture (default :data:`POLICIES`).
+    include ``"cpu"``). ``policies``: the launch policy per architecture (default
+    :data:`POLICIES`).
     """
 
     name = "cuda"
@@ -82,7 +83,7 @@ class NativeBackend(Backend):
 
         return (
             super().unavailable_reason(device)
-            or unavailable_reason(device, self.module)
+            or unavailable_reason(self.module)
             or below_floor(self, device)
         )
 

@@ -63,16 +63,15 @@ def native_import_error() -> str | None:
     return _native_error
 
 
-def unavailable_reason(device: torch.device, module: ModuleType | None) -> str | None:
-    """Why the native kernels of ``module`` (``None``: not built) cannot run on ``device``, or
-    ``None``."""
+def unavailable_reason(module: ModuleType | None) -> str | None:
+    """Why the native kernels cannot run at all (``module`` ``None``: not built), or ``None``.
+    Which devices they take is the backend's ``devices``
+    (:class:`~scion_kernels.backends.cuda.NativeBackend`)."""
     if module is None:
         return (
             f"the native module scion_kernels._C is not available ({_native_error}); it is "
             "built at install time on a machine with a CUDA toolchain"
         )
-    if not _runs_on(device, module):
-        return f"the native kernels run on CUDA tensors (got a {device.type} tensor)"
     return None
 
 
