@@ -8,7 +8,8 @@ Newton–Schulz steps:
 
 - ours: ``Scion(norm="Spectral", backend="torch")`` (constrained), Newton–Schulz in the dtype
   chosen for the CPU (bf16 with bf16 matrix instructions, else float32; ``--ns-dtype bf16``
-  forces bf16);
+  forces bf16; ``--gram`` adds a column for ours with ``polar="gram"``, the Gram iteration on
+  the wide matrices);
 - ``pytorch_optimizer.SCION`` with ``LMONorm.SPECTRAL`` (constrained), bf16: a loop over
   parameters;
 - ``torch.optim.Muon``, bf16: a loop over parameters.
@@ -51,24 +52,21 @@ def hidden_matrices(seed: int = 0) -> list[nn.Parameter]:
     return mats
 
 
-def optimizers(ns_dtype: torch.dtype | None) -> dict[str, torch.optim.Optimizer]:
+def ours(ns_dtype: torch.dtype | None, polar: str = "newton_schulz") -> Scion:
+    """Our reference step on the hidden matrices, Spectral with ``polar``."""
+    group = {"params": hidden_matrices(), "norm": "Spectral", "scale": RADIUS,
+             "norm_kwargs": {"ns_dtype": ns_dtype, "polar": polar}}  # fmt: skip
+    return Scion([group], lr=LR, momentum=MOMENTUM, backend="torch")
+
+
+def optimizers(
+    ns_dtype: torch.dtype | None, gram: bool = False
+) -> dict[str, torch.optim.Optimizer]:
     """Each optimizer on its own copy of the matrices (a peer that cannot be imported is left
     out, saying why)."""
-    out: dict[str, torch.optim.Optimizer] = {
-        "ours": Scion(
-            [
-                {
-                    "params": hidden_matrices(),
-                    "norm": "Spectral",
-                    "scale": RADIUS,
-                    "norm_kwargs": {"ns_dtype": ns_dtype},
-                }
-            ],
-            lr=LR,
-            momentum=MOMENTUM,
-            backend="torch",
-        ),  # fmt: skip
-    }
+    out: dict[str, torch.optim.Optimizer] = {"ours": ours(ns_dtype)}
+    if gram:
+        out['ours, polar="gram"'] = ours(ns_dtype, "gram")
     try:
         from pytorch_optimizer import SCION
         from pytorch_optimizer.optimizer.scion import LMONorm
@@ -131,20 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--ns-dtype", choices=("auto", "bf16"), default="auto")
+    parser.add_argument("--gram", action="store_true", help='also ours with polar="gram"')
     args = parser.parse_args(argv)
-    opts = optimizers(torch.bfloat16 if args.ns_dtype == "bf16" else None)
+    opts = optimizers(torch.bfloat16 if args.ns_dtype == "bf16" else None, args.gram)
     with torch.no_grad():
         times, dropped = interleaved({k: o.step for k, o in opts.items()}, args.rounds)
-    ours = statistics.median(times["ours"])
+    ours_ms = statistics.median(times["ours"])
     dtype = default_compute_dtype("cpu") if args.ns_dtype == "auto" else torch.bfloat16
     print(f"{describe_device('cpu')}; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; ours in {str(dtype).removeprefix('torch.')}; {len(times['ours'])} rounds "
           f"kept, {dropped} dropped (other processes busy)\n")  # fmt: skip
-    print("| step of the 16 matrices | median ms | min ms | ours / it (medians) |")
-    print("| --- | --- | --- | --- |")
+    print("| step of the 16 matrices | median ms | min ms | ours / it (medians) |", end="")
+    print(" ours with gram / it |" if args.gram else "")
+    print("| --- | --- | --- | --- |" + (" --- |" if args.gram else ""))
+    gram = statistics.median(times['ours, polar="gram"']) if args.gram else None
     for name, ts in times.items():
         median = statistics.median(ts)
-        print(f"| {name} | {median:.1f} | {min(ts):.1f} | {ours / median:.2f} |")
+        print(f"| {name} | {median:.1f} | {min(ts):.1f} | {ours_ms / median:.2f} |", end="")
+        print(f" {gram / median:.2f} |" if gram is not None else "")
     return 0
 
 

@@ -162,6 +162,26 @@ def test_spectral_passes_newton_schulz_options():
     assert torch.allclose(custom, want, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=["f64", "bf16"])
+def test_spectral_polar_gram(dtype):
+    """``polar="gram"``: matrices at least twice as wide (or tall) as the other way take the
+    Gram form of Newton–Schulz, squarer ones the plain iteration, bit for bit as
+    :func:`newton_schulz` with ``gram=True`` computes them; batches, conv kernels and tall and
+    wide matrices sharing a stack included."""
+    norm = Spectral(polar="gram", ns_dtype=dtype)
+    gs = [torch.randn(16, 48), torch.randn(48, 16), torch.randn(16, 24), torch.randn(20, 20)]
+    for g, out in zip(gs, norm.lmo_many(gs), strict=True):
+        want = newton_schulz(g, dtype=dtype, gram=True).to(out.dtype)
+        assert torch.equal(out, want * math.sqrt(g.shape[0] / g.shape[1]))
+    plain = Spectral(ns_dtype=dtype)
+    assert torch.equal(norm.lmo(gs[2]), plain.lmo(gs[2]))
+    assert not torch.equal(norm.lmo(gs[0]), plain.lmo(gs[0]))
+    conv = torch.randn(8, 4, 3, 3)  # flattened 8×36
+    got = SpectralConv(polar="gram", ns_dtype=dtype).lmo(conv)
+    want = newton_schulz(conv.reshape(8, -1), dtype=dtype, gram=True).to(got.dtype)
+    assert torch.equal(got, want.reshape(conv.shape) * (math.sqrt(8 / 4) / 9))
+
+
 # ---------------------------------------------------------------------------------------------
 # SpectralConv
 # ---------------------------------------------------------------------------------------------

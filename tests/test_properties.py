@@ -23,6 +23,7 @@ EPS = 1e-8
 NORMS = {
     "spectral-svd": Spectral(polar="svd"),
     "spectral-ns64-pe": Spectral(ns_dtype=F64, coefficients="polar_express"),
+    "spectral-gram64-pe": Spectral(ns_dtype=F64, coefficients="polar_express", polar="gram"),
     "sign": Sign(),
     "sign-unnormalized": Sign(normalized=False),
     "colnorm": ColNorm(),
@@ -31,6 +32,8 @@ NORMS = {
     "rownorm-unnormalized": RowNorm(normalized=False),
     "biasrms": BiasRMS(),
 }
+# Newton–Schulz in float64 with the Polar Express coefficients, plain and in the Gram form.
+NS64 = {"spectral-ns64-pe", "spectral-gram64-pe"}
 EPS_NORMS = {"colnorm", "colnorm-normalized", "rownorm", "rownorm-unnormalized", "biasrms"}
 
 PROPERTY_SETTINGS = settings(
@@ -71,7 +74,7 @@ def dual_norm(name: str, g: torch.Tensor) -> float:
     d_out, d_in = g.shape
     if name == "spectral-svd":
         return math.sqrt(d_out / d_in) * torch.linalg.svdvals(g).sum().item()
-    if name == "spectral-ns64-pe":
+    if name in NS64:
         # s·Σ σ_i·p(σ_i/‖g‖_F): the polynomial stands in for the exact polar factor's 1.
         sv = torch.linalg.svdvals(g)
         p = sv / torch.linalg.vector_norm(sv)
@@ -161,7 +164,7 @@ def test_lmo_norm_equals_radius(name, m, n, seed, log_mag):
     s = math.sqrt(d_out / d_in)
     if name == "spectral-svd":
         assert torch.linalg.matrix_norm(out, ord=2).item() == pytest.approx(s, rel=1e-12)
-    elif name == "spectral-ns64-pe":
+    elif name in NS64:
         # Newton–Schulz lands the largest singular value in s·[0.8588, 1.1412].
         top = torch.linalg.matrix_norm(out, ord=2).item() / s
         assert 0.8588 <= top <= 1.1412
@@ -176,12 +179,12 @@ def test_lmo_norm_equals_radius(name, m, n, seed, log_mag):
         assert torch.allclose(got, div / (div + EPS), rtol=1e-10, atol=0)
 
 
-@given(m=dims, n=dims, seed=seeds, log_mag=log_magnitudes)
+@given(name=st.sampled_from(sorted(NS64)), m=dims, n=dims, seed=seeds, log_mag=log_magnitudes)
 @PROPERTY_SETTINGS
-def test_polar_express_float64_singular_value_range(m, n, seed, log_mag):
+def test_polar_express_float64_singular_value_range(name, m, n, seed, log_mag):
     g = gaussian(m, n, seed, log_mag)
     sv = torch.linalg.svdvals(g)
     assume((sv.min() / torch.linalg.vector_norm(sv)).item() >= 1e-3)
-    out = NORMS["spectral-ns64-pe"].lmo(g) / math.sqrt(m / n)
+    out = NORMS[name].lmo(g) / math.sqrt(m / n)
     out_sv = torch.linalg.svdvals(out)
     assert 0.855 <= out_sv.min().item() and out_sv.max().item() <= 1.145

@@ -58,7 +58,8 @@ def _limits(backend: Backend) -> list[tuple[str, dict, tuple[int, ...], torch.dt
         for steps in (caps.max_steps, caps.max_steps + 1):
             cases.append(("Spectral", {"steps": steps}, (6, 4), torch.float32,
                           steps <= caps.max_steps))  # fmt: skip
-    cases.append(("Spectral", {"polar": "svd"}, (6, 4), torch.float32, False))
+    for polar in ("svd", "gram"):
+        cases.append(("Spectral", {"polar": polar}, (12, 4), torch.float32, polar in caps.polars))
     cases.append(("Spectral", {"split": (2, 4)}, (6, 4), torch.float32, False))
     for norm in ("Sign", "ColNorm", "BiasRMS"):
         shape = (6,) if norm == "BiasRMS" else (6, 4)

@@ -138,8 +138,9 @@ class Route:
 
     def newton_schulz(self, i: int) -> str:
         """How parameter ``i`` is orthogonalized: the Newton–Schulz compute dtype its backend
-        uses (``"bfloat16 (auto)"`` when chosen, not given), ``"svd (float64)"``, or ``""``
-        for norms that do not orthogonalize."""
+        uses (``"bfloat16 (auto)"`` when chosen, not given; ``", gram"`` added for
+        ``polar="gram"``), ``"svd (float64)"``, or ``""`` for norms that do not
+        orthogonalize."""
         picked = self.norms[i]
         if not isinstance(picked, Spectral):
             return ""
@@ -147,7 +148,8 @@ class Route:
             return "svd (float64)"
         dtype = self.backends[i].compute_dtype(picked, self.shapes[i][2])
         name = str(dtype).removeprefix("torch.")
-        return f"{name} (auto)" if picked.ns_dtype is None else name
+        name = f"{name} (auto)" if picked.ns_dtype is None else name
+        return f"{name}, gram" if picked.polar == "gram" else name
 
     def describe(self, i: int) -> str:
         """What steps parameter ``i``: a backend's name, with the reason where it fell back."""

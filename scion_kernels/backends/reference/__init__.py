@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ...norms import Spectral
+from ...norms import POLARS, Spectral
 from ..base import Backend, Capabilities
 
 __all__ = ["Reference"]
@@ -22,7 +22,7 @@ class Reference(Backend):
         norms=("*",),
         tensor_dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
         compute_dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
-        polars=("newton_schulz", "svd"),
+        polars=POLARS,
         reshapes_only=False,
     )
     fused = False
