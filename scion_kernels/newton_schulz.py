@@ -280,10 +280,29 @@ GRAM_MIN_ASPECT = 2
 GRAM_RESTART_EVERY = 2
 
 
-def uses_gram(m: int, n: int) -> bool:
+#: The Gram form runs only where ``eps·(|b| + |c|)`` stays below this at every step (``eps`` of
+#: the compute dtype): ``P = a·I + b·R + c·R²`` is rounded after its terms cancel, and ``Q``
+#: carries that error into the result. bf16 admits ``|b| + |c| ≤ 8`` (classic: 6.8), fp16 64;
+#: Polar Express's first step (38.4) diverged in bf16 on a 7×129 matrix (bench/NOTES.md).
+GRAM_MAX_ROUNDING = 1 / 16
+
+
+def uses_gram(m: int, n: int, table: Sequence[Triple], dtype: torch.dtype) -> bool:
     """Whether ``polar="gram"`` iterates a wide ``m×n`` matrix (``m ≤ n``) on its Gram matrix:
-    when ``n ≥ GRAM_MIN_ASPECT·m``; squarer matrices take the plain iteration."""
-    return n >= GRAM_MIN_ASPECT * m
+    when ``n ≥ GRAM_MIN_ASPECT·m`` and :func:`gram_refusal` has no objection; otherwise it takes
+    the plain iteration."""
+    return n >= GRAM_MIN_ASPECT * m and gram_refusal(table, dtype) is None
+
+
+def gram_refusal(table: Sequence[Triple], dtype: torch.dtype) -> str | None:
+    """Why the Gram form does not run the steps ``table`` in ``dtype`` (a phrase), or ``None``
+    where it does: it needs ``eps·(|b| + |c|) ≤ GRAM_MAX_ROUNDING`` at every step."""
+    eps = torch.finfo(dtype).eps
+    worst = max(abs(b) + abs(c) for _, b, c in table)
+    if eps * worst <= GRAM_MAX_ROUNDING:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return f"|b| + |c| reaches {worst:.3g}, over {GRAM_MAX_ROUNDING / eps:.3g} in {name}"
 
 
 def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
@@ -364,7 +383,9 @@ def newton_schulz(
 
     ``gram=True`` computes the same steps on the Gram matrix (:func:`gram_iterate`) for
     matrices with ``n ≥ 2m`` (:func:`uses_gram`), in fewer flops and with a larger error
-    against float64 Newton–Schulz; squarer matrices take the plain iteration.
+    against float64 Newton–Schulz; squarer matrices, and coefficients whose terms cancel too
+    much for ``dtype`` (:func:`gram_refusal`: Polar Express in bf16), take the plain
+    iteration.
     """
     check_matrices(G, "newton_schulz")
     if dtype is None:
@@ -379,7 +400,7 @@ def newton_schulz(
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     if X.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    steps_of = gram_iterate if gram and uses_gram(m, n) else iterate
+    steps_of = gram_iterate if gram and uses_gram(m, n, table, dtype) else iterate
     X = steps_of(normalized_stack([X.reshape(-1, m, n)], dtype), table)
     X = X.reshape(*batch_shape, m, n)
     return X.mT if tall else X

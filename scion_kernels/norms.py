@@ -397,7 +397,9 @@ class Spectral(_MatrixNorm):
         polar: ``"newton_schulz"`` (default); ``"gram"``: the same steps computed on the Gram
             matrix for matrices at least twice as wide as tall (either way round), in fewer
             flops and with a larger rounding error
-            (:func:`~scion_kernels.newton_schulz.gram_iterate`); or ``"svd"``: the exact
+            (:func:`~scion_kernels.newton_schulz.gram_iterate`; not with coefficients whose
+            terms cancel too much for the compute dtype, e.g. Polar Express in bf16:
+            :func:`~scion_kernels.newton_schulz.gram_refusal`); or ``"svd"``: the exact
             ``U·Vᵀ`` in float64, for validation (slow).
         batch_dims: leading dims that index independent matrices, e.g. ``1`` for stacked expert
             weights ``(E, d_out, d_in)``: each matrix is orthogonalized and scaled on its own.
@@ -494,7 +496,7 @@ class Spectral(_MatrixNorm):
         if self.polar == "svd":
             return polar_svd(_cat(mats))
         dtype = self.compute_dtype(mats[0].device)
-        gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:])
+        gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:], self.table, dtype)
         return (gram_iterate if gram else iterate)(normalized_stack(mats, dtype), self.table)
 
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:

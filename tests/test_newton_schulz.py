@@ -625,7 +625,7 @@ def test_gram_is_the_same_iteration_in_float64(shape, name, steps):
     plain = newton_schulz(G, name, steps=steps, dtype=F64)
     gram = newton_schulz(G, name, steps=steps, dtype=F64, gram=True)
     assert gram.shape == G.shape and gram.dtype == F64
-    if uses_gram(*orient(*shape[-2:])[:2]):
+    if uses_gram(*orient(*shape[-2:])[:2], resolve_coefficients(name, steps), F64):
         assert rel_fro(gram, plain) < 1e-10
     else:
         assert torch.equal(gram, plain)
@@ -675,3 +675,24 @@ def test_gram_zero_and_non_finite(shape, dtype):
     G = torch.randn(shape)
     G[..., 0, 0] = float("nan")
     assert not newton_schulz(G, dtype=dtype, gram=True).isfinite().all()
+
+
+def test_gram_refuses_coefficients_that_cancel_too_much_for_the_dtype():
+    """Polar Express's first step (|b| + |c| = 38.4) in bf16 takes the plain iteration, bit for
+    bit (in the Gram form it diverged on a 7×129 matrix); in fp16 it takes the Gram form, whose
+    result is the composed polynomial of the singular values to within a few hundredths."""
+    from scion_kernels.newton_schulz import gram_refusal
+
+    table = resolve_coefficients("polar_express")
+    assert "38.4" in gram_refusal(table, torch.bfloat16)
+    assert gram_refusal(table, torch.float16) is None
+    assert gram_refusal(resolve_coefficients("classic"), torch.bfloat16) is None
+    G = conditioned((7, 129), 1e3)
+    plain = newton_schulz(G, "polar_express", dtype=torch.bfloat16)
+    assert torch.equal(newton_schulz(G, "polar_express", dtype=torch.bfloat16, gram=True), plain)
+    U, sn, Vh = normalized_svd(G)
+    want = compose(sn, "polar_express")
+    gram = newton_schulz(G, "polar_express", dtype=torch.float16, gram=True)
+    assert not torch.equal(gram, newton_schulz(G, "polar_express", dtype=torch.float16))
+    got = torch.diagonal(U.mT @ gram.to(F64) @ Vh.mT)
+    assert (got - want).abs().max().item() < 0.1

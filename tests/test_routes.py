@@ -110,6 +110,18 @@ def test_steps_over_the_native_limit_never_reach_the_kernel(emulated_module):
     assert "20 Newton–Schulz steps (at most 16)" in repr(opt)
 
 
+def test_print_says_whether_the_gram_form_runs():
+    """``print(opt)`` says ``gram`` where ``polar="gram"`` runs the Gram form, and why not where
+    its coefficients cancel too much for the compute dtype."""
+    groups = [{"params": [nn.Parameter(torch.randn(4, 16))], "norm": "Spectral",
+               "norm_kwargs": {"polar": "gram", "ns_dtype": torch.bfloat16,
+                               "coefficients": coefficients}}
+              for coefficients in ("classic", "polar_express")]  # fmt: skip
+    lines = [ln for ln in repr(Scion(groups, lr=0.1)).splitlines() if "newton_schulz" in ln]
+    assert lines[0].endswith("newton_schulz: bfloat16, gram")
+    assert lines[1].endswith("bfloat16 (not gram: |b| + |c| reaches 38.4, over 8 in bfloat16)")
+
+
 def test_format_groups_shows_the_backend_and_fallbacks(fused):
     """format_groups names the backend of every parameter, and why one fell back."""
     w, v = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 4, dtype=torch.float64))

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .._util import eager_cache
+from ..newton_schulz import gram_refusal
 from ..norms import Norm, Spectral, make_norm
 from . import ops
 from .auto_table import TABLE
@@ -139,8 +140,8 @@ class Route:
     def newton_schulz(self, i: int) -> str:
         """How parameter ``i`` is orthogonalized: the Newton–Schulz compute dtype its backend
         uses (``"bfloat16 (auto)"`` when chosen, not given; ``", gram"`` added for
-        ``polar="gram"``), ``"svd (float64)"``, or ``""`` for norms that do not
-        orthogonalize."""
+        ``polar="gram"``, or why its coefficients do not take the Gram form), ``"svd
+        (float64)"``, or ``""`` for norms that do not orthogonalize."""
         picked = self.norms[i]
         if not isinstance(picked, Spectral):
             return ""
@@ -149,7 +150,10 @@ class Route:
         dtype = self.backends[i].compute_dtype(picked, self.shapes[i][2])
         name = str(dtype).removeprefix("torch.")
         name = f"{name} (auto)" if picked.ns_dtype is None else name
-        return f"{name}, gram" if picked.polar == "gram" else name
+        if picked.polar != "gram":
+            return name
+        why = gram_refusal(picked.table, dtype)
+        return f"{name}, gram" if why is None else f"{name} (not gram: {why})"
 
     def describe(self, i: int) -> str:
         """What steps parameter ``i``: a backend's name, with the reason where it fell back."""
