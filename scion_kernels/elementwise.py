@@ -73,23 +73,37 @@ def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: 
 
 
 def apply_update_(
-    params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, scale: float, constrained: bool
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    lr: float | Tensor,
+    scale: float,
+    constrained: bool,
 ) -> None:
     """``x ← (1 − γ)·x − γ·ρ·u`` (constrained) or ``x ← x − γ·ρ·u``, for every pair.
 
     Computed in the update's precision (float32 or float64) and rounded once to the parameter's
-    dtype, so bf16 parameters see a single rounding per step.
+    dtype, so bf16 parameters see a single rounding per step. ``lr`` (γ) may be a 1-element
+    tensor, read on the device without a host sync (what ``torch.compile`` and CUDA graphs
+    need); then ``γ·ρ·u`` is formed in ``updates`` (overwritten) and added, rounded twice where a
+    number ``lr`` rounds once.
     """
-    direct = [i for i, (p, u) in enumerate(zip(params, updates, strict=True)) if p.dtype == u.dtype]
-    upcast = [i for i in range(len(params)) if params[i].dtype != updates[i].dtype]
-    if direct:
-        ps, us = [params[i] for i in direct], [updates[i] for i in direct]
-        if constrained:
-            torch._foreach_mul_(ps, 1.0 - lr)
-        torch._foreach_add_(ps, us, alpha=-lr * scale)
-    if upcast:
-        xs = [params[i].to(updates[i].dtype) for i in upcast]
-        if constrained:
-            torch._foreach_mul_(xs, 1.0 - lr)
-        torch._foreach_add_(xs, [updates[i] for i in upcast], alpha=-lr * scale)
-        torch._foreach_copy_([params[i] for i in upcast], xs)
+    pairs = list(zip(params, updates, strict=True))
+    direct = [i for i, (p, u) in enumerate(pairs) if p.dtype == u.dtype]
+    upcast = [i for i, (p, u) in enumerate(pairs) if p.dtype != u.dtype]
+    for ks in (direct, upcast):
+        if not ks:
+            continue
+        us = [updates[i] for i in ks]
+        xs = [params[i] if ks is direct else params[i].to(updates[i].dtype) for i in ks]
+        if isinstance(lr, Tensor):
+            gamma = lr.reshape(()).to(xs[0].device)
+            if constrained:
+                torch._foreach_mul_(xs, 1.0 - gamma)
+            torch._foreach_mul_(us, gamma * -scale)
+            torch._foreach_add_(xs, us)
+        else:
+            if constrained:
+                torch._foreach_mul_(xs, 1.0 - lr)
+            torch._foreach_add_(xs, us, alpha=-lr * scale)
+        if ks is upcast:
+            torch._foreach_copy_([params[i] for i in ks], xs)

@@ -182,15 +182,16 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     The norm is taken in float32 (float64 for float64 input or compute dtype) and the scaled
     matrix is rounded once to ``dtype``. Zero-safe and without an ε floor: a zero matrix stays
     zero, a matrix of 1e-30 or 1e30 entries still gets norm 1, because such matrices are first
-    divided by their largest entry. On CUDA that pre-scale always runs (one more memory-bound
-    pass, no host sync, so CUDA graphs and ``torch.compile`` see one graph); elsewhere it runs
-    only when a norm falls outside [2⁻⁶⁰, 2⁶⁰] (one host sync to find out). Non-finite input
+    divided by their largest entry. On CUDA and while ``torch.compile`` traces, that pre-scale
+    always runs (one more memory-bound pass, no host sync, so CUDA graphs and the compiler see
+    one graph); elsewhere it runs only when a norm falls outside [2⁻⁶⁰, 2⁶⁰] (one host sync to
+    find out). Non-finite input
     gives non-finite output.
     """
     device = mats[0].device
     m, n = mats[0].shape[-2:]
     work = [M.to(_norm_dtype(M.dtype, dtype)) for M in mats]
-    if device.type == "cuda":
+    if device.type == "cuda" or torch.compiler.is_compiling():
         work = [_divide_by_max(W) for W in work]
         norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
     else:

@@ -114,6 +114,7 @@ class _ScionBase(torch.optim.Optimizer):
             raise
         group["norm"], group["norm_kwargs"] = resolved["norm"], resolved["norm_kwargs"]
         self._store_route(index, route)
+        self._checked[index] = self._options(group)
         if spread:
             self._distributed = True
             self._create_state(group)
@@ -125,21 +126,31 @@ class _ScionBase(torch.optim.Optimizer):
 
     def _check_changed_options(self, index: int, group: dict[str, Any]) -> None:
         """Check group ``index``'s options when they differ from the ones checked last (a
-        scheduler's new ``lr``, an option set by hand); tensor options every time (they can
-        change in place)."""
-        seen = tuple(group.get(key, _checks.MISSING) for key in _checks.CHECKED)
+        scheduler's new ``lr``, an option set by hand); tensor options every eager step (they
+        can change in place), and in a compiled step only when the tensor is another one."""
+        seen = self._options(group)
         checked = self._checked.get(index)
+        # While torch.compile traces, a tensor option is checked when it is another tensor, not
+        # for its value (reading it would sync the host and break the graph).
+        compiling = torch.compiler.is_compiling()
         if (
             checked is not None
             and len(checked) == len(seen)
             and all(
-                not isinstance(a, Tensor) and (a is b or (type(a) is type(b) and a == b))
+                (a is b if compiling else False)
+                if isinstance(a, Tensor)
+                else a is b or (type(a) is type(b) and a == b)
                 for a, b in zip(seen, checked, strict=True)
             )
         ):
             return
         self._check_options(group, f"param group {index}")
-        self._checked[index] = tuple(group.get(key, _checks.MISSING) for key in _checks.CHECKED)
+        self._checked[index] = self._options(group)
+
+    @staticmethod
+    def _options(group: dict[str, Any]) -> tuple[Any, ...]:
+        """The options of ``group`` that :func:`_checks.check_options` reads."""
+        return tuple(group.get(key, _checks.MISSING) for key in _checks.CHECKED)
 
     def _route(self, index: int, group: dict[str, Any]) -> backends.Route:
         """Group ``index``'s route, resolved again only when its options or its parameters'
@@ -210,9 +221,11 @@ class _ScionBase(torch.optim.Optimizer):
         """Step parameters ``idx`` of ``group``: the fused backends its route names, then the
         reference on the rest (or the LMOs across ranks)."""
         params = [group["params"][i] for i in idx]
-        lr, scale = float(group["lr"]) * float(group["lr_scale"]), float(group["scale"])
+        # A tensor lr stays a tensor on the reference path (no host sync: torch.compile traces
+        # it as an input); the fused kernels take the number.
+        lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
+        lr, scale = lr * float(group["lr_scale"]), float(group["scale"])
         constrained = not group["unconstrained"]
-        update = Update(float(group["momentum"]), lr, scale, constrained)
         left = idx
         if not self._distributed:
             left = [i for i in idx if not route.backends[i].fused]
@@ -220,13 +233,15 @@ class _ScionBase(torch.optim.Optimizer):
             for i in idx:
                 if route.backends[i].fused:
                     fused.setdefault(route.backends[i].name, (route.backends[i], []))[1].append(i)
+            if fused:
+                update = Update(float(group["momentum"]), float(lr), scale, constrained)
             for backend, ks in fused.values():
                 chosen = [group["params"][i] for i in ks]
                 undone = fused_step_(
                     backend,
                     chosen,
                     [p.grad for p in chosen],
-                    self._fused_buffers(group, chosen),
+                    self._fused_buffers(group, ks),
                     [route.norms[i] for i in ks],
                     update,
                 )
@@ -234,7 +249,7 @@ class _ScionBase(torch.optim.Optimizer):
             left = sorted(left)
         if left:
             rest = [group["params"][i] for i in left]
-            directions = self._averaged(group, rest)
+            directions = self._averaged(group, left)
             if self._distributed:
                 polars = [route.polars[i] for i in left]
                 updates = distributed.group_updates(
@@ -266,8 +281,9 @@ class _ScionBase(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
-        """The averaging buffers the fused step updates in place, or ``None`` (d = g)."""
+    def _fused_buffers(self, group: dict[str, Any], idx: list[int]) -> list[Tensor] | None:
+        """The averaging buffers of parameters ``idx`` of ``group`` (each with a gradient),
+        which the fused step updates in place, or ``None`` (d = g)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -326,7 +342,8 @@ class _ScionBase(torch.optim.Optimizer):
         needs."""
 
     # Hooks the two variants fill in.
-    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+    def _averaged(self, group: dict[str, Any], idx: list[int]) -> list[Tensor]:
+        """The averaged directions ``d`` of parameters ``idx`` of ``group``, updated."""
         raise NotImplementedError
 
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -450,9 +467,9 @@ class Scion(_ScionBase):
     buffer is saved in ``state_dict`` as ``"momentum_buffer"``, the authors' key.
     """
 
-    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        bufs = self._fused_buffers(group, params)
-        grads = [local(p.grad) for p in params]
+    def _averaged(self, group: dict[str, Any], idx: list[int]) -> list[Tensor]:
+        bufs = self._fused_buffers(group, idx)
+        grads = [local(group["params"][i].grad) for i in idx]
         if bufs is None:
             return grads
         bufs = [local(b) for b in bufs]
@@ -468,16 +485,25 @@ class Scion(_ScionBase):
                 dtype = group["buffer_dtype"] or like.dtype
                 self.state[p]["momentum_buffer"] = torch.zeros_like(like, dtype=dtype)
 
-    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
-        if float(group["momentum"]) == 1.0:
-            return None
-        bufs = []
-        for p in params:
+    def _init_group(self, group: dict[str, Any], idx: tuple[int, ...], bufs: list[Tensor]) -> None:
+        """Append to ``bufs`` the averaging buffer of parameters ``idx`` of ``group`` (each with
+        a gradient), creating those not made yet. ``torch.compile`` runs a method of this name
+        eagerly while it traces, as for torch's own optimizers (its arguments: a group,
+        constants, empty lists), and reads back the lists it filled: a compiled step finds its
+        state."""
+        for i in idx:
+            p = group["params"][i]
             state = self.state[p]
             if "momentum_buffer" not in state:
                 dtype = group["buffer_dtype"] or p.grad.dtype
                 state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=dtype)
             bufs.append(state["momentum_buffer"])
+
+    def _fused_buffers(self, group: dict[str, Any], idx: list[int]) -> list[Tensor] | None:
+        if float(group["momentum"]) == 1.0:
+            return None
+        bufs: list[Tensor] = []
+        self._init_group(group, tuple(idx), bufs)  # a list argument is read back as output
         return bufs
 
 
@@ -559,10 +585,10 @@ class ScionLight(_ScionBase):
                         p.grad.div_(scale.to(p.grad.device))
         return super().step(closure)
 
-    def _averaged(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        return [local(p.grad) for p in params]
+    def _averaged(self, group: dict[str, Any], idx: list[int]) -> list[Tensor]:
+        return [local(group["params"][i].grad) for i in idx]
 
-    def _fused_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+    def _fused_buffers(self, group: dict[str, Any], idx: list[int]) -> list[Tensor] | None:
         return None  # the average is p.grad itself
 
     def _create_state(self, group: dict[str, Any]) -> None:

@@ -1,0 +1,100 @@
+"""The reference step under ``torch.compile``, as torch documents it for its own optimizers: a
+compiled function calling ``opt.step()``, a tensor ``lr`` driven by a scheduler. It compiles to
+as many graphs as torch's Adam in the same pattern and never recompiles as the ``lr`` changes;
+with ``fullgraph=True`` (once the state exists) it traces whole and steps as the eager step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scion_kernels import Scion, ScionLight
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.LayerNorm(8))
+
+
+def _counting_compile(fn):
+    """``torch.compile(fn)`` with a backend that records every graph it is given (a recompile
+    gives it another) and runs them eagerly."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(fn, backend=backend), graphs
+
+
+def _cosine(step: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * step / 1000))
+
+
+def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
+    """Graphs compiled after 3 steps and after ``steps`` steps of a model trained with a
+    compiled ``opt.step()`` and a tensor ``lr`` under ``LambdaLR`` (cosine)."""
+    torch._dynamo.reset()
+    model = _model()
+    opt = make_opt(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine)
+    step, graphs = _counting_compile(lambda: opt.step())
+    x = torch.randn(4, 16)
+    warm = None
+    for k in range(steps):
+        model(x).square().mean().backward()
+        step()
+        sched.step()
+        opt.zero_grad()
+        if k == 2:
+            warm = len(graphs)
+    assert opt.param_groups[0]["lr"].item() != 0.01  # the schedule moved lr
+    return warm, len(graphs)
+
+
+@pytest.mark.parametrize("cls", [Scion, ScionLight], ids=["Scion", "ScionLight"])
+def test_compiled_step_under_a_scheduler_is_adams_graph_count_and_never_recompiles(cls):
+    """1,000 steps of a cosine schedule: after the first steps no graph is compiled again, and
+    the step has as many graphs as torch's Adam in the same pattern (the control)."""
+    adam_warm, adam_end = _graphs_over_a_schedule(
+        lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.01)), 1000
+    )
+    warm, end = _graphs_over_a_schedule(
+        lambda ps: cls(ps, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore", momentum=0.1),
+        1000,
+    )
+    assert adam_end == adam_warm  # the control: Adam does not recompile either
+    assert end == warm
+    assert end == adam_end
+
+
+def test_compiled_step_matches_eager_with_an_lr_changed_in_place(graph_recorder):
+    """``fullgraph=True`` after the first (eager) step: the whole reference step traces, and a
+    tensor ``lr`` changed in place between steps (as schedulers do) is read at each step; the
+    parameters match the eager step's to rounding (float32 Newton–Schulz: in bf16 a last-bit
+    difference in an input is amplified by the iteration on small singular values)."""
+    results = []
+    x = torch.randn(4, 16)
+    for compiled in (False, True):
+        model = _model()
+        opt = Scion(model.parameters(), lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                    momentum=0.1, norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        step = graph_recorder.compile(opt.step) if compiled else opt.step
+        for k in range(4):
+            opt.param_groups[0]["lr"].fill_(0.01 * _cosine(100 * k))
+            model(x).square().mean().backward()
+            step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert len(graph_recorder.graphs) == 1
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    frozen = _model()
+    assert not torch.allclose(results[0][0], next(frozen.parameters()))
