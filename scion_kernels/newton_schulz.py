@@ -185,8 +185,7 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     divided by their largest entry. On CUDA and while ``torch.compile`` traces, that pre-scale
     always runs (one more memory-bound pass, no host sync, so CUDA graphs and the compiler see
     one graph); elsewhere it runs only when a norm falls outside [2⁻⁶⁰, 2⁶⁰] (one host sync to
-    find out). Non-finite input
-    gives non-finite output.
+    find out). Non-finite input gives non-finite output.
     """
     device = mats[0].device
     m, n = mats[0].shape[-2:]

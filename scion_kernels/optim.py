@@ -137,7 +137,7 @@ class _ScionBase(torch.optim.Optimizer):
             checked is not None
             and len(checked) == len(seen)
             and all(
-                (a is b if compiling else False)
+                (compiling and a is b)
                 if isinstance(a, Tensor)
                 else a is b or (type(a) is type(b) and a == b)
                 for a, b in zip(seen, checked, strict=True)
