@@ -195,20 +195,35 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
     else:
         norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
-        lo, hi = _SAFE_NORM
-        unsafe = [~((nrm >= lo) & (nrm <= hi)) for nrm in norms]
-        if bool(torch.cat([u.reshape(-1) for u in unsafe]).any()):
-            for i, u in enumerate(unsafe):
-                if bool(u.any()):
+        if bool(_unsafe(_cat_flat(norms)).any()):
+            for i, nrm in enumerate(norms):
+                if bool(_unsafe(nrm).any()):
                     work[i] = _divide_by_max(work[i])
                     norms[i] = torch.linalg.vector_norm(work[i], dim=(-2, -1), keepdim=True)
+    # The reciprocals of all norms at once (a zero norm gives 0), then one product per matrix.
+    flat = _cat_flat(norms)
+    invs = torch.where(flat > 0, flat.reciprocal(), torch.zeros_like(flat)).split(
+        [W.shape[0] for W in work]
+    )
     out = torch.empty((sum(M.shape[0] for M in mats), m, n), dtype=dtype, device=device)
     k = 0
-    for W, nrm in zip(work, norms, strict=True):
-        inv = torch.where(nrm > 0, nrm.reciprocal(), torch.zeros_like(nrm))
-        torch.mul(W, inv, out=out[k : k + W.shape[0]])
+    for W, inv in zip(work, invs, strict=True):
+        torch.mul(W, inv.reshape(-1, 1, 1), out=out[k : k + W.shape[0]])
         k += W.shape[0]
     return out
+
+
+def _cat_flat(tensors: list[Tensor]) -> Tensor:
+    """The tensors' elements in one flat tensor (the one tensor itself, flattened, if alone)."""
+    return (
+        tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    )
+
+
+def _unsafe(norms: Tensor) -> Tensor:
+    """Where a norm is outside [2⁻⁶⁰, 2⁶⁰] (or NaN), so its matrix is pre-scaled first."""
+    lo, hi = _SAFE_NORM
+    return ~((norms >= lo) & (norms <= hi))
 
 
 def _divide_by_max(W: Tensor) -> Tensor:
