@@ -72,17 +72,20 @@ def test_compiled_step_under_a_scheduler_is_adams_graph_count_and_never_recompil
     assert end == adam_end
 
 
-def test_compiled_step_matches_eager_with_an_lr_changed_in_place(graph_recorder):
+@pytest.mark.parametrize("polar", ["newton_schulz", "gram"])
+def test_compiled_step_matches_eager_with_an_lr_changed_in_place(graph_recorder, polar):
     """``fullgraph=True`` after the first (eager) step: the whole reference step traces, and a
     tensor ``lr`` changed in place between steps (as schedulers do) is read at each step; the
-    parameters match the eager step's to rounding (float32 Newton–Schulz: in bf16 a last-bit
-    difference in an input is amplified by the iteration on small singular values)."""
+    parameters match the eager step's to rounding, the plain iteration's and the Gram form's
+    (float32 Newton–Schulz: in bf16 a last-bit difference in an input is amplified by the
+    iteration on small singular values)."""
     results = []
     x = torch.randn(4, 16)
     for compiled in (False, True):
         model = _model()
+        options = {"ns_dtype": torch.float32, "polar": polar}
         opt = Scion(model.parameters(), lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
-                    momentum=0.1, norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
+                    momentum=0.1, norm_kwargs=options)  # fmt: skip
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
