@@ -84,26 +84,24 @@ def apply_update_(
     Computed in the update's precision (float32 or float64) and rounded once to the parameter's
     dtype, so bf16 parameters see a single rounding per step. ``lr`` (γ) may be a 1-element
     tensor, read on the device without a host sync (what ``torch.compile`` and CUDA graphs
-    need); then ``γ·ρ·u`` is formed in ``updates`` (overwritten) and added, rounded twice where a
-    number ``lr`` rounds once.
+    need), in the update's precision; then ``γ·ρ·u`` is formed apart and added, rounded twice
+    where a number ``lr`` rounds once. ``updates`` are not modified.
     """
-    pairs = list(zip(params, updates, strict=True))
-    direct = [i for i, (p, u) in enumerate(pairs) if p.dtype == u.dtype]
-    upcast = [i for i, (p, u) in enumerate(pairs) if p.dtype != u.dtype]
-    for ks in (direct, upcast):
-        if not ks:
-            continue
+    # One pass per (device, update dtype): a tensor γ is read there, in that precision.
+    sets: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    for i, (p, u) in enumerate(zip(params, updates, strict=True)):
+        sets.setdefault((u.device, u.dtype, p.dtype != u.dtype), []).append(i)
+    for (device, dtype, upcast), ks in sets.items():
         us = [updates[i] for i in ks]
-        xs = [params[i] if ks is direct else params[i].to(updates[i].dtype) for i in ks]
+        xs = [params[i].to(dtype) if upcast else params[i] for i in ks]
         if isinstance(lr, Tensor):
-            gamma = lr.reshape(()).to(xs[0].device)
+            gamma = lr.reshape(()).to(device=device, dtype=dtype)
             if constrained:
                 torch._foreach_mul_(xs, 1.0 - gamma)
-            torch._foreach_mul_(us, gamma * -scale)
-            torch._foreach_add_(xs, us)
+            torch._foreach_add_(xs, torch._foreach_mul(us, gamma * -scale))
         else:
             if constrained:
                 torch._foreach_mul_(xs, 1.0 - lr)
             torch._foreach_add_(xs, us, alpha=-lr * scale)
-        if ks is upcast:
+        if upcast:
             torch._foreach_copy_([params[i] for i in ks], xs)

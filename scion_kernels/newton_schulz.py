@@ -334,9 +334,10 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
             every GRAM_RESTART_EVERY steps:  X ← Q·X;  R ← X·Xᵀ;  Q ← I
         X ← Q·X
 
-    Equal to :func:`iterate` in exact arithmetic. A step multiplies ``m×m`` matrices only, at
-    most four (``8m³`` flops, against ``4m²n + 2m³``); ``R`` and the result cost ``2m²n`` each,
-    a restart ``4m²n``. Five steps at ``n = 4m``: ``60m³`` against ``90m³``.
+    Equal to :func:`iterate` in exact arithmetic. A step multiplies ``m×m`` matrices only, one
+    to three (``R²``, then ``Q·P`` or the two of ``P·R·P``; ``2m³`` flops each, against
+    ``4m²n + 2m³`` for a plain step); ``R`` and the result cost ``2m²n`` each, a restart
+    ``4m²n``. Five steps at ``n = 4m``: ``70m³`` against ``90m³``.
     ``R`` holds the squares of the singular values, so in bf16 it loses those below about
     ``0.06·σ_max`` until a restart recomputes it from ``X``: the restarts keep the result's
     error against the polar factor at the plain iteration's; against float64 Newton–Schulz it

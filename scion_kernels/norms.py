@@ -467,6 +467,14 @@ class Spectral(_MatrixNorm):
             return [mats]
         return list(mats.split(list(self.split), dim=-1 if self.transpose else -2))
 
+    def block_shapes(self, shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The ``(rows, cols)`` of the independent matrices of a tensor of ``shape``, as stored:
+        its matrices', or each ``split`` block's."""
+        _, rows, cols = self.matrix_shape(shape)
+        if self.split is None:
+            return [(rows, cols)]
+        return [(rows, s) if self.transpose else (s, cols) for s in self.split]
+
     def plain_reshape(self) -> bool:
         """Whether the matrices are a plain reshape of the stored tensor, all scaled by
         ``scale_for(shape)`` (the layouts the fused kernels take)."""

@@ -335,6 +335,11 @@ class _ScionBase(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and isinstance(loaded, Tensor):
                     if loaded.dtype != value.dtype:
                         self.state[p][key] = value.to(device=loaded.device, copy=True)
+        # The loaded options (tensors among them, copies now) are checked here, eagerly, so a
+        # compiled step after loading has nothing to read on the host.
+        for index, group in enumerate(self.param_groups):
+            self._check_options(group, f"param group {index}")
+            self._checked[index] = self._options(group)
 
     def _create_state(self, group: dict[str, Any]) -> None:
         """Create the state of ``group``'s parameters now (distributed optimizers), so every

@@ -5,6 +5,7 @@ with ``fullgraph=True`` (once the state exists) it traces whole and steps as the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -32,7 +33,7 @@ def _counting_compile(fn):
 
 
 def _cosine(step: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / 1000))
+    return 0.5 * (1.0 + math.cos(math.pi * step / 300))
 
 
 def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
@@ -56,20 +57,47 @@ def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
     return warm, len(graphs)
 
 
+STEPS = 300
+
+
+@functools.cache
+def _adams_graphs() -> int:
+    """The control: torch's Adam in the same pattern compiles this many graphs, and does not
+    recompile either."""
+    warm, end = _graphs_over_a_schedule(
+        lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.01)), STEPS
+    )
+    assert end == warm
+    return end
+
+
 @pytest.mark.parametrize("cls", [Scion, ScionLight], ids=["Scion", "ScionLight"])
 def test_compiled_step_under_a_scheduler_is_adams_graph_count_and_never_recompiles(cls):
-    """1,000 steps of a cosine schedule: after the first steps no graph is compiled again, and
-    the step has as many graphs as torch's Adam in the same pattern (the control)."""
-    adam_warm, adam_end = _graphs_over_a_schedule(
-        lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.01)), 1000
-    )
+    """A cosine schedule moving ``lr`` every step: after the first steps no graph is compiled
+    again, and the step has as many graphs as torch's Adam in the same pattern."""
     warm, end = _graphs_over_a_schedule(
         lambda ps: cls(ps, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore", momentum=0.1),
-        1000,
+        STEPS,
     )
-    assert adam_end == adam_warm  # the control: Adam does not recompile either
     assert end == warm
-    assert end == adam_end
+    assert end == _adams_graphs()
+
+
+def test_compiled_step_after_load_state_dict_traces_whole(graph_recorder):
+    """Loading a state dict copies a tensor ``lr``; the options are checked while loading, so a
+    ``fullgraph=True`` step right after it has no value to read on the host."""
+    x = torch.randn(4, 16)
+    model = _model()
+    make = functools.partial(Scion, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                             momentum=0.1)  # fmt: skip
+    opt = make(model.parameters())
+    model(x).square().mean().backward()
+    opt.step()
+    again = make(model.parameters())
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[0]["lr"] is not opt.param_groups[0]["lr"]
+    graph_recorder.compile(again.step)()
+    assert len(graph_recorder.graphs) == 1
 
 
 @pytest.mark.parametrize("polar", ["newton_schulz", "gram"])

@@ -658,7 +658,7 @@ def test_gram_bf16_accuracy(shape, cond):
         gram = newton_schulz(G, dtype=torch.bfloat16, gram=True)
         assert gram.dtype == torch.bfloat16 and gram.shape == G.shape
         err_plain, err_gram = rel_fro(plain, expected), rel_fro(gram, expected)
-        assert err_gram < max(6 * err_plain, err_plain + 0.02), (err_gram, err_plain)
+        assert err_gram < max(8 * err_plain, err_plain + 0.02), (err_gram, err_plain)
         # Each singular direction's output against the polynomial of its singular value.
         got = torch.diagonal(U.mT @ gram.to(F64) @ Vh.mT, dim1=-2, dim2=-1)
         assert (got - want).abs().max().item() < 0.2

@@ -172,7 +172,11 @@ def test_spectral_polar_gram(dtype):
     gs = [torch.randn(16, 48), torch.randn(48, 16), torch.randn(16, 24), torch.randn(20, 20)]
     for g, out in zip(gs, norm.lmo_many(gs), strict=True):
         want = newton_schulz(g, dtype=dtype, gram=True).to(out.dtype)
-        assert torch.equal(out, want * math.sqrt(g.shape[0] / g.shape[1]))
+        want = want * math.sqrt(g.shape[0] / g.shape[1])
+        if dtype == F64:
+            assert torch.equal(out, want)
+        else:  # a stack of two against one matrix: bf16 products may round differently
+            torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-6)
     plain = Spectral(ns_dtype=dtype)
     assert torch.equal(norm.lmo(gs[2]), plain.lmo(gs[2]))
     assert not torch.equal(norm.lmo(gs[0]), plain.lmo(gs[0]))

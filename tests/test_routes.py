@@ -113,13 +113,16 @@ def test_steps_over_the_native_limit_never_reach_the_kernel(emulated_module):
 def test_print_says_whether_the_gram_form_runs():
     """``print(opt)`` says ``gram`` where ``polar="gram"`` runs the Gram form, and why not where
     its coefficients cancel too much for the compute dtype."""
-    groups = [{"params": [nn.Parameter(torch.randn(4, 16))], "norm": "Spectral",
+    groups = [{"params": [nn.Parameter(torch.randn(shape))], "norm": "Spectral",
                "norm_kwargs": {"polar": "gram", "ns_dtype": torch.bfloat16,
                                "coefficients": coefficients}}
-              for coefficients in ("classic", "polar_express")]  # fmt: skip
+              for coefficients, shape in (("classic", (4, 16)), ("polar_express", (4, 16)),
+                                          ("classic", (16, 4)), ("classic", (12, 16)))]  # fmt: skip
     lines = [ln for ln in repr(Scion(groups, lr=0.1)).splitlines() if "newton_schulz" in ln]
     assert lines[0].endswith("newton_schulz: bfloat16, gram")
     assert lines[1].endswith("bfloat16 (not gram: |b| + |c| reaches 38.4, over 8 in bfloat16)")
+    assert lines[2].endswith("newton_schulz: bfloat16, gram")
+    assert lines[3].endswith("bfloat16 (not gram: its matrices are squarer than 2:1)")
 
 
 def test_format_groups_shows_the_backend_and_fallbacks(fused):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._util import eager_cache
-from ..newton_schulz import gram_refusal
+from ..newton_schulz import gram_refusal, orient, uses_gram
 from ..norms import Norm, Spectral, make_norm
 from . import ops
 from .auto_table import TABLE
@@ -140,7 +140,7 @@ class Route:
     def newton_schulz(self, i: int) -> str:
         """How parameter ``i`` is orthogonalized: the Newton–Schulz compute dtype its backend
         uses (``"bfloat16 (auto)"`` when chosen, not given; ``", gram"`` added for
-        ``polar="gram"``, or why its coefficients do not take the Gram form), ``"svd
+        ``polar="gram"``, or why the parameter does not take the Gram form), ``"svd
         (float64)"``, or ``""`` for norms that do not orthogonalize."""
         picked = self.norms[i]
         if not isinstance(picked, Spectral):
@@ -153,6 +153,11 @@ class Route:
         if picked.polar != "gram":
             return name
         why = gram_refusal(picked.table, dtype)
+        if why is None and not any(
+            uses_gram(*orient(r, c)[:2], picked.table, dtype)
+            for r, c in picked.block_shapes(self.shapes[i][0])
+        ):
+            why = "its matrices are squarer than 2:1"
         return f"{name}, gram" if why is None else f"{name} (not gram: {why})"
 
     def describe(self, i: int) -> str:
