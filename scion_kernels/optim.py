@@ -55,6 +55,7 @@ class _ScionBase(torch.optim.Optimizer):
         buffer_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         process_group: Any | None = None,
+        capturable: bool = False,
     ) -> None:
         if process_group is not None and not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialized")
@@ -63,7 +64,17 @@ class _ScionBase(torch.optim.Optimizer):
         self._distributed = process_group is not None
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool; got {capturable!r}")
+        if capturable and nonfinite != "ignore":
+            raise ValueError(
+                f"capturable=True needs nonfinite='ignore': nonfinite={nonfinite!r} reads every "
+                "gradient on the host before the step"
+            )
         self.nonfinite = nonfinite
+        #: Whether a step reads nothing on the host (see the class docstring). An attribute of
+        #: the optimizer, not of its groups: torch.compile sets a group's ``"capturable"``.
+        self.capturable = capturable
         #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
         self.skipped_steps = 0
         #: Each param group's route (:func:`scion_kernels.backends.route`), by index.
@@ -103,12 +114,17 @@ class _ScionBase(torch.optim.Optimizer):
             if spread:
                 for p in group["params"]:
                     distributed.placement_of(p, self.process_group)  # raises for unknown placements
+            if spread and self.capturable:
+                raise ValueError(
+                    f"capturable=True (param group {index}) is not available for parameters "
+                    "spread across ranks (a process_group or DTensor parameters)"
+                )
             resolved = dict(group)
             if isinstance(norm, Norm) and NORMS.get(norm.name) is type(norm):
                 # Plain data in the group (a name and options), so state_dict() loads with
                 # torch.load(weights_only=True) and equal configurations give equal state dicts.
                 resolved["norm"], resolved["norm_kwargs"] = norm.spec()
-            route = backends.route(resolved, f"param group {index}", norm)
+            route = backends.route(resolved, f"param group {index}", norm, self.capturable)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -123,6 +139,14 @@ class _ScionBase(torch.optim.Optimizer):
         """Raise a clear error for any option of ``group`` (described by ``where``) out of its
         domain."""
         _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
+        lr, devices = group["lr"], {p.device for p in group.get("params", [])}
+        if getattr(self, "capturable", False) and isinstance(lr, Tensor):
+            if any(d.type != "cpu" and d != lr.device for d in devices):
+                raise ValueError(
+                    f"capturable=True ({where}) needs a tensor lr on the parameters' device "
+                    f"({', '.join(sorted(map(str, devices)))}); got one on {lr.device}: a "
+                    "CPU tensor is read when a CUDA graph is captured, and fixed in it"
+                )
 
     def _check_changed_options(self, index: int, group: dict[str, Any]) -> None:
         """Check group ``index``'s options when they differ from the ones checked last (a
@@ -130,9 +154,10 @@ class _ScionBase(torch.optim.Optimizer):
         can change in place), and in a compiled step only when the tensor is another one."""
         seen = self._options(group)
         checked = self._checked.get(index)
-        # While torch.compile traces, a tensor option is checked when it is another tensor, not
-        # for its value (reading it would sync the host and break the graph).
-        compiling = torch.compiler.is_compiling()
+        # While torch.compile traces, and in a capturable optimizer, a tensor option is checked
+        # when it is another tensor, not for its value (reading it would sync the host, break
+        # the graph, or be fixed into a captured one).
+        compiling = torch.compiler.is_compiling() or self.capturable
         if (
             checked is not None
             and len(checked) == len(seen)
@@ -162,7 +187,7 @@ class _ScionBase(torch.optim.Optimizer):
         self._check_options(group, f"param group {index}")
         norm = make_norm(group["norm"], group["norm_kwargs"])
         _checks.check_params(group, index, norm, type(self).__name__)
-        route = backends.route(group, f"param group {index}", norm)
+        route = backends.route(group, f"param group {index}", norm, self.capturable)
         self._store_route(index, route)
         return route
 
@@ -307,7 +332,9 @@ class _ScionBase(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        state.update(
+            nonfinite=self.nonfinite, skipped_steps=self.skipped_steps, capturable=self.capturable
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -315,6 +342,7 @@ class _ScionBase(torch.optim.Optimizer):
         # A process group does not pickle: an unpickled optimizer steps on its own ranks' data.
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_distributed", False)
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_routes", [])
         self.__dict__.setdefault("_checked", {})
 
@@ -451,6 +479,14 @@ class Scion(_ScionBase):
             ``FloatingPointError`` naming the parameter, before anything changes; ``"skip"``
             skips the whole step with a ``RuntimeWarning`` and counts it in ``skipped_steps``;
             ``"ignore"`` checks nothing (no host sync) and lets NaN propagate.
+        capturable: a step that reads nothing on the host, so it can be captured in a CUDA
+            graph (torch's name). Needs ``nonfinite="ignore"`` and, to schedule ``lr``, a
+            one-element tensor ``lr`` on the parameters' device, changed in place; a float
+            ``lr`` is fixed into a captured graph. Tensor options are checked when they are
+            replaced, not when they change in place. The reference backend takes it; the fused
+            ones do not yet (they read ``lr`` on the host), so a capturable group steps on the
+            reference, as ``print(optimizer)`` says. Parameters spread across ranks are
+            refused.
         process_group: the ranks holding replicated copies of plain-tensor parameters (after
             DDP has averaged their gradients): each Spectral-family LMO is computed on one of
             them and shared (:mod:`scion_kernels.distributed`). DTensor parameters (FSDP2,

@@ -129,3 +129,67 @@ def test_compiled_step_matches_eager_with_an_lr_changed_in_place(graph_recorder,
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     frozen = _model()
     assert not torch.allclose(results[0][0], next(frozen.parameters()))
+
+
+# ------------------------------------------------------------------------------- capturable
+
+
+def test_capturable_step_reads_no_tensor_option_on_the_host(monkeypatch):
+    """``capturable=True``: an eager step reads no tensor on the host through ``.item()``
+    (tensor options are checked when replaced), its first step included, and a ``lr``
+    changed in place is what the step uses."""
+    model, twin = _model(), _model()
+    x = torch.randn(4, 16)
+    make = functools.partial(Scion, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                             momentum=0.1)  # fmt: skip
+    opts = [make(model.parameters(), capturable=True), make(twin.parameters())]
+    for k in range(3):
+        for m, opt in zip((model, twin), opts, strict=True):
+            opt.param_groups[0]["lr"].fill_(0.01 * _cosine(50 * k))
+            m(x).square().mean().backward()
+            if opt is opts[0]:
+                with monkeypatch.context() as patched:
+                    patched.setattr(torch.Tensor, "item", _no_host_reads)
+                    opt.step()
+            else:
+                opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _no_host_reads(self, *args, **kwargs):
+    raise AssertionError("a capturable step read a tensor on the host")
+
+
+def test_capturable_step_traces_whole_from_its_first_step(graph_recorder):
+    """``fullgraph=True`` on the very first step: the state is made while tracing, and nothing
+    in the step depends on a tensor's value."""
+    model = _model()
+    opt = Scion(model.parameters(), lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                momentum=0.1, capturable=True)  # fmt: skip
+    model(torch.randn(4, 16)).square().mean().backward()
+    graph_recorder.compile(opt.step)()
+    assert len(graph_recorder.graphs) == 1
+    assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({}, ValueError, "needs nonfinite='ignore': nonfinite='raise' reads every gradient"),
+        ({"nonfinite": "skip"}, ValueError, "needs nonfinite='ignore'"),
+        ({"capturable": 1, "nonfinite": "ignore"}, TypeError, "capturable must be a bool"),
+    ],
+)
+def test_capturable_refuses_what_reads_on_the_host(kwargs, error, match):
+    kwargs.setdefault("capturable", True)
+    with pytest.raises(error, match=match):
+        Scion(_model().parameters(), lr=torch.tensor(0.01), **kwargs)
+
+
+def test_capturable_survives_a_pickle():
+    import pickle
+
+    opt = Scion(_model().parameters(), nonfinite="ignore", capturable=True)
+    assert pickle.loads(pickle.dumps(opt)).capturable

@@ -95,6 +95,28 @@ def test_declared_limits_fall_back_at_construction(fused):
         assert torch.equal(p, ref), what
 
 
+def test_capturable_falls_back_at_construction(fused):
+    """A capturable optimizer's parameters go to the reference, whose step reads ``lr`` on the
+    device: the fused kernels read it on the host. The reason shows, and the step is the
+    reference's, bit for bit."""
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = Scion([p], lr=torch.tensor(0.1), norm="Spectral", backend=fused.name,
+                nonfinite="ignore", capturable=True)  # fmt: skip
+    route = opt._route(0, opt.param_groups[0])
+    assert route.backends[0].name == "torch"
+    assert route.fallbacks[0] == (
+        f"{fused.name} does not take capturable steps (its kernels read lr on the host)"
+    )
+    ref = nn.Parameter(p.detach().clone())
+    twin = Scion([ref], lr=torch.tensor(0.1), norm="Spectral", backend="torch",
+                 nonfinite="ignore", capturable=True)  # fmt: skip
+    p.grad = torch.randn(6, 4)
+    ref.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, ref)
+
+
 def test_steps_over_the_native_limit_never_reach_the_kernel(emulated_module):
     """``Spectral(steps=20)`` with ``backend="cuda"``: the native kernels run at most 16 steps,
     so the route sends it to the reference; the kernels are never called for it."""
@@ -268,9 +290,9 @@ def test_groups_are_resolved_once(monkeypatch):
     calls = []
     real = backends.route
 
-    def counted(group, where, norm=None):
+    def counted(group, where, norm=None, capturable=False):
         calls.append(where)
-        return real(group, where, norm)
+        return real(group, where, norm, capturable)
 
     monkeypatch.setattr(backends, "route", counted)
     w = nn.Parameter(torch.randn(6, 4))

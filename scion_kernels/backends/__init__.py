@@ -121,6 +121,8 @@ class Route:
     #: Per parameter, its fused backend's polar factor for a Spectral norm (one function per
     #: backend and norm, so the distributed step batches them), else ``None``.
     polars: tuple[Callable[[Tensor], Tensor] | None, ...]
+    #: Whether it was made for a capturable optimizer.
+    capturable: bool = False
 
     def matches(self, group: dict[str, Any]) -> bool:
         """Whether ``group`` still has the options and parameters (their shapes, dtypes and
@@ -184,10 +186,12 @@ def _polar(backend: Backend, norm: Spectral, device: torch.device) -> Callable[[
     return lambda G: ops.polar(backend, G, coefficients, dtype)
 
 
-def route(group: dict[str, Any], where: str, norm: Norm | None = None) -> Route:
-    """Resolve ``group`` (``where`` names it in errors; ``norm``: its norm, if already made):
-    raises ``ValueError`` when it names a fused backend that cannot run on one of its
-    parameters' devices."""
+def route(
+    group: dict[str, Any], where: str, norm: Norm | None = None, capturable: bool = False
+) -> Route:
+    """Resolve ``group`` (``where`` names it in errors; ``norm``: its norm, if already made)
+    for a ``capturable`` optimizer or not: raises ``ValueError`` when it names a fused backend
+    that cannot run on one of its parameters' devices."""
     option = group["backend"]
     if norm is None:
         norm = make_norm(group["norm"], group["norm_kwargs"])
@@ -207,7 +211,7 @@ def route(group: dict[str, Any], where: str, norm: Norm | None = None) -> Route:
     made: dict[tuple[str, int, torch.device], Callable[[Tensor], Tensor]] = {}
     buffer_dtype = group.get("buffer_dtype")
     for p, backend in zip(params, chosen, strict=True):
-        why = backend.refusal(norm, p.shape, p.dtype, p.device, buffer_dtype)
+        why = backend.refusal(norm, p.shape, p.dtype, p.device, buffer_dtype, capturable)
         if why is not None:
             why, backend = f"{backend.name} does not take {why}", get("torch")
         backends.append(backend)
@@ -225,5 +229,5 @@ def route(group: dict[str, Any], where: str, norm: Norm | None = None) -> Route:
     picked_norms = tuple(norm.pick(p.shape) for p in params)
     return Route(
         option, group["norm"], options, norm, shapes, tuple(backends), picked_norms,
-        tuple(fallbacks), tuple(polars),
+        tuple(fallbacks), tuple(polars), capturable,
     )  # fmt: skip

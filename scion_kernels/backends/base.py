@@ -74,6 +74,9 @@ class Capabilities:
     max_steps: int | None = None
     #: The lowest CUDA compute capability the kernels are built for.
     min_capability: tuple[int, int] = (8, 0)
+    #: Whether a step can be captured in a CUDA graph (``capturable=True``): ``lr`` read on the
+    #: device, nothing read on the host.
+    capturable: bool = False
 
 
 def capability(device: torch.device) -> tuple[int, int] | None:
@@ -139,13 +142,17 @@ class Backend:
         dtype: torch.dtype,
         device: torch.device,
         buffer_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ) -> str | None:
         """What the kernels do not take about a parameter of ``shape`` and ``dtype`` on
         ``device`` under ``norm`` (``Auto`` is resolved first), with its averaging buffer in
-        ``buffer_dtype`` (``None``: the gradient's), as a phrase that follows "does not take",
-        or ``None`` if they take it. Reads the capabilities and the norm's layout only, never
-        data. (Whether the kernels run on ``device`` at all is :meth:`unavailable_reason`.)"""
+        ``buffer_dtype`` (``None``: the gradient's), in a ``capturable`` group or not, as a
+        phrase that follows "does not take", or ``None`` if they take it. Reads the
+        capabilities and the norm's layout only, never data. (Whether the kernels run on
+        ``device`` at all is :meth:`unavailable_reason`.)"""
         caps, picked = self.capabilities, norm.pick(shape)
+        if capturable and not caps.capturable:
+            return "capturable steps (its kernels read lr on the host)"
         if "*" not in caps.norms and picked.name not in caps.norms:
             return f"the {picked.name} norm"
         for what, t in (("parameters", dtype), ("buffers", buffer_dtype)):

@@ -24,6 +24,7 @@ class Reference(Backend):
         compute_dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
         polars=POLARS,
         reshapes_only=False,
+        capturable=True,
     )
     fused = False
 
