@@ -838,6 +838,61 @@ def test_step_never_waits_for_the_device(kernels):
 
 
 @needs_gpu
+def test_capturable_step_replays_with_a_scheduled_lr():
+    """``capturable=True``: the reference step, captured in a CUDA graph after warm-up steps,
+    replays the eager steps bit for bit while a device tensor ``lr`` changes in place between
+    replays (as a scheduler writes it), with torch's sync debug mode raising on any host
+    synchronization during the eager steps."""
+    from scion_kernels import param_groups
+
+    torch.manual_seed(0)
+    eager_model = _gpu_model().cuda()
+    graph_model = copy.deepcopy(eager_model)
+    lrs = [torch.tensor(0.02, device="cuda") for _ in range(2)]
+    eager, captured = (
+        Scion(param_groups(m, "mlp"), lr=lr, momentum=0.3, nonfinite="ignore", capturable=True)
+        for m, lr in ((eager_model, lrs[0]), (graph_model, lrs[1]))
+    )
+    eager_params, graph_params = list(eager_model.parameters()), list(graph_model.parameters())
+    static = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static, strict=True):
+        p.grad = g
+
+    def feed(k: int) -> None:
+        for lr in lrs:
+            lr.fill_(0.02 * (1.0 - 0.1 * k))
+        for p, g in zip(eager_params, static, strict=True):
+            p.grad = torch.randn_like(p)
+            g.copy_(p.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(2):  # warm-up on a side stream: the state is made here
+            feed(k)
+            eager.step()
+            captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    feed(2)
+    with torch.cuda.graph(graph):
+        captured.step()
+    eager.step()  # the captured step did not run; the first replay is its step
+    graph.replay()
+    for k in range(3, 6):
+        feed(k)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eager.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_params, graph_params, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
 @over("triton", "cuda")
 def test_step_replays_as_a_cuda_graph(kernels):
     """A fused step captured in a CUDA graph (after warm-up steps, as torch asks) replays the
