@@ -108,6 +108,17 @@ def test_cpu_timer_measures_something():
     assert 0 < ms < 1000 and math.isfinite(ms)
 
 
+def test_host_cost_prints_every_row(capsys):
+    from bench import host_cost
+
+    assert host_cost.main(["--steps", "2", "--rounds", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][2:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| AdamW (foreach)", "| Scion, bf16 Newton–Schulz", "| Scion, float32 Newton–Schulz"
+    ]  # fmt: skip
+    assert all(float(r.split(" | ")[1]) > 0 for r in rows)
+
+
 # --------------------------------------------------------------------------- micro-benchmarks
 
 
