@@ -200,15 +200,11 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
                 if bool(_unsafe(nrm).any()):
                     work[i] = _divide_by_max(work[i])
                     norms[i] = torch.linalg.vector_norm(work[i], dim=(-2, -1), keepdim=True)
-    # The reciprocals of all norms at once (a zero norm gives 0), then one product per matrix.
-    flat = _cat_flat(norms)
-    invs = torch.where(flat > 0, flat.reciprocal(), torch.zeros_like(flat)).split(
-        [W.shape[0] for W in work]
-    )
     out = torch.empty((sum(M.shape[0] for M in mats), m, n), dtype=dtype, device=device)
     k = 0
-    for W, inv in zip(work, invs, strict=True):
-        torch.mul(W, inv.reshape(-1, 1, 1), out=out[k : k + W.shape[0]])
+    for W, nrm in zip(work, norms, strict=True):
+        inv = torch.where(nrm > 0, nrm.reciprocal(), torch.zeros_like(nrm))
+        torch.mul(W, inv, out=out[k : k + W.shape[0]])
         k += W.shape[0]
     return out
 
