@@ -195,7 +195,7 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
     else:
         norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
-        if bool(_unsafe(_cat_flat(norms)).any()):
+        if bool(_unsafe(torch.cat([nrm.reshape(-1) for nrm in norms])).any()):
             for i, nrm in enumerate(norms):
                 if bool(_unsafe(nrm).any()):
                     work[i] = _divide_by_max(work[i])
@@ -207,13 +207,6 @@ def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         torch.mul(W, inv, out=out[k : k + W.shape[0]])
         k += W.shape[0]
     return out
-
-
-def _cat_flat(tensors: list[Tensor]) -> Tensor:
-    """The tensors' elements in one flat tensor (the one tensor itself, flattened, if alone)."""
-    return (
-        tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
-    )
 
 
 def _unsafe(norms: Tensor) -> Tensor:

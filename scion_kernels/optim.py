@@ -140,7 +140,7 @@ class _ScionBase(torch.optim.Optimizer):
         domain."""
         _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
         lr, devices = group["lr"], {p.device for p in group.get("params", [])}
-        if getattr(self, "capturable", False) and isinstance(lr, Tensor):
+        if self.capturable and isinstance(lr, Tensor):
             if any(d.type != "cpu" and d != lr.device for d in devices):
                 raise ValueError(
                     f"capturable=True ({where}) needs a tensor lr on the parameters' device "

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -837,6 +838,58 @@ def test_step_never_waits_for_the_device(kernels):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def _assert_replays_the_eager_steps(
+    eager_model: nn.Module,
+    graph_model: nn.Module,
+    eager: Scion,
+    captured: Scion,
+    before_step: Callable[[int], None] = lambda k: None,
+    watch_syncs: bool = False,
+) -> None:
+    """Warm both optimizers up on a side stream (as torch.cuda.graphs documents; the state is
+    made there), capture ``captured.step()`` in a CUDA graph, then replay it beside eager steps
+    on the same fresh gradients (``before_step(k)`` runs before step ``k``; ``watch_syncs``:
+    torch's sync debug mode raises on a host synchronization in the later eager steps): the
+    parameters must end bit for bit equal."""
+    eager_params, graph_params = list(eager_model.parameters()), list(graph_model.parameters())
+    static = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static, strict=True):
+        p.grad = g
+
+    def feed(k: int) -> None:
+        before_step(k)
+        for p, g in zip(eager_params, static, strict=True):
+            p.grad = torch.randn_like(p)
+            g.copy_(p.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(2):
+            feed(k)
+            eager.step()
+            captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    feed(2)
+    with torch.cuda.graph(graph):
+        captured.step()
+    eager.step()  # the captured step did not run; the first replay is its step
+    graph.replay()
+    for k in range(3, 6):
+        feed(k)
+        if watch_syncs:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            eager.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_params, graph_params, strict=True):
+        assert torch.equal(a, b)
+
+
 @needs_gpu
 def test_capturable_step_replays_with_a_scheduled_lr():
     """``capturable=True``: the reference step, captured in a CUDA graph after warm-up steps,
@@ -853,43 +906,14 @@ def test_capturable_step_replays_with_a_scheduled_lr():
         Scion(param_groups(m, "mlp"), lr=lr, momentum=0.3, nonfinite="ignore", capturable=True)
         for m, lr in ((eager_model, lrs[0]), (graph_model, lrs[1]))
     )
-    eager_params, graph_params = list(eager_model.parameters()), list(graph_model.parameters())
-    static = [torch.zeros_like(p) for p in graph_params]
-    for p, g in zip(graph_params, static, strict=True):
-        p.grad = g
 
-    def feed(k: int) -> None:
+    def schedule(k: int) -> None:
         for lr in lrs:
             lr.fill_(0.02 * (1.0 - 0.1 * k))
-        for p, g in zip(eager_params, static, strict=True):
-            p.grad = torch.randn_like(p)
-            g.copy_(p.grad)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(2):  # warm-up on a side stream: the state is made here
-            feed(k)
-            eager.step()
-            captured.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    feed(2)
-    with torch.cuda.graph(graph):
-        captured.step()
-    eager.step()  # the captured step did not run; the first replay is its step
-    graph.replay()
-    for k in range(3, 6):
-        feed(k)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            eager.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(eager_params, graph_params, strict=True):
-        assert torch.equal(a, b)
+    _assert_replays_the_eager_steps(
+        eager_model, graph_model, eager, captured, schedule, watch_syncs=True
+    )
 
 
 @needs_gpu
@@ -901,34 +925,4 @@ def test_step_replays_as_a_cuda_graph(kernels):
     eager_model = _gpu_model().cuda()
     graph_model = copy.deepcopy(eager_model)
     eager, captured = _gpu_opt(eager_model, kernels.name), _gpu_opt(graph_model, kernels.name)
-    eager_params, graph_params = list(eager_model.parameters()), list(graph_model.parameters())
-    static = [torch.zeros_like(p) for p in graph_params]
-    for p, g in zip(graph_params, static, strict=True):
-        p.grad = g
-
-    def feed() -> None:
-        for p, g in zip(eager_params, static, strict=True):
-            p.grad = torch.randn_like(p)
-            g.copy_(p.grad)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs documents
-            feed()
-            eager.step()
-            captured.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    feed()
-    with torch.cuda.graph(graph):
-        captured.step()
-    eager.step()  # the captured step did not run; the first replay is its step
-    graph.replay()
-    for _ in range(3):
-        feed()
-        eager.step()
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(eager_params, graph_params, strict=True):
-        assert torch.equal(a, b)
+    _assert_replays_the_eager_steps(eager_model, graph_model, eager, captured)

@@ -121,8 +121,6 @@ class Route:
     #: Per parameter, its fused backend's polar factor for a Spectral norm (one function per
     #: backend and norm, so the distributed step batches them), else ``None``.
     polars: tuple[Callable[[Tensor], Tensor] | None, ...]
-    #: Whether it was made for a capturable optimizer.
-    capturable: bool = False
 
     def matches(self, group: dict[str, Any]) -> bool:
         """Whether ``group`` still has the options and parameters (their shapes, dtypes and
@@ -229,5 +227,5 @@ def route(
     picked_norms = tuple(norm.pick(p.shape) for p in params)
     return Route(
         option, group["norm"], options, norm, shapes, tuple(backends), picked_norms,
-        tuple(fallbacks), tuple(polars), capturable,
+        tuple(fallbacks), tuple(polars),
     )  # fmt: skip

@@ -146,7 +146,7 @@ class Backend:
     ) -> str | None:
         """What the kernels do not take about a parameter of ``shape`` and ``dtype`` on
         ``device`` under ``norm`` (``Auto`` is resolved first), with its averaging buffer in
-        ``buffer_dtype`` (``None``: the gradient's), in a ``capturable`` group or not, as a
+        ``buffer_dtype`` (``None``: the gradient's), for a ``capturable`` optimizer or not, as a
         phrase that follows "does not take", or ``None`` if they take it. Reads the
         capabilities and the norm's layout only, never data. (Whether the kernels run on
         ``device`` at all is :meth:`unavailable_reason`.)"""
