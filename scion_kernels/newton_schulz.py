@@ -179,34 +179,39 @@ _SAFE_NORM = (2.0**-60, 2.0**60)
 def normalized_stack(mats: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """``M / ‖M‖_F`` for every matrix of ``mats`` (each ``(B_i, m, n)``), stacked, in ``dtype``.
 
-    The norm is taken in float32 (float64 for float64 input or compute dtype) and the scaled
-    matrix is rounded once to ``dtype``. Zero-safe and without an ε floor: a zero matrix stays
-    zero, a matrix of 1e-30 or 1e30 entries still gets norm 1, because such matrices are first
-    divided by their largest entry. On CUDA and while ``torch.compile`` traces, that pre-scale
-    always runs (one more memory-bound pass, no host sync, so CUDA graphs and the compiler see
-    one graph); elsewhere it runs only when a norm falls outside [2⁻⁶⁰, 2⁶⁰] (one host sync to
-    find out). Non-finite input gives non-finite output.
+    The matrices are copied into one contiguous stack in float32 (float64 for float64 input or
+    compute dtype), their norms taken there, and each scaled matrix rounded once to ``dtype``: a few
+    operations per call, whatever the number of matrices. Zero-safe and without an ε floor: a
+    zero matrix stays zero, a matrix of 1e-30 or 1e30 entries still gets norm 1, because such
+    matrices are first divided by their largest entry. On CUDA and while ``torch.compile``
+    traces, that pre-scale always runs (one more memory-bound pass, no host sync, so CUDA
+    graphs and the compiler see one graph); elsewhere it runs only when a norm falls outside
+    [2⁻⁶⁰, 2⁶⁰] (one host sync to find out). Non-finite input gives non-finite output.
     """
     device = mats[0].device
     m, n = mats[0].shape[-2:]
-    work = [M.to(_norm_dtype(M.dtype, dtype)) for M in mats]
-    if device.type == "cuda" or torch.compiler.is_compiling():
-        work = [_divide_by_max(W) for W in work]
-        norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
+    work_dtype = _norm_dtype(mats[0].dtype, dtype)
+    if len(mats) == 1:
+        # Contiguous, as a stack is: the norm's sums then run in one order for every layout.
+        W = mats[0].to(work_dtype, memory_format=torch.contiguous_format)
+        owned = W is not mats[0]
     else:
-        norms = [torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True) for W in work]
-        if bool(_unsafe(torch.cat([nrm.reshape(-1) for nrm in norms])).any()):
-            for i, nrm in enumerate(norms):
-                if bool(_unsafe(nrm).any()):
-                    work[i] = _divide_by_max(work[i])
-                    norms[i] = torch.linalg.vector_norm(work[i], dim=(-2, -1), keepdim=True)
-    out = torch.empty((sum(M.shape[0] for M in mats), m, n), dtype=dtype, device=device)
-    k = 0
-    for W, nrm in zip(work, norms, strict=True):
-        inv = torch.where(nrm > 0, nrm.reciprocal(), torch.zeros_like(nrm))
-        torch.mul(W, inv, out=out[k : k + W.shape[0]])
-        k += W.shape[0]
-    return out
+        W = torch.empty((sum(M.shape[0] for M in mats), m, n), dtype=work_dtype, device=device)
+        torch.cat(mats, out=W)
+        owned = True
+    if device.type == "cuda" or torch.compiler.is_compiling():
+        W = _divide_by_max(W, owned)
+        norms = torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True)
+    else:
+        norms = torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True)
+        unsafe = _unsafe(norms)
+        if bool(unsafe.any()):
+            W = torch.where(unsafe, _divide_by_max(W, False), W)
+            norms = torch.linalg.vector_norm(W, dim=(-2, -1), keepdim=True)
+    inv = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+    if W.dtype == dtype and owned:
+        return W.mul_(inv)
+    return torch.mul(W, inv, out=torch.empty(W.shape, dtype=dtype, device=device))
 
 
 def _unsafe(norms: Tensor) -> Tensor:
@@ -215,11 +220,13 @@ def _unsafe(norms: Tensor) -> Tensor:
     return ~((norms >= lo) & (norms <= hi))
 
 
-def _divide_by_max(W: Tensor) -> Tensor:
-    """Each matrix over its largest absolute entry (a zero matrix unchanged; NaN propagates)."""
+def _divide_by_max(W: Tensor, in_place: bool) -> Tensor:
+    """Each matrix over its largest absolute entry (a zero matrix unchanged; NaN propagates),
+    in ``W`` itself where ``in_place``."""
     amax = torch.linalg.vector_norm(W, ord=math.inf, dim=(-2, -1), keepdim=True)
     # A division, not a multiplication by 1/amax: the reciprocal of a subnormal overflows.
-    return W / torch.where(amax > 0, amax, torch.ones_like(amax))
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return W.div_(amax) if in_place else W / amax
 
 
 def _norm_dtype(input_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:

@@ -516,31 +516,47 @@ class Spectral(_MatrixNorm):
         self, gs: Sequence[Tensor], polar: Callable[[Tensor], Tensor] | None = None
     ) -> list[Tensor]:
         """``[lmo(g) for g in gs]``; ``polar``, if given, computes the polar factor of a stack
-        of wide matrices ``(B, m, n)`` (a backend's kernels) in place of :meth:`polar_factor`."""
-        # Orient every matrix wide (m ≤ n), then orthogonalize all matrices of one oriented
-        # shape with one batched call: a 3072×768 and a 768×3072 weight share a batch (on a
-        # CPU, large matrices go alone: see newton_schulz.stacks_well).
+        of wide matrices ``(B, m, n)`` (a backend's kernels) in place of :meth:`polar_factor`.
+
+        Every matrix is oriented wide (``m ≤ n``), and all matrices of one oriented shape are
+        orthogonalized by one call: a 3072×768 and a 768×3072 weight share a stack (on a CPU,
+        large matrices go alone: see :func:`~scion_kernels.newton_schulz.stacks_well`). Within
+        a stack the matrices are ordered by orientation and factor ``s``, so each run of equal
+        ones is turned back, converted to the update dtype and scaled by one operation each.
+        """
         factor = self.polar_factor if polar is None else (lambda mats: polar(_cat(mats)))
         blocks = [self._blocks(self._matrices(g)) for g in gs]
-        oriented, tall = [], []
-        for b in itertools.chain.from_iterable(blocks):
-            is_tall = orient(*b.shape[-2:])[2]
-            oriented.append(b.mT if is_tall else b)
-            tall.append(is_tall)
-        polars = _stacked_apply(
-            oriented, factor, lambda m: not stacks_well(m.device, *m.shape[-2:])
-        )
+        # Per block: (its parameter, the block oriented wide, whether it was tall, its factor).
+        entries: list[tuple[int, Tensor, bool, float]] = []
+        for j, (g, bs) in enumerate(zip(gs, blocks, strict=True)):
+            for b in bs:
+                tall = orient(*b.shape[-2:])[2]
+                entries.append((j, b.mT if tall else b, tall, self._block_scale(b, g.shape)))
+        stacks: dict[tuple, list[int]] = {}
+        for k, (_, o, _, _) in enumerate(entries):
+            alone = not stacks_well(o.device, *o.shape[-2:])
+            stacks.setdefault((o.device, o.dtype, *o.shape[1:], k if alone else -1), []).append(k)
+        results: list[Tensor | None] = [None] * len(entries)
+        for members in stacks.values():
+            members.sort(key=lambda k: entries[k][2:])  # stable: runs of (tall, factor)
+            R = factor([entries[k][1] for k in members])
+            dtype = self.update_dtype(gs[entries[members[0]][0]].dtype)
+            start = 0
+            for (tall, s), run in itertools.groupby(members, key=lambda k: entries[k][2:]):
+                run = list(run)
+                sizes = [entries[k][1].shape[0] for k in run]
+                part = R[start : start + sum(sizes)]
+                start += sum(sizes)
+                # A tall matrix's factor is turned back into a contiguous copy, so the update
+                # reads it in order (a strided add is ~4× slower). R is this call's own.
+                part = (part.mT if tall else part).to(dtype, memory_format=torch.contiguous_format)
+                part.mul_(s)
+                for k, piece in zip(run, part.split(sizes), strict=True):
+                    results[k] = piece
         out, k = [], 0
         for g, bs in zip(gs, blocks, strict=True):
-            scaled = []
-            for b in bs:
-                # A tall matrix's factor is a transposed view: its float copy is made
-                # contiguous, so the update reads it in order (a strided add is ~4× slower).
-                p = polars[k].mT if tall[k] else polars[k]
-                p = p.to(self.update_dtype(g.dtype), memory_format=torch.contiguous_format)
-                scaled.append(p.mul_(self._block_scale(b, g.shape)))
-                k += 1
-            out.append(self._assemble(scaled, g.shape))
+            out.append(self._assemble(results[k : k + len(bs)], g.shape))  # type: ignore[arg-type]
+            k += len(bs)
         return out
 
     def init(self, w: Tensor) -> Tensor:
@@ -671,14 +687,36 @@ class _Grouped(Norm):
         raise NotImplementedError
 
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
-        """Tensors whose matrices have one shape are stacked: one LMO call per shape."""
+        """The same LMO on every tensor, in a few operations per call: Sign, and ℓ2 groups
+        that are the whole tensor (BiasRMS), by ``torch._foreach_*`` over all of them; row and
+        column groups stacked, one LMO call per shape of their matrices."""
         specs = [self.group_spec(g.shape) for g in gs]
-        views = [g.to(_work_dtype(g)).reshape(s.matrices) for g, s in zip(gs, specs, strict=True)]
-        by_shape = {tuple(v.shape[1:]): s for v, s in zip(views, specs, strict=True)}
-        res = _stacked_apply(
-            views, lambda ms: _grouped_lmo(_cat(ms), by_shape[tuple(ms[0].shape[1:])])
-        )
-        return [r.reshape(g.shape) for g, r in zip(gs, res, strict=True)]
+        work = [g if g.dtype == _work_dtype(g) else g.to(_work_dtype(g)) for g in gs]
+        out: list[Tensor | None] = [None] * len(gs)
+        signs = [i for i, s in enumerate(specs) if s.sign]
+        if signs:
+            us = torch._foreach_sign([work[i] for i in signs])
+            torch._foreach_mul_(us, [specs[i].q for i in signs])
+            for i, u in zip(signs, us, strict=True):
+                out[i] = u
+        wholes = [i for i, s in enumerate(specs) if s.whole and not s.sign]
+        if wholes:
+            ws = [work[i] for i in wholes]
+            denominators = torch._foreach_norm(ws)
+            torch._foreach_mul_(denominators, [specs[i].q for i in wholes])
+            torch._foreach_add_(denominators, [specs[i].eps for i in wholes])
+            for i, u in zip(wholes, torch._foreach_div(ws, denominators), strict=True):
+                out[i] = u
+        rest = [i for i, u in enumerate(out) if u is None]
+        if rest:
+            views = [work[i].reshape(specs[i].matrices) for i in rest]
+            by_shape = {tuple(v.shape[1:]): specs[i] for v, i in zip(views, rest, strict=True)}
+            res = _stacked_apply(
+                views, lambda ms: _grouped_lmo(_cat(ms), by_shape[tuple(ms[0].shape[1:])])
+            )
+            for i, r in zip(rest, res, strict=True):
+                out[i] = r.reshape(gs[i].shape)
+        return out  # type: ignore[return-value]
 
     def partial_sums(self, d: Tensor) -> Tensor | None:
         spec = self.group_spec(d.shape)
