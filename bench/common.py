@@ -50,7 +50,7 @@ OPTIONAL_KEYS = (
     "touch_s",  # for "init": seconds of a first zero_() pass over freshly materialized memory
     "note",
 )
-BENCHES = ("kernels", "polar", "step", "elementwise", "init")
+BENCHES = ("kernels", "polar", "step", "graph", "elementwise", "init")
 
 
 def device_name(device: torch.device) -> str:

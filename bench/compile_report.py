@@ -93,14 +93,15 @@ def variants(quick: bool = False) -> list[Variant]:
         ),
         Variant(
             "grouped", "rows 4x256",
-            {"strips": "i64", "ints": "i64", "floats": "fp32", **ns_ptr},
-            dict(HAS_BUF=True, SIGN=False, EMULATE_RNE=False, BLOCK_R=4, BLOCK_L=256), 4, 1,
+            {"strips": "i64", "ints": "i64", "floats": "fp32", "lr": "fp32", **ns_ptr},
+            dict(HAS_BUF=True, SIGN=False, LR_TENSOR=False, EMULATE_RNE=False, BLOCK_R=4,
+                 BLOCK_L=256), 4, 1,
         ),
     ]  # fmt: skip
     syrk_ptr = {"y": "bf16", "d": "bf16", "c": "bf16"}
     apply_ptr = {
         "p_mat": "bf16", "x": "bf16", "out": "bf16", "table": "i64", "factors": "fp32",
-        "p_like": "fp32",
+        "p_like": "fp32", "lr": "fp32",
     }  # fmt: skip
     syrk = Policy().syrk[:1] if quick else Policy().syrk
     apply = Policy().apply[:1] if quick else Policy().apply
@@ -117,12 +118,12 @@ def variants(quick: bool = False) -> list[Variant]:
         for aligned in (True,) if quick else (True, False):
             out.append(Variant(
                 "apply", f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} update", apply_ptr,
-                dict(UPDATE=True, UPDATE_ROWS=32, **_COMPILED, **c),
+                dict(UPDATE=True, LR_TENSOR=False, UPDATE_ROWS=32, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
     small_ptr = {
         "table": "i64", "out": "bf16", "ptable": "i64", "factors": "fp32", "steps": "fp32",
-        **ns_ptr,
+        "lr": "fp32", **ns_ptr,
     }  # fmt: skip
     sizes = [(64, 128)]
     if not quick:
@@ -131,7 +132,8 @@ def variants(quick: bool = False) -> list[Variant]:
         warps = 4 if bm * bn <= 4096 else 8
         out.append(Variant(
             "small", f"{bm}x{bn} update", small_ptr,
-            dict(STEPS=5, HAS_BUF=True, UPDATE=True, **_COMPILED, BLOCK_M=bm, BLOCK_N=bn),
+            dict(STEPS=5, HAS_BUF=True, UPDATE=True, LR_TENSOR=False, **_COMPILED, BLOCK_M=bm,
+                 BLOCK_N=bn),
             warps, 1,
         ))  # fmt: skip
     return out

@@ -22,6 +22,8 @@ stage          budget  predicted  what
 ``headline``     90 s      55 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend, GPT-2 small steps with peak memory
+``graphs``       45 s      25 s   a GPT-2-small step eager and replayed as a CUDA graph, per
+                                  backend, beside fused AdamW and Muon (``bench.graph``)
 ``parity``      110 s      80 s   the parity tests of every backend (``pytest -n 8``; the host
                                   emulation's cases are CPU tests, left to CI)
 ``marked``       20 s      10 s   the ``gpu``-marked tests of ``test_optim.py``
@@ -35,7 +37,7 @@ stage          budget  predicted  what
 ``table``        10 s       3 s   the ``backend="auto"`` table from the timings, into the archive
 =============  ======  =========  ===============================================================
 
-Predicted on the H200: about 310 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
+Predicted on the H200: about 335 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
 check's time budget", gives the reasoning). Tests are stopped with SIGINT first, so pytest
 still writes its summary and JUnit XML; benchmarks with SIGTERM, on which they write what they
 measured.
@@ -117,6 +119,8 @@ TILE_WARM_PROCESSES = 6
 TARGET_NS_4096_MS = 1.8
 TARGET_NS_SPEEDUP = 1.4
 TARGET_STEP_MS = 4.0
+#: Issue 26's target for a GPT-2-small Scion step replayed as a CUDA graph (bench/NOTES.md).
+TARGET_GRAPH_STEP_MS = 2.5
 
 
 class Stopped(Exception):
@@ -487,6 +491,11 @@ def stage_headline(check: Check, deadline: float) -> StageResult:
     return _bench(check, "headline", args, deadline)
 
 
+def stage_graphs(check: Check, deadline: float) -> StageResult:
+    """A GPT-2-small optimizer step eager and replayed as a CUDA graph (bench/graph.py)."""
+    return _bench(check, "graphs", ["--only", "graph"], deadline)
+
+
 def stage_tiles(check: Check, deadline: float) -> StageResult:
     """Every tile candidate of the Triton products at the shapes that matter (bench/tiles.py),
     compiled by the warm stage."""
@@ -609,6 +618,7 @@ STAGES = [
     Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
     Stage("warm", 60, 35, stage_warm),
     Stage("headline", 90, 55, stage_headline),
+    Stage("graphs", 45, 25, stage_graphs),
     Stage("parity", 110, 80, stage_parity),
     Stage("marked", 20, 10, stage_marked),
     Stage("memcheck", 40, 25, stage_memcheck),
@@ -790,6 +800,7 @@ def headline(work: Path) -> list[str]:
                     f"{r['backend']} {r['ms']:.4g} ms — {met}"
                 )
         lines.append("")
+    lines += _graph_lines(_jsonl(work / "bench" / "graphs.jsonl"))
     lines += _tile_lines(_jsonl(work / "bench" / "tiles.jsonl"))
     compile_json = work / "compile.json"
     if compile_json.exists():
@@ -799,6 +810,28 @@ def headline(work: Path) -> list[str]:
             + ", ".join(c["targets"])
         )
     return lines or ["no figures yet"]
+
+
+def _graph_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per optimizer and backend: the eager step, the replayed one, and the target."""
+    if not rows:
+        return []
+    lines = [f"Optimizer step, {rows[0]['model']}, eager and replayed as a CUDA graph "
+             "(bench/graph.py):", "", "| optimizer | backend | eager ms | replayed ms |",
+             "|---|---|---|---|"]  # fmt: skip
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        mode = "replayed" if r.get("note", "").endswith("replayed") else "eager"
+        table.setdefault((r["optimizer"], r["backend"]), {})[mode] = r["ms"]
+    for (optimizer, backend), ms in table.items():
+        cells = [f"{ms[m]:.4g}" if m in ms else "—" for m in ("eager", "replayed")]
+        lines.append(f"| {optimizer} | {backend} | {cells[0]} | {cells[1]} |")
+    for (optimizer, backend), ms in table.items():
+        if optimizer == "Scion" and "replayed" in ms and rows[0]["model"] == "gpt2-small":
+            met = "met" if ms["replayed"] <= TARGET_GRAPH_STEP_MS else "not met"
+            lines.append(f"target replayed GPT-2 small Scion step ≤ {TARGET_GRAPH_STEP_MS} ms: "
+                         f"{backend} {ms['replayed']:.4g} ms — {met}")  # fmt: skip
+    return [*lines, ""]
 
 
 def _tile_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -28,6 +28,7 @@ KERNEL_COLUMNS = [
     "kernel", "shape", "backend", "config", "dtype", "ms", "tflops", "ceiling_fraction", "note",
 ]  # fmt: skip
 ELEMENTWISE_COLUMNS = ["backend", "note", "shape", "numel", "dtype", "ms", "gbps"]
+GRAPH_COLUMNS = ["model", "optimizer", "backend", "ms", "note"]
 INIT_COLUMNS = ["model", "draws", "numel", "touch_s", "first_s", "ms", "tflops", "note"]
 
 
@@ -58,6 +59,7 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ("kernels", "Newton–Schulz products, kernel by kernel", KERNEL_COLUMNS),
         ("polar", "Polar factor", POLAR_COLUMNS),
         ("step", "Optimizer step", STEP_COLUMNS),
+        ("graph", "Optimizer step, eager and replayed as a CUDA graph", GRAPH_COLUMNS),
         ("elementwise", "Memory-bound stages", ELEMENTWISE_COLUMNS),
         ("init", "Scion.init() on a whole model", INIT_COLUMNS),
     ):

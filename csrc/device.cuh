@@ -134,6 +134,17 @@ __device__ __forceinline__ float average_element(const void* g, int64_t g_at, sc
   return store_from_float(d, d_at, d_dtype, __fmaf_rn(alpha, v, __fmul_rn(beta, old)));
 }
 
+// The update's factors of u and x: (coef, decay) as given, or, with a device learning rate t
+// (`lr`, one float32; null: none), per unit of it: (coef·t, 1 − decay·t). Read once per thread.
+struct StepFactors {
+  float coef, decay;
+};
+__device__ __forceinline__ StepFactors step_factors(const float* lr, float coef, float decay) {
+  if (lr == nullptr) return StepFactors{coef, decay};
+  const float t = *lr;
+  return StepFactors{__fmul_rn(coef, t), __fmaf_rn(-decay, t, 1.0f)};
+}
+
 // The 16-bit operand types of the tensor-core products.
 template <typename T>
 struct Operand;

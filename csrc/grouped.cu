@@ -35,6 +35,7 @@ struct GroupedArgs {
   scion_dtype p_dtype, g_dtype, d_dtype;
   bool has_buffer, sign;
   float alpha, beta, coef, decay;
+  const float* lr;  // the device learning rate t, or null (see step_factors)
 };
 static_assert(sizeof(GroupedArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -55,11 +56,11 @@ __device__ __forceinline__ float averaged(const GroupedArgs& a, const scion_grou
                          a.beta);
 }
 
-__device__ __forceinline__ void update(const GroupedArgs& a, const scion_grouped_tensor& t,
-                                       int64_t at, float u) {
+__device__ __forceinline__ void update(const GroupedArgs& a, StepFactors f,
+                                       const scion_grouped_tensor& t, int64_t at, float u) {
   void* p = reinterpret_cast<void*>(t.p);
   const float x = load_as_float(p, at, a.p_dtype);
-  store_from_float(p, at, a.p_dtype, __fmaf_rn(a.coef, u, __fmul_rn(a.decay, x)));
+  store_from_float(p, at, a.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
 }
 
 __device__ __forceinline__ float sign_times(float d, float q) {
@@ -68,14 +69,15 @@ __device__ __forceinline__ float sign_times(float d, float q) {
 
 // A group of `length` elements at `base`, `stride` apart, walked by `lanes` threads from `lane`;
 // returns this thread's share of Σd² (Sign: updates at once, returns 0).
-__device__ __forceinline__ float first_pass(const GroupedArgs& a, const scion_grouped_tensor& t,
-                                            int64_t base, int lane, int lanes) {
+__device__ __forceinline__ float first_pass(const GroupedArgs& a, StepFactors f,
+                                            const scion_grouped_tensor& t, int64_t base, int lane,
+                                            int lanes) {
   float ssq = 0.0f;
   for (int64_t e = lane; e < t.length; e += lanes) {
     const int64_t at = base + e * t.elem_stride;
     const float d = averaged(a, t, at);
     if (a.sign) {
-      update(a, t, at, sign_times(d, t.q));
+      update(a, f, t, at, sign_times(d, t.q));
     } else {
       ssq = __fmaf_rn(d, d, ssq);
     }
@@ -84,14 +86,15 @@ __device__ __forceinline__ float first_pass(const GroupedArgs& a, const scion_gr
 }
 
 // Pass 2 of an ℓ2 group: reads back the d this thread stored (or g) and updates x.
-__device__ __forceinline__ void second_pass(const GroupedArgs& a, const scion_grouped_tensor& t,
-                                            int64_t base, int lane, int lanes, float inv) {
+__device__ __forceinline__ void second_pass(const GroupedArgs& a, StepFactors f,
+                                            const scion_grouped_tensor& t, int64_t base, int lane,
+                                            int lanes, float inv) {
   const void* src =
       a.has_buffer ? reinterpret_cast<const void*>(t.d) : reinterpret_cast<const void*>(t.g);
   const scion_dtype dtype = a.has_buffer ? a.d_dtype : a.g_dtype;
   for (int64_t e = lane; e < t.length; e += lanes) {
     const int64_t at = base + e * t.elem_stride;
-    update(a, t, at, load_as_float(src, at, dtype) * inv);
+    update(a, f, t, at, load_as_float(src, at, dtype) * inv);
   }
 }
 
@@ -111,19 +114,20 @@ __global__ void __launch_bounds__(kThreads) grouped_kernel(const __grid_constant
   const int64_t first = static_cast<int64_t>(block - a.block_start[lo]) * groups_per_block(t);
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
+  const StepFactors f = step_factors(a.lr, a.coef, a.decay);
   if (lane_groups(t)) {
     const int64_t group = first + threadIdx.x;
     if (group < t.groups) {
       const int64_t base = group * t.group_stride;
-      const float ssq = first_pass(a, t, base, 0, 1);
-      if (!a.sign) second_pass(a, t, base, 0, 1, 1.0f / (sqrtf(ssq) * t.q + t.eps));
+      const float ssq = first_pass(a, f, t, base, 0, 1);
+      if (!a.sign) second_pass(a, f, t, base, 0, 1, 1.0f / (sqrtf(ssq) * t.q + t.eps));
     }
   } else {
     const int64_t group = first + warp;
     if (group < t.groups) {  // uniform across the warp: the shuffles see every lane
       const int64_t base = group * t.group_stride;
-      const float ssq = warp_sum(first_pass(a, t, base, lane, 32));
-      if (!a.sign) second_pass(a, t, base, lane, 32, 1.0f / (sqrtf(ssq) * t.q + t.eps));
+      const float ssq = warp_sum(first_pass(a, f, t, base, lane, 32));
+      if (!a.sign) second_pass(a, f, t, base, lane, 32, 1.0f / (sqrtf(ssq) * t.q + t.eps));
     }
   }
 }
@@ -135,7 +139,8 @@ extern "C" {
 
 scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor* tensors,
                                 int p_dtype, int g_dtype, int d_dtype, int sign, double alpha,
-                                double coef, double decay, int device, scion_stream_t stream) {
+                                double coef, double decay, uint64_t lr, int device,
+                                scion_stream_t stream) {
   using namespace scion;
   clear_error();
   if (!check_dtypes("grouped_step", p_dtype, g_dtype, d_dtype)) {
@@ -174,6 +179,7 @@ scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor*
   a.beta = static_cast<float>(1.0 - alpha);
   a.coef = static_cast<float>(coef);
   a.decay = static_cast<float>(decay);
+  a.lr = reinterpret_cast<const float*>(static_cast<uintptr_t>(lr));
   auto flush = [&]() {
     if (a.count == 0) return cudaSuccess;
     const cudaError_t e =

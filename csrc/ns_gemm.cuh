@@ -74,6 +74,7 @@ struct UpdateArgs {
   int32_t m, n;  // true (unpadded) oriented size
   scion_dtype p_dtype;
   float coef, decay;
+  const float* lr;  // the device learning rate t, or null (see step_factors)
 };
 static_assert(sizeof(UpdateArgs) <= 3072, "update references leave too little argument space");
 
@@ -260,6 +261,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   __syncthreads();
   if constexpr (kUpdate) {
     const UpdateRef& ref = upd.refs[local];
+    const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
     const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
     for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
       const int lr = rows_fast ? idx % kTile : idx / kTile;
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const int64_t at = r * ref.rs + c * ref.cs;
         const float x = load_as_float(ref.p, at, upd.p_dtype);
         const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
-        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(upd.coef, u, __fmul_rn(upd.decay, x)));
+        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
       }
     }
   } else {

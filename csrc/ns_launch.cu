@@ -109,7 +109,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       y = swap;
       continue;
     }
-    // The last one also updates the parameters: x ← decay·x + coef·s·X.
+    // The last one also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
     const bool tall = pr.rows > pr.cols;
     return for_each_slice(pr.batch, kMaxRefs, [&](int64_t first, int count) {
       UpdateArgs u{};
@@ -119,6 +119,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       u.p_dtype = static_cast<scion_dtype>(pr.p_dtype);
       u.coef = static_cast<float>(pr.coef);
       u.decay = static_cast<float>(pr.decay);
+      u.lr = reinterpret_cast<const float*>(static_cast<uintptr_t>(pr.lr));
       for (int k = 0; k < count; ++k) {
         const scion_ns_matrix& mat = mats[first + k];
         u.refs[k].p = reinterpret_cast<void*>(static_cast<uintptr_t>(mat.p));
@@ -162,6 +163,7 @@ bool run_small(Launcher& L, const scion_ns_matrix* mats) {
   args.beta = static_cast<float>(1.0 - pr.alpha);
   args.update_coef = static_cast<float>(pr.coef);
   args.decay = static_cast<float>(pr.decay);
+  args.lr = reinterpret_cast<const float*>(static_cast<uintptr_t>(pr.lr));
   const int r = tall ? 1 : 0;  // which stride walks the oriented rows
   return for_each_slice(pr.batch, kSmallRefs, [&](int64_t first, int count) {
     for (int k = 0; k < count; ++k) {

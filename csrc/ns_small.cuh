@@ -40,6 +40,7 @@ struct SmallArgs {
   scion_dtype p_dtype, g_dtype, d_dtype;
   bool has_buffer;
   float alpha, beta, update_coef, decay;
+  const float* lr;  // the device learning rate t, or null (see step_factors)
 };
 static_assert(sizeof(SmallArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -130,13 +131,14 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
   // parameter's rows are X's columns).
   const bool rows_fast =
       (ref.p_rs < 0 ? -ref.p_rs : ref.p_rs) < (ref.p_cs < 0 ? -ref.p_cs : ref.p_cs);
+  const StepFactors f = step_factors(a.lr, a.update_coef, a.decay);
   for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
     const int r = rows_fast ? e % a.m : e / a.n;
     const int c = rows_fast ? e / a.m : e % a.n;
     const int64_t at = r * ref.p_rs + c * ref.p_cs;
     const float x = load_as_float(ref.p, at, a.p_dtype);
     const float u = ref.scale * Operand<T>::to(X[r * ldx + c]);
-    store_from_float(ref.p, at, a.p_dtype, __fmaf_rn(a.update_coef, u, __fmul_rn(a.decay, x)));
+    store_from_float(ref.p, at, a.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
   }
 }
 

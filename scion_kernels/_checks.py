@@ -4,6 +4,7 @@ step. Every check raises an error that names the group or parameter and says wha
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,6 +136,23 @@ def check_params(group: dict[str, Any], index: int, norm: Norm, owner: str = "Sc
         msg = describe_misfit(norm, p.shape, label(group, index, i))
         if msg:
             raise ValueError(msg)
+
+
+def all_finite(grads: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of every tensor of ``grads`` is finite, as a 0-dim bool tensor on the
+    first one's device, decided there (no host sync): their max-norms, which no finite entry
+    overflows (a 2-norm can), are all finite."""
+    device = grads[0].device
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    ok: Tensor | None = None
+    for gs in by_kind.values():
+        finite = torch.stack(torch._foreach_norm(gs, ord=math.inf)).isfinite().all()
+        finite = finite.to(device)
+        ok = finite if ok is None else ok & finite
+    assert ok is not None
+    return ok
 
 
 def first_nonfinite(

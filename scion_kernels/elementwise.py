@@ -65,7 +65,7 @@ def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: 
             )
         group_states, group_grads = groups.setdefault((s.device, s.dtype), ([], []))
         group_states.append(s)
-        group_grads.append(g.to(s.dtype))
+        group_grads.append(g if g.dtype == s.dtype else g.to(s.dtype))
     with torch.no_grad():
         for group_states, group_grads in groups.values():
             torch._foreach_mul_(group_states, 1.0 - alpha)

@@ -41,6 +41,10 @@ NONFINITE_POLICIES = _checks.NONFINITE_POLICIES
 class _ScionBase(torch.optim.Optimizer):
     """What Scion and ScionLight share: options, per-group routes, the step skeleton, ``init()``."""
 
+    #: Whether ``capturable=True`` with ``nonfinite="skip"`` is available (else why not).
+    _skips_on_device = True
+    _skips_on_device_not = ""
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
@@ -66,17 +70,23 @@ class _ScionBase(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool; got {capturable!r}")
-        if capturable and nonfinite != "ignore":
+        if capturable and nonfinite == "raise":
             raise ValueError(
-                f"capturable=True needs nonfinite='ignore': nonfinite={nonfinite!r} reads every "
-                "gradient on the host before the step"
+                "capturable=True needs nonfinite='skip' (decided on the device) or 'ignore': "
+                "nonfinite='raise' reads every gradient on the host before the step"
+            )
+        if capturable and nonfinite == "skip" and not self._skips_on_device:
+            raise ValueError(
+                f"capturable=True with nonfinite='skip' is not available for "
+                f"{type(self).__name__}: {self._skips_on_device_not}"
             )
         self.nonfinite = nonfinite
         #: Whether a step reads nothing on the host (see the class docstring). An attribute of
         #: the optimizer, not of its groups: torch.compile sets a group's ``"capturable"``.
         self.capturable = capturable
-        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
-        self.skipped_steps = 0
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``): an int, or
+        #: in a capturable optimizer a one-element int64 tensor counted on the device.
+        self.skipped_steps: int | Tensor = 0
         #: Each param group's route (:func:`scion_kernels.backends.route`), by index.
         self._routes: list[backends.Route] = []
         #: Each param group's options as they were last checked, by index.
@@ -96,6 +106,10 @@ class _ScionBase(torch.optim.Optimizer):
         self._check_options(dict(defaults), "the defaults")
         make_norm(norm, defaults["norm_kwargs"])
         super().__init__(params, defaults)
+        if capturable and nonfinite == "skip":
+            devices = [p.device for group in self.param_groups for p in group["params"]]
+            device = devices[0] if devices else torch.device("cpu")
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
 
     # ---------------------------------------------------------------------- groups and routes
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -227,10 +241,11 @@ class _ScionBase(torch.optim.Optimizer):
                 work.append((index, group, idx))
 
         bad = None
+        on_device = self.capturable and self.nonfinite == "skip"
         if self._distributed:
             check = self.nonfinite != "ignore"
             work, bad = distributed.agree_work(work, self.process_group, check, _checks.label)
-        elif self.nonfinite != "ignore":
+        elif self.nonfinite != "ignore" and not on_device:
             bad = _checks.first_nonfinite(work)
         if bad is not None:
             self._nonfinite(work, *bad)
@@ -238,18 +253,51 @@ class _ScionBase(torch.optim.Optimizer):
 
         # Every route is resolved (and may raise) before any parameter changes.
         routes = [self._route(index, group) for index, group, idx in work if idx]
+        kept = self._keep_for_a_skip(work) if on_device else None
         for (_, group, idx), route in zip([w for w in work if w[2]], routes, strict=True):
             self._step_group(group, idx, route)
+        if kept is not None:
+            self._skip_on_device(*kept)
         return loss
+
+    def _keep_for_a_skip(
+        self, work: list[tuple[int, dict[str, Any], list[int]]]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """Before a capturable step with ``nonfinite="skip"``: whether every gradient is
+        finite (a device bool, read by no one on the host), every parameter and buffer the step
+        changes, and a copy of each."""
+        grads: list[Tensor] = []
+        changed: list[Tensor] = []
+        for _, group, idx in work:
+            if not idx:
+                continue
+            grads.extend(local(group["params"][i].grad) for i in idx)
+            changed.extend(local(group["params"][i]) for i in idx)
+            bufs = self._fused_buffers(group, idx)  # made here on a first step, then kept
+            if bufs is not None:
+                changed.extend(local(b) for b in bufs)
+        if not grads:
+            return None
+        return _checks.all_finite(grads), changed, torch._foreach_mul(changed, 1.0)
+
+    def _skip_on_device(self, finite: Tensor, changed: list[Tensor], saved: list[Tensor]) -> None:
+        """After the step: each changed tensor keeps its new value where every gradient was
+        finite, else gets its copy back (one select each, on the device); the skip is counted
+        in ``skipped_steps`` there."""
+        for t, old in zip(changed, saved, strict=True):
+            torch.where(finite.to(t.device), t, old, out=t)
+        skipped = self.skipped_steps
+        assert isinstance(skipped, Tensor)
+        skipped.add_(finite.logical_not().to(skipped.device))
 
     def _step_group(self, group: dict[str, Any], idx: list[int], route: backends.Route) -> None:
         """Step parameters ``idx`` of ``group``: the fused backends its route names, then the
         reference on the rest (or the LMOs across ranks)."""
         params = [group["params"][i] for i in idx]
-        # A tensor lr stays a tensor on the reference path (no host sync: torch.compile traces
-        # it as an input); the fused kernels take the number.
+        # A tensor lr stays a tensor (no host sync: torch.compile traces it as an input); the
+        # fused kernels read it on the device.
         lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
-        lr, scale = lr * float(group["lr_scale"]), float(group["scale"])
+        lr_scale, scale = float(group["lr_scale"]), float(group["scale"])
         constrained = not group["unconstrained"]
         left = idx
         if not self._distributed:
@@ -259,7 +307,7 @@ class _ScionBase(torch.optim.Optimizer):
                 if route.backends[i].fused:
                     fused.setdefault(route.backends[i].name, (route.backends[i], []))[1].append(i)
             if fused:
-                update = Update(float(group["momentum"]), float(lr), scale, constrained)
+                update = Update(float(group["momentum"]), lr, scale, constrained, lr_scale)
             for backend, ks in fused.values():
                 chosen = [group["params"][i] for i in ks]
                 undone = fused_step_(
@@ -282,7 +330,8 @@ class _ScionBase(torch.optim.Optimizer):
                 )
             else:
                 updates = route.norm.lmo_many(directions)
-            apply_update_([local(p) for p in rest], updates, lr, scale, constrained)
+            gamma = lr * lr_scale if lr_scale != 1.0 else lr
+            apply_update_([local(p) for p in rest], updates, gamma, scale, constrained)
         self._after_update(group, params)
 
     def _nonfinite(
@@ -480,11 +529,17 @@ class Scion(_ScionBase):
             skips the whole step with a ``RuntimeWarning`` and counts it in ``skipped_steps``;
             ``"ignore"`` checks nothing (no host sync) and lets NaN propagate.
         capturable: a step that reads nothing on the host, so it can be captured in a CUDA
-            graph (torch's name). Needs ``nonfinite="ignore"`` and, to schedule ``lr``, a
-            one-element tensor ``lr`` on the parameters' device, changed in place; a float
+            graph (torch's name). Needs ``nonfinite="ignore"``, or ``"skip"`` decided on the
+            device: the step runs, and where a gradient was not finite every parameter and
+            buffer it changed gets its value back (a copy of them per step, and a select),
+            with no warning; ``skipped_steps`` is then a tensor counted on the device
+            (``Scion`` only: ``ScionLight``'s average in ``p.grad`` cannot be put back). To
+            schedule ``lr``, a one-element tensor ``lr`` on the parameters' device, changed
+            in place; a float
             ``lr`` is fixed into a captured graph. Tensor options are checked when they are
-            replaced, not when they change in place. The reference backend takes it; the fused
-            ones do not yet (they read ``lr`` on the host), so a capturable group steps on the
+            replaced, not when they change in place. Every backend takes it (the fused kernels
+            read a tensor ``lr`` on the device, and make their tables in the warm-up steps
+            before a capture); a backend that declares otherwise leaves its parameters to the
             reference, as ``print(optimizer)`` says. Parameters spread across ranks are
             refused.
         process_group: the ranks holding replicated copies of plain-tensor parameters (after
@@ -576,6 +631,12 @@ class ScionLight(_ScionBase):
     the buffer of every parameter whose gradient was not finite (its average is lost: there is
     no copy).
     """
+
+    _skips_on_device = False
+    _skips_on_device_not = (
+        "its average lives in p.grad, which a non-finite gradient has already changed when "
+        "the step sees it; use Scion, or nonfinite='ignore'"
+    )
 
     #: ``torch.amp.GradScaler`` hands this optimizer the scale and the overflow flag instead of
     #: unscaling ``p.grad`` (the running average) itself; see :meth:`step`.

@@ -63,6 +63,28 @@ class GraphRecorder:
 
         return torch.compile(fn, fullgraph=True, backend=backend)
 
+    def over_a_schedule(self, model, opt, x, lr_lambda, steps: int) -> int:
+        """Train ``model`` on ``x`` for ``steps`` steps with ``opt.step()`` compiled as torch
+        documents it for its optimizers (a compiled function calling it, not ``fullgraph``:
+        every graph a break or a recompile makes is kept) and its tensor ``lr`` moved by
+        ``LambdaLR(lr_lambda)``; returns how many graphs there were after three steps."""
+
+        def backend(gm, example_inputs):
+            self.graphs.append(gm)
+            return gm.forward
+
+        step = torch.compile(lambda: opt.step(), backend=backend)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        warm = 0
+        for k in range(steps):
+            model(x).square().mean().backward()
+            step()
+            sched.step()
+            opt.zero_grad()
+            if k == 2:
+                warm = len(self.graphs)
+        return warm
+
     def assert_same_steps(self, make, grads) -> None:
         """Build ``make() -> (optimizer, params)`` twice and step it over ``grads`` (one list
         per step) eagerly and compiled: the parameters must end bit-identical."""

@@ -39,6 +39,7 @@ import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,7 +323,7 @@ def test_ns_step_matches_reference(kernels, p_dtype, buf_dtype, g_dtype):
     d0 = [b.clone() for b in bufs]
     coeffs = flatten(resolve_coefficients("classic"))
     ops.ns_step_(kernels.backend, params, grads, bufs, tall, factors, 20, 40, torch.bfloat16,
-                 coeffs, alpha, coef, decay)  # fmt: skip
+                 coeffs, alpha, None, coef, decay)  # fmt: skip
 
     for i, p in enumerate(params):
         g = grads[i]
@@ -605,6 +606,71 @@ def test_compiled_step_matches_eager(kernels, mixed_params, graph_recorder, cls,
 
     graph_recorder.assert_same_steps(make, grads)
     assert graph_recorder.ops() == sorted(expected)
+
+
+@over(*FUSED)
+@pytest.mark.parametrize("unconstrained", [False, True])
+def test_tensor_lr_is_read_by_the_kernels(kernels, unconstrained):
+    """A one-element tensor ``lr`` goes to the kernels as a tensor (nothing read on the host)
+    and steps as the same float ``lr`` does, to the rounding of ``γ·ρ`` (formed in float32 on
+    the device rather than in float64 on the host), with ``lr_scale`` and with the tensor
+    changed in place between steps, as a scheduler does; a CPU tensor for device parameters
+    is copied over."""
+    device = kernels.device
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 10)).to(device)
+    twin = copy.deepcopy(model)
+
+    def groups(m: nn.Module) -> list[dict]:
+        weights = [p for p in m.parameters() if p.ndim == 2]
+        biases = [p for p in m.parameters() if p.ndim == 1]
+        return [{"params": weights, "norm": "Spectral", "norm_kwargs": BF16, "lr_scale": 0.5},
+                {"params": biases, "norm": "BiasRMS"}]  # fmt: skip
+
+    lr = torch.tensor(0.05)
+    make = functools.partial(Scion, momentum=0.3, unconstrained=unconstrained,
+                             backend=kernels.name, nonfinite="ignore")  # fmt: skip
+    by_number = make(groups(model), lr=0.05)
+    with backends.using(Recording(kernels.backend)) as recording:
+        by_tensor = make(groups(twin), lr=lr)
+    x = torch.randn(16, 24, device=device)
+    for k in range(3):
+        value = 0.05 * (1.0 - 0.25 * k)
+        lr.fill_(value)
+        for group in by_number.param_groups:
+            group["lr"] = value
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        by_number.step()
+        recording.calls.clear()
+        by_tensor.step()
+        calls = recording.of("ns_step_") + recording.of("grouped_step_")
+        assert len(calls) == 3  # buckets 48×24 and 10×48, one grouped launch
+        for args in calls:
+            device_lr = args[-3]
+            assert isinstance(device_lr, Tensor) and device_lr.dtype == torch.float32
+            assert device_lr.device.type == device.type and device_lr.item() == lr.item()
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+@over("triton", "cuda-emulated")
+def test_compiled_fused_step_never_recompiles_under_a_scheduler(kernels, graph_recorder):
+    """As torch documents it for its own optimizers (a compiled function calling ``opt.step()``,
+    a tensor ``lr`` moved by ``LambdaLR``): the fused step compiles once, as the reference
+    does, since the kernels read the tensor ``lr`` on the device rather than as a constant."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).to(kernels.device)
+    x = torch.randn(4, 16, device=kernels.device)
+    # The compiled op finds its backend by name when it runs: the recording stays registered.
+    with backends.using(Recording(kernels.backend)) as recording:
+        opt = Scion(model.parameters(), lr=torch.tensor(0.01), momentum=0.1, norm_kwargs=BF16,
+                    backend=kernels.name, nonfinite="ignore")  # fmt: skip
+        warm = graph_recorder.over_a_schedule(model, opt, x, lambda k: 1.0 / (1.0 + k), 12)
+    assert len(graph_recorder.graphs) == warm == 1
+    assert len(recording.of("ns_step_")) == 12 * 2  # the kernels ran every step
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(0.01 / 13)
 
 
 # ------------------------------------------------- Sign, ColNorm, RowNorm and BiasRMS
@@ -890,12 +956,9 @@ def _assert_replays_the_eager_steps(
         assert torch.equal(a, b)
 
 
-@needs_gpu
-def test_capturable_step_replays_with_a_scheduled_lr():
-    """``capturable=True``: the reference step, captured in a CUDA graph after warm-up steps,
-    replays the eager steps bit for bit while a device tensor ``lr`` changes in place between
-    replays (as a scheduler writes it), with torch's sync debug mode raising on any host
-    synchronization during the eager steps."""
+def _capturable_twins(backend: str) -> tuple[nn.Module, nn.Module, list[Tensor], Scion, Scion]:
+    """Two equal models on the GPU, each with a capturable Scion on ``backend`` and its own
+    device ``lr``: the one stepped eagerly, the one captured."""
     from scion_kernels import param_groups
 
     torch.manual_seed(0)
@@ -903,9 +966,23 @@ def test_capturable_step_replays_with_a_scheduled_lr():
     graph_model = copy.deepcopy(eager_model)
     lrs = [torch.tensor(0.02, device="cuda") for _ in range(2)]
     eager, captured = (
-        Scion(param_groups(m, "mlp"), lr=lr, momentum=0.3, nonfinite="ignore", capturable=True)
+        Scion(param_groups(m, "mlp"), lr=lr, momentum=0.3, nonfinite="ignore", capturable=True,
+              backend=backend)
         for m, lr in ((eager_model, lrs[0]), (graph_model, lrs[1]))
-    )
+    )  # fmt: skip
+    return eager_model, graph_model, lrs, eager, captured
+
+
+@needs_gpu
+@over("torch", "triton", "cuda")
+def test_capturable_step_replays_with_a_scheduled_lr(kernels):
+    """``capturable=True``: each backend's step (the fused ones on every parameter they take,
+    none refused for being capturable), captured in a CUDA graph after warm-up steps, replays
+    the eager steps bit for bit while a device tensor ``lr`` changes in place between replays
+    (as a scheduler writes it), with torch's sync debug mode raising on any host
+    synchronization during the eager steps."""
+    eager_model, graph_model, lrs, eager, captured = _capturable_twins(kernels.name)
+    assert "capturable" not in repr(captured)  # no parameter fell back for it
 
     def schedule(k: int) -> None:
         for lr in lrs:
@@ -914,6 +991,83 @@ def test_capturable_step_replays_with_a_scheduled_lr():
     _assert_replays_the_eager_steps(
         eager_model, graph_model, eager, captured, schedule, watch_syncs=True
     )
+
+
+@needs_gpu
+@over("torch", "triton", "cuda")
+def test_capturable_skip_replays_on_the_device(kernels):
+    """A captured step with ``nonfinite="skip"``: a replay on a NaN gradient leaves every
+    parameter as it was and counts the skip on the device; the next replay, on finite
+    gradients, steps."""
+    from scion_kernels import param_groups
+
+    torch.manual_seed(0)
+    model = _gpu_model().cuda()
+    opt = Scion(param_groups(model, "mlp"), lr=torch.tensor(0.02, device="cuda"), momentum=0.3,
+                nonfinite="skip", capturable=True, backend=kernels.name)  # fmt: skip
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for p in params:
+                p.grad.copy_(torch.randn_like(p))
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    params[2].grad[0, 0] = float("nan")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert int(opt.skipped_steps) == 1
+    params[2].grad[0, 0] = 0.5
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(params[0], before[0])
+    assert int(opt.skipped_steps) == 1
+
+
+@needs_gpu
+@over("torch", "triton", "cuda")
+def test_whole_training_step_replays(kernels):
+    """The recipe of ``examples/cuda_graph.py``: forward, backward and a capturable step in one
+    CUDA graph, replayed on new batches copied into the static inputs while a device ``lr``
+    moves in place, trains as the same eager loop does."""
+    example = importlib.util.spec_from_file_location(
+        "cuda_graph", Path(__file__).resolve().parents[1] / "examples" / "cuda_graph.py"
+    )
+    assert example is not None and example.loader is not None
+    recipe = importlib.util.module_from_spec(example)
+    example.loader.exec_module(recipe)
+    eager_model, graph_model, lrs, eager, captured = _capturable_twins(kernels.name)
+    loss_fn = nn.functional.cross_entropy
+    x = torch.randn(32, 96, device="cuda")
+    y = torch.randint(0, 40, (32,), device="cuda")
+
+    def eager_step() -> None:
+        eager.zero_grad(set_to_none=False)
+        loss_fn(eager_model(x), y).backward()
+        eager.step()
+
+    graph, loss = recipe.capture_training_step(graph_model, captured, loss_fn, x, y, warmup=3)
+    for _ in range(3):  # the warm-up steps the recipe took
+        eager_step()
+    for k in range(5):
+        x.copy_(torch.randn(32, 96, device="cuda"))
+        y.copy_(torch.randint(0, 40, (32,), device="cuda"))
+        for lr in lrs:
+            lr.fill_(0.02 * (1.0 - 0.15 * k))
+        graph.replay()
+        eager_step()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).all()
+    for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 @needs_gpu

@@ -314,20 +314,26 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         names = set(tar.getnames())
         headline = json.loads(tar.extractfile("gpu_check/bench/headline/check.json").read())
         rest = json.loads(tar.extractfile("gpu_check/bench/rest/check.json").read())
-    for stage in ("build", "warm-kernels", "warm-polar", "headline", "parity", "marked"):
+        graphs = json.loads(tar.extractfile("gpu_check/bench/graphs/check.json").read())
+    for stage in ("build", "warm-kernels", "warm-polar", "headline", "graphs", "parity"):
         assert f"gpu_check/logs/{stage}.log" in names
-    for stage in ("memcheck", "racecheck", "rest", "tiles", "table", "warm-tiles0"):
+    for stage in ("marked", "memcheck", "racecheck", "rest", "tiles", "table", "warm-tiles0"):
         assert f"gpu_check/logs/{stage}.log" in names
     for name in ("env.json", "summary.md", "auto_table.py", "tests/parity.xml"):
         assert f"gpu_check/{name}" in names
     assert {r["bench"] for r in headline["rows"]} == {"kernels", "polar", "step"}
     assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise", "init"}
+    assert {(r["optimizer"], r["backend"]) for r in graphs["rows"]} >= {
+        ("Scion", "torch"),
+        ("AdamW", "torch.optim"),
+    }
     summary = (tmp_path / "summary.md").read_text()
     triton = gpu_check._has("triton")  # .ci/run's second pass hides it
     for stage in gpu_check.STAGES:
         ok = "ok" if triton or stage.name != "tiles" else "skipped"  # nothing to time
         assert f"| {stage.name} | {ok} |" in summary
     assert summary.index("## Headline") < summary.index("## Stages")
+    assert "eager and replayed as a CUDA graph" in summary
     for figure in ("matrix rate", "| gram |", "Newton–Schulz 5 steps", "Cold Triton compilation"):
         assert figure in summary
     for figure in ("Tile candidates", "Whole optimizer step")[0 if triton else 1 :]:

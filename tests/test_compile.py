@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import GraphRecorder
 from torch import nn
 
 from scion_kernels import Scion, ScionLight
@@ -18,18 +19,6 @@ from scion_kernels import Scion, ScionLight
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.LayerNorm(8))
-
-
-def _counting_compile(fn):
-    """``torch.compile(fn)`` with a backend that records every graph it is given (a recompile
-    gives it another) and runs them eagerly."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        graphs.append(gm)
-        return gm.forward
-
-    return torch.compile(fn, backend=backend), graphs
 
 
 def _cosine(step: int) -> float:
@@ -42,19 +31,10 @@ def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
     torch._dynamo.reset()
     model = _model()
     opt = make_opt(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine)
-    step, graphs = _counting_compile(lambda: opt.step())
-    x = torch.randn(4, 16)
-    warm = None
-    for k in range(steps):
-        model(x).square().mean().backward()
-        step()
-        sched.step()
-        opt.zero_grad()
-        if k == 2:
-            warm = len(graphs)
+    recorder = GraphRecorder()
+    warm = recorder.over_a_schedule(model, opt, torch.randn(4, 16), _cosine, steps)
     assert opt.param_groups[0]["lr"].item() != 0.01  # the schedule moved lr
-    return warm, len(graphs)
+    return warm, len(recorder.graphs)
 
 
 STEPS = 300
@@ -175,17 +155,71 @@ def test_capturable_step_traces_whole_from_its_first_step(graph_recorder):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    "cls, kwargs, error, match",
     [
-        ({}, ValueError, "needs nonfinite='ignore': nonfinite='raise' reads every gradient"),
-        ({"nonfinite": "skip"}, ValueError, "needs nonfinite='ignore'"),
-        ({"capturable": 1, "nonfinite": "ignore"}, TypeError, "capturable must be a bool"),
+        (Scion, {}, ValueError, "needs nonfinite='skip' .* or 'ignore': nonfinite='raise' reads"),
+        (ScionLight, {"nonfinite": "skip"}, ValueError, "not available for ScionLight: its"),
+        (Scion, {"capturable": 1, "nonfinite": "ignore"}, TypeError, "capturable must be a bool"),
     ],
 )
-def test_capturable_refuses_what_reads_on_the_host(kwargs, error, match):
+def test_capturable_refuses_what_reads_on_the_host(cls, kwargs, error, match):
     kwargs.setdefault("capturable", True)
     with pytest.raises(error, match=match):
-        Scion(_model().parameters(), lr=torch.tensor(0.01), **kwargs)
+        cls(_model().parameters(), lr=torch.tensor(0.01), **kwargs)
+
+
+def test_capturable_skip_puts_everything_back_on_a_nonfinite_gradient(monkeypatch):
+    """``capturable=True, nonfinite="skip"``: a step whose gradients are all finite is the
+    ``"ignore"`` step, bit for bit; a step with a NaN or inf anywhere leaves every parameter
+    and averaging buffer as it was, counts the skip in a device tensor, and reads nothing on
+    the host (no ``Tensor.item()``), its first step included."""
+    x = torch.randn(4, 16)
+    model, twin = _model(), _model()
+    make = functools.partial(Scion, lr=torch.tensor(0.01), norm="Auto", momentum=0.1,
+                             capturable=True)  # fmt: skip
+    opt, ref = make(model.parameters(), nonfinite="skip"), make(twin.parameters(),
+                                                                 nonfinite="ignore")  # fmt: skip
+    assert isinstance(opt.skipped_steps, torch.Tensor) and int(opt.skipped_steps) == 0
+    bad = {1: float("nan"), 3: float("inf")}
+    for k in range(5):
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        params = list(model.parameters())
+        if k in bad:
+            params[k].grad.view(-1)[0] = bad[k]
+        before = [p.detach().clone() for p in params]
+        buffers = [opt.state[p]["momentum_buffer"].clone() for p in params if p in opt.state]
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.Tensor, "item", _no_host_reads)
+            opt.step()
+        if k in bad:
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+            after = [opt.state[p]["momentum_buffer"] for p in params]
+            assert all(torch.equal(a, b) for a, b in zip(after, buffers, strict=True))
+            continue
+        ref.step()
+        for a, b in zip(params, twin.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert int(opt.skipped_steps) == 2
+
+
+def test_capturable_skip_traces_whole(graph_recorder):
+    """The device-side skip has no data-dependent branch: ``fullgraph=True`` traces it, and the
+    compiled step puts the parameters back on a NaN gradient as the eager one does."""
+    model = _model()
+    opt = Scion(model.parameters(), lr=torch.tensor(0.01), norm="Auto", nonfinite="skip",
+                momentum=0.1, capturable=True)  # fmt: skip
+    model(torch.randn(4, 16)).square().mean().backward()
+    step = graph_recorder.compile(opt.step)
+    step()
+    params = list(model.parameters())
+    params[0].grad.view(-1)[0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    step()
+    assert len(graph_recorder.graphs) == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert int(opt.skipped_steps) == 1
 
 
 def test_capturable_survives_a_pickle():

@@ -61,3 +61,17 @@ def test_lightning_example_learns():
     _needs("lightning", "transformers")
     example = importlib.import_module("lightning_module")
     assert example.main(["--steps", "20"]) < 3.6
+
+
+def test_cuda_graph_example(capsys):
+    """``examples/cuda_graph.py``: on a GPU it trains by replaying one captured graph; without
+    one it says why and returns nothing."""
+    import torch
+
+    example = importlib.import_module("cuda_graph")
+    loss = example.main(["--steps", "50"])
+    if torch.cuda.is_available():
+        assert loss is not None and loss < 2.3  # ln 10 ≈ 2.30 at the start
+    else:
+        assert loss is None
+        assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -10,6 +10,8 @@ with :func:`scion_kernels.backends.using`, never by patching their internals.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import subprocess
 import sys
 import textwrap
@@ -95,18 +97,82 @@ def test_declared_limits_fall_back_at_construction(fused):
         assert torch.equal(p, ref), what
 
 
-def test_capturable_falls_back_at_construction(fused):
-    """A capturable optimizer's parameters go to the reference, whose step reads ``lr`` on the
-    device: the fused kernels read it on the host. The reason shows, and the step is the
-    reference's, bit for bit."""
+def test_capturable_steps_on_the_kernels(fused, monkeypatch):
+    """A capturable optimizer's parameters step on the fused kernels, which read a tensor
+    ``lr`` on the device: no ``Tensor.item()`` in any step (the first included), and the
+    steps are those of a float ``lr`` to the rounding of ``γ·ρ`` in float32."""
+    torch.manual_seed(0)
     p = nn.Parameter(torch.randn(6, 4))
-    opt = Scion([p], lr=torch.tensor(0.1), norm="Spectral", backend=fused.name,
-                nonfinite="ignore", capturable=True)  # fmt: skip
+    b = nn.Parameter(torch.randn(6))
+    ref = [nn.Parameter(t.detach().clone()) for t in (p, b)]
+    lr = torch.tensor(0.1)
+    opt = Scion([p, b], lr=lr, backend=fused.name, momentum=0.5, nonfinite="ignore",
+                capturable=True, norm_kwargs={"ns_dtype": torch.bfloat16})  # fmt: skip
+    route = opt._route(0, opt.param_groups[0])
+    assert route.backends == (fused, fused) and route.fallbacks == (None, None)
+    twin = Scion(ref, lr=0.1, backend=fused.name, momentum=0.5, nonfinite="ignore",
+                 norm_kwargs={"ns_dtype": torch.bfloat16})  # fmt: skip
+    for k in range(3):
+        lr.fill_(0.1 / (k + 1))
+        twin.param_groups[0]["lr"] = 0.1 / (k + 1)
+        for t, r in zip((p, b), ref, strict=True):
+            t.grad = torch.randn(t.shape)
+            r.grad = t.grad.clone()
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.Tensor, "item", _no_host_reads)
+            opt.step()
+        twin.step()
+        for t, r in zip((p, b), ref, strict=True):
+            torch.testing.assert_close(t, r, rtol=0, atol=1e-6)
+
+
+def _no_host_reads(self, *args, **kwargs):
+    raise AssertionError("a capturable step read a tensor on the host")
+
+
+def test_capturable_skip_on_the_kernels(fused, monkeypatch):
+    """``nonfinite="skip"`` decided on the device around the fused kernels: a NaN gradient
+    leaves every parameter and buffer as it was, without a host read; finite steps are the
+    ``"ignore"`` steps."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    make = functools.partial(Scion, lr=torch.tensor(0.1), backend=fused.name, momentum=0.5,
+                             capturable=True, norm_kwargs={"ns_dtype": torch.bfloat16})  # fmt: skip
+    opt, ref = make(params, nonfinite="skip"), make(twins, nonfinite="ignore")
+    for k in range(3):
+        for p, t in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape)
+            t.grad = p.grad.clone()
+        if k == 1:
+            params[1].grad[2] = float("nan")
+        before = [p.detach().clone() for p in params]
+        buffers = [opt.state[p]["momentum_buffer"].clone() for p in params if p in opt.state]
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.Tensor, "item", _no_host_reads)
+            opt.step()
+        if k == 1:
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+            after = [opt.state[p]["momentum_buffer"] for p in params]
+            assert all(torch.equal(a, b) for a, b in zip(after, buffers, strict=True))
+            continue
+        ref.step()
+        assert all(torch.equal(p, t) for p, t in zip(params, twins, strict=True))
+    assert int(opt.skipped_steps) == 1
+
+
+def test_capturable_falls_back_where_a_backend_declares_no_capture(fused):
+    """A backend whose capabilities say it cannot be captured: a capturable optimizer's
+    parameters go to the reference, with the reason shown, and step as the reference does."""
+    blind = copy.copy(fused)
+    blind.capabilities = dataclasses.replace(fused.capabilities, capturable=False)
+    p = nn.Parameter(torch.randn(6, 4))
+    with backends.using(blind):
+        opt = Scion([p], lr=torch.tensor(0.1), norm="Spectral", backend=fused.name,
+                    nonfinite="ignore", capturable=True)  # fmt: skip
     route = opt._route(0, opt.param_groups[0])
     assert route.backends[0].name == "torch"
-    assert route.fallbacks[0] == (
-        f"{fused.name} does not take capturable steps (its kernels read lr on the host)"
-    )
+    assert route.fallbacks[0] == f"{fused.name} does not take capturable steps"
     ref = nn.Parameter(p.detach().clone())
     twin = Scion([ref], lr=torch.tensor(0.1), norm="Spectral", backend="torch",
                  nonfinite="ignore", capturable=True)  # fmt: skip

@@ -33,22 +33,36 @@ HALF = (torch.bfloat16, torch.float16)
 
 class Update(NamedTuple):
     """The step's scalars: ``d ← (1 − α)·d + α·g``, then ``x ← (1 − γ)·x − γ·ρ·u``
-    (``constrained``) or ``x ← x − γ·ρ·u``."""
+    (``constrained``) or ``x ← x − γ·ρ·u``, with ``γ = lr·lr_scale``. ``lr`` is a number, or a
+    one-element tensor that the kernels read on the device (:attr:`device_lr`)."""
 
     alpha: float
-    lr: float
+    lr: float | Tensor
     scale: float
     constrained: bool
+    lr_scale: float = 1.0
+
+    @property
+    def device_lr(self) -> Tensor | None:
+        """``lr`` when it is a tensor: then :attr:`coef` and :attr:`decay` are per unit of it,
+        and the kernels form ``coef·lr`` and ``1 − decay·lr``."""
+        return self.lr if isinstance(self.lr, Tensor) else None
 
     @property
     def decay(self) -> float:
-        """The factor of ``x``: ``1 − γ`` (constrained) or 1."""
-        return 1.0 - self.lr if self.constrained else 1.0
+        """The factor of ``x``: ``1 − γ`` (constrained) or 1; with a tensor ``lr``, the factor
+        of ``lr`` that ``1 −`` takes: ``lr_scale`` (constrained) or 0."""
+        if isinstance(self.lr, Tensor):
+            return self.lr_scale if self.constrained else 0.0
+        return 1.0 - self.lr * self.lr_scale if self.constrained else 1.0
 
     @property
     def coef(self) -> float:
-        """The factor of ``u``: ``−γ·ρ``."""
-        return -self.lr * self.scale
+        """The factor of ``u``: ``−γ·ρ``; with a tensor ``lr``, per unit of it:
+        ``−lr_scale·ρ``."""
+        if isinstance(self.lr, Tensor):
+            return -self.lr_scale * self.scale
+        return -(self.lr * self.lr_scale) * self.scale
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,9 @@ class Capabilities:
     max_steps: int | None = None
     #: The lowest CUDA compute capability the kernels are built for.
     min_capability: tuple[int, int] = (8, 0)
-    #: Whether a step can be captured in a CUDA graph (``capturable=True``): ``lr`` read on the
-    #: device, nothing read on the host.
+    #: Whether a step can be captured in a CUDA graph (``capturable=True``): a tensor ``lr``
+    #: read on the device, nothing read on the host, nothing copied to the device once the
+    #: warm-up steps have run.
     capturable: bool = False
 
 
@@ -152,7 +167,7 @@ class Backend:
         ``device`` at all is :meth:`unavailable_reason`.)"""
         caps, picked = self.capabilities, norm.pick(shape)
         if capturable and not caps.capturable:
-            return "capturable steps (its kernels read lr on the host)"
+            return "capturable steps"
         if "*" not in caps.norms and picked.name not in caps.norms:
             return f"the {picked.name} norm"
         for what, t in (("parameters", dtype), ("buffers", buffer_dtype)):

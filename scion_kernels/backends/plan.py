@@ -11,7 +11,8 @@ ones (Sign, ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.gr
 kind and dtypes, one ``scion_kernels::grouped_step_`` call each (:mod:`.ops`).
 
 It looks only at shapes, strides, dtypes and norms (never at data or addresses), so
-``torch.compile(fullgraph=True)`` traces it into those op calls.
+``torch.compile(fullgraph=True)`` traces it into those op calls; a tensor ``lr`` goes to them
+as a tensor, read by the kernels on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..newton_schulz import orient
@@ -111,6 +113,7 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
             ns_dtype,
             flatten(table),
             update.alpha,
+            _device_lr(update, key[0]),
             update.coef,
             update.decay,
         )
@@ -146,7 +149,7 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
         key = (p.device, spec.sign, spec.whole, p.dtype, g.dtype, d.dtype)
         launches.setdefault(key, []).append((i, *shape[1:], spec.columns, spec.q, spec.eps))
 
-    for (_, sign, whole, *_), members in launches.items():
+    for (device, sign, whole, *_), members in launches.items():
         idx = [member[0] for member in members]
         ops.grouped_step_(
             backend,
@@ -160,7 +163,18 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
             sign,
             whole,
             update.alpha,
+            _device_lr(update, device),
             update.coef,
             update.decay,
         )
     return left
+
+
+def _device_lr(update: Update, device: torch.device) -> Tensor | None:
+    """A tensor ``lr`` as the kernels read it: one float32 element on ``device`` (the tensor
+    itself when it is one already; a copy otherwise, e.g. a CPU tensor ``lr`` for CUDA
+    parameters, where the step is not capturable anyway)."""
+    lr = update.device_lr
+    if lr is None:
+        return None
+    return lr.reshape(1).to(device=device, dtype=torch.float32)

@@ -52,7 +52,7 @@ class NativeBackend(Backend):
     """
 
     name = "cuda"
-    capabilities = Capabilities(devices=("cuda",), max_steps=16)
+    capabilities = Capabilities(devices=("cuda",), max_steps=16, capturable=True)
 
     def __init__(
         self,

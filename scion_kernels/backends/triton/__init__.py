@@ -129,7 +129,7 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
-    capabilities = Capabilities(devices=("cuda", "cpu"))
+    capabilities = Capabilities(devices=("cuda", "cpu"), capturable=True)
 
     def __init__(
         self,

@@ -10,7 +10,8 @@ three ℓ2 ones share one form::
 
 A program owns a strip of ``BLOCK_R`` groups of one tensor and walks them twice: the first pass
 averages ``d ← (1 − α)·d + α·g`` (stored) and sums ``d²`` per group, the second reads ``d`` back
-and applies ``x ← decay·x + coef·u`` in the parameter's dtype (Sign needs one pass). Tensors are
+and applies ``x ← decay·x + coef·u`` in the parameter's dtype (Sign needs one pass), with
+``coef`` and ``decay`` as given or formed from a device ``lr`` (:mod:`.ops`). Tensors are
 described by table rows (addresses, group count and length, strides), so all tensors of a
 parameter group with the same dtypes and kind go in one launch. Which tensors go in which
 launch is planned in :mod:`scion_kernels.backends.plan`.
@@ -28,7 +29,7 @@ from torch import Tensor
 from ..ops import GroupedStep
 from ..tables import cached, cdiv, device_table, group_rows
 from . import Policy, interpreting, on_device
-from .newton_schulz import _round
+from .newton_schulz import _round, _update_factors
 
 __all__ = ["grouped_step_"]
 
@@ -41,18 +42,22 @@ def _grouped_kernel(
     p_like,
     g_like,
     d_like,
+    lr,  # (1,) float32: γ, read only if LR_TENSOR
     alpha,
     beta,
     coef,
     decay,
     HAS_BUF: tl.constexpr,
     SIGN: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """One strip: ``d ← β·d + α·g``, ``u`` per group, ``x ← decay·x + coef·u``."""
+    """One strip: ``d ← β·d + α·g``, ``u`` per group, ``x ← decay·x + coef·u`` (with
+    ``LR_TENSOR``: ``x ← (1 − decay·γ)·x + coef·γ·u``)."""
     s = tl.program_id(0).to(tl.int64)
+    coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
     t = tl.load(strips + 2 * s)
     row = ints + t * 7
     p_ptr = tl.load(row).to(p_like.dtype)
@@ -122,12 +127,14 @@ def grouped_step_(policy: Policy, *args: Any) -> None:
             params[0],
             grads[0],
             bufs[0] if bufs else grads[0],
+            params[0] if a.lr is None else a.lr,
             float(a.alpha),
             1.0 - float(a.alpha),
             float(a.coef),
             float(a.decay),
             HAS_BUF=bool(bufs),
             SIGN=sign,
+            LR_TENSOR=a.lr is not None,
             EMULATE_RNE=interpret,
             BLOCK_R=block_r,
             BLOCK_L=policy.grouped_chunk[1 if a.whole else 0],

@@ -153,6 +153,17 @@ def _update(
 
 
 @triton.jit
+def _update_factors(lr, coef, decay, LR_TENSOR: tl.constexpr):
+    """The update's ``(coef, decay)``: as given, or with ``LR_TENSOR`` per unit of the device
+    ``lr`` γ (one float32 element): ``(coef·γ, 1 − decay·γ)``."""
+    if LR_TENSOR:
+        gamma = tl.load(lr)
+        coef = coef * gamma
+        decay = 1.0 - decay * gamma
+    return coef, decay
+
+
+@triton.jit
 def _prologue_kernel(
     table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
@@ -314,6 +325,7 @@ def _apply_kernel(
     table,  # int64 (B, 3): parameter address, row stride, col stride (read only if UPDATE)
     p_like,  # any tensor of the parameters' dtype (only its pointer type is used)
     factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
+    lr,  # (1,) float32: γ, read only if LR_TENSOR
     M,
     N,
     LDP,
@@ -322,6 +334,7 @@ def _apply_kernel(
     coef,
     decay,
     UPDATE: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -329,7 +342,8 @@ def _apply_kernel(
     BLOCK_K: tl.constexpr,
     UPDATE_ROWS: tl.constexpr,
 ):
-    """``X' ← a·X + B·X``; with ``UPDATE`` also ``x ← decay·x + coef·f_b·bf16(X')``."""
+    """``X' ← a·X + B·X``; with ``UPDATE`` also ``x ← decay·x + coef·f_b·bf16(X')`` (with
+    ``LR_TENSOR``: ``(1 − decay·γ)·x + coef·γ·f_b·bf16(X')``)."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     p_b = p_mat + b * M * LDP
@@ -362,6 +376,7 @@ def _apply_kernel(
         # goes through the (cache-resident) scratch output and is applied in row slices.
         tl.debug_barrier()  # every thread reads back what others stored
         _, row0, _ = _tile_origin(M, N, BLOCK_M, BLOCK_N)
+        coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
         c64 = cols[None, :]
         for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
             r64 = (row0 + r + tl.arange(0, UPDATE_ROWS).to(tl.int64))[:, None]
@@ -380,6 +395,7 @@ def _small_kernel(
     p_like,  # any tensor of the parameters' dtype
     factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
     steps,  # float32 (STEPS, 3): the (a, b, c) of every step
+    lr,  # (1,) float32: γ, read only if LR_TENSOR
     M,
     N,
     alpha,
@@ -389,6 +405,7 @@ def _small_kernel(
     STEPS: tl.constexpr,
     HAS_BUF: tl.constexpr,
     UPDATE: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -427,6 +444,7 @@ def _small_kernel(
         x = _round(tl.dot(_operand(poly, CAST_F32), xo) + a * x.to(tl.float32), dtype, EMULATE_RNE)
 
     if UPDATE:
+        coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
         _update(ptable, b, rows, cols, mask, p_like, factors, x, coef, decay, EMULATE_RNE)
     else:
         tl.store(out + b * M * N + rows * N + cols, x, mask=mask)
@@ -456,6 +474,7 @@ def newton_schulz_bucket(
     factors: Sequence[float] | None = None,
     coef: float = 0.0,
     decay: float = 1.0,
+    lr: Tensor | None = None,
 ) -> Tensor | None:
     """Average, normalize, orthogonalize and (optionally) apply the update for one bucket.
 
@@ -470,6 +489,8 @@ def newton_schulz_bucket(
         params, p_like, factors, coef, decay: with the parameters' table rows, the result is not
             returned but applied as ``x ← decay·x + coef·f_b·X`` (``factors``: ``f_b`` per
             matrix).
+        lr: γ as one float32 element on the device, or ``None``; with it the update is
+            ``x ← (1 − decay·γ)·x + coef·γ·f_b·X``.
 
     Returns:
         The ``(B, m, n)`` stack of orthogonalized matrices (a view of rows padded to a multiple
@@ -492,9 +513,10 @@ def newton_schulz_bucket(
         out = _empty(bucket, (0,) if update else (B, m, n), dtype)
         _small_kernel[(B,)](
             table6, g_like, d_like, out, ptable, p_like, ftable,
-            device_table(coefficients, torch.float32, dev),
+            device_table(coefficients, torch.float32, dev), ftable if lr is None else lr,
             m, n, float(alpha), 1.0 - float(alpha), float(coef), float(decay),
             STEPS=len(coefficients), HAS_BUF=bufs is not None, UPDATE=update,
+            LR_TENSOR=lr is not None,
             BLOCK_M=bucket.pad_m, BLOCK_N=bucket.pad_n, num_warps=bucket.warps, **flags,
         )  # fmt: skip
         return None if update else out
@@ -531,7 +553,7 @@ def newton_schulz_bucket(
     def apply(src, dst, a, config, *, last=False):
         launch_apply(
             p_mat, src, dst, n, a, config, flags, update=last and update, ptable=ptable,
-            p_like=p_like, ftable=ftable, coef=coef, decay=decay,
+            p_like=p_like, ftable=ftable, coef=coef, decay=decay, lr=lr,
         )  # fmt: skip
 
     # Timing runs write a_mat, p_mat and y only: scratch that the steps below overwrite.
@@ -599,10 +621,12 @@ def launch_apply(
     ftable: Tensor | None = None,
     coef: float = 0.0,
     decay: float = 1.0,
+    lr: Tensor | None = None,
 ) -> None:
     """``dst ← a·src + p_mat·src`` over ``(B, m, ld)`` stacks (``src``, ``dst``: ``m×n``;
     ``p_mat``: ``m×m``); with ``update`` the result is also applied to the parameters of
-    ``ptable`` as ``x ← decay·x + coef·f_b·dst``. One launch."""
+    ``ptable`` as ``x ← decay·x + coef·f_b·dst`` (with a device ``lr`` γ:
+    ``x ← (1 − decay·γ)·x + coef·γ·f_b·dst``). One launch."""
     batch, m = src.shape[0], src.shape[1]
     if ptable is None or ftable is None or p_like is None:
         if update:
@@ -610,8 +634,9 @@ def launch_apply(
         ptable, ftable, p_like = p_mat, p_mat, src  # typed placeholders, never read
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]) * batch,)
     _apply_kernel[grid](
-        p_mat, src, dst, ptable, p_like, ftable, m, n, p_mat.shape[-1], src.shape[-1], float(a),
-        float(coef), float(decay), UPDATE=update, UPDATE_ROWS=min(32, config["BLOCK_M"]),
+        p_mat, src, dst, ptable, p_like, ftable, ftable if lr is None else lr, m, n,
+        p_mat.shape[-1], src.shape[-1], float(a), float(coef), float(decay), UPDATE=update,
+        LR_TENSOR=lr is not None, UPDATE_ROWS=min(32, config["BLOCK_M"]),
         **config, **flags,
     )  # fmt: skip
 
@@ -648,6 +673,7 @@ def ns_step_(policy: Policy, *args: Any) -> None:
             factors=mat_factors,
             coef=a.coef,
             decay=a.decay,
+            lr=a.lr,
         )
 
 
