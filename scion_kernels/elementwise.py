@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["apply_update_", "momentum_average_"]
+__all__ = ["apply_update_", "average_", "momentum_average_"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -41,6 +41,22 @@ def _check_pairs(
     return states, grads
 
 
+def scale_(tensors: list[Tensor], factor: float) -> None:
+    """``t ← factor·t`` for every tensor of ``tensors`` (one device and dtype), in place.
+
+    On a CPU, float32 and float64 tensors take the factor as a 0-dim tensor of their dtype: the
+    same products bit for bit, without the per-tensor wrapping of a number that makes torch's
+    CPU foreach path about 4× slower (measured: 243 against 66 µs for GPT-2 small's 148
+    tensors). Elsewhere, and for half types (whose CPU kernels apply a number differently),
+    the number itself."""
+    first = tensors[0]
+    fast = first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+    if fast and not torch.compiler.is_compiling():
+        torch._foreach_mul_(tensors, torch.tensor(factor, dtype=first.dtype))
+    else:
+        torch._foreach_mul_(tensors, factor)
+
+
 def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
     """In place, for every pair: ``d ← (1 − α)·d + α·g``, in pure PyTorch.
 
@@ -57,19 +73,26 @@ def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: 
     """
     alpha = _check_alpha(alpha)
     states, grads = _check_pairs(states, grads, "momentum_average_")
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for i, (s, g) in enumerate(zip(states, grads, strict=True)):
         if s.device != g.device:
             raise ValueError(
                 f"momentum_average_: states[{i}] is on {s.device} but grads[{i}] is on {g.device}"
             )
+    with torch.no_grad():
+        average_(states, grads, alpha)
+
+
+def average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
+    """:func:`momentum_average_` without its checks, for callers whose pairs are known to match
+    (the optimizer's buffers and gradients)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for s, g in zip(states, grads, strict=True):
         group_states, group_grads = groups.setdefault((s.device, s.dtype), ([], []))
         group_states.append(s)
         group_grads.append(g if g.dtype == s.dtype else g.to(s.dtype))
-    with torch.no_grad():
-        for group_states, group_grads in groups.values():
-            torch._foreach_mul_(group_states, 1.0 - alpha)
-            torch._foreach_add_(group_states, group_grads, alpha=alpha)
+    for group_states, group_grads in groups.values():
+        scale_(group_states, 1.0 - alpha)
+        torch._foreach_add_(group_states, group_grads, alpha=alpha)
 
 
 def apply_update_(
@@ -101,7 +124,7 @@ def apply_update_(
             torch._foreach_add_(xs, torch._foreach_mul(us, gamma * -scale))
         else:
             if constrained:
-                torch._foreach_mul_(xs, 1.0 - lr)
+                scale_(xs, 1.0 - lr)
             torch._foreach_add_(xs, us, alpha=-lr * scale)
         if upcast:
             torch._foreach_copy_([params[i] for i in ks], xs)

@@ -507,6 +507,26 @@ class Spectral(_MatrixNorm):
         gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:], self.table, dtype)
         return (gram_iterate if gram else iterate)(normalized_stack(mats, dtype), self.table)
 
+    def _layout(self, shape: torch.Size, device: torch.device) -> list[tuple[bool, float, bool]]:
+        """Per independent matrix of a tensor of ``shape`` on ``device``: whether it is tall
+        (orthogonalized as its transpose), its factor ``s``, and whether it goes alone rather
+        than in a stack (:func:`~scion_kernels.newton_schulz.stacks_well`). Kept per shape and
+        device on this norm (its options do not change after it is made); computed afresh
+        while ``torch.compile`` traces."""
+        compiling = torch.compiler.is_compiling()
+        kept: dict[tuple, list[tuple[bool, float, bool]]] = (
+            {} if compiling else self.__dict__.setdefault("_layouts", {})
+        )
+        layout = kept.get((shape, device))
+        if layout is None:
+            layout = []
+            for rows, cols in self.block_shapes(shape):
+                m, n, tall = orient(rows, cols)
+                s = self.scale_for(shape if self.split is None else (rows, cols))
+                layout.append((tall, s, not stacks_well(device, m, n)))
+            kept[(shape, device)] = layout
+        return layout
+
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
         """The inverse of :meth:`_blocks` after :meth:`_matrices`: a tensor of ``shape``."""
         mats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1 if self.transpose else -2)
@@ -528,14 +548,14 @@ class Spectral(_MatrixNorm):
         blocks = [self._blocks(self._matrices(g)) for g in gs]
         # Per block: (its parameter, the block oriented wide, whether it was tall, its factor).
         entries: list[tuple[int, Tensor, bool, float]] = []
-        for j, (g, bs) in enumerate(zip(gs, blocks, strict=True)):
-            for b in bs:
-                tall = orient(*b.shape[-2:])[2]
-                entries.append((j, b.mT if tall else b, tall, self._block_scale(b, g.shape)))
         stacks: dict[tuple, list[int]] = {}
-        for k, (_, o, _, _) in enumerate(entries):
-            alone = not stacks_well(o.device, *o.shape[-2:])
-            stacks.setdefault((o.device, o.dtype, *o.shape[1:], k if alone else -1), []).append(k)
+        for j, (g, bs) in enumerate(zip(gs, blocks, strict=True)):
+            for b, (tall, s, alone) in zip(bs, self._layout(g.shape, g.device), strict=True):
+                o = b.mT if tall else b
+                k = len(entries)
+                entries.append((j, o, tall, s))
+                key = (o.device, o.dtype, *o.shape[1:], k if alone else -1)
+                stacks.setdefault(key, []).append(k)
         results: list[Tensor | None] = [None] * len(entries)
         for members in stacks.values():
             members.sort(key=lambda k: entries[k][2:])  # stable: runs of (tall, factor)
@@ -686,11 +706,25 @@ class _Grouped(Norm):
     def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         raise NotImplementedError
 
+    def _group_specs(self, gs: Sequence[Tensor]) -> list[GroupSpec]:
+        """:meth:`group_spec` of each tensor's shape, kept per shape on this norm (its options
+        do not change after it is made); computed afresh while ``torch.compile`` traces."""
+        if torch.compiler.is_compiling():
+            return [self.group_spec(g.shape) for g in gs]
+        kept: dict[torch.Size, GroupSpec] = self.__dict__.setdefault("_specs", {})
+        out = []
+        for g in gs:
+            spec = kept.get(g.shape)
+            if spec is None:
+                spec = kept[g.shape] = self.group_spec(g.shape)
+            out.append(spec)
+        return out
+
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         """The same LMO on every tensor, in a few operations per call: Sign, and ℓ2 groups
         that are the whole tensor (BiasRMS), by ``torch._foreach_*`` over all of them; row and
         column groups stacked, one LMO call per shape of their matrices."""
-        specs = [self.group_spec(g.shape) for g in gs]
+        specs = self._group_specs(gs)
         work = [g if g.dtype == _work_dtype(g) else g.to(_work_dtype(g)) for g in gs]
         out: list[Tensor | None] = [None] * len(gs)
         signs = [i for i, s in enumerate(specs) if s.sign]
@@ -702,9 +736,17 @@ class _Grouped(Norm):
         wholes = [i for i, s in enumerate(specs) if s.whole and not s.sign]
         if wholes:
             ws = [work[i] for i in wholes]
-            denominators = torch._foreach_norm(ws)
-            torch._foreach_mul_(denominators, [specs[i].q for i in wholes])
-            torch._foreach_add_(denominators, [specs[i].eps for i in wholes])
+            norms = torch._foreach_norm(ws)
+            # ‖v‖·q + ε for all norms that share q, ε, dtype and device at once, stacked.
+            same: dict[tuple, list[int]] = {}
+            for j, i in enumerate(wholes):
+                key = (specs[i].q, specs[i].eps, norms[j].dtype, norms[j].device)
+                same.setdefault(key, []).append(j)
+            denominators: list[Tensor] = list(norms)
+            for (q, eps, *_), js in same.items():
+                stacked = torch.stack([norms[j] for j in js]).mul_(q).add_(eps)
+                for j, d in zip(js, stacked.unbind(), strict=True):
+                    denominators[j] = d
             for i, u in zip(wholes, torch._foreach_div(ws, denominators), strict=True):
                 out[i] = u
         rest = [i for i, u in enumerate(out) if u is None]

@@ -30,7 +30,7 @@ from . import _checks, backends, distributed
 from .backends import Backend, Update
 from .backends.plan import fused_step_
 from .distributed import local
-from .elementwise import apply_update_, momentum_average_
+from .elementwise import apply_update_, average_, scale_
 from .norms import NORMS, Norm, make_norm, shared_draws
 
 __all__ = ["Scion", "ScionLight"]
@@ -331,7 +331,9 @@ class _ScionBase(torch.optim.Optimizer):
             else:
                 updates = route.norm.lmo_many(directions)
             gamma = lr * lr_scale if lr_scale != 1.0 else lr
-            apply_update_([local(p) for p in rest], updates, gamma, scale, constrained)
+            if self._distributed:
+                rest = [local(p) for p in rest]
+            apply_update_(rest, updates, gamma, scale, constrained)
         self._after_update(group, params)
 
     def _nonfinite(
@@ -489,6 +491,14 @@ class _ScionBase(torch.optim.Optimizer):
                         distributed.init_(norm, p, float(group["scale"]), self.process_group)
 
 
+def _by_kind(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` split by device and dtype, in order."""
+    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        kinds.setdefault((t.device, t.dtype), []).append(t)
+    return list(kinds.values())
+
+
 def _names(group: dict[str, Any]) -> list[str]:
     """The group's parameter names (``param_names``), or ``group[i]`` labels."""
     names = group.get("param_names")
@@ -565,11 +575,13 @@ class Scion(_ScionBase):
 
     def _averaged(self, group: dict[str, Any], idx: list[int]) -> list[Tensor]:
         bufs = self._fused_buffers(group, idx)
-        grads = [local(group["params"][i].grad) for i in idx]
+        grads = [group["params"][i].grad for i in idx]
+        if self._distributed:  # DTensors: their local shards
+            grads = [local(g) for g in grads]
+            bufs = None if bufs is None else [local(b) for b in bufs]
         if bufs is None:
             return grads
-        bufs = [local(b) for b in bufs]
-        momentum_average_(bufs, grads, float(group["momentum"]))
+        average_(bufs, grads, float(group["momentum"]))
         return bufs
 
     def _create_state(self, group: dict[str, Any]) -> None:
@@ -703,7 +715,9 @@ class ScionLight(_ScionBase):
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         alpha = float(group["momentum"])
         if alpha != 1.0:
-            torch._foreach_mul_([local(p.grad) for p in params], 1.0 - alpha)
+            grads = [local(p.grad) for p in params]
+            for kind in _by_kind(grads):
+                scale_(kind, 1.0 - alpha)
 
     def _on_skip(self, work: list[tuple[int, dict[str, Any], list[int]]]) -> None:
         for _, group, idx in work:
