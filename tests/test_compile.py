@@ -22,7 +22,7 @@ def _model() -> nn.Module:
 
 
 def _cosine(step: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / 300))
+    return 0.5 * (1.0 + math.cos(math.pi * step / STEPS))
 
 
 def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
@@ -37,7 +37,8 @@ def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
     return warm, len(recorder.graphs)
 
 
-STEPS = 300
+#: The schedule's length: a cosine over 1,000 steps.
+STEPS = 1000
 
 
 @functools.cache
