@@ -154,6 +154,15 @@ class _ScionBase(torch.optim.Optimizer):
         domain."""
         _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
         lr, devices = group["lr"], {p.device for p in group.get("params", [])}
+        if self.capturable:
+            tensors = [
+                k for k in ("momentum", "scale", "lr_scale") if isinstance(group.get(k), Tensor)
+            ]
+            if tensors:
+                raise ValueError(
+                    f"capturable=True ({where}) takes {' and '.join(tensors)} as numbers (fixed "
+                    "into a captured graph); only lr may be a tensor, read on the device"
+                )
         if self.capturable and isinstance(lr, Tensor):
             if any(d.type != "cpu" and d != lr.device for d in devices):
                 raise ValueError(

@@ -161,6 +161,12 @@ def test_capturable_step_traces_whole_from_its_first_step(graph_recorder):
         (Scion, {}, ValueError, "needs nonfinite='skip' .* or 'ignore': nonfinite='raise' reads"),
         (ScionLight, {"nonfinite": "skip"}, ValueError, "not available for ScionLight: its"),
         (Scion, {"capturable": 1, "nonfinite": "ignore"}, TypeError, "capturable must be a bool"),
+        (
+            Scion,
+            {"nonfinite": "ignore", "momentum": torch.tensor(0.1)},
+            ValueError,
+            r"takes momentum as numbers \(fixed into a captured graph\); only lr may be a tensor",
+        ),
     ],
 )
 def test_capturable_refuses_what_reads_on_the_host(cls, kwargs, error, match):
@@ -178,8 +184,8 @@ def test_capturable_skip_puts_everything_back_on_a_nonfinite_gradient(monkeypatc
     model, twin = _model(), _model()
     make = functools.partial(Scion, lr=torch.tensor(0.01), norm="Auto", momentum=0.1,
                              capturable=True)  # fmt: skip
-    opt, ref = make(model.parameters(), nonfinite="skip"), make(twin.parameters(),
-                                                                 nonfinite="ignore")  # fmt: skip
+    opt = make(model.parameters(), nonfinite="skip")
+    ref = make(twin.parameters(), nonfinite="ignore")
     assert isinstance(opt.skipped_steps, torch.Tensor) and int(opt.skipped_steps) == 0
     bad = {1: float("nan"), 3: float("inf")}
     for k in range(5):
