@@ -80,8 +80,9 @@ def variants(quick: bool = False) -> list[Variant]:
     out = [
         Variant(
             "prologue", "64x64",
-            {"table": "i64", "partials": "fp32", **ns_ptr},
-            dict(HAS_BUF=True, EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64), 4, 1,
+            {"table": "i64", "partials": "fp32", "momentum": "fp32", **ns_ptr},
+            dict(HAS_BUF=True, ALPHA_TENSOR=False, EMULATE_RNE=False, BLOCK_M=64, BLOCK_N=64),
+            4, 1,
         ),
         Variant(
             "scales", "1024 tiles", {"partials": "fp32", "scales": "fp32"}, dict(BLOCK=1024), 4, 1
@@ -93,9 +94,10 @@ def variants(quick: bool = False) -> list[Variant]:
         ),
         Variant(
             "grouped", "rows 4x256",
-            {"strips": "i64", "ints": "i64", "floats": "fp32", "lr": "fp32", **ns_ptr},
-            dict(HAS_BUF=True, SIGN=False, LR_TENSOR=False, EMULATE_RNE=False, BLOCK_R=4,
-                 BLOCK_L=256), 4, 1,
+            {"strips": "i64", "ints": "i64", "floats": "fp32", "lr": "fp32", "momentum": "fp32",
+             **ns_ptr},
+            dict(HAS_BUF=True, SIGN=False, ALPHA_TENSOR=False, LR_TENSOR=False,
+                 EMULATE_RNE=False, BLOCK_R=4, BLOCK_L=256), 4, 1,
         ),
     ]  # fmt: skip
     syrk_ptr = {"y": "bf16", "d": "bf16", "c": "bf16"}
@@ -123,7 +125,7 @@ def variants(quick: bool = False) -> list[Variant]:
             ))  # fmt: skip
     small_ptr = {
         "table": "i64", "out": "bf16", "ptable": "i64", "factors": "fp32", "steps": "fp32",
-        "lr": "fp32", **ns_ptr,
+        "lr": "fp32", "momentum": "fp32", **ns_ptr,
     }  # fmt: skip
     sizes = [(64, 128)]
     if not quick:
@@ -132,8 +134,8 @@ def variants(quick: bool = False) -> list[Variant]:
         warps = 4 if bm * bn <= 4096 else 8
         out.append(Variant(
             "small", f"{bm}x{bn} update", small_ptr,
-            dict(STEPS=5, HAS_BUF=True, UPDATE=True, LR_TENSOR=False, **_COMPILED, BLOCK_M=bm,
-                 BLOCK_N=bn),
+            dict(STEPS=5, HAS_BUF=True, UPDATE=True, ALPHA_TENSOR=False, LR_TENSOR=False,
+                 **_COMPILED, BLOCK_M=bm, BLOCK_N=bn),
             warps, 1,
         ))  # fmt: skip
     return out

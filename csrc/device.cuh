@@ -145,6 +145,18 @@ __device__ __forceinline__ StepFactors step_factors(const float* lr, float coef,
   return StepFactors{__fmul_rn(coef, t), __fmaf_rn(-decay, t, 1.0f)};
 }
 
+// The averaging's factors (α, β = 1 − α): as given, or α read from the device (`momentum`, one
+// float32; null: none) and β = 1 − α. Read once per thread.
+struct AverageFactors {
+  float alpha, beta;
+};
+__device__ __forceinline__ AverageFactors average_factors(const float* momentum, float alpha,
+                                                          float beta) {
+  if (momentum == nullptr) return AverageFactors{alpha, beta};
+  const float a = *momentum;
+  return AverageFactors{a, 1.0f - a};
+}
+
 // The 16-bit operand types of the tensor-core products.
 template <typename T>
 struct Operand;

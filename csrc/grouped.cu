@@ -35,7 +35,8 @@ struct GroupedArgs {
   scion_dtype p_dtype, g_dtype, d_dtype;
   bool has_buffer, sign;
   float alpha, beta, coef, decay;
-  const float* lr;  // the device learning rate t, or null (see step_factors)
+  const float* lr;        // the device learning rate t, or null (see step_factors)
+  const float* momentum;  // the device α, or null (see average_factors)
 };
 static_assert(sizeof(GroupedArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -49,11 +50,11 @@ __host__ __device__ inline int64_t groups_per_block(const scion_grouped_tensor& 
 }
 
 // One element of pass 1: the averaging, stored; returns d.
-__device__ __forceinline__ float averaged(const GroupedArgs& a, const scion_grouped_tensor& t,
-                                          int64_t at) {
+__device__ __forceinline__ float averaged(const GroupedArgs& a, AverageFactors af,
+                                          const scion_grouped_tensor& t, int64_t at) {
   return average_element(reinterpret_cast<const void*>(t.g), at, a.g_dtype,
-                         reinterpret_cast<void*>(t.d), at, a.d_dtype, a.has_buffer, a.alpha,
-                         a.beta);
+                         reinterpret_cast<void*>(t.d), at, a.d_dtype, a.has_buffer, af.alpha,
+                         af.beta);
 }
 
 __device__ __forceinline__ void update(const GroupedArgs& a, StepFactors f,
@@ -69,13 +70,13 @@ __device__ __forceinline__ float sign_times(float d, float q) {
 
 // A group of `length` elements at `base`, `stride` apart, walked by `lanes` threads from `lane`;
 // returns this thread's share of Σd² (Sign: updates at once, returns 0).
-__device__ __forceinline__ float first_pass(const GroupedArgs& a, StepFactors f,
+__device__ __forceinline__ float first_pass(const GroupedArgs& a, AverageFactors af, StepFactors f,
                                             const scion_grouped_tensor& t, int64_t base, int lane,
                                             int lanes) {
   float ssq = 0.0f;
   for (int64_t e = lane; e < t.length; e += lanes) {
     const int64_t at = base + e * t.elem_stride;
-    const float d = averaged(a, t, at);
+    const float d = averaged(a, af, t, at);
     if (a.sign) {
       update(a, f, t, at, sign_times(d, t.q));
     } else {
@@ -115,18 +116,19 @@ __global__ void __launch_bounds__(kThreads) grouped_kernel(const __grid_constant
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const StepFactors f = step_factors(a.lr, a.coef, a.decay);
+  const AverageFactors af = average_factors(a.momentum, a.alpha, a.beta);
   if (lane_groups(t)) {
     const int64_t group = first + threadIdx.x;
     if (group < t.groups) {
       const int64_t base = group * t.group_stride;
-      const float ssq = first_pass(a, f, t, base, 0, 1);
+      const float ssq = first_pass(a, af, f, t, base, 0, 1);
       if (!a.sign) second_pass(a, f, t, base, 0, 1, 1.0f / (sqrtf(ssq) * t.q + t.eps));
     }
   } else {
     const int64_t group = first + warp;
     if (group < t.groups) {  // uniform across the warp: the shuffles see every lane
       const int64_t base = group * t.group_stride;
-      const float ssq = warp_sum(first_pass(a, f, t, base, lane, 32));
+      const float ssq = warp_sum(first_pass(a, af, f, t, base, lane, 32));
       if (!a.sign) second_pass(a, f, t, base, lane, 32, 1.0f / (sqrtf(ssq) * t.q + t.eps));
     }
   }
@@ -139,8 +141,8 @@ extern "C" {
 
 scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor* tensors,
                                 int p_dtype, int g_dtype, int d_dtype, int sign, double alpha,
-                                double coef, double decay, uint64_t lr, int device,
-                                scion_stream_t stream) {
+                                double coef, double decay, uint64_t lr, uint64_t momentum,
+                                int device, scion_stream_t stream) {
   using namespace scion;
   clear_error();
   if (!check_dtypes("grouped_step", p_dtype, g_dtype, d_dtype)) {
@@ -180,6 +182,7 @@ scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor*
   a.coef = static_cast<float>(coef);
   a.decay = static_cast<float>(decay);
   a.lr = reinterpret_cast<const float*>(static_cast<uintptr_t>(lr));
+  a.momentum = reinterpret_cast<const float*>(static_cast<uintptr_t>(momentum));
   auto flush = [&]() {
     if (a.count == 0) return cudaSuccess;
     const cudaError_t e =

@@ -164,6 +164,7 @@ bool run_small(Launcher& L, const scion_ns_matrix* mats) {
   args.update_coef = static_cast<float>(pr.coef);
   args.decay = static_cast<float>(pr.decay);
   args.lr = reinterpret_cast<const float*>(static_cast<uintptr_t>(pr.lr));
+  args.momentum = reinterpret_cast<const float*>(static_cast<uintptr_t>(pr.momentum));
   const int r = tall ? 1 : 0;  // which stride walks the oriented rows
   return for_each_slice(pr.batch, kSmallRefs, [&](int64_t first, int count) {
     for (int k = 0; k < count; ++k) {
@@ -206,6 +207,7 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     src.has_buffer = has_buffer;
     src.alpha = static_cast<float>(pr.alpha);
     src.beta = static_cast<float>(1.0 - pr.alpha);
+    src.momentum = reinterpret_cast<const float*>(static_cast<uintptr_t>(pr.momentum));
     src.partial = partial + first * plan.chunks;
     for (int k = 0; k < count; ++k) {
       const scion_ns_matrix& mat = mats[first + k];

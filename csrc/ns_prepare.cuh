@@ -33,7 +33,8 @@ struct SourceArgs {
   scion_dtype g_dtype, d_dtype;
   bool has_buffer;
   float alpha, beta;
-  double* partial;  // [count][chunks] Σd² per chunk
+  const float* momentum;  // the device α, or null (see average_factors)
+  double* partial;        // [count][chunks] Σd² per chunk
 };
 static_assert(sizeof(SourceArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -69,12 +70,13 @@ __global__ void __launch_bounds__(kThreads)
   const SourceRef& ref = args.refs[matrix];
   const int row0 = chunk * args.chunk_rows;
   const int row1 = row0 + args.chunk_rows < args.rows ? row0 + args.chunk_rows : args.rows;
+  const AverageFactors af = average_factors(args.momentum, args.alpha, args.beta);
   double ssq = 0.0;
   for (int r = row0; r < row1; ++r) {
     for (int c = static_cast<int>(threadIdx.x); c < args.cols; c += kThreads) {
       const float v = average_element(ref.g, r * ref.g_rs + c * ref.g_cs, args.g_dtype, ref.d,
                                       r * ref.d_rs + c * ref.d_cs, args.d_dtype, args.has_buffer,
-                                      args.alpha, args.beta);
+                                      af.alpha, af.beta);
       ssq += static_cast<double>(v) * static_cast<double>(v);
     }
   }

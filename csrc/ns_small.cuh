@@ -40,7 +40,8 @@ struct SmallArgs {
   scion_dtype p_dtype, g_dtype, d_dtype;
   bool has_buffer;
   float alpha, beta, update_coef, decay;
-  const float* lr;  // the device learning rate t, or null (see step_factors)
+  const float* lr;        // the device learning rate t, or null (see step_factors)
+  const float* momentum;  // the device α, or null (see average_factors)
 };
 static_assert(sizeof(SmallArgs) <= 4096, "kernel argument block exceeds 4 KB");
 
@@ -63,13 +64,14 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(const __grid_const
   const int warp_n = (tid / 32) % 2;
 
   // Averaging and Σd² in fp64 (fixed order), then X₀ = d·(1/‖d‖), zero-padded.
+  const AverageFactors af = average_factors(a.momentum, a.alpha, a.beta);
   double ssq = 0.0;
   for (int e = tid; e < a.m * a.n; e += kSmallThreads) {
     const int i = e / a.n;
     const int j = e % a.n;
     const float v =
         average_element(ref.g, i * ref.g_rs + j * ref.g_cs, a.g_dtype, ref.d,
-                        i * ref.d_rs + j * ref.d_cs, a.d_dtype, a.has_buffer, a.alpha, a.beta);
+                        i * ref.d_rs + j * ref.d_cs, a.d_dtype, a.has_buffer, af.alpha, af.beta);
     ssq += static_cast<double>(v) * static_cast<double>(v);
   }
   const double inv = inverse_norm(block_total(ssq, sums, kSmallThreads));

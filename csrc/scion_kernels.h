@@ -58,9 +58,11 @@ typedef struct scion_ns_problem {
                               n <= 512, no workspace); 64 or 128: tiled products */
   double coefficients[48]; /* (a, b, c) of step s at 3s, 3s+1, 3s+2 */
   double alpha, coef, decay;
-  uint64_t lr;             /* device address of one float32 learning rate t, or 0; with it the
-                              update is x <- (1 - decay * t) * x + coef * t * scale * X, t read
-                              by the kernels (nothing fixed on the host: CUDA-graph safe) */
+  uint64_t lr;       /* device address of one float32 learning rate t, or 0; with it the
+                        update is x <- (1 - decay * t) * x + coef * t * scale * X, t read
+                        by the kernels (nothing fixed on the host: CUDA-graph safe) */
+  uint64_t momentum; /* device address of one float32 alpha, or 0 (then `alpha`): the
+                        averaging factor read by the kernels */
 } scion_ns_problem;
 
 typedef struct scion_ns_matrix {
@@ -88,7 +90,8 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
  *   x <- decay * x + coef * u               in x's dtype
  *
  * With `lr` (the device address of one float32 t, or 0) the update is
- * x <- (1 - decay * t) * x + coef * t * u, t read by the kernel.
+ * x <- (1 - decay * t) * x + coef * t * u, t read by the kernel; with `momentum` (the device
+ * address of one float32, or 0) alpha is read by the kernel too.
  *
  * Group k of a tensor holds `length` elements at element offsets
  * k * group_stride + e * elem_stride (the same offsets in x, g and d). All tensors share the
@@ -102,8 +105,8 @@ typedef struct scion_grouped_tensor {
 
 scion_status scion_grouped_step(int64_t num_tensors, const scion_grouped_tensor* tensors,
                                 int p_dtype, int g_dtype, int d_dtype, int sign, double alpha,
-                                double coef, double decay, uint64_t lr, int device,
-                                scion_stream_t stream);
+                                double coef, double decay, uint64_t lr, uint64_t momentum,
+                                int device, scion_stream_t stream);
 
 /* Description of the last failure on the calling thread ("" if none). */
 const char* scion_last_error(void);

@@ -28,7 +28,8 @@ namespace {
 
 scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dtype, int g_dtype,
                             int d_dtype, int compute_dtype, const std::vector<double>& coefficients,
-                            double alpha, double coef, double decay, uint64_t lr, int tile) {
+                            double alpha, double coef, double decay, uint64_t lr, uint64_t momentum,
+                            int tile) {
   if (coefficients.empty() || coefficients.size() % 3 != 0 || coefficients.size() > 48) {
     throw std::invalid_argument("ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
                                 std::to_string(coefficients.size()) + " numbers");
@@ -48,20 +49,23 @@ scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dty
   pr.coef = coef;
   pr.decay = decay;
   pr.lr = lr;
+  pr.momentum = momentum;
   return pr;
 }
 
 int64_t ns_workspace_bytes(int64_t batch, int64_t rows, int64_t cols, int tile) {
-  const scion_ns_problem pr = ns_problem(batch, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1,
-                                         SCION_BFLOAT16, {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, 0, tile);
+  const scion_ns_problem pr =
+      ns_problem(batch, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1, SCION_BFLOAT16,
+                 {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, 0, 0, tile);
   const int64_t bytes = scion_ns_workspace_bytes(&pr);
   if (bytes < 0) throw std::invalid_argument(scion_last_error());
   return bytes;
 }
 
 int ns_tile(int64_t rows, int64_t cols, int tile) {
-  const scion_ns_problem pr = ns_problem(1, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1,
-                                         SCION_BFLOAT16, {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, 0, tile);
+  const scion_ns_problem pr =
+      ns_problem(1, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1, SCION_BFLOAT16, {1.0, 0.0, 0.0},
+                 1.0, 0.0, 1.0, 0, 0, tile);
   const int chosen = scion_ns_tile(&pr);
   if (chosen < 0) throw std::invalid_argument(scion_last_error());
   return chosen;
@@ -69,10 +73,10 @@ int ns_tile(int64_t rows, int64_t cols, int tile) {
 
 void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, int compute_dtype,
              const std::vector<double>& coefficients, double alpha, double coef, double decay,
-             uint64_t lr, int tile, const std::vector<uint64_t>& p, const std::vector<uint64_t>& g,
-             const std::vector<uint64_t>& d, const std::vector<int64_t>& strides,
-             const std::vector<float>& scales, uint64_t workspace, int64_t workspace_bytes,
-             int device, uint64_t stream) {
+             uint64_t lr, uint64_t momentum, int tile, const std::vector<uint64_t>& p,
+             const std::vector<uint64_t>& g, const std::vector<uint64_t>& d,
+             const std::vector<int64_t>& strides, const std::vector<float>& scales,
+             uint64_t workspace, int64_t workspace_bytes, int device, uint64_t stream) {
   const size_t batch = p.size();
   const bool has_buffer = d_dtype != -1;
   if (g.size() != batch || (has_buffer ? d.size() != batch : !d.empty()) ||
@@ -85,7 +89,7 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
   }
   const scion_ns_problem pr =
       ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype, d_dtype, compute_dtype,
-                 coefficients, alpha, coef, decay, lr, tile);
+                 coefficients, alpha, coef, decay, lr, momentum, tile);
   std::vector<scion_ns_matrix> mats(batch);
   for (size_t k = 0; k < batch; ++k) {
     scion_ns_matrix& m = mats[k];
@@ -114,7 +118,7 @@ void grouped_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
                   const std::vector<uint64_t>& d, const std::vector<int64_t>& layout,
                   const std::vector<float>& q, const std::vector<float>& eps, int p_dtype,
                   int g_dtype, int d_dtype, bool sign, double alpha, double coef, double decay,
-                  uint64_t lr, int device, uint64_t stream) {
+                  uint64_t lr, uint64_t momentum, int device, uint64_t stream) {
   const size_t n = p.size();
   const bool has_buffer = d_dtype != -1;
   if (g.size() != n || (has_buffer ? d.size() != n : !d.empty()) || layout.size() != 4 * n ||
@@ -141,7 +145,7 @@ void grouped_step(const std::vector<uint64_t>& p, const std::vector<uint64_t>& g
   {
     py::gil_scoped_release release;
     status = scion_grouped_step(static_cast<int64_t>(n), tensors.data(), p_dtype, g_dtype, d_dtype,
-                                sign ? 1 : 0, alpha, coef, decay, lr, device,
+                                sign ? 1 : 0, alpha, coef, decay, lr, momentum, device,
                                 reinterpret_cast<scion_stream_t>(static_cast<uintptr_t>(stream)));
   }
   if (status == SCION_ERROR_INVALID_ARGUMENT) throw std::invalid_argument(scion_last_error());
@@ -167,21 +171,22 @@ PYBIND11_MODULE(_C, m) {
         "The product tile (64 or 128) ns_step uses for rows x cols matrices.");
   m.def("ns_step", &ns_step, py::arg("rows"), py::arg("cols"), py::arg("p_dtype"),
         py::arg("g_dtype"), py::arg("d_dtype"), py::arg("compute_dtype"), py::arg("coefficients"),
-        py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"), py::arg("tile"),
-        py::arg("p"),
-        py::arg("g"), py::arg("d"), py::arg("strides"), py::arg("scales"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
+        py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"), py::arg("momentum"),
+        py::arg("tile"), py::arg("p"), py::arg("g"), py::arg("d"), py::arg("strides"),
+        py::arg("scales"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+        py::arg("stream"),
         "The Scion step of one bucket of rows x cols matrices: averaging, Newton-Schulz with "
         "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d) (with "
-        "`lr`, the device address of one float32 t or 0: x <- (1-decay*t)*x + coef*t*...). "
+        "`lr`, the device address of one float32 t or 0: x <- (1-decay*t)*x + coef*t*...; "
+        "`momentum`: the device address of one float32 alpha, or 0). "
         "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
         "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`.");
   m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
         py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("momentum"), py::arg("device"), py::arg("stream"),
         "Sign or l2 groups of many tensors: d <- (1-alpha)*d + alpha*g, then x <- decay*x + "
         "coef*u with u = d/(|d|*q + eps) per group, or sign(d)*q. `layout` holds (groups, "
         "length, group stride, element stride) per tensor; d_dtype -1 means no buffer; `lr` "
-        "as for ns_step.");
+        "and `momentum` as for ns_step.");
 }

@@ -41,8 +41,9 @@ def _check_pairs(
     return states, grads
 
 
-def scale_(tensors: list[Tensor], factor: float) -> None:
+def scale_(tensors: list[Tensor], factor: float | Tensor) -> None:
     """``t ← factor·t`` for every tensor of ``tensors`` (one device and dtype), in place.
+    ``factor`` is a number, or a 0-dim tensor read where the tensors are (no host sync).
 
     On a CPU, float32 and float64 tensors take the factor as a 0-dim tensor of their dtype: the
     same products bit for bit, without the per-tensor wrapping of a number that makes torch's
@@ -50,6 +51,9 @@ def scale_(tensors: list[Tensor], factor: float) -> None:
     tensors). Elsewhere, and for half types (whose CPU kernels apply a number differently),
     the number itself."""
     first = tensors[0]
+    if isinstance(factor, Tensor):
+        torch._foreach_mul_(tensors, factor.to(first.device))
+        return
     fast = first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
     if fast and not torch.compiler.is_compiling():
         torch._foreach_mul_(tensors, torch.tensor(factor, dtype=first.dtype))
@@ -82,17 +86,24 @@ def momentum_average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: 
         average_(states, grads, alpha)
 
 
-def average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
+def average_(states: Sequence[Tensor], grads: Sequence[Tensor], alpha: float | Tensor) -> None:
     """:func:`momentum_average_` without its checks, for callers whose pairs are known to match
-    (the optimizer's buffers and gradients)."""
+    (the optimizer's buffers and gradients). ``alpha`` may be a 0-dim tensor, read on the
+    states' device (no host sync): then ``α·g`` is formed apart and added, rounded twice where
+    a number ``alpha`` may round once."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for s, g in zip(states, grads, strict=True):
         group_states, group_grads = groups.setdefault((s.device, s.dtype), ([], []))
         group_states.append(s)
         group_grads.append(g if g.dtype == s.dtype else g.to(s.dtype))
-    for group_states, group_grads in groups.values():
-        scale_(group_states, 1.0 - alpha)
-        torch._foreach_add_(group_states, group_grads, alpha=alpha)
+    for (device, dtype), (group_states, group_grads) in groups.items():
+        if isinstance(alpha, Tensor):
+            a = alpha.to(device=device, dtype=dtype if dtype.itemsize >= 4 else torch.float32)
+            scale_(group_states, 1.0 - a)
+            torch._foreach_add_(group_states, torch._foreach_mul(group_grads, a))
+        else:
+            scale_(group_states, 1.0 - alpha)
+            torch._foreach_add_(group_states, group_grads, alpha=alpha)
 
 
 def apply_update_(

@@ -153,21 +153,23 @@ class _ScionBase(torch.optim.Optimizer):
         """Raise a clear error for any option of ``group`` (described by ``where``) out of its
         domain."""
         _checks.check_options(group, where, getattr(self, "defaults", {}), type(self).__name__)
-        lr, devices = group["lr"], {p.device for p in group.get("params", [])}
-        if self.capturable:
-            tensors = [
-                k for k in ("momentum", "scale", "lr_scale") if isinstance(group.get(k), Tensor)
-            ]
-            if tensors:
+        if not self.capturable:
+            return
+        numbers = [k for k in ("scale", "lr_scale") if isinstance(group.get(k), Tensor)]
+        if numbers:
+            raise ValueError(
+                f"capturable=True ({where}) takes {' and '.join(numbers)} as numbers (fixed into "
+                "a captured graph); lr and momentum may be tensors, read on the device"
+            )
+        devices = {p.device for p in group.get("params", [])}
+        for key in ("lr", "momentum"):
+            option = group[key]
+            if isinstance(option, Tensor) and any(
+                d.type != "cpu" and d != option.device for d in devices
+            ):
                 raise ValueError(
-                    f"capturable=True ({where}) takes {' and '.join(tensors)} as numbers (fixed "
-                    "into a captured graph); only lr may be a tensor, read on the device"
-                )
-        if self.capturable and isinstance(lr, Tensor):
-            if any(d.type != "cpu" and d != lr.device for d in devices):
-                raise ValueError(
-                    f"capturable=True ({where}) needs a tensor lr on the parameters' device "
-                    f"({', '.join(sorted(map(str, devices)))}); got one on {lr.device}: a "
+                    f"capturable=True ({where}) needs a tensor {key} on the parameters' device "
+                    f"({', '.join(sorted(map(str, devices)))}); got one on {option.device}: a "
                     "CPU tensor is read when a CUDA graph is captured, and fixed in it"
                 )
 
@@ -316,7 +318,7 @@ class _ScionBase(torch.optim.Optimizer):
                 if route.backends[i].fused:
                     fused.setdefault(route.backends[i].name, (route.backends[i], []))[1].append(i)
             if fused:
-                update = Update(float(group["momentum"]), lr, scale, constrained, lr_scale)
+                update = Update(_momentum(group), lr, scale, constrained, lr_scale)
             for backend, ks in fused.values():
                 chosen = [group["params"][i] for i in ks]
                 undone = fused_step_(
@@ -500,6 +502,19 @@ class _ScionBase(torch.optim.Optimizer):
                         distributed.init_(norm, p, float(group["scale"]), self.process_group)
 
 
+def _momentum(group: dict[str, Any]) -> float | Tensor:
+    """The group's α: a number, or a tensor (one element, read on the device by the step)."""
+    momentum = group["momentum"]
+    return momentum.reshape(()) if isinstance(momentum, Tensor) else float(momentum)
+
+
+def _averages(group: dict[str, Any]) -> bool:
+    """Whether the group keeps an average: ``momentum < 1``, or a tensor ``momentum``, whose
+    value the step does not read on the host."""
+    momentum = group["momentum"]
+    return isinstance(momentum, Tensor) or float(momentum) != 1.0
+
+
 def _by_kind(tensors: list[Tensor]) -> list[list[Tensor]]:
     """``tensors`` split by device and dtype, in order."""
     kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -529,6 +544,8 @@ class Scion(_ScionBase):
             (see :func:`scion_kernels.param_groups`).
         lr: γ, the learning rate (default 1e-3); ``0 ≤ γ ≤ 1`` for the constrained step.
         momentum: α, one minus the usual momentum β (default 1.0: no averaging); ``0 < α ≤ 1``.
+            A one-element tensor is read on the device each step (a warm-up schedule changes
+            it in place); the group then always keeps an average, even at α = 1.
         norm: ``"Auto"`` (default), ``"Spectral"``, ``"SpectralConv"``, ``"Sign"``, ``"ColNorm"``,
             ``"RowNorm"``, ``"BiasRMS"``, or a :class:`~scion_kernels.norms.Norm` instance.
         norm_kwargs: the norm's options (e.g. ``{"steps": 5, "coefficients": "polar_express"}``).
@@ -553,12 +570,12 @@ class Scion(_ScionBase):
             buffer it changed gets its value back (a copy of them per step, and a select),
             with no warning; ``skipped_steps`` is then a tensor counted on the device
             (``Scion`` only: ``ScionLight``'s average in ``p.grad`` cannot be put back). To
-            schedule ``lr``, a one-element tensor ``lr`` on the parameters' device, changed
-            in place; a float
-            ``lr`` is fixed into a captured graph. Tensor options are checked when they are
-            replaced, not when they change in place. Every backend takes it (the fused kernels
-            read a tensor ``lr`` on the device, and make their tables in the warm-up steps
-            before a capture); a backend that declares otherwise leaves its parameters to the
+            schedule ``lr`` or ``momentum``, a one-element tensor on the parameters' device,
+            changed in place (``scale`` and ``lr_scale`` must be numbers); a number is fixed
+            into a captured graph. Tensor options are checked when they are replaced, not when
+            they change in place. Every backend takes it (the fused kernels read tensor ``lr``
+            and ``momentum`` on the device, and make their tables in the warm-up steps before a
+            capture); a backend that declares otherwise leaves its parameters to the
             reference, as ``print(optimizer)`` says. Parameters spread across ranks are
             refused.
         process_group: the ranks holding replicated copies of plain-tensor parameters (after
@@ -590,11 +607,11 @@ class Scion(_ScionBase):
             bufs = None if bufs is None else [local(b) for b in bufs]
         if bufs is None:
             return grads
-        average_(bufs, grads, float(group["momentum"]))
+        average_(bufs, grads, _momentum(group))
         return bufs
 
     def _create_state(self, group: dict[str, Any]) -> None:
-        if float(group["momentum"]) == 1.0:
+        if not _averages(group):
             return
         for p in group["params"]:
             if "momentum_buffer" not in self.state[p]:
@@ -617,7 +634,7 @@ class Scion(_ScionBase):
             bufs.append(state["momentum_buffer"])
 
     def _fused_buffers(self, group: dict[str, Any], idx: list[int]) -> list[Tensor] | None:
-        if float(group["momentum"]) == 1.0:
+        if not _averages(group):
             return None
         bufs: list[Tensor] = []
         self._init_group(group, tuple(idx), bufs)  # a list argument is read back as output
@@ -689,7 +706,7 @@ class ScionLight(_ScionBase):
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is None:
             return super().step(closure)
-        averaging = [i for i, g in enumerate(self.param_groups) if float(g["momentum"]) != 1.0]
+        averaging = [i for i, g in enumerate(self.param_groups) if _averages(g)]
         if averaging:
             raise RuntimeError(
                 "ScionLight cannot be used with torch.amp.GradScaler when momentum < 1 "
@@ -715,15 +732,15 @@ class ScionLight(_ScionBase):
         return None  # the average is p.grad itself
 
     def _create_state(self, group: dict[str, Any]) -> None:
-        if float(group["momentum"]) == 1.0:
+        if not _averages(group):
             return
         for p in group["params"]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        alpha = float(group["momentum"])
-        if alpha != 1.0:
+        if _averages(group):
+            alpha = _momentum(group)
             grads = [local(p.grad) for p in params]
             for kind in _by_kind(grads):
                 scale_(kind, 1.0 - alpha)
@@ -742,7 +759,7 @@ class ScionLight(_ScionBase):
         """
         kept = False
         for group in self.param_groups:
-            if float(group["momentum"]) == 1.0:
+            if not _averages(group):
                 for p in group["params"]:
                     if p.grad is not None:
                         if set_to_none:

@@ -323,7 +323,7 @@ def test_ns_step_matches_reference(kernels, p_dtype, buf_dtype, g_dtype):
     d0 = [b.clone() for b in bufs]
     coeffs = flatten(resolve_coefficients("classic"))
     ops.ns_step_(kernels.backend, params, grads, bufs, tall, factors, 20, 40, torch.bfloat16,
-                 coeffs, alpha, None, coef, decay)  # fmt: skip
+                 coeffs, alpha, None, None, coef, decay)  # fmt: skip
 
     for i, p in enumerate(params):
         g = grads[i]
@@ -611,11 +611,11 @@ def test_compiled_step_matches_eager(kernels, mixed_params, graph_recorder, cls,
 @over(*FUSED)
 @pytest.mark.parametrize("unconstrained", [False, True])
 def test_tensor_lr_is_read_by_the_kernels(kernels, unconstrained):
-    """A one-element tensor ``lr`` goes to the kernels as a tensor (nothing read on the host)
-    and steps as the same float ``lr`` does, to the rounding of ``γ·ρ`` (formed in float32 on
-    the device rather than in float64 on the host), with ``lr_scale`` and with the tensor
-    changed in place between steps, as a scheduler does; a CPU tensor for device parameters
-    is copied over."""
+    """One-element tensors ``lr`` and ``momentum`` go to the kernels as tensors (nothing read
+    on the host) and step as the same numbers do, to the rounding of ``γ·ρ`` and ``1 − α``
+    (formed in float32 on the device rather than in float64 on the host), with ``lr_scale``
+    and with the tensors changed in place between steps, as schedulers do (a momentum
+    warm-up); CPU tensors for device parameters are copied over."""
     device = kernels.device
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 10)).to(device)
@@ -627,18 +627,19 @@ def test_tensor_lr_is_read_by_the_kernels(kernels, unconstrained):
         return [{"params": weights, "norm": "Spectral", "norm_kwargs": BF16, "lr_scale": 0.5},
                 {"params": biases, "norm": "BiasRMS"}]  # fmt: skip
 
-    lr = torch.tensor(0.05)
-    make = functools.partial(Scion, momentum=0.3, unconstrained=unconstrained,
-                             backend=kernels.name, nonfinite="ignore")  # fmt: skip
-    by_number = make(groups(model), lr=0.05)
+    lr, momentum = torch.tensor(0.05), torch.tensor(0.3)
+    make = functools.partial(Scion, unconstrained=unconstrained, backend=kernels.name,
+                             nonfinite="ignore")  # fmt: skip
+    by_number = make(groups(model), lr=0.05, momentum=0.3)
     with backends.using(Recording(kernels.backend)) as recording:
-        by_tensor = make(groups(twin), lr=lr)
+        by_tensor = make(groups(twin), lr=lr, momentum=momentum)
     x = torch.randn(16, 24, device=device)
     for k in range(3):
-        value = 0.05 * (1.0 - 0.25 * k)
+        value, alpha = 0.05 * (1.0 - 0.25 * k), 0.3 - 0.1 * k
         lr.fill_(value)
+        momentum.fill_(alpha)
         for group in by_number.param_groups:
-            group["lr"] = value
+            group["lr"], group["momentum"] = value, alpha
         for m in (model, twin):
             m.zero_grad()
             m(x).square().mean().backward()
@@ -648,9 +649,9 @@ def test_tensor_lr_is_read_by_the_kernels(kernels, unconstrained):
         calls = recording.of("ns_step_") + recording.of("grouped_step_")
         assert len(calls) == 3  # buckets 48×24 and 10×48, one grouped launch
         for args in calls:
-            device_lr = args[-3]
-            assert isinstance(device_lr, Tensor) and device_lr.dtype == torch.float32
-            assert device_lr.device.type == device.type and device_lr.item() == lr.item()
+            for option, given in ((args[-3], lr), (args[-4], momentum)):
+                assert isinstance(option, Tensor) and option.dtype == torch.float32
+                assert option.device.type == device.type and option.item() == given.item()
         for a, b in zip(model.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 

@@ -163,9 +163,9 @@ def test_capturable_step_traces_whole_from_its_first_step(graph_recorder):
         (Scion, {"capturable": 1, "nonfinite": "ignore"}, TypeError, "capturable must be a bool"),
         (
             Scion,
-            {"nonfinite": "ignore", "momentum": torch.tensor(0.1)},
+            {"nonfinite": "ignore", "scale": torch.tensor(2.0)},
             ValueError,
-            r"takes momentum as numbers \(fixed into a captured graph\); only lr may be a tensor",
+            r"takes scale as numbers \(fixed into a captured graph\); lr and momentum may be",
         ),
     ],
 )
@@ -227,6 +227,41 @@ def test_capturable_skip_traces_whole(graph_recorder):
     assert len(graph_recorder.graphs) == 1
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert int(opt.skipped_steps) == 1
+
+
+def test_tensor_momentum_warm_up_compiles_once(graph_recorder):
+    """A momentum warm-up (α from 0.15 down to 0.05 over the first steps, as modded-nanogpt
+    schedules Muon's β) with a tensor ``momentum`` changed in place: the compiled step is one
+    graph and steps as the eager step with the same numbers, to rounding (``α·g`` formed
+    apart); a capturable step reads no tensor on the host."""
+    x = torch.randn(4, 16)
+    results = []
+    for compiled in (False, True):
+        model = _model()
+        momentum = torch.tensor(0.15)
+        opt = Scion(model.parameters(), lr=torch.tensor(0.01), momentum=momentum, norm="Auto",
+                    nonfinite="ignore", capturable=True,
+                    norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
+        step = graph_recorder.compile(opt.step) if compiled else opt.step
+        for k in range(6):
+            momentum.fill_(0.15 - 0.02 * k)
+            model(x).square().mean().backward()
+            step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert len(graph_recorder.graphs) == 1
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    numbers = _model()
+    opt = Scion(numbers.parameters(), lr=0.01, momentum=0.15, norm="Auto", nonfinite="ignore",
+                norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
+    for k in range(6):
+        opt.param_groups[0]["momentum"] = 0.15 - 0.02 * k
+        numbers(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for by_number, by_tensor in zip(numbers.parameters(), results[0], strict=True):
+        torch.testing.assert_close(by_tensor, by_number, rtol=1e-5, atol=1e-6)
 
 
 def test_capturable_survives_a_pickle():

@@ -98,16 +98,17 @@ def test_declared_limits_fall_back_at_construction(fused):
 
 
 def test_capturable_steps_on_the_kernels(fused, monkeypatch):
-    """A capturable optimizer's parameters step on the fused kernels, which read a tensor
-    ``lr`` on the device: no ``Tensor.item()`` in any step (the first included), and the
-    steps are those of a float ``lr`` to the rounding of ``γ·ρ`` in float32."""
+    """A capturable optimizer's parameters step on the fused kernels, which read tensors
+    ``lr`` and ``momentum`` on the device: no ``Tensor.item()`` in any step (the first
+    included), and the steps are those of numbers to the rounding of ``γ·ρ`` in float32."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(6, 4))
     b = nn.Parameter(torch.randn(6))
     ref = [nn.Parameter(t.detach().clone()) for t in (p, b)]
     lr = torch.tensor(0.1)
-    opt = Scion([p, b], lr=lr, backend=fused.name, momentum=0.5, nonfinite="ignore",
-                capturable=True, norm_kwargs={"ns_dtype": torch.bfloat16})  # fmt: skip
+    opt = Scion([p, b], lr=lr, backend=fused.name, momentum=torch.tensor(0.5),
+                nonfinite="ignore", capturable=True,
+                norm_kwargs={"ns_dtype": torch.bfloat16})  # fmt: skip
     route = opt._route(0, opt.param_groups[0])
     assert route.backends == (fused, fused) and route.fallbacks == (None, None)
     twin = Scion(ref, lr=0.1, backend=fused.name, momentum=0.5, nonfinite="ignore",

@@ -33,14 +33,25 @@ HALF = (torch.bfloat16, torch.float16)
 
 class Update(NamedTuple):
     """The step's scalars: ``d ← (1 − α)·d + α·g``, then ``x ← (1 − γ)·x − γ·ρ·u``
-    (``constrained``) or ``x ← x − γ·ρ·u``, with ``γ = lr·lr_scale``. ``lr`` is a number, or a
-    one-element tensor that the kernels read on the device (:attr:`device_lr`)."""
+    (``constrained``) or ``x ← x − γ·ρ·u``, with ``γ = lr·lr_scale``. ``alpha`` and ``lr`` are
+    numbers, or one-element tensors that the kernels read on the device (:attr:`device_alpha`,
+    :attr:`device_lr`)."""
 
-    alpha: float
+    alpha: float | Tensor
     lr: float | Tensor
     scale: float
     constrained: bool
     lr_scale: float = 1.0
+
+    @property
+    def device_alpha(self) -> Tensor | None:
+        """``alpha`` when it is a tensor (the kernels read it there), else ``None``."""
+        return self.alpha if isinstance(self.alpha, Tensor) else None
+
+    @property
+    def number_alpha(self) -> float:
+        """``alpha`` when it is a number; 1.0 when it is a tensor (then not used)."""
+        return 1.0 if isinstance(self.alpha, Tensor) else float(self.alpha)
 
     @property
     def device_lr(self) -> Tensor | None:

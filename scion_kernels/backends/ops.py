@@ -5,7 +5,7 @@ objects); the registry (:mod:`.registry`) turns it back into the :class:`~.base.
 method of the op's name runs the kernels::
 
     scion_kernels::ns_step_(params, grads, bufs, tall, factors, m, n, dtype, coefficients,
-                            alpha, lr, coef, decay, backend)        → Backend.ns_step_
+                            alpha, momentum, lr, coef, decay, backend)  → Backend.ns_step_
         The whole step of one Newton–Schulz bucket, in place: every tensor of ``params`` is a
         stack of ``m×n`` matrices (``n×m`` where ``tall``), and for each matrix
         d ← (1 − α)·d + α·g (in ``bufs``; none given: d = g),
@@ -13,15 +13,18 @@ method of the op's name runs the kernels::
         Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)`` triples. With a
         tensor ``lr`` (one float32 element γ on the parameters' device, read by the kernels, so
         no value is fixed on the host), ``decay`` and ``coef`` are per unit of γ: the step is
-        x ← (1 − decay·γ)·x + coef·γ·f·polar(d).
+        x ← (1 − decay·γ)·x + coef·γ·f·polar(d). With a tensor ``momentum`` (one float32
+        element on the device) α is read from it by the kernels, and ``alpha`` is not used.
 
     scion_kernels::grouped_step_(params, grads, bufs, shapes, columns, q, eps, sign, whole,
-                                 alpha, lr, coef, decay, backend)   → Backend.grouped_step_
+                                 alpha, momentum, lr, coef, decay, backend)
+                                                                     → Backend.grouped_step_
         Sign or ℓ2 groups of many tensors, in place: tensor ``i`` is seen as ``(-1, r, c)``
         matrices (``r, c = shapes[2i:2i+2]``, the same strides for ``x``, ``g`` and ``d``)
         whose groups are rows (columns where ``columns[i]``; the whole tensor with ``whole``);
         for every group d ← (1 − α)·d + α·g, x ← decay·x + coef·u with
-        u = d/(‖d‖₂·q + ε), or u = sign(d)·q with ``sign``; ``lr`` as for ``ns_step_``.
+        u = d/(‖d‖₂·q + ε), or u = sign(d)·q with ``sign``; ``momentum`` and ``lr`` as for
+        ``ns_step_``.
 
     scion_kernels::polar(G, coefficients, dtype, backend) -> Tensor  → Backend.polar_
         Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype``;
@@ -66,7 +69,8 @@ class NSStep(NamedTuple):
     dtype: torch.dtype
     coefficients: list[float]
     alpha: float
-    lr: Optional[Tensor]  # noqa: UP045 - the op schema is read from these hints
+    momentum: Optional[Tensor]  # noqa: UP045 - the op schema is read from these hints
+    lr: Optional[Tensor]  # noqa: UP045
     coef: float
     decay: float
 
@@ -84,7 +88,8 @@ class GroupedStep(NamedTuple):
     sign: bool
     whole: bool
     alpha: float
-    lr: Optional[Tensor]  # noqa: UP045 - the op schema is read from these hints
+    momentum: Optional[Tensor]  # noqa: UP045 - the op schema is read from these hints
+    lr: Optional[Tensor]  # noqa: UP045
     coef: float
     decay: float
 

@@ -11,8 +11,8 @@ ones (Sign, ColNorm, RowNorm, BiasRMS: their :meth:`~scion_kernels.norms.Norm.gr
 kind and dtypes, one ``scion_kernels::grouped_step_`` call each (:mod:`.ops`).
 
 It looks only at shapes, strides, dtypes and norms (never at data or addresses), so
-``torch.compile(fullgraph=True)`` traces it into those op calls; a tensor ``lr`` goes to them
-as a tensor, read by the kernels on the device.
+``torch.compile(fullgraph=True)`` traces it into those op calls; a tensor ``lr`` or
+``momentum`` goes to them as a tensor, read by the kernels on the device.
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
             n,
             ns_dtype,
             flatten(table),
-            update.alpha,
-            _device_lr(update, key[0]),
+            update.number_alpha,
+            _on_device(update.device_alpha, key[0]),
+            _on_device(update.device_lr, key[0]),
             update.coef,
             update.decay,
         )
@@ -162,19 +163,19 @@ def _grouped_step_(batch: _Batch, backend: Backend, update: Update) -> list[int]
             [member[5] for member in members],
             sign,
             whole,
-            update.alpha,
-            _device_lr(update, device),
+            update.number_alpha,
+            _on_device(update.device_alpha, device),
+            _on_device(update.device_lr, device),
             update.coef,
             update.decay,
         )
     return left
 
 
-def _device_lr(update: Update, device: torch.device) -> Tensor | None:
-    """A tensor ``lr`` as the kernels read it: one float32 element on ``device`` (the tensor
-    itself when it is one already; a copy otherwise, e.g. a CPU tensor ``lr`` for CUDA
-    parameters, where the step is not capturable anyway)."""
-    lr = update.device_lr
-    if lr is None:
+def _on_device(option: Tensor | None, device: torch.device) -> Tensor | None:
+    """A tensor option (``lr``, ``momentum``) as the kernels read it: one float32 element on
+    ``device`` (the tensor itself when it is one already; a copy otherwise, e.g. a CPU tensor
+    for CUDA parameters, where the step is not capturable anyway)."""
+    if option is None:
         return None
-    return lr.reshape(1).to(device=device, dtype=torch.float32)
+    return option.reshape(1).to(device=device, dtype=torch.float32)

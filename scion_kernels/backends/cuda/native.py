@@ -141,9 +141,9 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
     bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses)."""
-    params, grads, bufs, tall, factors, m, n, dtype, coefficients, alpha, lr, coef, decay = NSStep(
-        *args
-    )
+    step = NSStep(*args)
+    params, grads, bufs, tall, factors, m, n, dtype = step[:8]
+    coefficients, alpha, coef, decay = step.coefficients, step.alpha, step.coef, step.decay
     op = "ns_step_"
     native = require_native(module)
     if dtype not in HALF:
@@ -174,8 +174,8 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
         native.ns_step(
             m, n, _CODES[params[0].dtype], _CODES[grads[0].dtype],
             _CODES[bufs[0].dtype] if bufs else -1, _CODES[dtype], [float(c) for c in coefficients],
-            float(alpha), float(coef), float(decay), _lr_address(lr, device), int(tile), p_addr,
-            g_addr, d_addr, strides,
+            float(alpha), float(coef), float(decay), _address(step.lr, device),
+            _address(step.momentum, device), int(tile), p_addr, g_addr, d_addr, strides,
             scales, address, nbytes, device.index or 0, _stream(device),
         )  # fmt: skip
     except RuntimeError as exc:
@@ -184,16 +184,17 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     del buf  # freed in stream order: the allocator hands it out only to later work
 
 
-def _lr_address(lr: Tensor | None, device: torch.device) -> int:
-    """The device address of the kernels' learning rate (one float32 on ``device``), or 0."""
-    if lr is None:
+def _address(option: Tensor | None, device: torch.device) -> int:
+    """The device address of a tensor ``lr`` or ``momentum`` the kernels read (one float32 on
+    ``device``), or 0 for none."""
+    if option is None:
         return 0
-    if lr.device != device or lr.dtype != torch.float32 or lr.numel() != 1:
+    if option.device != device or option.dtype != torch.float32 or option.numel() != 1:
         raise ValueError(
-            f"lr must be one float32 element on {device}; got {lr.dtype} of shape "
-            f"{tuple(lr.shape)} on {lr.device}"
+            f"a tensor lr or momentum must be one float32 element on {device}; got "
+            f"{option.dtype} of shape {tuple(option.shape)} on {option.device}"
         )
-    return lr.data_ptr()
+    return option.data_ptr()
 
 
 def polar_(
@@ -207,7 +208,7 @@ def polar_(
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel():
         ns_step_(module, tile, [out], [G], [], [tall], [1.0], m, n, dtype, coefficients,
-                 1.0, None, 1.0, 1.0)  # fmt: skip
+                 1.0, None, None, 1.0, 1.0)  # fmt: skip
     return out.to(dtype)
 
 
@@ -217,9 +218,9 @@ def polar_(
 def grouped_step_(module: ModuleType | None, *args: Any) -> None:
     """``scion_kernels::grouped_step_`` with the native kernel of ``module``, in one launch
     (arguments after it: :class:`~scion_kernels.backends.ops.GroupedStep`)."""
-    params, grads, bufs, shapes, columns, q, eps, sign, _, alpha, lr, coef, decay = GroupedStep(
-        *args
-    )
+    step = GroupedStep(*args)
+    params, grads, bufs, shapes, columns, q, eps, sign = step[:8]
+    alpha, coef, decay = step.alpha, step.coef, step.decay
     op = "grouped_step_"
     native = require_native(module)
     if not params:
@@ -247,7 +248,8 @@ def grouped_step_(module: ModuleType | None, *args: Any) -> None:
         native.grouped_step(
             p_addr, g_addr, d_addr, layout, qs, epss, _CODES[dtypes[0]], _CODES[dtypes[1]],
             _CODES[dtypes[2]] if bufs else -1, bool(sign), float(alpha), float(coef),
-            float(decay), _lr_address(lr, device), device.index or 0, _stream(device),
+            float(decay), _address(step.lr, device), _address(step.momentum, device),
+            device.index or 0, _stream(device),
         )  # fmt: skip
     except RuntimeError as exc:
         raise RuntimeError(f"{op} failed for {len(p_addr)} tensors on {device}: {exc}") from exc

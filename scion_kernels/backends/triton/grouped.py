@@ -29,7 +29,7 @@ from torch import Tensor
 from ..ops import GroupedStep
 from ..tables import cached, cdiv, device_table, group_rows
 from . import Policy, interpreting, on_device
-from .newton_schulz import _round, _update_factors
+from .newton_schulz import _average_factors, _round, _update_factors
 
 __all__ = ["grouped_step_"]
 
@@ -42,6 +42,7 @@ def _grouped_kernel(
     p_like,
     g_like,
     d_like,
+    momentum,  # (1,) float32: α, read only if ALPHA_TENSOR
     lr,  # (1,) float32: γ, read only if LR_TENSOR
     alpha,
     beta,
@@ -49,6 +50,7 @@ def _grouped_kernel(
     decay,
     HAS_BUF: tl.constexpr,
     SIGN: tl.constexpr,
+    ALPHA_TENSOR: tl.constexpr,
     LR_TENSOR: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -58,6 +60,7 @@ def _grouped_kernel(
     ``LR_TENSOR``: ``x ← (1 − decay·γ)·x + coef·γ·u``)."""
     s = tl.program_id(0).to(tl.int64)
     coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
+    alpha, beta = _average_factors(momentum, alpha, beta, ALPHA_TENSOR)
     t = tl.load(strips + 2 * s)
     row = ints + t * 7
     p_ptr = tl.load(row).to(p_like.dtype)
@@ -127,6 +130,7 @@ def grouped_step_(policy: Policy, *args: Any) -> None:
             params[0],
             grads[0],
             bufs[0] if bufs else grads[0],
+            params[0] if a.momentum is None else a.momentum,
             params[0] if a.lr is None else a.lr,
             float(a.alpha),
             1.0 - float(a.alpha),
@@ -134,6 +138,7 @@ def grouped_step_(policy: Policy, *args: Any) -> None:
             float(a.decay),
             HAS_BUF=bool(bufs),
             SIGN=sign,
+            ALPHA_TENSOR=a.momentum is not None,
             LR_TENSOR=a.lr is not None,
             EMULATE_RNE=interpret,
             BLOCK_R=block_r,

@@ -153,6 +153,16 @@ def _update(
 
 
 @triton.jit
+def _average_factors(momentum, alpha, beta, ALPHA_TENSOR: tl.constexpr):
+    """The averaging's ``(α, β)``: as given, or with ``ALPHA_TENSOR`` α read from the device
+    (``momentum``, one float32 element) and ``β = 1 − α``."""
+    if ALPHA_TENSOR:
+        alpha = tl.load(momentum)
+        beta = 1.0 - alpha
+    return alpha, beta
+
+
+@triton.jit
 def _update_factors(lr, coef, decay, LR_TENSOR: tl.constexpr):
     """The update's ``(coef, decay)``: as given, or with ``LR_TENSOR`` per unit of the device
     ``lr`` γ (one float32 element): ``(coef·γ, 1 − decay·γ)``."""
@@ -169,11 +179,13 @@ def _prologue_kernel(
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
     d_like,  # any tensor of the buffers' dtype
     partials,  # (B, tiles, 2) float32: max |d| and Σ (d / max|d|)² per tile
+    momentum,  # (1,) float32: α, read only if ALPHA_TENSOR
     M,
     N,
     alpha,
     beta,
     HAS_BUF: tl.constexpr,
+    ALPHA_TENSOR: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -181,6 +193,7 @@ def _prologue_kernel(
     """``d ← β·d + α·g`` (β = 1 − α), stored; per tile ``max|d|`` and ``Σ(d/max|d|)²``."""
     b, rows, cols = _tile(M, N, BLOCK_M, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
+    alpha, beta = _average_factors(momentum, alpha, beta, ALPHA_TENSOR)
     d = _average(
         table, b, rows[:, None], cols[None, :], mask, g_like, d_like, alpha, beta,
         HAS_BUF, EMULATE_RNE,
@@ -395,6 +408,7 @@ def _small_kernel(
     p_like,  # any tensor of the parameters' dtype
     factors,  # (B,) float32: the LMO's factor s per matrix (read only if UPDATE)
     steps,  # float32 (STEPS, 3): the (a, b, c) of every step
+    momentum,  # (1,) float32: α, read only if ALPHA_TENSOR
     lr,  # (1,) float32: γ, read only if LR_TENSOR
     M,
     N,
@@ -405,6 +419,7 @@ def _small_kernel(
     STEPS: tl.constexpr,
     HAS_BUF: tl.constexpr,
     UPDATE: tl.constexpr,
+    ALPHA_TENSOR: tl.constexpr,
     LR_TENSOR: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
@@ -423,6 +438,7 @@ def _small_kernel(
     cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
     mask = (rows < M) & (cols < N)
 
+    alpha, beta = _average_factors(momentum, alpha, beta, ALPHA_TENSOR)
     d = _average(table, b, rows, cols, mask, g_like, d_like, alpha, beta, HAS_BUF, EMULATE_RNE)
 
     # Divide by the largest entry first, so 1e-30 and 1e30 matrices neither under- nor overflow.
@@ -475,6 +491,7 @@ def newton_schulz_bucket(
     coef: float = 0.0,
     decay: float = 1.0,
     lr: Tensor | None = None,
+    momentum: Tensor | None = None,
 ) -> Tensor | None:
     """Average, normalize, orthogonalize and (optionally) apply the update for one bucket.
 
@@ -491,6 +508,8 @@ def newton_schulz_bucket(
             matrix).
         lr: γ as one float32 element on the device, or ``None``; with it the update is
             ``x ← (1 − decay·γ)·x + coef·γ·f_b·X``.
+        momentum: α as one float32 element on the device (read there; ``alpha`` unused), or
+            ``None``.
 
     Returns:
         The ``(B, m, n)`` stack of orthogonalized matrices (a view of rows padded to a multiple
@@ -513,10 +532,11 @@ def newton_schulz_bucket(
         out = _empty(bucket, (0,) if update else (B, m, n), dtype)
         _small_kernel[(B,)](
             table6, g_like, d_like, out, ptable, p_like, ftable,
-            device_table(coefficients, torch.float32, dev), ftable if lr is None else lr,
+            device_table(coefficients, torch.float32, dev),
+            ftable if momentum is None else momentum, ftable if lr is None else lr,
             m, n, float(alpha), 1.0 - float(alpha), float(coef), float(decay),
             STEPS=len(coefficients), HAS_BUF=bufs is not None, UPDATE=update,
-            LR_TENSOR=lr is not None,
+            ALPHA_TENSOR=momentum is not None, LR_TENSOR=lr is not None,
             BLOCK_M=bucket.pad_m, BLOCK_N=bucket.pad_n, num_warps=bucket.warps, **flags,
         )  # fmt: skip
         return None if update else out
@@ -530,9 +550,10 @@ def newton_schulz_bucket(
     tiles = cdiv(m, T) * cdiv(n, T)
     partials = _empty(bucket, (B, tiles, 2), torch.float32)
     _prologue_kernel[(tiles * B,)](
-        table6, g_like, d_like, partials, m, n, float(alpha), 1.0 - float(alpha),
-        HAS_BUF=bufs is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T, BLOCK_N=T,
-        num_warps=4,
+        table6, g_like, d_like, partials, partials if momentum is None else momentum, m, n,
+        float(alpha), 1.0 - float(alpha), HAS_BUF=bufs is not None,
+        ALPHA_TENSOR=momentum is not None, EMULATE_RNE=bucket.interpret, BLOCK_M=T,
+        BLOCK_N=T, num_warps=4,
     )  # fmt: skip
     scales = _empty(bucket, (B, 2), torch.float32)
     _scales_kernel[(B,)](partials, scales, tiles, BLOCK=max(16, min(1024, next_power_of_2(tiles))))
@@ -674,6 +695,7 @@ def ns_step_(policy: Policy, *args: Any) -> None:
             coef=a.coef,
             decay=a.decay,
             lr=a.lr,
+            momentum=a.momentum,
         )
 
 
