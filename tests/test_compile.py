@@ -41,6 +41,26 @@ def _graphs_over_a_schedule(make_opt, steps: int) -> tuple[int, int]:
 STEPS = 1000
 
 
+def _trained(make_opt, schedule, steps: int, recorder=None, warm: bool = False) -> list:
+    """The parameters of a fresh model after ``steps`` steps on one batch with
+    ``make_opt(params)``, ``schedule(opt, k)`` run before step ``k``; the step compiled by
+    ``recorder`` (``fullgraph=True``) where given, after one eager step where ``warm``."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    model = _model()
+    opt = make_opt(model.parameters())
+    if warm:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    step = opt.step if recorder is None else recorder.compile(opt.step)
+    for k in range(steps):
+        schedule(opt, k)
+        model(x).square().mean().backward()
+        step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 @functools.cache
 def _adams_graphs() -> int:
     """The control: torch's Adam in the same pattern compiles this many graphs, and does not
@@ -88,23 +108,18 @@ def test_compiled_step_matches_eager_with_an_lr_changed_in_place(graph_recorder,
     parameters match the eager step's to rounding, the plain iteration's and the Gram form's
     (float32 Newton–Schulz: in bf16 a last-bit difference in an input is amplified by the
     iteration on small singular values)."""
-    results = []
-    x = torch.randn(4, 16)
-    for compiled in (False, True):
-        model = _model()
-        options = {"ns_dtype": torch.float32, "polar": polar}
-        opt = Scion(model.parameters(), lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
-                    momentum=0.1, norm_kwargs=options)  # fmt: skip
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        step = graph_recorder.compile(opt.step) if compiled else opt.step
-        for k in range(4):
-            opt.param_groups[0]["lr"].fill_(0.01 * _cosine(100 * k))
-            model(x).square().mean().backward()
-            step()
-            opt.zero_grad()
-        results.append([p.detach().clone() for p in model.parameters()])
+    options = {"ns_dtype": torch.float32, "polar": polar}
+
+    def make(params):
+        return Scion(params, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                     momentum=0.1, norm_kwargs=options)  # fmt: skip
+
+    def schedule(opt, k):
+        opt.param_groups[0]["lr"].fill_(0.01 * _cosine(100 * k))
+
+    results = [
+        _trained(make, schedule, 4, recorder, warm=True) for recorder in (None, graph_recorder)
+    ]
     assert len(graph_recorder.graphs) == 1
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
@@ -234,34 +249,25 @@ def test_tensor_momentum_warm_up_compiles_once(graph_recorder):
     schedules Muon's β) with a tensor ``momentum`` changed in place: the compiled step is one
     graph and steps as the eager step with the same numbers, to rounding (``α·g`` formed
     apart); a capturable step reads no tensor on the host."""
-    x = torch.randn(4, 16)
-    results = []
-    for compiled in (False, True):
-        model = _model()
-        momentum = torch.tensor(0.15)
-        opt = Scion(model.parameters(), lr=torch.tensor(0.01), momentum=momentum, norm="Auto",
-                    nonfinite="ignore", capturable=True,
-                    norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
-        step = graph_recorder.compile(opt.step) if compiled else opt.step
-        for k in range(6):
-            momentum.fill_(0.15 - 0.02 * k)
-            model(x).square().mean().backward()
-            step()
-            opt.zero_grad()
-        results.append([p.detach().clone() for p in model.parameters()])
+    options = {"ns_dtype": torch.float32}
+
+    def make(params, momentum=None):
+        return Scion(params, lr=torch.tensor(0.01), norm="Auto", nonfinite="ignore",
+                     momentum=torch.tensor(0.15) if momentum is None else momentum,
+                     capturable=momentum is None, norm_kwargs=options)  # fmt: skip
+
+    def schedule(opt, k):
+        if isinstance(opt.param_groups[0]["momentum"], torch.Tensor):
+            opt.param_groups[0]["momentum"].fill_(0.15 - 0.02 * k)
+        else:
+            opt.param_groups[0]["momentum"] = 0.15 - 0.02 * k
+
+    eager, compiled = (_trained(make, schedule, 6, recorder) for recorder in (None, graph_recorder))
     assert len(graph_recorder.graphs) == 1
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    numbers = _model()
-    opt = Scion(numbers.parameters(), lr=0.01, momentum=0.15, norm="Auto", nonfinite="ignore",
-                norm_kwargs={"ns_dtype": torch.float32})  # fmt: skip
-    for k in range(6):
-        opt.param_groups[0]["momentum"] = 0.15 - 0.02 * k
-        numbers(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    for by_number, by_tensor in zip(numbers.parameters(), results[0], strict=True):
-        torch.testing.assert_close(by_tensor, by_number, rtol=1e-5, atol=1e-6)
+    by_number = _trained(functools.partial(make, momentum=0.15), schedule, 6)
+    for a, b, c in zip(eager, compiled, by_number, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 def test_capturable_survives_a_pickle():
