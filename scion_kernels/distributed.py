@@ -18,6 +18,11 @@ The step is the single-process step; what changes is where each LMO is computed.
 - **Both** (a 2-D mesh, ``(Replicate(), Shard(0))``: hybrid sharding): owners are spread over
   all ranks; the shard exchange runs inside each replica for the matrices it owns, then the
   update shards are shared across replicas with ``all_gather_into_tensor``.
+- **Split along another dim** (``Shard(1)``: tensor parallelism's row-wise weights, from
+  ``parallelize_module``): as sharded, along that dim. A group of a grouped norm spans the
+  shards when the split runs along it (a row of a ``Shard(1)`` RowNorm, a column of a
+  ``Shard(0)`` ColNorm) and takes the all-reduce; otherwise it is whole on every shard.
+  A tensor split on two mesh dims (FSDP2 over tensor parallelism) is refused.
 
 Every rank runs the same collectives in the same order: before each step one all-reduce agrees
 on which parameters have a gradient on every rank (a parameter lacking one anywhere is skipped
@@ -71,7 +76,7 @@ def shard_rows(n: int, shards: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Placement:
-    """How one parameter lies across ranks: split along dim 0 over ``shard_group``
+    """How one parameter lies across ranks: split along dim ``dim`` over ``shard_group``
     (``shards`` ranks) and repeated over ``replicate_group`` (``replicas`` ranks)."""
 
     shard_group: Any
@@ -80,10 +85,15 @@ class Placement:
     replicate_group: Any
     replicas: int
     replica_rank: int
+    #: The dim the shards split (``Shard(dim)``: 0 for FSDP2 and column-wise tensor
+    #: parallelism, 1 for a row-wise one's weights).
+    dim: int = 0
 
     @property
-    def key(self) -> tuple[int, int, int, int]:
-        return (id(self.shard_group), self.shards, id(self.replicate_group), self.replicas)
+    def key(self) -> tuple[int, int, int, int, int]:
+        return (
+            id(self.shard_group), self.shards, id(self.replicate_group), self.replicas, self.dim
+        )  # fmt: skip
 
     @property
     def slots(self) -> int:
@@ -107,15 +117,19 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
 
     mesh = p.device_mesh
     shard_dim = replicate_dim = None
+    split = 0
     for dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) and placement.dim == 0 and shard_dim is None:
-            shard_dim = dim
+        # Shard itself: _StridedShard (FSDP2 over tensor parallelism) is a subclass whose
+        # shards are not one block of the tensor.
+        if type(placement) is Shard and shard_dim is None and 0 <= placement.dim < p.dim():
+            shard_dim, split = dim, placement.dim
         elif isinstance(placement, Replicate) and replicate_dim is None:
             replicate_dim = dim
         else:
             raise ValueError(
-                f"Scion takes DTensor parameters placed as Shard(0) and/or Replicate() on at "
-                f"most one mesh dimension each (FSDP2, DDP or hybrid); got {p.placements}"
+                f"Scion takes DTensor parameters placed as Shard(d) and/or Replicate() on at "
+                f"most one mesh dimension each (FSDP2, DDP, hybrid, or tensor parallelism on "
+                f"its own mesh); got {p.placements}"
             )
     placement = Placement(
         mesh.get_group(shard_dim) if shard_dim is not None else None,
@@ -124,14 +138,17 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
         mesh.get_group(replicate_dim) if replicate_dim is not None else None,
         mesh.size(replicate_dim) if replicate_dim is not None else 1,
         mesh.get_local_rank(replicate_dim) if replicate_dim is not None else 0,
+        split,
     )
-    rows = shard_rows(p.shape[0], placement.shards)[placement.shard_rank] if p.dim() else 1
-    if p.dim() and local(p).shape[0] != rows:
-        raise ValueError(
-            f"a Shard(0) parameter of shape {tuple(p.shape)} holds {local(p).shape[0]} rows on "
-            f"shard {placement.shard_rank} of {placement.shards}; Scion expects {rows} "
-            "(torch.chunk sizes, as fully_shard and distribute_tensor use)"
-        )
+    if p.dim():
+        rows = shard_rows(p.shape[split], placement.shards)[placement.shard_rank]
+        if local(p).shape[split] != rows:
+            raise ValueError(
+                f"a Shard({split}) parameter of shape {tuple(p.shape)} holds "
+                f"{local(p).shape[split]} along dim {split} on shard {placement.shard_rank} of "
+                f"{placement.shards}; Scion expects {rows} (torch.chunk sizes, as fully_shard, "
+                "parallelize_module and distribute_tensor use)"
+            )
     return placement
 
 
@@ -149,11 +166,11 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     the sums of squares of groups that span the shards) or ``"owner"`` (on the whole tensor,
     on one rank). Depends on the global shape and the placement only, so every rank agrees."""
     sharded = placement.shards > 1 and len(shape) > 0
-    # A batch of matrices split along the batch dim has whole matrices on every shard.
-    batched = getattr(norm, "batch_dims", 0) > 0 and len(shape) > 2
+    # A batch of matrices split along a batch dim has whole matrices on every shard.
+    batched = sharded and placement.dim < getattr(norm, "batch_dims", 0) and len(shape) > 2
     if isinstance(norm, Spectral):
         # Replicated too: one owner orthogonalizes, the others receive its update.
-        return "local" if sharded and batched else "owner"
+        return "local" if batched else "owner"
     if not sharded:
         return "local"
     spec = norm.group_spec(shape)
@@ -161,12 +178,21 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
         return "owner"  # a norm this module does not know: computed on the whole tensor
     if batched:
         return "local"
-    if spec.columns or spec.whole:
+    if _spans(spec, shape, placement.dim):
         return "reduce"
-    # Groups are rows, whole on every shard; their LMO is the tensor's unless its factor
-    # reads the sharded dim (a transposed weight's d_in or d_out).
-    grown = norm.group_spec((shape[0] + 1, *shape[1:]))
-    return "local" if grown is not None and grown.q == spec.q else "reduce"
+    # Each group is whole on every shard; its LMO is the tensor's unless its factor reads
+    # the split dim (a transposed weight's d_in or d_out).
+    grown = list(shape)
+    grown[placement.dim] += 1
+    grown_spec = norm.group_spec(tuple(grown))
+    return "local" if grown_spec is not None and grown_spec.q == spec.q else "reduce"
+
+
+def _spans(spec: Any, shape: Sequence[int], dim: int) -> bool:
+    """Whether the groups of ``spec`` (a :class:`~scion_kernels.norms.GroupSpec` of a tensor of
+    ``shape``) span the shards of a split along ``dim``: the whole tensor's does; a column runs
+    down the stored rows (dim -2), a row along the columns (dim -1)."""
+    return spec.whole or dim == len(shape) - (2 if spec.columns else 1)
 
 
 def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
@@ -199,13 +225,25 @@ class _Item:
     d: Tensor  # this rank's part of the averaged direction
     polar: Callable[[Tensor], Tensor] | None  # a backend's polar factor, or the reference's
     owner: int = 0  # slot: replica · shards + shard
+    dim: int = 0  # the dim the shards split
 
     @property
     def row_elems(self) -> int:
-        return math.prod(self.shape[1:]) if len(self.shape) else 1
+        """Elements per index of the split dim ("a row" of it)."""
+        return math.prod(s for k, s in enumerate(self.shape) if k != self.dim)
 
     def rows(self, shards: int) -> list[int]:
-        return shard_rows(self.shape[0], shards) if len(self.shape) else [1] + [0] * (shards - 1)
+        """Each shard's extent along the split dim."""
+        if not len(self.shape):
+            return [1] + [0] * (shards - 1)
+        return shard_rows(self.shape[self.dim], shards)
+
+    def piece(self, rows: int) -> list[int]:
+        """The shape of a shard holding ``rows`` of the split dim."""
+        shape = list(self.shape)
+        if shape:
+            shape[self.dim] = rows
+        return shape
 
 
 def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
@@ -256,11 +294,15 @@ def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor
     for s in range(S):
         for k, it in enumerate(owned):
             n = rows[k][s] * it.row_elems
-            pieces[k].append(received[offset : offset + n].view(rows[k][s], *it.shape[1:]))
+            pieces[k].append(received[offset : offset + n].view(it.piece(rows[k][s])))
             offset += n
-    updates = _lmos(owned, [torch.cat(p) for p in pieces])
+    whole = [torch.cat(p, dim=it.dim) for p, it in zip(pieces, owned, strict=True)]
+    updates = _lmos(owned, whole)
     out_dtype = mine[0].norm.update_dtype(d_dtype)
-    parts = [updates[it.index].to(out_dtype).split(r) for it, r in zip(owned, rows, strict=True)]
+    parts = [
+        updates[it.index].to(out_dtype).split(r, dim=it.dim)
+        for it, r in zip(owned, rows, strict=True)
+    ]
     back = [part[s].reshape(-1) for s in range(S) for part in parts]
     recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
     result = torch.empty(sum(recv_back), dtype=out_dtype, device=device)
@@ -336,7 +378,7 @@ def _reduced_updates(items: list[_Item], placement: Placement) -> dict[int, Tens
     spans = []
     for it in items:
         spec = it.norm.group_spec(it.shape)
-        spans.append(spec is not None and (spec.columns or spec.whole))
+        spans.append(spec is not None and _spans(spec, it.shape, it.dim))
     shared = [p for p, span in zip(partial, spans, strict=True) if span and p is not None]
     if shared:
         sums = torch.cat([p.reshape(-1) for p in shared])
@@ -369,7 +411,8 @@ def group_updates(
         placement = placement_of(p, process_group)
         concrete = norm.pick(p.shape)
         kind = _kind(concrete, p.shape, placement)
-        item = _Item(i, p.shape, concrete, d, polars[i] if isinstance(concrete, Spectral) else None)
+        polar = polars[i] if isinstance(concrete, Spectral) else None
+        item = _Item(i, p.shape, concrete, d, polar, dim=placement.dim)
         if kind == "local":
             by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue

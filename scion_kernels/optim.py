@@ -580,8 +580,9 @@ class Scion(_ScionBase):
             refused.
         process_group: the ranks holding replicated copies of plain-tensor parameters (after
             DDP has averaged their gradients): each Spectral-family LMO is computed on one of
-            them and shared (:mod:`scion_kernels.distributed`). DTensor parameters (FSDP2,
-            ``fully_shard``) are split across ranks without it. Either way every rank of the
+            them and shared (:mod:`scion_kernels.distributed`). DTensor parameters (FSDP2's
+            ``fully_shard``, tensor parallelism's ``parallelize_module`` on its own mesh) are
+            split across ranks without it. Either way every rank of the
             group must call ``step()``; the step then runs the reference, except the
             Newton–Schulz iterations, which use the ``backend`` kernels where they apply.
 

@@ -30,9 +30,15 @@ ROOT = Path(__file__).parent.parent
 TIME_LIMIT_S = 300
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
+#: Groups whose LMO reduces across shards when the weights are split along their columns
+#: (tensor parallelism's Shard(1)): rows span the shards.
+TP_REDUCED = {
+    "ColNorm(transpose=True)@6x10", "ColNorm(normalized=True,transpose=True)@6x10",
+    "RowNorm()@6x10", "Auto()@6", "BiasRMS()@10",
+}  # fmt: skip
 OTHERS = ["fsdp_collectives", "partial_gradients", "nonfinite", "fully_shard_training",
           "ddp_no_sync", "bad_layouts", "init_everywhere", "fsdp_triton",
-          "fsdp_native"]  # fmt: skip
+          "fsdp_native", "tp_parity", "tensor_parallel_training", "tp_collectives"]  # fmt: skip
 # Groups whose LMO needs a sum of squares across shards (one float64 all-reduce): they agree
 # with one process within float32 rounding of that norm, not bit for bit.
 REDUCED = {
@@ -151,11 +157,30 @@ def test_steps_match_one_process(jobs, world, scenario):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_fsdp_collectives_and_volume(jobs, world):
-    """A Spectral-only FSDP step: one all-reduce (the agreement) and two all_to_all_single
-    (gather to owners, scatter back). Over the ranks, the elements passed to all_to_all sum to
-    exactly 2·P (each rank about 2·P/w; the owner balance decides the spread)."""
-    results = [r["fsdp_collectives"] for r in jobs(world)]
+def test_tensor_parallel_matches_one_process(jobs, world):
+    """Tensor parallelism on its own mesh (weights ``Shard(1)``, as ``RowwiseParallel`` splits
+    them; vectors ``Shard(0)``): three steps of every norm against one process. Each Spectral
+    matrix is gathered whole on its owner along the split dim; groups whose rows span the
+    shards take the float64 sums of squares over them (within float32 rounding); Sign and the
+    groups whole on every shard step bit for bit."""
+    for rank, result in enumerate(jobs(world)):
+        groups = result["tp_parity"]
+        assert len(groups) == 14, groups.keys()
+        for name, got in groups.items():
+            if name in TP_REDUCED or name in ORTHOGONALIZED:
+                assert got["max_diff"] <= 1e-6, (rank, name, got)
+            else:
+                assert got["exact"], (rank, name, got)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("scenario", ["fsdp_collectives", "tp_collectives"])
+def test_fsdp_collectives_and_volume(jobs, world, scenario):
+    """A Spectral-only step on matrices split along their rows (FSDP) or their columns (tensor
+    parallelism): one all-reduce (the agreement) and two all_to_all_single (gather to owners,
+    scatter back). Over the ranks, the elements passed to all_to_all sum to exactly 2·P (each
+    rank about 2·P/w; the owner balance decides the spread)."""
+    results = [r[scenario] for r in jobs(world)]
     P = results[0]["P"]
     for r in results:
         assert r["counts"] == {"c10d.allreduce_": 1, "c10d.alltoall_base_": 2}
@@ -199,6 +224,20 @@ def test_training_matches_one_process(jobs, world, scenario):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_parallelize_module_trains_as_one_process(jobs, world):
+    """An MLP split by torch's own ``parallelize_module`` (``ColwiseParallel`` then
+    ``RowwiseParallel``: every placement a 1-D tensor-parallel plan makes), every rank on the
+    whole batch: 5 steps within float32 rounding of one process."""
+    for r in jobs(world):
+        got = r["tensor_parallel_training"]
+        assert got["placements"] == {
+            "0.weight": "(Shard(dim=0),)", "0.bias": "(Shard(dim=0),)",
+            "2.weight": "(Shard(dim=1),)", "2.bias": "(Replicate(),)",
+        }  # fmt: skip
+        assert got["max_diff"] <= 1e-5, got
+
+
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_init_agrees_across_ranks(jobs, world, mode):
     """opt.init() seeded differently per rank gives every rank the same parameters, each on
@@ -231,7 +270,7 @@ def test_owners_use_the_kernels_newton_schulz(jobs, world, scenario):
 
 def test_unsupported_layouts_raise(jobs):
     got = jobs(2)[0]["bad_layouts"]
-    assert "Shard(0) and/or Replicate()" in got["shard1"]
+    assert "Shard(d) and/or Replicate() on at most one mesh dimension each" in got["two_shards"]
     assert "backend 'cuda' (param group 0)" in got["cuda"]
 
 

@@ -116,22 +116,26 @@ def run_parity(build, grad_of, steps=3, cls=Scion, process_group=None, **opt_kwa
     return per_group
 
 
-def sharded(mesh, placements):
+def sharded(mesh, placements, per_tensor=None):
     """Parameters made by ``distribute_tensor`` (a collective, as in real use), gradients by
-    ``DTensor.from_local`` on this rank's rows (no communication, so a rank may make some
-    gradients alone)."""
+    ``DTensor.from_local`` on this rank's part (no communication, so a rank may make some
+    gradients alone); ``per_tensor(t)``: the placements of tensor ``t`` where they differ by
+    tensor (else ``placements`` for all)."""
+
+    def of(t):
+        return placements if per_tensor is None else per_tensor(t)
 
     def build(t):
-        return distribute_tensor(t, mesh, placements)
+        return distribute_tensor(t, mesh, of(t))
 
     def grad_of(g, p):
-        rows = g
-        for dim, placement in enumerate(placements):
+        part = g
+        for dim, placement in enumerate(of(g)):
             if isinstance(placement, Shard) and g.dim():
-                sizes = sd.shard_rows(g.shape[0], mesh.size(dim))
-                rows = g.split(sizes)[mesh.get_local_rank(dim)]
+                sizes = sd.shard_rows(g.shape[placement.dim], mesh.size(dim))
+                part = part.split(sizes, dim=placement.dim)[mesh.get_local_rank(dim)]
         return DTensor.from_local(
-            rows.clone(), mesh, placements, run_check=False, shape=g.shape, stride=g.stride()
+            part.contiguous(), mesh, of(g), run_check=False, shape=g.shape, stride=g.stride()
         )
 
     return build, grad_of
@@ -158,6 +162,15 @@ def fsdp_parity_bf16_buffers():
     return run_parity(build, grad_of, buffer_dtype=torch.bfloat16)
 
 
+def tp_parity():
+    """Tensor parallelism on its own mesh, as ``parallelize_module`` lays it out: weights split
+    along their columns (``RowwiseParallel``: ``Shard(1)``), vectors along their length
+    (``ColwiseParallel``'s biases: ``Shard(0)``)."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    build, grad_of = sharded(mesh, None, lambda t: [Shard(1)] if t.dim() >= 2 else [Shard(0)])
+    return run_parity(build, grad_of)
+
+
 def ddp_parity():
     """Replicated plain tensors with process_group: owners compute, all_gather shares."""
     return run_parity(lambda t: t, lambda g, p: g.clone(), process_group=dist.group.WORLD)
@@ -177,10 +190,19 @@ def _spectral_only(build):
 def fsdp_collectives():
     """Collectives of one Spectral-only FSDP step (CommDebugMode), and the elements each rank
     passes to all_to_all_single (a recording wrapper) against 2·P/w."""
+    return _collectives([Shard(0)])
+
+
+def tp_collectives():
+    """The same for weights split along their columns (tensor parallelism's ``Shard(1)``)."""
+    return _collectives([Shard(1)])
+
+
+def _collectives(placements):
     from torch.distributed.tensor.debug import CommDebugMode
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    build, grad_of = sharded(mesh, [Shard(0)])
+    build, grad_of = sharded(mesh, placements)
     groups = _spectral_only(build)
     opt = Scion(groups, lr=0.1, momentum=0.5)
     for p in groups[0]["params"]:
@@ -269,8 +291,6 @@ def mlp_with_scion(widths, seed: int, sharded_model: bool, mesh=None):
     default) or plain."""
     from torch.distributed.fsdp import fully_shard
 
-    from scion_kernels import RECIPES, param_groups
-
     torch.manual_seed(seed)
     layers = []
     for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -282,13 +302,20 @@ def mlp_with_scion(widths, seed: int, sharded_model: bool, mesh=None):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    return model, mlp_with_scion_optimizer(model)
+
+
+def mlp_with_scion_optimizer(model):
+    """The "mlp" recipe's Scion for ``model``, Newton–Schulz in float64."""
+    from scion_kernels import RECIPES, param_groups
+
     recipe = RECIPES["mlp"]
     overrides = {
         role: {"norm_kwargs": {**getattr(recipe, role).norm_kwargs, **F64_NS}}
         for role in ("input", "hidden")
     }
     groups = param_groups(model, recipe=recipe, overrides=overrides)
-    return model, Scion(groups, lr=0.05, momentum=0.1)
+    return Scion(groups, lr=0.05, momentum=0.1)
 
 
 def fully_shard_training(mesh=None):
@@ -312,6 +339,39 @@ def fully_shard_training(mesh=None):
         for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
             worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
     return {"max_diff": worst}
+
+
+def tensor_parallel_training():
+    """The MLP with its first two Linears split by ``parallelize_module`` (column-wise, then
+    row-wise: weights ``Shard(0)`` and ``Shard(1)``, biases ``Shard(0)`` and ``Replicate()``),
+    every rank on the whole batch as tensor parallelism runs, against one process: 5 steps,
+    every parameter within float32 reduction-order tolerance."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )  # fmt: skip
+
+    ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
+    torch.manual_seed(0)
+    model, _ = mlp_with_scion([12, 32, 24, 5], 0, False)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    placements = {name: str(p.placements) for name, p in model.named_parameters()
+                  if sd._is_dtensor(p)}  # fmt: skip
+    opt = mlp_with_scion_optimizer(model)
+    gen = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(5):
+        x = torch.randn(8, 12, generator=gen)
+        y = torch.randint(0, 5, (8,), generator=gen)
+        for m, o in ((ref_model, ref), (model, opt)):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+        for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+            worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
+    return {"max_diff": worst, "placements": placements}
 
 
 def hybrid_shard_training():
@@ -449,16 +509,18 @@ def fsdp_native():
 
 
 def bad_layouts():
-    """Clear errors at construction: a placement other than Shard(0)/Replicate(), and a fused
-    backend that cannot run on the parameters' device (native kernels, CPU tensors)."""
+    """Clear errors at construction: a tensor split along two mesh dims (2-D sharding, not
+    taken yet), and a fused backend that cannot run on the parameters' device (native
+    kernels, CPU tensors)."""
     mesh = init_device_mesh("cpu", (WORLD,))
+    square = init_device_mesh("cpu", (1, WORLD))
     errors = {}
     cases = {
-        "shard1": (Shard(1), "auto"),
-        "cuda": (Shard(0), "cuda"),
+        "two_shards": (square, [Shard(0), Shard(1)], "auto"),
+        "cuda": (mesh, [Shard(0)], "cuda"),
     }
-    for name, (placement, backend) in cases.items():
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [placement]))
+    for name, (on, placements, backend) in cases.items():
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), on, placements))
         try:
             Scion([p], norm="Spectral", backend=backend)
             errors[name] = ""
@@ -540,7 +602,7 @@ SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
-    init_everywhere,
+    init_everywhere, tp_parity, tensor_parallel_training, tp_collectives,
 ]}  # fmt: skip
 
 
