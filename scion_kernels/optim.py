@@ -145,8 +145,13 @@ class _ScionBase(torch.optim.Optimizer):
         group["norm"], group["norm_kwargs"] = resolved["norm"], resolved["norm_kwargs"]
         self._store_route(index, route)
         self._checked[index] = self._options(group)
-        if spread:
+        if spread and not self._distributed:
             self._distributed = True
+            # Every rank's state has the same keys up front, in every group (DCP's loaders
+            # fill only the entries that exist): the groups before this one too.
+            for earlier in self.param_groups[:-1]:
+                self._create_state(earlier)
+        if self._distributed:
             self._create_state(group)
 
     def _check_options(self, group: dict[str, Any], where: str) -> None:

@@ -275,8 +275,10 @@ def test_unsupported_layouts_raise(jobs):
 
 
 def test_checkpoint_across_world_sizes(tmp_path):
-    """Save with torch.distributed.checkpoint at 2 ranks (FSDP2), load at 4 ranks and in one
-    process (a plain model): the next step gives the same bits as the saving run's."""
+    """Save with torch.distributed.checkpoint at 2 ranks (FSDP2), load at 4 ranks, in one
+    process (a plain model) and at 2 ranks in the tensor-parallel layout (weights split along
+    their columns or rows by ``parallelize_module``): the next step gives the same bits as the
+    saving run's."""
     env = {"SCION_TEST_CHECKPOINT": str(tmp_path)}
     saved = launch(2, ["checkpoint_save"], tmp_path / "save", env)
     keys = [r["checkpoint_save"]["state_keys_before_first_step"] for r in saved]
@@ -284,6 +286,9 @@ def test_checkpoint_across_world_sizes(tmp_path):
     for world in (4, 1):
         for r in launch(world, ["checkpoint_load"], tmp_path / f"load{world}", env):
             assert r["checkpoint_load"]["identical"], r
+    # Into another layout: the first two Linears split by parallelize_module on 2 ranks.
+    for r in launch(2, ["checkpoint_load_tp"], tmp_path / "load_tp", env):
+        assert r["checkpoint_load_tp"]["identical"], r
 
 
 def test_process_group_needs_init():

@@ -346,17 +346,9 @@ def tensor_parallel_training():
     row-wise: weights ``Shard(0)`` and ``Shard(1)``, biases ``Shard(0)`` and ``Replicate()``),
     every rank on the whole batch as tensor parallelism runs, against one process: 5 steps,
     every parameter within float32 reduction-order tolerance."""
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )  # fmt: skip
-
     ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
-    torch.manual_seed(0)
     model, _ = mlp_with_scion([12, 32, 24, 5], 0, False)
-    mesh = init_device_mesh("cpu", (WORLD,))
-    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    _tensor_parallel(model)
     placements = {name: str(p.placements) for name, p in model.named_parameters()
                   if sd._is_dtensor(p)}  # fmt: skip
     opt = mlp_with_scion_optimizer(model)
@@ -529,9 +521,25 @@ def bad_layouts():
     return errors
 
 
-def _checkpoint_model(sharded_model: bool):
+def _checkpoint_model(sharded_model: bool, tensor_parallel: bool = False):
     # The loading run starts from other values than the saving one.
-    return mlp_with_scion([12, 20, 7, 5], 0 if sharded_model else 123, sharded_model)
+    if not tensor_parallel:
+        return mlp_with_scion([12, 20, 7, 5], 0 if sharded_model else 123, sharded_model)
+    model, _ = mlp_with_scion([12, 20, 7, 5], 123, False)
+    _tensor_parallel(model)
+    return model, mlp_with_scion_optimizer(model)
+
+
+def _tensor_parallel(model):
+    """``model``'s first two Linears split column-wise, then row-wise, over all ranks."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
 
 
 def _manual_step(model, opt, step):
@@ -572,9 +580,10 @@ def checkpoint_save():
     return {"state_keys_before_first_step": keys}
 
 
-def checkpoint_load():
-    """Load the checkpoint at this world size (FSDP2, or a plain model when alone) and take
-    the next step: the parameters must equal the saving run's."""
+def checkpoint_load(tensor_parallel: bool = False):
+    """Load the checkpoint at this world size (FSDP2, or a plain model when alone; with
+    ``tensor_parallel``, the model split by ``parallelize_module`` instead) and take the next
+    step: the parameters must equal the saving run's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -584,7 +593,7 @@ def checkpoint_load():
     )
 
     out = Path(os.environ["SCION_TEST_CHECKPOINT"])
-    model, opt = _checkpoint_model(WORLD > 1)
+    model, opt = _checkpoint_model(WORLD > 1 and not tensor_parallel, tensor_parallel)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=str(out / "ckpt"))
     set_model_state_dict(model, state["model"])
@@ -598,11 +607,16 @@ def checkpoint_load():
     }
 
 
+def checkpoint_load_tp():
+    """The FSDP2 checkpoint loaded into the tensor-parallel layout."""
+    return checkpoint_load(tensor_parallel=True)
+
+
 SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
-    init_everywhere, tp_parity, tensor_parallel_training, tp_collectives,
+    init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
 ]}  # fmt: skip
 
 
