@@ -38,7 +38,8 @@ TP_REDUCED = {
 }  # fmt: skip
 OTHERS = ["fsdp_collectives", "partial_gradients", "nonfinite", "fully_shard_training",
           "ddp_no_sync", "bad_layouts", "init_everywhere", "fsdp_triton",
-          "fsdp_native", "tp_parity", "tensor_parallel_training", "tp_collectives"]  # fmt: skip
+          "fsdp_native", "tp_parity", "tensor_parallel_training", "tp_collectives",
+          "ep_collectives"]  # fmt: skip
 # Groups whose LMO needs a sum of squares across shards (one float64 all-reduce): they agree
 # with one process within float32 rounding of that norm, not bit for bit.
 REDUCED = {
@@ -187,6 +188,16 @@ def test_fsdp_collectives_and_volume(jobs, world, scenario):
         assert r["calls"] == 2
         assert r["sent"] <= 1.5 * 2 * P / world, r
     assert sum(r["sent"] for r in results) == 2 * P
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_experts_step_without_communication(jobs, world):
+    """Stacked experts split along the expert dim (expert parallelism, ``batch_dims=1``): each
+    rank orthogonalizes the whole experts it holds, so the step's one collective is the
+    agreement all-reduce; their steps equal one process's (``fsdp_parity``'s stacked group)."""
+    for r in jobs(world):
+        assert r["ep_collectives"]["counts"] == {"c10d.allreduce_": 1}, r["ep_collectives"]
+        assert r["ep_collectives"]["calls"] == 0
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -198,12 +198,18 @@ def tp_collectives():
     return _collectives([Shard(1)])
 
 
-def _collectives(placements):
+def ep_collectives():
+    """The same for stacked experts ``(E, d_out, d_in)`` split along the expert dim (expert
+    parallelism): each rank holds whole experts."""
+    return _collectives([Shard(0)], [("Spectral", {"batch_dims": 1}, [(8, 12, 6), (5, 6, 12)])])
+
+
+def _collectives(placements, spec=None):
     from torch.distributed.tensor.debug import CommDebugMode
 
     mesh = init_device_mesh("cpu", (WORLD,))
     build, grad_of = sharded(mesh, placements)
-    groups = _spectral_only(build)
+    groups = _spectral_only(build) if spec is None else make_groups(build, spec)
     opt = Scion(groups, lr=0.1, momentum=0.5)
     for p in groups[0]["params"]:
         p.grad = grad_of(torch.randn(p.shape), p)
@@ -617,6 +623,7 @@ SCENARIOS = {f.__name__: f for f in [
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
     init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
+    ep_collectives,
 ]}  # fmt: skip
 
 
