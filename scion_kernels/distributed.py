@@ -22,7 +22,12 @@ The step is the single-process step; what changes is where each LMO is computed.
   ``parallelize_module``): as sharded, along that dim. A group of a grouped norm spans the
   shards when the split runs along it (a row of a ``Shard(1)`` RowNorm, a column of a
   ``Shard(0)`` ColNorm) and takes the all-reduce; otherwise it is whole on every shard.
-  A tensor split on two mesh dims (FSDP2 over tensor parallelism) is refused.
+- **Split on several mesh dims** (FSDP2 over tensor parallelism on a (data, tensor) mesh:
+  ``(_StridedShard(0), Shard(0))``, ``(Shard(0), Shard(1))``): every such tensor, whatever
+  its norm, is gathered whole on its owner with one ``all_to_all_single`` over the world and
+  its update sent back with a second. Which elements each rank holds is worked out from the
+  placements alone, by splitting an index tensor as DTensor splits values
+  (:func:`index_maps`); the mesh must hold every rank.
 
 Every rank runs the same collectives in the same order: before each step one all-reduce agrees
 on which parameters have a gradient on every rank (a parameter lacking one anywhere is skipped
@@ -37,6 +42,7 @@ the owners' Newton–Schulz, which runs a backend's kernels where the group's ro
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -88,11 +94,15 @@ class Placement:
     #: The dim the shards split (``Shard(dim)``: 0 for FSDP2 and column-wise tensor
     #: parallelism, 1 for a row-wise one's weights).
     dim: int = 0
+    #: For a tensor split on several mesh dims (FSDP2 over tensor parallelism): its mesh and
+    #: placements, from which every rank's elements are known (:func:`index_maps`).
+    split_on: tuple[Any, tuple[Any, ...]] | None = None
 
     @property
-    def key(self) -> tuple[int, int, int, int, int]:
+    def key(self) -> tuple[Any, ...]:
         return (
-            id(self.shard_group), self.shards, id(self.replicate_group), self.replicas, self.dim
+            id(self.shard_group), self.shards, id(self.replicate_group), self.replicas, self.dim,
+            None if self.split_on is None else (id(self.split_on[0]), self.split_on[1]),
         )  # fmt: skip
 
     @property
@@ -116,6 +126,9 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
     from torch.distributed.tensor import Replicate, Shard
 
     mesh = p.device_mesh
+    shards = [pl for pl in p.placements if isinstance(pl, _SPLITS())]
+    if len(shards) > 1 or any(type(pl) is not Shard for pl in shards):
+        return _split_on_several(p)
     shard_dim = replicate_dim = None
     split = 0
     for dim, placement in enumerate(p.placements):
@@ -127,9 +140,9 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
             replicate_dim = dim
         else:
             raise ValueError(
-                f"Scion takes DTensor parameters placed as Shard(d) and/or Replicate() on at "
-                f"most one mesh dimension each (FSDP2, DDP, hybrid, or tensor parallelism on "
-                f"its own mesh); got {p.placements}"
+                f"Scion takes DTensor parameters placed as Shard(d), _StridedShard and "
+                f"Replicate() (FSDP2, DDP, hybrid, tensor parallelism, and FSDP2 over tensor "
+                f"parallelism); got {p.placements}"
             )
     placement = Placement(
         mesh.get_group(shard_dim) if shard_dim is not None else None,
@@ -150,6 +163,74 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
                 "parallelize_module and distribute_tensor use)"
             )
     return placement
+
+
+def _SPLITS() -> tuple[type, ...]:  # noqa: N802 - names a constant, imported on first use
+    """The placement types that split a tensor: ``Shard``, and ``_StridedShard`` (its own
+    class in recent PyTorch, a subclass of ``Shard`` in older ones)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return (Shard, _StridedShard)
+
+
+def _split_on_several(p: Tensor) -> Placement:
+    """The placement of a DTensor split on several mesh dims (``(Shard(0), Shard(1))``, or
+    FSDP2 over tensor parallelism's ``(_StridedShard(0), Shard(0))``): its matrices are
+    gathered whole on their owners over the whole mesh, which must be the world."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = p.device_mesh
+    if not all(isinstance(pl, (*_SPLITS(), Replicate)) for pl in p.placements):
+        raise ValueError(
+            f"Scion takes DTensor parameters placed as Shard(d), _StridedShard and "
+            f"Replicate() (FSDP2, DDP, hybrid, tensor parallelism, and FSDP2 over tensor "
+            f"parallelism); got {p.placements}"
+        )
+    if mesh.mesh.numel() != dist.get_world_size():
+        raise ValueError(
+            f"a DTensor split on several mesh dims ({p.placements}) must live on a mesh of "
+            f"every rank ({dist.get_world_size()}); its mesh has {mesh.mesh.numel()}"
+        )
+    placements = tuple(p.placements)
+    mine = index_maps(tuple(p.shape), mesh, placements)[dist.get_rank()]
+    if mine.shape != local(p).shape:
+        raise ValueError(
+            f"a DTensor of shape {tuple(p.shape)} placed as {p.placements} holds "
+            f"{tuple(local(p).shape)} here; Scion expects {tuple(mine.shape)}"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return Placement(dist.group.WORLD, world, rank, None, 1, 0, 0, (mesh, placements))
+
+
+@functools.lru_cache(maxsize=256)
+def index_maps(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> dict[int, Tensor]:
+    """By global rank: the flat indices into a tensor of ``shape`` of the elements that rank
+    holds under ``placements`` on ``mesh``, shaped as its local tensor. Made by splitting an
+    index tensor as DTensor splits values (each placement's own chunking, mesh dims left to
+    right), on the CPU, without communication; kept per shape and layout."""
+    pieces: dict[tuple[int, ...], Tensor] = {(): torch.arange(math.prod(shape)).reshape(shape)}
+    for m, placement in enumerate(placements):
+        n = mesh.size(m)
+        split: dict[tuple[int, ...], Tensor] = {}
+        for coord, t in pieces.items():
+            if isinstance(placement, _SPLITS()):
+                chunks = placement._split_tensor(t, n, with_padding=False)[0]
+            else:  # Replicate: every coordinate holds all of it
+                chunks = [t] * n
+            for c in range(n):
+                split[(*coord, c)] = chunks[c]
+        pieces = split
+    return {int(mesh.mesh[coord].item()): t for coord, t in pieces.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_maps(
+    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], device: torch.device
+) -> list[Tensor]:
+    """:func:`index_maps` flattened, in rank order, on ``device`` (copied there once)."""
+    by_rank = index_maps(shape, mesh, placements)
+    return [by_rank[r].reshape(-1).to(device) for r in range(len(by_rank))]
 
 
 def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
@@ -226,6 +307,7 @@ class _Item:
     polar: Callable[[Tensor], Tensor] | None  # a backend's polar factor, or the reference's
     owner: int = 0  # slot: replica · shards + shard
     dim: int = 0  # the dim the shards split
+    split_on: tuple[Any, tuple[Any, ...]] | None = None  # mesh and placements, split on several
 
     @property
     def row_elems(self) -> int:
@@ -314,6 +396,51 @@ def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor
         for it in by_dest[o]:
             out[it.index] = result[offset : offset + it.d.numel()].view(it.d.shape)
             offset += it.d.numel()
+    return out
+
+
+def _gathered_updates(items: list[_Item]) -> dict[int, Tensor]:
+    """Tensors split on several mesh dims (every norm): each gathered whole on its owner (any
+    rank, by the FLOP balance) with one ``all_to_all_single`` over the world, its LMO computed
+    there, and every rank's elements of the update sent back with a second; each rank's
+    elements are known from the layout (:func:`index_maps`). Returns this rank's part of
+    every item's update."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], world)
+    dtype, device = items[0].d.dtype, items[0].d.device
+    maps = []
+    for it in items:
+        assert it.split_on is not None
+        maps.append(_flat_maps(tuple(it.shape), *it.split_on, device))
+    mine = [k for k in range(len(items)) if owners[k] == me]
+    to_owner = [[k for k in range(len(items)) if owners[k] == o] for o in range(world)]
+    send_splits = [sum(items[k].d.numel() for k in ks) for ks in to_owner]
+    recv_splits = [sum(maps[k][r].numel() for k in mine) for r in range(world)]
+    send = [items[k].d.reshape(-1) for ks in to_owner for k in ks]
+    received = torch.empty(sum(recv_splits), dtype=dtype, device=device)
+    payload = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
+    dist.all_to_all_single(received, payload, recv_splits, send_splits)
+    wholes = {k: torch.empty(math.prod(items[k].shape), dtype=dtype, device=device) for k in mine}
+    offset = 0
+    for r in range(world):
+        for k in mine:
+            n = maps[k][r].numel()
+            wholes[k][maps[k][r]] = received[offset : offset + n]
+            offset += n
+    updates = _lmos([items[k] for k in mine], [wholes[k].view(items[k].shape) for k in mine])
+    out_dtype = items[0].norm.update_dtype(dtype)
+    flat = {k: updates[items[k].index].to(out_dtype).reshape(-1) for k in mine}
+    back = [flat[k][maps[k][r]] for r in range(world) for k in mine]
+    result = torch.empty(sum(send_splits), dtype=out_dtype, device=device)
+    payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
+    dist.all_to_all_single(result, payload, send_splits, recv_splits)
+    out: dict[int, Tensor] = {}
+    offset = 0
+    for ks in to_owner:
+        for k in ks:
+            n = items[k].d.numel()
+            out[items[k].index] = result[offset : offset + n].view(items[k].d.shape)
+            offset += n
     return out
 
 
@@ -412,17 +539,21 @@ def group_updates(
         concrete = norm.pick(p.shape)
         kind = _kind(concrete, p.shape, placement)
         polar = polars[i] if isinstance(concrete, Spectral) else None
-        item = _Item(i, p.shape, concrete, d, polar, dim=placement.dim)
+        item = _Item(i, p.shape, concrete, d, polar, dim=placement.dim, split_on=placement.split_on)
+        if placement.split_on is not None:
+            kind = "gathered"
         if kind == "local":
             by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue
-        key = (kind, placement.key, d.dtype, d.device)
+        key = (kind, placement.key, d.dtype, d.device, concrete.update_dtype(d.dtype))
         by_kind.setdefault((kind, key), (placement, []))[1].append(item)
     for (kind, _), (placement, items) in by_kind.items():
         if kind == "local":
             updates.update(_lmos(items, [it.d for it in items]))
         elif kind == "reduce":
             updates.update(_reduced_updates(items, placement))
+        elif kind == "gathered":
+            updates.update(_gathered_updates(items))
         else:
             owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], placement.slots)
             for it, slot in zip(items, owners, strict=True):

@@ -30,6 +30,8 @@ ROOT = Path(__file__).parent.parent
 TIME_LIMIT_S = 300
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
+#: FSDP2 over tensor parallelism on a (data, tensor) mesh: tensors split on both mesh dims.
+FSDP_TP = ["fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training"]
 #: Groups whose LMO reduces across shards when the weights are split along their columns
 #: (tensor parallelism's Shard(1)): rows span the shards.
 TP_REDUCED = {
@@ -129,8 +131,8 @@ def jobs(tmp_path_factory):
     def get(world: int) -> list[dict]:
         if world not in done:
             scenarios = PARITY + OTHERS
-            if world % 2 == 0:
-                scenarios += ["hsdp_parity", "hybrid_shard_training"]
+            if world % 2 == 0:  # a (2, world/2) mesh
+                scenarios += ["hsdp_parity", "hybrid_shard_training", *FSDP_TP]
             out = tmp_path_factory.mktemp(f"world{world}")
             done[world] = launch(world, scenarios, out, env)
         return done[world]
@@ -157,6 +159,19 @@ def test_steps_match_one_process(jobs, world, scenario):
                 assert got["exact"], (rank, name, got)
 
 
+def _assert_parity(results: list[dict], scenario: str, rounded: set[str]) -> None:
+    """Every group of ``scenario`` on every rank: within 1e-6 of one process where it is in
+    ``rounded``, else bit for bit."""
+    for rank, result in enumerate(results):
+        groups = result[scenario]
+        assert len(groups) == 14, groups.keys()  # every group of worker.GROUPS
+        for name, got in groups.items():
+            if name in rounded:
+                assert got["max_diff"] <= 1e-6, (rank, name, got)
+            else:
+                assert got["exact"], (rank, name, got)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_matches_one_process(jobs, world):
     """Tensor parallelism on its own mesh (weights ``Shard(1)``, as ``RowwiseParallel`` splits
@@ -164,14 +179,7 @@ def test_tensor_parallel_matches_one_process(jobs, world):
     matrix is gathered whole on its owner along the split dim; groups whose rows span the
     shards take the float64 sums of squares over them (within float32 rounding); Sign and the
     groups whole on every shard step bit for bit."""
-    for rank, result in enumerate(jobs(world)):
-        groups = result["tp_parity"]
-        assert len(groups) == 14, groups.keys()
-        for name, got in groups.items():
-            if name in TP_REDUCED or name in ORTHOGONALIZED:
-                assert got["max_diff"] <= 1e-6, (rank, name, got)
-            else:
-                assert got["exact"], (rank, name, got)
+    _assert_parity(jobs(world), "tp_parity", TP_REDUCED | ORTHOGONALIZED)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -235,6 +243,31 @@ def test_training_matches_one_process(jobs, world, scenario):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("scenario", FSDP_TP[:2])
+def test_fsdp_over_tensor_parallel_matches_one_process(jobs, world, scenario):
+    """Tensors split on both dims of a (data, tensor) mesh, as FSDP2 over tensor parallelism
+    lays them out: ``(_StridedShard(0), Shard(0))`` (column-wise weights and biases) or
+    ``(Shard(0), Shard(1))`` (row-wise weights; their biases ``(Shard(0), Replicate())``).
+    Each tensor is gathered whole on its owner and its update sent back, so every norm steps
+    as in one process: bit for bit, except the orthogonalized norms and the vectors whose
+    sums of squares cross ranks (within float32 rounding)."""
+    _assert_parity(jobs(world), scenario, REDUCED | ORTHOGONALIZED)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_over_parallelize_module_trains_as_one_process(jobs, world):
+    """torchtitan's layout: ``parallelize_module`` on the tensor dim of a (data, tensor)
+    mesh, then ``fully_shard`` on the data dim, each data rank its slice of the batch: 5
+    steps within float32 rounding of one process."""
+    for r in jobs(world):
+        got = r["fsdp_tp_training"]
+        if world == 4:
+            assert got["placements"]["0.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+        assert got["placements"]["2.weight"] == "(Shard(dim=0), Shard(dim=1))"
+        assert got["max_diff"] <= 1e-5, got
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_parallelize_module_trains_as_one_process(jobs, world):
     """An MLP split by torch's own ``parallelize_module`` (``ColwiseParallel`` then
     ``RowwiseParallel``: every placement a 1-D tensor-parallel plan makes), every rank on the
@@ -281,7 +314,8 @@ def test_owners_use_the_kernels_newton_schulz(jobs, world, scenario):
 
 def test_unsupported_layouts_raise(jobs):
     got = jobs(2)[0]["bad_layouts"]
-    assert "Shard(d) and/or Replicate() on at most one mesh dimension each" in got["two_shards"]
+    assert "placed as Shard(d), _StridedShard and Replicate()" in got["partial"], got
+    assert "got (Partial(sum),)" in got["partial"]
     assert "backend 'cuda' (param group 0)" in got["cuda"]
 
 

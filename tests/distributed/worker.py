@@ -171,6 +171,38 @@ def tp_parity():
     return run_parity(build, grad_of)
 
 
+def _fsdp_over_tp(placements_of):
+    """Parity with tensors split on both dims of a (data, tensor) mesh: ``placements_of(t)``
+    gives each tensor's placements; gradients are distributed as the parameters are."""
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
+
+    # Every rank holds the same full values: each splits its own (src_data_rank=None), as a
+    # scatter could not (uneven _StridedShard pieces cannot be padded to one size).
+    def build(t):
+        return distribute_tensor(t, mesh, placements_of(t), src_data_rank=None)
+
+    def grad_of(g, p):
+        return distribute_tensor(g, mesh, placements_of(g), src_data_rank=None)
+
+    return run_parity(build, grad_of)
+
+
+def fsdp_tp_colwise_parity():
+    """FSDP2 over column-wise tensor parallelism: every tensor ``(_StridedShard(0), Shard(0))``
+    (rows split by the tensor-parallel dim first, then by the data-parallel one)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _fsdp_over_tp(lambda t: [_StridedShard(0, split_factor=WORLD // 2), Shard(0)])
+
+
+def fsdp_tp_rowwise_parity():
+    """FSDP2 over row-wise tensor parallelism: weights ``(Shard(0), Shard(1))``, vectors
+    ``(Shard(0), Replicate())``."""
+    return _fsdp_over_tp(
+        lambda t: [Shard(0), Shard(1)] if t.dim() >= 2 else [Shard(0), Replicate()]
+    )
+
+
 def ddp_parity():
     """Replicated plain tensors with process_group: owners compute, all_gather shares."""
     return run_parity(lambda t: t, lambda g, p: g.clone(), process_group=dist.group.WORLD)
@@ -329,22 +361,25 @@ def fully_shard_training(mesh=None):
     whole batch: 5 steps, every parameter within float32 reduction-order tolerance."""
     ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
     model, opt = mlp_with_scion([12, 32, 24, 5], 0, True, mesh)
+    mine = slice(8 * RANK, 8 * RANK + 8)
+    return {"max_diff": _five_steps(ref_model, ref, model, opt, 8 * WORLD, mine)}
+
+
+def _five_steps(ref_model, ref, model, opt, batch: int, mine: slice) -> float:
+    """Five steps of the one-process model on seeded batches of ``batch`` rows and of this
+    rank's model on its rows ``mine``; the largest parameter difference seen."""
     gen = torch.Generator().manual_seed(5)
     worst = 0.0
     for _ in range(5):
-        x = torch.randn(8 * WORLD, 12, generator=gen)
-        y = torch.randint(0, 5, (8 * WORLD,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(ref_model(x), y)
-        loss.backward()
-        ref.step()
-        ref.zero_grad()
-        mine = slice(8 * RANK, 8 * RANK + 8)
-        torch.nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
-        opt.step()
-        opt.zero_grad()
+        x = torch.randn(batch, 12, generator=gen)
+        y = torch.randint(0, 5, (batch,), generator=gen)
+        for m, o, rows in ((ref_model, ref, slice(None)), (model, opt, mine)):
+            torch.nn.functional.cross_entropy(m(x[rows]), y[rows]).backward()
+            o.step()
+            o.zero_grad()
         for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
             worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
-    return {"max_diff": worst}
+    return worst
 
 
 def tensor_parallel_training():
@@ -358,17 +393,33 @@ def tensor_parallel_training():
     placements = {name: str(p.placements) for name, p in model.named_parameters()
                   if sd._is_dtensor(p)}  # fmt: skip
     opt = mlp_with_scion_optimizer(model)
-    gen = torch.Generator().manual_seed(5)
-    worst = 0.0
-    for _ in range(5):
-        x = torch.randn(8, 12, generator=gen)
-        y = torch.randint(0, 5, (8,), generator=gen)
-        for m, o in ((ref_model, ref), (model, opt)):
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-            o.zero_grad()
-        for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
-            worst = max(worst, (a.detach() - full(b.detach())).abs().max().item())
+    worst = _five_steps(ref_model, ref, model, opt, 8, slice(None))
+    return {"max_diff": worst, "placements": placements}
+
+
+def fsdp_tp_training():
+    """FSDP2 over tensor parallelism on a (data, tensor) mesh, as torchtitan builds it:
+    ``parallelize_module`` on the tensor dim, then ``fully_shard`` on the data dim; each data
+    rank its slice of the batch. 5 steps within float32 rounding of one process."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
+    model, _ = mlp_with_scion([12, 32, 24, 5], 0, False)
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    placements = {name: str(p.placements) for name, p in model.named_parameters()}
+    opt = mlp_with_scion_optimizer(model)
+    dp = mesh.get_local_rank("dp")
+    worst = _five_steps(ref_model, ref, model, opt, 16, slice(8 * dp, 8 * dp + 8))
     return {"max_diff": worst, "placements": placements}
 
 
@@ -507,18 +558,23 @@ def fsdp_native():
 
 
 def bad_layouts():
-    """Clear errors at construction: a tensor split along two mesh dims (2-D sharding, not
-    taken yet), and a fused backend that cannot run on the parameters' device (native
-    kernels, CPU tensors)."""
+    """Clear errors at construction: a placement no engine gives a parameter (Partial), and a
+    fused backend that cannot run on the parameters' device (native kernels, CPU tensors)."""
+    from torch.distributed.tensor import Partial
+
     mesh = init_device_mesh("cpu", (WORLD,))
-    square = init_device_mesh("cpu", (1, WORLD))
     errors = {}
     cases = {
-        "two_shards": (square, [Shard(0), Shard(1)], "auto"),
-        "cuda": (mesh, [Shard(0)], "cuda"),
+        "partial": [Partial()],
+        "cuda": [Shard(0)],
     }
-    for name, (on, placements, backend) in cases.items():
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), on, placements))
+    for name, placements in cases.items():
+        backend = "cuda" if name == "cuda" else "auto"
+        if name == "partial":
+            t = DTensor.from_local(torch.randn(8, 8), mesh, placements, run_check=False)
+        else:
+            t = distribute_tensor(torch.randn(8, 8), mesh, placements)
+        p = torch.nn.Parameter(t)
         try:
             Scion([p], norm="Spectral", backend=backend)
             errors[name] = ""
@@ -623,7 +679,7 @@ SCENARIOS = {f.__name__: f for f in [
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
     init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
-    ep_collectives,
+    ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
 ]}  # fmt: skip
 
 
