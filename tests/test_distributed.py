@@ -31,7 +31,9 @@ TIME_LIMIT_S = 300
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
 #: FSDP2 over tensor parallelism on a (data, tensor) mesh: tensors split on both mesh dims.
-FSDP_TP = ["fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training"]
+FSDP_TP = [
+    "fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training", "fsdp_tp_collectives",
+]  # fmt: skip
 #: Groups whose LMO reduces across shards when the weights are split along their columns
 #: (tensor parallelism's Shard(1)): rows span the shards.
 TP_REDUCED = {
@@ -183,12 +185,13 @@ def test_tensor_parallel_matches_one_process(jobs, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("scenario", ["fsdp_collectives", "tp_collectives"])
+@pytest.mark.parametrize("scenario", ["fsdp_collectives", "tp_collectives", "fsdp_tp_collectives"])
 def test_fsdp_collectives_and_volume(jobs, world, scenario):
-    """A Spectral-only step on matrices split along their rows (FSDP) or their columns (tensor
-    parallelism): one all-reduce (the agreement) and two all_to_all_single (gather to owners,
-    scatter back). Over the ranks, the elements passed to all_to_all sum to exactly 2·P (each
-    rank about 2·P/w; the owner balance decides the spread)."""
+    """A Spectral-only step on matrices split along their rows (FSDP), their columns (tensor
+    parallelism), or both dims of a (data, tensor) mesh (FSDP2 over tensor parallelism): one
+    all-reduce (the agreement) and two all_to_all_single (gather to owners, scatter back).
+    Over the ranks, the elements passed to all_to_all sum to exactly 2·P (each rank about
+    2·P/w; the owner balance decides the spread)."""
     results = [r[scenario] for r in jobs(world)]
     P = results[0]["P"]
     for r in results:
@@ -321,9 +324,9 @@ def test_unsupported_layouts_raise(jobs):
 
 def test_checkpoint_across_world_sizes(tmp_path):
     """Save with torch.distributed.checkpoint at 2 ranks (FSDP2), load at 4 ranks, in one
-    process (a plain model) and at 2 ranks in the tensor-parallel layout (weights split along
-    their columns or rows by ``parallelize_module``): the next step gives the same bits as the
-    saving run's."""
+    process (a plain model), at 2 ranks in the tensor-parallel layout (weights split along
+    their columns or rows by ``parallelize_module``) and at 4 in FSDP2 over that: the next
+    step gives the same bits as the saving run's."""
     env = {"SCION_TEST_CHECKPOINT": str(tmp_path)}
     saved = launch(2, ["checkpoint_save"], tmp_path / "save", env)
     keys = [r["checkpoint_save"]["state_keys_before_first_step"] for r in saved]
@@ -331,9 +334,12 @@ def test_checkpoint_across_world_sizes(tmp_path):
     for world in (4, 1):
         for r in launch(world, ["checkpoint_load"], tmp_path / f"load{world}", env):
             assert r["checkpoint_load"]["identical"], r
-    # Into another layout: the first two Linears split by parallelize_module on 2 ranks.
+    # Into other layouts: the first two Linears split by parallelize_module on 2 ranks, and
+    # fully_shard over that on a (2, 2) mesh of 4 ranks.
     for r in launch(2, ["checkpoint_load_tp"], tmp_path / "load_tp", env):
         assert r["checkpoint_load_tp"]["identical"], r
+    for r in launch(4, ["checkpoint_load_fsdp_tp"], tmp_path / "load_fsdp_tp", env):
+        assert r["checkpoint_load_fsdp_tp"]["identical"], r
 
 
 def test_process_group_needs_init():

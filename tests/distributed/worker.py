@@ -174,17 +174,25 @@ def tp_parity():
 def _fsdp_over_tp(placements_of):
     """Parity with tensors split on both dims of a (data, tensor) mesh: ``placements_of(t)``
     gives each tensor's placements; gradients are distributed as the parameters are."""
-    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
+    return run_parity(*_split_locally(_data_tensor_mesh(), placements_of))
 
-    # Every rank holds the same full values: each splits its own (src_data_rank=None), as a
-    # scatter could not (uneven _StridedShard pieces cannot be padded to one size).
+
+def _data_tensor_mesh():
+    return init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
+
+
+def _split_locally(mesh, placements_of):
+    """``build`` and ``grad_of`` for ``run_parity`` on any placements: every rank holds the
+    same full values and splits its own (``src_data_rank=None``), as a scatter could not
+    (uneven ``_StridedShard`` pieces cannot be padded to one size)."""
+
     def build(t):
         return distribute_tensor(t, mesh, placements_of(t), src_data_rank=None)
 
     def grad_of(g, p):
         return distribute_tensor(g, mesh, placements_of(g), src_data_rank=None)
 
-    return run_parity(build, grad_of)
+    return build, grad_of
 
 
 def fsdp_tp_colwise_parity():
@@ -236,11 +244,21 @@ def ep_collectives():
     return _collectives([Shard(0)], [("Spectral", {"batch_dims": 1}, [(8, 12, 6), (5, 6, 12)])])
 
 
-def _collectives(placements, spec=None):
+def fsdp_tp_collectives():
+    """The same for matrices split on both dims of a (data, tensor) mesh, as FSDP2 over
+    column-wise tensor parallelism splits them."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = _data_tensor_mesh()
+    layout = [_StridedShard(0, split_factor=WORLD // 2), Shard(0)]
+    return _collectives(layout, split=_split_locally(mesh, lambda t: layout))
+
+
+def _collectives(placements, spec=None, split=None):
     from torch.distributed.tensor.debug import CommDebugMode
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    build, grad_of = sharded(mesh, placements)
+    build, grad_of = sharded(mesh, placements) if split is None else split
     groups = _spectral_only(build) if spec is None else make_groups(build, spec)
     opt = Scion(groups, lr=0.1, momentum=0.5)
     for p in groups[0]["params"]:
@@ -401,21 +419,9 @@ def fsdp_tp_training():
     """FSDP2 over tensor parallelism on a (data, tensor) mesh, as torchtitan builds it:
     ``parallelize_module`` on the tensor dim, then ``fully_shard`` on the data dim; each data
     rank its slice of the batch. 5 steps within float32 rounding of one process."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
     ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
     model, _ = mlp_with_scion([12, 32, 24, 5], 0, False)
-    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
+    mesh = _fsdp_over_tensor_parallel(model)
     placements = {name: str(p.placements) for name, p in model.named_parameters()}
     opt = mlp_with_scion_optimizer(model)
     dp = mesh.get_local_rank("dp")
@@ -583,25 +589,46 @@ def bad_layouts():
     return errors
 
 
-def _checkpoint_model(sharded_model: bool, tensor_parallel: bool = False):
-    # The loading run starts from other values than the saving one.
-    if not tensor_parallel:
-        return mlp_with_scion([12, 20, 7, 5], 0 if sharded_model else 123, sharded_model)
-    model, _ = mlp_with_scion([12, 20, 7, 5], 123, False)
-    _tensor_parallel(model)
+def _checkpoint_model(layout: str):
+    """The checkpoint tests' MLP and its Scion, laid out as ``layout``: ``"fsdp"`` (the saving
+    run's), ``"plain"``, ``"tp"`` or ``"fsdp_tp"``."""
+    # The loading runs start from other values than the saving one.
+    model, opt = mlp_with_scion([12, 20, 7, 5], 0 if layout == "fsdp" else 123, layout == "fsdp")
+    if layout in ("plain", "fsdp"):
+        return model, opt
+    if layout == "tp":
+        _tensor_parallel(model)
+    else:
+        _fsdp_over_tensor_parallel(model)
     return model, mlp_with_scion_optimizer(model)
 
 
-def _tensor_parallel(model):
-    """``model``'s first two Linears split column-wise, then row-wise, over all ranks."""
+def _tensor_parallel(model, mesh=None):
+    """``model``'s first two Linears split column-wise, then row-wise, over ``mesh`` (all
+    ranks by default)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = mesh or init_device_mesh("cpu", (WORLD,))
     parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _fsdp_over_tensor_parallel(model):
+    """``model`` as torchtitan lays it out on a (data, tensor) mesh: :func:`_tensor_parallel`
+    on the tensor dim, then ``fully_shard`` (each Linear, then the whole) on the data dim;
+    returns the mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _data_tensor_mesh()
+    _tensor_parallel(model, mesh["tp"])
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return mesh
 
 
 def _manual_step(model, opt, step):
@@ -609,8 +636,8 @@ def _manual_step(model, opt, step):
     gen = torch.Generator().manual_seed(100 + step)
     for p in model.parameters():
         g = torch.randn(p.shape, generator=gen)
-        if sd._is_dtensor(p):
-            g = sharded(p.device_mesh, p.placements)[1](g, p)
+        if sd._is_dtensor(p):  # every rank has the full g: each splits its own part
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
         p.grad = g
     opt.step()
 
@@ -629,7 +656,7 @@ def checkpoint_save():
     )
 
     out = Path(os.environ["SCION_TEST_CHECKPOINT"])
-    model, opt = _checkpoint_model(True)
+    model, opt = _checkpoint_model("fsdp")
     keys = sorted(str(k) for k in opt.state_dict()["state"])
     for step in range(2):
         _manual_step(model, opt, step)
@@ -642,10 +669,10 @@ def checkpoint_save():
     return {"state_keys_before_first_step": keys}
 
 
-def checkpoint_load(tensor_parallel: bool = False):
-    """Load the checkpoint at this world size (FSDP2, or a plain model when alone; with
-    ``tensor_parallel``, the model split by ``parallelize_module`` instead) and take the next
-    step: the parameters must equal the saving run's."""
+def checkpoint_load(layout: str | None = None):
+    """Load the checkpoint at this world size (FSDP2, or a plain model when alone; or the
+    ``layout`` of :func:`_checkpoint_model`) and take the next step: the parameters must
+    equal the saving run's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -655,7 +682,7 @@ def checkpoint_load(tensor_parallel: bool = False):
     )
 
     out = Path(os.environ["SCION_TEST_CHECKPOINT"])
-    model, opt = _checkpoint_model(WORLD > 1 and not tensor_parallel, tensor_parallel)
+    model, opt = _checkpoint_model(layout or ("fsdp" if WORLD > 1 else "plain"))
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=str(out / "ckpt"))
     set_model_state_dict(model, state["model"])
@@ -671,7 +698,12 @@ def checkpoint_load(tensor_parallel: bool = False):
 
 def checkpoint_load_tp():
     """The FSDP2 checkpoint loaded into the tensor-parallel layout."""
-    return checkpoint_load(tensor_parallel=True)
+    return checkpoint_load("tp")
+
+
+def checkpoint_load_fsdp_tp():
+    """The FSDP2 checkpoint loaded into FSDP2 over tensor parallelism (a (2, w/2) mesh)."""
+    return checkpoint_load("fsdp_tp")
 
 
 SCENARIOS = {f.__name__: f for f in [
@@ -680,6 +712,7 @@ SCENARIOS = {f.__name__: f for f in [
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
     init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
     ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
+    fsdp_tp_collectives, checkpoint_load_fsdp_tp,
 ]}  # fmt: skip
 
 
