@@ -193,23 +193,32 @@ def _split_on_several(p: Tensor) -> Placement:
             f"every rank ({dist.get_world_size()}); its mesh has {mesh.mesh.numel()}"
         )
     placements = tuple(p.placements)
-    mine = index_maps(tuple(p.shape), mesh, placements)[dist.get_rank()]
-    if mine.shape != local(p).shape:
+    expected = _local_shape(tuple(p.shape), mesh, placements, dist.get_rank())
+    if expected != tuple(local(p).shape):
         raise ValueError(
             f"a DTensor of shape {tuple(p.shape)} placed as {p.placements} holds "
-            f"{tuple(local(p).shape)} here; Scion expects {tuple(mine.shape)}"
+            f"{tuple(local(p).shape)} here; Scion expects {expected}"
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     return Placement(dist.group.WORLD, world, rank, None, 1, 0, 0, (mesh, placements))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
+def _local_shape(
+    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], rank: int
+) -> tuple[int, ...]:
+    """The local shape ``rank`` holds of a tensor of ``shape`` under ``placements``."""
+    return tuple(index_maps(shape, mesh, placements)[rank].shape)
+
+
 def index_maps(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> dict[int, Tensor]:
     """By global rank: the flat indices into a tensor of ``shape`` of the elements that rank
-    holds under ``placements`` on ``mesh``, shaped as its local tensor. Made by splitting an
-    index tensor as DTensor splits values (each placement's own chunking, mesh dims left to
-    right), on the CPU, without communication; kept per shape and layout."""
-    pieces: dict[tuple[int, ...], Tensor] = {(): torch.arange(math.prod(shape)).reshape(shape)}
+    holds under ``placements`` on ``mesh``, shaped as its local tensor (int32 where the tensor
+    allows). Made by splitting an index tensor as DTensor splits values (each placement's own
+    chunking, mesh dims left to right), on the CPU, without communication."""
+    numel = math.prod(shape)
+    kind = torch.int32 if numel < 2**31 else torch.int64
+    pieces: dict[tuple[int, ...], Tensor] = {(): torch.arange(numel, dtype=kind).reshape(shape)}
     for m, placement in enumerate(placements):
         n = mesh.size(m)
         split: dict[tuple[int, ...], Tensor] = {}
@@ -224,11 +233,13 @@ def index_maps(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -
     return {int(mesh.mesh[coord].item()): t for coord, t in pieces.items()}
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _flat_maps(
     shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], device: torch.device
 ) -> list[Tensor]:
-    """:func:`index_maps` flattened, in rank order, on ``device`` (copied there once)."""
+    """:func:`index_maps` flattened, in rank order, on ``device`` (copied there once), as
+    int32 where the tensor allows: an owner keeps them for the tensors it owns, about 4 bytes
+    per element of each (see bench/NOTES.md on its cost at scale)."""
     by_rank = index_maps(shape, mesh, placements)
     return [by_rank[r].reshape(-1).to(device) for r in range(len(by_rank))]
 
@@ -408,11 +419,12 @@ def _gathered_updates(items: list[_Item]) -> dict[int, Tensor]:
     world, me = dist.get_world_size(), dist.get_rank()
     owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], world)
     dtype, device = items[0].d.dtype, items[0].d.device
-    maps = []
-    for it in items:
-        assert it.split_on is not None
-        maps.append(_flat_maps(tuple(it.shape), *it.split_on, device))
     mine = [k for k in range(len(items)) if owners[k] == me]
+    # Only an owner needs the maps of its tensors (a sender sends its local part whole).
+    maps: dict[int, list[Tensor]] = {}
+    for k in mine:
+        assert items[k].split_on is not None
+        maps[k] = _flat_maps(tuple(items[k].shape), *items[k].split_on, device)
     to_owner = [[k for k in range(len(items)) if owners[k] == o] for o in range(world)]
     send_splits = [sum(items[k].d.numel() for k in ks) for ks in to_owner]
     recv_splits = [sum(maps[k][r].numel() for k in mine) for r in range(world)]

@@ -271,7 +271,9 @@ class Norm:
     """A norm for one family of tensors: its LMO, its unit-sphere init, the shapes it fits.
 
     Subclasses implement :meth:`lmo_many` (batched over a list of tensors), :meth:`init` and
-    :meth:`fits`. Options are constructor keywords (the optimizer's ``norm_kwargs``).
+    :meth:`fits`. Options are constructor keywords (the optimizer's ``norm_kwargs``), fixed
+    once the norm is made: an optimizer's routes and a norm's per-shape layouts rely on it, so
+    to change an option make a new norm (or change ``norm_kwargs``).
     """
 
     name: ClassVar[str]

@@ -44,6 +44,9 @@ class _ScionBase(torch.optim.Optimizer):
     #: Whether ``capturable=True`` with ``nonfinite="skip"`` is available (else why not).
     _skips_on_device = True
     _skips_on_device_not = ""
+    #: Whether a distributed optimizer makes the state of groups of plain tensors up front
+    #: too (buffers, harmless), not only of those spread across ranks.
+    _state_in_every_group = True
 
     def __init__(
         self,
@@ -145,13 +148,14 @@ class _ScionBase(torch.optim.Optimizer):
         group["norm"], group["norm_kwargs"] = resolved["norm"], resolved["norm_kwargs"]
         self._store_route(index, route)
         self._checked[index] = self._options(group)
+        every = self._state_in_every_group
         if spread and not self._distributed:
             self._distributed = True
             # Every rank's state has the same keys up front, in every group (DCP's loaders
             # fill only the entries that exist): the groups before this one too.
-            for earlier in self.param_groups[:-1]:
+            for earlier in self.param_groups[:-1] if every else []:
                 self._create_state(earlier)
-        if self._distributed:
+        if spread or (self._distributed and every):
             self._create_state(group)
 
     def _check_options(self, group: dict[str, Any], where: str) -> None:
@@ -676,6 +680,8 @@ class ScionLight(_ScionBase):
     no copy).
     """
 
+    # Its state is p.grad: made up front it would step parameters that never get a gradient.
+    _state_in_every_group = False
     _skips_on_device = False
     _skips_on_device_not = (
         "its average lives in p.grad, which a non-finite gradient has already changed when "
@@ -741,7 +747,7 @@ class ScionLight(_ScionBase):
         if not _averages(group):
             return
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None and p.requires_grad:  # a frozen parameter never steps
                 p.grad = torch.zeros_like(p)
 
     def _after_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
