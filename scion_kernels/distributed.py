@@ -255,8 +255,12 @@ def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
 def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
     ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
-    the sums of squares of groups that span the shards) or ``"owner"`` (on the whole tensor,
-    on one rank). Depends on the global shape and the placement only, so every rank agrees."""
+    the sums of squares of groups that span the shards), ``"owner"`` (on the whole tensor,
+    on one rank) or ``"gathered"`` (a tensor split on several mesh dims, every norm: on the
+    whole tensor, on one rank of the world). Depends on the global shape and the placement
+    only, so every rank agrees."""
+    if placement.split_on is not None:
+        return "gathered"
     sharded = placement.shards > 1 and len(shape) > 0
     # A batch of matrices split along a batch dim has whole matrices on every shard.
     batched = sharded and placement.dim < getattr(norm, "batch_dims", 0) and len(shape) > 2
@@ -552,8 +556,6 @@ def group_updates(
         kind = _kind(concrete, p.shape, placement)
         polar = polars[i] if isinstance(concrete, Spectral) else None
         item = _Item(i, p.shape, concrete, d, polar, dim=placement.dim, split_on=placement.split_on)
-        if placement.split_on is not None:
-            kind = "gathered"
         if kind == "local":
             by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue

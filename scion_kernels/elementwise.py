@@ -131,7 +131,7 @@ def apply_update_(
         if isinstance(lr, Tensor):
             gamma = lr.reshape(()).to(device=device, dtype=dtype)
             if constrained:
-                torch._foreach_mul_(xs, 1.0 - gamma)
+                scale_(xs, 1.0 - gamma)
             torch._foreach_add_(xs, torch._foreach_mul(us, gamma * -scale))
         else:
             if constrained:

@@ -325,6 +325,21 @@ class Norm:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
         return f"{type(self).__name__}({opts})"
 
+    def _kept(self, table: str, keys: Sequence[Any], make: Callable[[Any], Any]) -> list[Any]:
+        """``[make(key) for key in keys]``, each kept on this norm in its ``table`` (a norm's
+        options are fixed once made, so what they give per shape is too); made afresh while
+        ``torch.compile`` traces (it evaluates them once per graph anyway)."""
+        if torch.compiler.is_compiling():
+            return [make(key) for key in keys]
+        kept: dict[Any, Any] = self.__dict__.setdefault(table, {})
+        out = []
+        for key in keys:
+            value = kept.get(key)
+            if value is None:
+                value = kept[key] = make(key)
+            out.append(value)
+        return out
+
     def spec(self) -> tuple[str, dict[str, Any]]:
         """``(name, options)``, plain data from which :func:`make_norm` rebuilds this norm:
         what an optimizer's param group stores (so its ``state_dict`` loads with
@@ -509,24 +524,16 @@ class Spectral(_MatrixNorm):
         gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:], self.table, dtype)
         return (gram_iterate if gram else iterate)(normalized_stack(mats, dtype), self.table)
 
-    def _layout(self, shape: torch.Size, device: torch.device) -> list[tuple[bool, float, bool]]:
-        """Per independent matrix of a tensor of ``shape`` on ``device``: whether it is tall
-        (orthogonalized as its transpose), its factor ``s``, and whether it goes alone rather
-        than in a stack (:func:`~scion_kernels.newton_schulz.stacks_well`). Kept per shape and
-        device on this norm (its options do not change after it is made); computed afresh
-        while ``torch.compile`` traces."""
-        compiling = torch.compiler.is_compiling()
-        kept: dict[tuple, list[tuple[bool, float, bool]]] = (
-            {} if compiling else self.__dict__.setdefault("_layouts", {})
-        )
-        layout = kept.get((shape, device))
-        if layout is None:
-            layout = []
-            for rows, cols in self.block_shapes(shape):
-                m, n, tall = orient(rows, cols)
-                s = self.scale_for(shape if self.split is None else (rows, cols))
-                layout.append((tall, s, not stacks_well(device, m, n)))
-            kept[(shape, device)] = layout
+    def _layout(self, where: tuple[torch.Size, torch.device]) -> list[tuple[bool, float, bool]]:
+        """Per independent matrix of a tensor of shape ``where[0]`` on device ``where[1]``:
+        whether it is tall (orthogonalized as its transpose), its factor ``s``, and whether it
+        goes alone rather than in a stack (:func:`~scion_kernels.newton_schulz.stacks_well`)."""
+        shape, device = where
+        layout = []
+        for rows, cols in self.block_shapes(shape):
+            m, n, tall = orient(rows, cols)
+            s = self.scale_for(shape if self.split is None else (rows, cols))
+            layout.append((tall, s, not stacks_well(device, m, n)))
         return layout
 
     def _assemble(self, blocks: list[Tensor], shape: Sequence[int]) -> Tensor:
@@ -548,11 +555,12 @@ class Spectral(_MatrixNorm):
         """
         factor = self.polar_factor if polar is None else (lambda mats: polar(_cat(mats)))
         blocks = [self._blocks(self._matrices(g)) for g in gs]
+        layouts = self._kept("_layouts", [(g.shape, g.device) for g in gs], self._layout)
         # Per block: (its parameter, the block oriented wide, whether it was tall, its factor).
         entries: list[tuple[int, Tensor, bool, float]] = []
         stacks: dict[tuple, list[int]] = {}
-        for j, (g, bs) in enumerate(zip(gs, blocks, strict=True)):
-            for b, (tall, s, alone) in zip(bs, self._layout(g.shape, g.device), strict=True):
+        for j, (bs, layout) in enumerate(zip(blocks, layouts, strict=True)):
+            for b, (tall, s, alone) in zip(bs, layout, strict=True):
                 o = b.mT if tall else b
                 k = len(entries)
                 entries.append((j, o, tall, s))
@@ -708,25 +716,11 @@ class _Grouped(Norm):
     def group_spec(self, shape: Sequence[int]) -> GroupSpec:
         raise NotImplementedError
 
-    def _group_specs(self, gs: Sequence[Tensor]) -> list[GroupSpec]:
-        """:meth:`group_spec` of each tensor's shape, kept per shape on this norm (its options
-        do not change after it is made); computed afresh while ``torch.compile`` traces."""
-        if torch.compiler.is_compiling():
-            return [self.group_spec(g.shape) for g in gs]
-        kept: dict[torch.Size, GroupSpec] = self.__dict__.setdefault("_specs", {})
-        out = []
-        for g in gs:
-            spec = kept.get(g.shape)
-            if spec is None:
-                spec = kept[g.shape] = self.group_spec(g.shape)
-            out.append(spec)
-        return out
-
     def lmo_many(self, gs: Sequence[Tensor]) -> list[Tensor]:
         """The same LMO on every tensor, in a few operations per call: Sign, and ℓ2 groups
         that are the whole tensor (BiasRMS), by ``torch._foreach_*`` over all of them; row and
         column groups stacked, one LMO call per shape of their matrices."""
-        specs = self._group_specs(gs)
+        specs = self._kept("_specs", [g.shape for g in gs], self.group_spec)
         work = [g if g.dtype == _work_dtype(g) else g.to(_work_dtype(g)) for g in gs]
         out: list[Tensor | None] = [None] * len(gs)
         signs = [i for i, s in enumerate(specs) if s.sign]
