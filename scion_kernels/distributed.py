@@ -22,12 +22,17 @@ The step is the single-process step; what changes is where each LMO is computed.
   ``parallelize_module``): as sharded, along that dim. A group of a grouped norm spans the
   shards when the split runs along it (a row of a ``Shard(1)`` RowNorm, a column of a
   ``Shard(0)`` ColNorm) and takes the all-reduce; otherwise it is whole on every shard.
-- **Split on several mesh dims** (FSDP2 over tensor parallelism on a (data, tensor) mesh:
-  ``(_StridedShard(0), Shard(0))``, ``(Shard(0), Shard(1))``): every such tensor, whatever
-  its norm, is gathered whole on its owner with one ``all_to_all_single`` over the world and
-  its update sent back with a second. Which elements each rank holds is worked out from the
-  placements alone, by splitting an index tensor as DTensor splits values
-  (:func:`index_maps`); the mesh must hold every rank.
+- **Laid out on several mesh dims** (FSDP2 over tensor parallelism on a (data, tensor) mesh:
+  ``(_StridedShard(0), Shard(0))``, ``(Shard(0), Shard(1))``; HSDP over it on a (replicate,
+  shard, tensor) mesh: ``(Replicate(), _StridedShard(0), Shard(0))``, and vectors repeated on
+  two dims, ``(Replicate(), Shard(0), Replicate())``): every such tensor, whatever its norm,
+  is gathered whole on its owner with one ``all_to_all_single`` over the world, from one
+  replica only, and every rank's part of its update sent back with a second. Which elements
+  each rank holds is worked out from the placements alone, by splitting an index tensor as
+  DTensor splits values (:func:`index_maps`); the mesh must hold every rank.
+
+The exchanges go in buckets (:data:`BUCKET_ELEMENTS` per rank), pipelined: a bucket's gather
+is in flight (asynchronous collectives) while the bucket before it computes its LMOs.
 
 Every rank runs the same collectives in the same order: before each step one all-reduce agrees
 on which parameters have a gradient on every rank (a parameter lacking one anywhere is skipped
@@ -45,7 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +99,9 @@ class Placement:
     #: The dim the shards split (``Shard(dim)``: 0 for FSDP2 and column-wise tensor
     #: parallelism, 1 for a row-wise one's weights).
     dim: int = 0
-    #: For a tensor split on several mesh dims (FSDP2 over tensor parallelism): its mesh and
-    #: placements, from which every rank's elements are known (:func:`index_maps`).
+    #: For a tensor laid out on several mesh dims (FSDP2 or HSDP over tensor parallelism):
+    #: its mesh and placements, from which every rank's elements are known
+    #: (:func:`index_maps`).
     split_on: tuple[Any, tuple[Any, ...]] | None = None
 
     @property
@@ -127,7 +133,10 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
 
     mesh = p.device_mesh
     shards = [pl for pl in p.placements if isinstance(pl, _SPLITS())]
-    if len(shards) > 1 or any(type(pl) is not Shard for pl in shards):
+    replicas = [pl for pl in p.placements if isinstance(pl, Replicate)]
+    if len(shards) > 1 or any(type(pl) is not Shard for pl in shards) or len(replicas) > 1:
+        # Several mesh dims (HSDP over tensor parallelism on a 3-D mesh repeats its vectors
+        # over two): gathered over the whole mesh.
         return _split_on_several(p)
     shard_dim = replicate_dim = None
     split = 0
@@ -175,9 +184,11 @@ def _SPLITS() -> tuple[type, ...]:  # noqa: N802 - names a constant, imported on
 
 
 def _split_on_several(p: Tensor) -> Placement:
-    """The placement of a DTensor split on several mesh dims (``(Shard(0), Shard(1))``, or
-    FSDP2 over tensor parallelism's ``(_StridedShard(0), Shard(0))``): its matrices are
-    gathered whole on their owners over the whole mesh, which must be the world."""
+    """The placement of a DTensor laid out on several mesh dims (``(Shard(0), Shard(1))``,
+    FSDP2 over tensor parallelism's ``(_StridedShard(0), Shard(0))``, and on a 3-D mesh HSDP
+    over it: ``(Replicate(), _StridedShard(0), Shard(0))``, ``(Replicate(), Shard(0),
+    Replicate())``): its tensors are gathered whole on their owners over the whole mesh,
+    which must be the world."""
     from torch.distributed.tensor import Replicate
 
     mesh = p.device_mesh
@@ -189,7 +200,7 @@ def _split_on_several(p: Tensor) -> Placement:
         )
     if mesh.mesh.numel() != dist.get_world_size():
         raise ValueError(
-            f"a DTensor split on several mesh dims ({p.placements}) must live on a mesh of "
+            f"a DTensor laid out on several mesh dims ({p.placements}) must live on a mesh of "
             f"every rank ({dist.get_world_size()}); its mesh has {mesh.mesh.numel()}"
         )
     placements = tuple(p.placements)
@@ -256,7 +267,7 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
     ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
     the sums of squares of groups that span the shards), ``"owner"`` (on the whole tensor,
-    on one rank) or ``"gathered"`` (a tensor split on several mesh dims, every norm: on the
+    on one rank) or ``"gathered"`` (a tensor laid out on several mesh dims, every norm: on the
     whole tensor, on one rank of the world). Depends on the global shape and the placement
     only, so every rank agrees."""
     if placement.split_on is not None:
@@ -301,6 +312,10 @@ def _ns_cost(norm: Norm, shape: Sequence[int]) -> float:
     return float(batch * len(norm.table) * (4 * m * m * n + 2 * m**3))
 
 
+def _costs(items: list[_Item]) -> list[float]:
+    return [_ns_cost(it.norm, it.shape) for it in items]
+
+
 def owner_slots(costs: Sequence[float], slots: int) -> list[int]:
     """Greedy balance (longest first, onto the least-loaded slot, ties to the lowest index):
     the slot that computes each item. Depends only on ``costs``, so every rank agrees."""
@@ -335,6 +350,13 @@ class _Item:
             return [1] + [0] * (shards - 1)
         return shard_rows(self.shape[self.dim], shards)
 
+    def share(self, shards: int) -> int:
+        """The most elements one of ``shards`` ranks holds (laid out on several mesh dims:
+        about an even share)."""
+        if self.split_on is not None:
+            return -(-math.prod(self.shape) // shards)
+        return max(self.rows(shards)) * self.row_elems
+
     def piece(self, rows: int) -> list[int]:
         """The shape of a shard holding ``rows`` of the split dim."""
         shape = list(self.shape)
@@ -344,13 +366,13 @@ class _Item:
 
 
 def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
-    """Consecutive runs of ``items`` whose largest per-rank share stays under the bucket
-    size (at least one item each)."""
+    """Consecutive runs of ``items`` whose largest per-rank shares (elements, over ``shards``
+    ranks) sum to at most the bucket size (at least one item each)."""
     out: list[list[_Item]] = []
     current: list[_Item] = []
     size = 0
     for item in items:
-        share = max(item.rows(shards)) * item.row_elems
+        share = item.share(shards)
         if current and size + share > BUCKET_ELEMENTS:
             out.append(current)
             current, size = [], 0
@@ -361,16 +383,64 @@ def _buckets(items: list[_Item], shards: int) -> list[list[_Item]]:
     return out
 
 
-def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor]:
-    """Reassemble this replica's matrices on their owners, compute their LMOs there, send the
-    update rows back: two ``all_to_all_single`` (none without sharding). Returns this rank's
-    rows of the update of every item this replica owns."""
+#: One bucket's round trip (:func:`_pipelined`): yields after launching its gather to the
+#: owners and after launching its scatter back; returns this rank's updates.
+Round = Generator[None, None, dict[int, Tensor]]
+
+
+def _pipelined(rounds: list[Round]) -> dict[int, Tensor]:
+    """Run the buckets' round trips so that bucket ``b + 1``'s gather is in flight while bucket
+    ``b``'s LMOs compute (asynchronous collectives: a separate stream under NCCL, gloo's worker
+    threads on CPUs). Every rank issues the same collectives in the same order: gather 0,
+    gather 1, scatter 0, gather 2, scatter 1, …, then each round's end in bucket order."""
+    out: dict[int, Tensor] = {}
+    live: list[Round | None] = list(rounds)
+
+    def advance(k: int) -> None:
+        step = live[k]
+        if step is None:
+            return
+        try:
+            next(step)
+        except StopIteration as done:
+            out.update(done.value)
+            live[k] = None
+
+    for k in range(len(live)):
+        advance(k)  # launch bucket k's gather
+        if k:
+            advance(k - 1)  # wait for bucket k-1's, compute its LMOs, launch its scatter
+    if live:
+        advance(len(live) - 1)
+    for k in range(len(live)):
+        advance(k)  # wait for each scatter, unpack
+    return out
+
+
+def _all_to_all(
+    output: Tensor, parts: list[Tensor], out_splits: list[int], in_splits: list[int], group: Any
+) -> Any:
+    """Launch ``all_to_all_single`` of ``parts`` (concatenated) without waiting; its work."""
+    payload = torch.cat(parts) if parts else output.new_empty(0)
+    return dist.all_to_all_single(
+        output, payload, out_splits, in_splits, group=group, async_op=True
+    )
+
+
+def _owner_round(items: list[_Item], placement: Placement) -> Round:
+    """One bucket of ``Shard(d)`` tensors: reassemble this replica's matrices on their owners,
+    compute their LMOs there, send the update rows back (two ``all_to_all_single`` over the
+    shard group; none without sharding), then share the rows across replicas. Returns this
+    rank's rows of every item's update."""
     S, me = placement.shards, placement.shard_rank
     mine = [it for it in items if it.owner // S == placement.replica_rank]
-    if not mine:
-        return {}
-    if S == 1:
-        return _lmos(mine, [it.d for it in mine])
+    out: dict[int, Tensor] = {}
+    if S == 1 or not mine:
+        yield
+        yield
+        out = _lmos(mine, [it.d for it in mine]) if mine else {}
+        _share_across_replicas(items, placement, out)
+        return out
     d_dtype = mine[0].d.dtype
     device = mine[0].d.device
     by_dest: list[list[_Item]] = [[it for it in mine if it.owner % S == o] for o in range(S)]
@@ -383,8 +453,9 @@ def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor
         sum(r[s] * it.row_elems for it, r in zip(owned, rows, strict=True)) for s in range(S)
     ]
     received = torch.empty(sum(recv_splits), dtype=d_dtype, device=device)
-    payload = torch.cat(send) if send else torch.empty(0, dtype=d_dtype, device=device)
-    dist.all_to_all_single(received, payload, recv_splits, send_splits, group=placement.shard_group)
+    work = _all_to_all(received, send, recv_splits, send_splits, placement.shard_group)
+    yield
+    work.wait()
     # Whole matrices: shard s's rows of every owned item, in item order, for s = 0, 1, ...
     pieces: list[list[Tensor]] = [[] for _ in owned]
     offset = 0
@@ -401,58 +472,80 @@ def _owned_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor
         for it, r in zip(owned, rows, strict=True)
     ]
     back = [part[s].reshape(-1) for s in range(S) for part in parts]
-    recv_back = [sum(it.d.numel() for it in by_dest[o]) for o in range(S)]
-    result = torch.empty(sum(recv_back), dtype=out_dtype, device=device)
-    payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
-    dist.all_to_all_single(result, payload, recv_back, recv_splits, group=placement.shard_group)
-    out: dict[int, Tensor] = {}
+    result = torch.empty(sum(send_splits), dtype=out_dtype, device=device)
+    work = _all_to_all(result, back, send_splits, recv_splits, placement.shard_group)
+    yield
+    work.wait()
     offset = 0
     for o in range(S):
         for it in by_dest[o]:
             out[it.index] = result[offset : offset + it.d.numel()].view(it.d.shape)
             offset += it.d.numel()
+    _share_across_replicas(items, placement, out)
     return out
 
 
-def _gathered_updates(items: list[_Item]) -> dict[int, Tensor]:
-    """Tensors split on several mesh dims (every norm): each gathered whole on its owner (any
-    rank, by the FLOP balance) with one ``all_to_all_single`` over the world, its LMO computed
-    there, and every rank's elements of the update sent back with a second; each rank's
-    elements are known from the layout (:func:`index_maps`). Returns this rank's part of
-    every item's update."""
+@functools.lru_cache(maxsize=256)
+def _senders(mesh: Any, placements: tuple[Any, ...], owner: int) -> tuple[bool, ...]:
+    """By global rank: whether that rank sends its part of a tensor laid out as ``placements``
+    to ``owner`` (:func:`_gathered_round`): the ranks whose coordinates on the mesh dims that
+    repeat the tensor (``Replicate()``) are the owner's, which together hold it once."""
+    from torch.distributed.tensor import Replicate
+
+    grid = mesh.mesh
+    where = {int(r): tuple(int(c) for c in (grid == r).nonzero()[0]) for r in grid.reshape(-1)}
+    repeated = [m for m, pl in enumerate(placements) if isinstance(pl, Replicate)]
+    return tuple(all(where[r][m] == where[owner][m] for m in repeated) for r in range(len(where)))
+
+
+def _gathered_round(items: list[_Item]) -> Round:
+    """One bucket of tensors laid out on several mesh dims (every norm): each gathered whole on
+    its owner (``it.owner``, any rank) with one ``all_to_all_single`` over the world, from one
+    copy of each element only (the ranks :func:`_senders` names), its LMO computed there, and
+    every rank's elements of the update sent back with a second. Which elements each rank
+    holds is known from the layout (:func:`index_maps`). Returns this rank's part of every
+    item's update."""
     world, me = dist.get_world_size(), dist.get_rank()
-    owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], world)
     dtype, device = items[0].d.dtype, items[0].d.device
-    mine = [k for k in range(len(items)) if owners[k] == me]
+    mine = [k for k, it in enumerate(items) if it.owner == me]
     # Only an owner needs the maps of its tensors (a sender sends its local part whole).
     maps: dict[int, list[Tensor]] = {}
     for k in mine:
         assert items[k].split_on is not None
         maps[k] = _flat_maps(tuple(items[k].shape), *items[k].split_on, device)
-    to_owner = [[k for k in range(len(items)) if owners[k] == o] for o in range(world)]
+    sends = [_senders(*it.split_on, it.owner) for it in items]  # type: ignore[misc]
+    to_owner = [
+        [k for k, it in enumerate(items) if it.owner == o and sends[k][me]] for o in range(world)
+    ]
     send_splits = [sum(items[k].d.numel() for k in ks) for ks in to_owner]
-    recv_splits = [sum(maps[k][r].numel() for k in mine) for r in range(world)]
-    send = [items[k].d.reshape(-1) for ks in to_owner for k in ks]
+    recv_splits = [sum(maps[k][r].numel() for k in mine if sends[k][r]) for r in range(world)]
     received = torch.empty(sum(recv_splits), dtype=dtype, device=device)
-    payload = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
-    dist.all_to_all_single(received, payload, recv_splits, send_splits)
+    send = [items[k].d.reshape(-1) for ks in to_owner for k in ks]
+    work = _all_to_all(received, send, recv_splits, send_splits, None)
+    yield
+    work.wait()
     wholes = {k: torch.empty(math.prod(items[k].shape), dtype=dtype, device=device) for k in mine}
     offset = 0
     for r in range(world):
         for k in mine:
-            n = maps[k][r].numel()
-            wholes[k][maps[k][r]] = received[offset : offset + n]
-            offset += n
+            if sends[k][r]:
+                n = maps[k][r].numel()
+                wholes[k][maps[k][r]] = received[offset : offset + n]
+                offset += n
     updates = _lmos([items[k] for k in mine], [wholes[k].view(items[k].shape) for k in mine])
     out_dtype = items[0].norm.update_dtype(dtype)
     flat = {k: updates[items[k].index].to(out_dtype).reshape(-1) for k in mine}
     back = [flat[k][maps[k][r]] for r in range(world) for k in mine]
-    result = torch.empty(sum(send_splits), dtype=out_dtype, device=device)
-    payload = torch.cat(back) if back else torch.empty(0, dtype=out_dtype, device=device)
-    dist.all_to_all_single(result, payload, send_splits, recv_splits)
+    back_splits = [sum(maps[k][r].numel() for k in mine) for r in range(world)]
+    from_owner = [[k for k, it in enumerate(items) if it.owner == o] for o in range(world)]
+    result_splits = [sum(items[k].d.numel() for k in ks) for ks in from_owner]
+    result = torch.empty(sum(result_splits), dtype=out_dtype, device=device)
+    work = _all_to_all(result, back, result_splits, back_splits, None)
+    yield
+    work.wait()
     out: dict[int, Tensor] = {}
     offset = 0
-    for ks in to_owner:
+    for ks in from_owner:
         for k in ks:
             n = items[k].d.numel()
             out[items[k].index] = result[offset : offset + n].view(items[k].d.shape)
@@ -559,7 +652,9 @@ def group_updates(
         if kind == "local":
             by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue
-        key = (kind, placement.key, d.dtype, d.device, concrete.update_dtype(d.dtype))
+        # Every tensor laid out on several mesh dims goes over the world: one exchange for all.
+        where = None if kind == "gathered" else placement.key
+        key = (kind, where, d.dtype, d.device, concrete.update_dtype(d.dtype))
         by_kind.setdefault((kind, key), (placement, []))[1].append(item)
     for (kind, _), (placement, items) in by_kind.items():
         if kind == "local":
@@ -567,15 +662,15 @@ def group_updates(
         elif kind == "reduce":
             updates.update(_reduced_updates(items, placement))
         elif kind == "gathered":
-            updates.update(_gathered_updates(items))
+            world = dist.get_world_size()
+            for it, rank in zip(items, owner_slots(_costs(items), world), strict=True):
+                it.owner = rank
+            updates.update(_pipelined([_gathered_round(b) for b in _buckets(items, world)]))
         else:
-            owners = owner_slots([_ns_cost(it.norm, it.shape) for it in items], placement.slots)
-            for it, slot in zip(items, owners, strict=True):
+            for it, slot in zip(items, owner_slots(_costs(items), placement.slots), strict=True):
                 it.owner = slot
-            for bucket in _buckets(items, placement.shards):
-                done = _owned_updates(bucket, placement)
-                _share_across_replicas(bucket, placement, done)
-                updates.update(done)
+            buckets = _buckets(items, placement.shards)
+            updates.update(_pipelined([_owner_round(b, placement) for b in buckets]))
     return [updates[i] for i in range(len(params))]
 
 

@@ -34,6 +34,10 @@ PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_p
 FSDP_TP = [
     "fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training", "fsdp_tp_collectives",
 ]  # fmt: skip
+#: HSDP over tensor parallelism on a (replicate, shard, tensor) mesh of 8 ranks.
+HSDP_TP = [
+    "hsdp_tp_colwise_parity", "hsdp_tp_rowwise_parity", "hsdp_tp_collectives", "hsdp_tp_training",
+]  # fmt: skip
 #: Groups whose LMO reduces across shards when the weights are split along their columns
 #: (tensor parallelism's Shard(1)): rows span the shards.
 TP_REDUCED = {
@@ -43,7 +47,7 @@ TP_REDUCED = {
 OTHERS = ["fsdp_collectives", "partial_gradients", "nonfinite", "fully_shard_training",
           "ddp_no_sync", "bad_layouts", "init_everywhere", "fsdp_triton",
           "fsdp_native", "tp_parity", "tensor_parallel_training", "tp_collectives",
-          "ep_collectives"]  # fmt: skip
+          "ep_collectives", "bucketed"]  # fmt: skip
 # Groups whose LMO needs a sum of squares across shards (one float64 all-reduce): they agree
 # with one process within float32 rounding of that norm, not bit for bit.
 REDUCED = {
@@ -133,7 +137,9 @@ def jobs(tmp_path_factory):
     def get(world: int) -> list[dict]:
         if world not in done:
             scenarios = PARITY + OTHERS
-            if world % 2 == 0:  # a (2, world/2) mesh
+            if world == 8:  # only the 3-D mesh: (2, 2, 2)
+                scenarios = HSDP_TP
+            elif world % 2 == 0:  # a (2, world/2) mesh
                 scenarios += ["hsdp_parity", "hybrid_shard_training", *FSDP_TP]
             out = tmp_path_factory.mktemp(f"world{world}")
             done[world] = launch(world, scenarios, out, env)
@@ -202,6 +208,22 @@ def test_fsdp_collectives_and_volume(jobs, world, scenario):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_buckets_pipeline_and_step_as_one(jobs, world):
+    """Every tensor its own bucket, the buckets' round trips pipelined: every norm steps as
+    without buckets (FSDP2, and FSDP2 over tensor parallelism), and a Spectral-only step
+    makes two all_to_all_single per bucket (4 matrices: 8) passing ``2·P`` elements in all."""
+    for r in jobs(world):
+        _assert_parity([r["bucketed"]], "fsdp", REDUCED | ORTHOGONALIZED)
+        _assert_parity([r["bucketed"]], "fsdp_tp", REDUCED | ORTHOGONALIZED)
+    for key in ("collectives", "fsdp_tp_collectives"):
+        results = [r["bucketed"][key] for r in jobs(world)]
+        for r in results:
+            assert r["counts"] == {"c10d.allreduce_": 1, "c10d.alltoall_base_": 8}, r
+            assert r["calls"] == 8
+        assert sum(r["sent"] for r in results) == 2 * results[0]["P"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_experts_step_without_communication(jobs, world):
     """Stacked experts split along the expert dim (expert parallelism, ``batch_dims=1``): each
     rank orthogonalizes the whole experts it holds, so the step's one collective is the
@@ -255,6 +277,42 @@ def test_fsdp_over_tensor_parallel_matches_one_process(jobs, world, scenario):
     as in one process: bit for bit, except the orthogonalized norms and the vectors whose
     sums of squares cross ranks (within float32 rounding)."""
     _assert_parity(jobs(world), scenario, REDUCED | ORTHOGONALIZED)
+
+
+@pytest.mark.parametrize("scenario", HSDP_TP[:2])
+def test_hsdp_over_tensor_parallel_matches_one_process(jobs, scenario):
+    """Tensors laid out on a 3-D (replicate, shard, tensor) mesh, as HSDP over tensor
+    parallelism makes them: ``(Replicate(), _StridedShard(0), Shard(0))``, or ``(Replicate(),
+    Shard(0), Shard(1))`` weights with ``(Replicate(), Shard(0), Replicate())`` vectors. Each
+    tensor is gathered from one replica onto its owner and its update sent to every rank:
+    every norm steps as in one process (bit for bit, except as in the 2-D case)."""
+    _assert_parity(jobs(8), scenario, REDUCED | ORTHOGONALIZED)
+
+
+def test_hsdp_over_tensor_parallel_collectives(jobs):
+    """A Spectral-only step on the 3-D mesh: one all-reduce, two all_to_all_single; one
+    replica sends each element to its owner (``P`` in all) and every rank gets its part of
+    the update back (``2·P``, two replicas), so ``3·P`` elements pass, not ``4·P``."""
+    results = [r["hsdp_tp_collectives"] for r in jobs(8)]
+    P = results[0]["P"]
+    for r in results:
+        assert r["counts"] == {"c10d.allreduce_": 1, "c10d.alltoall_base_": 2}
+        assert r["calls"] == 2
+    assert sum(r["sent"] for r in results) == 3 * P
+
+
+def test_hsdp_over_parallelize_module_trains_as_one_process(jobs):
+    """torchtitan's 3-D layout: ``parallelize_module`` on the tensor dim, ``fully_shard`` on
+    the (replicate, shard) dims; each of the 4 data ranks its slice of the batch: 5 steps
+    within float32 rounding of one process."""
+    for r in jobs(8):
+        got = r["hsdp_tp_training"]
+        assert got["placements"]["0.weight"] == (
+            "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))"
+        )
+        assert got["placements"]["2.weight"] == "(Replicate(), Shard(dim=0), Shard(dim=1))"
+        assert got["placements"]["2.bias"] == "(Replicate(), Shard(dim=0), Replicate())"
+        assert got["max_diff"] <= 1e-5, got
 
 
 @pytest.mark.parametrize("world", [2, 4])

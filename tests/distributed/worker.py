@@ -211,6 +211,91 @@ def fsdp_tp_rowwise_parity():
     )
 
 
+def _hsdp_tp_mesh():
+    """The 3-D mesh of HSDP over tensor parallelism: (replicate, shard, tensor), 2 each."""
+    return init_device_mesh(
+        "cpu", (2, 2, WORLD // 4), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+    )
+
+
+def hsdp_tp_colwise_parity():
+    """HSDP over column-wise tensor parallelism on the 3-D mesh: every tensor
+    ``(Replicate(), _StridedShard(0), Shard(0))``."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    layout = [Replicate(), _StridedShard(0, split_factor=WORLD // 4), Shard(0)]
+    return run_parity(*_split_locally(_hsdp_tp_mesh(), lambda t: layout))
+
+
+def hsdp_tp_rowwise_parity():
+    """HSDP over row-wise tensor parallelism on the 3-D mesh: weights ``(Replicate(),
+    Shard(0), Shard(1))``, vectors ``(Replicate(), Shard(0), Replicate())`` (repeated on two
+    mesh dims, as a norm's weight is under this layout)."""
+    return run_parity(
+        *_split_locally(
+            _hsdp_tp_mesh(),
+            lambda t: [Replicate(), Shard(0), Shard(1) if t.dim() >= 2 else Replicate()],
+        )
+    )
+
+
+def hsdp_tp_collectives():
+    """A Spectral-only step's collectives and volume on the 3-D mesh, every matrix
+    ``(Replicate(), _StridedShard(0), Shard(0))``: one copy of each gathered (``P``), every
+    rank's part sent back (``R·P``, ``R = 2`` replicas)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    layout = [Replicate(), _StridedShard(0, split_factor=WORLD // 4), Shard(0)]
+    return _collectives(layout, split=_split_locally(_hsdp_tp_mesh(), lambda t: layout))
+
+
+def hsdp_tp_training():
+    """torchtitan's 3-D layout: ``parallelize_module`` on the tensor dim, then ``fully_shard``
+    on the (replicate, shard) dims (HSDP); each data rank its slice of the batch. 5 steps
+    within float32 rounding of one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    ref_model, ref = mlp_with_scion([12, 32, 24, 5], 0, False)
+    model, _ = mlp_with_scion([12, 32, 24, 5], 0, False)
+    mesh = _hsdp_tp_mesh()
+    _tensor_parallel(model, mesh["tp"])
+    dp = mesh["dp_replicate", "dp_shard"]
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=dp)
+    fully_shard(model, mesh=dp)
+    placements = {name: str(p.placements) for name, p in model.named_parameters()}
+    opt = mlp_with_scion_optimizer(model)
+    k = mesh.get_local_rank("dp_replicate") * 2 + mesh.get_local_rank("dp_shard")
+    worst = _five_steps(ref_model, ref, model, opt, 32, slice(8 * k, 8 * k + 8))
+    return {"max_diff": worst, "placements": placements}
+
+
+def bucketed():
+    """Every tensor its own bucket (``BUCKET_ELEMENTS = 1``), so the round trips pipeline (a
+    bucket's gather in flight while the one before computes): every norm's 3 steps as
+    without buckets, under FSDP2 and FSDP2 over tensor parallelism, and a Spectral-only step's
+    collectives (two ``all_to_all_single`` per bucket, ``2·P`` elements in all)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    saved, sd.BUCKET_ELEMENTS = sd.BUCKET_ELEMENTS, 1
+    try:
+        return {
+            "fsdp": fsdp_parity(),
+            "fsdp_tp": fsdp_tp_colwise_parity(),
+            "collectives": _collectives([Shard(0)]),
+            "fsdp_tp_collectives": _collectives(
+                [_StridedShard(0, split_factor=WORLD // 2), Shard(0)],
+                split=_split_locally(
+                    _data_tensor_mesh(),
+                    lambda t: [_StridedShard(0, split_factor=WORLD // 2), Shard(0)],
+                ),
+            ),
+        }
+    finally:
+        sd.BUCKET_ELEMENTS = saved
+
+
 def ddp_parity():
     """Replicated plain tensors with process_group: owners compute, all_gather shares."""
     return run_parity(lambda t: t, lambda g, p: g.clone(), process_group=dist.group.WORLD)
@@ -712,7 +797,8 @@ SCENARIOS = {f.__name__: f for f in [
     bad_layouts, fsdp_triton, fsdp_native, checkpoint_save, checkpoint_load, hybrid_shard_training,
     init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
     ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
-    fsdp_tp_collectives, checkpoint_load_fsdp_tp,
+    fsdp_tp_collectives, checkpoint_load_fsdp_tp, hsdp_tp_colwise_parity, hsdp_tp_rowwise_parity,
+    hsdp_tp_collectives, hsdp_tp_training, bucketed,
 ]}  # fmt: skip
 
 
