@@ -27,12 +27,13 @@ pytestmark = pytest.mark.skipif(
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 ROOT = Path(__file__).parent.parent
-TIME_LIMIT_S = 300
+TIME_LIMIT_S = int(os.environ.get("SCION_TEST_TIME_LIMIT", 300))
 
 PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_parity"]
 #: FSDP2 over tensor parallelism on a (data, tensor) mesh: tensors split on both mesh dims.
 FSDP_TP = [
     "fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training", "fsdp_tp_collectives",
+    "fsdp_tp_mixed_collectives",
 ]  # fmt: skip
 #: HSDP over tensor parallelism on a (replicate, shard, tensor) mesh of 8 ranks.
 HSDP_TP = [
@@ -191,11 +192,15 @@ def test_tensor_parallel_matches_one_process(jobs, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("scenario", ["fsdp_collectives", "tp_collectives", "fsdp_tp_collectives"])
+@pytest.mark.parametrize(
+    "scenario",
+    ["fsdp_collectives", "tp_collectives", "fsdp_tp_collectives", "fsdp_tp_mixed_collectives"],
+)
 def test_fsdp_collectives_and_volume(jobs, world, scenario):
     """A Spectral-only step on matrices split along their rows (FSDP), their columns (tensor
-    parallelism), or both dims of a (data, tensor) mesh (FSDP2 over tensor parallelism): one
-    all-reduce (the agreement) and two all_to_all_single (gather to owners, scatter back).
+    parallelism), or both dims of a (data, tensor) mesh (FSDP2 over tensor parallelism, one
+    layout or column- and row-wise ones mixed in the group): one all-reduce (the agreement)
+    and two all_to_all_single (gather to owners, scatter back).
     Over the ranks, the elements passed to all_to_all sum to exactly 2·P (each rank about
     2·P/w; the owner balance decides the spread)."""
     results = [r[scenario] for r in jobs(world)]
@@ -419,8 +424,8 @@ def test_owner_balance_and_shard_rows():
     assert owner_slots([1.0, 1.0, 1.0], 4) == [0, 1, 2]
 
 
-def _torchrun(nproc: int, *args: str) -> str:
-    example = str(ROOT / "examples" / "distributed.py")
+def _torchrun(nproc: int, *args: str, example: str = "distributed.py") -> str:
+    example = str(ROOT / "examples" / example)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", example, *args]  # fmt: skip
     env = dict(

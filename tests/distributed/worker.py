@@ -339,6 +339,20 @@ def fsdp_tp_collectives():
     return _collectives(layout, split=_split_locally(mesh, lambda t: layout))
 
 
+def fsdp_tp_mixed_collectives():
+    """The same with column- and row-wise layouts in one group (``(_StridedShard(0), Shard(0))``
+    for matrices with an even row count, ``(Shard(0), Shard(1))`` for the rest): one exchange
+    for both."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def layout(t):
+        if t.shape[0] % 2:
+            return [Shard(0), Shard(1)]
+        return [_StridedShard(0, split_factor=WORLD // 2), Shard(0)]
+
+    return _collectives(None, split=_split_locally(_data_tensor_mesh(), layout))
+
+
 def _collectives(placements, spec=None, split=None):
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -791,6 +805,112 @@ def checkpoint_load_fsdp_tp():
     return checkpoint_load("fsdp_tp")
 
 
+# ------------------------------------------------------------------ torchtitan (0.3)
+def _titan(world_tp: tuple[int, int], seed: int):
+    """torchtitan's Llama 3 debug model (one block) split by its own ``parallelize_llama``
+    (``tp`` × FSDP2 over ``world`` ranks) and Scion from the example's container, with
+    continuous norms in place of Sign (a float32 difference in a gradient near zero would
+    flip a sign) and Newton–Schulz in float64."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import torchtitan.distributed.utils as dist_utils
+    import torchtitan_scion as example
+
+    example.cpu_settings()
+    dist_utils.set_spmd_backend("partial_dtensor")
+    dims = example.parallel_dims_for(*world_tp, 1)
+    model, cfg = example.build_llama(dims, layers=1, seed=seed)
+    groups = example.scion_groups(lr=2**-7)
+    for group, norm in zip(groups, ("ColNorm", "RowNorm", None, None), strict=True):
+        kwargs = group.optimizer_kwargs
+        if norm is not None:
+            kwargs["norm"], kwargs["norm_kwargs"] = norm, {}
+        if kwargs["norm"] == "Spectral":
+            kwargs["norm_kwargs"] = {**kwargs["norm_kwargs"], **F64_NS}
+    config = example.ScionContainer.Config(param_groups=groups)
+    return example, dims, model, cfg, config
+
+
+def titan_training():
+    """3 steps of torchtitan's model under FSDP2 × TP (2 × 2), each data rank its batch, with
+    torchtitan's loss and warm-up scheduler, against one process on the whole batch (the same
+    container on an unsplit copy); then a checkpoint of model and container in torchtitan's
+    way (``dcp.save`` of its ``ModelWrapper`` and the container, FQN-keyed), one more step on
+    seeded gradients, whose parameters a load into another layout must reproduce."""
+    import torch.distributed.checkpoint as dcp
+    from torchtitan.components.checkpointer.base import ModelWrapper
+    from torchtitan.components.loss import CrossEntropyLoss
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
+    example, dims, model, cfg, config = _titan((WORLD, 2), seed=0)
+    with torch.device("meta"):
+        ref_model = cfg.build()
+    ref_model.to_empty(device="cpu")
+    with torch.no_grad():
+        ref_model.init_weights(buffer_device=None)  # the rotary cache, not saved
+    ref_model.load_state_dict({k: full(v) for k, v in model.state_dict().items()})
+    opts = [config.build(model_parts=[m]) for m in (model, ref_model)]
+    scheds = [LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=o, training_steps=10)
+              for o in opts]  # fmt: skip
+    start = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    loss_fn = CrossEntropyLoss.Config(global_vocab_size=cfg.vocab_size).build()
+    data = dims.get_mesh("batch")
+    B, L, shards = 2, 32, data.size()
+    gen = torch.Generator().manual_seed(7)
+    worst: dict[str, float] = {}
+    placements = {n: str(p.placements) for n, p in model.named_parameters()}
+    for _ in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (shards * B, L + 1), generator=gen)
+        positions = torch.arange(L).expand(shards * B, L)
+        mine = slice(B * data.get_local_rank(), B * data.get_local_rank() + B)
+        total = torch.tensor(float(shards * B * L))
+        loss, _ = loss_fn(model(tokens[mine, :-1], positions=positions[mine]),
+                          tokens[mine, 1:], total)  # fmt: skip
+        loss.backward()
+        logits = ref_model(tokens[:, :-1], positions=positions)
+        ref_loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
+        )
+        (ref_loss / total).backward()
+        for o, s in zip(opts, scheds, strict=True):
+            o.step()
+            s.step()
+            o.zero_grad()
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+            diff = (full(p.detach()) - q.detach()).abs().max().item()
+            worst[name] = max(worst.get(name, 0.0), diff)
+    moved = {n: (q.detach() - start[n]).abs().max().item()
+             for n, q in ref_model.named_parameters()}  # fmt: skip
+    out = Path(os.environ["SCION_TEST_CHECKPOINT"])
+    dcp.save({"model": ModelWrapper(model), "optimizer": opts[0]}, checkpoint_id=str(out / "t"))
+    _manual_step(model, opts[0], 3)
+    expected = _full_state(model)  # a collective: every rank
+    if RANK == 0:
+        torch.save(expected, out / "titan_expected.pt")
+    kinds = sorted({type(o).__name__ for o in opts[0]})
+    return {"max_diff": worst, "placements": placements, "optimizers": kinds, "moved": moved,
+            "lr": opts[0].optimizers[0].param_groups[0]["lr"]}  # fmt: skip
+
+
+def titan_load():
+    """torchtitan's checkpoint of :func:`titan_training` (FSDP2 × TP on 4 ranks) loaded into
+    tensor parallelism alone on this world's ranks: the next step on the same seeded
+    gradients gives the saving run's parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torchtitan.components.checkpointer.base import ModelWrapper
+
+    example, dims, model, cfg, config = _titan((WORLD, WORLD), seed=123)
+    opt = config.build(model_parts=[model])
+    out = Path(os.environ["SCION_TEST_CHECKPOINT"])
+    dcp.load({"model": ModelWrapper(model), "optimizer": opt}, checkpoint_id=str(out / "t"))
+    _manual_step(model, opt, 3)
+    got, expected = _full_state(model), torch.load(out / "titan_expected.pt")
+    return {
+        "placements": {n: str(p.placements) for n, p in model.named_parameters()},
+        "identical": {n: torch.equal(got[n], expected[n]) for n in expected},
+        "max_diff": max((got[n] - expected[n]).abs().max().item() for n in expected),
+    }
+
+
 SCENARIOS = {f.__name__: f for f in [
     fsdp_parity, fsdp_parity_light, fsdp_parity_bf16_buffers, ddp_parity, hsdp_parity,
     fsdp_collectives, partial_gradients, nonfinite, fully_shard_training, ddp_no_sync,
@@ -798,7 +918,8 @@ SCENARIOS = {f.__name__: f for f in [
     init_everywhere, tp_parity, tensor_parallel_training, tp_collectives, checkpoint_load_tp,
     ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
     fsdp_tp_collectives, checkpoint_load_fsdp_tp, hsdp_tp_colwise_parity, hsdp_tp_rowwise_parity,
-    hsdp_tp_collectives, hsdp_tp_training, bucketed,
+    hsdp_tp_collectives, hsdp_tp_training, bucketed, titan_training, titan_load,
+    fsdp_tp_mixed_collectives,
 ]}  # fmt: skip
 
 
