@@ -270,11 +270,16 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     on one rank) or ``"gathered"`` (a tensor laid out on several mesh dims, every norm: on the
     whole tensor, on one rank of the world). Depends on the global shape and the placement
     only, so every rank agrees."""
+    # A batch of matrices split along batch dims only (expert parallelism's stacked experts,
+    # on one mesh dim or, under FSDP2 too, on several) has whole matrices on every shard.
+    batch_dims = getattr(norm, "batch_dims", 0) if len(shape) > 2 else 0
     if placement.split_on is not None:
+        splits = [pl.dim for pl in placement.split_on[1] if isinstance(pl, _SPLITS())]
+        if splits and all(d < batch_dims for d in splits):
+            return "local"
         return "gathered"
     sharded = placement.shards > 1 and len(shape) > 0
-    # A batch of matrices split along a batch dim has whole matrices on every shard.
-    batched = sharded and placement.dim < getattr(norm, "batch_dims", 0) and len(shape) > 2
+    batched = sharded and placement.dim < batch_dims
     if isinstance(norm, Spectral):
         # Replicated too: one owner orthogonalizes, the others receive its update.
         return "local" if batched else "owner"

@@ -33,7 +33,7 @@ PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_p
 #: FSDP2 over tensor parallelism on a (data, tensor) mesh: tensors split on both mesh dims.
 FSDP_TP = [
     "fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training", "fsdp_tp_collectives",
-    "fsdp_tp_mixed_collectives",
+    "fsdp_tp_mixed_collectives", "ep_2d_collectives",
 ]  # fmt: skip
 #: HSDP over tensor parallelism on a (replicate, shard, tensor) mesh of 8 ranks.
 HSDP_TP = [
@@ -232,10 +232,14 @@ def test_buckets_pipeline_and_step_as_one(jobs, world):
 def test_experts_step_without_communication(jobs, world):
     """Stacked experts split along the expert dim (expert parallelism, ``batch_dims=1``): each
     rank orthogonalizes the whole experts it holds, so the step's one collective is the
-    agreement all-reduce; their steps equal one process's (``fsdp_parity``'s stacked group)."""
+    agreement all-reduce; their steps equal one process's (``fsdp_parity``'s stacked group).
+    The same split on both dims of a 2-D mesh (``(Shard(0), Shard(0))``: FSDP2 over expert
+    parallelism) and under FSDP2 over tensor parallelism (``fsdp_tp_colwise_parity``'s
+    stacked group) keeps whole experts on every rank: no exchange either."""
     for r in jobs(world):
-        assert r["ep_collectives"]["counts"] == {"c10d.allreduce_": 1}, r["ep_collectives"]
-        assert r["ep_collectives"]["calls"] == 0
+        for scenario in ("ep_collectives", "ep_2d_collectives"):
+            assert r[scenario]["counts"] == {"c10d.allreduce_": 1}, r[scenario]
+            assert r[scenario]["calls"] == 0
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -339,6 +339,18 @@ def fsdp_tp_collectives():
     return _collectives(layout, split=_split_locally(mesh, lambda t: layout))
 
 
+def ep_2d_collectives():
+    """Stacked experts split along the expert dim on both dims of a 2-D mesh (expert
+    parallelism with FSDP2 over it: ``(Shard(0), Shard(0))``, 5 experts unevenly): whole
+    experts on every rank, orthogonalized where they are."""
+    layout = [Shard(0), Shard(0)]
+    return _collectives(
+        None,
+        [("Spectral", {"batch_dims": 1}, [(8, 12, 6), (5, 6, 12)])],
+        split=_split_locally(_data_tensor_mesh(), lambda t: layout),
+    )
+
+
 def fsdp_tp_mixed_collectives():
     """The same with column- and row-wise layouts in one group (``(_StridedShard(0), Shard(0))``
     for matrices with an even row count, ``(Shard(0), Shard(1))`` for the rest): one exchange
@@ -919,7 +931,7 @@ SCENARIOS = {f.__name__: f for f in [
     ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
     fsdp_tp_collectives, checkpoint_load_fsdp_tp, hsdp_tp_colwise_parity, hsdp_tp_rowwise_parity,
     hsdp_tp_collectives, hsdp_tp_training, bucketed, titan_training, titan_load,
-    fsdp_tp_mixed_collectives,
+    fsdp_tp_mixed_collectives, ep_2d_collectives,
 ]}  # fmt: skip
 
 
