@@ -389,16 +389,17 @@ def test_unsupported_layouts_raise(jobs):
     assert "backend 'cuda' (param group 0)" in got["cuda"]
 
 
-def test_checkpoint_across_world_sizes(tmp_path):
-    """Save with torch.distributed.checkpoint at 2 ranks (FSDP2), load at 4 ranks, in one
-    process (a plain model), at 2 ranks in the tensor-parallel layout (weights split along
-    their columns or rows by ``parallelize_module``) and at 4 in FSDP2 over that: the next
-    step gives the same bits as the saving run's."""
+@pytest.mark.parametrize("saved_at", [2, 4])
+def test_checkpoint_across_world_sizes(tmp_path, saved_at):
+    """Save with torch.distributed.checkpoint at 2 or 4 ranks (FSDP2), load under FSDP2 at
+    the other count, in one process (a plain model), at 2 ranks in the tensor-parallel layout
+    (weights split along their columns or rows by ``parallelize_module``) and at 4 in FSDP2
+    over that: the next step gives the same bits as the saving run's."""
     env = {"SCION_TEST_CHECKPOINT": str(tmp_path)}
-    saved = launch(2, ["checkpoint_save"], tmp_path / "save", env)
+    saved = launch(saved_at, ["checkpoint_save"], tmp_path / "save", env)
     keys = [r["checkpoint_save"]["state_keys_before_first_step"] for r in saved]
     assert keys[0] and all(k == keys[0] for k in keys)  # state exists up front, same keys
-    for world in (4, 1):
+    for world in (6 - saved_at, 1):
         for r in launch(world, ["checkpoint_load"], tmp_path / f"load{world}", env):
             assert r["checkpoint_load"]["identical"], r
     # Into other layouts: the first two Linears split by parallelize_module on 2 ranks, and
