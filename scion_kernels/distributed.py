@@ -29,7 +29,7 @@ The step is the single-process step; what changes is where each LMO is computed.
   is gathered whole on its owner with one ``all_to_all_single`` over the world, from one
   replica only, and every rank's part of its update sent back with a second. Which elements
   each rank holds is worked out from the placements alone, by splitting an index tensor as
-  DTensor splits values (:func:`index_maps`); the mesh must hold every rank.
+  DTensor splits values (:func:`index_lists`); the mesh must hold every rank.
 
 The exchanges go in buckets (:data:`BUCKET_ELEMENTS` per rank), pipelined: a bucket's gather
 is in flight (asynchronous collectives) while the bucket before it computes its LMOs.
@@ -101,7 +101,7 @@ class Placement:
     dim: int = 0
     #: For a tensor laid out on several mesh dims (FSDP2 or HSDP over tensor parallelism):
     #: its mesh and placements, from which every rank's elements are known
-    #: (:func:`index_maps`).
+    #: (:func:`index_lists`).
     split_on: tuple[Any, tuple[Any, ...]] | None = None
 
     @property
@@ -219,40 +219,59 @@ def _local_shape(
     shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], rank: int
 ) -> tuple[int, ...]:
     """The local shape ``rank`` holds of a tensor of ``shape`` under ``placements``."""
-    return tuple(index_maps(shape, mesh, placements)[rank].shape)
+    return tuple(len(i) for i in index_lists(shape, mesh, placements)[rank])
 
 
-def index_maps(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> dict[int, Tensor]:
-    """By global rank: the flat indices into a tensor of ``shape`` of the elements that rank
-    holds under ``placements`` on ``mesh``, shaped as its local tensor (int32 where the tensor
-    allows). Made by splitting an index tensor as DTensor splits values (each placement's own
-    chunking, mesh dims left to right), on the CPU, without communication."""
-    numel = math.prod(shape)
-    kind = torch.int32 if numel < 2**31 else torch.int64
-    pieces: dict[tuple[int, ...], Tensor] = {(): torch.arange(numel, dtype=kind).reshape(shape)}
+def index_lists(
+    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
+) -> dict[int, tuple[Tensor, ...]]:
+    """By global rank: for each dim of a tensor of ``shape``, the indices along it that rank
+    holds under ``placements`` on ``mesh``; its local tensor is the whole one indexed by all
+    of them at once (every placement picks along one dim, whatever the others pick). Made by
+    splitting, per dim, an index tensor as DTensor splits values (each placement's own
+    chunking, mesh dims left to right), on the CPU, without communication: a few integers per
+    row and column, not per element."""
+    pieces: dict[tuple[int, ...], list[Tensor]] = {
+        (): [torch.arange(n).view([n if k == d else 1 for k in range(len(shape))])
+             for d, n in enumerate(shape)]
+    }  # fmt: skip
     for m, placement in enumerate(placements):
         n = mesh.size(m)
-        split: dict[tuple[int, ...], Tensor] = {}
-        for coord, t in pieces.items():
-            if isinstance(placement, _SPLITS()):
-                chunks = placement._split_tensor(t, n, with_padding=False)[0]
-            else:  # Replicate: every coordinate holds all of it
-                chunks = [t] * n
+        split: dict[tuple[int, ...], list[Tensor]] = {}
+        for coord, lists in pieces.items():
             for c in range(n):
-                split[(*coord, c)] = chunks[c]
+                split[(*coord, c)] = list(lists)
+            if isinstance(placement, _SPLITS()):
+                d = placement.dim
+                chunks = placement._split_tensor(lists[d], n, with_padding=False)[0]
+                for c in range(n):
+                    split[(*coord, c)][d] = chunks[c]
         pieces = split
-    return {int(mesh.mesh[coord].item()): t for coord, t in pieces.items()}
+    return {
+        int(mesh.mesh[coord].item()): tuple(i.reshape(-1) for i in lists)
+        for coord, lists in pieces.items()
+    }
 
 
-@functools.lru_cache(maxsize=64)
-def _flat_maps(
+@functools.lru_cache(maxsize=256)
+def _rank_indices(
     shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], device: torch.device
-) -> list[Tensor]:
-    """:func:`index_maps` flattened, in rank order, on ``device`` (copied there once), as
-    int32 where the tensor allows: an owner keeps them for the tensors it owns, about 4 bytes
-    per element of each (see bench/NOTES.md on its cost at scale)."""
-    by_rank = index_maps(shape, mesh, placements)
-    return [by_rank[r].reshape(-1).to(device) for r in range(len(by_rank))]
+) -> list[tuple[Tensor, ...]]:
+    """:func:`index_lists` in rank order, on ``device`` (copied there once), each dim's list
+    shaped to broadcast against the others (``whole[ix]`` is that rank's local tensor). An
+    owner keeps them for the tensors it owns."""
+    by_rank = index_lists(shape, mesh, placements)
+    # Ranks that hold the same indices along a dim (all of an unsplit one, or the same
+    # split) share one copy: about the tensor's rows and columns in all.
+    shared: dict[tuple[int, bytes], Tensor] = {}
+
+    def on_device(d: int, i: Tensor) -> Tensor:
+        key = (d, i.numpy().tobytes())
+        if key not in shared:
+            shared[key] = i.view([-1 if k == d else 1 for k in range(len(shape))]).to(device)
+        return shared[key]
+
+    return [tuple(on_device(d, i) for d, i in enumerate(by_rank[r])) for r in range(len(by_rank))]
 
 
 def distribute_like(whole: Tensor, like: Tensor) -> Tensor:
@@ -508,40 +527,50 @@ def _gathered_round(items: list[_Item]) -> Round:
     its owner (``it.owner``, any rank) with one ``all_to_all_single`` over the world, from one
     copy of each element only (the ranks :func:`_senders` names), its LMO computed there, and
     every rank's elements of the update sent back with a second. Which elements each rank
-    holds is known from the layout (:func:`index_maps`). Returns this rank's part of every
+    holds is known from the layout (:func:`index_lists`). Returns this rank's part of every
     item's update."""
     world, me = dist.get_world_size(), dist.get_rank()
     dtype, device = items[0].d.dtype, items[0].d.device
     mine = [k for k, it in enumerate(items) if it.owner == me]
-    # Only an owner needs the maps of its tensors (a sender sends its local part whole).
-    maps: dict[int, list[Tensor]] = {}
+    # Only an owner needs to know where each rank's part goes (a sender sends it whole).
+    where: dict[int, list[tuple[Tensor, ...]]] = {}
+    sizes: dict[int, list[int]] = {}
     for k in mine:
         assert items[k].split_on is not None
-        maps[k] = _flat_maps(tuple(items[k].shape), *items[k].split_on, device)
+        where[k] = _rank_indices(tuple(items[k].shape), *items[k].split_on, device)
+        sizes[k] = [math.prod(i.numel() for i in ix) for ix in where[k]]
     sends = [_senders(*it.split_on, it.owner) for it in items]  # type: ignore[misc]
     to_owner = [
         [k for k, it in enumerate(items) if it.owner == o and sends[k][me]] for o in range(world)
     ]
     send_splits = [sum(items[k].d.numel() for k in ks) for ks in to_owner]
-    recv_splits = [sum(maps[k][r].numel() for k in mine if sends[k][r]) for r in range(world)]
+    recv_splits = [sum(sizes[k][r] for k in mine if sends[k][r]) for r in range(world)]
     received = torch.empty(sum(recv_splits), dtype=dtype, device=device)
     send = [items[k].d.reshape(-1) for ks in to_owner for k in ks]
     work = _all_to_all(received, send, recv_splits, send_splits, None)
     yield
     work.wait()
-    wholes = {k: torch.empty(math.prod(items[k].shape), dtype=dtype, device=device) for k in mine}
+    wholes = {k: torch.empty(items[k].shape, dtype=dtype, device=device) for k in mine}
     offset = 0
     for r in range(world):
         for k in mine:
             if sends[k][r]:
-                n = maps[k][r].numel()
-                wholes[k][maps[k][r]] = received[offset : offset + n]
+                n, ix = sizes[k][r], where[k][r]
+                piece = received[offset : offset + n].view([i.numel() for i in ix])
+                if ix:
+                    wholes[k].index_put_(ix, piece)
+                else:  # a 0-dim tensor
+                    wholes[k].copy_(piece)
                 offset += n
-    updates = _lmos([items[k] for k in mine], [wholes[k].view(items[k].shape) for k in mine])
+    updates = _lmos([items[k] for k in mine], [wholes[k] for k in mine])
     out_dtype = items[0].norm.update_dtype(dtype)
-    flat = {k: updates[items[k].index].to(out_dtype).reshape(-1) for k in mine}
-    back = [flat[k][maps[k][r]] for r in range(world) for k in mine]
-    back_splits = [sum(maps[k][r].numel() for k in mine) for r in range(world)]
+    whole = {k: updates[items[k].index].to(out_dtype) for k in mine}
+    back = [
+        (whole[k][where[k][r]] if where[k][r] else whole[k]).reshape(-1)
+        for r in range(world)
+        for k in mine
+    ]
+    back_splits = [sum(sizes[k][r] for k in mine) for r in range(world)]
     from_owner = [[k for k, it in enumerate(items) if it.owner == o] for o in range(world)]
     result_splits = [sum(items[k].d.numel() for k in ks) for ks in from_owner]
     result = torch.empty(sum(result_splits), dtype=out_dtype, device=device)
