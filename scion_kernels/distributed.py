@@ -25,11 +25,13 @@ The step is the single-process step; what changes is where each LMO is computed.
 - **Laid out on several mesh dims** (FSDP2 over tensor parallelism on a (data, tensor) mesh:
   ``(_StridedShard(0), Shard(0))``, ``(Shard(0), Shard(1))``; HSDP over it on a (replicate,
   shard, tensor) mesh: ``(Replicate(), _StridedShard(0), Shard(0))``, and vectors repeated on
-  two dims, ``(Replicate(), Shard(0), Replicate())``): every such tensor, whatever its norm,
-  is gathered whole on its owner with one ``all_to_all_single`` over the world, from one
-  replica only, and every rank's part of its update sent back with a second. Which elements
-  each rank holds is worked out from the placements alone, by splitting an index tensor as
-  DTensor splits values (:func:`index_lists`); the mesh must hold every rank.
+  two dims, ``(Replicate(), Shard(0), Replicate())``): a Spectral-family tensor is gathered
+  whole on its owner with one ``all_to_all_single`` over the world, from one replica only,
+  and every rank's part of its update sent back with a second. A grouped norm's rows or
+  columns are indexed globally and their sums of squares (from one replica) all-reduced over
+  the world; Sign, and groups whole on every rank, need nothing. Which rows and columns each
+  rank holds is worked out from the placements alone, by splitting index lists as DTensor
+  splits values (:func:`index_lists`); the mesh must hold every rank.
 
 The exchanges go in buckets (:data:`BUCKET_ELEMENTS` per rank), pipelined: a bucket's gather
 is in flight (asynchronous collectives) while the bucket before it computes its LMOs.
@@ -286,9 +288,10 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     """Where ``norm``'s LMO runs: ``"local"`` (on what this rank holds, exactly),
     ``"reduce"`` (on the local shard with the whole tensor's shape, after one all-reduce of
     the sums of squares of groups that span the shards), ``"owner"`` (on the whole tensor,
-    on one rank) or ``"gathered"`` (a tensor laid out on several mesh dims, every norm: on the
-    whole tensor, on one rank of the world). Depends on the global shape and the placement
-    only, so every rank agrees."""
+    on one rank); for a tensor laid out on several mesh dims, ``"world"`` (a grouped norm's
+    sums of squares indexed by group and all-reduced over the world; Sign's factor read from
+    the whole shape, nothing sent) or ``"gathered"`` (on the whole tensor, on one rank of the
+    world). Depends on the global shape and the placement only, so every rank agrees."""
     # A batch of matrices split along batch dims only (expert parallelism's stacked experts,
     # on one mesh dim or, under FSDP2 too, on several) has whole matrices on every shard.
     batch_dims = getattr(norm, "batch_dims", 0) if len(shape) > 2 else 0
@@ -296,6 +299,14 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
         splits = [pl.dim for pl in placement.split_on[1] if isinstance(pl, _SPLITS())]
         if splits and all(d < batch_dims for d in splits):
             return "local"
+        spec = None if isinstance(norm, Spectral) else norm.group_spec(shape)
+        # Groups this module can index: Sign's (none needed), the whole tensor, or the rows
+        # or columns of a matrix stored as it is seen.
+        if spec is not None and (spec.sign or spec.whole or spec.matrices == (1, *shape)):
+            whole_groups = not any(_spans(spec, shape, d) for d in splits)
+            if whole_groups and not any(_reads_split(norm, shape, spec, d) for d in splits):
+                return "local"
+            return "world"
         return "gathered"
     sharded = placement.shards > 1 and len(shape) > 0
     batched = sharded and placement.dim < batch_dims
@@ -313,10 +324,16 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
         return "reduce"
     # Each group is whole on every shard; its LMO is the tensor's unless its factor reads
     # the split dim (a transposed weight's d_in or d_out).
+    return "reduce" if _reads_split(norm, shape, spec, placement.dim) else "local"
+
+
+def _reads_split(norm: Norm, shape: Sequence[int], spec: Any, dim: int) -> bool:
+    """Whether the factor ``q`` of ``norm``'s ``spec`` on a tensor of ``shape`` depends on the
+    size of dim ``dim`` (so a piece split along it cannot compute its LMO alone)."""
     grown = list(shape)
-    grown[placement.dim] += 1
+    grown[dim] += 1
     grown_spec = norm.group_spec(tuple(grown))
-    return "local" if grown_spec is not None and grown_spec.q == spec.q else "reduce"
+    return grown_spec is None or grown_spec.q != spec.q
 
 
 def _spans(spec: Any, shape: Sequence[int], dim: int) -> bool:
@@ -639,6 +656,49 @@ def _share_across_replicas(
             offset += it.d.numel()
 
 
+def _world_reduced_updates(items: list[_Item]) -> dict[int, Tensor]:
+    """Grouped norms on tensors laid out on several mesh dims: each rank adds its groups' sums
+    of squares (:meth:`~scion_kernels.norms.Norm.partial_sums`) into a vector of all the
+    tensor's groups, at the groups' indices (:func:`index_lists` along the group dim); one
+    float64 all-reduce over the world sums them for every item, and each rank computes the
+    LMO of its piece with its groups' totals and the whole tensor's shape. Only one copy of
+    each piece adds (the ranks with the first mesh rank's coordinates on the dims that repeat
+    it); Sign reads the whole shape only and sends nothing."""
+    me = dist.get_rank()
+    device = items[0].d.device
+    vectors: list[Tensor] = []
+    picks: list[Tensor | None] = []
+    partial = [it.norm.partial_sums(it.d) for it in items]
+    for it, part in zip(items, partial, strict=True):
+        if part is None:  # Sign
+            picks.append(None)
+            continue
+        spec = it.norm.group_spec(it.shape)
+        mesh, placements = it.split_on  # type: ignore[misc]
+        adds = _senders(mesh, placements, int(mesh.mesh.reshape(-1)[0]))[me]
+        if spec.whole:
+            ids = torch.zeros(1, dtype=torch.long, device=device)
+            vector = part.sum().reshape(1) if adds else part.new_zeros(1)
+        else:
+            d = 1 if spec.columns else 0  # the stored matrix's dim that indexes the groups
+            ids = _rank_indices(tuple(it.shape), mesh, placements, device)[me][d].reshape(-1)
+            vector = part.new_zeros(it.shape[d])
+            if adds:
+                vector.index_add_(0, ids, part.reshape(-1))
+        vectors.append(vector)
+        picks.append(ids)
+    if vectors:
+        sums = torch.cat(vectors)
+        dist.all_reduce(sums)
+        vectors = list(sums.split([v.numel() for v in vectors]))
+    out: dict[int, Tensor] = {}
+    totals = iter(vectors)
+    for it, part, ids in zip(items, partial, picks, strict=True):
+        mine = None if ids is None or part is None else next(totals)[ids].view(part.shape)
+        out[it.index] = it.norm.lmo_from_sums(it.d, mine, it.shape)
+    return out
+
+
 def _reduced_updates(items: list[_Item], placement: Placement) -> dict[int, Tensor]:
     """Grouped norms on shards: the sums of squares of the groups that span the shards (a
     column's, or the whole tensor's) in one float64 all-reduce over the shard group for all
@@ -687,7 +747,7 @@ def group_updates(
             by_kind.setdefault(("local", ()), (placement, []))[1].append(item)
             continue
         # Every tensor laid out on several mesh dims goes over the world: one exchange for all.
-        where = None if kind == "gathered" else placement.key
+        where = None if kind in ("gathered", "world") else placement.key
         key = (kind, where, d.dtype, d.device, concrete.update_dtype(d.dtype))
         by_kind.setdefault((kind, key), (placement, []))[1].append(item)
     for (kind, _), (placement, items) in by_kind.items():
@@ -695,6 +755,8 @@ def group_updates(
             updates.update(_lmos(items, [it.d for it in items]))
         elif kind == "reduce":
             updates.update(_reduced_updates(items, placement))
+        elif kind == "world":
+            updates.update(_world_reduced_updates(items))
         elif kind == "gathered":
             world = dist.get_world_size()
             for it, rank in zip(items, owner_slots(_costs(items), world), strict=True):

@@ -34,7 +34,7 @@ PARITY = ["fsdp_parity", "fsdp_parity_light", "fsdp_parity_bf16_buffers", "ddp_p
 #: FSDP2 over tensor parallelism on a (data, tensor) mesh: tensors split on both mesh dims.
 FSDP_TP = [
     "fsdp_tp_colwise_parity", "fsdp_tp_rowwise_parity", "fsdp_tp_training", "fsdp_tp_collectives",
-    "fsdp_tp_mixed_collectives", "ep_2d_collectives",
+    "fsdp_tp_mixed_collectives", "ep_2d_collectives", "fsdp_tp_grouped_collectives",
 ]  # fmt: skip
 #: HSDP over tensor parallelism on a (replicate, shard, tensor) mesh of 8 ranks.
 HSDP_TP = [
@@ -214,6 +214,17 @@ def test_fsdp_collectives_and_volume(jobs, world, scenario):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_grouped_norms_on_a_2d_mesh_send_sums_only(jobs, world):
+    """Under FSDP2 over tensor parallelism, Sign steps with the agreement all-reduce only, and
+    ColNorm adds one all-reduce of its columns' sums (no all_to_all for either)."""
+    for r in jobs(world):
+        got = r["fsdp_tp_grouped_collectives"]
+        assert got["Sign"]["counts"] == {"c10d.allreduce_": 1}, got
+        assert got["ColNorm"]["counts"] == {"c10d.allreduce_": 2}, got
+        assert got["Sign"]["calls"] == got["ColNorm"]["calls"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_buckets_pipeline_and_step_as_one(jobs, world):
     """Every tensor its own bucket, the buckets' round trips pipelined: every norm steps as
     without buckets (FSDP2, and FSDP2 over tensor parallelism), and a Spectral-only step
@@ -283,10 +294,18 @@ def test_fsdp_over_tensor_parallel_matches_one_process(jobs, world, scenario):
     """Tensors split on both dims of a (data, tensor) mesh, as FSDP2 over tensor parallelism
     lays them out: ``(_StridedShard(0), Shard(0))`` (column-wise weights and biases) or
     ``(Shard(0), Shard(1))`` (row-wise weights; their biases ``(Shard(0), Replicate())``).
-    Each tensor is gathered whole on its owner and its update sent back, so every norm steps
-    as in one process: bit for bit, except the orthogonalized norms and the vectors whose
-    sums of squares cross ranks (within float32 rounding)."""
-    _assert_parity(jobs(world), scenario, REDUCED | ORTHOGONALIZED)
+    Each orthogonalized tensor is gathered whole on its owner and its update sent back; the
+    grouped norms all-reduce their groups' sums of squares, indexed by group; Sign sends
+    nothing. Every norm steps as in one process: bit for bit, except the orthogonalized norms
+    and the groups whose sums cross ranks (within float32 rounding: those split along rows,
+    and under ``Shard(1)`` those split along columns too)."""
+    _assert_parity(jobs(world), scenario, _spanning(scenario) | ORTHOGONALIZED)
+
+
+def _spanning(scenario: str) -> set[str]:
+    """The groups whose sums of squares cross ranks in ``scenario``: rows are split in every
+    layout here, columns too where a mesh dim splits them (``Shard(1)``)."""
+    return REDUCED | TP_REDUCED if "rowwise" in scenario else REDUCED
 
 
 @pytest.mark.parametrize("scenario", HSDP_TP[:2])
@@ -294,9 +313,10 @@ def test_hsdp_over_tensor_parallel_matches_one_process(jobs, scenario):
     """Tensors laid out on a 3-D (replicate, shard, tensor) mesh, as HSDP over tensor
     parallelism makes them: ``(Replicate(), _StridedShard(0), Shard(0))``, or ``(Replicate(),
     Shard(0), Shard(1))`` weights with ``(Replicate(), Shard(0), Replicate())`` vectors. Each
-    tensor is gathered from one replica onto its owner and its update sent to every rank:
-    every norm steps as in one process (bit for bit, except as in the 2-D case)."""
-    _assert_parity(jobs(8), scenario, REDUCED | ORTHOGONALIZED)
+    orthogonalized tensor is gathered from one replica onto its owner and its update sent to
+    every rank; the grouped norms' sums are added from one replica only. Every norm steps as
+    in one process (bit for bit, except as in the 2-D case)."""
+    _assert_parity(jobs(8), scenario, _spanning(scenario) | ORTHOGONALIZED)
 
 
 def test_hsdp_over_tensor_parallel_collectives(jobs):

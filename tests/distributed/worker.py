@@ -351,6 +351,19 @@ def ep_2d_collectives():
     )
 
 
+def fsdp_tp_grouped_collectives():
+    """A Sign step and a ColNorm step on matrices under FSDP2 over column-wise tensor
+    parallelism: Sign sends nothing, ColNorm all-reduces its columns' sums once."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    layout = [_StridedShard(0, split_factor=WORLD // 2), Shard(0)]
+    split = _split_locally(_data_tensor_mesh(), lambda t: layout)
+    shapes = [(64, 48), (33, 40)]
+    return {
+        norm: _collectives(None, [(norm, {}, shapes)], split=split) for norm in ("Sign", "ColNorm")
+    }
+
+
 def fsdp_tp_mixed_collectives():
     """The same with column- and row-wise layouts in one group (``(_StridedShard(0), Shard(0))``
     for matrices with an even row count, ``(Shard(0), Shard(1))`` for the rest): one exchange
@@ -931,7 +944,7 @@ SCENARIOS = {f.__name__: f for f in [
     ep_collectives, fsdp_tp_colwise_parity, fsdp_tp_rowwise_parity, fsdp_tp_training,
     fsdp_tp_collectives, checkpoint_load_fsdp_tp, hsdp_tp_colwise_parity, hsdp_tp_rowwise_parity,
     hsdp_tp_collectives, hsdp_tp_training, bucketed, titan_training, titan_load,
-    fsdp_tp_mixed_collectives, ep_2d_collectives,
+    fsdp_tp_mixed_collectives, ep_2d_collectives, fsdp_tp_grouped_collectives,
 ]}  # fmt: skip
 
 
