@@ -62,7 +62,7 @@ from torch import Tensor
 
 from .norms import Norm, Spectral
 
-__all__ = ["Placement", "placement_of", "local", "owner_slots", "shard_rows"]
+__all__ = ["LayoutError", "Placement", "placement_of", "local", "owner_slots", "shard_rows"]
 
 #: Elements of one rank's share of a bucket before the next bucket starts.
 BUCKET_ELEMENTS = 1 << 26
@@ -121,6 +121,11 @@ class Placement:
 _SINGLE = Placement(None, 1, 0, None, 1, 0)
 
 
+class LayoutError(ValueError):
+    """A DTensor parameter's local tensor is not the piece its placements describe, on this
+    rank (seen on some ranks only: :func:`check_layouts` makes every rank raise)."""
+
+
 def placement_of(p: Tensor, process_group: Any | None) -> Placement:
     """How ``p`` lies across ranks: from a DTensor's placements, else ``process_group``
     replicas."""
@@ -167,13 +172,39 @@ def placement_of(p: Tensor, process_group: Any | None) -> Placement:
     if p.dim():
         rows = shard_rows(p.shape[split], placement.shards)[placement.shard_rank]
         if local(p).shape[split] != rows:
-            raise ValueError(
+            raise LayoutError(
                 f"a Shard({split}) parameter of shape {tuple(p.shape)} holds "
                 f"{local(p).shape[split]} along dim {split} on shard {placement.shard_rank} of "
                 f"{placement.shards}; Scion expects {rows} (torch.chunk sizes, as fully_shard, "
                 "parallelize_module and distribute_tensor use)"
             )
     return placement
+
+
+def check_layouts(params: Sequence[Tensor], process_group: Any | None) -> None:
+    """:func:`placement_of` for every parameter, raising on every rank alike. A placement
+    Scion does not take is refused on every rank by itself; a local tensor that differs from
+    its placements shows on some ranks only, so with DTensor parameters the ranks first agree
+    by one all-reduce over ``process_group`` (default: the world, as each step's agreement)
+    and then all raise."""
+    error: LayoutError | None = None
+    for p in params:
+        try:
+            placement_of(p, process_group)
+        except LayoutError as e:
+            error = error or e
+    spread = [p for p in params if _is_dtensor(p)]
+    if spread:
+        ok = torch.tensor([error is None], dtype=torch.int32, device=local(spread[0]).device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=process_group)
+        if error is None and not ok.item():
+            error = LayoutError(
+                "a DTensor parameter's local tensor differs from the piece its placements "
+                "describe on another rank (see that rank's error); Scion cannot tell which "
+                "elements each rank holds"
+            )
+    if error is not None:
+        raise error
 
 
 def _SPLITS() -> tuple[type, ...]:  # noqa: N802 - names a constant, imported on first use
@@ -208,7 +239,7 @@ def _split_on_several(p: Tensor) -> Placement:
     placements = tuple(p.placements)
     expected = _local_shape(tuple(p.shape), mesh, placements, dist.get_rank())
     if expected != tuple(local(p).shape):
-        raise ValueError(
+        raise LayoutError(
             f"a DTensor of shape {tuple(p.shape)} placed as {p.placements} holds "
             f"{tuple(local(p).shape)} here; Scion expects {expected}"
         )
@@ -296,7 +327,7 @@ def _kind(norm: Norm, shape: Sequence[int], placement: Placement) -> str:
     # on one mesh dim or, under FSDP2 too, on several) has whole matrices on every shard.
     batch_dims = getattr(norm, "batch_dims", 0) if len(shape) > 2 else 0
     if placement.split_on is not None:
-        splits = [pl.dim for pl in placement.split_on[1] if isinstance(pl, _SPLITS())]
+        splits = [pl.dim % len(shape) for pl in placement.split_on[1] if isinstance(pl, _SPLITS())]
         if splits and all(d < batch_dims for d in splits):
             return "local"
         spec = None if isinstance(norm, Spectral) else norm.group_spec(shape)
@@ -432,13 +463,15 @@ Round = Generator[None, None, dict[int, Tensor]]
 def _pipelined(rounds: list[Round]) -> dict[int, Tensor]:
     """Run the buckets' round trips so that bucket ``b + 1``'s gather is in flight while bucket
     ``b``'s LMOs compute (asynchronous collectives: a separate stream under NCCL, gloo's worker
-    threads on CPUs). Every rank issues the same collectives in the same order: gather 0,
-    gather 1, scatter 0, gather 2, scatter 1, …, then each round's end in bucket order."""
+    threads on CPUs), with at most three buckets under way: bucket ``b − 1`` is finished
+    (its scatter waited for, unpacked, shared across replicas) as soon as ``b`` has launched
+    its scatter. Every rank issues the same collectives in the same order: gather 0, gather 1,
+    scatter 0, gather 2, scatter 1, end 0, gather 3, scatter 2, end 1, …"""
     out: dict[int, Tensor] = {}
     live: list[Round | None] = list(rounds)
 
     def advance(k: int) -> None:
-        step = live[k]
+        step = live[k] if 0 <= k < len(live) else None
         if step is None:
             return
         try:
@@ -447,14 +480,10 @@ def _pipelined(rounds: list[Round]) -> dict[int, Tensor]:
             out.update(done.value)
             live[k] = None
 
-    for k in range(len(live)):
+    for k in range(len(live) + 2):
         advance(k)  # launch bucket k's gather
-        if k:
-            advance(k - 1)  # wait for bucket k-1's, compute its LMOs, launch its scatter
-    if live:
-        advance(len(live) - 1)
-    for k in range(len(live)):
-        advance(k)  # wait for each scatter, unpack
+        advance(k - 1)  # wait for bucket k-1's, compute its LMOs, launch its scatter
+        advance(k - 2)  # wait for bucket k-2's scatter, unpack it, share it
     return out
 
 
@@ -515,6 +544,7 @@ def _owner_round(items: list[_Item], placement: Placement) -> Round:
     back = [part[s].reshape(-1) for s in range(S) for part in parts]
     result = torch.empty(sum(send_splits), dtype=out_dtype, device=device)
     work = _all_to_all(result, back, send_splits, recv_splits, placement.shard_group)
+    del received, pieces, whole, updates, parts, back  # the work keeps what it sends
     yield
     work.wait()
     offset = 0
@@ -526,17 +556,37 @@ def _owner_round(items: list[_Item], placement: Placement) -> Round:
     return out
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
+def _coordinates(mesh: Any) -> Tensor:
+    """Each global rank's coordinates on ``mesh`` (which holds every rank), ``(world, ndim)``."""
+    grid = mesh.mesh
+    where = torch.stack(
+        torch.meshgrid(*[torch.arange(n) for n in grid.shape], indexing="ij"), dim=-1
+    ).reshape(-1, grid.dim())
+    coords = torch.empty_like(where)
+    coords[grid.reshape(-1)] = where
+    return coords
+
+
+@functools.lru_cache(maxsize=4096)
 def _senders(mesh: Any, placements: tuple[Any, ...], owner: int) -> tuple[bool, ...]:
     """By global rank: whether that rank sends its part of a tensor laid out as ``placements``
-    to ``owner`` (:func:`_gathered_round`): the ranks whose coordinates on the mesh dims that
-    repeat the tensor (``Replicate()``) are the owner's, which together hold it once."""
+    to ``owner`` (:func:`_gathered_round`), or adds it (:func:`_world_reduced_updates`): the
+    ranks whose coordinates on the mesh dims that repeat the tensor (``Replicate()``) are the
+    owner's, which together hold it once."""
     from torch.distributed.tensor import Replicate
 
-    grid = mesh.mesh
-    where = {int(r): tuple(int(c) for c in (grid == r).nonzero()[0]) for r in grid.reshape(-1)}
-    repeated = [m for m, pl in enumerate(placements) if isinstance(pl, Replicate)]
-    return tuple(all(where[r][m] == where[owner][m] for m in repeated) for r in range(len(where)))
+    repeated = tuple(m for m, pl in enumerate(placements) if isinstance(pl, Replicate))
+    coords = _coordinates(mesh)
+    return _senders_at(mesh, repeated, tuple(coords[owner, list(repeated)].tolist()))
+
+
+@functools.lru_cache(maxsize=256)
+def _senders_at(mesh: Any, repeated: tuple[int, ...], at: tuple[int, ...]) -> tuple[bool, ...]:
+    """:func:`_senders` for the owner's coordinates ``at`` on the mesh dims ``repeated`` (a
+    few entries per mesh: the replicas, not the owners)."""
+    coords = _coordinates(mesh)[:, list(repeated)]
+    return tuple((coords == torch.tensor(at, dtype=coords.dtype)).all(dim=1).tolist())
 
 
 def _gathered_round(items: list[_Item]) -> Round:
@@ -592,6 +642,7 @@ def _gathered_round(items: list[_Item]) -> Round:
     result_splits = [sum(items[k].d.numel() for k in ks) for ks in from_owner]
     result = torch.empty(sum(result_splits), dtype=out_dtype, device=device)
     work = _all_to_all(result, back, result_splits, back_splits, None)
+    del received, wholes, updates, whole, back  # the work keeps what it sends
     yield
     work.wait()
     out: dict[int, Tensor] = {}

@@ -128,9 +128,8 @@ class _ScionBase(torch.optim.Optimizer):
             spread = self.process_group is not None or any(
                 distributed._is_dtensor(p) for p in group["params"]
             )
-            if spread:
-                for p in group["params"]:
-                    distributed.placement_of(p, self.process_group)  # raises for unknown placements
+            if spread:  # raises for placements it does not take, on every rank alike
+                distributed.check_layouts(group["params"], self.process_group)
             if spread and self.capturable:
                 raise ValueError(
                     f"capturable=True (param group {index}) is not available for parameters "

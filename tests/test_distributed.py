@@ -403,11 +403,20 @@ def test_owners_use_the_kernels_newton_schulz(jobs, world, scenario):
         assert r["distributed"] <= max(2 * r["fused"], 1e-6), r
 
 
-def test_unsupported_layouts_raise(jobs):
-    got = jobs(2)[0]["bad_layouts"]
+@pytest.mark.parametrize("world", [2, 4])
+def test_unsupported_layouts_raise(jobs, world):
+    """Refused at construction on every rank: a placement no engine gives a parameter, a
+    backend that cannot run there, and a local tensor that is not what its placements say
+    (wrong on the last rank only; the others are told by the all-reduce and raise too)."""
+    results = [r["bad_layouts"] for r in jobs(world)]
+    got = results[0]
     assert "placed as Shard(d), _StridedShard and Replicate()" in got["partial"], got
     assert "got (Partial(sum),)" in got["partial"]
     assert "backend 'cuda' (param group 0)" in got["cuda"]
+    for rank, r in enumerate(results):
+        last = rank == world - 1
+        assert ("holds 3 along dim 0" if last else "on another rank") in r["short_1d"], r
+        assert ("holds (3, " if last else "on another rank") in r["short_2d"], r
 
 
 @pytest.mark.parametrize("saved_at", [2, 4])

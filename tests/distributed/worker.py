@@ -710,6 +710,21 @@ def bad_layouts():
             errors[name] = ""
         except ValueError as e:
             errors[name] = str(e)
+    # A local tensor that is not the piece its placements describe, on the last rank only
+    # (1-D, and a (2, w/2) mesh): every rank raises, none waits.
+    for name, grid, layout in (
+        ("short_1d", mesh, [Shard(0)]),
+        ("short_2d", _data_tensor_mesh(), [Shard(0), Shard(1)]),
+    ):
+        rows = 3 if RANK == WORLD - 1 else 8 // grid.size(0)
+        cols = 8 // grid.size(1) if grid.ndim > 1 else 8
+        t = DTensor.from_local(torch.randn(rows, cols), grid, layout, run_check=False,
+                               shape=torch.Size((8, 8)), stride=(8, 1))  # fmt: skip
+        try:
+            Scion([torch.nn.Parameter(t)], norm="Spectral")
+            errors[name] = ""
+        except sd.LayoutError as e:
+            errors[name] = str(e)
     return errors
 
 
