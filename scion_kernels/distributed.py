@@ -241,7 +241,10 @@ def _split_on_several(p: Tensor) -> Placement:
     if expected != tuple(local(p).shape):
         raise LayoutError(
             f"a DTensor of shape {tuple(p.shape)} placed as {p.placements} holds "
-            f"{tuple(local(p).shape)} here; Scion expects {expected}"
+            f"{tuple(local(p).shape)} here; Scion expects {expected}, the piece DTensor's "
+            "placements describe (FSDP2 over tensor parallelism stores some shapes whose "
+            "chunks come out empty otherwise: a size divisible by the mesh dims' product "
+            "avoids it)"
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     return Placement(dist.group.WORLD, world, rank, None, 1, 0, 0, (mesh, placements))
