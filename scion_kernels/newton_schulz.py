@@ -8,9 +8,10 @@ it with a fixed number of odd quintic steps on ``X₀ = G / ‖G‖_F``::
     X ← a·X + B·X
 
 which maps every singular value σ of ``X₀`` through the scalar polynomial ``p(σ) = aσ + bσ³ + cσ⁵``
-and leaves ``U`` and ``V`` alone. The coefficient sets trade exactness for speed: ``classic``
-(Muon's, used by the Scion authors) sends σ ∈ [10⁻³, 1] into about [0.47, 1.20];
-``polar_express`` (Amsel et al., 2025) into about [0.86, 1.14].
+and leaves ``U`` and ``V`` alone. The coefficient sets (:data:`COEFFICIENTS`) trade exactness
+for speed: in 5 steps ``classic`` (Muon's, used by the Scion authors) sends σ ∈ [10⁻³, 1] into
+about [0.47, 1.20], ``you`` into [0.48, 1.15], ``polar_express`` (Amsel et al., 2025) into
+[0.86, 1.14]; ``deepseek_v4``'s 10 steps into [1.0000, 1.0005].
 
 The Gram form (:func:`gram_iterate`, ``gram=True``) computes the same steps on the ``m×m``
 matrix ``X·Xᵀ`` for wide matrices, in fewer flops and with a larger rounding error.
@@ -44,10 +45,29 @@ __all__ = [
 
 Triple = tuple[float, float, float]
 
-#: Named coefficient sets: step ``i`` uses ``set[min(i, len(set) - 1)]``.
+#: Named coefficient sets: step ``i`` uses ``set[min(i, len(set) - 1)]``. A set of one triple
+#: runs 5 steps by default, a longer set one step per triple (``steps`` changes either). The
+#: image of σ ∈ [10⁻³, 1] under each default composition, in float64, is in the comments
+#: (``tests/test_newton_schulz.py`` checks them).
 COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
-    # Muon's quintic (Jordan et al., 2024), the one the Scion authors use, repeated every step.
+    # Muon's quintic (Jordan et al., 2024), the one the Scion authors use, repeated every step:
+    # [0.4705, 1.2024].
     "classic": ((3.4445, -4.7750, 2.0315),),
+    # The textbook cubic Newton–Schulz (Björck & Bowie, 1971; Higham, 2008), converging to the
+    # exact polar factor but slowly from small σ: [0.0076, 1.0] after 5 steps.
+    "cubic": ((1.5, -0.5, 0.0),),
+    # Jiacheng You's per-step quintics (2025), from the coefficient search Cesista describes,
+    # as modded-nanogpt's medium track uses them: [0.4750, 1.1450]; [0.9778, 1.0318] from 10⁻².
+    "you": (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ),
+    # DeepSeek-V4's schedule: eight classic steps, then two of (2, −1.5, 0.5), a quintic with
+    # p(1) = 1 and p'(1) = 0 that polishes the values near 1: [1.0000, 1.0005] in 10 steps.
+    "deepseek_v4": ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2,
     # Polar Express (Amsel, Persson, Musco, Gower, 2025): the optimal 5-step composition for
     # σ ∈ [1e-3, 1] with safety factor 1.02 and cushion 2, as modded-nanogpt uses it. Composed
     # in float64 it maps [1e-3, 1] into [0.8589, 1.1411] (tests/test_newton_schulz.py checks).
@@ -125,8 +145,9 @@ def resolve_coefficients(
     """Return the per-step ``(a, b, c)`` triples, one per Newton–Schulz step.
 
     ``coefficients`` is a name from :data:`COEFFICIENTS` or an explicit sequence of triples.
-    ``steps`` defaults to 5 for a named set and to the number of triples for an explicit one; a
-    set shorter than ``steps`` repeats its last triple, a longer one is cut.
+    ``steps`` defaults to 5 for a named set of one triple, to the number of triples for a
+    longer one and for an explicit one; a set shorter than ``steps`` repeats its last triple,
+    a longer one is cut.
     """
     if isinstance(coefficients, str):
         if coefficients not in COEFFICIENTS:
@@ -135,7 +156,7 @@ def resolve_coefficients(
                 f"expected one of {sorted(COEFFICIENTS)} or a sequence of (a, b, c) triples"
             )
         table = COEFFICIENTS[coefficients]
-        n = DEFAULT_STEPS if steps is None else steps
+        n = max(DEFAULT_STEPS, len(table)) if steps is None else steps
     else:
         try:
             table = tuple((float(a), float(b), float(c)) for a, b, c in coefficients)

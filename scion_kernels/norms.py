@@ -406,7 +406,8 @@ class Spectral(_MatrixNorm):
     Args:
         max: use ``s = max(1, s)`` (the authors' choice for an input layer).
         normalized: ``s = √(d_out/d_in)``; ``False`` gives ``s = √d_out``.
-        steps: Newton–Schulz steps (default 5 for a named set, else the number of triples).
+        steps: Newton–Schulz steps (default: 5 for a named set of one triple, else the
+            number of triples).
         coefficients: ``"classic"``, ``"polar_express"``, or a sequence of ``(a, b, c)``.
         ns_dtype: Newton–Schulz operand dtype: bf16, fp16, float32 or float64; ``None``
             (default) picks per device (:meth:`compute_dtype`): bf16 on GPUs and on CPUs with

@@ -158,6 +158,8 @@ POLAR_CASES = [
     *[_polar_case(s, c, torch.bfloat16) for s in STACKS for c in ("classic", "polar_express")],
     *[_polar_case((2, *s), "classic", d) for s in MATRICES for d in DTYPES],
     _polar_case((2, 24, 40), "polar_express", torch.float16, steps=3),
+    # The other presets: per-step triples (you), 10 steps (deepseek_v4), c = 0 (cubic).
+    *[_polar_case((2, 17, 40), c, torch.bfloat16) for c in ("you", "deepseek_v4", "cubic")],
 ]
 
 

@@ -187,6 +187,44 @@ def test_scalar_range_classic():
     assert out[0].item() == pytest.approx(lo)
 
 
+#: Every named set's default composition on σ ∈ [1e-3, 1], as its comment in
+#: scion_kernels/newton_schulz.py quotes it (4 decimals), and its default step count.
+PRESET_RANGES = {
+    "classic": (5, 0.4705, 1.2024),
+    "cubic": (5, 0.0076, 1.0),
+    "you": (5, 0.4750, 1.1450),
+    "deepseek_v4": (10, 1.0000, 1.0005),
+    "polar_express": (5, 0.8589, 1.1411),
+}
+
+
+def test_every_preset_is_checked():
+    assert set(PRESET_RANGES) == set(COEFFICIENTS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_RANGES))
+def test_preset_ranges_and_steps(name):
+    """Each preset's default steps and the image of [1e-3, 1], to the quoted 4 decimals;
+    every step's polynomial fixes 0 and keeps σ ≥ 0 on the way (no sign flips)."""
+    steps, lo, hi = PRESET_RANGES[name]
+    assert len(resolve_coefficients(name)) == steps
+    out = compose(SIGMA, name)
+    assert out.min().item() == pytest.approx(lo, abs=5e-5)
+    assert out.max().item() == pytest.approx(hi, abs=5e-5)
+    x = SIGMA.clone()
+    for a, b, c in resolve_coefficients(name):
+        x = a * x + b * x**3 + c * x**5
+        assert bool((x > 0).all())
+
+
+def test_deepseek_v4_schedule():
+    """Eight classic steps, then two of the quintic with p(1) = 1 and p'(1) = 0."""
+    table = resolve_coefficients("deepseek_v4")
+    assert table[:8] == (CLASSIC,) * 8 and table[8:] == ((2.0, -1.5, 0.5),) * 2
+    a, b, c = table[-1]
+    assert a + b + c == 1.0 and a + 3 * b + 5 * c == 0.0
+
+
 @pytest.mark.parametrize(
     "name, lo, hi", [("classic", 0.0, 1.21), ("polar_express", 0.0, 1.1412)], ids=["classic", "pe"]
 )
@@ -227,6 +265,11 @@ IDENTITY_CASES = [
     pytest.param("polar_express", torch.float16, 2e-2, id="pe-f16"),
     pytest.param("classic", torch.bfloat16, 3e-2, id="classic-bf16"),
     pytest.param("polar_express", torch.bfloat16, 0.12, id="pe-bf16"),
+    pytest.param("you", F64, 1e-10, id="you-f64"),
+    pytest.param("deepseek_v4", F64, 1e-10, id="dsv4-f64"),
+    pytest.param("cubic", F64, 1e-10, id="cubic-f64"),
+    pytest.param("you", torch.float32, 1e-4, id="you-f32"),
+    pytest.param("deepseek_v4", torch.float32, 1e-4, id="dsv4-f32"),
 ]
 
 
