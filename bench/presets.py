@@ -66,7 +66,8 @@ def measure(device: torch.device, repeats: int, fp16: str) -> list[dict]:
         G = make_input(batch, r, c, cond).to(device)
         exact = polar_svd(G).double()
         for dtype_name, dtype in DTYPES.items():
-            if dtype is torch.float16 and (fp16 == "none" or fp16 == "small" and shape_name != SMALL):
+            wanted = fp16 == "all" or fp16 == "small" and shape_name == SMALL
+            if dtype is torch.float16 and not wanted:
                 continue
             for preset in COEFFICIENTS:
                 X = newton_schulz(G, preset, dtype=dtype)  # also the warm-up

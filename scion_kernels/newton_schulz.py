@@ -281,6 +281,15 @@ def _parts(X: Tensor) -> list[slice]:
     return [slice(None)]
 
 
+def _polynomial(s: Tensor, b: float, c: float, out: Tensor) -> Tensor:
+    """``out = b·s + c·s·s``. A cubic step (``c = 0``) skips the product: PyTorch's bf16
+    ``baddbmm`` on CPUs returns neither term with ``alpha=0`` (off by up to 30 on a 64×64
+    matrix, torch 2.11 and 2.13), where ``addmm`` and float32 are right."""
+    if c == 0.0:
+        return torch.mul(s, b, out=out)
+    return torch.baddbmm(s, s, s, beta=b, alpha=c, out=out)
+
+
 def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
     """The Newton–Schulz steps on a normalized wide stack ``X`` (``(B, m, n)``, ``m ≤ n``).
 
@@ -298,7 +307,7 @@ def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
         for k in parts:
             x, y, s, p = X[k], Y[k], A[k], P[k]
             torch.bmm(x, x.mT, out=s)
-            torch.baddbmm(s, s, s, beta=b, alpha=c, out=p)
+            _polynomial(s, b, c, out=p)
             torch.baddbmm(x, p, x, beta=a, alpha=1.0, out=y)
         X, Y = Y, X
     return X
@@ -370,7 +379,7 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
         torch.bmm(x, x.mT, out=r)
         fresh = True  # Q = I
         for i, (a, b, c) in enumerate(table):
-            torch.baddbmm(r, r, r, beta=b, alpha=c, out=p)
+            _polynomial(r, b, c, out=p)
             p.diagonal(dim1=-2, dim2=-1).add_(a)
             if fresh:
                 q.copy_(p)
