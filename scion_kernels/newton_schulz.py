@@ -33,6 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "COEFFICIENTS",
+    "PRECONDITIONED",
+    "aol_",
     "check_matrices",
     "cpu_has_bf16_matmul",
     "default_compute_dtype",
@@ -40,6 +42,7 @@ __all__ = [
     "newton_schulz",
     "orient",
     "polar_svd",
+    "preconditioning",
     "resolve_coefficients",
 ]
 
@@ -68,6 +71,17 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
     # DeepSeek-V4's schedule: eight classic steps, then two of (2, −1.5, 0.5), a quintic with
     # p(1) = 1 and p'(1) = 0 that polishes the values near 1: [1.0000, 1.0005] in 10 steps.
     "deepseek_v4": ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2,
+    # Turbo-Muon (Boissin et al., 2025): the AOL-preconditioned matrix (:data:`PRECONDITIONED`,
+    # :func:`aol_`) in place of G/‖G‖_F, then the last four of ``you``'s steps, as its
+    # reference implementation runs them: [0.1204, 1.1450]; [0.9727, 1.1450] from 10⁻². (A
+    # later table fitted for AOL, (4.0098, −7.0585, 2.4635), …, maps σ ≥ 0.884 to negative
+    # values, and AOL gives σ = 1 to any rank-one matrix: not taken.)
+    "turbo_muon": (
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ),
     # Polar Express (Amsel, Persson, Musco, Gower, 2025): the optimal 5-step composition for
     # σ ∈ [1e-3, 1] with safety factor 1.02 and cushion 2, as modded-nanogpt uses it. Composed
     # in float64 it maps [1e-3, 1] into [0.8589, 1.1411] (tests/test_newton_schulz.py checks).
@@ -79,6 +93,9 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
         (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
     ),
 }
+
+#: Presets whose steps start from a preconditioned matrix, by name: ``"aol"`` (:func:`aol_`).
+PRECONDITIONED: dict[str, str] = {"turbo_muon": "aol"}
 
 DEFAULT_STEPS = 5
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -156,7 +173,7 @@ def resolve_coefficients(
                 f"expected one of {sorted(COEFFICIENTS)} or a sequence of (a, b, c) triples"
             )
         table = COEFFICIENTS[coefficients]
-        n = max(DEFAULT_STEPS, len(table)) if steps is None else steps
+        n = (DEFAULT_STEPS if len(table) == 1 else len(table)) if steps is None else steps
     else:
         try:
             table = tuple((float(a), float(b), float(c)) for a, b, c in coefficients)
@@ -173,6 +190,27 @@ def resolve_coefficients(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"Newton–Schulz steps must be a positive integer; got {steps!r}")
     return tuple(table[min(i, len(table) - 1)] for i in range(n))
+
+
+def preconditioning(coefficients: str | Sequence[Sequence[float]]) -> str | None:
+    """The preconditioning a coefficient preset starts from (:data:`PRECONDITIONED`), or
+    ``None``: Newton–Schulz starts from ``G/‖G‖_F``."""
+    return PRECONDITIONED.get(coefficients) if isinstance(coefficients, str) else None
+
+
+def aol_(X: Tensor) -> Tensor:
+    """Scale the rows of a wide stack ``X`` (``(B, m, n)``) in place by
+    ``s_i = (Σ_j |X·Xᵀ|_ij)^(−1/2)`` and return it: the almost-orthogonal layer's rescaling
+    (Prach & Lampert, 2022), which Turbo-Muon uses in place of the Frobenius normalization.
+    ``‖diag(s)·X‖₂ ≤ 1`` (the rescaled Gram matrix's rows sum to at most 1 in absolute value),
+    and ``diag(s)·X`` is usually closer to orthogonal than ``X/‖X‖_F``, so fewer steps are
+    needed; its polar factor is not ``X``'s unless the rows are already orthogonal. The sums
+    are taken in float32 (float64 for float64); a zero row stays zero."""
+    work = torch.float64 if X.dtype == torch.float64 else torch.float32
+    W = X.to(work)
+    sums = torch.bmm(W, W.mT).abs_().sum(dim=-1, keepdim=True)
+    scale = torch.where(sums > 0, sums.rsqrt(), torch.zeros_like(sums))
+    return X.mul_(scale.to(X.dtype)) if X.dtype == work else X.copy_(W.mul_(scale))
 
 
 def orient(rows: int, cols: int) -> tuple[int, int, bool]:
@@ -423,6 +461,9 @@ def newton_schulz(
     matrix is orthogonalized on its own, all of them with batched matrix products. Returns a
     tensor of ``G``'s shape in that dtype. Non-finite input gives non-finite output.
 
+    A preset named in :data:`PRECONDITIONED` (``"turbo_muon"``) starts from the rescaled
+    ``X`` (:func:`aol_`) instead.
+
     ``gram=True`` computes the same steps on the Gram matrix (:func:`gram_iterate`) for
     matrices with ``n ≥ 2m`` (:func:`uses_gram`), in fewer flops and with a larger error
     against float64 Newton–Schulz; squarer matrices, and coefficients whose terms cancel too
@@ -442,8 +483,10 @@ def newton_schulz(
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     if X.numel() == 0:
         return torch.zeros(G.shape, dtype=dtype, device=G.device)
-    steps_of = gram_iterate if gram and uses_gram(m, n, table, dtype) else iterate
-    X = steps_of(normalized_stack([X.reshape(-1, m, n)], dtype), table)
+    aol = preconditioning(coefficients) == "aol"
+    steps_of = gram_iterate if gram and not aol and uses_gram(m, n, table, dtype) else iterate
+    X = normalized_stack([X.reshape(-1, m, n)], dtype)
+    X = steps_of(aol_(X) if aol else X, table)
     X = X.reshape(*batch_shape, m, n)
     return X.mT if tall else X
 

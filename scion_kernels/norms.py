@@ -55,12 +55,14 @@ from torch import Tensor
 
 from ._util import eager_cache
 from .newton_schulz import (
+    aol_,
     default_compute_dtype,
     gram_iterate,
     iterate,
     normalized_stack,
     orient,
     polar_svd,
+    preconditioning,
     resolve_coefficients,
     stacks_well,
     uses_gram,
@@ -408,7 +410,10 @@ class Spectral(_MatrixNorm):
         normalized: ``s = √(d_out/d_in)``; ``False`` gives ``s = √d_out``.
         steps: Newton–Schulz steps (default: 5 for a named set of one triple, else the
             number of triples).
-        coefficients: ``"classic"``, ``"polar_express"``, or a sequence of ``(a, b, c)``.
+        coefficients: a preset of :data:`~scion_kernels.COEFFICIENTS` (``"classic"``,
+            ``"polar_express"``, ``"you"``, ``"deepseek_v4"``, ``"turbo_muon"``: AOL
+            preconditioning, the reference only; ``"cubic"``), or a sequence of
+            ``(a, b, c)``.
         ns_dtype: Newton–Schulz operand dtype: bf16, fp16, float32 or float64; ``None``
             (default) picks per device (:meth:`compute_dtype`): bf16 on GPUs and on CPUs with
             bf16 matrix instructions (AVX512-BF16, AMX), float32 on other CPUs.
@@ -463,6 +468,9 @@ class Spectral(_MatrixNorm):
                 f"float64; got {ns_dtype!r}"
             )
         self.table = resolve_coefficients(coefficients, steps)
+        #: What Newton–Schulz starts from besides ``G/‖G‖_F`` (``"aol"`` for
+        #: ``"turbo_muon"``), or ``None``.
+        self.precondition = preconditioning(coefficients)
 
     def fits(self, shape: Sequence[int]) -> str | None:
         reason = super().fits(shape)
@@ -522,8 +530,11 @@ class Spectral(_MatrixNorm):
         if self.polar == "svd":
             return polar_svd(_cat(mats))
         dtype = self.compute_dtype(mats[0].device)
+        X = normalized_stack(mats, dtype)
+        if self.precondition == "aol":
+            return iterate(aol_(X), self.table)
         gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:], self.table, dtype)
-        return (gram_iterate if gram else iterate)(normalized_stack(mats, dtype), self.table)
+        return (gram_iterate if gram else iterate)(X, self.table)
 
     def _layout(self, where: tuple[torch.Size, torch.device]) -> list[tuple[bool, float, bool]]:
         """Per independent matrix of a tensor of shape ``where[0]`` on device ``where[1]``:

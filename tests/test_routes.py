@@ -199,6 +199,31 @@ def test_steps_over_the_native_limit_never_reach_the_kernel(emulated_module):
     assert "20 Newton–Schulz steps (at most 16)" in repr(opt)
 
 
+def test_preconditioned_presets_run_on_the_reference(emulated_module):
+    """``coefficients="turbo_muon"`` (AOL preconditioning) with ``backend="cuda"``: the kernels
+    normalize by the Frobenius norm only, so the route sends it to the reference, says why,
+    and the step is the reference's."""
+    recording = Recording(NativeBackend(module=emulated_module))
+    with backends.using(recording):
+        w = nn.Parameter(torch.randn(8, 4))
+        twin = nn.Parameter(w.detach().clone())
+        kwargs = {"coefficients": "turbo_muon"}
+        opt = Scion([{"params": [w], "norm": "Spectral", "norm_kwargs": kwargs}], lr=0.1,
+                    backend="cuda")  # fmt: skip
+        ref = Scion([{"params": [twin], "norm": "Spectral", "norm_kwargs": kwargs}], lr=0.1,
+                    backend="torch")  # fmt: skip
+        w.grad = torch.randn_like(w)
+        twin.grad = w.grad.clone()
+        opt.step()
+        ref.step()
+    assert recording.calls == []
+    assert "AOL preconditioning ('turbo_muon')" in repr(opt)
+    assert torch.equal(w, twin)
+    gram = Scion([{"params": [nn.Parameter(torch.randn(4, 16))], "norm": "Spectral",
+                   "norm_kwargs": {**kwargs, "polar": "gram"}}], lr=0.1)  # fmt: skip
+    assert "AOL (not gram: AOL preconditioning)" in repr(gram)
+
+
 def test_print_says_whether_the_gram_form_runs():
     """``print(opt)`` says ``gram`` where ``polar="gram"`` runs the Gram form, and why not where
     its coefficients cancel too much for the compute dtype."""

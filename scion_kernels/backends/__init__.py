@@ -150,9 +150,13 @@ class Route:
         dtype = self.backends[i].compute_dtype(picked, self.shapes[i][2])
         name = str(dtype).removeprefix("torch.")
         name = f"{name} (auto)" if picked.ns_dtype is None else name
+        if picked.precondition is not None:
+            name = f"{name}, {picked.precondition.upper()}"
         if picked.polar != "gram":
             return name
         why = gram_refusal(picked.table, dtype)
+        if picked.precondition is not None:
+            why = f"{picked.precondition.upper()} preconditioning"
         if why is None and not any(
             uses_gram(*orient(r, c)[:2], picked.table, dtype)
             for r, c in picked.block_shapes(self.shapes[i][0])

@@ -190,6 +190,8 @@ class Backend:
             compute = self.compute_dtype(picked, device)
             if compute not in caps.compute_dtypes:
                 return f"ns_dtype={str(compute).removeprefix('torch.')}"
+            if picked.precondition is not None:
+                return f"{picked.precondition.upper()} preconditioning ({picked.coefficients!r})"
             if caps.max_steps is not None and len(picked.table) > caps.max_steps:
                 return f"{len(picked.table)} Newton–Schulz steps (at most {caps.max_steps})"
             if caps.reshapes_only and not picked.plain_reshape():
