@@ -204,13 +204,16 @@ def aol_(X: Tensor) -> Tensor:
     (Prach & Lampert, 2022), which Turbo-Muon uses in place of the Frobenius normalization.
     ``‖diag(s)·X‖₂ ≤ 1`` (the rescaled Gram matrix's rows sum to at most 1 in absolute value),
     and ``diag(s)·X`` is usually closer to orthogonal than ``X/‖X‖_F``, so fewer steps are
-    needed; its polar factor is not ``X``'s unless the rows are already orthogonal. The sums
-    are taken in float32 (float64 for float64); a zero row stays zero."""
+    needed; its polar factor is not ``X``'s unless the rows are already orthogonal. ``X·Xᵀ``
+    is one product in ``X``'s dtype (a third of a step's work), its row sums in float32 (float64
+    for float64): rounded to bf16 they may let the norm exceed 1 by about 2⁻⁹, inside every
+    preset's margin. A zero row stays zero."""
     work = torch.float64 if X.dtype == torch.float64 else torch.float32
-    W = X.to(work)
-    sums = torch.bmm(W, W.mT).abs_().sum(dim=-1, keepdim=True)
+    sums = torch.bmm(X, X.mT).to(work).abs_().sum(dim=-1, keepdim=True)
     scale = torch.where(sums > 0, sums.rsqrt(), torch.zeros_like(sums))
-    return X.mul_(scale.to(X.dtype)) if X.dtype == work else X.copy_(W.mul_(scale))
+    if X.dtype == work:
+        return X.mul_(scale)
+    return X.copy_(X.to(work).mul_(scale))
 
 
 def orient(rows: int, cols: int) -> tuple[int, int, bool]:
