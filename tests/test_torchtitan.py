@@ -28,6 +28,15 @@ except Exception as e:  # noqa: BLE001 - any import failure means torchtitan is 
 example = importlib.import_module("torchtitan_scion")
 
 
+def _needs_llama() -> None:
+    """torchtitan's Llama 3 imports its MoE layers, which import Triton: without it the tests
+    that build the model skip, saying so (the container's tests need neither)."""
+    try:
+        importlib.import_module("torchtitan.models.llama3")
+    except Exception as e:  # noqa: BLE001 - any import failure means the model is unusable here
+        pytest.skip(f"torchtitan's Llama 3 does not import here: {type(e).__name__}: {e}")
+
+
 class Block(torch.nn.Module):
     """Parameter names as torchtitan's decoders have them."""
 
@@ -142,6 +151,7 @@ def test_torchtitan_llama_trains_as_one_process_and_reloads_in_another_layout(tm
     whose sums of squares are split differently (within 1e-6)."""
     from test_distributed import launch
 
+    _needs_llama()
     env = {"SCION_TEST_CHECKPOINT": str(tmp_path)}
     saved = launch(4, ["titan_training"], tmp_path / "save", env)
     for r in saved:
@@ -175,6 +185,7 @@ def test_example_trains_under_torchrun():
     from ln 2048 ≈ 7.6 and above to under 6 in 40 steps; 4.35 measured)."""
     from test_distributed import _torchrun
 
+    _needs_llama()
     out = _torchrun(4, "--tp", "2", example="torchtitan_scion.py")
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
     assert len(losses) == 9 and losses[-1] < 6.0, out
