@@ -48,6 +48,15 @@ __all__ = [
 
 Triple = tuple[float, float, float]
 
+# Jiacheng You's five per-step quintics (the "you" and "turbo_muon" presets below).
+_YOU: tuple[Triple, ...] = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
 #: Named coefficient sets: step ``i`` uses ``set[min(i, len(set) - 1)]``. A set of one triple
 #: runs 5 steps by default, a longer set one step per triple (``steps`` changes either). The
 #: image of σ ∈ [10⁻³, 1] under each default composition, in float64, is in the comments
@@ -61,13 +70,7 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
     "cubic": ((1.5, -0.5, 0.0),),
     # Jiacheng You's per-step quintics (2025), from the coefficient search Cesista describes,
     # as modded-nanogpt's medium track uses them: [0.4750, 1.1450]; [0.9778, 1.0318] from 10⁻².
-    "you": (
-        (4.0848, -6.8946, 2.9270),
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-    ),
+    "you": _YOU,
     # DeepSeek-V4's schedule: eight classic steps, then two of (2, −1.5, 0.5), a quintic with
     # p(1) = 1 and p'(1) = 0 that polishes the values near 1: [1.0000, 1.0005] in 10 steps.
     "deepseek_v4": ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2,
@@ -76,12 +79,7 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
     # reference implementation runs them: [0.1204, 1.1450]; [0.9727, 1.1450] from 10⁻². (A
     # later table fitted for AOL, (4.0098, −7.0585, 2.4635), …, maps σ ≥ 0.884 to negative
     # values, and AOL gives σ = 1 to any rank-one matrix: not taken.)
-    "turbo_muon": (
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-    ),
+    "turbo_muon": _YOU[1:],
     # Polar Express (Amsel, Persson, Musco, Gower, 2025): the optimal 5-step composition for
     # σ ∈ [1e-3, 1] with safety factor 1.02 and cushion 2, as modded-nanogpt uses it. Composed
     # in float64 it maps [1e-3, 1] into [0.8589, 1.1411] (tests/test_newton_schulz.py checks).

@@ -325,7 +325,7 @@ IDENTITY_CASES = [
     pytest.param("cubic", torch.float32, 1e-4, id="cubic-f32"),
     # c = 0 in bf16: PyTorch's CPU bf16 baddbmm ignores alpha=0 (the reference skips it).
     pytest.param("cubic", torch.bfloat16, 3e-2, id="cubic-bf16"),
-    pytest.param("you", torch.bfloat16, 6e-2, id="you-bf16"),
+    pytest.param("you", torch.bfloat16, 6e-2, id="you-bf16"),  # measured ≤ 0.035, 20 seeds
     pytest.param("deepseek_v4", torch.bfloat16, 6e-2, id="dsv4-bf16"),
 ]
 
