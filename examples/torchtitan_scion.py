@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> float:
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
     if rank == 0:
         print(f"{args.steps} steps in {time.perf_counter() - started:.1f} s on {world} ranks")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
     return loss.item()
 
