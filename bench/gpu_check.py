@@ -22,6 +22,8 @@ stage          budget  predicted  what
 ``headline``     90 s      55 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend, GPT-2 small steps with peak memory
+``gram``         30 s      20 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
+                                  GPT-2's 768×3072, plain and in the Gram form, per backend
 ``graphs``       45 s      25 s   a GPT-2-small step eager and replayed as a CUDA graph, per
                                   backend, beside fused AdamW and Muon (``bench.graph``)
 ``parity``      110 s      80 s   the parity tests of every backend (``pytest -n 8``; the host
@@ -37,7 +39,7 @@ stage          budget  predicted  what
 ``table``        10 s       3 s   the ``backend="auto"`` table from the timings, into the archive
 =============  ======  =========  ===============================================================
 
-Predicted on the H200: about 335 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
+Predicted on the H200: about 358 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "The GPU
 check's time budget", gives the reasoning). Tests are stopped with SIGINT first, so pytest
 still writes its summary and JUnit XML; benchmarks with SIGTERM, on which they write what they
 measured.
@@ -113,12 +115,17 @@ HEADLINE_POLAR = "1x4096x4096"
 POLAR_BACKENDS = "torch,triton,cuda,torch.optim.Muon,svd"
 #: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
 REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
+#: The Gram form's shapes (issue 28's 4096×16384 target, and GPT-2's MLP matrices) and backends.
+GRAM_POLAR = "1x4096x16384,12x768x3072"
+GRAM_BACKENDS = "torch,triton,cuda,torch-gram,triton-gram,cuda-gram"
 #: Processes compiling the tile candidates of bench/tiles.py in the warm stage.
 TILE_WARM_PROCESSES = 6
 #: docs/performance.md's targets, reported against in the summary.
 TARGET_NS_4096_MS = 1.8
 TARGET_NS_SPEEDUP = 1.4
 TARGET_STEP_MS = 4.0
+#: Issue 28's target for 5 steps on a 4096×16384 matrix through the Gram form.
+TARGET_GRAM_MS = 4.0
 #: Issue 26's target for a GPT-2-small Scion step replayed as a CUDA graph (bench/NOTES.md).
 TARGET_GRAPH_STEP_MS = 2.5
 
@@ -491,6 +498,13 @@ def stage_headline(check: Check, deadline: float) -> StageResult:
     return _bench(check, "headline", args, deadline)
 
 
+def stage_gram(check: Check, deadline: float) -> StageResult:
+    """Newton–Schulz on wide matrices, plain and in the Gram form (``polar="gram"``)."""
+    args = ["--only", "polar", "--polar-backends", GRAM_BACKENDS]
+    args += ["--polar-shapes", "1x32x96" if check.dry_run else GRAM_POLAR]
+    return _bench(check, "gram", args, deadline)
+
+
 def stage_graphs(check: Check, deadline: float) -> StageResult:
     """A GPT-2-small optimizer step eager and replayed as a CUDA graph (bench/graph.py)."""
     return _bench(check, "graphs", ["--only", "graph"], deadline)
@@ -618,6 +632,7 @@ STAGES = [
     Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
     Stage("warm", 60, 35, stage_warm),
     Stage("headline", 90, 55, stage_headline),
+    Stage("gram", 30, 20, stage_gram),
     Stage("graphs", 45, 25, stage_graphs),
     Stage("parity", 110, 80, stage_parity),
     Stage("marked", 20, 10, stage_marked),
@@ -714,7 +729,7 @@ def _fmt_ms(r: dict[str, Any]) -> str:
 def headline(work: Path) -> list[str]:
     """The figures the check exists for, from the rows measured so far, each beside its
     baseline or target."""
-    rows = _jsonl(work / "bench" / "headline.jsonl") + _jsonl(work / "bench" / "rest.jsonl")
+    rows = [r for f in ("headline", "gram", "rest") for r in _jsonl(work / "bench" / f"{f}.jsonl")]
     lines: list[str] = []
     rate = next((r["tflops"] / r["ceiling_fraction"] for r in rows
                  if r.get("dtype") == "bfloat16" and r.get("ceiling_fraction")), None)  # fmt: skip
@@ -771,6 +786,15 @@ def headline(work: Path) -> list[str]:
                     f"≥ {TARGET_NS_SPEEDUP}× torch: {backend} {r['ms']:.4g} ms — "
                     + ("met" if ok else "not met")
                 )
+        if shape == (1, 4096, 16384):
+            for backend in ("triton-gram", "cuda-gram"):
+                r = at.get(backend)
+                if r is not None:
+                    ok = r["ms"] <= TARGET_GRAM_MS
+                    lines.append(
+                        f"target Newton–Schulz 4096×16384 ≤ {TARGET_GRAM_MS} ms through the "
+                        f"Gram form: {backend} {r['ms']:.4g} ms — " + ("met" if ok else "not met")
+                    )
     step = [r for r in rows if r["bench"] == "step"]
     if step:
         lines += [

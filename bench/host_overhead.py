@@ -51,8 +51,12 @@ def _stub_native() -> Any:
         EMULATED = True
 
         @staticmethod
-        def ns_workspace_bytes(batch: int, rows: int, cols: int, tile: int = 0) -> int:
-            return real.ns_workspace_bytes(batch, rows, cols, tile) if real else 1 << 20
+        def ns_workspace_bytes(
+            batch: int, rows: int, cols: int, tile: int = 0, gram_restart: int = 0
+        ) -> int:
+            if real is None:
+                return 1 << 20
+            return real.ns_workspace_bytes(batch, rows, cols, tile, gram_restart)
 
         @staticmethod
         def ns_step(*args) -> None:

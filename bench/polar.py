@@ -125,8 +125,10 @@ class Backend:
 # --------------------------------------------------------------------------------------------
 
 
-def _ours(coefficients: str | None) -> PolarFn:
-    return functools.partial(newton_schulz, coefficients=coefficients or "classic", steps=STEPS)
+def _ours(coefficients: str | None, gram: bool = False) -> PolarFn:
+    return functools.partial(
+        newton_schulz, coefficients=coefficients or "classic", steps=STEPS, gram=gram
+    )
 
 
 def _ours_compiled(coefficients: str | None) -> PolarFn:
@@ -134,16 +136,16 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
-def _kernels(name: str, coefficients: str | None) -> PolarFn:
-    """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients``, in bf16 unless
-    the call says otherwise."""
+def _kernels(name: str, coefficients: str | None, gram: bool = False) -> PolarFn:
+    """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
+    with ``gram``), in bf16 unless the call says otherwise."""
     from scion_kernels import backends
     from scion_kernels.backends.ops import polar
     from scion_kernels.backends.tables import flatten
 
     table = flatten(resolve_coefficients(coefficients or "classic", STEPS))
     backend = backends.get(name)
-    return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype)
+    return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype, gram)
 
 
 def _triton(coefficients: str | None) -> PolarFn:
@@ -230,8 +232,17 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
             note="torch.linalg.svd fp32 then U·Vh; tflops = equivalent NS rate",
         ),
     }
+    # The Gram form (polar="gram"): the same steps on X·Xᵀ for matrices at least twice as wide
+    # as tall (others run the plain iteration, so only such shapes are worth the rows).
+    gram_note = "; gram form (polar='gram')"
+    table["torch-gram"] = Backend(
+        functools.partial(_ours, gram=True), dtype=ours, note=table["torch"].note + gram_note
+    )
     if ctx.device.type == "cuda":
         table["triton"] = Backend(_triton, note="the scion_kernels::polar op, Triton")
+        table["triton-gram"] = Backend(
+            functools.partial(_kernels, "triton", gram=True), note=table["triton"].note + gram_note
+        )
     else:
         ctx.log("polar: triton skipped: the Triton kernels are timed on CUDA devices only")
     from scion_kernels import backends
@@ -239,6 +250,9 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
     why = backends.get("cuda").unavailable_reason(ctx.device)
     if why is None:
         table["cuda"] = Backend(_native, note="the scion_kernels::polar op, CUDA C++")
+        table["cuda-gram"] = Backend(
+            functools.partial(_kernels, "cuda", gram=True), note=table["cuda"].note + gram_note
+        )
     else:
         ctx.log(f"polar: cuda skipped: {why}")
     for name, probe in (

@@ -42,6 +42,13 @@ bool check_problem(const scion_ns_problem& pr) {
         kSmallM, kSmallMaxN, static_cast<long long>(pr.rows), static_cast<long long>(pr.cols));
     return false;
   }
+  if (pr.gram_restart < 0 || (pr.gram_restart > 0 && pr.tile == 1)) {
+    set_error(
+        "ns_step: gram_restart must be 0 or, with a tiled path (tile 0, 64, 128), a step "
+        "count >= 1; got %d with tile %d",
+        pr.gram_restart, pr.tile);
+    return false;
+  }
   if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
     set_error("ns_step: alpha must be in [0, 1], got %g", pr.alpha);
     return false;

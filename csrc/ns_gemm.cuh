@@ -57,6 +57,7 @@ struct GemmArgs {
   int32_t tiles_n;             // kApply: tiles along the output's columns
   int32_t batch0;              // first matrix of this launch
   float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
+  float diag_scale;            // kPoly: + diag_scale on the diagonal (the Gram form's a·I)
 };
 
 struct NoUpdate {};
@@ -255,6 +256,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                  if constexpr (kProduct != Product::kGram) {
                    v = __fmaf_rn(args.add_scale,
                                  Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+                 }
+                 if constexpr (kProduct == Product::kPoly) {
+                   if (r == c && args.diag_scale != 0.0f) v += args.diag_scale;
                  }
                  smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
                });

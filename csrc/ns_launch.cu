@@ -42,8 +42,9 @@ GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int
                  int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc, int32_t k,
                  float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
   const int32_t batch0 = 0;  // set per launch where a launch takes part of the bucket
-  return GemmArgs{a,   b,   add, out,   a_batch, b_batch, out_batch, lda,
-                  ldb, ldc, k,   tiles, tiles_n, batch0,  acc_scale, add_scale};
+  const float diag_scale = 0.0f;
+  return GemmArgs{a,   b, add,   out,     a_batch, b_batch,   out_batch, lda,       ldb,
+                  ldc, k, tiles, tiles_n, batch0,  acc_scale, add_scale, diag_scale};
 }
 
 template <typename T, typename Cfg>
@@ -74,42 +75,36 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const dim3 block(Cfg::kThreads);
   const int32_t mp = static_cast<int32_t>(plan.m_pad);
   const int32_t np = static_cast<int32_t>(plan.n_pad);
-  for (int s = 0; s < pr.steps; ++s) {
-    const bool last = s + 1 == pr.steps;
-    const float ca = static_cast<float>(pr.coefficients[3 * s]);
-    const float cb = static_cast<float>(pr.coefficients[3 * s + 1]);
-    const float cc = static_cast<float>(pr.coefficients[3 * s + 2]);
-    const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
-    // A ← X·Xᵀ
-    GemmArgs g = product(x, plan.x_elems, np, x, plan.x_elems, np, a, a, plan.a_elems, mp, np, 1.0f,
-                         0.0f, tiles_m, tiles_n);
-    if (!L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-              "the X·Xᵀ launch")) {
-      return false;
-    }
-    // B ← b·A + c·A·A
-    g = product(a, plan.a_elems, mp, a, plan.a_elems, mp, a, b, plan.a_elems, mp, mp, cc, cb,
-                tiles_m, tiles_n);
-    if (!L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-              "the b·A + c·A·A launch")) {
-      return false;
-    }
-    // X ← a·X + B·X
-    g = product(b, plan.a_elems, mp, x, plan.x_elems, np, x, y, plan.x_elems, np, mp, 1.0f, ca,
-                tiles_m, tiles_n);
-    const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n));
-    if (!last) {
-      if (!L.ok(launch_kernel(apply, dim3(grid_apply.x, static_cast<unsigned>(pr.batch)), block,
-                              smem, L.stream, g, NoUpdate{}),
-                "the a·X + B·X launch")) {
-        return false;
-      }
-      T* swap = x;
-      x = y;
-      y = swap;
-      continue;
-    }
-    // The last one also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
+  const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
+  const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n), static_cast<unsigned>(pr.batch));
+  // dst ← X·Xᵀ (symmetric tiles).
+  auto xxt = [&](const T* src, T* dst) {
+    const GemmArgs g = product(src, plan.x_elems, np, src, plan.x_elems, np, dst, dst, plan.a_elems,
+                               mp, np, 1.0f, 0.0f, tiles_m, tiles_n);
+    return L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+                "the X·Xᵀ launch");
+  };
+  // dst ← b·A + c·A·A (+ diag·I in the Gram form).
+  auto polynomial = [&](const T* src, T* dst, float cb, float cc, float diag) {
+    GemmArgs g = product(src, plan.a_elems, mp, src, plan.a_elems, mp, src, dst, plan.a_elems, mp,
+                         mp, cc, cb, tiles_m, tiles_n);
+    g.diag_scale = diag;
+    return L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+                "the b·A + c·A·A launch");
+  };
+  // The args of dst ← a·src + left·src.
+  auto apply_args = [&](const T* left, const T* src, T* dst, float ca) {
+    return product(left, plan.a_elems, mp, src, plan.x_elems, np, src, dst, plan.x_elems, np, mp,
+                   1.0f, ca, tiles_m, tiles_n);
+  };
+  auto apply_plain = [&](const T* left, const T* src, T* dst, float ca) {
+    return L.ok(launch_kernel(apply, grid_apply, block, smem, L.stream,
+                              apply_args(left, src, dst, ca), NoUpdate{}),
+                "the a·X + B·X launch");
+  };
+  // The last product also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
+  auto apply_last = [&](const T* left, const T* src, T* dst, float ca) {
+    GemmArgs g = apply_args(left, src, dst, ca);
     const bool tall = pr.rows > pr.cols;
     return for_each_slice(pr.batch, kMaxRefs, [&](int64_t first, int count) {
       UpdateArgs u{};
@@ -132,8 +127,66 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                                 block, smem, L.stream, g, u),
                   "the a·X + B·X launch with the update");
     });
+  };
+  auto coefficient = [&](int s, int i) { return static_cast<float>(pr.coefficients[3 * s + i]); };
+
+  if (plan.gram_restart == 0) {
+    for (int s = 0; s < pr.steps; ++s) {
+      // A ← X·Xᵀ;  B ← b·A + c·A·A;  X ← a·X + B·X
+      if (!xxt(x, a) || !polynomial(a, b, coefficient(s, 1), coefficient(s, 2), 0.0f)) {
+        return false;
+      }
+      if (s + 1 == pr.steps) return apply_last(b, x, y, coefficient(s, 0));
+      if (!apply_plain(b, x, y, coefficient(s, 0))) return false;
+      T* swap = x;
+      x = y;
+      y = swap;
+    }
+    return true;
   }
-  return true;
+
+  // The Gram form (the reference's gram_iterate, the same rounding points). Every m×m product is
+  // of two polynomials of one symmetric matrix, so symmetric: the X·Xᵀ kernel on (left, right),
+  // left·rightᵀ = left·right, on the triangle tiles only.
+  T* r = a;
+  T* p = b;
+  T* q = b + pr.batch * plan.a_elems;
+  T* t = q + pr.batch * plan.a_elems;
+  auto square = [&](const T* left, const T* right, T* dst) {
+    const GemmArgs g = product(left, plan.a_elems, mp, right, plan.a_elems, mp, dst, dst,
+                               plan.a_elems, mp, mp, 1.0f, 0.0f, tiles_m, tiles_n);
+    return L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
+                "a Gram-form product launch");
+  };
+  if (!xxt(x, r)) return false;  // R ← X·Xᵀ
+  bool fresh = true;             // Q = I
+  for (int s = 0;; ++s) {
+    // P ← a·I + b·R + c·R·R
+    if (!polynomial(r, p, coefficient(s, 1), coefficient(s, 2), coefficient(s, 0))) return false;
+    T* current = p;
+    if (fresh) {  // Q ← P: the buffers trade places
+      p = q;
+      q = current;
+    } else {  // Q ← Q·P
+      if (!square(q, p, t)) return false;
+      T* swap = q;
+      q = t;
+      t = swap;
+    }
+    fresh = false;
+    if (s + 1 == pr.steps) break;
+    if ((s + 1) % plan.gram_restart == 0) {  // X ← Q·X;  R ← X·Xᵀ;  Q ← I
+      if (!apply_plain(q, x, y, 0.0f)) return false;
+      T* swap = x;
+      x = y;
+      y = swap;
+      if (!xxt(x, r)) return false;
+      fresh = true;
+    } else if (!square(r, current, t) || !square(current, t, r)) {  // R ← P·(R·P)
+      return false;
+    }
+  }
+  return apply_last(q, x, y, 0.0f);  // X ← Q·X
 }
 
 template <typename T>

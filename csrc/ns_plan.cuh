@@ -18,21 +18,23 @@ constexpr int kSmallMaxN = 512;
 
 struct Plan {
   int tile;                    // 1: the one-block path; 64, 128: the tiled products
+  int gram_restart;            // 0: the plain iteration; k: the Gram form, restarts every k
   int64_t m, n, m_pad, n_pad;  // oriented (wide: m ≤ n) size, and padded with zeros
   int chunk_rows, chunks;      // average_kernel
   int64_t x_elems, a_elems;    // elements of one padded X (m_pad × n_pad) and one A (m_pad²)
-  // Workspace: X, Y, A, B of every matrix in the operand type, then from sums_offset the fp64
-  // chunk sums; `bytes` in all (0 on the one-block path).
+  // Workspace: X, Y, A, B (the Gram form: X, Y, R, P, Q, T) of every matrix in the operand
+  // type, then from sums_offset the fp64 chunk sums; `bytes` in all (0 on the one-block path).
   int64_t sums_offset;
   size_t bytes;
 };
 
 // 1: the one-block path; 64, 128: the tiled products with that tile. `requested` (1, 64 or 128)
-// wins; anything else chooses by the oriented size m × n.
-int choose_tile(int64_t m, int64_t n, int requested);
+// wins; anything else chooses by the oriented size m × n (never 1 for the Gram form).
+int choose_tile(int64_t m, int64_t n, int requested, bool gram);
 
-// The plan for `batch` matrices of rows × cols with the tile requested (0: automatic).
-Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request);
+// The plan for `batch` matrices of rows × cols with the tile requested (0: automatic), in the
+// Gram form restarting every `gram_restart` steps (0: the plain iteration).
+Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart);
 
 }  // namespace scion::ns
 

@@ -43,6 +43,10 @@ typedef enum scion_dtype {
  *   for step s:  A <- X X^T;  B <- b_s A + c_s A A;  X <- a_s X + B X
  *   x <- decay * x + coef * scale * X              in x's dtype
  *
+ * With gram_restart k >= 1 the same steps run on the Gram matrix (Gram Newton-Schulz, the
+ * reference's newton_schulz.gram_iterate): R <- X X^T, Q <- I; per step P <- a I + b R + c R R,
+ * Q <- Q P, R <- P R P, and every k steps X <- Q X, R <- X X^T, Q <- I; finally X <- Q X.
+ *
  * Matrices are given in the parameter's own (rows, cols) coordinates by element strides; a
  * tall matrix (rows > cols) is orthogonalized as its transpose. The products run on tensor
  * cores in the compute dtype with fp32 accumulation; every reduction has a fixed order.
@@ -63,6 +67,9 @@ typedef struct scion_ns_problem {
                         by the kernels (nothing fixed on the host: CUDA-graph safe) */
   uint64_t momentum; /* device address of one float32 alpha, or 0 (then `alpha`): the
                         averaging factor read by the kernels */
+  int gram_restart;  /* 0: the plain iteration; k >= 1: the Gram form, restarting from X
+                        every k steps (tiled products only: tile 1 is refused, tile 0 never
+                        chooses it) */
 } scion_ns_problem;
 
 typedef struct scion_ns_matrix {

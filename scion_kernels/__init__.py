@@ -9,7 +9,13 @@ The pure-PyTorch implementation here is the definition every fast backend is tes
 from .backends import native_available
 from .groups import RECIPES, Recipe, Role, format_groups, param_groups
 from .monitor import NormMonitor
-from .newton_schulz import COEFFICIENTS, newton_schulz, polar_svd, resolve_coefficients
+from .newton_schulz import (
+    COEFFICIENTS,
+    cans_coefficients,
+    newton_schulz,
+    polar_svd,
+    resolve_coefficients,
+)
 from .norms import (
     NORMS,
     Auto,
@@ -44,6 +50,7 @@ __all__ = [
     "Spectral",
     "SpectralConv",
     "__version__",
+    "cans_coefficients",
     "format_groups",
     "make_norm",
     "native_available",

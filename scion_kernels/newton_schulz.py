@@ -35,6 +35,7 @@ __all__ = [
     "COEFFICIENTS",
     "PRECONDITIONED",
     "aol_",
+    "cans_coefficients",
     "check_matrices",
     "cpu_has_bf16_matmul",
     "default_compute_dtype",
@@ -91,6 +92,81 @@ COEFFICIENTS: dict[str, tuple[Triple, ...]] = {
         (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
     ),
 }
+
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """``rows·x = rhs`` by Gaussian elimination with partial pivoting (a few unknowns, float64
+    Python arithmetic: the same bits on every machine)."""
+    n = len(rhs)
+    m = [list(r) + [v] for r, v in zip(rows, rhs, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            m[r] = [x - f * y for x, y in zip(m[r], m[col], strict=True)]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def _minimax_odd(lo: float, hi: float, degree: int) -> tuple[Triple, float]:
+    """The odd polynomial ``p`` of ``degree`` 3 or 5 closest to 1 on ``[lo, hi]`` in the max
+    norm, as an ``(a, b, c)`` triple (``p(σ) = aσ + bσ³ + cσ⁵``), and its error ``E``: ``p``
+    maps ``[lo, hi]`` into ``[1 − E, 1 + E]``, reaching ``1 − E`` at ``lo`` and ``hi``.
+    Degree 3 in closed form (``1 − p`` equioscillates at ``lo``, the critical point and ``hi``);
+    degree 5 by the Remez exchange on four points."""
+    if degree == 3:
+        s = lo * lo + lo * hi + hi * hi  # p(lo) = p(hi) fixes a = −b·s; p'(√(s/3)) = 0
+        b = -2.0 / (lo * hi * (lo + hi) + (2.0 * s / 3.0) * math.sqrt(s / 3.0))
+        a = -b * s
+        return (a, b, 0.0), 1.0 - (a * lo + b * lo**3)
+    points = [lo, lo + 0.3 * (hi - lo), lo + 0.8 * (hi - lo), hi]
+    for _ in range(100):
+        rows = [[x, x**3, x**5, (-1.0) ** i] for i, x in enumerate(points)]
+        a, b, c, err = _solve(rows, [1.0] * 4)
+        # The interior extrema of 1 − p: p'(σ) = a + 3bσ² + 5cσ⁴ = 0, a quadratic in σ².
+        root = math.sqrt(9.0 * b * b - 20.0 * a * c)
+        inner = sorted(math.sqrt((-3.0 * b + sign * root) / (10.0 * c)) for sign in (1.0, -1.0))
+        moved = [lo, *inner, hi]
+        if max(abs(x - y) for x, y in zip(moved, points, strict=True)) < 1e-15:
+            break
+        points = moved
+    return (a, b, c), abs(err)
+
+
+def cans_coefficients(steps: int = 5, lower: float = 1e-3, degree: int = 5) -> tuple[Triple, ...]:
+    """CANS (Grishina, Smirnov, Rakhuba, 2025: Chebyshev-accelerated Newton–Schulz): ``steps``
+    odd polynomials of ``degree`` 3 or 5, each the best uniform approximation of 1 on where
+    the previous ones sent ``[lower, 1]``::
+
+        [ℓ, u] ← [lower, 1]
+        for each step:  p ← the odd polynomial closest to 1 on [ℓ, u] (max norm), error E;
+                        [ℓ, u] ← [1 − E, 1 + E]
+
+    Degree 5 with ``lower = 10⁻³`` is Polar Express's composition without its safety factor
+    and cushion (``"cans"`` in :data:`COEFFICIENTS`); degree 3 is the closed-form cubic
+    (``"cans_cubic"``). Computed in float64 Python arithmetic, so the same on every machine.
+    """
+    if degree not in (3, 5):
+        raise ValueError(f"CANS polynomials have degree 3 or 5; got {degree}")
+    if not 0.0 < lower < 1.0:
+        raise ValueError(f"CANS needs a lower bound in (0, 1); got {lower}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"CANS steps must be a positive integer; got {steps!r}")
+    lo, hi, table = lower, 1.0, []
+    for _ in range(steps):
+        triple, err = _minimax_odd(lo, hi, degree)
+        table.append(triple)
+        lo, hi = 1.0 - err, 1.0 + err
+    return tuple(table)
+
+
+# CANS's quintics for σ ∈ [1e-3, 1] (Polar Express's without safety factor): [0.8866, 1.1134].
+COEFFICIENTS["cans"] = cans_coefficients(5, 1e-3, 5)
+# CANS's cubics, 8 steps (16 products, against the quintics' 15): [0.9463, 1.0537].
+COEFFICIENTS["cans_cubic"] = cans_coefficients(8, 1e-3, 3)
 
 #: Presets whose steps start from a preconditioned matrix, by name: ``"aol"`` (:func:`aol_`).
 PRECONDITIONED: dict[str, str] = {"turbo_muon": "aol"}

@@ -412,8 +412,8 @@ class Spectral(_MatrixNorm):
             number of triples).
         coefficients: a preset of :data:`~scion_kernels.COEFFICIENTS` (``"classic"``,
             ``"polar_express"``, ``"you"``, ``"deepseek_v4"``, ``"turbo_muon"``: AOL
-            preconditioning, the reference only; ``"cubic"``), or a sequence of
-            ``(a, b, c)``.
+            preconditioning, the reference only; ``"cubic"``, ``"cans"``, ``"cans_cubic"``),
+            or a sequence of ``(a, b, c)``.
         ns_dtype: Newton–Schulz operand dtype: bf16, fp16, float32 or float64; ``None``
             (default) picks per device (:meth:`compute_dtype`): bf16 on GPUs and on CPUs with
             bf16 matrix instructions (AVX512-BF16, AMX), float32 on other CPUs.
@@ -422,7 +422,8 @@ class Spectral(_MatrixNorm):
             flops and with a larger rounding error
             (:func:`~scion_kernels.newton_schulz.gram_iterate`; not with coefficients whose
             terms cancel too much for the compute dtype, e.g. Polar Express in bf16:
-            :func:`~scion_kernels.newton_schulz.gram_refusal`); or ``"svd"``: the exact
+            :func:`~scion_kernels.newton_schulz.gram_refusal`; the reference and the
+            Triton and CUDA kernels); or ``"svd"``: the exact
             ``U·Vᵀ`` in float64, for validation (slow).
         batch_dims: leading dims that index independent matrices, e.g. ``1`` for stacked expert
             weights ``(E, d_out, d_in)``: each matrix is orthogonalized and scaled on its own.

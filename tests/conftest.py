@@ -138,13 +138,19 @@ class Tolerance:
 
     @staticmethod
     def check_polar(
-        got: Tensor, G: Tensor, coefficients: str, dtype: torch.dtype, steps: int | None = None
+        got: Tensor,
+        G: Tensor,
+        coefficients: str,
+        dtype: torch.dtype,
+        steps: int | None = None,
+        gram: bool = False,
     ) -> None:
         """Against the float64 SVD polar factor, per matrix of ``G``: the kernel's Frobenius
-        error at most twice the reference's (same compute dtype) plus 1e-3·√min(m, n)."""
+        error at most twice the reference's (same compute dtype, same ``gram``) plus
+        1e-3·√min(m, n)."""
         from scion_kernels.newton_schulz import newton_schulz, polar_svd
 
-        ref = newton_schulz(G.cpu(), coefficients, steps, dtype=dtype).double()
+        ref = newton_schulz(G.cpu(), coefficients, steps, dtype=dtype, gram=gram).double()
         exact = polar_svd(G.cpu())
         got = got.cpu().double()
         err = (got - exact).flatten(1).norm(dim=1)

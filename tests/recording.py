@@ -40,9 +40,11 @@ class Recording(Backend):
         self.calls.append(("grouped_step_", args))
         self.inner.grouped_step_(*args)
 
-    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
-        self.calls.append(("polar", (G, coefficients, dtype)))
-        return self.inner.polar_(G, coefficients, dtype)
+    def polar_(
+        self, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+    ) -> Tensor:
+        self.calls.append(("polar", (G, coefficients, dtype, gram)))
+        return self.inner.polar_(G, coefficients, dtype, gram)
 
     def of(self, op: str) -> list[tuple[Any, ...]]:
         """The arguments of every call of ``op``, in order."""

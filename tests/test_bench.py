@@ -314,8 +314,9 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         names = set(tar.getnames())
         headline = json.loads(tar.extractfile("gpu_check/bench/headline/check.json").read())
         rest = json.loads(tar.extractfile("gpu_check/bench/rest/check.json").read())
+        gram = json.loads(tar.extractfile("gpu_check/bench/gram/check.json").read())
         graphs = json.loads(tar.extractfile("gpu_check/bench/graphs/check.json").read())
-    for stage in ("build", "warm-kernels", "warm-polar", "headline", "graphs", "parity"):
+    for stage in ("build", "warm-kernels", "warm-polar", "headline", "gram", "graphs", "parity"):
         assert f"gpu_check/logs/{stage}.log" in names
     for stage in ("marked", "memcheck", "racecheck", "rest", "tiles", "table", "warm-tiles0"):
         assert f"gpu_check/logs/{stage}.log" in names
@@ -323,6 +324,7 @@ def test_gpu_check_dry_run_fits_and_writes_two_files(tmp_path):
         assert f"gpu_check/{name}" in names
     assert {r["bench"] for r in headline["rows"]} == {"kernels", "polar", "step"}
     assert {r["bench"] for r in rest["rows"]} == {"polar", "elementwise", "init"}
+    assert {r["backend"] for r in gram["rows"]} >= {"torch", "torch-gram"}
     assert {(r["optimizer"], r["backend"]) for r in graphs["rows"]} >= {
         ("Scion", "torch"),
         ("AdamW", "torch.optim"),

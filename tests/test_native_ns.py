@@ -86,10 +86,18 @@ def test_workspace_and_tile_queries(native):
     tiled = module.ns_workspace_bytes(2, 33, 129, 64)
     # X, Y (64×192 each) and A, B (64×64 each) per matrix in 2 bytes, plus the chunk sums.
     assert tiled >= 2 * (2 * 64 * 192 + 2 * 64 * 64) * 2
+    # The Gram form never takes the one-block path, and holds two more 64×64 matrices (Q, T).
+    assert module.ns_tile(33, 129, 0, 2) == 64
+    gram = module.ns_workspace_bytes(2, 33, 129, 0, 2)
+    assert gram - tiled >= 2 * 2 * 64 * 64 * 2
     with pytest.raises(ValueError, match="tile"):
         module.ns_tile(8, 8, 96)
     with pytest.raises(ValueError, match="one-block"):
         module.ns_tile(65, 100, 1)
+    with pytest.raises(ValueError, match="gram_restart"):
+        module.ns_tile(33, 129, 1, 2)
+    with pytest.raises(ValueError, match="gram_restart"):
+        module.ns_tile(33, 129, 0, -1)
 
 
 def test_invalid_arguments(native):
@@ -97,7 +105,7 @@ def test_invalid_arguments(native):
     p = torch.zeros(1, 4, 8, device=device)
     with pytest.raises(ValueError, match="compute dtype"):
         ns_step_(module, 0, [p], [p.clone()], [], [False], [1.0], 4, 8, torch.float32,
-                 [1.0, 0.0, 0.0], 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 [1.0, 0.0, 0.0], False, 1.0, None, None, 1.0, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="triples"):
         module.ns_step(4, 8, 0, 0, -1, 1, [1.0, 2.0], 1.0, 1.0, 1.0, 0, 0, 0, [p.data_ptr()],
                        [p.data_ptr()], [], [8, 1, 8, 1, 8, 1], [1.0], 0, 0, 0, 0)  # fmt: skip
@@ -113,10 +121,10 @@ def test_mixed_dtypes_and_shapes_rejected(native):
     g = [torch.zeros(4, 8, device=device) for _ in p]
     with pytest.raises(TypeError, match="param 1 is torch.bfloat16"):
         ns_step_(module, 0, p, g, [], [False, False], [1.0, 1.0], 4, 8, torch.bfloat16,
-                 [1.0, 0.0, 0.0], 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 [1.0, 0.0, 0.0], False, 1.0, None, None, 1.0, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="grad 0 has shape"):
         ns_step_(module, 0, p[:1], [torch.zeros(8, 4, device=device)], [], [False], [1.0], 4, 8,
-                 torch.bfloat16, [1.0, 0.0, 0.0], 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 torch.bfloat16, [1.0, 0.0, 0.0], False, 1.0, None, None, 1.0, 1.0)  # fmt: skip
     with pytest.raises(TypeError, match="grad 1"):
         grouped_step_(module, p[:1] * 2, [g[0], g[1].half()], [], [4, 8, 4, 8], [False] * 2,
                       [1.0] * 2, [0.0] * 2, True, False, 1.0, None, None, 1.0, 1.0)  # fmt: skip
@@ -131,7 +139,7 @@ def test_cpu_tensors_rejected_without_emulation():
     p = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ns_step_(Module(), 0, [p], [p.clone()], [], [False], [1.0], 4, 8, torch.bfloat16,
-                 [1.0, 0.0, 0.0], 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 [1.0, 0.0, 0.0], False, 1.0, None, None, 1.0, 1.0)  # fmt: skip
 
 
 def test_optimizer_backend_cuda_rejects_cpu_without_emulation():

@@ -196,7 +196,46 @@ PRESET_RANGES = {
     "deepseek_v4": (10, 1.0000, 1.0005),
     "polar_express": (5, 0.8589, 1.1411),
     "turbo_muon": (4, 0.1204, 1.1450),
+    "cans": (5, 0.8866, 1.1134),
+    "cans_cubic": (8, 0.9463, 1.0537),
 }
+
+
+@pytest.mark.parametrize("degree", [3, 5])
+@pytest.mark.parametrize("lo, hi", [(1e-3, 1.0), (0.3, 1.7), (0.9, 1.1)])
+def test_cans_polynomial_is_minimax(degree, lo, hi):
+    """Each CANS step is the best uniform approximation of 1 on its interval: ``1 − p``
+    reaches ±E with alternating signs at degree//2 + 2 points (the alternation theorem), and
+    no odd polynomial of that degree does better there (a perturbed one is worse)."""
+    from scion_kernels.newton_schulz import _minimax_odd
+
+    (a, b, c), err = _minimax_odd(lo, hi, degree)
+    assert degree == 5 or c == 0.0
+    x = torch.linspace(lo, hi, 200_001, dtype=F64)
+    e = 1 - (a * x + b * x**3 + c * x**5)
+    assert e.abs().max().item() == pytest.approx(err, rel=1e-9)
+    # Sign changes of the error at its extremes: count the alternation points.
+    extremes = e[(e.abs() > err * (1 - 1e-6))]
+    signs = torch.sign(extremes)
+    alternations = 1 + int((signs[1:] != signs[:-1]).sum())
+    assert alternations == degree // 2 + 2
+    for da in (1e-4, -1e-4):
+        worse = 1 - ((a + da) * x + b * x**3 + c * x**5)
+        assert worse.abs().max().item() > err
+
+
+def test_cans_coefficients_compose_and_refuse():
+    from scion_kernels.newton_schulz import cans_coefficients
+
+    table = cans_coefficients(3, 0.01, 3)
+    assert len(table) == 3 and all(c == 0.0 for _, _, c in table)
+    out = compose(torch.logspace(-2, 0, 10_001, dtype=F64), table)
+    assert out.min().item() + out.max().item() == pytest.approx(2.0, abs=1e-6)  # grid-limited
+    assert COEFFICIENTS["cans"] == cans_coefficients()
+    for bad, match in ((dict(degree=7), "degree"), (dict(lower=0.0), "lower"),
+                       (dict(lower=1.0), "lower"), (dict(steps=0), "steps")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            cans_coefficients(**bad)
 
 
 def test_every_preset_is_checked():

@@ -185,7 +185,8 @@ def _polar(backend: Backend, norm: Spectral, device: torch.device) -> Callable[[
     """``polar`` of a stack of matrices with ``norm``'s coefficients by ``backend``'s kernels in
     its compute dtype (what :meth:`Spectral.lmo_many` takes as ``polar``)."""
     coefficients, dtype = flatten(norm.table), backend.compute_dtype(norm, device)
-    return lambda G: ops.polar(backend, G, coefficients, dtype)
+    gram = norm.polar == "gram"
+    return lambda G: ops.polar(backend, G, coefficients, dtype, gram)
 
 
 def route(

@@ -215,5 +215,7 @@ class Backend:
     def grouped_step_(self, *args: Any) -> None:
         raise NotImplementedError(f"{self!r} has no grouped-norm step kernels")
 
-    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    def polar_(
+        self, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+    ) -> Tensor:
         raise NotImplementedError(f"{self!r} has no polar kernels")

@@ -5,12 +5,14 @@ objects); the registry (:mod:`.registry`) turns it back into the :class:`~.base.
 method of the op's name runs the kernels::
 
     scion_kernels::ns_step_(params, grads, bufs, tall, factors, m, n, dtype, coefficients,
-                            alpha, momentum, lr, coef, decay, backend)  → Backend.ns_step_
+                            gram, alpha, momentum, lr, coef, decay, backend)
+                                                                     → Backend.ns_step_
         The whole step of one Newton–Schulz bucket, in place: every tensor of ``params`` is a
         stack of ``m×n`` matrices (``n×m`` where ``tall``), and for each matrix
         d ← (1 − α)·d + α·g (in ``bufs``; none given: d = g),
         x ← decay·x + coef·f·polar(d) (``f`` from ``factors``, one per tensor), ``polar`` the
-        Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)`` triples. With a
+        Newton–Schulz iteration in ``dtype`` with the flattened ``(a, b, c)`` triples (with
+        ``gram``, on the Gram matrix where ``newton_schulz.uses_gram`` says so). With a
         tensor ``lr`` (one float32 element γ on the parameters' device, read by the kernels, so
         no value is fixed on the host), ``decay`` and ``coef`` are per unit of γ: the step is
         x ← (1 − decay·γ)·x + coef·γ·f·polar(d). With a tensor ``momentum`` (one float32
@@ -26,9 +28,9 @@ method of the op's name runs the kernels::
         u = d/(‖d‖₂·q + ε), or u = sign(d)·q with ``sign``; ``momentum`` and ``lr`` as for
         ``ns_step_``.
 
-    scion_kernels::polar(G, coefficients, dtype, backend) -> Tensor  → Backend.polar_
-        Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype``;
-        ``G``'s shape, in ``dtype``.
+    scion_kernels::polar(G, coefficients, dtype, gram, backend) -> Tensor  → Backend.polar_
+        Newton–Schulz ``polar`` of every matrix of ``G`` (``(..., m, n)``) in ``dtype`` (with
+        ``gram`` as for ``ns_step_``); ``G``'s shape, in ``dtype``.
 
 While ``torch.compile`` traces, :func:`ns_step_`, :func:`grouped_step_` and :func:`polar` call
 the ops (opaque to the compiler, one node per bucket). In eager mode they call the backend's
@@ -68,6 +70,9 @@ class NSStep(NamedTuple):
     n: int
     dtype: torch.dtype
     coefficients: list[float]
+    #: Iterate on the Gram matrix where :func:`~scion_kernels.newton_schulz.uses_gram` says so
+    #: (``Spectral(polar="gram")``).
+    gram: bool
     alpha: float
     momentum: Optional[Tensor]  # noqa: UP045 - the op schema is read from these hints
     lr: Optional[Tensor]  # noqa: UP045
@@ -141,17 +146,22 @@ grouped_step_ = _step_op("grouped_step_", GroupedStep)
 
 
 @torch.library.custom_op("scion_kernels::polar", mutates_args=())
-def _polar_op(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) -> Tensor:
-    return registry.get(backend).polar_(G, coefficients, dtype)
+def _polar_op(
+    G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool, backend: str
+) -> Tensor:
+    return registry.get(backend).polar_(G, coefficients, dtype, gram)
 
 
 @_polar_op.register_fake
-def _(G: Tensor, coefficients: list[float], dtype: torch.dtype, backend: str) -> Tensor:
+def _(G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool, backend: str) -> Tensor:
     return G.new_empty(G.shape, dtype=dtype)
 
 
-def polar(backend: Backend, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+def polar(
+    backend: Backend, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+) -> Tensor:
     """The ``scion_kernels::polar`` op: ``polar`` of every matrix of ``G`` with ``backend``'s
-    kernels, ``coefficients`` the flattened ``(a, b, c)`` triples; ``G``'s shape in ``dtype``."""
+    kernels, ``coefficients`` the flattened ``(a, b, c)`` triples; ``G``'s shape in ``dtype``.
+    ``gram``: in the Gram form where :func:`~scion_kernels.newton_schulz.uses_gram` says so."""
     check_matrices(G, "polar")
-    return torch.ops.scion_kernels.polar(G, coefficients, dtype, backend.name)
+    return torch.ops.scion_kernels.polar(G, coefficients, dtype, gram, backend.name)

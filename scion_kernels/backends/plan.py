@@ -94,12 +94,12 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
         m, n, tall = orient(*shape[1:])
         key = (
             p.device, m, n, backend.compute_dtype(norm, p.device), norm.table,
-            p.dtype, g.dtype, None if d is None else d.dtype,
+            norm.polar == "gram", p.dtype, g.dtype, None if d is None else d.dtype,
         )  # fmt: skip
         buckets.setdefault(key, []).append((i, tall))
 
     for key, members in buckets.items():
-        _, m, n, ns_dtype, table = key[:5]
+        _, m, n, ns_dtype, table, gram = key[:6]
         idx = [i for i, _ in members]
         ops.ns_step_(
             backend,
@@ -112,6 +112,7 @@ def _spectral_step_(batch: _Batch, backend: Backend, update: Update) -> list[int
             n,
             ns_dtype,
             flatten(table),
+            gram,
             update.number_alpha,
             _on_device(update.device_alpha, key[0]),
             _on_device(update.device_lr, key[0]),

@@ -52,7 +52,9 @@ class NativeBackend(Backend):
     """
 
     name = "cuda"
-    capabilities = Capabilities(devices=("cuda",), max_steps=16, capturable=True)
+    capabilities = Capabilities(
+        devices=("cuda",), polars=("newton_schulz", "gram"), max_steps=16, capturable=True
+    )
 
     def __init__(
         self,
@@ -98,7 +100,9 @@ class NativeBackend(Backend):
 
         grouped_step_(self.module, *args)
 
-    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    def polar_(
+        self, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+    ) -> Tensor:
         from .native import polar_
 
-        return polar_(self.module, self.policy(G.device).tile, G, coefficients, dtype)
+        return polar_(self.module, self.policy(G.device).tile, G, coefficients, dtype, gram)

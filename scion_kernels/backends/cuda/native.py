@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...newton_schulz import check_matrices, orient
+from ...newton_schulz import GRAM_RESTART_EVERY, check_matrices, orient, uses_gram
 from ..base import HALF
 from ..ops import GroupedStep, NSStep
 from ..tables import bucket_rows, group_rows
@@ -168,7 +168,9 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     if not p_addr:
         return
     batch = len(p_addr)
-    nbytes = native.ns_workspace_bytes(batch, m, n, tile)
+    triples = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
+    restart = GRAM_RESTART_EVERY if step.gram and uses_gram(m, n, triples, dtype) else 0
+    nbytes = native.ns_workspace_bytes(batch, m, n, tile, restart)
     buf, address = _workspace(nbytes, device)
     try:
         native.ns_step(
@@ -176,7 +178,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
             _CODES[bufs[0].dtype] if bufs else -1, _CODES[dtype], [float(c) for c in coefficients],
             float(alpha), float(coef), float(decay), _address(step.lr, device),
             _address(step.momentum, device), int(tile), p_addr, g_addr, d_addr, strides,
-            scales, address, nbytes, device.index or 0, _stream(device),
+            scales, address, nbytes, device.index or 0, _stream(device), restart,
         )  # fmt: skip
     except RuntimeError as exc:
         where = f"{batch} matrices of {m}×{n} on {device}"
@@ -198,7 +200,12 @@ def _address(option: Tensor | None, device: torch.device) -> int:
 
 
 def polar_(
-    module: ModuleType | None, tile: int, G: Tensor, coefficients: list[float], dtype: torch.dtype
+    module: ModuleType | None,
+    tile: int,
+    G: Tensor,
+    coefficients: list[float],
+    dtype: torch.dtype,
+    gram: bool = False,
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
     kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
@@ -208,7 +215,7 @@ def polar_(
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel():
         ns_step_(module, tile, [out], [G], [], [tall], [1.0], m, n, dtype, coefficients,
-                 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 gram, 1.0, None, None, 1.0, 1.0)  # fmt: skip
     return out.to(dtype)
 
 

@@ -129,7 +129,9 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
-    capabilities = Capabilities(devices=("cuda", "cpu"), capturable=True)
+    capabilities = Capabilities(
+        devices=("cuda", "cpu"), polars=("newton_schulz", "gram"), capturable=True
+    )
 
     def __init__(
         self,
@@ -168,7 +170,9 @@ class TritonBackend(Backend):
 
         grouped_step_(self.policy(args[0][0].device) if args[0] else self.interpreter, *args)
 
-    def polar_(self, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+    def polar_(
+        self, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+    ) -> Tensor:
         from .newton_schulz import polar_
 
-        return polar_(self.policy(G.device), G, coefficients, dtype)
+        return polar_(self.policy(G.device), G, coefficients, dtype, gram)

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...newton_schulz import orient
+from ...newton_schulz import GRAM_RESTART_EVERY, orient, uses_gram
 from .. import ops, registry
 from ..base import HALF
 from ..ops import NSStep
@@ -281,6 +281,7 @@ def _lower_tile(t):
 @triton.jit
 def _syrk_kernel(
     y,  # (B, M, LDY): M×K matrices, rows padded to LDY
+    z,  # (B, M, LDY): M×K matrices (the right operand's rows; y itself for Y·Yᵀ)
     d,  # (B, M, LDC): M×M, symmetric (read only if HAS_D)
     c,  # (B, M, LDC): M×M output
     M,
@@ -289,13 +290,18 @@ def _syrk_kernel(
     LDC,
     alpha,
     beta,
+    gamma,
     HAS_D: tl.constexpr,
+    HAS_DIAG: tl.constexpr,
     CAST_F32: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``C ← α·(Y·Yᵀ) + β·D`` on the lower-triangle tiles; each tile also stored mirrored."""
+    """``C ← α·(Y·Zᵀ) + β·D + γ·I`` on the lower-triangle tiles; each tile also stored
+    mirrored. ``Z = Y`` (``X·Xᵀ``, ``b·A + c·A·A``) or, in the Gram form, a product that is
+    symmetric in exact arithmetic (two polynomials of one symmetric matrix), whose rounding
+    the mirror makes symmetric."""
     pid = tl.program_id(0).to(tl.int64)
     tri = tl.cdiv(M, BLOCK)
     tiles = tri * (tri + 1) // 2
@@ -313,7 +319,7 @@ def _syrk_kernel(
         # lets the loads be vectorized and pipelined.
         k_ok = kk[None, :] < LDY
         yi_ptr = y_b + ri[:, None] * LDY + kk[None, :]
-        yj_ptr = y_b + rj[:, None] * LDY + kk[None, :]
+        yj_ptr = z + b * M * LDY + rj[:, None] * LDY + kk[None, :]
         yi = tl.load(yi_ptr, mask=(ri[:, None] < M) & k_ok, other=0.0)
         yj = tl.load(yj_ptr, mask=(rj[:, None] < M) & k_ok, other=0.0)
         acc = tl.dot(_operand(yi, CAST_F32), tl.trans(_operand(yj, CAST_F32)), acc)
@@ -323,6 +329,8 @@ def _syrk_kernel(
     mask = (ri[:, None] < M) & (rj[None, :] < LDC)  # the padding columns get zeros
     if HAS_D:
         acc += beta * tl.load(d + b * M * LDC + ij, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DIAG:
+        acc += tl.where(ri[:, None] == rj[None, :], gamma, 0.0)
     out = _round(acc, c.dtype.element_ty, EMULATE_RNE)
     tl.store(c_b + ij, out, mask=mask)
     if i != j:
@@ -492,6 +500,7 @@ def newton_schulz_bucket(
     decay: float = 1.0,
     lr: Tensor | None = None,
     momentum: Tensor | None = None,
+    gram: bool = False,
 ) -> Tensor | None:
     """Average, normalize, orthogonalize and (optionally) apply the update for one bucket.
 
@@ -510,6 +519,9 @@ def newton_schulz_bucket(
             ``x ← (1 − decay·γ)·x + coef·γ·f_b·X``.
         momentum: α as one float32 element on the device (read there; ``alpha`` unused), or
             ``None``.
+        gram: iterate on the Gram matrix (:func:`~scion_kernels.newton_schulz.gram_iterate`)
+            where :func:`~scion_kernels.newton_schulz.uses_gram` says so (the tiled kernels
+            then, whatever the bucket's size).
 
     Returns:
         The ``(B, m, n)`` stack of orthogonalized matrices (a view of rows padded to a multiple
@@ -527,8 +539,9 @@ def newton_schulz_bucket(
     else:
         ptable, ftable, p_like = table6, table6, g_like  # typed placeholders, never read
     d_like = g_like if d_like is None else d_like
+    gram = gram and uses_gram(m, n, coefficients, dtype)
 
-    if bucket.small:
+    if bucket.small and not gram:
         out = _empty(bucket, (0,) if update else (B, m, n), dtype)
         _small_kernel[(B,)](
             table6, g_like, d_like, out, ptable, p_like, ftable,
@@ -571,9 +584,9 @@ def newton_schulz_bucket(
     def syrk(src, dst, k, c, b, config, *, has_d=False):
         launch_syrk(src, dst, k, c, b, config, flags, has_d=has_d)
 
-    def apply(src, dst, a, config, *, last=False):
+    def apply(left, src, dst, a, config, *, last=False):
         launch_apply(
-            p_mat, src, dst, n, a, config, flags, update=last and update, ptable=ptable,
+            left, src, dst, n, a, config, flags, update=last and update, ptable=ptable,
             p_like=p_like, ftable=ftable, coef=coef, decay=decay, lr=lr,
         )  # fmt: skip
 
@@ -585,24 +598,58 @@ def newton_schulz_bucket(
         syrk(a_mat, p_mat, m, 1.0, 1.0, cfg, has_d=True)
 
     def time_apply(cfg):
-        apply(x, y, 1.0, cfg)
+        apply(p_mat, x, y, 1.0, cfg)
 
     if autotuning(bucket) and not all(
         tuned(bucket, k, i) for k, i in (("syrk", n), ("syrk", m), ("apply", n))
     ):
         a_mat.zero_()  # the timing runs read them before any step has written them
         p_mat.zero_()
-    gram = config(bucket, "syrk", n, time_gram)
+    xxt = config(bucket, "syrk", n, time_gram)
     poly = config(bucket, "syrk", m, time_poly)
     prod = config(bucket, "apply", n, time_apply)
 
-    steps = len(coefficients)
+    last = len(coefficients) - 1
+    if not gram:
+        for step, (a, b, c) in enumerate(coefficients):
+            syrk(x, a_mat, n, 1.0, 0.0, xxt)
+            syrk(a_mat, p_mat, m, float(c), float(b), poly, has_d=True)
+            apply(p_mat, x, y, float(a), prod, last=step == last)
+            x, y = y, x
+        return None if update else x[..., :n]
+
+    # The Gram form (newton_schulz.gram_iterate, the same rounding points): every m×m product
+    # is of two polynomials of one symmetric matrix, so symmetric, and takes the lower-triangle
+    # tiles only (half the flops of a dense product).
+    r, p = a_mat, p_mat
+    q, t = _empty(bucket, (B, m, ldm), dtype), _empty(bucket, (B, m, ldm), dtype)
+
+    def square(left, right, dst):
+        launch_syrk(left, dst, m, 1.0, 0.0, poly, flags, right=right)
+
+    syrk(x, r, n, 1.0, 0.0, xxt)  # R ← X·Xᵀ
+    fresh = True  # Q = I
     for step, (a, b, c) in enumerate(coefficients):
-        syrk(x, a_mat, n, 1.0, 0.0, gram)
-        syrk(a_mat, p_mat, m, float(c), float(b), poly, has_d=True)
-        apply(x, y, float(a), prod, last=step == steps - 1)
-        x, y = y, x
-    return None if update else x[..., :n]
+        launch_syrk(r, p, m, float(c), float(b), poly, flags, has_d=True, diag=float(a))
+        this = p
+        if fresh:  # Q ← P (the buffers trade places; P is read from Q's below)
+            q, p = p, q
+        else:  # Q ← Q·P
+            square(q, p, t)
+            q, t = t, q
+        fresh = False
+        if step == last:
+            break
+        if (step + 1) % GRAM_RESTART_EVERY == 0:  # X ← Q·X;  R ← X·Xᵀ;  Q ← I
+            apply(q, x, y, 0.0, prod)
+            x, y = y, x
+            syrk(x, r, n, 1.0, 0.0, xxt)
+            fresh = True
+        else:  # R ← P·R·P = P·(R·P)
+            square(r, this, t)
+            square(this, t, r)
+    apply(q, x, y, 0.0, prod, last=True)
+    return None if update else y[..., :n]
 
 
 def launch_syrk(
@@ -615,15 +662,21 @@ def launch_syrk(
     flags: dict,
     *,
     has_d: bool = False,
+    right: Tensor | None = None,
+    diag: float | None = None,
 ) -> None:
-    """``dst ← α·src·srcᵀ + β·src`` (``β`` read only with ``has_d``, for a symmetric ``src``)
-    over the ``(B, m, ld)`` stacks: ``src`` holds ``m×k`` matrices, ``dst`` ``m×m`` ones, each
-    with rows padded to the last dimension. One launch over the lower-triangle tiles."""
+    """``dst ← α·src·rightᵀ + β·src + diag·I`` (``right`` ``None``: ``src``; ``β`` read only
+    with ``has_d``, for a symmetric ``src``; the identity term only with a ``diag``) over the
+    ``(B, m, ld)`` stacks: ``src`` and ``right`` hold ``m×k`` matrices, ``dst`` ``m×m`` ones,
+    each with rows padded to the last dimension. One launch over the lower-triangle tiles, each
+    stored twice, so the result is symmetric: with a ``right``, ``src·rightᵀ`` must be
+    symmetric in exact arithmetic."""
     batch, m = dst.shape[0], dst.shape[1]
     tri = cdiv(m, config["BLOCK"])
     _syrk_kernel[(tri * (tri + 1) // 2 * batch,)](
-        src, src, dst, m, k, src.shape[-1], dst.shape[-1], float(alpha), float(beta),
-        HAS_D=has_d, **config, **flags,
+        src, src if right is None else right, src, dst, m, k, src.shape[-1], dst.shape[-1],
+        float(alpha), float(beta), 0.0 if diag is None else float(diag), HAS_D=has_d,
+        HAS_DIAG=diag is not None, **config, **flags,
     )  # fmt: skip
 
 
@@ -696,10 +749,13 @@ def ns_step_(policy: Policy, *args: Any) -> None:
             decay=a.decay,
             lr=a.lr,
             momentum=a.momentum,
+            gram=a.gram,
         )
 
 
-def polar_(policy: Policy, G: Tensor, coefficients: list[float], dtype: torch.dtype) -> Tensor:
+def polar_(
+    policy: Policy, G: Tensor, coefficients: list[float], dtype: torch.dtype, gram: bool = False
+) -> Tensor:
     """``scion_kernels::polar`` with the Triton kernels: ``G``'s shape in ``dtype``."""
     r, c = G.shape[-2:]
     m, n, tall = orient(r, c)
@@ -709,7 +765,7 @@ def polar_(policy: Policy, G: Tensor, coefficients: list[float], dtype: torch.dt
     bucket = NSBucket(mats.shape[0], m, n, dtype, G.device, policy)
     rows = matrix_rows(mats, mats.shape, transpose=tall)
     with on_device(G.device):
-        X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients))
+        X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients), gram=gram)
     assert X is not None
     return (X.mT if tall else X).reshape(G.shape).contiguous()
 
@@ -722,13 +778,14 @@ def polar(
     G: Tensor,
     coefficients: Sequence[Triple],
     dtype: torch.dtype = torch.bfloat16,
+    gram: bool = False,
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the kernels.
 
     The same function as :func:`scion_kernels.newton_schulz` (``coefficients`` resolved to
-    triples): returns ``G``'s shape in ``dtype``. Runs the ``scion_kernels::polar`` op on the
-    registered ``"triton"`` backend.
+    triples, ``gram`` the same option): returns ``G``'s shape in ``dtype``. Runs the
+    ``scion_kernels::polar`` op on the registered ``"triton"`` backend.
     """
     if dtype not in HALF:
         raise ValueError(f"the Triton Newton–Schulz computes in bf16 or fp16; got {dtype}")
-    return ops.polar(registry.get("triton"), G, flatten(coefficients), dtype)
+    return ops.polar(registry.get("triton"), G, flatten(coefficients), dtype, gram)
