@@ -64,6 +64,7 @@ def _kernels() -> dict[str, Any]:
         "normalize": kns._normalize_kernel,
         "syrk": kns._syrk_kernel,
         "apply": kns._apply_kernel,
+        "apply_tma": kns._apply_tma_kernel,
         "small": kns._small_kernel,
         "grouped": grouped._grouped_kernel,
     }
@@ -74,7 +75,7 @@ _COMPILED = dict(CAST_F32=False, EMULATE_RNE=False)
 
 def variants(quick: bool = False) -> list[Variant]:
     """The default configurations (``quick``) or every tuning candidate and small-kernel size."""
-    from scion_kernels.backends.triton import Policy
+    from scion_kernels.backends.triton import APPLY_TMA, Policy
 
     ns_ptr = {"g_like": "fp32", "d_like": "fp32", "p_like": "fp32"}
     out = [
@@ -100,7 +101,7 @@ def variants(quick: bool = False) -> list[Variant]:
                  EMULATE_RNE=False, BLOCK_R=4, BLOCK_L=256), 4, 1,
         ),
     ]  # fmt: skip
-    syrk_ptr = {"y": "bf16", "d": "bf16", "c": "bf16"}
+    syrk_ptr = {"y": "bf16", "z": "bf16", "d": "bf16", "c": "bf16"}
     apply_ptr = {
         "p_mat": "bf16", "x": "bf16", "out": "bf16", "table": "i64", "factors": "fp32",
         "p_like": "fp32", "lr": "fp32",
@@ -112,9 +113,16 @@ def variants(quick: bool = False) -> list[Variant]:
         for aligned in (True,) if quick else (True, False):
             out.append(Variant(
                 "syrk", f"{c['BLOCK']}x{c['BLOCK']}x{c['BLOCK_K']} b·A+c·A·A", syrk_ptr,
-                dict(HAS_D=True, **_COMPILED, **c),
+                dict(HAS_D=True, HAS_DIAG=False, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
+    # The Gram form's polynomial a·I + b·R + c·R², with the default tiles.
+    c = {k: v for k, v in syrk[0].items() if not k.startswith("num_")}
+    out.append(Variant(
+        "syrk", f"{c['BLOCK']}x{c['BLOCK']}x{c['BLOCK_K']} a·I+b·R+c·R²", syrk_ptr,
+        dict(HAS_D=True, HAS_DIAG=True, **_COMPILED, **c), syrk[0]["num_warps"],
+        syrk[0]["num_stages"],
+    ))  # fmt: skip
     for cfg in apply:
         c = {k: v for k, v in cfg.items() if not k.startswith("num_")}
         for aligned in (True,) if quick else (True, False):
@@ -122,6 +130,22 @@ def variants(quick: bool = False) -> list[Variant]:
                 "apply", f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} update", apply_ptr,
                 dict(UPDATE=True, LR_TENSOR=False, UPDATE_ROWS=32, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
+            ))  # fmt: skip
+    for cfg in APPLY_TMA[:1] if quick else APPLY_TMA:
+        c = {k: v for k, v in cfg.items() if not k.startswith("num_") and k != "TMA"}
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        tma_ptr = {
+            "p_desc": f"tensordesc<bf16[1, {bm}, {bk}]>",
+            "x_desc": f"tensordesc<bf16[1, {bk}, {bn}]>",
+            "e_desc": f"tensordesc<bf16[1, {bm}, {bn // 2}]>",
+            "o_desc": f"tensordesc<bf16[1, {bm}, {bn // 2}]>",
+            "out": "bf16", "table": "i64", "p_like": "fp32", "factors": "fp32", "lr": "fp32",
+        }  # fmt: skip
+        for update in (False, True):
+            out.append(Variant(
+                "apply_tma", f"{bm}x{bn}x{bk} g{c['GROUP_M']}" + (" update" if update else ""),
+                tma_ptr, dict(UPDATE=update, LR_TENSOR=False, UPDATE_ROWS=32, **_COMPILED, **c),
+                cfg["num_warps"], cfg["num_stages"],
             ))  # fmt: skip
     small_ptr = {
         "table": "i64", "out": "bf16", "ptable": "i64", "factors": "fp32", "steps": "fp32",
@@ -146,6 +170,8 @@ def _signature(fn: Any, v: Variant) -> tuple[dict, dict]:
     for i, name in enumerate(fn.arg_names):
         if name in v.constants:
             sig[name] = "constexpr"
+        elif name in v.pointers and v.pointers[name].startswith("tensordesc"):
+            sig[name] = v.pointers[name]
         elif name in v.pointers:
             sig[name] = "*" + v.pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -153,7 +179,7 @@ def _signature(fn: Any, v: Variant) -> tuple[dict, dict]:
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "i32" if name in _SIZES or name == "TILES" else "fp32"
+            sig[name] = "i32" if name in _SIZES or name in ("TILES", "B") else "fp32"
             if name in _SIZES and v.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
@@ -238,14 +264,14 @@ def compile_variant(v: Variant) -> Report:
 
 
 def _table(reports: list[Report]) -> str:
-    columns = "kernel variant sizes warps stages smem-KiB regs spill-B wgmma cp.async".split()
+    columns = "kernel variant sizes warps stages smem-KiB regs spill-B wgmma cp.async tma".split()
     rows = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in reports:
         rows.append(
             f"| {r.kernel} | {r.label} | {'÷16' if r.aligned else 'any'} | {r.num_warps} | "
             f"{r.num_stages} | {r.shared_bytes / 1024:.0f} | {r.registers or '?'} | "
             f"{'?' if r.spill_bytes is None else r.spill_bytes} | {'yes' if r.wgmma else 'no'} | "
-            f"{'yes' if r.cp_async else 'no'} |"
+            f"{'yes' if r.cp_async else 'no'} | {'yes' if r.tma else 'no'} |"
         )
     return "\n".join(rows)
 

@@ -50,19 +50,21 @@ WARM_SHAPE: Shape = (1, 256, 256)
 
 def configs() -> list[tuple[str, dict]]:
     """``(kind, config)`` for every candidate: ``"syrk"`` ones serve ``gram`` and ``poly``."""
-    from scion_kernels.backends.triton import Policy
+    from scion_kernels.backends.triton import APPLY_TMA, Policy
 
     out = [("syrk", c) for c in [*Policy().syrk, *EXTRA_SYRK]]
-    return out + [("apply", c) for c in [*Policy().apply, *EXTRA_APPLY]]
+    return out + [("apply", c) for c in [*Policy().apply, *EXTRA_APPLY, *APPLY_TMA]]
 
 
 def label(config: dict) -> str:
-    """``128x128x64 w8 s3`` (``BLOCK`` stands for both tile sides of a syrk)."""
+    """``128x128x64 w8 s3`` (``BLOCK`` stands for both tile sides of a syrk; ``tma g8``: the
+    persistent TMA kernel, grouped by 8 row tiles)."""
     if "BLOCK" in config:
         tile = f"{config['BLOCK']}x{config['BLOCK']}x{config['BLOCK_K']}"
     else:
         tile = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-    return f"{tile} w{config['num_warps']} s{config['num_stages']}"
+    tma = f" tma g{config['GROUP_M']}" if config.get("TMA") else ""
+    return f"{tile} w{config['num_warps']} s{config['num_stages']}{tma}"
 
 
 def _launches(data: tuple, shape: Shape, kind: str, config: dict, flags: dict):

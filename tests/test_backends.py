@@ -101,15 +101,22 @@ EVERY = ("torch", *FUSED)
 PATHS = ("chosen", "tiled")
 
 
-def over(*variants: str, paths: bool = False):
+#: The Triton kernels with Hopper's persistent TMA ``a·X + B·X`` (interpreter-sized tiles,
+#: tiled path): the ``-tma`` variant of :func:`over`.
+TMA_APPLY = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=1),)
+
+
+def over(*variants: str, paths: bool = False, tma: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
-    paths of each fused backend)."""
+    paths of each fused backend; with ``tma``: also ``triton-tma``)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
         for path in PATHS if paths and variant != "torch" else (None,):
             name = variant if path is None else f"{variant}-{path}"
             params.append(pytest.param((variant, path), id=name, marks=marks))
+    if tma:
+        params.append(pytest.param(("triton", "tma"), id="triton-tma"))
     return pytest.mark.parametrize("kernels", params, indirect=True)
 
 
@@ -128,6 +135,10 @@ def kernels(request) -> Kernels:
             pytest.skip(f"Triton kernels: {reason}")
         # Work buffers start as NaN, so an element the kernels skip shows up in the result.
         changes = dict(poison=True, small_limit=0) if path == "tiled" else dict(poison=True)
+        if path == "tma":
+            if CUDA and torch.cuda.get_device_capability() < (9, 0):
+                pytest.skip("the TMA kernel needs Hopper (compute capability 9.0) or newer")
+            changes = dict(poison=True, small_limit=0, apply=TMA_APPLY)
         backend: Backend = triton.with_policy(**changes)
         device = DEVICE
     else:
@@ -170,7 +181,7 @@ POLAR_CASES = [
 ]
 
 
-@over(*FUSED, paths=True)
+@over(*FUSED, paths=True, tma=True)
 @pytest.mark.parametrize("shape, coefficients, dtype, steps", POLAR_CASES)
 def test_polar_matches_reference(kernels, tolerance, shape, coefficients, dtype, steps):
     """Odd shapes, both orientations, both coefficient sets, bf16 and fp16, a shortened
@@ -204,7 +215,7 @@ GRAM_CASES = [
 ]  # fmt: skip
 
 
-@over(*FUSED, paths=True)
+@over(*FUSED, paths=True, tma=True)
 @pytest.mark.parametrize("shape, coefficients, dtype, steps", GRAM_CASES)
 def test_gram_polar_matches_reference(kernels, tolerance, shape, coefficients, dtype, steps):
     """``polar="gram"`` in the kernels against the reference's Gram form, and against float64
@@ -367,7 +378,7 @@ def test_polar_full_shapes_gpu(kernels, tolerance, shape):
 # ------------------------------------------------------------------ the Newton–Schulz step
 
 
-@over(*FUSED, paths=True)
+@over(*FUSED, paths=True, tma=True)
 @pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("buf_dtype", [None, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -440,7 +451,7 @@ CASES = [
 ]
 
 
-@over(*FUSED, paths=True)
+@over(*FUSED, paths=True, tma=True)
 @pytest.mark.parametrize("cls, options", CASES, ids=["Scion-avg", "Scion-unconstrained", "Light"])
 def test_trajectory_matches_reference(kernels, tolerance, mixed_params, cls, options):
     """Every parameter after every step, against the bf16 reference and float64."""

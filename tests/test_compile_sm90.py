@@ -29,7 +29,8 @@ def _has_nvidia_backend() -> bool:
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, dict]:
+def reports(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each kernel's compiled variants (the default configurations: ``--quick``)."""
     if not _has_nvidia_backend():
         pytest.skip("this Triton has no CUDA backend")
     out = tmp_path_factory.mktemp("sm90") / "report.json"
@@ -39,26 +40,41 @@ def reports(tmp_path_factory) -> dict[str, dict]:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    return {r["kernel"]: r for r in json.loads(out.read_text())["kernels"]}
+    found: dict[str, list[dict]] = {}
+    for r in json.loads(out.read_text())["kernels"]:
+        found.setdefault(r["kernel"], []).append(r)
+    return found
 
 
 def test_every_kernel_compiles(reports):
-    assert set(reports) == {"prologue", "scales", "normalize", "grouped", "syrk", "apply", "small"}
-    for r in reports.values():
-        assert r["shared_bytes"] <= 227 * 1024  # an H100's shared memory per block
+    assert set(reports) == {
+        "prologue", "scales", "normalize", "grouped", "syrk", "apply", "apply_tma", "small"
+    }  # fmt: skip
+    for r in (r for variants in reports.values() for r in variants):
+        assert r["shared_bytes"] <= 227 * 1024, r  # an H100's shared memory per block
 
 
 @pytest.mark.parametrize("kernel", ["syrk", "apply"])
 def test_products_use_wgmma_and_pipelined_loads(reports, kernel):
-    assert reports[kernel]["wgmma"] and reports[kernel]["cp_async"]
+    assert all(r["wgmma"] and r["cp_async"] for r in reports[kernel])
+
+
+def test_tma_apply_uses_wgmma_and_tma_and_pipelines(reports):
+    """Hopper's persistent apply, without and with the update: wgmma, TMA copies, and more
+    shared memory than one stage of its 128×256×64 operands takes (48 KiB), so the loop's
+    loads are multi-buffered (unpipelined, the update's variant once took exactly that)."""
+    assert {r["label"].endswith("update") for r in reports["apply_tma"]} == {False, True}
+    for r in reports["apply_tma"]:
+        assert r["wgmma"] and r["tma"], r
+        assert r["shared_bytes"] > 2 * (128 * 64 + 64 * 256) * 2, r
 
 
 def test_small_kernel_uses_wgmma(reports):
-    assert reports["small"]["wgmma"]  # 64 rows: one warp group per MMA
+    assert all(r["wgmma"] for r in reports["small"])  # 64 rows: one warp group per MMA
 
 
 def test_no_register_spills(reports):
-    measured = [r for r in reports.values() if r["spill_bytes"] is not None]
+    measured = [r for v in reports.values() for r in v if r["spill_bytes"] is not None]
     if not measured:
         pytest.skip("ptxas not found next to Triton: registers and spills unknown")
     assert all(r["spill_bytes"] == 0 for r in measured), measured

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..base import Backend, Capabilities, below_floor, capability, for_arch
 
 __all__ = [
-    "INTERPRETER", "POLICIES", "Policy", "TritonBackend", "available", "interpreting",
+    "APPLY_TMA", "INTERPRETER", "POLICIES", "Policy", "TritonBackend", "available", "interpreting",
     "on_device", "unavailable_reason",
 ]  # fmt: skip
 
@@ -42,6 +42,16 @@ _APPLY = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+)
+#: Hopper's further ``apply`` candidates: the persistent kernel reading through TMA
+#: descriptors (``TMA``), with grouped tiles (``GROUP_M`` row tiles share their columns in L2).
+#: Timed by ``bench.tiles`` and by autotuning; not the default before a GPU run says so.
+#: Shared memory for sm_90a (bench/compile_report.py): 208 KiB, 160 KiB, 208 KiB of the 227
+#: a block may have (a 4-stage 128×256 needs 256).
+APPLY_TMA = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=1),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3, TMA=1),
 )
 
 
@@ -75,7 +85,10 @@ class Policy:
 
 #: The policy per compute capability (the newest the device has is used). A new architecture
 #: adds its entry here.
-POLICIES: dict[tuple[int, int], Policy] = {(8, 0): Policy()}
+POLICIES: dict[tuple[int, int], Policy] = {
+    (8, 0): Policy(),
+    (9, 0): Policy(apply=_APPLY + APPLY_TMA),
+}
 #: In Triton's interpreter: small tiles keep it fast (``tl.dot`` needs at least 16).
 INTERPRETER = Policy(
     syrk=(dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1),),

@@ -407,6 +407,109 @@ def _apply_kernel(
 
 
 @triton.jit
+def _grouped_tile(t, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Tile ``t`` of one matrix's ``tiles_m × tiles_n`` grid in grouped order: ``GROUP_M``
+    row tiles walk the columns together, so their right-operand columns stay in L2."""
+    in_group = GROUP_M * tiles_n
+    first_m = (t // in_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (t % in_group) % rows, (t % in_group) // rows
+
+
+@triton.jit
+def _tma_epilogue(
+    acc, e_desc, o_desc, out_b, b, row0, col0, M, LDX, a, UPDATE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+):  # fmt: skip
+    """``a·X + acc`` on a ``BLOCK_M × w`` piece of an output tile at ``(row0, col0)``, rounded
+    and stored: through the output descriptor, or with ``UPDATE`` by plain stores (the update
+    reads them back after a barrier, which does not wait for the descriptor's asynchronous
+    stores)."""
+    rows: tl.constexpr = acc.shape[0]
+    width: tl.constexpr = acc.shape[1]
+    x_tile = e_desc.load([b, row0, col0]).reshape(rows, width)
+    result = _round(acc + a * x_tile.to(tl.float32), out_b.dtype.element_ty, EMULATE_RNE)
+    if not UPDATE:
+        o_desc.store([b, row0, col0], result.reshape(1, rows, width))
+    else:
+        r64 = (row0 + tl.arange(0, rows)).to(tl.int64)[:, None]
+        c64 = (col0 + tl.arange(0, width)).to(tl.int64)[None, :]
+        tl.store(out_b + r64 * LDX + c64, result, mask=(r64 < M) & (c64 < LDX))
+
+
+@triton.jit
+def _apply_tma_kernel(
+    p_desc,  # (B, M, LDP) descriptor, block (1, BLOCK_M, BLOCK_K): the polynomial B
+    x_desc,  # (B, M, LDX) descriptor, block (1, BLOCK_K, BLOCK_N): X as the right operand
+    e_desc,  # (B, M, LDX) descriptor, block (1, BLOCK_M, BLOCK_N // 2): X in the epilogue
+    o_desc,  # (B, M, LDX) descriptor, block (1, BLOCK_M, BLOCK_N // 2): the output
+    out,  # the output's tensor (read back by the update)
+    table,
+    p_like,
+    factors,
+    lr,
+    B,
+    M,
+    N,
+    LDX,
+    a,
+    coef,
+    decay,
+    UPDATE: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPDATE_ROWS: tl.constexpr,
+):
+    """``X' ← a·X + B·X`` (with ``UPDATE`` the parameter update too) as :func:`_apply_kernel`,
+    for Hopper: persistent (one program per SM walks output tiles of the whole bucket, matrix by
+    matrix, grouped within a matrix) with the operands read through TMA descriptors (3-D, so
+    rows and columns past a matrix read as zeros and stores are clipped to it, and the loop's
+    loads are asynchronous bulk copies the pipeliner overlaps with the previous tile's
+    epilogue)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(LDX, BLOCK_N)
+    per_matrix = tiles_m * tiles_n
+    # Flattened, the pipeliner overlaps a tile's epilogue with the next tile's loads; with the
+    # update's barrier and loops in the body it would not pipeline the products at all.
+    tiles = B * per_matrix
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=not UPDATE):
+        b = tile // per_matrix
+        tm, tn = _grouped_tile(tile % per_matrix, tiles_m, tiles_n, GROUP_M)
+        row0 = tm * BLOCK_M
+        col0 = tn * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            pt = p_desc.load([b, row0, k0]).reshape(BLOCK_M, BLOCK_K)
+            xt = x_desc.load([b, k0, col0]).reshape(BLOCK_K, BLOCK_N)
+            acc = tl.dot(_operand(pt, CAST_F32), _operand(xt, CAST_F32), acc)
+        # The epilogue in two column halves: half the shared memory for the X tile read and
+        # the result written (a 128×256 tile's whole would not fit beside 3 stages).
+        out_b = out + b.to(tl.int64) * M * LDX
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _tma_epilogue(left, e_desc, o_desc, out_b, b, row0, col0, M, LDX, a, UPDATE,
+                      EMULATE_RNE)  # fmt: skip
+        _tma_epilogue(right, e_desc, o_desc, out_b, b, row0, col0 + BLOCK_N // 2, M, LDX, a,
+                      UPDATE, EMULATE_RNE)  # fmt: skip
+        if UPDATE:
+            # As in _apply_kernel: the tile went through the (cache-resident) output, and is
+            # applied to the parameter in row slices.
+            tl.debug_barrier()
+            c64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+            c, d = _update_factors(lr, coef, decay, LR_TENSOR)
+            for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
+                r64 = (row0 + r + tl.arange(0, UPDATE_ROWS)).to(tl.int64)[:, None]
+                mask = (r64 < M) & (c64 < N)
+                piece = tl.load(out_b + r64 * LDX + c64, mask=mask, other=0.0)
+                _update(table, b.to(tl.int64), r64, c64, mask, p_like, factors, piece, c, d,
+                        EMULATE_RNE)  # fmt: skip
+
+
+@triton.jit
 def _small_kernel(
     table,  # int64 (B, 6): g address, g row stride, g col stride, d address, d strides
     g_like,  # any tensor of the gradients' dtype (only its pointer type is used)
@@ -706,6 +809,11 @@ def launch_apply(
         if update:
             raise ValueError("launch_apply(update=True) needs ptable, p_like and ftable")
         ptable, ftable, p_like = p_mat, p_mat, src  # typed placeholders, never read
+    if config.get("TMA"):
+        _launch_apply_tma(
+            p_mat, src, dst, n, a, config, flags, update, ptable, p_like, ftable, coef, decay, lr
+        )
+        return
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]) * batch,)
     _apply_kernel[grid](
         p_mat, src, dst, ptable, p_like, ftable, ftable if lr is None else lr, m, n,
@@ -713,6 +821,50 @@ def launch_apply(
         LR_TENSOR=lr is not None, UPDATE_ROWS=min(32, config["BLOCK_M"]),
         **config, **flags,
     )  # fmt: skip
+
+
+def _launch_apply_tma(
+    p_mat: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    n: int,
+    a: float,
+    config: dict,
+    flags: dict,
+    update: bool,
+    ptable: Tensor,
+    p_like: Tensor,
+    ftable: Tensor,
+    coef: float,
+    decay: float,
+    lr: Tensor | None,
+) -> None:
+    """:func:`launch_apply` with the persistent TMA kernel (a ``config`` with ``TMA``): one
+    program per SM, at most one per output tile."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, m, ldx = src.shape
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    tiles = cdiv(m, bm) * cdiv(ldx, bn) * batch
+    grid = (min(tiles, _programs(src.device)),)
+    launch = {k: v for k, v in config.items() if k != "TMA"}
+    _apply_tma_kernel[grid](
+        TensorDescriptor.from_tensor(p_mat, [1, bm, bk]),
+        TensorDescriptor.from_tensor(src, [1, bk, bn]),
+        TensorDescriptor.from_tensor(src, [1, bm, bn // 2]),
+        TensorDescriptor.from_tensor(dst, [1, bm, bn // 2]),
+        dst, ptable, p_like, ftable, ftable if lr is None else lr, batch, m, n, ldx, float(a),
+        float(coef), float(decay), UPDATE=update, LR_TENSOR=lr is not None,
+        UPDATE_ROWS=min(32, bm), **launch, **flags,
+    )  # fmt: skip
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch: the SMs of a GPU, 3 in the interpreter (more than one,
+    fewer than the tiles, so the tests walk several tiles per program)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _padded(size: int) -> int:
