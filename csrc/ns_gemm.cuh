@@ -263,6 +263,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                  smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
                });
   __syncthreads();
+  if (kProduct != Product::kApply && ti == tj) {
+    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
+    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
+    // products, whose transposes the next products read). Reads and writes are disjoint.
+    for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
+      const int lr = idx / kTile;
+      const int lc = idx % kTile;
+      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
+    }
+    __syncthreads();
+  }
   if constexpr (kUpdate) {
     const UpdateRef& ref = upd.refs[local];
     const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);

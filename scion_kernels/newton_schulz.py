@@ -432,8 +432,22 @@ def iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
 #: wider than tall (``n ≥ 2m``): below it the Gram form saves no products.
 GRAM_MIN_ASPECT = 2
 
-#: The Gram iteration restarts from the rectangular matrix after every this many steps.
+#: The Gram iteration restarts from the rectangular matrix after every this many steps: 2 in
+#: bf16 (and float32, float64), 3 in fp16, whose 3 more mantissa bits keep ``R`` and ``Q``
+#: accurate for longer (:func:`gram_restart_every`; measured in ``bench/NOTES.md``).
 GRAM_RESTART_EVERY = 2
+GRAM_RESTART_EVERY_FP16 = 3
+
+
+def gram_restart_every(dtype: torch.dtype) -> int:
+    """Steps between the Gram form's restarts in compute dtype ``dtype``: 3 in fp16, else 2.
+
+    With classic coefficients and one restart after step 3, bf16 put a singular value up to
+    0.43 from its float64 image on 7×33 to 64×256 matrices of condition 10³–10⁵ (restarts
+    every 2: 0.11, the plain iteration: 0.12); fp16 at most 0.033 (plain: 0.016, every 2:
+    0.013). Five steps then cost ``6m²n + 14m³`` instead of ``9m²n + 11m³`` (triangle products
+    counted by half)."""
+    return GRAM_RESTART_EVERY_FP16 if dtype == torch.float16 else GRAM_RESTART_EVERY
 
 
 #: The Gram form runs only where ``eps·(|b| + |c|)`` stays below this at every step (``eps`` of
@@ -472,13 +486,13 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
         R ← X·Xᵀ;  Q ← I
         for (a, b, c) in coefficients:
             P ← a·I + b·R + c·R²;  Q ← Q·P;  R ← P·R·P
-            every GRAM_RESTART_EVERY steps:  X ← Q·X;  R ← X·Xᵀ;  Q ← I
+            every k steps:  X ← Q·X;  R ← X·Xᵀ;  Q ← I     (k: gram_restart_every)
         X ← Q·X
 
     Equal to :func:`iterate` in exact arithmetic. A step multiplies ``m×m`` matrices only, one
     to three (``R²``, then ``Q·P`` or the two of ``P·R·P``; ``2m³`` flops each, against
     ``4m²n + 2m³`` for a plain step); ``R`` and the result cost ``2m²n`` each, a restart
-    ``4m²n``. Five steps at ``n = 4m``: ``70m³`` against ``90m³``.
+    ``4m²n``. Five steps at ``n = 4m`` with ``k = 2``: ``70m³`` against ``90m³``.
     ``R`` holds the squares of the singular values, so in bf16 it loses those below about
     ``0.06·σ_max`` until a restart recomputes it from ``X``: the restarts keep the result's
     error against the polar factor at the plain iteration's; against float64 Newton–Schulz it
@@ -486,6 +500,7 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
     result may be in another buffer.
     """
     batch, m, _ = X.shape
+    every = gram_restart_every(X.dtype)
     R, P, Q, T = (X.new_empty(batch, m, m) for _ in range(4))
     Y = torch.empty_like(X)
     last = len(table) - 1
@@ -504,7 +519,7 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
             fresh = False
             if i == last:
                 break
-            if (i + 1) % GRAM_RESTART_EVERY == 0:
+            if (i + 1) % every == 0:
                 torch.bmm(q, x, out=y)
                 x, y = y, x
                 torch.bmm(x, x.mT, out=r)
@@ -514,7 +529,7 @@ def gram_iterate(X: Tensor, table: Sequence[Triple]) -> Tensor:
                 torch.bmm(p, t, out=r)
         torch.bmm(q, x, out=y)
     # Every part restarts as often, so every result is in the same buffer.
-    return X if ((len(table) - 1) // GRAM_RESTART_EVERY) % 2 else Y
+    return X if ((len(table) - 1) // every) % 2 else Y
 
 
 def newton_schulz(

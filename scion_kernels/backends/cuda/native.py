@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...newton_schulz import GRAM_RESTART_EVERY, check_matrices, orient, uses_gram
+from ...newton_schulz import check_matrices, gram_restart_every, orient, uses_gram
 from ..base import HALF
 from ..ops import GroupedStep, NSStep
 from ..tables import bucket_rows, group_rows
@@ -169,7 +169,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
         return
     batch = len(p_addr)
     triples = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
-    restart = GRAM_RESTART_EVERY if step.gram and uses_gram(m, n, triples, dtype) else 0
+    restart = gram_restart_every(dtype) if step.gram and uses_gram(m, n, triples, dtype) else 0
     nbytes = native.ns_workspace_bytes(batch, m, n, tile, restart)
     buf, address = _workspace(nbytes, device)
     try:

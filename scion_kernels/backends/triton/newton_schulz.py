@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...newton_schulz import GRAM_RESTART_EVERY, orient, uses_gram
+from ...newton_schulz import gram_restart_every, orient, uses_gram
 from .. import ops, registry
 from ..base import HALF
 from ..ops import NSStep
@@ -332,6 +332,11 @@ def _syrk_kernel(
     if HAS_DIAG:
         acc += tl.where(ri[:, None] == rj[None, :], gamma, 0.0)
     out = _round(acc, c.dtype.element_ty, EMULATE_RNE)
+    if i == j:
+        # A diagonal tile computes both of its triangles; keep the lower one's, so the result
+        # is exactly symmetric also where Y·Zᵀ is so only in exact arithmetic (the Gram
+        # form's products, whose transposes the next products read).
+        out = tl.where(ri[:, None] >= rj[None, :], out, tl.trans(out))
     tl.store(c_b + ij, out, mask=mask)
     if i != j:
         ji = rj[:, None] * LDC + ri[None, :]
@@ -730,6 +735,7 @@ def newton_schulz_bucket(
     def square(left, right, dst):
         launch_syrk(left, dst, m, 1.0, 0.0, poly, flags, right=right)
 
+    every = gram_restart_every(dtype)
     syrk(x, r, n, 1.0, 0.0, xxt)  # R ← X·Xᵀ
     fresh = True  # Q = I
     for step, (a, b, c) in enumerate(coefficients):
@@ -743,7 +749,7 @@ def newton_schulz_bucket(
         fresh = False
         if step == last:
             break
-        if (step + 1) % GRAM_RESTART_EVERY == 0:  # X ← Q·X;  R ← X·Xᵀ;  Q ← I
+        if (step + 1) % every == 0:  # X ← Q·X;  R ← X·Xᵀ;  Q ← I
             apply(q, x, y, 0.0, prod)
             x, y = y, x
             syrk(x, r, n, 1.0, 0.0, xxt)
