@@ -66,6 +66,7 @@ def _kernels() -> dict[str, Any]:
         "syrk": kns._syrk_kernel,
         "apply": kns._apply_kernel,
         "apply_tma": kns._apply_tma_kernel,
+        "syrk_tma": kns._syrk_tma_kernel,
         "small": kns._small_kernel,
         "grouped": grouped._grouped_kernel,
     }
@@ -76,7 +77,7 @@ _COMPILED = dict(CAST_F32=False, EMULATE_RNE=False)
 
 def variants(quick: bool = False) -> list[Variant]:
     """The default configurations (``quick``) or every tuning candidate and small-kernel size."""
-    from scion_kernels.backends.triton import APPLY_TMA, Policy
+    from scion_kernels.backends.triton import APPLY_TMA, SYRK_TMA, Policy
 
     ns_ptr = {"g_like": "fp32", "d_like": "fp32", "p_like": "fp32"}
     out = [
@@ -132,6 +133,20 @@ def variants(quick: bool = False) -> list[Variant]:
                 dict(UPDATE=True, LR_TENSOR=False, UPDATE_ROWS=32, **_COMPILED, **c),
                 cfg["num_warps"], cfg["num_stages"], aligned,
             ))  # fmt: skip
+    for cfg in SYRK_TMA[:1] if quick else SYRK_TMA:
+        c = {k: v for k, v in cfg.items() if not k.startswith("num_") and k != "TMA"}
+        bl, bk = c["BLOCK"], c["BLOCK_K"]
+        tma_ptr = {
+            "y_desc": f"tensordesc<bf16[1, {bl}, {bk}]>",
+            "z_desc": f"tensordesc<bf16[1, {bl}, {bk}]>",
+            "d_desc": f"tensordesc<bf16[1, {bl}, {bl}]>",
+            "c_desc": f"tensordesc<bf16[1, {bl}, {bl}]>",
+        }
+        out.append(Variant(
+            "syrk_tma", f"{bl}x{bl}x{bk} a·I+b·R+c·R²", tma_ptr,
+            dict(HAS_D=True, HAS_DIAG=True, **_COMPILED, **c), cfg["num_warps"],
+            cfg["num_stages"],
+        ))  # fmt: skip
     for cfg in APPLY_TMA[:1] if quick else APPLY_TMA:
         c = {k: v for k, v in cfg.items() if not k.startswith("num_") and k != "TMA"}
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]

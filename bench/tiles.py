@@ -50,9 +50,9 @@ WARM_SHAPE: Shape = (1, 256, 256)
 
 def configs() -> list[tuple[str, dict]]:
     """``(kind, config)`` for every candidate: ``"syrk"`` ones serve ``gram`` and ``poly``."""
-    from scion_kernels.backends.triton import APPLY_TMA, Policy
+    from scion_kernels.backends.triton import APPLY_TMA, SYRK_TMA, Policy
 
-    out = [("syrk", c) for c in [*Policy().syrk, *EXTRA_SYRK]]
+    out = [("syrk", c) for c in [*Policy().syrk, *EXTRA_SYRK, *SYRK_TMA]]
     return out + [("apply", c) for c in [*Policy().apply, *EXTRA_APPLY, *APPLY_TMA]]
 
 
@@ -63,7 +63,8 @@ def label(config: dict) -> str:
         tile = f"{config['BLOCK']}x{config['BLOCK']}x{config['BLOCK_K']}"
     else:
         tile = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-    tma = f" tma g{config['GROUP_M']}" if config.get("TMA") else ""
+    group = f" g{config['GROUP_M']}" if "GROUP_M" in config else ""
+    tma = f" tma{group}" if config.get("TMA") else ""
     return f"{tile} w{config['num_warps']} s{config['num_stages']}{tma}"
 
 

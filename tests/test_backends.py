@@ -101,9 +101,10 @@ EVERY = ("torch", *FUSED)
 PATHS = ("chosen", "tiled")
 
 
-#: The Triton kernels with Hopper's persistent TMA ``a·X + B·X`` (interpreter-sized tiles,
-#: tiled path): the ``-tma`` variant of :func:`over`.
+#: The Triton kernels with Hopper's persistent TMA products (interpreter-sized tiles, tiled
+#: path): the ``-tma`` variant of :func:`over`.
 TMA_APPLY = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=1),)
+TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 
 
 def over(*variants: str, paths: bool = False, tma: bool = False):
@@ -138,7 +139,7 @@ def kernels(request) -> Kernels:
         if path == "tma":
             if CUDA and torch.cuda.get_device_capability() < (9, 0):
                 pytest.skip("the TMA kernel needs Hopper (compute capability 9.0) or newer")
-            changes = dict(poison=True, small_limit=0, apply=TMA_APPLY)
+            changes = dict(poison=True, small_limit=0, syrk=TMA_SYRK, apply=TMA_APPLY)
         backend: Backend = triton.with_policy(**changes)
         device = DEVICE
     else:

@@ -48,7 +48,8 @@ def reports(tmp_path_factory) -> dict[str, list[dict]]:
 
 def test_every_kernel_compiles(reports):
     assert set(reports) == {
-        "prologue", "scales", "normalize", "grouped", "syrk", "apply", "apply_tma", "small"
+        "prologue", "scales", "normalize", "grouped", "syrk", "syrk_tma", "apply", "apply_tma",
+        "small",
     }  # fmt: skip
     for r in (r for variants in reports.values() for r in variants):
         assert r["shared_bytes"] <= 227 * 1024, r  # an H100's shared memory per block
@@ -57,6 +58,14 @@ def test_every_kernel_compiles(reports):
 @pytest.mark.parametrize("kernel", ["syrk", "apply"])
 def test_products_use_wgmma_and_pipelined_loads(reports, kernel):
     assert all(r["wgmma"] and r["cp_async"] for r in reports[kernel])
+
+
+def test_tma_syrk_uses_wgmma_and_tma(reports):
+    """Hopper's persistent syrk: wgmma, TMA copies, pipelined (more than one stage of its
+    128×64 operand pair, 32 KiB, in shared memory)."""
+    for r in reports["syrk_tma"]:
+        assert r["wgmma"] and r["tma"], r
+        assert r["shared_bytes"] > 2 * (2 * 128 * 64) * 2, r
 
 
 def test_tma_apply_uses_wgmma_and_tma_and_pipelines(reports):

@@ -22,8 +22,8 @@ from torch import Tensor
 from ..base import Backend, Capabilities, below_floor, capability, for_arch
 
 __all__ = [
-    "APPLY_TMA", "INTERPRETER", "POLICIES", "Policy", "TritonBackend", "available", "interpreting",
-    "on_device", "unavailable_reason",
+    "APPLY_TMA", "INTERPRETER", "POLICIES", "Policy", "SYRK_TMA", "TritonBackend", "available",
+    "interpreting", "on_device", "unavailable_reason",
 ]  # fmt: skip
 
 #: Tile configurations of the tiled kernels, the default first: ``X·Xᵀ`` and ``b·A + c·A·A``
@@ -42,6 +42,11 @@ _APPLY = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+)
+#: Hopper's further ``syrk`` candidates: the persistent kernel reading through TMA descriptors.
+SYRK_TMA = (
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3, TMA=1),
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4, TMA=1),
 )
 #: Hopper's further ``apply`` candidates: the persistent kernel reading through TMA
 #: descriptors (``TMA``), with grouped tiles (``GROUP_M`` row tiles share their columns in L2).
@@ -87,7 +92,7 @@ class Policy:
 #: adds its entry here.
 POLICIES: dict[tuple[int, int], Policy] = {
     (8, 0): Policy(),
-    (9, 0): Policy(apply=_APPLY + APPLY_TMA),
+    (9, 0): Policy(syrk=_SYRK + SYRK_TMA, apply=_APPLY + APPLY_TMA),
 }
 #: In Triton's interpreter: small tiles keep it fast (``tl.dot`` needs at least 16).
 INTERPRETER = Policy(

@@ -279,6 +279,23 @@ def _lower_tile(t):
 
 
 @triton.jit
+def _syrk_epilogue(
+    acc, rows, cols, diagonal, gamma, HAS_DIAG: tl.constexpr, dtype: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+):  # fmt: skip
+    """A tile of a symmetric product at ``rows × cols``: ``acc`` (+ ``γ`` on the diagonal with
+    ``HAS_DIAG``) rounded to ``dtype``. A ``diagonal`` tile computes both of its triangles; it
+    keeps the lower one's, so the result is exactly symmetric also where the product is so
+    only in exact arithmetic (the Gram form's, whose transposes the next products read)."""
+    if HAS_DIAG:
+        acc += tl.where(rows[:, None] == cols[None, :], gamma, 0.0)
+    out = _round(acc, dtype, EMULATE_RNE)
+    if diagonal:
+        out = tl.where(rows[:, None] >= cols[None, :], out, tl.trans(out))
+    return out
+
+
+@triton.jit
 def _syrk_kernel(
     y,  # (B, M, LDY): M×K matrices, rows padded to LDY
     z,  # (B, M, LDY): M×K matrices (the right operand's rows; y itself for Y·Yᵀ)
@@ -329,14 +346,7 @@ def _syrk_kernel(
     mask = (ri[:, None] < M) & (rj[None, :] < LDC)  # the padding columns get zeros
     if HAS_D:
         acc += beta * tl.load(d + b * M * LDC + ij, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DIAG:
-        acc += tl.where(ri[:, None] == rj[None, :], gamma, 0.0)
-    out = _round(acc, c.dtype.element_ty, EMULATE_RNE)
-    if i == j:
-        # A diagonal tile computes both of its triangles; keep the lower one's, so the result
-        # is exactly symmetric also where Y·Zᵀ is so only in exact arithmetic (the Gram
-        # form's products, whose transposes the next products read).
-        out = tl.where(ri[:, None] >= rj[None, :], out, tl.trans(out))
+    out = _syrk_epilogue(acc, ri, rj, i == j, gamma, HAS_DIAG, c.dtype.element_ty, EMULATE_RNE)
     tl.store(c_b + ij, out, mask=mask)
     if i != j:
         ji = rj[:, None] * LDC + ri[None, :]
@@ -419,6 +429,54 @@ def _grouped_tile(t, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     first_m = (t // in_group) * GROUP_M
     rows = tl.minimum(tiles_m - first_m, GROUP_M)
     return first_m + (t % in_group) % rows, (t % in_group) // rows
+
+
+@triton.jit
+def _syrk_tma_kernel(
+    y_desc,  # (B, M, LDY) descriptor, block (1, BLOCK, BLOCK_K): the left operand's rows
+    z_desc,  # (B, M, LDY) descriptor, block (1, BLOCK, BLOCK_K): the right operand's rows
+    d_desc,  # (B, M, LDC) descriptor, block (1, BLOCK, BLOCK): D (read only if HAS_D)
+    c_desc,  # (B, M, LDC) descriptor, block (1, BLOCK, BLOCK): the output
+    B,
+    M,
+    K,
+    alpha,
+    beta,
+    gamma,
+    HAS_D: tl.constexpr,
+    HAS_DIAG: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """:func:`_syrk_kernel` for Hopper: persistent (one program per SM walks the lower-triangle
+    tiles of the whole bucket), the operands read through TMA descriptors (3-D: rows and
+    columns past a matrix read as zeros, stores clipped to it), each tile stored twice through
+    the output's descriptor, diagonal tiles made exactly symmetric."""
+    tri = tl.cdiv(M, BLOCK)
+    per_matrix = tri * (tri + 1) // 2
+    # Not flattened (as the apply kernel's loop is): Triton 3.6's nested-loop fusion fails on
+    # this body (compile_report for sm_90a), so the epilogue does not overlap the next loads.
+    for tile in tl.range(tl.program_id(0), B * per_matrix, tl.num_programs(0)):
+        b = tile // per_matrix
+        i, j = _lower_tile(tile % per_matrix)
+        row0 = i * BLOCK
+        col0 = j * BLOCK
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            yi = y_desc.load([b, row0, k0]).reshape(BLOCK, BLOCK_K)
+            zj = z_desc.load([b, col0, k0]).reshape(BLOCK, BLOCK_K)
+            acc = tl.dot(_operand(yi, CAST_F32), tl.trans(_operand(zj, CAST_F32)), acc)
+        acc = acc * alpha
+        if HAS_D:
+            acc += beta * d_desc.load([b, row0, col0]).reshape(BLOCK, BLOCK).to(tl.float32)
+        rows = row0 + tl.arange(0, BLOCK)
+        cols = col0 + tl.arange(0, BLOCK)
+        out = _syrk_epilogue(acc, rows, cols, i == j, gamma, HAS_DIAG, c_desc.dtype, EMULATE_RNE)
+        c_desc.store([b, row0, col0], out.reshape(1, BLOCK, BLOCK))
+        if i != j:
+            c_desc.store([b, col0, row0], tl.trans(out).reshape(1, BLOCK, BLOCK))
 
 
 @triton.jit
@@ -782,6 +840,20 @@ def launch_syrk(
     symmetric in exact arithmetic."""
     batch, m = dst.shape[0], dst.shape[1]
     tri = cdiv(m, config["BLOCK"])
+    if config.get("TMA"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block, block_k = config["BLOCK"], config["BLOCK_K"]
+        launch = {key: v for key, v in config.items() if key != "TMA"}
+        _syrk_tma_kernel[(min(tri * (tri + 1) // 2 * batch, _programs(src.device)),)](
+            TensorDescriptor.from_tensor(src, [1, block, block_k]),
+            TensorDescriptor.from_tensor(src if right is None else right, [1, block, block_k]),
+            TensorDescriptor.from_tensor(src, [1, block, block]),
+            TensorDescriptor.from_tensor(dst, [1, block, block]),
+            batch, m, k, float(alpha), float(beta), 0.0 if diag is None else float(diag),
+            HAS_D=has_d, HAS_DIAG=diag is not None, **launch, **flags,
+        )  # fmt: skip
+        return
     _syrk_kernel[(tri * (tri + 1) // 2 * batch,)](
         src, src if right is None else right, src, dst, m, k, src.shape[-1], dst.shape[-1],
         float(alpha), float(beta), 0.0 if diag is None else float(diag), HAS_D=has_d,
