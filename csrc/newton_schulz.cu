@@ -18,6 +18,13 @@
 //   3. gemm_kernel        per step: Gram (upper-triangle tiles, each stored twice), polynomial
 //                         (same), apply (full grid; the last one updates the parameters).
 //
+// With gram_restart k ≥ 1 (the Gram form, the reference's gram_iterate) step 3 is instead: X·Xᵀ
+// into R once, then per step P ← a·I + b·R + c·R·R (the polynomial kernel with a diagonal
+// term), Q ← Q·P and R ← P·(R·P) (the X·Xᵀ kernel on two operands: every m×m product is
+// symmetric), and every k steps and at the end X ← Q·X (the apply kernel, the last one with the
+// update). Diagonal tiles of the symmetric products keep one triangle, so they are exactly
+// symmetric.
+//
 // Work matrices are padded with zeros to whole tiles, so the products need no bounds checks:
 // zero rows and columns of X give zero rows and columns of A, B and the next X. Only the fused
 // update looks at the true size. All reductions have a fixed order: a bucket's result has the

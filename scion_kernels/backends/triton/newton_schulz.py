@@ -11,6 +11,15 @@ is read and written through transposed strides, never copied). Per step of the b
         syrk    B ← b·A + c·A·A   (A is symmetric, so A·A = A·Aᵀ: the same kernel)
         apply   X ← a·X + B·X     (last step: x ← (1 − γ)·x − γ·ρ·s·X into the parameter)
 
+With ``gram`` (``polar="gram"``) a wide enough bucket runs the Gram form instead
+(:func:`~scion_kernels.newton_schulz.gram_iterate`): ``R ← X·Xᵀ`` once, then per step only
+m×m products, every one on lower-triangle tiles through the same syrk kernel
+(``P ← a·I + b·R + c·R²``, ``Q ← Q·P``, ``R ← P·(R·P)``), and ``X ← Q·X`` through the apply
+kernel at each restart and at the end (the last one with the update).
+
+On Hopper the policy adds persistent candidates of both products that read through TMA
+descriptors (``_syrk_tma_kernel``, ``_apply_tma_kernel``), chosen only by autotuning.
+
 Dividing by the largest entry before the norm keeps every intermediate within float32 for any
 finite gradient, so 1e-40 and 1e38 gradients are orthogonalized like unit ones, in bf16 and in
 fp16; a zero matrix gives a zero update; NaN and inf stay non-finite. Work matrices have their
