@@ -88,6 +88,22 @@ def test_tuning_picks_fastest_and_touches_no_state(monkeypatch, mixed_params):
         assert torch.equal(tuned, chosen)
 
 
+def test_tuning_passes_over_a_failing_candidate(monkeypatch):
+    """A candidate whose launch fails (a compiler error, say) is passed over with a warning
+    naming it, and the others still compete; when none can run, the error says so."""
+    good, bad = dict(BLOCK=16), dict(BLOCK=32, TMA=1)
+
+    def launch(config):
+        if config is bad:
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(tuning, "time_launch", lambda fn: fn() or 1.0)
+    with pytest.warns(RuntimeWarning, match=r"'TMA': 1.*PassManager::run failed"):
+        assert tuning._fastest([bad, good], launch) is good
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no tile configuration"):
+        tuning._fastest([bad], launch)
+
+
 def test_view_strides_agree_with_view():
     """The copy-free test the dispatch uses agrees with ``Tensor.view`` on random layouts."""
     from scion_kernels.backends.tables import view_strides

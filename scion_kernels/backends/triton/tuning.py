@@ -5,6 +5,7 @@ fastest candidate timed once per bucket shape and device."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -107,7 +108,9 @@ def time_launch(fn: Callable[[], None]) -> float:
 
 def _fastest(candidates: list[dict], launch: Callable[[dict], None]) -> dict:
     """The candidate with the lowest median time; one that cannot run here (too much shared
-    memory, say) is passed over."""
+    memory, say) is passed over, and one that fails otherwise (a compiler error) too, with a
+    warning naming it: a candidate must never end a training step. The timing launches write
+    scratch buffers only, so a failed one leaves nothing behind."""
     from triton.runtime.errors import OutOfResources
 
     best, best_ms = None, float("inf")
@@ -115,6 +118,15 @@ def _fastest(candidates: list[dict], launch: Callable[[dict], None]) -> dict:
         try:
             ms = time_launch(lambda config=config: launch(config))
         except OutOfResources:
+            continue
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            first = (str(err).splitlines() or [""])[0]
+            warnings.warn(
+                f"scion_kernels: tile candidate {config} failed and is passed over "
+                f"({type(err).__name__}: {first})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             continue
         if ms < best_ms:
             best, best_ms = config, ms
