@@ -20,13 +20,18 @@ from .._util import eager_cache
 
 __all__ = [
     "bucket_rows", "cached", "cdiv", "device_table", "flatten", "group_rows", "matrix_rows",
-    "next_power_of_2", "view_strides", "writable",
+    "next_power_of_2", "triples", "view_strides", "writable",
 ]  # fmt: skip
 
 
 def flatten(coefficients: Sequence[Sequence[float]]) -> list[float]:
     """Per-step ``(a, b, c)`` triples as the flat list the ops take."""
     return [float(v) for triple in coefficients for v in triple]
+
+
+def triples(flat: Sequence[float]) -> list[tuple[float, float, float]]:
+    """The ops' flat coefficient list back as per-step ``(a, b, c)`` triples."""
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -22,7 +22,7 @@ from torch import Tensor
 from ...newton_schulz import check_matrices, gram_restart_every, orient, uses_gram
 from ..base import HALF
 from ..ops import GroupedStep, NSStep
-from ..tables import bucket_rows, group_rows
+from ..tables import bucket_rows, group_rows, triples
 
 __all__ = [
     "import_native",
@@ -168,8 +168,8 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     if not p_addr:
         return
     batch = len(p_addr)
-    triples = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
-    restart = gram_restart_every(dtype) if step.gram and uses_gram(m, n, triples, dtype) else 0
+    gram = step.gram and uses_gram(m, n, triples(coefficients), dtype)
+    restart = gram_restart_every(dtype) if gram else 0
     nbytes = native.ns_workspace_bytes(batch, m, n, tile, restart)
     buf, address = _workspace(nbytes, device)
     try:

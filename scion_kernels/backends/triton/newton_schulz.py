@@ -68,7 +68,15 @@ from ...newton_schulz import gram_restart_every, orient, uses_gram
 from .. import ops, registry
 from ..base import HALF
 from ..ops import NSStep
-from ..tables import bucket_rows, cdiv, device_table, flatten, matrix_rows, next_power_of_2
+from ..tables import (
+    bucket_rows,
+    cdiv,
+    device_table,
+    flatten,
+    matrix_rows,
+    next_power_of_2,
+    triples,
+)
 from . import Policy, on_device
 from .tuning import NSBucket, autotuning, config, tuned
 
@@ -159,6 +167,25 @@ def _update(
     w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
     w = w * decay + (coef * tl.load(factors + b)) * x.to(tl.float32)
     tl.store(w_ptr + w_off, _round(w, p_like.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+@triton.jit
+def _update_tile(
+    out_b, table, b, row0, c64, M, N, LDX, p_like, factors, lr, coef, decay,
+    LR_TENSOR: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPDATE_ROWS: tl.constexpr,
+):  # fmt: skip
+    """The parameter update of an output tile at rows ``row0…`` and columns ``c64`` of matrix
+    ``b``, read back from the output ``out_b`` (rows of ``LDX``) in slices of ``UPDATE_ROWS``:
+    the parameter's strides are only known at run time, so each element needs its own address,
+    which for a whole tile at once exceeds the register file. The caller has stored the tile
+    and passed a barrier."""
+    coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
+    for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
+        r64 = (row0 + r + tl.arange(0, UPDATE_ROWS)).to(tl.int64)[:, None]
+        mask = (r64 < M) & (c64 < N)
+        piece = tl.load(out_b + r64 * LDX + c64, mask=mask, other=0.0)
+        _update(table, b, r64, c64, mask, p_like, factors, piece, coef, decay, EMULATE_RNE)
 
 
 @triton.jit
@@ -416,18 +443,12 @@ def _apply_kernel(
     out_b = out + b * M * LDX
     tl.store(out_b + rows[:, None] * LDX + cols[None, :], result, mask=padded)
     if UPDATE:
-        # The parameter's strides are only known at run time, so each of its elements needs
-        # its own address: for a whole tile at once that exceeds the register file. The tile
-        # goes through the (cache-resident) scratch output and is applied in row slices.
+        # The tile goes through the (cache-resident) scratch output and is applied in row
+        # slices (_update_tile says why).
         tl.debug_barrier()  # every thread reads back what others stored
         _, row0, _ = _tile_origin(M, N, BLOCK_M, BLOCK_N)
-        coef, decay = _update_factors(lr, coef, decay, LR_TENSOR)
-        c64 = cols[None, :]
-        for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
-            r64 = (row0 + r + tl.arange(0, UPDATE_ROWS).to(tl.int64))[:, None]
-            mask = (r64 < M) & (c64 < N)
-            piece = tl.load(out_b + r64 * LDX + c64, mask=mask, other=0.0)
-            _update(table, b, r64, c64, mask, p_like, factors, piece, coef, decay, EMULATE_RNE)
+        _update_tile(out_b, table, b, row0, cols[None, :], M, N, LDX, p_like, factors, lr, coef,
+                     decay, LR_TENSOR, EMULATE_RNE, BLOCK_M, UPDATE_ROWS)  # fmt: skip
 
 
 @triton.jit
@@ -572,13 +593,8 @@ def _apply_tma_kernel(
             # applied to the parameter in row slices.
             tl.debug_barrier()
             c64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
-            c, d = _update_factors(lr, coef, decay, LR_TENSOR)
-            for r in tl.static_range(0, BLOCK_M, UPDATE_ROWS):
-                r64 = (row0 + r + tl.arange(0, UPDATE_ROWS)).to(tl.int64)[:, None]
-                mask = (r64 < M) & (c64 < N)
-                piece = tl.load(out_b + r64 * LDX + c64, mask=mask, other=0.0)
-                _update(table, b.to(tl.int64), r64, c64, mask, p_like, factors, piece, c, d,
-                        EMULATE_RNE)  # fmt: skip
+            _update_tile(out_b, table, b.to(tl.int64), row0, c64, M, N, LDX, p_like, factors, lr,
+                         coef, decay, LR_TENSOR, EMULATE_RNE, BLOCK_M, UPDATE_ROWS)  # fmt: skip
 
 
 @triton.jit
@@ -977,7 +993,7 @@ def ns_step_(policy: Policy, *args: Any) -> None:
             NSBucket(len(mat_factors), a.m, a.n, a.dtype, device, policy),
             g_rows,
             a.grads[0],
-            _triples(a.coefficients),
+            triples(a.coefficients),
             alpha=a.alpha,
             bufs=d_rows if a.bufs else None,
             d_like=a.bufs[0] if a.bufs else None,
@@ -1004,13 +1020,9 @@ def polar_(
     bucket = NSBucket(mats.shape[0], m, n, dtype, G.device, policy)
     rows = matrix_rows(mats, mats.shape, transpose=tall)
     with on_device(G.device):
-        X = newton_schulz_bucket(bucket, rows, G, _triples(coefficients), gram=gram)
+        X = newton_schulz_bucket(bucket, rows, G, triples(coefficients), gram=gram)
     assert X is not None
     return (X.mT if tall else X).reshape(G.shape).contiguous()
-
-
-def _triples(flat: Sequence[float]) -> list[Triple]:
-    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
 
 def polar(
