@@ -299,14 +299,16 @@ _NATIVE_SOURCES = ("ns_launch.cu", "grouped.cu")
 def native_report() -> str:
     """The CUDA C++ kernels compiled for sm_90a by the nvcc ``setup.py`` finds, with ptxas's
     per-kernel report (``-Xptxas -v``): a markdown table of registers, spills, static shared
-    memory (the products' pipeline is dynamic shared memory: ``Tiling::kSmemBytes``)."""
+    memory (the products' pipeline is dynamic shared memory: ``Tiling::kSmemBytes``,
+    ``WgmmaTiling::kSmemBytes``) and ptxas's performance warnings (C75xx: wgmma products it
+    serializes)."""
     import shutil
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     nvcc = os.environ.get("SCION_NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    rows = ["| kernel | registers | spill stores (B) | static smem (B) |"]
-    rows.append("| --- | --- | --- | --- |")
+    rows = ["| kernel | registers | spill stores (B) | static smem (B) | ptxas warnings |"]
+    rows.append("| --- | --- | --- | --- | --- |")
     for source in _NATIVE_SOURCES:
         with tempfile.TemporaryDirectory() as tmp:
             run = subprocess.run(
@@ -318,24 +320,32 @@ def native_report() -> str:
             )  # fmt: skip
         if run.returncode:
             raise RuntimeError(f"nvcc failed on {source}: {run.stderr[-2000:]}")
+        warned: dict[str, list[str]] = {}
+        for line in run.stderr.splitlines():
+            loss = re.search(r"\((C75\d\d)\) Potential Performance Loss.*function '(\S+)'", line)
+            if loss:
+                warned.setdefault(loss.group(2), []).append(loss.group(1))
         name = None
         for line in run.stderr.splitlines():
             found = re.search(r"Compiling entry function '(\S+)'", line)
             if found:
                 name, spill, smem = _demangled(found.group(1)), "?", "0"
+                warnings = ", ".join(warned.get(found.group(1), [])) or "none"
             elif name and "spill stores" in line:
                 spill = re.search(r"(\d+) bytes spill stores", line).group(1)
             elif name and "Used" in line and "registers" in line:
                 regs = re.search(r"Used (\d+) registers", line).group(1)
                 shared = re.search(r"(\d+) bytes smem", line)
                 smem = shared.group(1) if shared else smem
-                rows.append(f"| `{name}` | {regs} | {spill} | {smem} |")
+                rows.append(f"| `{name}` | {regs} | {spill} | {smem} | {warnings} |")
                 name = None
     tool = (version.strip().splitlines() or ["nvcc ?"])[-1]
     head = (
         f"CUDA C++ kernels for sm_90a, {tool}; command: `python -m bench.compile_report "
-        "--native`. The products' pipelines are dynamic shared memory (3 stages): 30 KiB for "
-        "the 64 tile, 60 KiB for the 128 tile (`Tiling::kSmemBytes` in csrc/ns_gemm.cuh)."
+        "--native`. The products' pipelines are dynamic shared memory: 3 stages, 30 KiB for "
+        "the 64 tile and 60 KiB for the 128 tile (`Tiling::kSmemBytes` in csrc/ns_gemm.cuh); "
+        "the wgmma products 4 stages, 132 KiB (`WgmmaTiling::kSmemBytes`, csrc/ns_wgmma.cuh). "
+        "ptxas warnings: C75xx, wgmma products it serializes (none is the goal)."
     )
     return head + "\n\n" + "\n".join(rows)
 

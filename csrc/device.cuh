@@ -1,5 +1,6 @@
 // Device primitives shared by the kernels: launching, dynamic shared memory, warp reductions,
-// element conversions and the sm_80+ tensor-core building blocks (ldmatrix, mma.sync, cp.async).
+// element conversions, the sm_80+ tensor-core building blocks (ldmatrix, mma.sync, cp.async) and
+// Hopper's warpgroup products (wgmma, sm_90a).
 //
 // Every kernel reaches the hardware only through this header, so that the same sources can be
 // compiled as ordinary C++ with SCION_HOST_EMULATION defined: tests/native/emulation.h then
@@ -250,6 +251,162 @@ __device__ __forceinline__ void cp_async_wait() {
   scion_emu::cp_async_wait(kPending);
 #else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hopper's warpgroup products (sm_90a): wgmma.mma_async m64n128k16 with fp32 accumulators, the
+// operands read from shared memory through matrix descriptors (B always, A too or A from
+// registers), issued asynchronously and waited for by commit groups.
+//
+// SCION_WGMMA is 1 where these instructions exist: device code for sm_90a, and the host
+// emulation (tests/native/emulation.h models them from the PTX ISA's layouts). Kernels that use
+// them compile to a trap elsewhere and are launched only where the loaded image is sm_90a.
+#if defined(SCION_HOST_EMULATION) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define SCION_WGMMA 1
+#else
+#define SCION_WGMMA 0
+#endif
+
+// The 32-bit shared-window address of a pointer into shared memory.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+#ifdef SCION_HOST_EMULATION
+  return scion_emu::shared_address(p);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// The descriptor of a K-major 16-bit operand without swizzling: core matrices of 8 rows × 16
+// bytes (8 elements along K) each stored contiguously, `lbo` bytes apart along K and `sbo` bytes
+// apart along the rows (M or N); `start` is the operand's first core matrix (16-byte aligned).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* start, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((shared_address(start) >> 4) & 0x3FFF) |
+         static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
+         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+}
+
+// Orders this thread's earlier register accesses (accumulators, A fragments) before the
+// warpgroup's next products.
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::wgmma_fence();
+#elif SCION_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::wgmma_commit();
+#elif SCION_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving other instructions' accesses to the accumulators across this
+// point (into a product group's span, where ptxas would serialize the products).
+template <int kN>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kN]) {
+#if SCION_WGMMA && !defined(SCION_HOST_EMULATION)
+  SCION_UNROLL
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+// Waits until at most kPending of the warpgroup's committed product groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::wgmma_wait(kPending);
+#elif SCION_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Makes this thread's shared-memory writes (stores, completed cp.async copies) visible to the
+// products, which read through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::fence_proxy_async();
+#elif SCION_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+#define SCION_WGMMA_D_LIST                                                           \
+  "{"                                                                                \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define SCION_WGMMA_D_OPERANDS                                                                    \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),  \
+      "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),  \
+      "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),  \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),  \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// The wgmma instruction for operand type `ab` ("bf16", "f16"): A from shared memory (SS) or
+// registers (RS); scale-d from the operand after the descriptors.
+#define SCION_WGMMA_SS(ab)                                                            \
+  asm volatile(                                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                    \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST \
+      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                               \
+      : SCION_WGMMA_D_OPERANDS                                                        \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define SCION_WGMMA_RS(ab)                                                            \
+  asm volatile(                                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                    \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST \
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                 \
+      : SCION_WGMMA_D_OPERANDS                                                        \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
+// d (+)= A·B for a 64×128×16 tile, A (64×16) and B (16×128, stored as 128 rows of K) from
+// shared memory. `d`: this thread's 64 accumulators; row 16·w + lane/4 + 8·((i/2)%2), column
+// 8·(i/4) + 2·(lane%4) + i%2 of the warpgroup's tile for d[i], warp w of the warpgroup (per
+// warp and 8 columns, the mma.m16n8k16 accumulator layout). `accumulate` false: d = A·B.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                         bool accumulate) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::wgmma(d, 128, nullptr, desc_a, desc_b, accumulate, Operand<T>::kBf16);
+#elif SCION_WGMMA
+  const int scale_d = accumulate ? 1 : 0;
+  if constexpr (Operand<T>::kBf16) {
+    SCION_WGMMA_SS("bf16");
+  } else {
+    SCION_WGMMA_SS("f16");
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+#endif
+}
+
+// The same with A from registers: `a` holds this thread's fragment of A in the mma.m16n8k16 A
+// layout, warp w of the warpgroup holding rows 16·w..16·w+15.
+template <typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                         bool accumulate) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::wgmma(d, 128, a, 0, desc_b, accumulate, Operand<T>::kBf16);
+#elif SCION_WGMMA
+  const int scale_d = accumulate ? 1 : 0;
+  if constexpr (Operand<T>::kBf16) {
+    SCION_WGMMA_RS("bf16");
+  } else {
+    SCION_WGMMA_RS("f16");
+  }
+#else
+  (void)d, (void)a, (void)desc_b, (void)accumulate;
 #endif
 }
 

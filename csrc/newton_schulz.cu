@@ -16,7 +16,8 @@
 //                         32×32 shared-memory tiles (coalesced for tall parameters too); zeros
 //                         in the padding;
 //   3. gemm_kernel        per step: Gram (upper-triangle tiles, each stored twice), polynomial
-//                         (same), apply (full grid; the last one updates the parameters).
+//                         (same), apply (full grid; the last one updates the parameters); on
+//                         Hopper with `wgmma`, wgmma_kernel, the same products and epilogue.
 //
 // With gram_restart k ≥ 1 (the Gram form, the reference's gram_iterate) step 3 is instead: X·Xᵀ
 // into R once, then per step P ← a·I + b·R + c·R·R (the polynomial kernel with a diagonal
@@ -32,8 +33,8 @@
 //
 // This file holds the C entry points. The rest, in reading order: ns_plan (the path and the
 // workspace layout), ns_check (argument checks), ns_launch.cu (the launch sequence) and the
-// kernels it launches, ns_prepare.cuh (1, 2), ns_gemm.cuh (3) and ns_small.cuh (matrices of at
-// most 64×512 after orienting: the whole step in one block per matrix, one launch).
+// kernels it launches, ns_prepare.cuh (1, 2), ns_gemm.cuh and ns_wgmma.cuh (3) and ns_small.cuh
+// (matrices of at most 64×512 after orienting: the whole step in one block per matrix, one launch).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -52,8 +53,8 @@ namespace {
 bool check_and_plan(const scion_ns_problem* problem, Plan& plan) {
   clear_error();
   if (problem == nullptr || !check_problem(*problem)) return false;
-  plan =
-      make_plan(problem->batch, problem->rows, problem->cols, problem->tile, problem->gram_restart);
+  plan = make_plan(problem->batch, problem->rows, problem->cols, problem->tile,
+                   problem->gram_restart, problem->wgmma == 1);
   return true;
 }
 

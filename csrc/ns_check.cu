@@ -49,6 +49,13 @@ bool check_problem(const scion_ns_problem& pr) {
         pr.gram_restart, pr.tile);
     return false;
   }
+  if ((pr.wgmma != 0 && pr.wgmma != 1) || (pr.wgmma == 1 && pr.tile == 64)) {
+    set_error(
+        "ns_step: wgmma must be 0 or 1, and 1 runs the 128 tile (tile 0, 1 or 128); got %d "
+        "with tile %d",
+        pr.wgmma, pr.tile);
+    return false;
+  }
   if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
     set_error("ns_step: alpha must be in [0, 1], got %g", pr.alpha);
     return false;

@@ -151,6 +151,121 @@ __device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int
   tj = ti + index;
 }
 
+// The epilogue of every tiled product: out = acc_scale·acc + add_scale·add (kPoly: + diag_scale
+// on the diagonal), rounded to T and staged in shared memory (the pipeline's buffers, free once
+// every thread is done with them: the first barrier below), then written out coalesced:
+//   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products its
+//     mirror, walked along the mirror's rows;
+//   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
+//     dimension (tall parameters have X's columns as their rows).
+// `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
+// the output's coordinates (tile (ti, tj) of matrix `matrix`, the launch's `local`-th).
+template <typename T, Product kProduct, int kTile, int kThreads, typename Update, typename ForEach>
+__device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& upd, T* smem,
+                                           int tid, int local, int matrix, int ti, int tj,
+                                           ForEach&& for_each) {
+  const int row0 = ti * kTile;
+  const int col0 = tj * kTile;
+  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
+  constexpr int kStageLd = kTile + 8;
+  const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
+  __syncthreads();
+  for_each([&](float a_rc, int r, int c) {
+    float v = args.acc_scale * a_rc;
+    if constexpr (kProduct != Product::kGram) {
+      v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+    }
+    if constexpr (kProduct == Product::kPoly) {
+      if (r == c && args.diag_scale != 0.0f) v += args.diag_scale;
+    }
+    smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
+  });
+  __syncthreads();
+  if (kProduct != Product::kApply && ti == tj) {
+    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
+    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
+    // products, whose transposes the next products read). Reads and writes are disjoint.
+    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+      const int lr = idx / kTile;
+      const int lc = idx % kTile;
+      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
+    }
+    __syncthreads();
+  }
+  if constexpr (kUpdate) {
+    const UpdateRef& ref = upd.refs[local];
+    const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
+    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
+    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+      const int lr = rows_fast ? idx % kTile : idx / kTile;
+      const int lc = rows_fast ? idx / kTile : idx % kTile;
+      const int r = row0 + lr;
+      const int c = col0 + lc;
+      if (r < upd.m && c < upd.n) {
+        const int64_t at = r * ref.rs + c * ref.cs;
+        const float x = load_as_float(ref.p, at, upd.p_dtype);
+        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
+        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
+      }
+    }
+  } else {
+    T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
+    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
+    for (int idx = tid; idx < kTile * kPieces; idx += kThreads) {
+      const int lr = idx / kPieces;
+      const int lc = idx % kPieces * 8;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
+          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
+    }
+    if (kProduct != Product::kApply && ti != tj) {
+      for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+        const int lr = idx % kTile;
+        const int lc = idx / kTile;
+        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
+      }
+    }
+  }
+}
+
+// What a product block works on: its matrix (the launch's `local`-th, the bucket's `matrix`-th)
+// and that matrix's operands, and its output tile (ti, tj), whose first element is (row0, col0):
+// the full grid row by row (kApply, args.tiles_n tiles to a row), or the upper triangle's tiles
+// (the symmetric products).
+template <typename T, Product kProduct, int kTile>
+struct BlockTile {
+  int local, matrix, ti, tj, row0, col0;
+  const T* a;
+  const T* b;
+
+  __device__ __forceinline__ explicit BlockTile(const GemmArgs& args)
+      : local(static_cast<int>(blockIdx.y)), matrix(args.batch0 + local) {
+    if constexpr (kProduct == Product::kApply) {
+      ti = static_cast<int>(blockIdx.x) / args.tiles_n;
+      tj = static_cast<int>(blockIdx.x) % args.tiles_n;
+    } else {
+      triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
+    }
+    row0 = ti * kTile;
+    col0 = tj * kTile;
+    a = static_cast<const T*>(args.a) + matrix * args.a_batch;
+    b = static_cast<const T*>(args.b) + matrix * args.b_batch;
+  }
+};
+
+// Asynchronous copy of a kRows × kCols block of 16-bit elements, row-major at `src` (rows
+// `src_ld` apart) into shared memory at `dst` (rows `dst_ld` apart), in 16-byte pieces spread
+// over kThreads threads.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void copy_block(T* dst, int dst_ld, const T* src, int64_t src_ld,
+                                           int tid) {
+  constexpr int kPieces = kCols / 8;
+  for (int c = tid; c < kRows * kPieces; c += kThreads) {
+    const int r = c / kPieces;
+    const int k = (c % kPieces) * 8;
+    cp_async_16(dst + r * dst_ld + k, src + r * src_ld + k);
+  }
+}
+
 template <typename T, Product kProduct, typename Cfg, typename Update>
 __global__ void __launch_bounds__(Cfg::kThreads)
     gemm_kernel(const GemmArgs args, const __grid_constant__ Update upd) {
@@ -164,20 +279,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int warp = tid / 32;
   const int warp_m = warp / Cfg::kWarpsN;
   const int warp_n = warp % Cfg::kWarpsN;
-  const int local = static_cast<int>(blockIdx.y);
-  const int matrix = args.batch0 + local;
-
-  int ti, tj;
-  if constexpr (kProduct == Product::kApply) {
-    ti = static_cast<int>(blockIdx.x) / args.tiles_n;
-    tj = static_cast<int>(blockIdx.x) % args.tiles_n;
-  } else {
-    triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
-  }
-  const int row0 = ti * kTile;
-  const int col0 = tj * kTile;
-  const T* a = static_cast<const T*>(args.a) + matrix * args.a_batch;
-  const T* b = static_cast<const T*>(args.b) + matrix * args.b_batch;
+  const BlockTile<T, kProduct, kTile> at(args);
+  const int row0 = at.row0;
+  const int col0 = at.col0;
+  const T* a = at.a;
+  const T* b = at.b;
 
   // Stage s: the left tile [kTile][kRowA], then the right tile ([kTile][kRowA], or [kK][kRowT]
   // when transposed).
@@ -185,29 +291,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   auto stage_b = [&](int s) { return smem + s * Cfg::kStageElems + kTile * Cfg::kRowA; };
 
   auto load_stage = [&](int s, int k0) {
-    T* sa = stage_a(s);
-    T* sb = stage_b(s);
-    constexpr int kChunksA = kTile * kK / 8;  // 16-byte pieces
-    for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
-      const int r = c / (kK / 8);
-      const int k = (c % (kK / 8)) * 8;
-      cp_async_16(sa + r * Cfg::kRowA + k, a + static_cast<int64_t>(row0 + r) * args.lda + k0 + k);
-    }
+    constexpr int kThreads = Cfg::kThreads;
+    copy_block<kTile, kK, kThreads>(stage_a(s), Cfg::kRowA,
+                                    a + static_cast<int64_t>(row0) * args.lda + k0, args.lda, tid);
     if constexpr (kTransB) {
-      constexpr int kChunksB = kK * kTile / 8;
-      for (int c = tid; c < kChunksB; c += Cfg::kThreads) {
-        const int k = c / (kTile / 8);
-        const int n = (c % (kTile / 8)) * 8;
-        cp_async_16(sb + k * Cfg::kRowT + n,
-                    b + static_cast<int64_t>(k0 + k) * args.ldb + col0 + n);
-      }
+      copy_block<kK, kTile, kThreads>(
+          stage_b(s), Cfg::kRowT, b + static_cast<int64_t>(k0) * args.ldb + col0, args.ldb, tid);
     } else {
-      for (int c = tid; c < kChunksA; c += Cfg::kThreads) {
-        const int r = c / (kK / 8);
-        const int k = (c % (kK / 8)) * 8;
-        cp_async_16(sb + r * Cfg::kRowA + k,
-                    b + static_cast<int64_t>(col0 + r) * args.ldb + k0 + k);
-      }
+      copy_block<kTile, kK, kThreads>(
+          stage_b(s), Cfg::kRowA, b + static_cast<int64_t>(col0) * args.ldb + k0, args.ldb, tid);
     }
   };
 
@@ -239,74 +331,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
   cp_async_wait<0>();
 
-  // Epilogue: out = acc_scale·acc + add_scale·add, rounded to T and staged in shared memory
-  // (the pipeline's buffers, free once every warp is done), then written out coalesced:
-  //   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products
-  //     its mirror, walked along the mirror's rows;
-  //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
-  //     dimension (tall parameters have X's columns as their rows).
-  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
-  constexpr int kStageLd = kTile + 8;
-  static_assert(size_t{kTile} * kStageLd * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
-  const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
-  __syncthreads();
-  for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane,
-               [&](float a_rc, int r, int c) {
-                 float v = args.acc_scale * a_rc;
-                 if constexpr (kProduct != Product::kGram) {
-                   v = __fmaf_rn(args.add_scale,
-                                 Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
-                 }
-                 if constexpr (kProduct == Product::kPoly) {
-                   if (r == c && args.diag_scale != 0.0f) v += args.diag_scale;
-                 }
-                 smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
-               });
-  __syncthreads();
-  if (kProduct != Product::kApply && ti == tj) {
-    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
-    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
-    // products, whose transposes the next products read). Reads and writes are disjoint.
-    for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
-      const int lr = idx / kTile;
-      const int lc = idx % kTile;
-      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
-    }
-    __syncthreads();
-  }
-  if constexpr (kUpdate) {
-    const UpdateRef& ref = upd.refs[local];
-    const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
-    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
-    for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
-      const int lr = rows_fast ? idx % kTile : idx / kTile;
-      const int lc = rows_fast ? idx / kTile : idx % kTile;
-      const int r = row0 + lr;
-      const int c = col0 + lc;
-      if (r < upd.m && c < upd.n) {
-        const int64_t at = r * ref.rs + c * ref.cs;
-        const float x = load_as_float(ref.p, at, upd.p_dtype);
-        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
-        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
-      }
-    }
-  } else {
-    T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
-    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
-    for (int idx = tid; idx < kTile * kPieces; idx += Cfg::kThreads) {
-      const int lr = idx / kPieces;
-      const int lc = idx % kPieces * 8;
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
-          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
-    }
-    if (kProduct != Product::kApply && ti != tj) {
-      for (int idx = tid; idx < kTile * kTile; idx += Cfg::kThreads) {
-        const int lr = idx % kTile;
-        const int lc = idx / kTile;
-        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
-      }
-    }
-  }
+  static_assert(size_t{kTile} * (kTile + 8) * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
+  store_tile<T, kProduct, kTile, Cfg::kThreads>(
+      args, upd, smem, tid, at.local, at.matrix, at.ti, at.tj, [&](auto&& f) {
+        for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane, f);
+      });
 }
 
 }  // namespace scion::ns

@@ -3,6 +3,7 @@
 // matrices as one launch's arguments can reference.
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "device.cuh"
 #include "ns_gemm.cuh"
@@ -10,6 +11,7 @@
 #include "ns_plan.cuh"
 #include "ns_prepare.cuh"
 #include "ns_small.cuh"
+#include "ns_wgmma.cuh"
 #include "status.cuh"
 
 namespace scion::ns {
@@ -47,6 +49,16 @@ GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int
                   ldc, k, tiles, tiles_n, batch0,  acc_scale, add_scale, diag_scale};
 }
 
+// The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
+template <typename T, Product kProduct, typename Cfg, typename Update>
+constexpr auto product_kernel() {
+  if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
+    return wgmma_kernel<T, kProduct, Cfg, Update>;
+  } else {
+    return gemm_kernel<T, kProduct, Cfg, Update>;
+  }
+}
+
 template <typename T, typename Cfg>
 bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const scion_ns_problem& pr = L.pr;
@@ -59,13 +71,26 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const int tiles_n = static_cast<int>(plan.n_pad / Cfg::kTile);
   const int tri = tiles_m * (tiles_m + 1) / 2;
   const size_t smem = Cfg::kSmemBytes;
-  auto* gram = gemm_kernel<T, Product::kGram, Cfg, NoUpdate>;
-  auto* poly = gemm_kernel<T, Product::kPoly, Cfg, NoUpdate>;
-  auto* apply = gemm_kernel<T, Product::kApply, Cfg, NoUpdate>;
-  auto* apply_update = gemm_kernel<T, Product::kApply, Cfg, UpdateArgs>;
+  auto* gram = product_kernel<T, Product::kGram, Cfg, NoUpdate>();
+  auto* poly = product_kernel<T, Product::kPoly, Cfg, NoUpdate>();
+  auto* apply = product_kernel<T, Product::kApply, Cfg, NoUpdate>();
+  auto* apply_update = product_kernel<T, Product::kApply, Cfg, UpdateArgs>();
   for (const void* f :
        {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
         reinterpret_cast<const void*>(apply), reinterpret_cast<const void*>(apply_update)}) {
+    if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
+      // The wgmma kernels trap unless the image the device loaded is sm_90a's: compiled from
+      // compute_90a PTX for sm_90 (an sm_80 image, or compute_80 PTX compiled for a newer
+      // device, has the trap). A build for plain "90" is not told apart: ARCHS names 90a.
+      cudaFuncAttributes attr{};
+      if (!L.ok(cudaFuncGetAttributes(&attr, f), "looking up the wgmma kernels")) return false;
+      if ((attr.binaryVersion != 90 || attr.ptxVersion < 90) &&
+          !L.ok(cudaErrorInvalidDeviceFunction,
+                "the wgmma products (they need a build with sm_90a on a compute capability 9.0 "
+                "device)")) {
+        return false;
+      }
+    }
     if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(smem)),
               "raising the shared-memory limit")) {
@@ -293,6 +318,7 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                 "the normalization launch");
   });
   if (!prepared) return false;
+  if (plan.wgmma) return run_products<T, WgmmaTiling>(L, mats, workspace);
   if (plan.tile == 128) return run_products<T, TileLarge>(L, mats, workspace);
   return run_products<T, TileSmall>(L, mats, workspace);
 }

@@ -12,18 +12,20 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 }  // namespace
 
-int choose_tile(int64_t m, int64_t n, int requested, bool gram) {
+int choose_tile(int64_t m, int64_t n, int requested, bool gram, bool wgmma) {
   if (requested == 1 || requested == 64 || requested == 128) return requested;
   if (!gram && m <= kSmallM && n <= kSmallMaxN) return 1;
-  return (m >= 512 && n >= 512) ? 128 : 64;
+  return (wgmma || (m >= 512 && n >= 512)) ? 128 : 64;
 }
 
-Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart) {
+Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart,
+               bool wgmma) {
   Plan p{};
   p.m = rows < cols ? rows : cols;
   p.n = rows < cols ? cols : rows;
   p.gram_restart = gram_restart;
-  p.tile = choose_tile(p.m, p.n, tile_request, gram_restart > 0);
+  p.tile = choose_tile(p.m, p.n, tile_request, gram_restart > 0, wgmma);
+  p.wgmma = wgmma && p.tile == 128;
   if (p.tile == 1) {  // the one-block path needs no workspace
     p.m_pad = kSmallM;
     p.n_pad = round_up(p.n, 64);

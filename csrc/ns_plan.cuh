@@ -18,6 +18,7 @@ constexpr int kSmallMaxN = 512;
 
 struct Plan {
   int tile;                    // 1: the one-block path; 64, 128: the tiled products
+  bool wgmma;                  // the tiled products on wgmma (ns_wgmma.cuh; tile 128)
   int gram_restart;            // 0: the plain iteration; k: the Gram form, restarts every k
   int64_t m, n, m_pad, n_pad;  // oriented (wide: m ≤ n) size, and padded with zeros
   int chunk_rows, chunks;      // average_kernel
@@ -29,12 +30,15 @@ struct Plan {
 };
 
 // 1: the one-block path; 64, 128: the tiled products with that tile. `requested` (1, 64 or 128)
-// wins; anything else chooses by the oriented size m × n (never 1 for the Gram form).
-int choose_tile(int64_t m, int64_t n, int requested, bool gram);
+// wins; anything else chooses by the oriented size m × n (never 1 for the Gram form, never 64
+// for the wgmma products).
+int choose_tile(int64_t m, int64_t n, int requested, bool gram, bool wgmma);
 
 // The plan for `batch` matrices of rows × cols with the tile requested (0: automatic), in the
-// Gram form restarting every `gram_restart` steps (0: the plain iteration).
-Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart);
+// Gram form restarting every `gram_restart` steps (0: the plain iteration), the tiled products on
+// wgmma or not.
+Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart,
+               bool wgmma);
 
 }  // namespace scion::ns
 

@@ -70,6 +70,11 @@ typedef struct scion_ns_problem {
   int gram_restart;  /* 0: the plain iteration; k >= 1: the Gram form, restarting from X
                         every k steps (tiled products only: tile 1 is refused, tile 0 never
                         chooses it) */
+  int wgmma;         /* 0: the tiled products on mma.sync (sm_80 and up); 1: on Hopper's
+                        wgmma, with the 128 tile (tile 64 is refused, tile 0 chooses 1 or
+                        128). Runs only where the module's loaded image is sm_90a (a build
+                        with 90a on a compute capability 9.0 device); elsewhere the call
+                        fails with cudaErrorInvalidDeviceFunction. */
 } scion_ns_problem;
 
 typedef struct scion_ns_matrix {
@@ -82,7 +87,7 @@ typedef struct scion_ns_matrix {
 int64_t scion_ns_workspace_bytes(const scion_ns_problem* problem);
 
 /* The path scion_ns_step will take (1: one block per matrix; 64 or 128: tiled products with
- * that tile); -1 on invalid input. */
+ * that tile); -1 on invalid input. The product instructions follow `wgmma`. */
 int scion_ns_tile(const scion_ns_problem* problem);
 
 scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matrix* matrices,

@@ -102,22 +102,25 @@ PATHS = ("chosen", "tiled")
 
 
 #: The Triton kernels with Hopper's persistent TMA products (interpreter-sized tiles, tiled
-#: path): the ``-tma`` variant of :func:`over`.
+#: path): the ``triton-tma`` variant of :func:`over`'s Hopper kernels.
 TMA_APPLY = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=1),)
 TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 
 
-def over(*variants: str, paths: bool = False, tma: bool = False):
+def over(*variants: str, paths: bool = False, hopper: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
-    paths of each fused backend; with ``tma``: also ``triton-tma``)."""
+    paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
+    the native ``wgmma`` products, emulated and on a GPU, on the 128 tile)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
         for path in PATHS if paths and variant != "torch" else (None,):
             name = variant if path is None else f"{variant}-{path}"
             params.append(pytest.param((variant, path), id=name, marks=marks))
-    if tma:
+    if hopper:
         params.append(pytest.param(("triton", "tma"), id="triton-tma"))
+        params.append(pytest.param(("cuda-emulated", "wgmma"), id="cuda-emulated-wgmma"))
+        params.append(pytest.param(("cuda", "wgmma"), id="cuda-wgmma", marks=[pytest.mark.gpu]))
     return pytest.mark.parametrize("kernels", params, indirect=True)
 
 
@@ -150,6 +153,10 @@ def kernels(request) -> Kernels:
         else:
             pytest.skip("needs a CUDA GPU and the built native module")
         policies = {(8, 0): NativePolicy(tile=64)} if path == "tiled" else None
+        if path == "wgmma":
+            if device.type == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+                pytest.skip("the wgmma products need a compute capability 9.0 GPU")
+            policies = {(8, 0): NativePolicy(tile=128, wgmma=True)}
         backend = NativeBackend(module, policies)
     with backends.using(backend):
         yield Kernels(backend, device)
@@ -182,7 +189,7 @@ POLAR_CASES = [
 ]
 
 
-@over(*FUSED, paths=True, tma=True)
+@over(*FUSED, paths=True, hopper=True)
 @pytest.mark.parametrize("shape, coefficients, dtype, steps", POLAR_CASES)
 def test_polar_matches_reference(kernels, tolerance, shape, coefficients, dtype, steps):
     """Odd shapes, both orientations, both coefficient sets, bf16 and fp16, a shortened
@@ -216,7 +223,7 @@ GRAM_CASES = [
 ]  # fmt: skip
 
 
-@over(*FUSED, paths=True, tma=True)
+@over(*FUSED, paths=True, hopper=True)
 @pytest.mark.parametrize("shape, coefficients, dtype, steps", GRAM_CASES)
 def test_gram_polar_matches_reference(kernels, tolerance, shape, coefficients, dtype, steps):
     """``polar="gram"`` in the kernels against the reference's Gram form, and against float64
@@ -379,7 +386,7 @@ def test_polar_full_shapes_gpu(kernels, tolerance, shape):
 # ------------------------------------------------------------------ the Newton–Schulz step
 
 
-@over(*FUSED, paths=True, tma=True)
+@over(*FUSED, paths=True, hopper=True)
 @pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("buf_dtype", [None, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -452,7 +459,7 @@ CASES = [
 ]
 
 
-@over(*FUSED, paths=True, tma=True)
+@over(*FUSED, paths=True, hopper=True)
 @pytest.mark.parametrize("cls, options", CASES, ids=["Scion-avg", "Scion-unconstrained", "Light"])
 def test_trajectory_matches_reference(kernels, tolerance, mixed_params, cls, options):
     """Every parameter after every step, against the bf16 reference and float64."""

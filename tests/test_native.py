@@ -67,3 +67,21 @@ def test_missing_native_module_error_explains_how_to_build():
     message = str(info.value)
     for needle in ("CUDA toolchain", "pip install -e . --no-build-isolation", "SCION_SKIP_NATIVE"):
         assert needle in message
+
+
+# --- what the compiler makes of the kernels for Hopper -----------------------------------------
+
+
+@pytest.mark.skipif(not _nvcc_found(), reason="no CUDA toolchain to compile for sm_90a")
+def test_wgmma_kernels_compile_for_sm90a_unserialized():
+    """Every native kernel compiles for sm_90a without spills, and ptxas keeps the wgmma
+    products asynchronous: no C75xx "wgmma.mma_async instructions are serialized" warning
+    (which a register written inside a product group's span brings; see csrc/ns_wgmma.cuh)."""
+    from bench.compile_report import native_report
+
+    rows = [line.split(" | ") for line in native_report().splitlines() if line.startswith("| `")]
+    wgmma = [r for r in rows if "wgmma_kernel<" in r[0]]
+    assert len(wgmma) == 8  # 2 dtypes × (X·Xᵀ, polynomial, apply, apply with the update)
+    for name, _, spills, _, warnings in rows:
+        assert spills == "0", name
+        assert warnings.rstrip(" |") == "none", (name, warnings)

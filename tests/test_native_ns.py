@@ -100,6 +100,63 @@ def test_workspace_and_tile_queries(native):
         module.ns_tile(33, 129, 0, -1)
 
 
+def test_wgmma_queries(native):
+    """``wgmma`` runs the 128 tile: the automatic choice never takes 64 with it, small
+    matrices still take the one-block path, and a forced 64 tile is refused."""
+    module, _ = native
+    assert module.ns_tile(65, 129) == 64
+    assert module.ns_tile(65, 129, 0, 0, True) == 128
+    assert module.ns_tile(33, 129, 0, 2, True) == 128  # the Gram form
+    assert module.ns_tile(33, 129, 0, 0, True) == 1
+    assert module.ns_workspace_bytes(2, 65, 129, 128) == module.ns_workspace_bytes(
+        2, 65, 129, 0, 0, True
+    )
+    with pytest.raises(ValueError, match="wgmma"):
+        module.ns_tile(65, 129, 64, 0, True)
+
+
+#: (stack, Gram form, dtype): wide and tall, one and more tiles per side, both dtypes.
+WGMMA_CASES = [
+    ((2, 7, 33), False, torch.bfloat16),
+    ((1, 130, 33), False, torch.float16),
+    ((1, 129, 260), True, torch.bfloat16),
+    ((2, 20, 70), True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("shape, gram, dtype", WGMMA_CASES, ids=str)
+def test_wgmma_products_equal_mma_sync_in_emulation(emulated_native, shape, gram, dtype):
+    """In the host emulation both product kernels accumulate every output element in the same
+    order (k16 slices in turn, each an fma chain over k), so the wgmma kernels (descriptors,
+    fragment maps, the transposed a·X + B·X, the async waits) must give the mma.sync kernels'
+    bits exactly, for the polar factor and for the fused update of strided parameters."""
+    module = emulated_native
+    G = torch.randn(shape)
+    table = flatten(resolve_coefficients("you"))
+
+    def polar(wgmma: bool) -> torch.Tensor:
+        policy = Policy(tile=128, wgmma=wgmma)
+        return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
+
+    assert torch.equal(polar(True), polar(False))
+
+    # The whole step: a parameter seen through a transposed view, a float32 buffer, lr on the
+    # device.
+    m, n = min(shape[1:]), max(shape[1:])
+    tall = shape[1] > shape[2]
+    base = torch.randn(shape[0], shape[2], shape[1])
+    grads = torch.randn(shape)
+    lr = torch.tensor([0.5])
+    results = []
+    for wgmma in (False, True):
+        p, d = base.clone().mT, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        ns_step_(module, 128, [p], [grads], [d], [tall], [1.5], m, n, dtype, table, gram, 0.3,
+                 None, lr, -0.05, 0.01, wgmma=wgmma)  # fmt: skip
+        results.append((p, d))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], base.mT)  # the step did update
+
+
 def test_invalid_arguments(native):
     module, device = native
     p = torch.zeros(1, 4, 8, device=device)

@@ -1,5 +1,5 @@
 // Runtime of the host emulation declared in emulation.h: fibers, barriers, warp collectives,
-// deferred cp.async copies, and the handful of CUDA runtime calls csrc/ makes.
+// deferred cp.async copies and wgmma products, and the handful of CUDA runtime calls csrc/ makes.
 #include "emulation.h"
 
 #include <cstdio>
@@ -86,6 +86,16 @@ struct Copy {
   const void* src;
 };
 
+// One issued wgmma, as this thread will carry it out at its wgmma.wait_group: its accumulators,
+// and A as a snapshot of the warpgroup's registers or through a descriptor.
+struct Product {
+  float* d;
+  int n;
+  bool accumulate, bf16, a_in_registers;
+  uint64_t desc_a, desc_b;
+  std::vector<float> a;  // 64×16, row-major (a_in_registers)
+};
+
 struct Fiber {
   ThreadState state;
   void* sp = nullptr;
@@ -95,6 +105,9 @@ struct Fiber {
   int lane = 0;
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> committed;
+  std::vector<Product> mma_open;
+  std::deque<std::vector<Product>> mma_committed;
+  bool fenced = false;  // a wgmma.fence since this thread last waited for products
 };
 
 struct Warp {
@@ -102,8 +115,21 @@ struct Warp {
   uint64_t slot[32][6];
 };
 
+// What the 128 threads of a warpgroup pass to one wgmma.
+struct WarpgroupSlot {
+  uint64_t desc_a, desc_b;
+  uint32_t a[4];
+  int n;
+  bool accumulate, a_in_registers;
+};
+struct Warpgroup {
+  Barrier barrier;
+  WarpgroupSlot slot[128];
+};
+
 std::vector<Fiber> fibers;
 std::vector<Warp> warps;
+std::vector<Warpgroup> warpgroups;
 Barrier block_barrier;
 std::vector<unsigned char> smem_storage;
 unsigned char* smem = nullptr;
@@ -128,6 +154,9 @@ void wait(Barrier& b) {
 
 void fiber_main(void*) {
   (*kernel_body)();
+  if (!running->mma_open.empty() || !running->mma_committed.empty()) {
+    fail("a thread ended with wgmma products it never waited for");
+  }
   running->done = true;
   progress = true;
   for (;;) yield();
@@ -153,6 +182,9 @@ void start(Fiber& f) {
   f.done = false;
   f.open.clear();
   f.committed.clear();
+  f.mma_open.clear();
+  f.mma_committed.clear();
+  f.fenced = false;
 }
 
 Fiber& self() { return *running; }
@@ -194,10 +226,16 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
   const int nwarps = (threads + 31) / 32;
   warps.assign(nwarps, Warp{});
   for (int w = 0; w < nwarps; ++w) warps[w].barrier.expected = std::min(32, threads - 32 * w);
+  const int ngroups = (threads + 127) / 128;
+  warpgroups.assign(ngroups, Warpgroup{});
+  for (int g = 0; g < ngroups; ++g) {
+    warpgroups[g].barrier.expected = std::min(128, threads - 128 * g);
+  }
   block_barrier = Barrier{threads, 0, 0};
-  smem_storage.assign(bytes + 128, 0);
-  smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) &
-                                          ~uintptr_t{127});
+  // 1024-byte aligned, as the swizzle patterns of wgmma's descriptors assume.
+  smem_storage.assign(bytes + 1024, 0);
+  smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_storage.data()) + 1023) & ~uintptr_t{1023});
   smem_bytes = bytes;
   for (int t = 0; t < threads; ++t) {
     Fiber& f = fibers[t];
@@ -329,6 +367,118 @@ void cp_async_wait(int pending) {
   }
 }
 
+namespace {
+
+// Element (row, k) of a 16-bit K-major operand in shared memory, through a wgmma matrix
+// descriptor (the PTX ISA's canonical layouts): start address, leading-dimension byte offset
+// (LBO: between core matrices along K) and stride-dimension byte offset (SBO: between groups of
+// 8 rows), all in 16-byte units, and the swizzle mode in bits 62–63. Without swizzling a core
+// matrix is 8 rows of 16 contiguous bytes; with the 128-byte swizzle a row of 8 rows × 128 bytes
+// holds 64 elements along K and the 16-byte chunks of each row are permuted by the row index
+// (address bits 4–6 ^= bits 7–9).
+float operand(uint64_t desc, int row, int k, bool bf16) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = static_cast<int>((desc >> 49) & 7);
+  const int mode = static_cast<int>(desc >> 62);
+  if (base_offset != 0) fail("wgmma descriptor with a nonzero base offset");
+  uint32_t at;
+  if (mode == 0) {
+    at = start + (row / 8) * sbo + (row % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+  } else if (mode == 1) {
+    at = start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
+    at ^= ((at >> 7) & 7) << 4;
+  } else {
+    fail("wgmma descriptor with a 64- or 32-byte swizzle (not emulated)");
+  }
+  if (at + 2 > smem_bytes) fail("wgmma operand outside the block's shared memory");
+  return to_float(bits16(smem + at, 0), bf16);
+}
+
+Warpgroup& my_warpgroup() {
+  const int tid = static_cast<int>(&self() - fibers.data());
+  return warpgroups[tid / 128];
+}
+
+void run(const Product& p, int t) {
+  const int warp = t / 32;
+  const int lane = t % 32;
+  for (int i = 0; i < p.n / 2; ++i) {
+    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
+    const int col = (i / 4) * 8 + 2 * (lane % 4) + i % 2;
+    float acc = p.accumulate ? p.d[i] : 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const float a = p.a_in_registers ? p.a[row * 16 + k] : operand(p.desc_a, row, k, p.bf16);
+      acc = std::fmaf(a, operand(p.desc_b, col, k, p.bf16), acc);
+    }
+    p.d[i] = acc;
+  }
+}
+
+}  // namespace
+
+uint32_t shared_address(const void* p) {
+  if (!in_shared(p, 1)) fail("shared-memory address of a pointer outside shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - smem);
+}
+
+void wgmma_fence() { self().fenced = true; }
+
+void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool accumulate,
+           bool bf16) {
+  Warpgroup& g = my_warpgroup();
+  Fiber& f = self();
+  const int t = static_cast<int>(&f - fibers.data()) % 128;
+  if (g.barrier.expected != 128) fail("wgmma in a partial warpgroup");
+  if (!f.fenced) fail("wgmma without a wgmma.fence after the registers were last accessed");
+  if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma with an invalid n");
+  WarpgroupSlot& mine = g.slot[t];
+  mine = WarpgroupSlot{desc_a, desc_b, {0, 0, 0, 0}, n, accumulate, a != nullptr};
+  if (a != nullptr) {
+    for (int r = 0; r < 4; ++r) mine.a[r] = a[r];
+  }
+  wait(g.barrier);
+  const WarpgroupSlot& first = g.slot[0];
+  if (first.n != n || first.accumulate != accumulate || first.a_in_registers != (a != nullptr) ||
+      first.desc_b != desc_b || (a == nullptr && first.desc_a != desc_a)) {
+    fail("wgmma whose shape, scale-d or descriptors differ across the warpgroup");
+  }
+  Product p{d, n, accumulate, bf16, a != nullptr, desc_a, desc_b, {}};
+  if (a != nullptr) {
+    // The mma.m16n8k16 A layout, warp w holding rows 16w..16w+15.
+    p.a.resize(64 * 16);
+    for (int row = 0; row < 64; ++row) {
+      for (int k = 0; k < 16; ++k) {
+        const int r = row % 16;
+        const WarpgroupSlot& s = g.slot[(row / 16) * 32 + (r % 8) * 4 + (k % 8) / 2];
+        const uint32_t reg = s.a[(r / 8) + 2 * (k / 8)];
+        p.a[row * 16 + k] = to_float(static_cast<uint16_t>(reg >> (16 * (k % 2))), bf16);
+      }
+    }
+  }
+  wait(g.barrier);  // every thread has read the slots before they are reused
+  f.mma_open.push_back(std::move(p));
+}
+
+void wgmma_commit() {
+  Fiber& f = self();
+  f.mma_committed.push_back(std::move(f.mma_open));
+  f.mma_open.clear();
+}
+
+void wgmma_wait(int pending) {
+  Fiber& f = self();
+  const int t = static_cast<int>(&f - fibers.data()) % 128;
+  while (static_cast<int>(f.mma_committed.size()) > pending) {
+    for (const Product& p : f.mma_committed.front()) run(p, t);
+    f.mma_committed.pop_front();
+  }
+  f.fenced = false;
+}
+
+void fence_proxy_async() {}
+
 }  // namespace scion_emu
 
 // The CUDA runtime calls csrc/ makes, for one emulated device 0.
@@ -364,6 +514,15 @@ const char* cudaGetErrorString(cudaError_t error) {
 }
 
 cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+
+// Every emulated kernel runs as if built for the emulated device's architecture (9.0).
+cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void*) {
+  *attr = cudaFuncAttributes{};
+  attr->binaryVersion = 90;
+  attr->ptxVersion = 90;
+  attr->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
   switch (attr) {

@@ -4,9 +4,13 @@
 // SCION_HOST_EMULATION defined; emulation.cpp holds the runtime. A launch runs its blocks one after
 // another; within a block every CUDA thread is a fiber (a user-level context on one OS thread),
 // switched at each barrier. So __syncthreads, warp shuffles, ldmatrix and mma.sync (both warp
-// collectives, emulated lane by lane from the PTX fragment layouts) behave as on the device, and
-// a missing barrier or a read before its cp.async completed shows up as a wrong result:
+// collectives, emulated lane by lane from the PTX fragment layouts) and Hopper's wgmma (a
+// warpgroup collective reading shared memory through its matrix descriptors) behave as on the
+// device, and a missing barrier or a read before its cp.async completed shows up as a wrong
+// result:
 //   - cp.async copies are deferred until the matching cp.async.wait_group;
+//   - wgmma products are deferred until the matching wgmma.wait_group: they read shared memory and
+//     write their accumulators then, not when issued;
 //   - dynamic shared memory is filled with 0xFF bytes (NaN as fp32, bf16 and fp16) per block;
 //   - a block whose threads cannot all reach a barrier aborts with a message (deadlock).
 // Runs are deterministic: fibers switch in a fixed order.
@@ -65,6 +69,16 @@ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf16);
 void cp_async_16(void* smem, const void* gmem);
 void cp_async_commit();
 void cp_async_wait(int pending);
+// Hopper's warpgroup products (all 128 threads of a warpgroup call them, in the same order).
+// `d`: this thread's n/2 fp32 accumulators of a 64×n×16 product; `a`: its four registers of A,
+// or null when A comes from shared memory through `desc_a`.
+uint32_t shared_address(const void* p);
+void wgmma_fence();
+void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool accumulate,
+           bool bf16);
+void wgmma_commit();
+void wgmma_wait(int pending);
+void fence_proxy_async();
 
 }  // namespace scion_emu
 

@@ -33,6 +33,9 @@ class Policy:
     #: The product tile: 64 or 128 forces it; 0 lets the C++ plan choose by matrix size
     #: (``csrc/ns_plan.cu``).
     tile: int = 0
+    #: Run the tiled products on Hopper's ``wgmma`` (``csrc/ns_wgmma.cuh``, the 128 tile; needs
+    #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it).
+    wgmma: bool = False
 
 
 #: The policy per compute capability (the newest the device has is used). A new architecture
@@ -92,8 +95,8 @@ class NativeBackend(Backend):
     def ns_step_(self, *args: Any) -> None:
         from .native import ns_step_
 
-        tile = self.policy(args[0][0].device).tile if args[0] else 0
-        ns_step_(self.module, tile, *args)
+        policy = self.policy(args[0][0].device) if args[0] else Policy()
+        ns_step_(self.module, policy.tile, *args, wgmma=policy.wgmma)
 
     def grouped_step_(self, *args: Any) -> None:
         from .native import grouped_step_
@@ -105,4 +108,5 @@ class NativeBackend(Backend):
     ) -> Tensor:
         from .native import polar_
 
-        return polar_(self.module, self.policy(G.device).tile, G, coefficients, dtype, gram)
+        policy = self.policy(G.device)
+        return polar_(self.module, policy.tile, G, coefficients, dtype, gram, policy.wgmma)

@@ -137,10 +137,12 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
     return buf, -(-buf.data_ptr() // 256) * 256
 
 
-def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
+def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: bool = False) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
-    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses)."""
+    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` runs the
+    tiled products on Hopper's wgmma (tile 128; an sm_90a build on a compute capability 9.0
+    GPU, or the host emulation)."""
     step = NSStep(*args)
     params, grads, bufs, tall, factors, m, n, dtype = step[:8]
     coefficients, alpha, coef, decay = step.coefficients, step.alpha, step.coef, step.decay
@@ -170,7 +172,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
     batch = len(p_addr)
     gram = step.gram and uses_gram(m, n, triples(coefficients), dtype)
     restart = gram_restart_every(dtype) if gram else 0
-    nbytes = native.ns_workspace_bytes(batch, m, n, tile, restart)
+    nbytes = native.ns_workspace_bytes(batch, m, n, tile, restart, wgmma)
     buf, address = _workspace(nbytes, device)
     try:
         native.ns_step(
@@ -178,7 +180,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any) -> None:
             _CODES[bufs[0].dtype] if bufs else -1, _CODES[dtype], [float(c) for c in coefficients],
             float(alpha), float(coef), float(decay), _address(step.lr, device),
             _address(step.momentum, device), int(tile), p_addr, g_addr, d_addr, strides,
-            scales, address, nbytes, device.index or 0, _stream(device), restart,
+            scales, address, nbytes, device.index or 0, _stream(device), restart, bool(wgmma),
         )  # fmt: skip
     except RuntimeError as exc:
         where = f"{batch} matrices of {m}×{n} on {device}"
@@ -206,6 +208,7 @@ def polar_(
     coefficients: list[float],
     dtype: torch.dtype,
     gram: bool = False,
+    wgmma: bool = False,
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
     kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
@@ -215,7 +218,7 @@ def polar_(
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel():
         ns_step_(module, tile, [out], [G], [], [tall], [1.0], m, n, dtype, coefficients,
-                 gram, 1.0, None, None, 1.0, 1.0)  # fmt: skip
+                 gram, 1.0, None, None, 1.0, 1.0, wgmma=wgmma)  # fmt: skip
     return out.to(dtype)
 
 
