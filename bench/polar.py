@@ -136,15 +136,22 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
-def _kernels(name: str, coefficients: str | None, gram: bool = False) -> PolarFn:
+def _kernels(
+    name: str, coefficients: str | None, gram: bool = False, wgmma: bool = False
+) -> PolarFn:
     """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
-    with ``gram``), in bf16 unless the call says otherwise."""
+    with ``gram``; for ``cuda`` with ``wgmma``: the Hopper products), in bf16 unless the call
+    says otherwise."""
     from scion_kernels import backends
     from scion_kernels.backends.ops import polar
     from scion_kernels.backends.tables import flatten
 
     table = flatten(resolve_coefficients(coefficients or "classic", STEPS))
     backend = backends.get(name)
+    if wgmma:
+        from scion_kernels.backends.cuda import NativeBackend, Policy
+
+        backend = NativeBackend(backend.module, {(8, 0): Policy(wgmma=True)})
     return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype, gram)
 
 
@@ -253,6 +260,17 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
         table["cuda-gram"] = Backend(
             functools.partial(_kernels, "cuda", gram=True), note=table["cuda"].note + gram_note
         )
+        if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
+            wgmma_note = "; Hopper's wgmma products (Policy(wgmma=True))"
+            table["cuda-wgmma"] = Backend(
+                functools.partial(_kernels, "cuda", wgmma=True), note=table["cuda"].note + wgmma_note
+            )
+            table["cuda-wgmma-gram"] = Backend(
+                functools.partial(_kernels, "cuda", gram=True, wgmma=True),
+                note=table["cuda"].note + wgmma_note + gram_note,
+            )
+        else:
+            ctx.log("polar: cuda-wgmma skipped: the wgmma products need compute capability 9.0")
     else:
         ctx.log(f"polar: cuda skipped: {why}")
     for name, probe in (

@@ -61,7 +61,8 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 #ifdef SCION_HOST_EMULATION
   return scion_emu::shared_memory();
 #else
-  extern __shared__ __align__(128) unsigned char scion_smem[];
+  // 1024-byte aligned: the 128-byte swizzle's atoms (smem_descriptor_sw128).
+  extern __shared__ __align__(1024) unsigned char scion_smem[];
   return scion_smem;
 #endif
 }
@@ -277,13 +278,14 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 #endif
 }
 
-// The descriptor of a K-major 16-bit operand without swizzling: core matrices of 8 rows × 16
-// bytes (8 elements along K) each stored contiguously, `lbo` bytes apart along K and `sbo` bytes
-// apart along the rows (M or N); `start` is the operand's first core matrix (16-byte aligned).
-__device__ __forceinline__ uint64_t smem_descriptor(const void* start, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((shared_address(start) >> 4) & 0x3FFF) |
-         static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
-         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+// The descriptor of a K-major 16-bit operand in the 128-byte swizzle: each row of the operand
+// holds 64 elements of K in 128 bytes, rows 128 bytes apart in atoms of 8 rows (1024 bytes,
+// 1024-byte aligned), atoms `sbo` bytes apart; the 16-byte chunk j of row r is stored at chunk
+// j ^ (r % 8). `start`: the operand's first row plus the byte offset of its k16 slice (32 per
+// slice); the leading-dimension offset is unused in this mode (1 by convention).
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* start, uint32_t sbo) {
+  return static_cast<uint64_t>((shared_address(start) >> 4) & 0x3FFF) | uint64_t{1} << 16 |
+         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | uint64_t{1} << 62;
 }
 
 // Orders this thread's earlier register accesses (accumulators, A fragments) before the

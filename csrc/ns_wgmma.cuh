@@ -8,11 +8,10 @@
 // a·X + B·X) one product group in flight per warpgroup. Both operands of wgmma are K-major, so no
 // operand is ever transposed in shared memory:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
-//     both from shared memory in the canonical no-swizzle layout (core matrices of 8 rows × 16
-//     bytes, 128 contiguous bytes each);
+//     both from shared memory in the K-major 128-byte swizzle;
 //   - a·X + B·X is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers (ldmatrix.trans
 //     of X's row-major stage, as the sm_80 kernel reads it), and Bᵀ's K-major form is B's rows,
-//     in the canonical layout. The epilogue writes Dᵀ's elements back in place.
+//     in the same swizzle. The epilogue writes Dᵀ's elements back in place.
 //
 // Included by ns_launch.cu only: a kernel is defined in the one source file that launches it.
 #ifndef SCION_NS_WGMMA_CUH_
@@ -32,31 +31,35 @@ struct WgmmaTiling {
   static constexpr int kK = 64;         // K per stage: four m64n128k16 products
   static constexpr int kStages = 4;
   static constexpr int kAhead = kStages - 2;  // stages loaded ahead of the products
-  // A K-major operand of kTile rows × kK: 8-row groups of kK/8 core matrices, 1024 bytes each.
-  static constexpr int kCoreBytes = 128;
-  static constexpr int kGroupBytes = kK / 8 * kCoreBytes;  // SBO
-  static constexpr int kOperandBytes = kTile / 8 * kGroupBytes;
+  // A K-major operand of kTile rows × kK in the 128-byte swizzle: one 128-byte row per matrix
+  // row, 8-row atoms of 1024 bytes (SBO), a k16 slice 32 bytes further along the row.
+  static constexpr int kRowBytes = kK * 2;
+  static constexpr int kAtomBytes = 8 * kRowBytes;
+  static constexpr int kOperandBytes = kTile * kRowBytes;
+  static_assert(kRowBytes == 128, "the 128-byte swizzle holds exactly kK = 64 16-bit elements");
   // X's stage in kApply, row-major [kK][kRowT] (padded against ldmatrix bank conflicts).
   static constexpr int kRowT = kTile + 8;
   static constexpr int kXBytes = kK * kRowT * 2;
   static constexpr int kStageBytes =
       kOperandBytes + (kXBytes > kOperandBytes ? kXBytes : kOperandBytes);
   static constexpr size_t kSmemBytes = size_t{kStages} * kStageBytes;
-  static_assert(kStageBytes % 128 == 0, "stages must keep the operands 128-byte aligned");
+  static_assert(kStageBytes % kAtomBytes == 0, "stages must keep the swizzle atoms aligned");
   static_assert(size_t{kTile} * (kTile + 8) * 2 <= kSmemBytes, "staging tile too big");
 };
 
 // Copies rows row0.. (kTile of them) × columns k0..k0+kK of a row-major matrix into the
-// canonical K-major layout: 16-byte chunk c is row 8·(c/64) + c%8, columns k0 + 8·((c/8)%8), and
-// lands at byte 16·c, so consecutive threads fill consecutive bytes.
+// K-major 128-byte swizzle: row r at byte 128·r, its 16-byte chunk j at chunk j ^ (r % 8) (the
+// layout TMA's 128-byte swizzle writes; bank-conflict free for wgmma's reads). Consecutive
+// threads copy consecutive chunks of a row.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void load_k_major(unsigned char* dst, const T* src, int64_t ld, int row0,
                                              int k0, int tid) {
-  constexpr int kChunks = Cfg::kTile * Cfg::kK / 8;
-  for (int c = tid; c < kChunks; c += Cfg::kThreads) {
-    const int r = (c / 64) * 8 + c % 8;
-    const int k = ((c / 8) % 8) * 8;
-    cp_async_16(dst + 16 * c, src + static_cast<int64_t>(row0 + r) * ld + k0 + k);
+  constexpr int kChunks = Cfg::kRowBytes / 16;
+  for (int c = tid; c < Cfg::kTile * kChunks; c += Cfg::kThreads) {
+    const int r = c / kChunks;
+    const int j = c % kChunks;
+    cp_async_16(dst + r * Cfg::kRowBytes + 16 * (j ^ (r % 8)),
+                src + static_cast<int64_t>(row0 + r) * ld + k0 + 8 * j);
   }
 }
 
@@ -136,8 +139,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       wgmma_fence();
       SCION_UNROLL
       for (int kk = 0; kk < kK / 16; ++kk) {
-        const uint64_t desc_b = smem_descriptor(stage_l(s) + 2 * kk * Cfg::kCoreBytes,
-                                                Cfg::kCoreBytes, Cfg::kGroupBytes);
+        const uint64_t desc_b = smem_descriptor_sw128(stage_l(s) + 32 * kk, Cfg::kAtomBytes);
         wgmma_rs<T>(acc, frag[kk], desc_b, true);
       }
     } else {
@@ -145,11 +147,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       wgmma_fence();
       SCION_UNROLL
       for (int kk = 0; kk < kK / 16; ++kk) {
-        const uint64_t desc_a =
-            smem_descriptor(stage_l(s) + 8 * group * Cfg::kGroupBytes + 2 * kk * Cfg::kCoreBytes,
-                            Cfg::kCoreBytes, Cfg::kGroupBytes);
-        const uint64_t desc_b = smem_descriptor(stage_r(s) + 2 * kk * Cfg::kCoreBytes,
-                                                Cfg::kCoreBytes, Cfg::kGroupBytes);
+        const uint64_t desc_a = smem_descriptor_sw128(
+            stage_l(s) + 64 * group * Cfg::kRowBytes + 32 * kk, Cfg::kAtomBytes);
+        const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
         wgmma_ss<T>(acc, desc_a, desc_b, true);
       }
     }

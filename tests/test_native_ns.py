@@ -19,7 +19,7 @@ from scion_kernels import backends
 from scion_kernels.backends.cuda import NativeBackend, Policy
 from scion_kernels.backends.cuda.native import grouped_step_, native_available, ns_step_
 from scion_kernels.backends.tables import flatten
-from scion_kernels.newton_schulz import resolve_coefficients
+from scion_kernels.newton_schulz import newton_schulz, resolve_coefficients
 
 
 @pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -125,7 +125,7 @@ WGMMA_CASES = [
 
 
 @pytest.mark.parametrize("shape, gram, dtype", WGMMA_CASES, ids=str)
-def test_wgmma_products_equal_mma_sync_in_emulation(emulated_native, shape, gram, dtype):
+def test_wgmma_equals_mma_sync_emulated(emulated_native, shape, gram, dtype):
     """In the host emulation both product kernels accumulate every output element in the same
     order (k16 slices in turn, each an fma chain over k), so the wgmma kernels (descriptors,
     fragment maps, the transposed a·X + B·X, the async waits) must give the mma.sync kernels'
@@ -155,6 +155,34 @@ def test_wgmma_products_equal_mma_sync_in_emulation(emulated_native, shape, gram
         results.append((p, d))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert not torch.equal(results[0][0], base.mT)  # the step did update
+
+
+def test_wgmma_on_device(native, tolerance):
+    """The wgmma products where they run (the emulation, or a compute capability 9.0 GPU):
+    two tiles a side, plain and in the Gram form, and a whole step of a tall parameter, against
+    the tolerance rule and the mma.sync products (the same to bf16 rounding: only the
+    summation order of the tensor cores differs)."""
+    module, device = native
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+        pytest.skip("the wgmma products need a compute capability 9.0 GPU")
+    G = torch.randn(1, 130, 260, device=device)
+    table = resolve_coefficients("classic")
+    for gram in (False, True):
+        got = NativeBackend(module, {(8, 0): Policy(wgmma=True)}).polar_(
+            G, flatten(table), torch.bfloat16, gram
+        )
+        tolerance.check_polar(got, G, "classic", torch.bfloat16, gram=gram)
+        other = NativeBackend(module, {(8, 0): Policy(tile=128)}).polar_(
+            G, flatten(table), torch.bfloat16, gram
+        )
+        assert (got.float() - other.float()).abs().max().item() <= 0.02
+    p = torch.randn(300, 140, device=device)
+    grad = torch.randn(300, 140, device=device)
+    before = p.clone()
+    ns_step_(module, 0, [p], [grad], [], [True], [1.0], 140, 300, torch.bfloat16, flatten(table),
+             False, 1.0, None, None, -0.1, 1.0, wgmma=True)  # fmt: skip
+    expected = before - 0.1 * newton_schulz(grad, "classic", dtype=torch.bfloat16).float()
+    assert (p - expected).abs().max().item() <= 0.01
 
 
 def test_invalid_arguments(native):
