@@ -41,9 +41,9 @@ stage          budget  predicted  what
 =============  ======  =========  ===============================================================
 
 Predicted on the H200: about 358 s of the ``TOTAL_BUDGET_S`` = 360 s (bench/NOTES.md, "First
-contact with an H200", gives the reasoning and the first run's figures per stage). Tests are stopped with SIGINT first, so pytest
-still writes its summary and JUnit XML; benchmarks with SIGTERM, on which they write what they
-measured.
+contact with an H200", gives the reasoning and the first run's figures per stage). Tests are
+stopped with SIGINT first, so pytest still writes its summary and JUnit XML; benchmarks with
+SIGTERM, on which they write what they measured.
 
 ``--dry-run`` runs every stage's plumbing on any machine, a CPU included, in about a minute:
 ``build`` imports the package instead of building it; ``warm`` and the kernel rows run in

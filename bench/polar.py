@@ -263,7 +263,8 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
             wgmma_note = "; Hopper's wgmma products (Policy(wgmma=True))"
             table["cuda-wgmma"] = Backend(
-                functools.partial(_kernels, "cuda", wgmma=True), note=table["cuda"].note + wgmma_note
+                functools.partial(_kernels, "cuda", wgmma=True),
+                note=table["cuda"].note + wgmma_note,
             )
             table["cuda-wgmma-gram"] = Backend(
                 functools.partial(_kernels, "cuda", gram=True, wgmma=True),
