@@ -344,7 +344,7 @@ def native_report() -> str:
         f"CUDA C++ kernels for sm_90a, {tool}; command: `python -m bench.compile_report "
         "--native`. The products' pipelines are dynamic shared memory: 3 stages, 30 KiB for "
         "the 64 tile and 60 KiB for the 128 tile (`Tiling::kSmemBytes` in csrc/ns_gemm.cuh); "
-        "the wgmma products 4 stages, 132 KiB (`WgmmaTiling::kSmemBytes`, csrc/ns_wgmma.cuh). "
+        "the wgmma products 4 TMA stages, 128 KiB (`WgmmaTiling::kSmemBytes`, csrc/ns_wgmma.cuh). "
         "ptxas warnings: C75xx, wgmma products it serializes (none is the goal)."
     )
     return head + "\n\n" + "\n".join(rows)

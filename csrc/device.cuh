@@ -13,6 +13,7 @@
 #ifndef SCION_DEVICE_CUH_
 #define SCION_DEVICE_CUH_
 
+#include <cuda.h>  // CUtensorMap (a type only: nothing here calls the driver)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -371,6 +372,68 @@ __device__ __forceinline__ void fence_proxy_async() {
       ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                 \
       : SCION_WGMMA_D_OPERANDS                                                        \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
+// ---------------------------------------------------------------------------------------------
+// Hopper's tensor memory accelerator (TMA) and the shared-memory barriers it completes.
+
+// Initializes the barrier at `bar` (8 bytes of shared memory) for `count` arrivals a phase.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::mbarrier_init(bar, count);
+#elif SCION_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count)
+               : "memory");
+#endif
+}
+
+// Makes initialized barriers visible to the async proxy (the TMA units); then a block barrier.
+__device__ __forceinline__ void fence_mbarrier_init() {
+#ifdef SCION_HOST_EMULATION
+#elif SCION_WGMMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// One arrival on `bar` that also expects `bytes` more of transactions (TMA copies) this phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::mbarrier_arrive_expect_tx(bar, bytes);
+#elif SCION_WGMMA
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)),
+      "r"(bytes)
+      : "memory");
+#endif
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::mbarrier_wait(bar, parity);
+#elif SCION_WGMMA
+  asm volatile(
+      "{\n.reg .pred done;\nwaiting:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra waiting;\n}\n" ::"r"(shared_address(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// Copies the box at coordinates (c0, c1, c2) (innermost first) of the tensor `map` describes
+// into shared memory at `dst` (its swizzle applied), completing `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                            int c2, uint64_t* bar) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::tma_load_3d(dst, map, c0, c1, c2, bar);
+#elif SCION_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(shared_address(bar))
+      : "memory");
+#endif
+}
 
 // d (+)= A·B for a 64×128×16 tile, A (64×16) and B (16×128, stored as 128 rows of K) from
 // shared memory. `d`: this thread's 64 accumulators; row 16·w + lane/4 + 8·((i/2)%2), column

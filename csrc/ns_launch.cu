@@ -1,6 +1,8 @@
 // The launch sequence of the Newton–Schulz step (newton_schulz.cu has the overview): each kernel's
 // arguments from the problem and the plan, and the launches in order, a bucket in slices of as many
 // matrices as one launch's arguments can reference.
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -47,6 +49,44 @@ GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int
   const float diag_scale = 0.0f;
   return GemmArgs{a,   b, add,   out,     a_batch, b_batch,   out_batch, lda,       ldb,
                   ldc, k, tiles, tiles_n, batch0,  acc_scale, add_scale, diag_scale};
+}
+
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link-time dependency on
+// libcuda), or null where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The tensor map of `batch` dense rows × cols matrices of T, `batch_stride` elements apart,
+// read in boxes of 64 columns × box_rows rows in the 128-byte swizzle; false if the driver
+// refuses it.
+template <typename T>
+bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, int64_t batch,
+                int64_t batch_stride, uint32_t box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(cols) * sizeof(T),
+                                 static_cast<cuuint64_t>(batch_stride) * sizeof(T)};
+  const cuuint32_t box[3] = {64, box_rows, 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      Operand<T>::kBf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(&map, type, 3, const_cast<void*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
@@ -102,20 +142,39 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const int32_t np = static_cast<int32_t>(plan.n_pad);
   const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
   const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n), static_cast<unsigned>(pr.batch));
+  // One launch of `kernel` on `g`, with its TMA maps for the wgmma kernels: the left operand
+  // (tiles_m·kTile rows of g.k), and the right one, of as many rows (the symmetric products) or
+  // X (a·X + B·X: g.k rows of g.ldb).
+  auto launch = [&](auto* kernel, dim3 grid, const GemmArgs& g, const auto& u, bool transposed,
+                    const char* what) {
+    if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
+      TmaMaps maps{};
+      const int64_t rows = int64_t{tiles_m} * Cfg::kTile;
+      const bool encoded =
+          encode_map<T>(maps.left, g.a, rows, g.k, pr.batch, g.a_batch, Cfg::kTile) &&
+          (transposed ? encode_map<T>(maps.right, g.b, g.k, g.ldb, pr.batch, g.b_batch, Cfg::kK)
+                      : encode_map<T>(maps.right, g.b, rows, g.k, pr.batch, g.b_batch, Cfg::kTile));
+      if (!encoded) {
+        return L.ok(cudaErrorInvalidValue, "encoding the TMA tensor maps (cuTensorMapEncodeTiled)");
+      }
+      return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, maps, u), what);
+    } else {
+      (void)transposed;
+      return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, u), what);
+    }
+  };
   // dst ← X·Xᵀ (symmetric tiles).
   auto xxt = [&](const T* src, T* dst) {
     const GemmArgs g = product(src, plan.x_elems, np, src, plan.x_elems, np, dst, dst, plan.a_elems,
                                mp, np, 1.0f, 0.0f, tiles_m, tiles_n);
-    return L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-                "the X·Xᵀ launch");
+    return launch(gram, grid_sym, g, NoUpdate{}, false, "the X·Xᵀ launch");
   };
   // dst ← b·A + c·A·A (+ diag·I in the Gram form).
   auto polynomial = [&](const T* src, T* dst, float cb, float cc, float diag) {
     GemmArgs g = product(src, plan.a_elems, mp, src, plan.a_elems, mp, src, dst, plan.a_elems, mp,
                          mp, cc, cb, tiles_m, tiles_n);
     g.diag_scale = diag;
-    return L.ok(launch_kernel(poly, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-                "the b·A + c·A·A launch");
+    return launch(poly, grid_sym, g, NoUpdate{}, false, "the b·A + c·A·A launch");
   };
   // The args of dst ← a·src + left·src.
   auto apply_args = [&](const T* left, const T* src, T* dst, float ca) {
@@ -123,9 +182,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                    1.0f, ca, tiles_m, tiles_n);
   };
   auto apply_plain = [&](const T* left, const T* src, T* dst, float ca) {
-    return L.ok(launch_kernel(apply, grid_apply, block, smem, L.stream,
-                              apply_args(left, src, dst, ca), NoUpdate{}),
-                "the a·X + B·X launch");
+    return launch(apply, grid_apply, apply_args(left, src, dst, ca), NoUpdate{}, true,
+                  "the a·X + B·X launch");
   };
   // The last product also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
   auto apply_last = [&](const T* left, const T* src, T* dst, float ca) {
@@ -148,9 +206,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
         u.refs[k].scale = mat.scale;
       }
       g.batch0 = static_cast<int32_t>(first);
-      return L.ok(launch_kernel(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)),
-                                block, smem, L.stream, g, u),
-                  "the a·X + B·X launch with the update");
+      return launch(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)), g, u, true,
+                    "the a·X + B·X launch with the update");
     });
   };
   auto coefficient = [&](int s, int i) { return static_cast<float>(pr.coefficients[3 * s + i]); };
@@ -180,8 +237,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   auto square = [&](const T* left, const T* right, T* dst) {
     const GemmArgs g = product(left, plan.a_elems, mp, right, plan.a_elems, mp, dst, dst,
                                plan.a_elems, mp, mp, 1.0f, 0.0f, tiles_m, tiles_n);
-    return L.ok(launch_kernel(gram, grid_sym, block, smem, L.stream, g, NoUpdate{}),
-                "a Gram-form product launch");
+    return launch(gram, grid_sym, g, NoUpdate{}, false, "a Gram-form product launch");
   };
   if (!xxt(x, r)) return false;  // R ← X·Xᵀ
   bool fresh = true;             // Q = I

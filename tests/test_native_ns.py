@@ -125,11 +125,14 @@ WGMMA_CASES = [
 
 
 @pytest.mark.parametrize("shape, gram, dtype", WGMMA_CASES, ids=str)
-def test_wgmma_equals_mma_sync_emulated(emulated_native, shape, gram, dtype):
+def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gram, dtype):
     """In the host emulation both product kernels accumulate every output element in the same
-    order (k16 slices in turn, each an fma chain over k), so the wgmma kernels (descriptors,
-    fragment maps, the transposed a·X + B·X, the async waits) must give the mma.sync kernels'
-    bits exactly, for the polar factor and for the fused update of strided parameters."""
+    order (k16 slices in turn, each an fma chain over k), so the wgmma kernels (TMA boxes and
+    their swizzle, descriptors, fragment maps, the transposed a·X + B·X, the barriers and async
+    waits) must give the mma.sync kernels' bits exactly, for the polar factor and for the fused
+    update of strided parameters. The TMA copies run both late (at the first wait that needs
+    them: a stage read before its barrier) and eagerly (when issued: a stage refilled while
+    still read)."""
     module = emulated_native
     G = torch.randn(shape)
     table = flatten(resolve_coefficients("you"))
@@ -138,7 +141,11 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, shape, gram, dtype):
         policy = Policy(tile=128, wgmma=wgmma)
         return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
 
-    assert torch.equal(polar(True), polar(False))
+    expected = polar(False)
+    assert torch.equal(polar(True), expected)
+    monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
+    assert torch.equal(polar(True), expected)
+    monkeypatch.delenv("SCION_EMULATION_TMA")
 
     # The whole step: a parameter seen through a transposed view, a float32 buffer, lr on the
     # device.

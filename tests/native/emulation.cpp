@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -127,9 +128,24 @@ struct Warpgroup {
   WarpgroupSlot slot[128];
 };
 
+// A shared-memory barrier (mbarrier): arrivals and transaction bytes still owed by the current
+// phase, phases completed, and the TMA copies that will complete transactions on it.
+struct TmaCopy {
+  unsigned char* dst;
+  CUtensorMap map;
+  int c[3];
+};
+struct MemoryBarrier {
+  uint32_t count = 0, pending = 0;
+  int64_t tx = 0;
+  uint64_t completed = 0;
+  std::vector<TmaCopy> copies;
+};
+
 std::vector<Fiber> fibers;
 std::vector<Warp> warps;
 std::vector<Warpgroup> warpgroups;
+std::map<const void*, MemoryBarrier> memory_barriers;  // of the running block
 Barrier block_barrier;
 std::vector<unsigned char> smem_storage;
 unsigned char* smem = nullptr;
@@ -251,6 +267,7 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = {x, y, z};
         std::memset(smem, 0xFF, bytes);
+        memory_barriers.clear();
         for (int t = 0; t < threads; ++t) start(fibers[t]);
         int live = threads;
         while (live > 0) {
@@ -264,6 +281,9 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
             if (f.done) --live;
           }
           if (!progress && live > 0) fail("deadlock: threads wait at barriers others never reach");
+        }
+        for (const auto& [bar, b] : memory_barriers) {
+          if (!b.copies.empty()) fail("a block ended with TMA copies nobody waited for");
         }
       }
     }
@@ -479,12 +499,183 @@ void wgmma_wait(int pending) {
 
 void fence_proxy_async() {}
 
+// --- TMA and shared-memory barriers ---------------------------------------------------------
+
+namespace {
+
+// The emulation's tensor map, in CUtensorMap's 128 opaque bytes.
+struct TensorMap {
+  uint64_t magic;
+  const unsigned char* base;
+  uint64_t dims[3];
+  uint64_t strides[2];  // bytes between consecutive indices of dims 1 and 2
+  uint32_t box[3];
+  uint32_t element_bytes;
+  uint32_t swizzle128;
+};
+static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "the emulated map must fit a CUtensorMap");
+constexpr uint64_t kMapMagic = 0x5C10A7E45C10A7E4ull;
+
+TensorMap decode(const CUtensorMap& map) {
+  TensorMap t;
+  std::memcpy(&t, &map, sizeof t);
+  if (t.magic != kMapMagic) fail("a tensor map not made by cuTensorMapEncodeTiled");
+  return t;
+}
+
+MemoryBarrier& barrier_at(const void* bar) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || !in_shared(bar, 8)) {
+    fail("mbarrier not 8-byte aligned shared memory");
+  }
+  auto it = memory_barriers.find(bar);
+  if (it == memory_barriers.end()) fail("mbarrier used before mbarrier.init");
+  return it->second;
+}
+
+void complete_phase(MemoryBarrier& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.completed;
+    b.pending = b.count;
+    progress = true;
+  }
+}
+
+// Carries out a TMA copy: the box, zeros outside the tensor, rows of the box's innermost
+// dimension stored one after another, with the 128-byte swizzle on the shared-memory address.
+void run_copy(MemoryBarrier& b, const TmaCopy& copy) {
+  const TensorMap t = decode(copy.map);
+  const uint32_t e = t.element_bytes;
+  const size_t bytes = size_t{t.box[0]} * t.box[1] * t.box[2] * e;
+  if (copy.dst + bytes > smem + smem_bytes) fail("TMA box beyond the block's shared memory");
+  for (uint32_t z = 0; z < t.box[2]; ++z) {
+    for (uint32_t y = 0; y < t.box[1]; ++y) {
+      for (uint32_t x = 0; x < t.box[0]; ++x) {
+        const int64_t gx = copy.c[0] + int64_t{x}, gy = copy.c[1] + int64_t{y};
+        const int64_t gz = copy.c[2] + int64_t{z};
+        uintptr_t at =
+            reinterpret_cast<uintptr_t>(copy.dst) + ((size_t{z} * t.box[1] + y) * t.box[0] + x) * e;
+        if (t.swizzle128) at ^= ((at >> 7) & 7) << 4;
+        unsigned char* out = reinterpret_cast<unsigned char*>(at);
+        const bool inside = gx >= 0 && gy >= 0 && gz >= 0 && gx < int64_t(t.dims[0]) &&
+                            gy < int64_t(t.dims[1]) && gz < int64_t(t.dims[2]);
+        if (inside) {
+          std::memcpy(out, t.base + gz * t.strides[1] + gy * t.strides[0] + gx * e, e);
+        } else {
+          std::memset(out, 0, e);
+        }
+      }
+    }
+  }
+  b.tx -= static_cast<int64_t>(bytes);
+  if (b.tx < 0) fail("TMA copies completed more bytes than the barrier expected");
+}
+
+}  // namespace
+
+void mbarrier_init(uint64_t* bar, uint32_t count) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || !in_shared(bar, 8)) {
+    fail("mbarrier not 8-byte aligned shared memory");
+  }
+  if (count == 0) fail("mbarrier.init with a zero count");
+  MemoryBarrier& b = memory_barriers[bar];
+  b = MemoryBarrier{};
+  b.count = b.pending = count;
+}
+
+void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  MemoryBarrier& b = barrier_at(bar);
+  if (b.pending == 0) fail("mbarrier arrival beyond its count");
+  b.tx += bytes;
+  --b.pending;
+  progress = true;
+  complete_phase(b);
+}
+
+// SCION_EMULATION_TMA=eager carries TMA copies out when issued (a stage refilled while its
+// products still read it shows up); by default they wait for the first thread that waits on
+// their barrier's phase and finds it incomplete (a stage read before its wait shows up).
+static bool eager_copies() {
+  const char* mode = std::getenv("SCION_EMULATION_TMA");
+  return mode != nullptr && std::strcmp(mode, "eager") == 0;
+}
+
+void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+  const TensorMap t = decode(*map);
+  auto* d = static_cast<unsigned char*>(dst);
+  const size_t align = t.swizzle128 ? 1024 : 128;
+  if (reinterpret_cast<uintptr_t>(d) % align != 0 || !in_shared(d, 1)) {
+    fail("TMA destination not aligned shared memory (1024 bytes with the 128-byte swizzle)");
+  }
+  TmaCopy copy{d, *map, {c0, c1, c2}};
+  MemoryBarrier& b = barrier_at(bar);
+  if (eager_copies()) {
+    run_copy(b, copy);
+    complete_phase(b);
+  } else {
+    b.copies.push_back(copy);
+  }
+}
+
+void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    MemoryBarrier& b = barrier_at(bar);
+    if ((b.completed & 1) != (parity & 1)) return;
+    if (!b.copies.empty()) {
+      std::vector<TmaCopy> copies;
+      copies.swap(b.copies);
+      for (const TmaCopy& c : copies) run_copy(b, c);
+      progress = true;
+      complete_phase(b);
+      continue;
+    }
+    yield();
+  }
+}
+
 }  // namespace scion_emu
 
 // The CUDA runtime calls csrc/ makes, for one emulated device 0.
 namespace {
 cudaError_t last_error = cudaSuccess;
 }
+
+namespace {
+
+// cuTensorMapEncodeTiled for the emulated device: rank-3 16-bit tensors, no interleave, no
+// swizzle or the 128-byte one, stored in the emulation's own encoding.
+CUresult CUDAAPI encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank,
+                              void* address, const cuuint64_t* dims, const cuuint64_t* strides,
+                              const cuuint32_t* box, const cuuint32_t* element_strides,
+                              CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill) {
+  const bool half =
+      type == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 || type == CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (!half || rank != 3 || interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
+      (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && swizzle != CU_TENSOR_MAP_SWIZZLE_128B) ||
+      reinterpret_cast<uintptr_t>(address) % 16 != 0) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  scion_emu::TensorMap t{};
+  t.magic = scion_emu::kMapMagic;
+  t.base = static_cast<const unsigned char*>(address);
+  t.element_bytes = 2;
+  t.swizzle128 = swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
+  for (int i = 0; i < 3; ++i) {
+    if (box[i] == 0 || box[i] > 256 || element_strides[i] != 1) return CUDA_ERROR_INVALID_VALUE;
+    t.dims[i] = dims[i];
+    t.box[i] = box[i];
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (strides[i] % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+    t.strides[i] = strides[i];
+  }
+  if ((box[0] * 2) % 16 != 0 || (t.swizzle128 && box[0] * 2 > 128)) return CUDA_ERROR_INVALID_VALUE;
+  *map = CUtensorMap{};
+  std::memcpy(map, &t, sizeof t);
+  return CUDA_SUCCESS;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -521,6 +712,16 @@ cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void*) 
   attr->binaryVersion = 90;
   attr->ptxVersion = 90;
   attr->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int,
+                                             unsigned long long,
+                                             enum cudaDriverEntryPointQueryResult* status) {
+  const bool known = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  *fn = known ? reinterpret_cast<void*>(&encode_tiled) : nullptr;
+  if (status != nullptr)
+    *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 

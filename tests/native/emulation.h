@@ -11,12 +11,15 @@
 //   - cp.async copies are deferred until the matching cp.async.wait_group;
 //   - wgmma products are deferred until the matching wgmma.wait_group: they read shared memory and
 //     write their accumulators then, not when issued;
+//   - TMA copies are deferred until a thread waits on the barrier they complete (tensor maps are
+//     the emulation's own encoding, from its cuTensorMapEncodeTiled);
 //   - dynamic shared memory is filled with 0xFF bytes (NaN as fp32, bf16 and fp16) per block;
 //   - a block whose threads cannot all reach a barrier aborts with a message (deadlock).
 // Runs are deterministic: fibers switch in a fixed order.
 #ifndef SCION_TESTS_EMULATION_H_
 #define SCION_TESTS_EMULATION_H_
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -79,6 +82,12 @@ void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
 void wgmma_commit();
 void wgmma_wait(int pending);
 void fence_proxy_async();
+// Shared-memory barriers and TMA copies: a copy is carried out when a thread waits on its
+// barrier, and a thread waiting for a phase that has not completed lets the others run.
+void mbarrier_init(uint64_t* bar, uint32_t count);
+void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes);
+void mbarrier_wait(uint64_t* bar, uint32_t parity);
+void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar);
 
 }  // namespace scion_emu
 
