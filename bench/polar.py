@@ -136,12 +136,10 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
-def _kernels(
-    name: str, coefficients: str | None, gram: bool = False, wgmma: bool = False
-) -> PolarFn:
+def _kernels(name: str, coefficients: str | None, gram: bool = False, wgmma: int = 0) -> PolarFn:
     """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
-    with ``gram``; for ``cuda`` with ``wgmma``: the Hopper products), in bf16 unless the call
-    says otherwise."""
+    with ``gram``; for ``cuda`` with ``wgmma`` 1 or 2: the Hopper products, ``Policy.wgmma``),
+    in bf16 unless the call says otherwise."""
     from scion_kernels import backends
     from scion_kernels.backends.ops import polar
     from scion_kernels.backends.tables import flatten
@@ -151,7 +149,7 @@ def _kernels(
     if wgmma:
         from scion_kernels.backends.cuda import NativeBackend, Policy
 
-        backend = NativeBackend(backend.module, {(8, 0): Policy(wgmma=True)})
+        backend = NativeBackend(backend.module, {(8, 0): Policy(wgmma=wgmma)})
     return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype, gram)
 
 
@@ -261,15 +259,16 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
             functools.partial(_kernels, "cuda", gram=True), note=table["cuda"].note + gram_note
         )
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
-            wgmma_note = "; Hopper's wgmma products (Policy(wgmma=True))"
-            table["cuda-wgmma"] = Backend(
-                functools.partial(_kernels, "cuda", wgmma=True),
-                note=table["cuda"].note + wgmma_note,
-            )
-            table["cuda-wgmma-gram"] = Backend(
-                functools.partial(_kernels, "cuda", gram=True, wgmma=True),
-                note=table["cuda"].note + wgmma_note + gram_note,
-            )
+            # Policy(wgmma=1): a·X + B·X reads Xᵀ from registers; 2 ("-smem"): X from smem.
+            for suffix, wgmma in (("", 1), ("-smem", 2)):
+                note = table["cuda"].note + f"; Hopper's wgmma products (Policy(wgmma={wgmma}))"
+                table[f"cuda-wgmma{suffix}"] = Backend(
+                    functools.partial(_kernels, "cuda", wgmma=wgmma), note=note
+                )
+                table[f"cuda-wgmma{suffix}-gram"] = Backend(
+                    functools.partial(_kernels, "cuda", gram=True, wgmma=wgmma),
+                    note=note + gram_note,
+                )
         else:
             ctx.log("polar: cuda-wgmma skipped: the wgmma products need compute capability 9.0")
     else:

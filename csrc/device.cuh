@@ -279,13 +279,16 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 #endif
 }
 
-// The descriptor of a K-major 16-bit operand in the 128-byte swizzle: each row of the operand
-// holds 64 elements of K in 128 bytes, rows 128 bytes apart in atoms of 8 rows (1024 bytes,
-// 1024-byte aligned), atoms `sbo` bytes apart; the 16-byte chunk j of row r is stored at chunk
-// j ^ (r % 8). `start`: the operand's first row plus the byte offset of its k16 slice (32 per
-// slice); the leading-dimension offset is unused in this mode (1 by convention).
-__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* start, uint32_t sbo) {
-  return static_cast<uint64_t>((shared_address(start) >> 4) & 0x3FFF) | uint64_t{1} << 16 |
+// The descriptor of a 16-bit operand in the 128-byte swizzle: 128-byte rows in atoms of 8 rows
+// (1024 bytes, 1024-byte aligned), the 16-byte chunk j of row r stored at chunk j ^ (r % 8).
+//   - K-major (rows of M or N, 64 elements of K each): atoms `sbo` bytes apart; `start` is the
+//     first row plus the byte offset of the k16 slice (32 per slice); `lbo` is unused (16).
+//   - MN-major (rows of K, 64 elements of N each): atoms of 8 k `sbo` bytes apart, blocks of 64
+//     along N `lbo` bytes apart; `start` is the slice's first k row.
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* start, uint32_t sbo,
+                                                          uint32_t lbo = 16) {
+  return static_cast<uint64_t>((shared_address(start) >> 4) & 0x3FFF) |
+         static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | uint64_t{1} << 62;
 }
 
@@ -356,13 +359,14 @@ __device__ __forceinline__ void fence_proxy_async() {
       "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),  \
       "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// The wgmma instruction for operand type `ab` ("bf16", "f16"): A from shared memory (SS) or
-// registers (RS); scale-d from the operand after the descriptors.
-#define SCION_WGMMA_SS(ab)                                                            \
+// The wgmma instruction for operand type `ab` ("bf16", "f16"): A from shared memory (SS; B
+// K-major, or N-major with trans_b "1") or registers (RS); scale-d from the operand after the
+// descriptors.
+#define SCION_WGMMA_SS(ab, trans_b)                                                   \
   asm volatile(                                                                       \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                    \
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST \
-      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                               \
+      ", %64, %65, p, 1, 1, 0, " trans_b ";\n}\n"                                     \
       : SCION_WGMMA_D_OPERANDS                                                        \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 #define SCION_WGMMA_RS(ab)                                                            \
@@ -435,21 +439,26 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
-// d (+)= A·B for a 64×128×16 tile, A (64×16) and B (16×128, stored as 128 rows of K) from
-// shared memory. `d`: this thread's 64 accumulators; row 16·w + lane/4 + 8·((i/2)%2), column
-// 8·(i/4) + 2·(lane%4) + i%2 of the warpgroup's tile for d[i], warp w of the warpgroup (per
-// warp and 8 columns, the mma.m16n8k16 accumulator layout). `accumulate` false: d = A·B.
-template <typename T>
+// d (+)= A·B for a 64×128×16 tile, A (64×16) and B (16×128: stored as 128 rows of K, or with
+// kTransB as 16 rows of N) from shared memory. `d`: this thread's 64 accumulators; row 16·w +
+// lane/4 + 8·((i/2)%2), column 8·(i/4) + 2·(lane%4) + i%2 of the warpgroup's tile for d[i], warp w
+// of the warpgroup (per warp and 8 columns, the mma.m16n8k16 accumulator layout). `accumulate`
+// false: d = A·B.
+template <typename T, bool kTransB = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
 #ifdef SCION_HOST_EMULATION
-  scion_emu::wgmma(d, 128, nullptr, desc_a, desc_b, accumulate, Operand<T>::kBf16);
+  scion_emu::wgmma(d, 128, nullptr, desc_a, desc_b, accumulate, Operand<T>::kBf16, kTransB);
 #elif SCION_WGMMA
   const int scale_d = accumulate ? 1 : 0;
-  if constexpr (Operand<T>::kBf16) {
-    SCION_WGMMA_SS("bf16");
+  if constexpr (Operand<T>::kBf16 && kTransB) {
+    SCION_WGMMA_SS("bf16", "1");
+  } else if constexpr (Operand<T>::kBf16) {
+    SCION_WGMMA_SS("bf16", "0");
+  } else if constexpr (kTransB) {
+    SCION_WGMMA_SS("f16", "1");
   } else {
-    SCION_WGMMA_SS("f16");
+    SCION_WGMMA_SS("f16", "0");
   }
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;

@@ -54,7 +54,7 @@ bool check_and_plan(const scion_ns_problem* problem, Plan& plan) {
   clear_error();
   if (problem == nullptr || !check_problem(*problem)) return false;
   plan = make_plan(problem->batch, problem->rows, problem->cols, problem->tile,
-                   problem->gram_restart, problem->wgmma == 1);
+                   problem->gram_restart, problem->wgmma);
   return true;
 }
 

@@ -93,16 +93,17 @@ bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, 
 }
 
 // The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
-template <typename T, Product kProduct, typename Cfg, typename Update>
+// kXShared: the wgmma a·X + B·X reads X from shared memory (N-major), not Xᵀ from registers.
+template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared = false>
 constexpr auto product_kernel() {
   if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
-    return wgmma_kernel<T, kProduct, Cfg, Update>;
+    return wgmma_kernel < T, kProduct, Cfg, Update, kXShared && kProduct == Product::kApply > ;
   } else {
     return gemm_kernel<T, kProduct, Cfg, Update>;
   }
 }
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool kXShared = false>
 bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const scion_ns_problem& pr = L.pr;
   const Plan& plan = L.plan;
@@ -116,8 +117,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const size_t smem = Cfg::kSmemBytes;
   auto* gram = product_kernel<T, Product::kGram, Cfg, NoUpdate>();
   auto* poly = product_kernel<T, Product::kPoly, Cfg, NoUpdate>();
-  auto* apply = product_kernel<T, Product::kApply, Cfg, NoUpdate>();
-  auto* apply_update = product_kernel<T, Product::kApply, Cfg, UpdateArgs>();
+  auto* apply = product_kernel<T, Product::kApply, Cfg, NoUpdate, kXShared>();
+  auto* apply_update = product_kernel<T, Product::kApply, Cfg, UpdateArgs, kXShared>();
   for (const void* f :
        {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
         reinterpret_cast<const void*>(apply), reinterpret_cast<const void*>(apply_update)}) {
@@ -377,7 +378,8 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                 "the normalization launch");
   });
   if (!prepared) return false;
-  if (plan.wgmma) return run_products<T, WgmmaTiling>(L, mats, workspace);
+  if (plan.wgmma == 2) return run_products<T, WgmmaTiling, true>(L, mats, workspace);
+  if (plan.wgmma == 1) return run_products<T, WgmmaTiling>(L, mats, workspace);
   if (plan.tile == 128) return run_products<T, TileLarge>(L, mats, workspace);
   return run_products<T, TileSmall>(L, mats, workspace);
 }

@@ -19,13 +19,13 @@ int choose_tile(int64_t m, int64_t n, int requested, bool gram, bool wgmma) {
 }
 
 Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart,
-               bool wgmma) {
+               int wgmma) {
   Plan p{};
   p.m = rows < cols ? rows : cols;
   p.n = rows < cols ? cols : rows;
   p.gram_restart = gram_restart;
-  p.tile = choose_tile(p.m, p.n, tile_request, gram_restart > 0, wgmma);
-  p.wgmma = wgmma && p.tile == 128;
+  p.tile = choose_tile(p.m, p.n, tile_request, gram_restart > 0, wgmma != 0);
+  p.wgmma = p.tile == 128 ? wgmma : 0;
   if (p.tile == 1) {  // the one-block path needs no workspace
     p.m_pad = kSmallM;
     p.n_pad = round_up(p.n, 64);

@@ -11,9 +11,13 @@
 // writes and which wgmma's descriptors and ldmatrix read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
 //     both from shared memory through descriptors;
-//   - a·X + B·X is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers (ldmatrix.trans
-//     of X's stage, two 64×64 boxes), and Bᵀ's K-major form is B's rows. The epilogue writes
-//     Dᵀ's elements back in place.
+//   - a·X + B·X (kXShared false) is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers
+//     (ldmatrix.trans of X's stage, two 64×64 boxes), and Bᵀ's K-major form is B's rows. The
+//     epilogue writes Dᵀ's elements back in place. ptxas serializes products whose register
+//     inputs are written while earlier ones are in flight (C7513), so here each stage's products
+//     are waited for before the next stage's fragments are loaded;
+//   - or (kXShared) D = B·X with X read from the same boxes as an N-major operand (the
+//     descriptor's transpose bit), so its products overlap as the others' do.
 //
 // Included by ns_launch.cu only: a kernel is defined in the one source file that launches it.
 #ifndef SCION_NS_WGMMA_CUH_
@@ -55,7 +59,7 @@ struct TmaMaps {
   CUtensorMap left, right;
 };
 
-template <typename T, Product kProduct, typename Cfg, typename Update>
+template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_kernel(const GemmArgs args, const __grid_constant__ TmaMaps maps,
                  const __grid_constant__ Update upd) {
@@ -65,7 +69,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kTile = Cfg::kTile;
   constexpr int kK = Cfg::kK;
   constexpr int kStages = Cfg::kStages;
-  constexpr bool kTransposed = kProduct == Product::kApply;
+  constexpr bool kApply = kProduct == Product::kApply;
+  constexpr bool kTransposed = kApply && !kXShared;  // Dᵀ, Xᵀ from registers
   unsigned char* smem = dynamic_smem();
   auto* full = reinterpret_cast<uint64_t*>(smem + Cfg::kBarriers);  // stage s has landed
   const int tid = static_cast<int>(threadIdx.x);
@@ -84,7 +89,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fence_proxy_async();
     mbarrier_arrive_expect_tx(&full[s], Cfg::kStageBytes);
     tma_load_3d(stage_l(s), &maps.left, k0, at.row0, at.matrix, &full[s]);
-    if constexpr (kTransposed) {
+    if constexpr (kApply) {
       tma_load_3d(stage_r(s), &maps.right, at.col0, k0, at.matrix, &full[s]);
       tma_load_3d(stage_r(s) + Cfg::kHalfBytes, &maps.right, at.col0 + 64, k0, at.matrix, &full[s]);
     } else {
@@ -106,11 +111,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   SCION_UNROLL
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
-  // One K stage: its products are issued and left in flight, the previous stage's waited for —
-  // except in kApply, whose products read Xᵀ's fragments from registers: ptxas serializes
-  // products whose register inputs are written while earlier ones are in flight (C7513), so
-  // there each stage's products are waited for before the next stage's fragments are loaded,
-  // and the two warpgroups overlap each other instead.
+  // One K stage: its products are issued and left in flight, the previous stage's waited for
+  // (but with Xᵀ from registers, see the top).
   uint32_t frag[kK / 16][4];
   for (int kt = 0; kt < ktiles; ++kt) {
     const int s = kt % kStages;
@@ -145,8 +147,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int kk = 0; kk < kK / 16; ++kk) {
         const uint64_t desc_a = smem_descriptor_sw128(
             stage_l(s) + 64 * group * Cfg::kRowBytes + 32 * kk, Cfg::kAtomBytes);
-        const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
-        wgmma_ss<T>(acc, desc_a, desc_b, true);
+        if constexpr (kApply) {
+          // X's rows 16·kk.. of both boxes: atoms of 8 rows along K, the boxes along N.
+          const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 2 * kk * Cfg::kAtomBytes,
+                                                        Cfg::kAtomBytes, Cfg::kHalfBytes);
+          wgmma_ss<T, true>(acc, desc_a, desc_b, true);
+        } else {
+          const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
+          wgmma_ss<T>(acc, desc_a, desc_b, true);
+        }
       }
     }
     wgmma_commit();

@@ -29,7 +29,7 @@ namespace {
 scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dtype, int g_dtype,
                             int d_dtype, int compute_dtype, const std::vector<double>& coefficients,
                             double alpha, double coef, double decay, uint64_t lr, uint64_t momentum,
-                            int tile, int gram_restart, bool wgmma) {
+                            int tile, int gram_restart, int wgmma) {
   if (coefficients.empty() || coefficients.size() % 3 != 0 || coefficients.size() > 48) {
     throw std::invalid_argument("ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
                                 std::to_string(coefficients.size()) + " numbers");
@@ -51,12 +51,12 @@ scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dty
   pr.lr = lr;
   pr.momentum = momentum;
   pr.gram_restart = gram_restart;
-  pr.wgmma = wgmma ? 1 : 0;
+  pr.wgmma = wgmma;
   return pr;
 }
 
 int64_t ns_workspace_bytes(int64_t batch, int64_t rows, int64_t cols, int tile, int gram_restart,
-                           bool wgmma) {
+                           int wgmma) {
   const scion_ns_problem pr =
       ns_problem(batch, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1, SCION_BFLOAT16,
                  {1.0, 0.0, 0.0}, 1.0, 0.0, 1.0, 0, 0, tile, gram_restart, wgmma);
@@ -65,7 +65,7 @@ int64_t ns_workspace_bytes(int64_t batch, int64_t rows, int64_t cols, int tile, 
   return bytes;
 }
 
-int ns_tile(int64_t rows, int64_t cols, int tile, int gram_restart, bool wgmma) {
+int ns_tile(int64_t rows, int64_t cols, int tile, int gram_restart, int wgmma) {
   const scion_ns_problem pr =
       ns_problem(1, rows, cols, SCION_FLOAT32, SCION_FLOAT32, -1, SCION_BFLOAT16, {1.0, 0.0, 0.0},
                  1.0, 0.0, 1.0, 0, 0, tile, gram_restart, wgmma);
@@ -80,7 +80,7 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
              const std::vector<uint64_t>& g, const std::vector<uint64_t>& d,
              const std::vector<int64_t>& strides, const std::vector<float>& scales,
              uint64_t workspace, int64_t workspace_bytes, int device, uint64_t stream,
-             int gram_restart, bool wgmma) {
+             int gram_restart, int wgmma) {
   const size_t batch = p.size();
   const bool has_buffer = d_dtype != -1;
   if (g.size() != batch || (has_buffer ? d.size() != batch : !d.empty()) ||
@@ -169,10 +169,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CUDA_RUNTIME_VERSION") = scion_cuda_runtime_version();
 
   m.def("ns_workspace_bytes", &ns_workspace_bytes, py::arg("batch"), py::arg("rows"),
-        py::arg("cols"), py::arg("tile") = 0, py::arg("gram_restart") = 0, py::arg("wgmma") = false,
+        py::arg("cols"), py::arg("tile") = 0, py::arg("gram_restart") = 0, py::arg("wgmma") = 0,
         "Bytes of device workspace ns_step needs for `batch` matrices of rows x cols.");
   m.def("ns_tile", &ns_tile, py::arg("rows"), py::arg("cols"), py::arg("tile") = 0,
-        py::arg("gram_restart") = 0, py::arg("wgmma") = false,
+        py::arg("gram_restart") = 0, py::arg("wgmma") = 0,
         "The path ns_step takes for rows x cols matrices (1: one block per matrix; 64 or 128: "
         "tiled products with that tile).");
   m.def("ns_step", &ns_step, py::arg("rows"), py::arg("cols"), py::arg("p_dtype"),
@@ -180,7 +180,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"), py::arg("momentum"),
         py::arg("tile"), py::arg("p"), py::arg("g"), py::arg("d"), py::arg("strides"),
         py::arg("scales"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
-        py::arg("stream"), py::arg("gram_restart") = 0, py::arg("wgmma") = false,
+        py::arg("stream"), py::arg("gram_restart") = 0, py::arg("wgmma") = 0,
         "The Scion step of one bucket of rows x cols matrices: averaging, Newton-Schulz with "
         "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d) (with "
         "`lr`, the device address of one float32 t or 0: x <- (1-decay*t)*x + coef*t*...; "
@@ -188,7 +188,8 @@ PYBIND11_MODULE(_C, m) {
         "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
         "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`. "
         "`gram_restart` k >= 1 runs the steps in the Gram form, restarting every k steps. "
-        "`wgmma` runs the tiled products on Hopper's wgmma (an sm_90a image; tile 128).");
+        "`wgmma` 1 or 2 runs the tiled products on Hopper's wgmma (an sm_90a image; tile 128), "
+        "a*X + B*X reading X^T from registers (1) or X from shared memory (2).");
   m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
         py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"),

@@ -110,7 +110,8 @@ TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 def over(*variants: str, paths: bool = False, hopper: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
     paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
-    the native ``wgmma`` products, emulated and on a GPU, on the 128 tile)."""
+    the native ``wgmma`` products, emulated and on a GPU, on the 128 tile, ``a·X + B·X``
+    reading Xᵀ from registers or X from shared memory)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
@@ -119,8 +120,10 @@ def over(*variants: str, paths: bool = False, hopper: bool = False):
             params.append(pytest.param((variant, path), id=name, marks=marks))
     if hopper:
         params.append(pytest.param(("triton", "tma"), id="triton-tma"))
-        params.append(pytest.param(("cuda-emulated", "wgmma"), id="cuda-emulated-wgmma"))
-        params.append(pytest.param(("cuda", "wgmma"), id="cuda-wgmma", marks=[pytest.mark.gpu]))
+        for native in ("cuda-emulated", "cuda"):
+            marks = [pytest.mark.gpu] if native == "cuda" else []
+            for path in ("wgmma", "wgmma-smem"):
+                params.append(pytest.param((native, path), id=f"{native}-{path}", marks=marks))
     return pytest.mark.parametrize("kernels", params, indirect=True)
 
 
@@ -153,10 +156,11 @@ def kernels(request) -> Kernels:
         else:
             pytest.skip("needs a CUDA GPU and the built native module")
         policies = {(8, 0): NativePolicy(tile=64)} if path == "tiled" else None
-        if path == "wgmma":
+        if path in ("wgmma", "wgmma-smem"):
             if device.type == "cuda" and torch.cuda.get_device_capability() != (9, 0):
                 pytest.skip("the wgmma products need a compute capability 9.0 GPU")
-            policies = {(8, 0): NativePolicy(tile=128, wgmma=True)}
+            wgmma = 2 if path == "wgmma-smem" else 1
+            policies = {(8, 0): NativePolicy(tile=128, wgmma=wgmma)}
         backend = NativeBackend(module, policies)
     with backends.using(backend):
         yield Kernels(backend, device)

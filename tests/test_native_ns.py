@@ -108,11 +108,14 @@ def test_wgmma_queries(native):
     assert module.ns_tile(65, 129, 0, 0, True) == 128
     assert module.ns_tile(33, 129, 0, 2, True) == 128  # the Gram form
     assert module.ns_tile(33, 129, 0, 0, True) == 1
+    assert module.ns_tile(65, 129, 0, 0, 2) == 128
     assert module.ns_workspace_bytes(2, 65, 129, 128) == module.ns_workspace_bytes(
         2, 65, 129, 0, 0, True
     )
     with pytest.raises(ValueError, match="wgmma"):
         module.ns_tile(65, 129, 64, 0, True)
+    with pytest.raises(ValueError, match="wgmma"):
+        module.ns_tile(65, 129, 0, 0, 3)
 
 
 #: (stack, Gram form, dtype): wide and tall, one and more tiles per side, both dtypes.
@@ -137,15 +140,16 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     G = torch.randn(shape)
     table = flatten(resolve_coefficients("you"))
 
-    def polar(wgmma: bool) -> torch.Tensor:
+    def polar(wgmma: int) -> torch.Tensor:
         policy = Policy(tile=128, wgmma=wgmma)
         return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
 
-    expected = polar(False)
-    assert torch.equal(polar(True), expected)
-    monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
-    assert torch.equal(polar(True), expected)
-    monkeypatch.delenv("SCION_EMULATION_TMA")
+    expected = polar(0)
+    for wgmma in (1, 2):  # a·X + B·X: Xᵀ from registers, X from shared memory
+        assert torch.equal(polar(wgmma), expected), wgmma
+        monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
+        assert torch.equal(polar(wgmma), expected), wgmma
+        monkeypatch.delenv("SCION_EMULATION_TMA")
 
     # The whole step: a parameter seen through a transposed view, a float32 buffer, lr on the
     # device.
@@ -155,7 +159,7 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     grads = torch.randn(shape)
     lr = torch.tensor([0.5])
     results = []
-    for wgmma in (False, True):
+    for wgmma in (0, 2):
         p, d = base.clone().mT, torch.randn(shape, generator=torch.Generator().manual_seed(1))
         ns_step_(module, 128, [p], [grads], [d], [tall], [1.5], m, n, dtype, table, gram, 0.3,
                  None, lr, -0.05, 0.01, wgmma=wgmma)  # fmt: skip
@@ -174,8 +178,8 @@ def test_wgmma_on_device(native, tolerance):
         pytest.skip("the wgmma products need a compute capability 9.0 GPU")
     G = torch.randn(1, 130, 260, device=device)
     table = resolve_coefficients("classic")
-    for gram in (False, True):
-        got = NativeBackend(module, {(8, 0): Policy(wgmma=True)}).polar_(
+    for gram, wgmma in ((False, 1), (True, 1), (False, 2)):
+        got = NativeBackend(module, {(8, 0): Policy(wgmma=wgmma)}).polar_(
             G, flatten(table), torch.bfloat16, gram
         )
         tolerance.check_polar(got, G, "classic", torch.bfloat16, gram=gram)
@@ -187,7 +191,7 @@ def test_wgmma_on_device(native, tolerance):
     grad = torch.randn(300, 140, device=device)
     before = p.clone()
     ns_step_(module, 0, [p], [grad], [], [True], [1.0], 140, 300, torch.bfloat16, flatten(table),
-             False, 1.0, None, None, -0.1, 1.0, wgmma=True)  # fmt: skip
+             False, 1.0, None, None, -0.1, 1.0, wgmma=2)  # fmt: skip
     expected = before - 0.1 * newton_schulz(grad, "classic", dtype=torch.bfloat16).float()
     assert (p - expected).abs().max().item() <= 0.01
 

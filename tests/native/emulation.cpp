@@ -92,7 +92,7 @@ struct Copy {
 struct Product {
   float* d;
   int n;
-  bool accumulate, bf16, a_in_registers;
+  bool accumulate, bf16, a_in_registers, trans_b;
   uint64_t desc_a, desc_b;
   std::vector<float> a;  // 64×16, row-major (a_in_registers)
 };
@@ -121,7 +121,7 @@ struct WarpgroupSlot {
   uint64_t desc_a, desc_b;
   uint32_t a[4];
   int n;
-  bool accumulate, a_in_registers;
+  bool accumulate, a_in_registers, trans_b;
 };
 struct Warpgroup {
   Barrier barrier;
@@ -416,6 +416,23 @@ float operand(uint64_t desc, int row, int k, bool bf16) {
   return to_float(bits16(smem + at, 0), bf16);
 }
 
+// Element (k, n) of an MN-major 16-bit B operand in the 128-byte swizzle (the PTX ISA's
+// canonical ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) with T = 8): 64 elements of N contiguous in a
+// 128-byte row, a row per k, atoms of 8 rows SBO bytes apart along K, blocks of 64 along N LBO
+// bytes apart, the 16-byte chunks permuted by address bits 7–9.
+float operand_mn(uint64_t desc, int k, int n, bool bf16) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  if (((desc >> 49) & 7) != 0) fail("wgmma descriptor with a nonzero base offset");
+  if ((desc >> 62) != 1)
+    fail("an MN-major wgmma operand without the 128-byte swizzle (not emulated)");
+  uint32_t at = start + (n / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (n % 64) * 2;
+  at ^= ((at >> 7) & 7) << 4;
+  if (at + 2 > smem_bytes) fail("wgmma operand outside the block's shared memory");
+  return to_float(bits16(smem + at, 0), bf16);
+}
+
 Warpgroup& my_warpgroup() {
   const int tid = static_cast<int>(&self() - fibers.data());
   return warpgroups[tid / 128];
@@ -430,7 +447,9 @@ void run(const Product& p, int t) {
     float acc = p.accumulate ? p.d[i] : 0.0f;
     for (int k = 0; k < 16; ++k) {
       const float a = p.a_in_registers ? p.a[row * 16 + k] : operand(p.desc_a, row, k, p.bf16);
-      acc = std::fmaf(a, operand(p.desc_b, col, k, p.bf16), acc);
+      const float b =
+          p.trans_b ? operand_mn(p.desc_b, k, col, p.bf16) : operand(p.desc_b, col, k, p.bf16);
+      acc = std::fmaf(a, b, acc);
     }
     p.d[i] = acc;
   }
@@ -446,7 +465,7 @@ uint32_t shared_address(const void* p) {
 void wgmma_fence() { self().fenced = true; }
 
 void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool accumulate,
-           bool bf16) {
+           bool bf16, bool trans_b) {
   Warpgroup& g = my_warpgroup();
   Fiber& f = self();
   const int t = static_cast<int>(&f - fibers.data()) % 128;
@@ -454,17 +473,18 @@ void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
   if (!f.fenced) fail("wgmma without a wgmma.fence after the registers were last accessed");
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma with an invalid n");
   WarpgroupSlot& mine = g.slot[t];
-  mine = WarpgroupSlot{desc_a, desc_b, {0, 0, 0, 0}, n, accumulate, a != nullptr};
+  mine = WarpgroupSlot{desc_a, desc_b, {0, 0, 0, 0}, n, accumulate, a != nullptr, trans_b};
   if (a != nullptr) {
     for (int r = 0; r < 4; ++r) mine.a[r] = a[r];
   }
   wait(g.barrier);
   const WarpgroupSlot& first = g.slot[0];
   if (first.n != n || first.accumulate != accumulate || first.a_in_registers != (a != nullptr) ||
-      first.desc_b != desc_b || (a == nullptr && first.desc_a != desc_a)) {
+      first.trans_b != trans_b || first.desc_b != desc_b ||
+      (a == nullptr && first.desc_a != desc_a)) {
     fail("wgmma whose shape, scale-d or descriptors differ across the warpgroup");
   }
-  Product p{d, n, accumulate, bf16, a != nullptr, desc_a, desc_b, {}};
+  Product p{d, n, accumulate, bf16, a != nullptr, trans_b, desc_a, desc_b, {}};
   if (a != nullptr) {
     // The mma.m16n8k16 A layout, warp w holding rows 16w..16w+15.
     p.a.resize(64 * 16);

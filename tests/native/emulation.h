@@ -74,11 +74,11 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 // Hopper's warpgroup products (all 128 threads of a warpgroup call them, in the same order).
 // `d`: this thread's n/2 fp32 accumulators of a 64×n×16 product; `a`: its four registers of A,
-// or null when A comes from shared memory through `desc_a`.
+// or null when A comes from shared memory through `desc_a`; `trans_b`: B is N-major.
 uint32_t shared_address(const void* p);
 void wgmma_fence();
 void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool accumulate,
-           bool bf16);
+           bool bf16, bool trans_b = false);
 void wgmma_commit();
 void wgmma_wait(int pending);
 void fence_proxy_async();

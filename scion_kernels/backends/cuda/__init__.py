@@ -33,9 +33,11 @@ class Policy:
     #: The product tile: 64 or 128 forces it; 0 lets the C++ plan choose by matrix size
     #: (``csrc/ns_plan.cu``).
     tile: int = 0
-    #: Run the tiled products on Hopper's ``wgmma`` (``csrc/ns_wgmma.cuh``, the 128 tile; needs
-    #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it).
-    wgmma: bool = False
+    #: The tiled products on Hopper's ``wgmma`` fed by TMA (``csrc/ns_wgmma.cuh``, the 128 tile;
+    #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it): 0 (or
+    #: false) keeps ``mma.sync``; 1 (or true) reads ``a·X + B·X``'s Xᵀ from registers; 2 reads
+    #: its X from shared memory, so its products overlap.
+    wgmma: int = 0
 
 
 #: The policy per compute capability (the newest the device has is used). A new architecture

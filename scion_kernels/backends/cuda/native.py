@@ -137,12 +137,13 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
     return buf, -(-buf.data_ptr() // 256) * 256
 
 
-def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: bool = False) -> None:
+def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: int = 0) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
-    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` runs the
-    tiled products on Hopper's wgmma (tile 128; an sm_90a build on a compute capability 9.0
-    GPU, or the host emulation)."""
+    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1 or 2,
+    :attr:`~scion_kernels.backends.cuda.Policy.wgmma`) runs the tiled products on Hopper's
+    wgmma (tile 128; an sm_90a build on a compute capability 9.0 GPU, or the host
+    emulation)."""
     step = NSStep(*args)
     params, grads, bufs, tall, factors, m, n, dtype = step[:8]
     coefficients, alpha, coef, decay = step.coefficients, step.alpha, step.coef, step.decay
@@ -180,7 +181,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: bool = Fal
             _CODES[bufs[0].dtype] if bufs else -1, _CODES[dtype], [float(c) for c in coefficients],
             float(alpha), float(coef), float(decay), _address(step.lr, device),
             _address(step.momentum, device), int(tile), p_addr, g_addr, d_addr, strides,
-            scales, address, nbytes, device.index or 0, _stream(device), restart, bool(wgmma),
+            scales, address, nbytes, device.index or 0, _stream(device), restart, int(wgmma),
         )  # fmt: skip
     except RuntimeError as exc:
         where = f"{batch} matrices of {m}×{n} on {device}"
@@ -208,7 +209,7 @@ def polar_(
     coefficients: list[float],
     dtype: torch.dtype,
     gram: bool = False,
-    wgmma: bool = False,
+    wgmma: int = 0,
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
     kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
