@@ -6,9 +6,9 @@
 // A block computes a 128×128 tile with two warpgroups of 64 rows each. K streams through
 // shared memory in stages of 64: one thread issues the TMA copies of a stage two stages ahead,
 // each stage's copies complete on its own mbarrier, and every warpgroup keeps one product group
-// in flight (but in a·X + B·X, see below). Both operands of wgmma are K-major, so no operand is
-// ever transposed in shared memory; every operand box is in the 128-byte swizzle, which TMA
-// writes and which wgmma's descriptors and ldmatrix read without bank conflicts:
+// in flight (but in one a·X + B·X, see below). Every operand is read as TMA stored it, never
+// transposed in shared memory, in the 128-byte swizzle, which TMA writes and which wgmma's
+// descriptors and ldmatrix read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
 //     both from shared memory through descriptors;
 //   - a·X + B·X (kXShared false) is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers
