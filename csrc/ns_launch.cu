@@ -97,7 +97,8 @@ bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, 
 template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared = false>
 constexpr auto product_kernel() {
   if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
-    return wgmma_kernel < T, kProduct, Cfg, Update, kXShared && kProduct == Product::kApply > ;
+    constexpr bool kShared = kXShared && kProduct == Product::kApply;  // one kernel otherwise
+    return wgmma_kernel<T, kProduct, Cfg, Update, kShared>;
   } else {
     return gemm_kernel<T, kProduct, Cfg, Update>;
   }
