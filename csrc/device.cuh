@@ -410,6 +410,15 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
 #endif
 }
 
+// One arrival on `bar`.
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::mbarrier_arrive_expect_tx(bar, 0);
+#elif SCION_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
+#endif
+}
+
 // Waits until the phase of `bar` with parity `parity` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #ifdef SCION_HOST_EMULATION

@@ -3,12 +3,13 @@
 // the last one's epilogue — on the warpgroup tensor-core instructions (wgmma.mma_async), fed by
 // the tensor memory accelerator (TMA), sharing ns_gemm.cuh's epilogue (store_tile).
 //
-// A block computes a 128×128 tile with two warpgroups of 64 rows each. K streams through
-// shared memory in stages of 64: one thread issues the TMA copies of a stage two stages ahead,
-// each stage's copies complete on its own mbarrier, and every warpgroup keeps one product group
-// in flight (but in one a·X + B·X, see below). Every operand is read as TMA stored it, never
-// transposed in shared memory, in the 128-byte swizzle, which TMA writes and which wgmma's
-// descriptors and ldmatrix read without bank conflicts:
+// A block computes a 128×128 tile: a producer warpgroup, of which one thread issues the TMA
+// copies, and two consumer warpgroups of 64 rows each. K streams through shared memory in stages
+// of 64; each stage has two mbarriers: `full` (its copies have landed) and `empty` (both
+// consumers are done with it). The producer runs up to kStages stages ahead, and every consumer
+// keeps one product group in flight (but in one a·X + B·X, see below). Every operand is read as TMA
+// stored it, never transposed in shared memory, in the 128-byte swizzle, which TMA writes and which
+// wgmma's descriptors and ldmatrix read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
 //     both from shared memory through descriptors;
 //   - a·X + B·X (kXShared false) is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers
@@ -33,10 +34,9 @@ namespace scion::ns {
 
 struct WgmmaTiling {
   static constexpr int kTile = 128;
-  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int kThreads = 384;  // the producer warpgroup, then two consumers
   static constexpr int kK = 64;         // K per stage: four m64n128k16 products
   static constexpr int kStages = 4;
-  static constexpr int kAhead = kStages - 2;  // stages loaded ahead of the products
   // A box of kTile rows × kK in the 128-byte swizzle: one 128-byte row per matrix row, 8-row
   // atoms of 1024 bytes (SBO), a k16 slice 32 bytes further along the row.
   static constexpr int kRowBytes = kK * 2;
@@ -47,7 +47,7 @@ struct WgmmaTiling {
   static constexpr int kHalfBytes = kK * 128;
   static constexpr int kStageBytes = 2 * kOperandBytes;
   static constexpr int kBarriers = kStages * kStageBytes;  // byte offset of the mbarriers
-  static constexpr size_t kSmemBytes = size_t{kBarriers} + 8 * kStages;
+  static constexpr size_t kSmemBytes = size_t{kBarriers} + 2 * 8 * kStages;  // full, empty
   static_assert(kStageBytes % kAtomBytes == 0, "stages must keep the swizzle atoms aligned");
   static_assert(size_t{kTile} * (kTile + 8) * 2 <= kBarriers, "staging tile too big");
 };
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_kernel(const GemmArgs args, const __grid_constant__ TmaMaps maps,
                  const __grid_constant__ Update upd) {
 #if SCION_WGMMA
-  static_assert(Cfg::kK == 64 && Cfg::kTile == 128 && Cfg::kThreads == 256,
+  static_assert(Cfg::kK == 64 && Cfg::kTile == 128 && Cfg::kThreads == 384,
                 "the fragment maps below are written for this tiling");
   constexpr int kTile = Cfg::kTile;
   constexpr int kK = Cfg::kK;
@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr bool kTransposed = kApply && !kXShared;  // Dᵀ, Xᵀ from registers
   unsigned char* smem = dynamic_smem();
   auto* full = reinterpret_cast<uint64_t*>(smem + Cfg::kBarriers);  // stage s has landed
+  uint64_t* empty = full + kStages;  // both consumers are done with stage s
   const int tid = static_cast<int>(threadIdx.x);
-  const int group = tid / 128;        // warpgroup: rows 64·group.. of its D
+  const int group = tid / 128 - 1;    // consumer warpgroup: rows 64·group.. of D; -1: producer
   const int warp = (tid % 128) / 32;  // warp within the warpgroup
   const int lane = tid % 32;
   const BlockTile<T, kProduct, kTile> at(args);
@@ -83,9 +84,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // one's (R's rows col0..; kApply: X's rows k.. × columns col0.., two boxes).
   auto stage_l = [&](int s) { return smem + s * Cfg::kStageBytes; };
   auto stage_r = [&](int s) { return smem + s * Cfg::kStageBytes + Cfg::kOperandBytes; };
-  auto load_stage = [&](int s, int k0) {  // one thread
-    // The stage's last readers are done (the block barrier before this call); order their
-    // generic-proxy reads (kApply's ldmatrix) before the async-proxy writes.
+  auto load_stage = [&](int s, int k0) {  // the producer thread
+    // The stage's last readers are done (its `empty` barrier): order their generic-proxy reads
+    // (kApply's ldmatrix) before the async-proxy writes.
     fence_proxy_async();
     mbarrier_arrive_expect_tx(&full[s], Cfg::kStageBytes);
     tma_load_3d(stage_l(s), &maps.left, k0, at.row0, at.matrix, &full[s]);
@@ -99,80 +100,88 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const int ktiles = args.k / kK;
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+    }
     fence_mbarrier_init();
   }
   __syncthreads();
-  if (tid == 0) {
-    for (int s = 0; s < Cfg::kAhead && s < ktiles; ++s) load_stage(s, s * kK);
-  }
 
   float acc[64];
   SCION_UNROLL
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
-  // One K stage: its products are issued and left in flight, the previous stage's waited for
-  // (but with Xᵀ from registers, see the top).
-  uint32_t frag[kK / 16][4];
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int s = kt % kStages;
-    mbarrier_wait(&full[s], static_cast<uint32_t>(kt / kStages) & 1u);
-    // Every warpgroup has waited for the products of stage kt - 2 (at the end of stage kt - 1):
-    // their buffer is free again.
-    __syncthreads();
-    const int next = kt + Cfg::kAhead;
-    if (tid == 0 && next < ktiles) load_stage(next % kStages, next * kK);
-
-    if constexpr (kTransposed) {
-      // Xᵀ's fragments for rows (X's columns) 64·group + 16·warp.., k16 slice by slice: X's
-      // rows k of the box `group`, 16-byte chunks of 8 columns at chunk c ^ (k % 8).
-      const unsigned char* box = stage_r(s) + group * Cfg::kHalfBytes;
-      SCION_UNROLL
-      for (int kk = 0; kk < kK / 16; ++kk) {
-        const int k = kk * 16 + lane % 8 + 8 * (lane / 16);
-        const int chunk = 2 * warp + (lane / 8) % 2;
-        ldmatrix_x4<true>(frag[kk], box + k * 128 + 16 * (chunk ^ (k % 8)));
+  if (group < 0) {
+    if (tid == 0) {  // the producer: stage kt into buffer kt % kStages once it is empty
+      for (int kt = 0; kt < ktiles; ++kt) {
+        const int s = kt % kStages;
+        if (kt >= kStages) mbarrier_wait(&empty[s], static_cast<uint32_t>(kt / kStages - 1) & 1u);
+        load_stage(s, kt * kK);
       }
-      fence_accumulators(acc);
-      wgmma_fence();
-      SCION_UNROLL
-      for (int kk = 0; kk < kK / 16; ++kk) {
-        const uint64_t desc_b = smem_descriptor_sw128(stage_l(s) + 32 * kk, Cfg::kAtomBytes);
-        wgmma_rs<T>(acc, frag[kk], desc_b, true);
-      }
-    } else {
-      fence_accumulators(acc);
-      wgmma_fence();
-      SCION_UNROLL
-      for (int kk = 0; kk < kK / 16; ++kk) {
-        const uint64_t desc_a = smem_descriptor_sw128(
-            stage_l(s) + 64 * group * Cfg::kRowBytes + 32 * kk, Cfg::kAtomBytes);
-        if constexpr (kApply) {
-          // X's rows 16·kk.. of both boxes: atoms of 8 rows along K, the boxes along N.
-          const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 2 * kk * Cfg::kAtomBytes,
-                                                        Cfg::kAtomBytes, Cfg::kHalfBytes);
-          wgmma_ss<T, true>(acc, desc_a, desc_b, true);
-        } else {
-          const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
-          wgmma_ss<T>(acc, desc_a, desc_b, true);
+    }
+  } else {
+    // One K stage: its products are issued and left in flight, and the previous stage's waited
+    // for and its buffer released (but with Xᵀ from registers, see the top: this stage's).
+    const bool signals = tid % 128 == 0;  // one arrival on `empty` per warpgroup
+    uint32_t frag[kK / 16][4];
+    for (int kt = 0; kt < ktiles; ++kt) {
+      const int s = kt % kStages;
+      mbarrier_wait(&full[s], static_cast<uint32_t>(kt / kStages) & 1u);
+      if constexpr (kTransposed) {
+        // Xᵀ's fragments for rows (X's columns) 64·group + 16·warp.., k16 slice by slice: X's
+        // rows k of the box `group`, 16-byte chunks of 8 columns at chunk c ^ (k % 8).
+        const unsigned char* box = stage_r(s) + group * Cfg::kHalfBytes;
+        SCION_UNROLL
+        for (int kk = 0; kk < kK / 16; ++kk) {
+          const int k = kk * 16 + lane % 8 + 8 * (lane / 16);
+          const int chunk = 2 * warp + (lane / 8) % 2;
+          ldmatrix_x4<true>(frag[kk], box + k * 128 + 16 * (chunk ^ (k % 8)));
+        }
+        fence_accumulators(acc);
+        wgmma_fence();
+        SCION_UNROLL
+        for (int kk = 0; kk < kK / 16; ++kk) {
+          const uint64_t desc_b = smem_descriptor_sw128(stage_l(s) + 32 * kk, Cfg::kAtomBytes);
+          wgmma_rs<T>(acc, frag[kk], desc_b, true);
+        }
+      } else {
+        fence_accumulators(acc);
+        wgmma_fence();
+        SCION_UNROLL
+        for (int kk = 0; kk < kK / 16; ++kk) {
+          const uint64_t desc_a = smem_descriptor_sw128(
+              stage_l(s) + 64 * group * Cfg::kRowBytes + 32 * kk, Cfg::kAtomBytes);
+          if constexpr (kApply) {
+            // X's rows 16·kk.. of both boxes: atoms of 8 rows along K, the boxes along N.
+            const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 2 * kk * Cfg::kAtomBytes,
+                                                          Cfg::kAtomBytes, Cfg::kHalfBytes);
+            wgmma_ss<T, true>(acc, desc_a, desc_b, true);
+          } else {
+            const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
+            wgmma_ss<T>(acc, desc_a, desc_b, true);
+          }
         }
       }
+      wgmma_commit();
+      if constexpr (kTransposed) {
+        wgmma_wait<0>();
+        if (signals) mbarrier_arrive(&empty[s]);
+      } else {
+        wgmma_wait<1>();
+        if (signals && kt > 0) mbarrier_arrive(&empty[(kt - 1) % kStages]);
+      }
+      fence_accumulators(acc);
     }
-    wgmma_commit();
-    if constexpr (kTransposed) {
-      wgmma_wait<0>();
-    } else {
-      wgmma_wait<1>();
-    }
+    wgmma_wait<0>();
     fence_accumulators(acc);
   }
-  wgmma_wait<0>();
-  fence_accumulators(acc);
 
   // acc[i] is element (64·group + 16·warp + lane/4 + 8·((i/2)%2), 8·(i/4) + 2·(lane%4) + i%2) of
   // the block's D; for kApply D is the output tile's transpose.
   store_tile<T, kProduct, kTile, Cfg::kThreads>(
       args, upd, reinterpret_cast<T*>(smem), tid, at.local, at.matrix, at.ti, at.tj, [&](auto&& f) {
+        if (group < 0) return;  // the producer holds no results
         SCION_UNROLL
         for (int i = 0; i < 64; ++i) {
           const int dr = 64 * group + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
