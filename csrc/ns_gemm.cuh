@@ -151,82 +151,6 @@ __device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int
   tj = ti + index;
 }
 
-// The epilogue of every tiled product: out = acc_scale·acc + add_scale·add (kPoly: + diag_scale
-// on the diagonal), rounded to T and staged in shared memory (the pipeline's buffers, free once
-// every thread is done with them: the first barrier below), then written out coalesced:
-//   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products its
-//     mirror, walked along the mirror's rows;
-//   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
-//     dimension (tall parameters have X's columns as their rows).
-// `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
-// the output's coordinates (tile (ti, tj) of matrix `matrix`, the launch's `local`-th).
-template <typename T, Product kProduct, int kTile, int kThreads, typename Update, typename ForEach>
-__device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& upd, T* smem,
-                                           int tid, int local, int matrix, int ti, int tj,
-                                           ForEach&& for_each) {
-  const int row0 = ti * kTile;
-  const int col0 = tj * kTile;
-  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
-  constexpr int kStageLd = kTile + 8;
-  const T* add = static_cast<const T*>(args.add) + matrix * args.out_batch;
-  __syncthreads();
-  for_each([&](float a_rc, int r, int c) {
-    float v = args.acc_scale * a_rc;
-    if constexpr (kProduct != Product::kGram) {
-      v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
-    }
-    if constexpr (kProduct == Product::kPoly) {
-      if (r == c && args.diag_scale != 0.0f) v += args.diag_scale;
-    }
-    smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
-  });
-  __syncthreads();
-  if (kProduct != Product::kApply && ti == tj) {
-    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
-    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
-    // products, whose transposes the next products read). Reads and writes are disjoint.
-    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-      const int lr = idx / kTile;
-      const int lc = idx % kTile;
-      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
-    }
-    __syncthreads();
-  }
-  if constexpr (kUpdate) {
-    const UpdateRef& ref = upd.refs[local];
-    const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
-    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
-    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-      const int lr = rows_fast ? idx % kTile : idx / kTile;
-      const int lc = rows_fast ? idx / kTile : idx % kTile;
-      const int r = row0 + lr;
-      const int c = col0 + lc;
-      if (r < upd.m && c < upd.n) {
-        const int64_t at = r * ref.rs + c * ref.cs;
-        const float x = load_as_float(ref.p, at, upd.p_dtype);
-        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
-        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
-      }
-    }
-  } else {
-    T* out = static_cast<T*>(args.out) + matrix * args.out_batch;
-    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
-    for (int idx = tid; idx < kTile * kPieces; idx += kThreads) {
-      const int lr = idx / kPieces;
-      const int lc = idx % kPieces * 8;
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
-          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
-    }
-    if (kProduct != Product::kApply && ti != tj) {
-      for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-        const int lr = idx % kTile;
-        const int lc = idx / kTile;
-        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
-      }
-    }
-  }
-}
-
 // What a product block works on: its matrix (the launch's `local`-th, the bucket's `matrix`-th)
 // and that matrix's operands, and its output tile (ti, tj), whose first element is (row0, col0):
 // the full grid row by row (kApply, args.tiles_n tiles to a row), or the upper triangle's tiles
@@ -251,6 +175,84 @@ struct BlockTile {
     b = static_cast<const T*>(args.b) + matrix * args.b_batch;
   }
 };
+
+// The epilogue of every tiled product: out = acc_scale·acc + add_scale·add (kPoly: + diag_scale
+// on the diagonal), rounded to T and staged in shared memory (the pipeline's buffers, free once
+// every thread is done with them: the first barrier below), then written out coalesced:
+//   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products its
+//     mirror, walked along the mirror's rows;
+//   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
+//     dimension (tall parameters have X's columns as their rows).
+// `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
+// the output's coordinates (the block's tile `at`).
+template <typename T, Product kProduct, int kTile, int kThreads, typename Update, typename ForEach>
+__device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& upd, T* smem,
+                                           int tid, const BlockTile<T, kProduct, kTile>& at,
+                                           ForEach&& for_each) {
+  const int row0 = at.row0;
+  const int col0 = at.col0;
+  const int ti = at.ti;
+  const int tj = at.tj;
+  constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
+  constexpr int kStageLd = kTile + 8;
+  const T* add = static_cast<const T*>(args.add) + at.matrix * args.out_batch;
+  __syncthreads();
+  for_each([&](float a_rc, int r, int c) {
+    float v = args.acc_scale * a_rc;
+    if constexpr (kProduct != Product::kGram) {
+      v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
+    }
+    if constexpr (kProduct == Product::kPoly) {
+      if (r == c && args.diag_scale != 0.0f) v += args.diag_scale;
+    }
+    smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
+  });
+  __syncthreads();
+  if (kProduct != Product::kApply && ti == tj) {
+    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
+    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
+    // products, whose transposes the next products read). Reads and writes are disjoint.
+    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+      const int lr = idx / kTile;
+      const int lc = idx % kTile;
+      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
+    }
+    __syncthreads();
+  }
+  if constexpr (kUpdate) {
+    const UpdateRef& ref = upd.refs[at.local];
+    const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
+    const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
+    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+      const int lr = rows_fast ? idx % kTile : idx / kTile;
+      const int lc = rows_fast ? idx / kTile : idx % kTile;
+      const int r = row0 + lr;
+      const int c = col0 + lc;
+      if (r < upd.m && c < upd.n) {
+        const int64_t at = r * ref.rs + c * ref.cs;
+        const float x = load_as_float(ref.p, at, upd.p_dtype);
+        const float u = ref.scale * Operand<T>::to(smem[lr * kStageLd + lc]);
+        store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
+      }
+    }
+  } else {
+    T* out = static_cast<T*>(args.out) + at.matrix * args.out_batch;
+    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
+    for (int idx = tid; idx < kTile * kPieces; idx += kThreads) {
+      const int lr = idx / kPieces;
+      const int lc = idx % kPieces * 8;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
+          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
+    }
+    if (kProduct != Product::kApply && ti != tj) {
+      for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+        const int lr = idx % kTile;
+        const int lc = idx / kTile;
+        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
+      }
+    }
+  }
+}
 
 // Asynchronous copy of a kRows × kCols block of 16-bit elements, row-major at `src` (rows
 // `src_ld` apart) into shared memory at `dst` (rows `dst_ld` apart), in 16-byte pieces spread
@@ -332,10 +334,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   cp_async_wait<0>();
 
   static_assert(size_t{kTile} * (kTile + 8) * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
-  store_tile<T, kProduct, kTile, Cfg::kThreads>(
-      args, upd, smem, tid, at.local, at.matrix, at.ti, at.tj, [&](auto&& f) {
-        for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane, f);
-      });
+  store_tile<T, kProduct, kTile, Cfg::kThreads>(args, upd, smem, tid, at, [&](auto&& f) {
+    for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane, f);
+  });
 }
 
 }  // namespace scion::ns

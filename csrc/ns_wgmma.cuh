@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // acc[i] is element (64·group + 16·warp + lane/4 + 8·((i/2)%2), 8·(i/4) + 2·(lane%4) + i%2) of
   // the block's D; for kApply D is the output tile's transpose.
   store_tile<T, kProduct, kTile, Cfg::kThreads>(
-      args, upd, reinterpret_cast<T*>(smem), tid, at.local, at.matrix, at.ti, at.tj, [&](auto&& f) {
+      args, upd, reinterpret_cast<T*>(smem), tid, at, [&](auto&& f) {
         if (group < 0) return;  // the producer holds no results
         SCION_UNROLL
         for (int i = 0; i < 64; ++i) {
