@@ -19,11 +19,11 @@ stage          budget  predicted  what
 ``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in
                                   parallel processes (``bench.warm``, ``bench.tiles --warm``):
                                   the compile-time figure
-``headline``     90 s      57 s   ``bench --check`` kernels (each product at 4096² and GPT-2
+``headline``     90 s      59 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend (the native one on mma.sync and on wgmma), GPT-2
                                   small steps with peak memory
-``gram``         30 s      22 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
+``gram``         30 s      24 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
                                   GPT-2's 768×3072, plain and in the Gram form, per backend
 ``graphs``       45 s      25 s   a GPT-2-small step eager and replayed as a CUDA graph, per
                                   backend, beside fused AdamW and Muon (``bench.graph``)
@@ -33,7 +33,7 @@ stage          budget  predicted  what
 ``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 13 native tests,
                                   PyTorch's caching allocator off (so overruns are seen)
 ``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 5 native tests
-``rest``         60 s      46 s   the polar factor at the check's other shapes, the memory-bound
+``rest``         60 s      42 s   the polar factor at the check's other shapes, the memory-bound
                                   stages, ``init()`` on a 1.1B Llama layout (``bench.init``)
 ``tiles``        50 s      30 s   every tile candidate of the Triton products at 4096², 1024²
                                   and GPT-2 small's buckets (``bench.tiles``)
@@ -116,13 +116,14 @@ RACECHECK_SELECTION = (
 #: The headline's polar factor: docs/performance.md's target shape, every step backend and
 #: the peers that take no compilation (``torch_compile`` is left to the full suite).
 HEADLINE_POLAR = "1x4096x4096"
-POLAR_BACKENDS = "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,torch.optim.Muon,svd"
+POLAR_BACKENDS = "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,cuda-wgmma-wide,torch.optim.Muon,svd"
 #: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
 REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
 #: The Gram form's shapes (issue 28's 4096×16384 target, and GPT-2's MLP matrices) and backends.
 GRAM_POLAR = "1x4096x16384,12x768x3072"
 GRAM_BACKENDS = (
-    "torch,triton,cuda,torch-gram,triton-gram,cuda-gram,cuda-wgmma-gram,cuda-wgmma-smem-gram"
+    "torch,triton,cuda,torch-gram,triton-gram,cuda-gram,cuda-wgmma-gram,cuda-wgmma-smem-gram,"
+    "cuda-wgmma-wide-gram"
 )
 #: Processes compiling the tile candidates of bench/tiles.py in the warm stage.
 TILE_WARM_PROCESSES = 6
@@ -637,14 +638,14 @@ STAGES = [
     Stage("env", 15, 5, stage_env),
     Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
     Stage("warm", 60, 35, stage_warm),
-    Stage("headline", 90, 57, stage_headline),
-    Stage("gram", 30, 22, stage_gram),
+    Stage("headline", 90, 59, stage_headline),
+    Stage("gram", 30, 24, stage_gram),
     Stage("graphs", 45, 25, stage_graphs),
     Stage("parity", 110, 80, stage_parity),
     Stage("marked", 20, 10, stage_marked),
     Stage("memcheck", 40, 25, stage_memcheck),
     Stage("racecheck", 30, 20, stage_racecheck),
-    Stage("rest", 60, 46, stage_rest),
+    Stage("rest", 60, 42, stage_rest),
     Stage("tiles", 50, 30, stage_tiles),
     Stage("table", 10, 3, stage_table),
 ]
@@ -778,7 +779,7 @@ def headline(work: Path) -> list[str]:
             cells.append(f"{backend} {_fmt_ms(r)}{ratio}{err}")
         lines.append(f"Newton–Schulz 5 steps {'×'.join(map(str, shape))}: " + "; ".join(cells))
         if shape == (1, 4096, 4096):
-            for backend in ("triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem"):
+            for backend in ("triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem", "cuda-wgmma-wide"):
                 r = at.get(backend)
                 if r is None:
                     continue
@@ -793,7 +794,10 @@ def headline(work: Path) -> list[str]:
                     + ("met" if ok else "not met")
                 )
         if shape == (1, 4096, 16384):
-            for backend in ("triton-gram", "cuda-gram", "cuda-wgmma-gram", "cuda-wgmma-smem-gram"):
+            for backend in (
+                "triton-gram", "cuda-gram", "cuda-wgmma-gram", "cuda-wgmma-smem-gram",
+                "cuda-wgmma-wide-gram",
+            ):  # fmt: skip
                 r = at.get(backend)
                 if r is not None:
                     ok = r["ms"] <= TARGET_GRAM_MS

@@ -138,7 +138,7 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
 
 def _kernels(name: str, coefficients: str | None, gram: bool = False, wgmma: int = 0) -> PolarFn:
     """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
-    with ``gram``; for ``cuda`` with ``wgmma`` 1 or 2: the Hopper products, ``Policy.wgmma``),
+    with ``gram``; for ``cuda`` with ``wgmma`` 1 to 3: the Hopper products, ``Policy.wgmma``),
     in bf16 unless the call says otherwise."""
     from scion_kernels import backends
     from scion_kernels.backends.ops import polar
@@ -259,8 +259,9 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
             functools.partial(_kernels, "cuda", gram=True), note=table["cuda"].note + gram_note
         )
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
-            # Policy(wgmma=1): a·X + B·X reads Xᵀ from registers; 2 ("-smem"): X from smem.
-            for suffix, wgmma in (("", 1), ("-smem", 2)):
+            # Policy(wgmma=1): a·X + B·X reads Xᵀ from registers; 2 ("-smem"): X from smem;
+            # 3 ("-wide"): X from smem on 128×256 tiles.
+            for suffix, wgmma in (("", 1), ("-smem", 2), ("-wide", 3)):
                 note = table["cuda"].note + f"; Hopper's wgmma products (Policy(wgmma={wgmma}))"
                 table[f"cuda-wgmma{suffix}"] = Backend(
                     functools.partial(_kernels, "cuda", wgmma=wgmma), note=note

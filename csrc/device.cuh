@@ -342,13 +342,21 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
-#define SCION_WGMMA_D_LIST                                                           \
-  "{"                                                                                \
+// The accumulator operands of a 64×n product: n/2 registers a thread (n = 128, 256), the
+// upper half only for n = 256.
+#define SCION_WGMMA_D_LOW                                                            \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define SCION_WGMMA_D_OPERANDS                                                                    \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define SCION_WGMMA_D_HIGH                                                                       \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "             \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "             \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define SCION_WGMMA_D_LIST_64 "{" SCION_WGMMA_D_LOW "}"
+#define SCION_WGMMA_D_LIST_128 "{" SCION_WGMMA_D_LOW ", " SCION_WGMMA_D_HIGH "}"
+#define SCION_WGMMA_D_OPERANDS_64                                                                 \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
       "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
@@ -358,23 +366,42 @@ __device__ __forceinline__ void fence_proxy_async() {
       "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),  \
       "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),  \
       "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define SCION_WGMMA_D_OPERANDS_128                                                               \
+  SCION_WGMMA_D_OPERANDS_64, "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]),    \
+      "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), \
+      "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), \
+      "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), \
+      "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), \
+      "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),           \
+      "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]),        \
+      "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]),        \
+      "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),        \
+      "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),        \
+      "+f"(d[127])
 
 // The wgmma instruction for operand type `ab` ("bf16", "f16"): A from shared memory (SS; B
 // K-major, or N-major with trans_b "1") or registers (RS); scale-d from the operand after the
 // descriptors.
-#define SCION_WGMMA_SS(ab, trans_b)                                                   \
-  asm volatile(                                                                       \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                    \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST \
-      ", %64, %65, p, 1, 1, 0, " trans_b ";\n}\n"                                     \
-      : SCION_WGMMA_D_OPERANDS                                                        \
+#define SCION_WGMMA_SS_128(ab, trans_b)                                                  \
+  asm volatile(                                                                          \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST_64 \
+      ", %64, %65, p, 1, 1, 0, " trans_b ";\n}\n"                                        \
+      : SCION_WGMMA_D_OPERANDS_64                                                        \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define SCION_WGMMA_RS(ab)                                                            \
-  asm volatile(                                                                       \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                    \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST \
-      ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                 \
-      : SCION_WGMMA_D_OPERANDS                                                        \
+#define SCION_WGMMA_SS_256(ab, trans_b)                                                   \
+  asm volatile(                                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                       \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." ab "." ab " " SCION_WGMMA_D_LIST_128 \
+      ", %128, %129, p, 1, 1, 0, " trans_b ";\n}\n"                                       \
+      : SCION_WGMMA_D_OPERANDS_128                                                        \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define SCION_WGMMA_RS(ab)                                                               \
+  asm volatile(                                                                          \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab "." ab " " SCION_WGMMA_D_LIST_64 \
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                    \
+      : SCION_WGMMA_D_OPERANDS_64                                                        \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
 // ---------------------------------------------------------------------------------------------
@@ -448,26 +475,37 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
-// d (+)= A·B for a 64×128×16 tile, A (64×16) and B (16×128: stored as 128 rows of K, or with
-// kTransB as 16 rows of N) from shared memory. `d`: this thread's 64 accumulators; row 16·w +
-// lane/4 + 8·((i/2)%2), column 8·(i/4) + 2·(lane%4) + i%2 of the warpgroup's tile for d[i], warp w
-// of the warpgroup (per warp and 8 columns, the mma.m16n8k16 accumulator layout). `accumulate`
-// false: d = A·B.
-template <typename T, bool kTransB = false>
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+// d (+)= A·B for a 64×n×16 tile (n = 2·kRegs: 128 or 256), A (64×16) and B (16×n: stored as n
+// rows of K, or with kTransB as 16 rows of N) from shared memory. `d`: this thread's n/2
+// accumulators; row 16·w + lane/4 + 8·((i/2)%2), column 8·(i/4) + 2·(lane%4) + i%2 of the
+// warpgroup's tile for d[i], warp w of the warpgroup (per warp and 8 columns, the mma.m16n8k16
+// accumulator layout). `accumulate` false: d = A·B.
+template <typename T, bool kTransB = false, int kRegs>
+__device__ __forceinline__ void wgmma_ss(float (&d)[kRegs], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
+  static_assert(kRegs == 64 || kRegs == 128, "m64n128k16 or m64n256k16");
 #ifdef SCION_HOST_EMULATION
-  scion_emu::wgmma(d, 128, nullptr, desc_a, desc_b, accumulate, Operand<T>::kBf16, kTransB);
+  scion_emu::wgmma(d, 2 * kRegs, nullptr, desc_a, desc_b, accumulate, Operand<T>::kBf16, kTransB);
 #elif SCION_WGMMA
   const int scale_d = accumulate ? 1 : 0;
-  if constexpr (Operand<T>::kBf16 && kTransB) {
-    SCION_WGMMA_SS("bf16", "1");
+  if constexpr (kRegs == 128) {
+    if constexpr (Operand<T>::kBf16 && kTransB) {
+      SCION_WGMMA_SS_256("bf16", "1");
+    } else if constexpr (Operand<T>::kBf16) {
+      SCION_WGMMA_SS_256("bf16", "0");
+    } else if constexpr (kTransB) {
+      SCION_WGMMA_SS_256("f16", "1");
+    } else {
+      SCION_WGMMA_SS_256("f16", "0");
+    }
+  } else if constexpr (Operand<T>::kBf16 && kTransB) {
+    SCION_WGMMA_SS_128("bf16", "1");
   } else if constexpr (Operand<T>::kBf16) {
-    SCION_WGMMA_SS("bf16", "0");
+    SCION_WGMMA_SS_128("bf16", "0");
   } else if constexpr (kTransB) {
-    SCION_WGMMA_SS("f16", "1");
+    SCION_WGMMA_SS_128("f16", "1");
   } else {
-    SCION_WGMMA_SS("f16", "0");
+    SCION_WGMMA_SS_128("f16", "0");
   }
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;

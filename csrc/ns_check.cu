@@ -49,10 +49,10 @@ bool check_problem(const scion_ns_problem& pr) {
         pr.gram_restart, pr.tile);
     return false;
   }
-  if (pr.wgmma < 0 || pr.wgmma > 2 || (pr.wgmma != 0 && pr.tile == 64)) {
+  if (pr.wgmma < 0 || pr.wgmma > 3 || (pr.wgmma != 0 && pr.tile == 64)) {
     set_error(
-        "ns_step: wgmma must be 0, 1 or 2, and 1 and 2 run the 128 tile (tile 0, 1 or 128); got "
-        "%d with tile %d",
+        "ns_step: wgmma must be 0, 1, 2 or 3, and 1 to 3 run the 128 tile (tile 0, 1 or 128); "
+        "got %d with tile %d",
         pr.wgmma, pr.tile);
     return false;
   }

@@ -40,6 +40,9 @@ struct Tiling {
   static constexpr int kStageElems =
       kTile * kRowA + (kK * kRowT > kTile * kRowA ? kK * kRowT : kTile * kRowA);
   static constexpr size_t kSmemBytes = size_t{kStages} * kStageElems * 2;
+  // Per product (the interface WgmmaTiling shares): a tile's columns, the shared memory.
+  static constexpr int columns(Product) { return kTile; }
+  static constexpr size_t smem_bytes(Product) { return kSmemBytes; }
   static_assert(kWarpN % 16 == 0 && kWarpM % 16 == 0, "warp tile must hold whole fragments");
 };
 using TileSmall = Tiling<64, 2, 2>;   // 128 threads, warp tile 32×32
@@ -152,11 +155,12 @@ __device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int
 }
 
 // What a product block works on: its matrix (the launch's `local`-th, the bucket's `matrix`-th)
-// and that matrix's operands, and its output tile (ti, tj), whose first element is (row0, col0):
-// the full grid row by row (kApply, args.tiles_n tiles to a row), or the upper triangle's tiles
-// (the symmetric products).
-template <typename T, Product kProduct, int kTile>
+// and that matrix's operands, and its output tile (ti, tj) of kTile rows × kTileN columns, whose
+// first element is (row0, col0): the full grid row by row (kApply, args.tiles_n tiles to a row),
+// or the upper triangle's tiles (the symmetric products, square tiles only).
+template <typename T, Product kProduct, int kTile, int kTileN = kTile>
 struct BlockTile {
+  static_assert(kProduct == Product::kApply || kTileN == kTile, "triangle tiles are square");
   int local, matrix, ti, tj, row0, col0;
   const T* a;
   const T* b;
@@ -170,7 +174,7 @@ struct BlockTile {
       triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
     }
     row0 = ti * kTile;
-    col0 = tj * kTile;
+    col0 = tj * kTileN;
     a = static_cast<const T*>(args.a) + matrix * args.a_batch;
     b = static_cast<const T*>(args.b) + matrix * args.b_batch;
   }
@@ -184,20 +188,25 @@ struct BlockTile {
 //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
 //     dimension (tall parameters have X's columns as their rows).
 // `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
-// the output's coordinates (the block's tile `at`).
-template <typename T, Product kProduct, int kTile, int kThreads, typename Update, typename ForEach>
+// the output's coordinates (the block's tile `at`); the block's kThreads threads take part. A
+// kApply tile wider than kTile may overhang the output's columns (args.ldc of them): those are
+// neither read nor written.
+template <int kThreads, typename T, Product kProduct, int kTile, int kTileN, typename Update,
+          typename ForEach>
 __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& upd, T* smem,
-                                           int tid, const BlockTile<T, kProduct, kTile>& at,
+                                           int tid, const BlockTile<T, kProduct, kTile, kTileN>& at,
                                            ForEach&& for_each) {
   const int row0 = at.row0;
   const int col0 = at.col0;
   const int ti = at.ti;
   const int tj = at.tj;
   constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
-  constexpr int kStageLd = kTile + 8;
+  constexpr int kStageLd = kTileN + 8;
+  constexpr bool kOverhang = kTileN > kTile;
   const T* add = static_cast<const T*>(args.add) + at.matrix * args.out_batch;
   __syncthreads();
   for_each([&](float a_rc, int r, int c) {
+    if (kOverhang && c >= args.ldc) return;
     float v = args.acc_scale * a_rc;
     if constexpr (kProduct != Product::kGram) {
       v = __fmaf_rn(args.add_scale, Operand<T>::to(add[static_cast<int64_t>(r) * args.ldc + c]), v);
@@ -223,9 +232,9 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
     const UpdateRef& ref = upd.refs[at.local];
     const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
     const bool rows_fast = (ref.rs < 0 ? -ref.rs : ref.rs) < (ref.cs < 0 ? -ref.cs : ref.cs);
-    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-      const int lr = rows_fast ? idx % kTile : idx / kTile;
-      const int lc = rows_fast ? idx / kTile : idx % kTile;
+    for (int idx = tid; idx < kTile * kTileN; idx += kThreads) {
+      const int lr = rows_fast ? idx % kTile : idx / kTileN;
+      const int lc = rows_fast ? idx / kTile : idx % kTileN;
       const int r = row0 + lr;
       const int c = col0 + lc;
       if (r < upd.m && c < upd.n) {
@@ -237,10 +246,11 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
     }
   } else {
     T* out = static_cast<T*>(args.out) + at.matrix * args.out_batch;
-    constexpr int kPieces = kTile / 8;  // 16-byte pieces per tile row
+    constexpr int kPieces = kTileN / 8;  // 16-byte pieces per tile row
     for (int idx = tid; idx < kTile * kPieces; idx += kThreads) {
       const int lr = idx / kPieces;
       const int lc = idx % kPieces * 8;
+      if (kOverhang && col0 + lc >= args.ldc) continue;
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
           *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
     }
@@ -334,7 +344,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   cp_async_wait<0>();
 
   static_assert(size_t{kTile} * (kTile + 8) * sizeof(T) <= Cfg::kSmemBytes, "staging tile too big");
-  store_tile<T, kProduct, kTile, Cfg::kThreads>(args, upd, smem, tid, at, [&](auto&& f) {
+  store_tile<Cfg::kThreads>(args, upd, smem, tid, at, [&](auto&& f) {
     for_each_acc(acc, row0 + warp_m * Cfg::kWarpM, col0 + warp_n * Cfg::kWarpN, lane, f);
   });
 }

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "device.cuh"
 #include "ns_gemm.cuh"
@@ -94,11 +95,14 @@ bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, 
 
 // The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
 // kXShared: the wgmma a·X + B·X reads X from shared memory (N-major), not Xᵀ from registers.
+// The symmetric products' kernels do not depend on the a·X + B·X tile's width.
 template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared = false>
 constexpr auto product_kernel() {
-  if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
-    constexpr bool kShared = kXShared && kProduct == Product::kApply;  // one kernel otherwise
-    return wgmma_kernel<T, kProduct, Cfg, Update, kShared>;
+  if constexpr (kIsWgmma<Cfg>) {
+    constexpr bool kApply = kProduct == Product::kApply;
+    constexpr bool kShared = kXShared && kApply;  // one kernel otherwise
+    using Tiling = std::conditional_t<kApply, Cfg, WgmmaTiling<Cfg::kTile>>;
+    return wgmma_kernel<T, kProduct, Tiling, Update, kShared>;
   } else {
     return gemm_kernel<T, kProduct, Cfg, Update>;
   }
@@ -112,18 +116,23 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   T* y = x + pr.batch * plan.x_elems;
   T* a = y + pr.batch * plan.x_elems;
   T* b = a + pr.batch * plan.a_elems;
+  // The a·X + B·X tiles may be wider than the others (WgmmaTiling<256>): the last one along
+  // X's columns then overhangs them (see store_tile).
+  constexpr int kApplyN = Cfg::columns(Product::kApply);
   const int tiles_m = static_cast<int>(plan.m_pad / Cfg::kTile);
-  const int tiles_n = static_cast<int>(plan.n_pad / Cfg::kTile);
+  const int tiles_n = static_cast<int>((plan.n_pad + kApplyN - 1) / kApplyN);
   const int tri = tiles_m * (tiles_m + 1) / 2;
-  const size_t smem = Cfg::kSmemBytes;
   auto* gram = product_kernel<T, Product::kGram, Cfg, NoUpdate>();
   auto* poly = product_kernel<T, Product::kPoly, Cfg, NoUpdate>();
   auto* apply = product_kernel<T, Product::kApply, Cfg, NoUpdate, kXShared>();
   auto* apply_update = product_kernel<T, Product::kApply, Cfg, UpdateArgs, kXShared>();
-  for (const void* f :
-       {reinterpret_cast<const void*>(gram), reinterpret_cast<const void*>(poly),
-        reinterpret_cast<const void*>(apply), reinterpret_cast<const void*>(apply_update)}) {
-    if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
+  const std::pair<const void*, Product> kernels[] = {
+      {reinterpret_cast<const void*>(gram), Product::kGram},
+      {reinterpret_cast<const void*>(poly), Product::kPoly},
+      {reinterpret_cast<const void*>(apply), Product::kApply},
+      {reinterpret_cast<const void*>(apply_update), Product::kApply}};
+  for (const auto& [f, kind] : kernels) {
+    if constexpr (kIsWgmma<Cfg>) {
       // The wgmma kernels trap unless the image the device loaded is sm_90a's: compiled from
       // compute_90a PTX for sm_90 (an sm_80 image, or compute_80 PTX compiled for a newer
       // device, has the trap). A build for plain "90" is not told apart: ARCHS names 90a.
@@ -137,7 +146,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       }
     }
     if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem)),
+                                   static_cast<int>(Cfg::smem_bytes(kind))),
               "raising the shared-memory limit")) {
       return false;
     }
@@ -147,24 +156,25 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const int32_t np = static_cast<int32_t>(plan.n_pad);
   const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
   const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n), static_cast<unsigned>(pr.batch));
-  // One launch of `kernel` on `g`, with its TMA maps for the wgmma kernels: the left operand
-  // (tiles_m·kTile rows of g.k), and the right one, of as many rows (the symmetric products) or
-  // X (a·X + B·X: g.k rows of g.ldb).
-  auto launch = [&](auto* kernel, dim3 grid, const GemmArgs& g, const auto& u, bool transposed,
+  // One launch of `kernel` (a `kind` product) on `g`, with its TMA maps for the wgmma kernels:
+  // the left operand (tiles_m·kTile rows of g.k), and the right one, of as many rows (the
+  // symmetric products) or X (a·X + B·X: g.k rows of g.ldb).
+  auto launch = [&](auto* kernel, Product kind, dim3 grid, const GemmArgs& g, const auto& u,
                     const char* what) {
-    if constexpr (std::is_same<Cfg, WgmmaTiling>::value) {
+    const size_t smem = Cfg::smem_bytes(kind);
+    if constexpr (kIsWgmma<Cfg>) {
       TmaMaps maps{};
       const int64_t rows = int64_t{tiles_m} * Cfg::kTile;
       const bool encoded =
           encode_map<T>(maps.left, g.a, rows, g.k, pr.batch, g.a_batch, Cfg::kTile) &&
-          (transposed ? encode_map<T>(maps.right, g.b, g.k, g.ldb, pr.batch, g.b_batch, Cfg::kK)
-                      : encode_map<T>(maps.right, g.b, rows, g.k, pr.batch, g.b_batch, Cfg::kTile));
+          (kind == Product::kApply
+               ? encode_map<T>(maps.right, g.b, g.k, g.ldb, pr.batch, g.b_batch, Cfg::kK)
+               : encode_map<T>(maps.right, g.b, rows, g.k, pr.batch, g.b_batch, Cfg::kTile));
       if (!encoded) {
         return L.ok(cudaErrorInvalidValue, "encoding the TMA tensor maps (cuTensorMapEncodeTiled)");
       }
       return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, maps, u), what);
     } else {
-      (void)transposed;
       return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, u), what);
     }
   };
@@ -172,14 +182,14 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   auto xxt = [&](const T* src, T* dst) {
     const GemmArgs g = product(src, plan.x_elems, np, src, plan.x_elems, np, dst, dst, plan.a_elems,
                                mp, np, 1.0f, 0.0f, tiles_m, tiles_n);
-    return launch(gram, grid_sym, g, NoUpdate{}, false, "the X·Xᵀ launch");
+    return launch(gram, Product::kGram, grid_sym, g, NoUpdate{}, "the X·Xᵀ launch");
   };
   // dst ← b·A + c·A·A (+ diag·I in the Gram form).
   auto polynomial = [&](const T* src, T* dst, float cb, float cc, float diag) {
     GemmArgs g = product(src, plan.a_elems, mp, src, plan.a_elems, mp, src, dst, plan.a_elems, mp,
                          mp, cc, cb, tiles_m, tiles_n);
     g.diag_scale = diag;
-    return launch(poly, grid_sym, g, NoUpdate{}, false, "the b·A + c·A·A launch");
+    return launch(poly, Product::kPoly, grid_sym, g, NoUpdate{}, "the b·A + c·A·A launch");
   };
   // The args of dst ← a·src + left·src.
   auto apply_args = [&](const T* left, const T* src, T* dst, float ca) {
@@ -187,7 +197,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                    1.0f, ca, tiles_m, tiles_n);
   };
   auto apply_plain = [&](const T* left, const T* src, T* dst, float ca) {
-    return launch(apply, grid_apply, apply_args(left, src, dst, ca), NoUpdate{}, true,
+    return launch(apply, Product::kApply, grid_apply, apply_args(left, src, dst, ca), NoUpdate{},
                   "the a·X + B·X launch");
   };
   // The last product also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
@@ -211,8 +221,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
         u.refs[k].scale = mat.scale;
       }
       g.batch0 = static_cast<int32_t>(first);
-      return launch(apply_update, dim3(grid_apply.x, static_cast<unsigned>(count)), g, u, true,
-                    "the a·X + B·X launch with the update");
+      return launch(apply_update, Product::kApply, dim3(grid_apply.x, static_cast<unsigned>(count)),
+                    g, u, "the a·X + B·X launch with the update");
     });
   };
   auto coefficient = [&](int s, int i) { return static_cast<float>(pr.coefficients[3 * s + i]); };
@@ -242,7 +252,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   auto square = [&](const T* left, const T* right, T* dst) {
     const GemmArgs g = product(left, plan.a_elems, mp, right, plan.a_elems, mp, dst, dst,
                                plan.a_elems, mp, mp, 1.0f, 0.0f, tiles_m, tiles_n);
-    return launch(gram, grid_sym, g, NoUpdate{}, false, "a Gram-form product launch");
+    return launch(gram, Product::kGram, grid_sym, g, NoUpdate{}, "a Gram-form product launch");
   };
   if (!xxt(x, r)) return false;  // R ← X·Xᵀ
   bool fresh = true;             // Q = I
@@ -379,8 +389,9 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                 "the normalization launch");
   });
   if (!prepared) return false;
-  if (plan.wgmma == 2) return run_products<T, WgmmaTiling, true>(L, mats, workspace);
-  if (plan.wgmma == 1) return run_products<T, WgmmaTiling>(L, mats, workspace);
+  if (plan.wgmma == 3) return run_products<T, WgmmaTiling<256>, true>(L, mats, workspace);
+  if (plan.wgmma == 2) return run_products<T, WgmmaTiling<128>, true>(L, mats, workspace);
+  if (plan.wgmma == 1) return run_products<T, WgmmaTiling<128>>(L, mats, workspace);
   if (plan.tile == 128) return run_products<T, TileLarge>(L, mats, workspace);
   return run_products<T, TileSmall>(L, mats, workspace);
 }

@@ -3,13 +3,14 @@
 // the last one's epilogue — on the warpgroup tensor-core instructions (wgmma.mma_async), fed by
 // the tensor memory accelerator (TMA), sharing ns_gemm.cuh's epilogue (store_tile).
 //
-// A block computes a 128×128 tile: a producer warpgroup, of which one thread issues the TMA
-// copies, and two consumer warpgroups of 64 rows each. K streams through shared memory in stages
-// of 64; each stage has two mbarriers: `full` (its copies have landed) and `empty` (both
-// consumers are done with it). The producer runs up to kStages stages ahead, and every consumer
-// keeps one product group in flight (but in one a·X + B·X, see below). Every operand is read as TMA
-// stored it, never transposed in shared memory, in the 128-byte swizzle, which TMA writes and which
-// wgmma's descriptors and ldmatrix read without bank conflicts:
+// A block computes a 128×128 tile (a·X + B·X: 128×256 with WgmmaTiling<256>): a producer
+// warpgroup, of which one thread issues the TMA copies, and two consumer warpgroups of 64 rows
+// each. K streams through shared memory in stages of 64; each stage has two mbarriers: `full`
+// (its copies have landed) and `empty` (both consumers are done with it). The producer runs up to
+// kStages stages ahead, and every consumer keeps one product group in flight (but in one
+// a·X + B·X, see below). Every operand is read as TMA stored it, never transposed in shared
+// memory, in the 128-byte swizzle, which TMA writes and which wgmma's descriptors and ldmatrix
+// read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
 //     both from shared memory through descriptors;
 //   - a·X + B·X (kXShared false) is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers
@@ -18,7 +19,10 @@
 //     inputs are written while earlier ones are in flight (C7513), so here each stage's products
 //     are waited for before the next stage's fragments are loaded;
 //   - or (kXShared) D = B·X with X read from the same boxes as an N-major operand (the
-//     descriptor's transpose bit), so its products overlap as the others' do.
+//     descriptor's transpose bit), so its products overlap as the others' do. On 128×256 tiles
+//     (m64n256k16, 128 accumulators a thread: ptxas fits a consumer in the 168 registers a
+//     thread of 384 has, with no setmaxnreg) a tile may overhang X's padded columns by 128
+//     (TMA reads zeros there, store_tile writes nothing).
 //
 // Included by ns_launch.cu only: a kernel is defined in the one source file that launches it.
 #ifndef SCION_NS_WGMMA_CUH_
@@ -32,10 +36,12 @@
 
 namespace scion::ns {
 
+template <int kApplyN_>
 struct WgmmaTiling {
-  static constexpr int kTile = 128;
-  static constexpr int kThreads = 384;  // the producer warpgroup, then two consumers
-  static constexpr int kK = 64;         // K per stage: four m64n128k16 products
+  static constexpr int kTile = 128;         // rows of every tile, columns of the symmetric ones
+  static constexpr int kApplyN = kApplyN_;  // columns of a·X + B·X's tiles: 128 or 256
+  static constexpr int kThreads = 384;      // the producer warpgroup, then two consumers
+  static constexpr int kK = 64;             // K per stage: four k16 products
   static constexpr int kStages = 4;
   // A box of kTile rows × kK in the 128-byte swizzle: one 128-byte row per matrix row, 8-row
   // atoms of 1024 bytes (SBO), a k16 slice 32 bytes further along the row.
@@ -43,14 +49,31 @@ struct WgmmaTiling {
   static constexpr int kAtomBytes = 8 * kRowBytes;
   static constexpr int kOperandBytes = kTile * kRowBytes;
   static_assert(kRowBytes == 128, "the 128-byte swizzle holds exactly kK = 64 16-bit elements");
-  // kApply's X stage: kK rows × kTile columns as two boxes of kK × 64 columns, same swizzle.
-  static constexpr int kHalfBytes = kK * 128;
-  static constexpr int kStageBytes = 2 * kOperandBytes;
-  static constexpr int kBarriers = kStages * kStageBytes;  // byte offset of the mbarriers
-  static constexpr size_t kSmemBytes = size_t{kBarriers} + 2 * 8 * kStages;  // full, empty
-  static_assert(kStageBytes % kAtomBytes == 0, "stages must keep the swizzle atoms aligned");
-  static_assert(size_t{kTile} * (kTile + 8) * 2 <= kBarriers, "staging tile too big");
+  static_assert(kApplyN == 128 || kApplyN == 256, "m64n128k16 or m64n256k16");
+  // kApply's X stage: kK rows × kApplyN columns as boxes of kK × 64 columns, same swizzle.
+  static constexpr int kBoxBytes = kK * 128;
+  // Per product: a tile's columns, a stage (the left operand's box, then the right one's), the
+  // byte offset of the mbarriers after kStages stages, and the dynamic shared memory.
+  static constexpr int columns(Product p) { return p == Product::kApply ? kApplyN : kTile; }
+  static constexpr int stage_bytes(Product p) { return kOperandBytes + columns(p) * kRowBytes; }
+  static constexpr int barriers(Product p) { return kStages * stage_bytes(p); }
+  static constexpr size_t smem_bytes(Product p) {
+    return static_cast<size_t>(barriers(p)) + 2 * 8 * kStages;
+  }
+  static_assert(kOperandBytes % kAtomBytes == 0 && kBoxBytes % kAtomBytes == 0,
+                "stages must keep the swizzle atoms aligned");
+  static_assert(size_t{kTile} * (kApplyN + 8) * 2 <=
+                    kStages * (kOperandBytes + kApplyN * kRowBytes),
+                "staging tile too big");
+  static_assert(size_t{kStages} * (kOperandBytes + kApplyN * kRowBytes) + 2 * 8 * kStages <=
+                    227 * 1024,
+                "above the per-block shared memory of Hopper");
 };
+
+template <typename Cfg>
+inline constexpr bool kIsWgmma = false;
+template <int kApplyN>
+inline constexpr bool kIsWgmma<WgmmaTiling<kApplyN>> = true;
 
 // The tensor maps of one launch (3-D: columns, rows, matrices; boxes of 64 columns in the
 // 128-byte swizzle): the left operand (kTile rows a box), and the right one (the symmetric
@@ -69,30 +92,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kTile = Cfg::kTile;
   constexpr int kK = Cfg::kK;
   constexpr int kStages = Cfg::kStages;
+  constexpr int kN = Cfg::columns(kProduct);  // the tile's columns
+  constexpr int kRegs = kN / 2;               // accumulators a consumer thread
   constexpr bool kApply = kProduct == Product::kApply;
   constexpr bool kTransposed = kApply && !kXShared;  // Dᵀ, Xᵀ from registers
+  static_assert(!kTransposed || kN == kTile, "Xᵀ from registers on square tiles only");
   unsigned char* smem = dynamic_smem();
-  auto* full = reinterpret_cast<uint64_t*>(smem + Cfg::kBarriers);  // stage s has landed
+  auto* full = reinterpret_cast<uint64_t*>(smem + Cfg::barriers(kProduct));  // stage s landed
   uint64_t* empty = full + kStages;  // both consumers are done with stage s
   const int tid = static_cast<int>(threadIdx.x);
   const int group = tid / 128 - 1;    // consumer warpgroup: rows 64·group.. of D; -1: producer
   const int warp = (tid % 128) / 32;  // warp within the warpgroup
   const int lane = tid % 32;
-  const BlockTile<T, kProduct, kTile> at(args);
+  const BlockTile<T, kProduct, kTile, kN> at(args);
 
   // Stage s: the left operand's box (L's rows row0..; kApply: B's rows row0..), then the right
-  // one's (R's rows col0..; kApply: X's rows k.. × columns col0.., two boxes).
-  auto stage_l = [&](int s) { return smem + s * Cfg::kStageBytes; };
-  auto stage_r = [&](int s) { return smem + s * Cfg::kStageBytes + Cfg::kOperandBytes; };
+  // one's (R's rows col0..; kApply: X's rows k.. × columns col0.., kN / 64 boxes).
+  constexpr int kStageBytes = Cfg::stage_bytes(kProduct);
+  auto stage_l = [&](int s) { return smem + s * kStageBytes; };
+  auto stage_r = [&](int s) { return smem + s * kStageBytes + Cfg::kOperandBytes; };
   auto load_stage = [&](int s, int k0) {  // the producer thread
     // The stage's last readers are done (its `empty` barrier): order their generic-proxy reads
     // (kApply's ldmatrix) before the async-proxy writes.
     fence_proxy_async();
-    mbarrier_arrive_expect_tx(&full[s], Cfg::kStageBytes);
+    mbarrier_arrive_expect_tx(&full[s], kStageBytes);
     tma_load_3d(stage_l(s), &maps.left, k0, at.row0, at.matrix, &full[s]);
     if constexpr (kApply) {
-      tma_load_3d(stage_r(s), &maps.right, at.col0, k0, at.matrix, &full[s]);
-      tma_load_3d(stage_r(s) + Cfg::kHalfBytes, &maps.right, at.col0 + 64, k0, at.matrix, &full[s]);
+      SCION_UNROLL
+      for (int box = 0; box < kN / 64; ++box) {
+        tma_load_3d(stage_r(s) + box * Cfg::kBoxBytes, &maps.right, at.col0 + 64 * box, k0,
+                    at.matrix, &full[s]);
+      }
     } else {
       tma_load_3d(stage_r(s), &maps.right, k0, at.col0, at.matrix, &full[s]);
     }
@@ -108,9 +138,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  float acc[64];
+  float acc[kRegs];
   SCION_UNROLL
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
 
   if (group < 0) {
     if (tid == 0) {  // the producer: stage kt into buffer kt % kStages once it is empty
@@ -131,7 +161,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if constexpr (kTransposed) {
         // Xᵀ's fragments for rows (X's columns) 64·group + 16·warp.., k16 slice by slice: X's
         // rows k of the box `group`, 16-byte chunks of 8 columns at chunk c ^ (k % 8).
-        const unsigned char* box = stage_r(s) + group * Cfg::kHalfBytes;
+        const unsigned char* box = stage_r(s) + group * Cfg::kBoxBytes;
         SCION_UNROLL
         for (int kk = 0; kk < kK / 16; ++kk) {
           const int k = kk * 16 + lane % 8 + 8 * (lane / 16);
@@ -153,9 +183,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           const uint64_t desc_a = smem_descriptor_sw128(
               stage_l(s) + 64 * group * Cfg::kRowBytes + 32 * kk, Cfg::kAtomBytes);
           if constexpr (kApply) {
-            // X's rows 16·kk.. of both boxes: atoms of 8 rows along K, the boxes along N.
+            // X's rows 16·kk.. of every box: atoms of 8 rows along K, the boxes along N.
             const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 2 * kk * Cfg::kAtomBytes,
-                                                          Cfg::kAtomBytes, Cfg::kHalfBytes);
+                                                          Cfg::kAtomBytes, Cfg::kBoxBytes);
             wgmma_ss<T, true>(acc, desc_a, desc_b, true);
           } else {
             const uint64_t desc_b = smem_descriptor_sw128(stage_r(s) + 32 * kk, Cfg::kAtomBytes);
@@ -178,21 +208,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 
   // acc[i] is element (64·group + 16·warp + lane/4 + 8·((i/2)%2), 8·(i/4) + 2·(lane%4) + i%2) of
-  // the block's D; for kApply D is the output tile's transpose.
-  store_tile<T, kProduct, kTile, Cfg::kThreads>(
-      args, upd, reinterpret_cast<T*>(smem), tid, at, [&](auto&& f) {
-        if (group < 0) return;  // the producer holds no results
-        SCION_UNROLL
-        for (int i = 0; i < 64; ++i) {
-          const int dr = 64 * group + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-          const int dc = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-          if constexpr (kTransposed) {
-            f(acc[i], at.row0 + dc, at.col0 + dr);
-          } else {
-            f(acc[i], at.row0 + dr, at.col0 + dc);
-          }
-        }
-      });
+  // the block's D; with Xᵀ from registers D is the output tile's transpose.
+  store_tile<Cfg::kThreads>(args, upd, reinterpret_cast<T*>(smem), tid, at, [&](auto&& f) {
+    if (group < 0) return;  // the producer holds no results
+    SCION_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      const int dr = 64 * group + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+      const int dc = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+      if constexpr (kTransposed) {
+        f(acc[i], at.row0 + dc, at.col0 + dr);
+      } else {
+        f(acc[i], at.row0 + dr, at.col0 + dc);
+      }
+    }
+  });
 #else
   (void)args, (void)maps, (void)upd;
   __trap();  // launched only where the loaded image is sm_90a (see the launcher)

@@ -107,11 +107,15 @@ TMA_APPLY = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, nu
 TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 
 
+#: The native wgmma variants: ``Policy.wgmma`` of each.
+WGMMA_PATHS = {"wgmma": 1, "wgmma-smem": 2, "wgmma-wide": 3}
+
+
 def over(*variants: str, paths: bool = False, hopper: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
     paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
     the native ``wgmma`` products, emulated and on a GPU, on the 128 tile, ``a·X + B·X``
-    reading Xᵀ from registers or X from shared memory)."""
+    reading Xᵀ from registers or X from shared memory, the latter also on 128×256 tiles)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
@@ -122,7 +126,7 @@ def over(*variants: str, paths: bool = False, hopper: bool = False):
         params.append(pytest.param(("triton", "tma"), id="triton-tma"))
         for native in ("cuda-emulated", "cuda"):
             marks = [pytest.mark.gpu] if native == "cuda" else []
-            for path in ("wgmma", "wgmma-smem"):
+            for path in WGMMA_PATHS:
                 params.append(pytest.param((native, path), id=f"{native}-{path}", marks=marks))
     return pytest.mark.parametrize("kernels", params, indirect=True)
 
@@ -156,11 +160,10 @@ def kernels(request) -> Kernels:
         else:
             pytest.skip("needs a CUDA GPU and the built native module")
         policies = {(8, 0): NativePolicy(tile=64)} if path == "tiled" else None
-        if path in ("wgmma", "wgmma-smem"):
+        if path in WGMMA_PATHS:
             if device.type == "cuda" and torch.cuda.get_device_capability() != (9, 0):
                 pytest.skip("the wgmma products need a compute capability 9.0 GPU")
-            wgmma = 2 if path == "wgmma-smem" else 1
-            policies = {(8, 0): NativePolicy(tile=128, wgmma=wgmma)}
+            policies = {(8, 0): NativePolicy(tile=128, wgmma=WGMMA_PATHS[path])}
         backend = NativeBackend(module, policies)
     with backends.using(backend):
         yield Kernels(backend, device)

@@ -109,16 +109,22 @@ def test_wgmma_queries(native):
     assert module.ns_tile(33, 129, 0, 2, True) == 128  # the Gram form
     assert module.ns_tile(33, 129, 0, 0, True) == 1
     assert module.ns_tile(65, 129, 0, 0, 2) == 128
+    assert module.ns_tile(65, 129, 0, 0, 3) == 128
+    # The 128×256 tiles of a·X + B·X overhang X's padded columns instead of padding them more.
+    assert module.ns_workspace_bytes(2, 65, 129, 0, 0, 3) == module.ns_workspace_bytes(
+        2, 65, 129, 128
+    )
     assert module.ns_workspace_bytes(2, 65, 129, 128) == module.ns_workspace_bytes(
         2, 65, 129, 0, 0, True
     )
     with pytest.raises(ValueError, match="wgmma"):
         module.ns_tile(65, 129, 64, 0, True)
     with pytest.raises(ValueError, match="wgmma"):
-        module.ns_tile(65, 129, 0, 0, 3)
+        module.ns_tile(65, 129, 0, 0, 4)
 
 
-#: (stack, Gram form, dtype): wide and tall, one and more tiles per side, both dtypes.
+#: (stack, Gram form, dtype): wide and tall, one and more tiles per side, both dtypes; X's
+#: padded width 128, 256 and 384 (the 128×256 tiles overhang it by 128, by none, by 128).
 WGMMA_CASES = [
     ((2, 7, 33), False, torch.bfloat16),
     ((1, 130, 33), False, torch.float16),
@@ -131,11 +137,11 @@ WGMMA_CASES = [
 def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gram, dtype):
     """In the host emulation both product kernels accumulate every output element in the same
     order (k16 slices in turn, each an fma chain over k), so the wgmma kernels (TMA boxes and
-    their swizzle, descriptors, fragment maps, the transposed a·X + B·X, the barriers and async
-    waits) must give the mma.sync kernels' bits exactly, for the polar factor and for the fused
-    update of strided parameters. The TMA copies run both late (at the first wait that needs
-    them: a stage read before its barrier) and eagerly (when issued: a stage refilled while
-    still read)."""
+    their swizzle, descriptors, fragment maps, the transposed a·X + B·X, its 128×256 tiles, the
+    barriers and async waits) must give the mma.sync kernels' bits exactly, for the polar factor
+    and for the fused update of strided parameters. The TMA copies run both late (at the first
+    wait that needs them: a stage read before its barrier) and eagerly (when issued: a stage
+    refilled while still read)."""
     module = emulated_native
     G = torch.randn(shape)
     table = flatten(resolve_coefficients("you"))
@@ -145,7 +151,8 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
         return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
 
     expected = polar(0)
-    for wgmma in (1, 2):  # a·X + B·X: Xᵀ from registers, X from shared memory
+    # a·X + B·X: Xᵀ from registers, X from shared memory, the same on 128×256 tiles
+    for wgmma in (1, 2, 3):
         assert torch.equal(polar(wgmma), expected), wgmma
         monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
         assert torch.equal(polar(wgmma), expected), wgmma
@@ -159,12 +166,13 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     grads = torch.randn(shape)
     lr = torch.tensor([0.5])
     results = []
-    for wgmma in (0, 2):
+    for wgmma in (0, 2, 3):
         p, d = base.clone().mT, torch.randn(shape, generator=torch.Generator().manual_seed(1))
         ns_step_(module, 128, [p], [grads], [d], [tall], [1.5], m, n, dtype, table, gram, 0.3,
                  None, lr, -0.05, 0.01, wgmma=wgmma)  # fmt: skip
         results.append((p, d))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for p, d in results[1:]:
+        assert torch.equal(results[0][0], p) and torch.equal(results[0][1], d)
     assert not torch.equal(results[0][0], base.mT)  # the step did update
 
 
@@ -178,7 +186,7 @@ def test_wgmma_on_device(native, tolerance):
         pytest.skip("the wgmma products need a compute capability 9.0 GPU")
     G = torch.randn(1, 130, 260, device=device)
     table = resolve_coefficients("classic")
-    for gram, wgmma in ((False, 1), (True, 1), (False, 2)):
+    for gram, wgmma in ((False, 1), (True, 1), (False, 2), (True, 3)):
         got = NativeBackend(module, {(8, 0): Policy(wgmma=wgmma)}).polar_(
             G, flatten(table), torch.bfloat16, gram
         )
@@ -187,13 +195,13 @@ def test_wgmma_on_device(native, tolerance):
             G, flatten(table), torch.bfloat16, gram
         )
         assert (got.float() - other.float()).abs().max().item() <= 0.02
-    p = torch.randn(300, 140, device=device)
     grad = torch.randn(300, 140, device=device)
-    before = p.clone()
-    ns_step_(module, 0, [p], [grad], [], [True], [1.0], 140, 300, torch.bfloat16, flatten(table),
-             False, 1.0, None, None, -0.1, 1.0, wgmma=2)  # fmt: skip
-    expected = before - 0.1 * newton_schulz(grad, "classic", dtype=torch.bfloat16).float()
-    assert (p - expected).abs().max().item() <= 0.01
+    expected = -0.1 * newton_schulz(grad, "classic", dtype=torch.bfloat16).float()
+    for wgmma in (2, 3):
+        p = torch.zeros(300, 140, device=device)
+        ns_step_(module, 0, [p], [grad], [], [True], [1.0], 140, 300, torch.bfloat16,
+                 flatten(table), False, 1.0, None, None, -0.1, 1.0, wgmma=wgmma)  # fmt: skip
+        assert (p - expected).abs().max().item() <= 0.01, wgmma
 
 
 def test_invalid_arguments(native):

@@ -36,7 +36,8 @@ class Policy:
     #: The tiled products on Hopper's ``wgmma`` fed by TMA (``csrc/ns_wgmma.cuh``, the 128 tile;
     #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it): 0 (or
     #: false) keeps ``mma.sync``; 1 (or true) reads ``a·X + B·X``'s Xᵀ from registers; 2 reads
-    #: its X from shared memory, so its products overlap.
+    #: its X from shared memory, so its products overlap; 3 does so on 128×256 tiles
+    #: (``m64n256k16``, the consumer warpgroups taking the producer's registers).
     wgmma: int = 0
 
 

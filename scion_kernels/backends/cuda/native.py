@@ -140,7 +140,7 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
 def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: int = 0) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
-    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1 or 2,
+    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1, 2 or 3,
     :attr:`~scion_kernels.backends.cuda.Policy.wgmma`) runs the tiled products on Hopper's
     wgmma (tile 128; an sm_90a build on a compute capability 9.0 GPU, or the host
     emulation)."""
