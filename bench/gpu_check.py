@@ -19,21 +19,21 @@ stage          budget  predicted  what
 ``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in
                                   parallel processes (``bench.warm``, ``bench.tiles --warm``):
                                   the compile-time figure
-``headline``     90 s      59 s   ``bench --check`` kernels (each product at 4096² and GPT-2
+``headline``     90 s      61 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend (the native one on mma.sync and on wgmma), GPT-2
                                   small steps with peak memory
-``gram``         30 s      24 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
+``gram``         30 s      26 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
                                   GPT-2's 768×3072, plain and in the Gram form, per backend
 ``graphs``       45 s      25 s   a GPT-2-small step eager and replayed as a CUDA graph, per
                                   backend, beside fused AdamW and Muon (``bench.graph``)
 ``parity``      110 s      80 s   the parity tests of every backend (``pytest -n 8``; the host
                                   emulation's cases are CPU tests, left to CI)
 ``marked``       20 s      10 s   the ``gpu``-marked tests of ``test_optim.py``
-``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 13 native tests,
+``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 14 native tests,
                                   PyTorch's caching allocator off (so overruns are seen)
 ``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 5 native tests
-``rest``         60 s      42 s   the polar factor at the check's other shapes, the memory-bound
+``rest``         60 s      38 s   the polar factor at the check's other shapes, the memory-bound
                                   stages, ``init()`` on a 1.1B Llama layout (``bench.init``)
 ``tiles``        50 s      30 s   every tile candidate of the Triton products at 4096², 1024²
                                   and GPT-2 small's buckets (``bench.tiles``)
@@ -99,15 +99,15 @@ PARITY_TESTS = [
 #: Files whose ``gpu``-marked tests run after them (their other tests are CPU tests).
 MARKED_TESTS = ["tests/test_optim.py"]
 #: The native kernels' GPU tests run under compute-sanitizer: the one-block and tiled
-#: Newton–Schulz paths, a whole optimizer step, the grouped step and the wgmma products (13
-#: tests) for memcheck, the five that launch every native kernel once for racecheck (much
-#: slower per launch).
+#: Newton–Schulz paths, a whole optimizer step, the grouped step and the wgmma products, one
+#: block per tile and persistent (14 tests) for memcheck, the five that launch every native
+#: kernel once for racecheck (much slower per launch).
 SANITIZED_TESTS = ["tests/test_backends.py", "tests/test_native_ns.py"]
 _NATIVE_ONLY = " and not triton and not emulated and not torch"
 SANITIZED_SELECTION = (
     "(one_block_path_limits or bucket_above_one_argument_block or deterministic"
-    " or optimizer_matches_reference_step_by_step or grouped_zero_and_tiny or wgmma_on_device)"
-    + _NATIVE_ONLY
+    " or optimizer_matches_reference_step_by_step or grouped_zero_and_tiny or wgmma_on_device"
+    " or wgmma_persistent)" + _NATIVE_ONLY
 )
 RACECHECK_SELECTION = (
     "(one_block_path_limits or bucket_above_one_argument_block or deterministic"
@@ -116,14 +116,17 @@ RACECHECK_SELECTION = (
 #: The headline's polar factor: docs/performance.md's target shape, every step backend and
 #: the peers that take no compilation (``torch_compile`` is left to the full suite).
 HEADLINE_POLAR = "1x4096x4096"
-POLAR_BACKENDS = "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,cuda-wgmma-wide,torch.optim.Muon,svd"
+POLAR_BACKENDS = (
+    "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,cuda-wgmma-wide,cuda-wgmma-persistent,"
+    "torch.optim.Muon,svd"
+)
 #: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
 REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
 #: The Gram form's shapes (issue 28's 4096×16384 target, and GPT-2's MLP matrices) and backends.
 GRAM_POLAR = "1x4096x16384,12x768x3072"
 GRAM_BACKENDS = (
     "torch,triton,cuda,torch-gram,triton-gram,cuda-gram,cuda-wgmma-gram,cuda-wgmma-smem-gram,"
-    "cuda-wgmma-wide-gram"
+    "cuda-wgmma-wide-gram,cuda-wgmma-persistent-gram"
 )
 #: Processes compiling the tile candidates of bench/tiles.py in the warm stage.
 TILE_WARM_PROCESSES = 6
@@ -638,14 +641,14 @@ STAGES = [
     Stage("env", 15, 5, stage_env),
     Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
     Stage("warm", 60, 35, stage_warm),
-    Stage("headline", 90, 59, stage_headline),
-    Stage("gram", 30, 24, stage_gram),
+    Stage("headline", 90, 61, stage_headline),
+    Stage("gram", 30, 26, stage_gram),
     Stage("graphs", 45, 25, stage_graphs),
     Stage("parity", 110, 80, stage_parity),
     Stage("marked", 20, 10, stage_marked),
     Stage("memcheck", 40, 25, stage_memcheck),
     Stage("racecheck", 30, 20, stage_racecheck),
-    Stage("rest", 60, 42, stage_rest),
+    Stage("rest", 60, 38, stage_rest),
     Stage("tiles", 50, 30, stage_tiles),
     Stage("table", 10, 3, stage_table),
 ]
@@ -779,7 +782,10 @@ def headline(work: Path) -> list[str]:
             cells.append(f"{backend} {_fmt_ms(r)}{ratio}{err}")
         lines.append(f"Newton–Schulz 5 steps {'×'.join(map(str, shape))}: " + "; ".join(cells))
         if shape == (1, 4096, 4096):
-            for backend in ("triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem", "cuda-wgmma-wide"):
+            for backend in (
+                "triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem", "cuda-wgmma-wide",
+                "cuda-wgmma-persistent",
+            ):  # fmt: skip
                 r = at.get(backend)
                 if r is None:
                     continue
@@ -796,7 +802,7 @@ def headline(work: Path) -> list[str]:
         if shape == (1, 4096, 16384):
             for backend in (
                 "triton-gram", "cuda-gram", "cuda-wgmma-gram", "cuda-wgmma-smem-gram",
-                "cuda-wgmma-wide-gram",
+                "cuda-wgmma-wide-gram", "cuda-wgmma-persistent-gram",
             ):  # fmt: skip
                 r = at.get(backend)
                 if r is not None:

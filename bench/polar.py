@@ -136,9 +136,16 @@ def _ours_compiled(coefficients: str | None) -> PolarFn:
     return torch.compile(_ours(coefficients), dynamic=False)
 
 
-def _kernels(name: str, coefficients: str | None, gram: bool = False, wgmma: int = 0) -> PolarFn:
+def _kernels(
+    name: str,
+    coefficients: str | None,
+    gram: bool = False,
+    wgmma: int = 0,
+    persistent: bool = False,
+) -> PolarFn:
     """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
-    with ``gram``; for ``cuda`` with ``wgmma`` 1 to 3: the Hopper products, ``Policy.wgmma``),
+    with ``gram``; for ``cuda`` with ``wgmma`` 1 to 3: the Hopper products, ``Policy.wgmma``,
+    and ``Policy.persistent``),
     in bf16 unless the call says otherwise."""
     from scion_kernels import backends
     from scion_kernels.backends.ops import polar
@@ -149,7 +156,8 @@ def _kernels(name: str, coefficients: str | None, gram: bool = False, wgmma: int
     if wgmma:
         from scion_kernels.backends.cuda import NativeBackend, Policy
 
-        backend = NativeBackend(backend.module, {(8, 0): Policy(wgmma=wgmma)})
+        policy = Policy(wgmma=wgmma, persistent=persistent)
+        backend = NativeBackend(backend.module, {(8, 0): policy})
     return lambda G, dtype=torch.bfloat16: polar(backend, G, table, dtype, gram)
 
 
@@ -260,15 +268,16 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
         )
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
             # Policy(wgmma=1): a·X + B·X reads Xᵀ from registers; 2 ("-smem"): X from smem;
-            # 3 ("-wide"): X from smem on 128×256 tiles.
-            for suffix, wgmma in (("", 1), ("-smem", 2), ("-wide", 3)):
-                note = table["cuda"].note + f"; Hopper's wgmma products (Policy(wgmma={wgmma}))"
-                table[f"cuda-wgmma{suffix}"] = Backend(
-                    functools.partial(_kernels, "cuda", wgmma=wgmma), note=note
-                )
+            # 3 ("-wide"): X from smem on 128×256 tiles; "-persistent": that, a block per SM.
+            variants = (("", 1, False), ("-smem", 2, False), ("-wide", 3, False),
+                        ("-persistent", 3, True))  # fmt: skip
+            for suffix, wgmma, persistent in variants:
+                policy = f"Policy(wgmma={wgmma}, persistent={persistent})"
+                note = table["cuda"].note + f"; Hopper's wgmma products ({policy})"
+                kernels = functools.partial(_kernels, "cuda", wgmma=wgmma, persistent=persistent)
+                table[f"cuda-wgmma{suffix}"] = Backend(kernels, note=note)
                 table[f"cuda-wgmma{suffix}-gram"] = Backend(
-                    functools.partial(_kernels, "cuda", gram=True, wgmma=wgmma),
-                    note=note + gram_note,
+                    functools.partial(kernels, gram=True), note=note + gram_note
                 )
         else:
             ctx.log("polar: cuda-wgmma skipped: the wgmma products need compute capability 9.0")

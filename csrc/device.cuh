@@ -404,6 +404,16 @@ __device__ __forceinline__ void fence_proxy_async() {
       : SCION_WGMMA_D_OPERANDS_64                                                        \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
+// A barrier among `count` threads of the block (whole warps), named by `id` in 1..15 (0 is
+// __syncthreads'): some warps meet while the others go on or have exited.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+#ifdef SCION_HOST_EMULATION
+  scion_emu::named_barrier_sync(id, count);
+#else
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hopper's tensor memory accelerator (TMA) and the shared-memory barriers it completes.
 

@@ -56,6 +56,13 @@ bool check_problem(const scion_ns_problem& pr) {
         pr.wgmma, pr.tile);
     return false;
   }
+  if (pr.persistent < 0 || pr.persistent > 1 || (pr.persistent == 1 && pr.wgmma == 0)) {
+    set_error(
+        "ns_step: persistent must be 0 or 1, and 1 runs the wgmma products (wgmma 1 to 3); got "
+        "%d with wgmma %d",
+        pr.persistent, pr.wgmma);
+    return false;
+  }
   if (!(pr.alpha >= 0.0 && pr.alpha <= 1.0)) {
     set_error("ns_step: alpha must be in [0, 1], got %g", pr.alpha);
     return false;

@@ -59,6 +59,7 @@ struct GemmArgs {
   int32_t tiles;               // tiles per matrix side (rows; kApply: rows of the output)
   int32_t tiles_n;             // kApply: tiles along the output's columns
   int32_t batch0;              // first matrix of this launch
+  int32_t matrices;            // matrices of this launch (the persistent kernels' tiles)
   float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
   float diag_scale;            // kPoly: + diag_scale on the diagonal (the Gram form's a·I)
 };
@@ -154,6 +155,13 @@ __device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int
   tj = ti + index;
 }
 
+// Output tiles per matrix: the full grid (kApply) or the upper triangle.
+template <Product kProduct>
+__device__ __forceinline__ int tiles_per_matrix(const GemmArgs& args) {
+  return kProduct == Product::kApply ? args.tiles * args.tiles_n
+                                     : args.tiles * (args.tiles + 1) / 2;
+}
+
 // What a product block works on: its matrix (the launch's `local`-th, the bucket's `matrix`-th)
 // and that matrix's operands, and its output tile (ti, tj) of kTile rows × kTileN columns, whose
 // first element is (row0, col0): the full grid row by row (kApply, args.tiles_n tiles to a row),
@@ -165,19 +173,29 @@ struct BlockTile {
   const T* a;
   const T* b;
 
+  // The block's tile of a launch with a block per tile (blockIdx.x) and matrix (blockIdx.y).
   __device__ __forceinline__ explicit BlockTile(const GemmArgs& args)
-      : local(static_cast<int>(blockIdx.y)), matrix(args.batch0 + local) {
+      : BlockTile(args, static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x)) {}
+
+  // Tile `index` of the launch's `local`-th matrix.
+  __device__ __forceinline__ BlockTile(const GemmArgs& args, int local_, int index)
+      : local(local_), matrix(args.batch0 + local_) {
     if constexpr (kProduct == Product::kApply) {
-      ti = static_cast<int>(blockIdx.x) / args.tiles_n;
-      tj = static_cast<int>(blockIdx.x) % args.tiles_n;
+      ti = index / args.tiles_n;
+      tj = index % args.tiles_n;
     } else {
-      triangle_tile(static_cast<int>(blockIdx.x), args.tiles, ti, tj);
+      triangle_tile(index, args.tiles, ti, tj);
     }
     row0 = ti * kTile;
     col0 = tj * kTileN;
     a = static_cast<const T*>(args.a) + matrix * args.a_batch;
     b = static_cast<const T*>(args.b) + matrix * args.b_batch;
   }
+};
+
+// The barrier of store_tile when every thread of the block takes part.
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
 
 // The epilogue of every tiled product: out = acc_scale·acc + add_scale·add (kPoly: + diag_scale
@@ -188,14 +206,15 @@ struct BlockTile {
 //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
 //     dimension (tall parameters have X's columns as their rows).
 // `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
-// the output's coordinates (the block's tile `at`); the block's kThreads threads take part. A
-// kApply tile wider than kTile may overhang the output's columns (args.ldc of them): those are
-// neither read nor written.
+// the output's coordinates (the block's tile `at`). kThreads threads, numbered `tid` from 0,
+// take part and meet at `sync()` (by default the whole block's barrier). A kApply tile wider
+// than kTile may overhang the output's columns (args.ldc of them): those are neither read nor
+// written.
 template <int kThreads, typename T, Product kProduct, int kTile, int kTileN, typename Update,
-          typename ForEach>
+          typename ForEach, typename Sync = BlockSync>
 __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& upd, T* smem,
                                            int tid, const BlockTile<T, kProduct, kTile, kTileN>& at,
-                                           ForEach&& for_each) {
+                                           ForEach&& for_each, Sync sync = Sync{}) {
   const int row0 = at.row0;
   const int col0 = at.col0;
   const int ti = at.ti;
@@ -204,7 +223,7 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
   constexpr int kStageLd = kTileN + 8;
   constexpr bool kOverhang = kTileN > kTile;
   const T* add = static_cast<const T*>(args.add) + at.matrix * args.out_batch;
-  __syncthreads();
+  sync();
   for_each([&](float a_rc, int r, int c) {
     if (kOverhang && c >= args.ldc) return;
     float v = args.acc_scale * a_rc;
@@ -216,7 +235,7 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
     }
     smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
   });
-  __syncthreads();
+  sync();
   if (kProduct != Product::kApply && ti == tj) {
     // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
     // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
@@ -226,7 +245,7 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
       const int lc = idx % kTile;
       if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
     }
-    __syncthreads();
+    sync();
   }
   if constexpr (kUpdate) {
     const UpdateRef& ref = upd.refs[at.local];

@@ -46,10 +46,11 @@ bool for_each_slice(int64_t batch, int per, F&& launch) {
 GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int64_t b_batch,
                  int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc, int32_t k,
                  float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
-  const int32_t batch0 = 0;  // set per launch where a launch takes part of the bucket
+  const int32_t batch0 = 0;    // set per launch where a launch takes part of the bucket
+  const int32_t matrices = 0;  // set by the launch
   const float diag_scale = 0.0f;
-  return GemmArgs{a,   b, add,   out,     a_batch, b_batch,   out_batch, lda,       ldb,
-                  ldc, k, tiles, tiles_n, batch0,  acc_scale, add_scale, diag_scale};
+  return GemmArgs{a,   b, add,   out,     a_batch, b_batch,  out_batch, lda,       ldb,
+                  ldc, k, tiles, tiles_n, batch0,  matrices, acc_scale, add_scale, diag_scale};
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (no link-time dependency on
@@ -154,15 +155,30 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   const dim3 block(Cfg::kThreads);
   const int32_t mp = static_cast<int32_t>(plan.m_pad);
   const int32_t np = static_cast<int32_t>(plan.n_pad);
-  const dim3 grid_sym(tri, static_cast<unsigned>(pr.batch));
-  const dim3 grid_apply(static_cast<unsigned>(tiles_m * tiles_n), static_cast<unsigned>(pr.batch));
-  // One launch of `kernel` (a `kind` product) on `g`, with its TMA maps for the wgmma kernels:
-  // the left operand (tiles_m·kTile rows of g.k), and the right one, of as many rows (the
-  // symmetric products) or X (a·X + B·X: g.k rows of g.ldb).
-  auto launch = [&](auto* kernel, Product kind, dim3 grid, const GemmArgs& g, const auto& u,
+  // Persistent wgmma products: a block per multiprocessor (one fits, by its shared memory).
+  int sms = 0;
+  if (kIsWgmma<Cfg> && pr.persistent) {
+    int device = 0;
+    if (!L.ok(cudaGetDevice(&device), "looking up the device") ||
+        !L.ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+              "counting the multiprocessors")) {
+      return false;
+    }
+  }
+  // One launch of `kernel` (a `kind` product) on `g` for `matrices` matrices from g.batch0:
+  // a block per tile and matrix (a wgmma kernel walks its tiles in one sequence, so it takes
+  // them all along x, or as many as there are multiprocessors when persistent), with the TMA
+  // maps for the wgmma kernels: the left operand (tiles_m·kTile rows of g.k), and the right
+  // one, of as many rows (the symmetric products) or X (a·X + B·X: g.k rows of g.ldb).
+  auto launch = [&](auto* kernel, Product kind, GemmArgs g, int matrices, const auto& u,
                     const char* what) {
     const size_t smem = Cfg::smem_bytes(kind);
+    const int per_matrix = kind == Product::kApply ? tiles_m * tiles_n : tri;
+    g.matrices = matrices;
     if constexpr (kIsWgmma<Cfg>) {
+      const int64_t tiles = int64_t{per_matrix} * matrices;
+      if (tiles > INT32_MAX) return L.ok(cudaErrorInvalidConfiguration, what);  // int tile index
+      const dim3 grid(static_cast<unsigned>(sms > 0 && sms < tiles ? sms : tiles));
       TmaMaps maps{};
       const int64_t rows = int64_t{tiles_m} * Cfg::kTile;
       const bool encoded =
@@ -175,21 +191,23 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       }
       return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, maps, u), what);
     } else {
+      const dim3 grid(static_cast<unsigned>(per_matrix), static_cast<unsigned>(matrices));
       return L.ok(launch_kernel(kernel, grid, block, smem, L.stream, g, u), what);
     }
   };
+  const int batch = static_cast<int>(pr.batch);
   // dst ← X·Xᵀ (symmetric tiles).
   auto xxt = [&](const T* src, T* dst) {
     const GemmArgs g = product(src, plan.x_elems, np, src, plan.x_elems, np, dst, dst, plan.a_elems,
                                mp, np, 1.0f, 0.0f, tiles_m, tiles_n);
-    return launch(gram, Product::kGram, grid_sym, g, NoUpdate{}, "the X·Xᵀ launch");
+    return launch(gram, Product::kGram, g, batch, NoUpdate{}, "the X·Xᵀ launch");
   };
   // dst ← b·A + c·A·A (+ diag·I in the Gram form).
   auto polynomial = [&](const T* src, T* dst, float cb, float cc, float diag) {
     GemmArgs g = product(src, plan.a_elems, mp, src, plan.a_elems, mp, src, dst, plan.a_elems, mp,
                          mp, cc, cb, tiles_m, tiles_n);
     g.diag_scale = diag;
-    return launch(poly, Product::kPoly, grid_sym, g, NoUpdate{}, "the b·A + c·A·A launch");
+    return launch(poly, Product::kPoly, g, batch, NoUpdate{}, "the b·A + c·A·A launch");
   };
   // The args of dst ← a·src + left·src.
   auto apply_args = [&](const T* left, const T* src, T* dst, float ca) {
@@ -197,7 +215,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                    1.0f, ca, tiles_m, tiles_n);
   };
   auto apply_plain = [&](const T* left, const T* src, T* dst, float ca) {
-    return launch(apply, Product::kApply, grid_apply, apply_args(left, src, dst, ca), NoUpdate{},
+    return launch(apply, Product::kApply, apply_args(left, src, dst, ca), batch, NoUpdate{},
                   "the a·X + B·X launch");
   };
   // The last product also updates the parameters: x ← decay·x + coef·s·X (see step_factors).
@@ -221,8 +239,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
         u.refs[k].scale = mat.scale;
       }
       g.batch0 = static_cast<int32_t>(first);
-      return launch(apply_update, Product::kApply, dim3(grid_apply.x, static_cast<unsigned>(count)),
-                    g, u, "the a·X + B·X launch with the update");
+      return launch(apply_update, Product::kApply, g, count, u,
+                    "the a·X + B·X launch with the update");
     });
   };
   auto coefficient = [&](int s, int i) { return static_cast<float>(pr.coefficients[3 * s + i]); };
@@ -252,7 +270,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   auto square = [&](const T* left, const T* right, T* dst) {
     const GemmArgs g = product(left, plan.a_elems, mp, right, plan.a_elems, mp, dst, dst,
                                plan.a_elems, mp, mp, 1.0f, 0.0f, tiles_m, tiles_n);
-    return launch(gram, Product::kGram, grid_sym, g, NoUpdate{}, "a Gram-form product launch");
+    return launch(gram, Product::kGram, g, batch, NoUpdate{}, "a Gram-form product launch");
   };
   if (!xxt(x, r)) return false;  // R ← X·Xᵀ
   bool fresh = true;             // Q = I

@@ -3,11 +3,14 @@
 // the last one's epilogue — on the warpgroup tensor-core instructions (wgmma.mma_async), fed by
 // the tensor memory accelerator (TMA), sharing ns_gemm.cuh's epilogue (store_tile).
 //
-// A block computes a 128×128 tile (a·X + B·X: 128×256 with WgmmaTiling<256>): a producer
-// warpgroup, of which one thread issues the TMA copies, and two consumer warpgroups of 64 rows
-// each. K streams through shared memory in stages of 64; each stage has two mbarriers: `full`
-// (its copies have landed) and `empty` (both consumers are done with it). The producer runs up to
-// kStages stages ahead, and every consumer keeps one product group in flight (but in one
+// A block computes 128×128 tiles (a·X + B·X: 128×256 with WgmmaTiling<256>): one, or when
+// launched persistent (a block per multiprocessor) every gridDim.x-th tile of the launch in
+// turn. A producer warpgroup, of which one thread issues the TMA copies, and two consumer
+// warpgroups of 64 rows each, which alone run the epilogue (store_tile, through a staging tile
+// of its own: the producer is already loading the next tile). K streams through shared memory
+// in stages of 64, in one sequence across a block's tiles; each stage has two mbarriers: `full`
+// (its copies have landed) and `empty` (both consumers are done with it). The producer runs up
+// to the stage count ahead, and every consumer keeps one product group in flight (but in one
 // a·X + B·X, see below). Every operand is read as TMA stored it, never transposed in shared
 // memory, in the 128-byte swizzle, which TMA writes and which wgmma's descriptors and ldmatrix
 // read without bank conflicts:
@@ -42,7 +45,6 @@ struct WgmmaTiling {
   static constexpr int kApplyN = kApplyN_;  // columns of a·X + B·X's tiles: 128 or 256
   static constexpr int kThreads = 384;      // the producer warpgroup, then two consumers
   static constexpr int kK = 64;             // K per stage: four k16 products
-  static constexpr int kStages = 4;
   // A box of kTile rows × kK in the 128-byte swizzle: one 128-byte row per matrix row, 8-row
   // atoms of 1024 bytes (SBO), a k16 slice 32 bytes further along the row.
   static constexpr int kRowBytes = kK * 2;
@@ -52,22 +54,22 @@ struct WgmmaTiling {
   static_assert(kApplyN == 128 || kApplyN == 256, "m64n128k16 or m64n256k16");
   // kApply's X stage: kK rows × kApplyN columns as boxes of kK × 64 columns, same swizzle.
   static constexpr int kBoxBytes = kK * 128;
-  // Per product: a tile's columns, a stage (the left operand's box, then the right one's), the
-  // byte offset of the mbarriers after kStages stages, and the dynamic shared memory.
-  static constexpr int columns(Product p) { return p == Product::kApply ? kApplyN : kTile; }
-  static constexpr int stage_bytes(Product p) { return kOperandBytes + columns(p) * kRowBytes; }
-  static constexpr int barriers(Product p) { return kStages * stage_bytes(p); }
-  static constexpr size_t smem_bytes(Product p) {
-    return static_cast<size_t>(barriers(p)) + 2 * 8 * kStages;
-  }
   static_assert(kOperandBytes % kAtomBytes == 0 && kBoxBytes % kAtomBytes == 0,
                 "stages must keep the swizzle atoms aligned");
-  static_assert(size_t{kTile} * (kApplyN + 8) * 2 <=
-                    kStages * (kOperandBytes + kApplyN * kRowBytes),
-                "staging tile too big");
-  static_assert(size_t{kStages} * (kOperandBytes + kApplyN * kRowBytes) + 2 * 8 * kStages <=
-                    227 * 1024,
-                "above the per-block shared memory of Hopper");
+  // Per product, the layout of shared memory: `stages` stages (the left operand's box, then the
+  // right one's), from `barriers` the stages' `full` and `empty` mbarriers, from `staging` the
+  // epilogue's tile (its own, so that a persistent block's next loads overlap it).
+  static constexpr int columns(Product p) { return p == Product::kApply ? kApplyN : kTile; }
+  static constexpr int stages(Product p) { return columns(p) > 128 ? 3 : 4; }
+  static constexpr int stage_bytes(Product p) { return kOperandBytes + columns(p) * kRowBytes; }
+  static constexpr int barriers(Product p) { return stages(p) * stage_bytes(p); }
+  static constexpr int staging(Product p) {
+    return (barriers(p) + 16 * stages(p) + 127) / 128 * 128;
+  }
+  static constexpr size_t smem_bytes(Product p) {
+    return static_cast<size_t>(staging(p)) + size_t{kTile} * (columns(p) + 8) * 2;
+  }
+  static_assert(smem_bytes(Product::kApply) <= 227 * 1024, "above Hopper's shared memory a block");
 };
 
 template <typename Cfg>
@@ -82,6 +84,11 @@ struct TmaMaps {
   CUtensorMap left, right;
 };
 
+// The consumers' barrier in the epilogue (the producer warpgroup is not there).
+struct ConsumerSync {
+  __device__ __forceinline__ void operator()() const { named_barrier_sync(1, 256); }
+};
+
 template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_kernel(const GemmArgs args, const __grid_constant__ TmaMaps maps,
@@ -91,12 +98,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 "the fragment maps below are written for this tiling");
   constexpr int kTile = Cfg::kTile;
   constexpr int kK = Cfg::kK;
-  constexpr int kStages = Cfg::kStages;
+  constexpr int kStages = Cfg::stages(kProduct);
   constexpr int kN = Cfg::columns(kProduct);  // the tile's columns
   constexpr int kRegs = kN / 2;               // accumulators a consumer thread
   constexpr bool kApply = kProduct == Product::kApply;
   constexpr bool kTransposed = kApply && !kXShared;  // Dᵀ, Xᵀ from registers
   static_assert(!kTransposed || kN == kTile, "Xᵀ from registers on square tiles only");
+  using Tile = BlockTile<T, kProduct, kTile, kN>;
   unsigned char* smem = dynamic_smem();
   auto* full = reinterpret_cast<uint64_t*>(smem + Cfg::barriers(kProduct));  // stage s landed
   uint64_t* empty = full + kStages;  // both consumers are done with stage s
@@ -104,14 +112,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int group = tid / 128 - 1;    // consumer warpgroup: rows 64·group.. of D; -1: producer
   const int warp = (tid % 128) / 32;  // warp within the warpgroup
   const int lane = tid % 32;
-  const BlockTile<T, kProduct, kTile, kN> at(args);
+  // The block walks tiles blockIdx.x, + gridDim.x, ... of the launch (all its matrices' in
+  // turn): one of them with a block per tile, several when persistent. K stages run through
+  // the buffers in one sequence across the tiles: stage `seq` in buffer seq % kStages.
+  const int per_matrix = tiles_per_matrix<kProduct>(args);
+  const int tiles = per_matrix * args.matrices;
+  const int ktiles = args.k / kK;
 
   // Stage s: the left operand's box (L's rows row0..; kApply: B's rows row0..), then the right
   // one's (R's rows col0..; kApply: X's rows k.. × columns col0.., kN / 64 boxes).
   constexpr int kStageBytes = Cfg::stage_bytes(kProduct);
   auto stage_l = [&](int s) { return smem + s * kStageBytes; };
   auto stage_r = [&](int s) { return smem + s * kStageBytes + Cfg::kOperandBytes; };
-  auto load_stage = [&](int s, int k0) {  // the producer thread
+  auto load_stage = [&](int s, int k0, const Tile& at) {  // the producer thread
     // The stage's last readers are done (its `empty` barrier): order their generic-proxy reads
     // (kApply's ldmatrix) before the async-proxy writes.
     fence_proxy_async();
@@ -128,7 +141,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
   };
 
-  const int ktiles = args.k / kK;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&full[s], 1);
@@ -138,26 +150,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  float acc[kRegs];
-  SCION_UNROLL
-  for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
-
   if (group < 0) {
-    if (tid == 0) {  // the producer: stage kt into buffer kt % kStages once it is empty
-      for (int kt = 0; kt < ktiles; ++kt) {
-        const int s = kt % kStages;
-        if (kt >= kStages) mbarrier_wait(&empty[s], static_cast<uint32_t>(kt / kStages - 1) & 1u);
-        load_stage(s, kt * kK);
+    if (tid == 0) {  // the producer: each stage into its buffer once the buffer is empty
+      int seq = 0;
+      for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
+        const Tile at(args, t / per_matrix, t % per_matrix);
+        for (int kt = 0; kt < ktiles; ++kt, ++seq) {
+          const int s = seq % kStages;
+          if (seq >= kStages) {
+            mbarrier_wait(&empty[s], static_cast<uint32_t>(seq / kStages - 1) & 1u);
+          }
+          load_stage(s, kt * kK, at);
+        }
       }
     }
-  } else {
+    return;  // the consumers wait for every copy; the epilogue is theirs
+  }
+
+  const bool signals = tid % 128 == 0;  // one arrival on `empty` per warpgroup
+  int seq = 0;
+  for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
+    const Tile at(args, t / per_matrix, t % per_matrix);
+    float acc[kRegs];
+    SCION_UNROLL
+    for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
+
     // One K stage: its products are issued and left in flight, and the previous stage's waited
     // for and its buffer released (but with Xᵀ from registers, see the top: this stage's).
-    const bool signals = tid % 128 == 0;  // one arrival on `empty` per warpgroup
     uint32_t frag[kK / 16][4];
-    for (int kt = 0; kt < ktiles; ++kt) {
-      const int s = kt % kStages;
-      mbarrier_wait(&full[s], static_cast<uint32_t>(kt / kStages) & 1u);
+    for (int kt = 0; kt < ktiles; ++kt, ++seq) {
+      const int s = seq % kStages;
+      mbarrier_wait(&full[s], static_cast<uint32_t>(seq / kStages) & 1u);
       if constexpr (kTransposed) {
         // Xᵀ's fragments for rows (X's columns) 64·group + 16·warp.., k16 slice by slice: X's
         // rows k of the box `group`, 16-byte chunks of 8 columns at chunk c ^ (k % 8).
@@ -199,29 +222,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         if (signals) mbarrier_arrive(&empty[s]);
       } else {
         wgmma_wait<1>();
-        if (signals && kt > 0) mbarrier_arrive(&empty[(kt - 1) % kStages]);
+        if (signals && kt > 0) mbarrier_arrive(&empty[(seq - 1) % kStages]);
       }
       fence_accumulators(acc);
     }
     wgmma_wait<0>();
     fence_accumulators(acc);
-  }
+    if (!kTransposed && signals) mbarrier_arrive(&empty[(seq - 1) % kStages]);  // the tile's last
 
-  // acc[i] is element (64·group + 16·warp + lane/4 + 8·((i/2)%2), 8·(i/4) + 2·(lane%4) + i%2) of
-  // the block's D; with Xᵀ from registers D is the output tile's transpose.
-  store_tile<Cfg::kThreads>(args, upd, reinterpret_cast<T*>(smem), tid, at, [&](auto&& f) {
-    if (group < 0) return;  // the producer holds no results
-    SCION_UNROLL
-    for (int i = 0; i < kRegs; ++i) {
-      const int dr = 64 * group + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-      const int dc = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-      if constexpr (kTransposed) {
-        f(acc[i], at.row0 + dc, at.col0 + dr);
-      } else {
-        f(acc[i], at.row0 + dr, at.col0 + dc);
-      }
-    }
-  });
+    // acc[i] is element (64·group + 16·warp + lane/4 + 8·((i/2)%2), 8·(i/4) + 2·(lane%4) + i%2)
+    // of the block's D; with Xᵀ from registers D is the output tile's transpose.
+    store_tile<256>(
+        args, upd, reinterpret_cast<T*>(smem + Cfg::staging(kProduct)), tid - 128, at,
+        [&](auto&& f) {
+          SCION_UNROLL
+          for (int i = 0; i < kRegs; ++i) {
+            const int dr = 64 * group + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+            const int dc = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+            if constexpr (kTransposed) {
+              f(acc[i], at.row0 + dc, at.col0 + dr);
+            } else {
+              f(acc[i], at.row0 + dr, at.col0 + dc);
+            }
+          }
+        },
+        ConsumerSync{});
+  }
 #else
   (void)args, (void)maps, (void)upd;
   __trap();  // launched only where the loaded image is sm_90a (see the launcher)

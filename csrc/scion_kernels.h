@@ -73,9 +73,14 @@ typedef struct scion_ns_problem {
   int wgmma;         /* 0: the tiled products on mma.sync (sm_80 and up); 1, 2 or 3: on
                         Hopper's wgmma, fed by TMA, with the 128 tile (tile 64 is refused, tile
                         0 chooses 1 or 128); a*X + B*X reads X^T from registers (1) or X from
-                        shared memory (2), or X from shared memory on 128x256 tiles (3). Runs only where the
-                        module's loaded image is sm_90a (a build with 90a on a compute capability 9.0
-                        device); elsewhere the call fails with cudaErrorInvalidDeviceFunction. */
+                        shared memory (2), or X from shared memory on 128x256 tiles (3).
+                        Runs only where the module's loaded image is sm_90a (a build with 90a
+                        on a compute capability 9.0 device); elsewhere the call fails with
+                        cudaErrorInvalidDeviceFunction. */
+  int persistent;    /* 0: one block per output tile; 1: the wgmma products (wgmma 1 to 3
+                        only) launch one block per multiprocessor, each walking the tiles in
+                        turn, its producer loading the next tile while its consumers store
+                        the last one */
 } scion_ns_problem;
 
 typedef struct scion_ns_matrix {

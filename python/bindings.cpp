@@ -29,7 +29,7 @@ namespace {
 scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dtype, int g_dtype,
                             int d_dtype, int compute_dtype, const std::vector<double>& coefficients,
                             double alpha, double coef, double decay, uint64_t lr, uint64_t momentum,
-                            int tile, int gram_restart, int wgmma) {
+                            int tile, int gram_restart, int wgmma, int persistent = 0) {
   if (coefficients.empty() || coefficients.size() % 3 != 0 || coefficients.size() > 48) {
     throw std::invalid_argument("ns_step: coefficients must hold 1 to 16 (a, b, c) triples, got " +
                                 std::to_string(coefficients.size()) + " numbers");
@@ -52,6 +52,7 @@ scion_ns_problem ns_problem(int64_t batch, int64_t rows, int64_t cols, int p_dty
   pr.momentum = momentum;
   pr.gram_restart = gram_restart;
   pr.wgmma = wgmma;
+  pr.persistent = persistent;
   return pr;
 }
 
@@ -80,7 +81,7 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
              const std::vector<uint64_t>& g, const std::vector<uint64_t>& d,
              const std::vector<int64_t>& strides, const std::vector<float>& scales,
              uint64_t workspace, int64_t workspace_bytes, int device, uint64_t stream,
-             int gram_restart, int wgmma) {
+             int gram_restart, int wgmma, int persistent) {
   const size_t batch = p.size();
   const bool has_buffer = d_dtype != -1;
   if (g.size() != batch || (has_buffer ? d.size() != batch : !d.empty()) ||
@@ -91,9 +92,9 @@ void ns_step(int64_t rows, int64_t cols, int p_dtype, int g_dtype, int d_dtype, 
                                 std::to_string(strides.size()) + " (6 each), scales " +
                                 std::to_string(scales.size()) + ")");
   }
-  const scion_ns_problem pr =
-      ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype, d_dtype, compute_dtype,
-                 coefficients, alpha, coef, decay, lr, momentum, tile, gram_restart, wgmma);
+  const scion_ns_problem pr = ns_problem(static_cast<int64_t>(batch), rows, cols, p_dtype, g_dtype,
+                                         d_dtype, compute_dtype, coefficients, alpha, coef, decay,
+                                         lr, momentum, tile, gram_restart, wgmma, persistent);
   std::vector<scion_ns_matrix> mats(batch);
   for (size_t k = 0; k < batch; ++k) {
     scion_ns_matrix& m = mats[k];
@@ -181,6 +182,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tile"), py::arg("p"), py::arg("g"), py::arg("d"), py::arg("strides"),
         py::arg("scales"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
         py::arg("stream"), py::arg("gram_restart") = 0, py::arg("wgmma") = 0,
+        py::arg("persistent") = 0,
         "The Scion step of one bucket of rows x cols matrices: averaging, Newton-Schulz with "
         "the flattened (a, b, c) `coefficients`, and x <- decay*x + coef*scale*polar(d) (with "
         "`lr`, the device address of one float32 t or 0: x <- (1-decay*t)*x + coef*t*...; "
@@ -190,7 +192,8 @@ PYBIND11_MODULE(_C, m) {
         "`gram_restart` k >= 1 runs the steps in the Gram form, restarting every k steps. "
         "`wgmma` 1, 2 or 3 runs the tiled products on Hopper's wgmma (an sm_90a image; tile "
         "128), a*X + B*X reading X^T from registers (1) or X from shared memory (2), or X from "
-        "shared memory on 128x256 tiles (3).");
+        "shared memory on 128x256 tiles (3); `persistent` 1 launches those products one block "
+        "per multiprocessor, each walking the output tiles.");
   m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
         py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"),

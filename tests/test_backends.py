@@ -107,15 +107,17 @@ TMA_APPLY = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, nu
 TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 
 
-#: The native wgmma variants: ``Policy.wgmma`` of each.
-WGMMA_PATHS = {"wgmma": 1, "wgmma-smem": 2, "wgmma-wide": 3}
+#: The native wgmma variants: ``Policy.wgmma`` and ``Policy.persistent`` of each. The
+#: persistent one runs on one emulated multiprocessor, so one block walks every tile.
+WGMMA_PATHS = {"wgmma": (1, False), "wgmma-smem": (2, False), "wgmma-persistent": (3, True)}
 
 
 def over(*variants: str, paths: bool = False, hopper: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
     paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
     the native ``wgmma`` products, emulated and on a GPU, on the 128 tile, ``a·X + B·X``
-    reading Xᵀ from registers or X from shared memory, the latter also on 128×256 tiles)."""
+    reading Xᵀ from registers or X from shared memory, the latter also on 128×256 tiles in
+    persistent blocks)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
@@ -163,7 +165,10 @@ def kernels(request) -> Kernels:
         if path in WGMMA_PATHS:
             if device.type == "cuda" and torch.cuda.get_device_capability() != (9, 0):
                 pytest.skip("the wgmma products need a compute capability 9.0 GPU")
-            policies = {(8, 0): NativePolicy(tile=128, wgmma=WGMMA_PATHS[path])}
+            wgmma, persistent = WGMMA_PATHS[path]
+            policies = {(8, 0): NativePolicy(tile=128, wgmma=wgmma, persistent=persistent)}
+            if persistent and device.type == "cpu":
+                request.getfixturevalue("monkeypatch").setenv("SCION_EMULATION_SMS", "1")
         backend = NativeBackend(module, policies)
     with backends.using(backend):
         yield Kernels(backend, device)

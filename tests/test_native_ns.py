@@ -103,7 +103,7 @@ def test_workspace_and_tile_queries(native):
 def test_wgmma_queries(native):
     """``wgmma`` runs the 128 tile: the automatic choice never takes 64 with it, small
     matrices still take the one-block path, and a forced 64 tile is refused."""
-    module, _ = native
+    module, device = native
     assert module.ns_tile(65, 129) == 64
     assert module.ns_tile(65, 129, 0, 0, True) == 128
     assert module.ns_tile(33, 129, 0, 2, True) == 128  # the Gram form
@@ -121,6 +121,12 @@ def test_wgmma_queries(native):
         module.ns_tile(65, 129, 64, 0, True)
     with pytest.raises(ValueError, match="wgmma"):
         module.ns_tile(65, 129, 0, 0, 4)
+    # Persistence is a launch of the wgmma products: refused without them.
+    G = torch.randn(1, 65, 129, device=device)
+    with pytest.raises(ValueError, match="persistent"):
+        NativeBackend(module, {(8, 0): Policy(persistent=True)}).polar_(
+            G, flatten(resolve_coefficients("classic")), torch.bfloat16
+        )
 
 
 #: (stack, Gram form, dtype): wide and tall, one and more tiles per side, both dtypes; X's
@@ -146,8 +152,8 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     G = torch.randn(shape)
     table = flatten(resolve_coefficients("you"))
 
-    def polar(wgmma: int) -> torch.Tensor:
-        policy = Policy(tile=128, wgmma=wgmma)
+    def polar(wgmma: int, persistent: bool = False) -> torch.Tensor:
+        policy = Policy(tile=128, wgmma=wgmma, persistent=persistent)
         return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
 
     expected = polar(0)
@@ -157,6 +163,14 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
         monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
         assert torch.equal(polar(wgmma), expected), wgmma
         monkeypatch.delenv("SCION_EMULATION_TMA")
+    # Persistent: two emulated multiprocessors, so blocks walk several tiles (and matrices),
+    # their K stages running on through the buffers from one tile into the next.
+    monkeypatch.setenv("SCION_EMULATION_SMS", "2")
+    for wgmma in (1, 2, 3):
+        assert torch.equal(polar(wgmma, persistent=True), expected), wgmma
+    monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
+    assert torch.equal(polar(3, persistent=True), expected)
+    monkeypatch.delenv("SCION_EMULATION_TMA")
 
     # The whole step: a parameter seen through a transposed view, a float32 buffer, lr on the
     # device.
@@ -166,10 +180,10 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     grads = torch.randn(shape)
     lr = torch.tensor([0.5])
     results = []
-    for wgmma in (0, 2, 3):
+    for wgmma, persistent in ((0, False), (2, False), (3, False), (3, True)):
         p, d = base.clone().mT, torch.randn(shape, generator=torch.Generator().manual_seed(1))
         ns_step_(module, 128, [p], [grads], [d], [tall], [1.5], m, n, dtype, table, gram, 0.3,
-                 None, lr, -0.05, 0.01, wgmma=wgmma)  # fmt: skip
+                 None, lr, -0.05, 0.01, wgmma=wgmma, persistent=persistent)  # fmt: skip
         results.append((p, d))
     for p, d in results[1:]:
         assert torch.equal(results[0][0], p) and torch.equal(results[0][1], d)
@@ -178,7 +192,8 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
 
 def test_wgmma_on_device(native, tolerance):
     """The wgmma products where they run (the emulation, or a compute capability 9.0 GPU):
-    two tiles a side, plain and in the Gram form, and a whole step of a tall parameter, against
+    two tiles a side, plain and in the Gram form, on 128×128 and 128×256 tiles, in a block per
+    tile and persistent, and a whole step of a tall parameter, against
     the tolerance rule and the mma.sync products (the same to bf16 rounding: only the
     summation order of the tensor cores differs)."""
     module, device = native
@@ -186,8 +201,11 @@ def test_wgmma_on_device(native, tolerance):
         pytest.skip("the wgmma products need a compute capability 9.0 GPU")
     G = torch.randn(1, 130, 260, device=device)
     table = resolve_coefficients("classic")
-    for gram, wgmma in ((False, 1), (True, 1), (False, 2), (True, 3)):
-        got = NativeBackend(module, {(8, 0): Policy(wgmma=wgmma)}).polar_(
+    cases = ((False, 1, False), (True, 1, False), (False, 2, False), (True, 3, False),
+             (False, 3, True))  # fmt: skip
+    for gram, wgmma, persistent in cases:
+        policy = Policy(wgmma=wgmma, persistent=persistent)
+        got = NativeBackend(module, {(8, 0): policy}).polar_(
             G, flatten(table), torch.bfloat16, gram
         )
         tolerance.check_polar(got, G, "classic", torch.bfloat16, gram=gram)
@@ -197,11 +215,34 @@ def test_wgmma_on_device(native, tolerance):
         assert (got.float() - other.float()).abs().max().item() <= 0.02
     grad = torch.randn(300, 140, device=device)
     expected = -0.1 * newton_schulz(grad, "classic", dtype=torch.bfloat16).float()
-    for wgmma in (2, 3):
+    for wgmma, persistent in ((2, False), (3, False), (3, True)):
         p = torch.zeros(300, 140, device=device)
         ns_step_(module, 0, [p], [grad], [], [True], [1.0], 140, 300, torch.bfloat16,
-                 flatten(table), False, 1.0, None, None, -0.1, 1.0, wgmma=wgmma)  # fmt: skip
+                 flatten(table), False, 1.0, None, None, -0.1, 1.0, wgmma=wgmma,
+                 persistent=persistent)  # fmt: skip
         assert (p - expected).abs().max().item() <= 0.01, wgmma
+
+
+def test_wgmma_persistent_walks_tiles_on_device(native, tolerance, monkeypatch):
+    """Persistent blocks that each walk several tiles and matrices: on a GPU a stack of 48
+    (144 tiles of X·Xᵀ and 192 of a·X + B·X, more than an H100's or H200's multiprocessors),
+    in the emulation 2 matrices on one emulated multiprocessor; against the tolerance rule and
+    the same products one block per tile."""
+    module, device = native
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+        pytest.skip("the wgmma products need a compute capability 9.0 GPU")
+    monkeypatch.setenv("SCION_EMULATION_SMS", "1")
+    G = torch.randn(48 if device.type == "cuda" else 2, 130, 260, device=device)
+    table = flatten(resolve_coefficients("classic"))
+    for gram in (False, True):
+        got, once = (
+            NativeBackend(module, {(8, 0): Policy(wgmma=3, persistent=persistent)}).polar_(
+                G, table, torch.bfloat16, gram
+            )
+            for persistent in (True, False)
+        )
+        tolerance.check_polar(got, G, "classic", torch.bfloat16, gram=gram)
+        assert (got.float() - once.float()).abs().max().item() <= 0.02
 
 
 def test_invalid_arguments(native):

@@ -147,6 +147,7 @@ std::vector<Warp> warps;
 std::vector<Warpgroup> warpgroups;
 std::map<const void*, MemoryBarrier> memory_barriers;  // of the running block
 Barrier block_barrier;
+std::map<int, Barrier> named_barriers;  // bar.sync 1..15 of the running block
 std::vector<unsigned char> smem_storage;
 unsigned char* smem = nullptr;
 size_t smem_bytes = 0;
@@ -268,6 +269,7 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
         block_idx = {x, y, z};
         std::memset(smem, 0xFF, bytes);
         memory_barriers.clear();
+        named_barriers.clear();
         for (int t = 0; t < threads; ++t) start(fibers[t]);
         int live = threads;
         while (live > 0) {
@@ -296,6 +298,17 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
 unsigned char* shared_memory() { return smem; }
 
 void sync_block() { wait(block_barrier); }
+
+void named_barrier_sync(int id, int count) {
+  if (id < 1 || id > 15) fail("a named barrier outside 1..15");
+  if (count <= 0 || count % 32 != 0 || count > block_barrier.expected) {
+    fail("a named barrier's thread count must be whole warps of the block");
+  }
+  Barrier& b = named_barriers[id];
+  if (b.expected == 0) b.expected = count;
+  if (b.expected != count) fail("a named barrier used with different thread counts");
+  wait(b);
+}
 
 uint32_t shfl_xor(uint32_t value, int lane_mask) {
   Warp& w = my_warp();
@@ -697,6 +710,14 @@ CUresult CUDAAPI encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint
 
 }  // namespace
 
+// The emulated device's multiprocessors: SCION_EMULATION_SMS (1 to 1024), or 4. Persistent
+// launches size their grids by it, so a small count makes each block walk several tiles.
+static int multiprocessors() {
+  const char* sms = std::getenv("SCION_EMULATION_SMS");
+  const int n = sms != nullptr ? std::atoi(sms) : 4;
+  return n >= 1 && n <= 1024 ? n : 4;
+}
+
 extern "C" {
 
 cudaError_t cudaGetDevice(int* device) {
@@ -747,8 +768,8 @@ cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsi
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount:
-      *value = 4;
+    case cudaDevAttrMultiProcessorCount:  // SCION_EMULATION_SMS, or 4
+      *value = multiprocessors();
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = static_cast<int>(227 * 1024);

@@ -65,6 +65,8 @@ extern dim3 grid_dim;
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 unsigned char* shared_memory();
 void sync_block();
+// bar.sync id, count: `count` threads of the block meet (the first call fixes the count).
+void named_barrier_sync(int id, int count);
 // Warp collectives: every lane of the calling warp must call them, in the same order.
 uint32_t shfl_xor(uint32_t value, int lane_mask);
 void ldmatrix_x4(uint32_t r[4], const void* row, bool trans);

@@ -37,8 +37,12 @@ class Policy:
     #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it): 0 (or
     #: false) keeps ``mma.sync``; 1 (or true) reads ``a·X + B·X``'s Xᵀ from registers; 2 reads
     #: its X from shared memory, so its products overlap; 3 does so on 128×256 tiles
-    #: (``m64n256k16``, the consumer warpgroups taking the producer's registers).
+    #: (``m64n256k16``).
     wgmma: int = 0
+    #: With ``wgmma``: launch the products one block per multiprocessor, each walking the
+    #: output tiles in turn, its producer warpgroup loading the next tile while its consumers
+    #: store the last one (false: one block per tile).
+    persistent: bool = False
 
 
 #: The policy per compute capability (the newest the device has is used). A new architecture
@@ -99,7 +103,7 @@ class NativeBackend(Backend):
         from .native import ns_step_
 
         policy = self.policy(args[0][0].device) if args[0] else Policy()
-        ns_step_(self.module, policy.tile, *args, wgmma=policy.wgmma)
+        ns_step_(self.module, policy.tile, *args, wgmma=policy.wgmma, persistent=policy.persistent)
 
     def grouped_step_(self, *args: Any) -> None:
         from .native import grouped_step_
@@ -112,4 +116,7 @@ class NativeBackend(Backend):
         from .native import polar_
 
         policy = self.policy(G.device)
-        return polar_(self.module, policy.tile, G, coefficients, dtype, gram, policy.wgmma)
+        return polar_(
+            self.module, policy.tile, G, coefficients, dtype, gram, policy.wgmma,
+            policy.persistent,
+        )  # fmt: skip

@@ -137,13 +137,16 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[Tensor, int]:
     return buf, -(-buf.data_ptr() // 256) * 256
 
 
-def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: int = 0) -> None:
+def ns_step_(
+    module: ModuleType | None, tile: int, *args: Any, wgmma: int = 0, persistent: bool = False
+) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
     bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1, 2 or 3,
     :attr:`~scion_kernels.backends.cuda.Policy.wgmma`) runs the tiled products on Hopper's
     wgmma (tile 128; an sm_90a build on a compute capability 9.0 GPU, or the host
-    emulation)."""
+    emulation), with ``persistent`` a block per multiprocessor
+    (:attr:`~scion_kernels.backends.cuda.Policy.persistent`)."""
     step = NSStep(*args)
     params, grads, bufs, tall, factors, m, n, dtype = step[:8]
     coefficients, alpha, coef, decay = step.coefficients, step.alpha, step.coef, step.decay
@@ -182,6 +185,7 @@ def ns_step_(module: ModuleType | None, tile: int, *args: Any, wgmma: int = 0) -
             float(alpha), float(coef), float(decay), _address(step.lr, device),
             _address(step.momentum, device), int(tile), p_addr, g_addr, d_addr, strides,
             scales, address, nbytes, device.index or 0, _stream(device), restart, int(wgmma),
+            int(persistent),
         )  # fmt: skip
     except RuntimeError as exc:
         where = f"{batch} matrices of {m}×{n} on {device}"
@@ -210,6 +214,7 @@ def polar_(
     dtype: torch.dtype,
     gram: bool = False,
     wgmma: int = 0,
+    persistent: bool = False,
 ) -> Tensor:
     """Newton–Schulz ``polar(G)`` of every matrix of ``G`` (``(..., m, n)``) with the native
     kernels: the step :func:`ns_step_` with ``x = 0``, ``decay = 1``, ``coef = 1`` and ``d = g``
@@ -219,7 +224,7 @@ def polar_(
     out = torch.zeros(G.shape, dtype=torch.float32, device=G.device)
     if G.numel():
         ns_step_(module, tile, [out], [G], [], [tall], [1.0], m, n, dtype, coefficients,
-                 gram, 1.0, None, None, 1.0, 1.0, wgmma=wgmma)  # fmt: skip
+                 gram, 1.0, None, None, 1.0, 1.0, wgmma=wgmma, persistent=persistent)  # fmt: skip
     return out.to(dtype)
 
 
