@@ -345,8 +345,8 @@ def native_report() -> str:
         "--native`. The products' pipelines are dynamic shared memory: 3 stages, 30 KiB for "
         "the 64 tile and 60 KiB for the 128 tile (`Tiling::kSmemBytes` in csrc/ns_gemm.cuh); "
         "the wgmma products 4 TMA stages and a staging tile of their own, 162 KiB, and 3 "
-        "stages, 210 KiB, for a·X + B·X on 128×256 tiles (`WgmmaTiling<256>`; "
-        "`WgmmaTiling::smem_bytes`, csrc/ns_wgmma.cuh). "
+        "stages, 210 KiB, on 128×256 tiles (`WgmmaTiling<256, ·>` for a·X + B·X, `<·, 256>` for "
+        "the symmetric products; `WgmmaTiling::smem_bytes`, csrc/ns_wgmma.cuh). "
         "ptxas warnings: C75xx, wgmma products it serializes (none is the goal)."
     )
     return head + "\n\n" + "\n".join(rows)

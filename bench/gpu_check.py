@@ -19,11 +19,11 @@ stage          budget  predicted  what
 ``warm``         60 s      35 s   the Triton kernels the measurements use, compiled cold in
                                   parallel processes (``bench.warm``, ``bench.tiles --warm``):
                                   the compile-time figure
-``headline``     90 s      61 s   ``bench --check`` kernels (each product at 4096² and GPT-2
+``headline``     90 s      63 s   ``bench --check`` kernels (each product at 4096² and GPT-2
                                   small's buckets, beside cuBLAS), Newton–Schulz at 4096² per
                                   backend (the native one on mma.sync and on wgmma), GPT-2
                                   small steps with peak memory
-``gram``         30 s      26 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
+``gram``         30 s      28 s   Newton–Schulz at 4096×16384 (an MLP matrix of aspect 4) and
                                   GPT-2's 768×3072, plain and in the Gram form, per backend
 ``graphs``       45 s      25 s   a GPT-2-small step eager and replayed as a CUDA graph, per
                                   backend, beside fused AdamW and Muon (``bench.graph``)
@@ -33,7 +33,7 @@ stage          budget  predicted  what
 ``memcheck``     40 s      25 s   ``compute-sanitizer --tool memcheck`` over 14 native tests,
                                   PyTorch's caching allocator off (so overruns are seen)
 ``racecheck``    30 s      20 s   ``compute-sanitizer --tool racecheck`` over 5 native tests
-``rest``         60 s      38 s   the polar factor at the check's other shapes, the memory-bound
+``rest``         60 s      34 s   the polar factor at the check's other shapes, the memory-bound
                                   stages, ``init()`` on a 1.1B Llama layout (``bench.init``)
 ``tiles``        50 s      30 s   every tile candidate of the Triton products at 4096², 1024²
                                   and GPT-2 small's buckets (``bench.tiles``)
@@ -117,8 +117,8 @@ RACECHECK_SELECTION = (
 #: the peers that take no compilation (``torch_compile`` is left to the full suite).
 HEADLINE_POLAR = "1x4096x4096"
 POLAR_BACKENDS = (
-    "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,cuda-wgmma-wide,cuda-wgmma-persistent,"
-    "torch.optim.Muon,svd"
+    "torch,triton,cuda,cuda-wgmma,cuda-wgmma-smem,cuda-wgmma-wide-apply,cuda-wgmma-wide,"
+    "cuda-wgmma-persistent,torch.optim.Muon,svd"
 )
 #: The other polar shapes of the check (bench/polar.py's ``CHECK_SHAPES`` after 4096²).
 REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x1024,1x8192x8192"
@@ -126,7 +126,7 @@ REST_POLAR = "1x768x768,1x768x2304,1x768x3072,1x3072x768,32x2048x5464,1x1024x102
 GRAM_POLAR = "1x4096x16384,12x768x3072"
 GRAM_BACKENDS = (
     "torch,triton,cuda,torch-gram,triton-gram,cuda-gram,cuda-wgmma-gram,cuda-wgmma-smem-gram,"
-    "cuda-wgmma-wide-gram,cuda-wgmma-persistent-gram"
+    "cuda-wgmma-wide-apply-gram,cuda-wgmma-wide-gram,cuda-wgmma-persistent-gram"
 )
 #: Processes compiling the tile candidates of bench/tiles.py in the warm stage.
 TILE_WARM_PROCESSES = 6
@@ -641,14 +641,14 @@ STAGES = [
     Stage("env", 15, 5, stage_env),
     Stage("build", 120, 45, lambda c, d: StageResult("failed", "run by main, in the background")),
     Stage("warm", 60, 35, stage_warm),
-    Stage("headline", 90, 61, stage_headline),
-    Stage("gram", 30, 26, stage_gram),
+    Stage("headline", 90, 63, stage_headline),
+    Stage("gram", 30, 28, stage_gram),
     Stage("graphs", 45, 25, stage_graphs),
     Stage("parity", 110, 80, stage_parity),
     Stage("marked", 20, 10, stage_marked),
     Stage("memcheck", 40, 25, stage_memcheck),
     Stage("racecheck", 30, 20, stage_racecheck),
-    Stage("rest", 60, 38, stage_rest),
+    Stage("rest", 60, 34, stage_rest),
     Stage("tiles", 50, 30, stage_tiles),
     Stage("table", 10, 3, stage_table),
 ]
@@ -783,8 +783,8 @@ def headline(work: Path) -> list[str]:
         lines.append(f"Newton–Schulz 5 steps {'×'.join(map(str, shape))}: " + "; ".join(cells))
         if shape == (1, 4096, 4096):
             for backend in (
-                "triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem", "cuda-wgmma-wide",
-                "cuda-wgmma-persistent",
+                "triton", "cuda", "cuda-wgmma", "cuda-wgmma-smem", "cuda-wgmma-wide-apply",
+                "cuda-wgmma-wide", "cuda-wgmma-persistent",
             ):  # fmt: skip
                 r = at.get(backend)
                 if r is None:
@@ -802,7 +802,7 @@ def headline(work: Path) -> list[str]:
         if shape == (1, 4096, 16384):
             for backend in (
                 "triton-gram", "cuda-gram", "cuda-wgmma-gram", "cuda-wgmma-smem-gram",
-                "cuda-wgmma-wide-gram", "cuda-wgmma-persistent-gram",
+                "cuda-wgmma-wide-apply-gram", "cuda-wgmma-wide-gram", "cuda-wgmma-persistent-gram",
             ):  # fmt: skip
                 r = at.get(backend)
                 if r is not None:

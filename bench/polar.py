@@ -268,9 +268,11 @@ def available_backends(ctx: Context) -> dict[str, Backend]:
         )
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) == (9, 0):
             # Policy(wgmma=1): a·X + B·X reads Xᵀ from registers; 2 ("-smem"): X from smem;
-            # 3 ("-wide"): X from smem on 128×256 tiles; "-persistent": that, a block per SM.
-            variants = (("", 1, False), ("-smem", 2, False), ("-wide", 3, False),
-                        ("-persistent", 3, True))  # fmt: skip
+            # 3 ("-wide-apply"): that on 128×256 tiles; 4 ("-wide"): every product on 128×256
+            # tiles; "-persistent": 3 with a block per SM (bench/NOTES.md: at 4096² the wide
+            # triangle fills 2.06 waves of 132 SMs, the square one 4.0, so 3 is predicted best).
+            variants = (("", 1, False), ("-smem", 2, False), ("-wide-apply", 3, False),
+                        ("-wide", 4, False), ("-persistent", 3, True))  # fmt: skip
             for suffix, wgmma, persistent in variants:
                 policy = f"Policy(wgmma={wgmma}, persistent={persistent})"
                 note = table["cuda"].note + f"; Hopper's wgmma products ({policy})"

@@ -49,16 +49,16 @@ bool check_problem(const scion_ns_problem& pr) {
         pr.gram_restart, pr.tile);
     return false;
   }
-  if (pr.wgmma < 0 || pr.wgmma > 3 || (pr.wgmma != 0 && pr.tile == 64)) {
+  if (pr.wgmma < 0 || pr.wgmma > 4 || (pr.wgmma != 0 && pr.tile == 64)) {
     set_error(
-        "ns_step: wgmma must be 0, 1, 2 or 3, and 1 to 3 run the 128 tile (tile 0, 1 or 128); "
-        "got %d with tile %d",
+        "ns_step: wgmma must be 0 to 4, and 1 to 4 run the 128 tile (tile 0, 1 or 128); got %d "
+        "with tile %d",
         pr.wgmma, pr.tile);
     return false;
   }
   if (pr.persistent < 0 || pr.persistent > 1 || (pr.persistent == 1 && pr.wgmma == 0)) {
     set_error(
-        "ns_step: persistent must be 0 or 1, and 1 runs the wgmma products (wgmma 1 to 3); got "
+        "ns_step: persistent must be 0 or 1, and 1 runs the wgmma products (wgmma 1 to 4); got "
         "%d with wgmma %d",
         pr.persistent, pr.wgmma);
     return false;

@@ -59,7 +59,8 @@ struct GemmArgs {
   int32_t tiles;               // tiles per matrix side (rows; kApply: rows of the output)
   int32_t tiles_n;             // kApply: tiles along the output's columns
   int32_t batch0;              // first matrix of this launch
-  int32_t matrices;            // matrices of this launch (the persistent kernels' tiles)
+  int32_t matrices;            // matrices of this launch
+  int32_t per_matrix;          // output tiles per matrix (the wgmma kernels walk them)
   float acc_scale, add_scale;  // out = acc_scale·acc + add_scale·add
   float diag_scale;            // kPoly: + diag_scale on the diagonal (the Gram form's a·I)
 };
@@ -145,30 +146,36 @@ __device__ __forceinline__ void zero(float (&acc)[kMI][kNI][4]) {
   for_each_acc(acc, 0, 0, 0, [](float& v, int, int) { v = 0.0f; });
 }
 
-// Maps a linear index over the upper-triangle tiles (ti ≤ tj), row by row.
-__device__ __forceinline__ void triangle_tile(int index, int tiles, int& ti, int& tj) {
+// The tiles of `tiles` × `tiles` blocks (kTile square) that the symmetric products compute: tiles
+// of one block row and kRatio block columns that reach the upper triangle, the diagonal
+// included. Row ti holds tiles tj = ti / kRatio .. cols - 1, of cols = ceil(tiles / kRatio); for
+// kRatio 1 that is the upper triangle, ti ≤ tj. triangle_tile maps a linear index over them, row
+// by row; triangle_tiles counts them.
+template <int kRatio = 1>
+__host__ __device__ inline void triangle_tile(int index, int tiles, int& ti, int& tj) {
+  const int cols = (tiles + kRatio - 1) / kRatio;
   ti = 0;
-  while (index >= tiles - ti) {
-    index -= tiles - ti;
+  while (index >= cols - ti / kRatio) {
+    index -= cols - ti / kRatio;
     ++ti;
   }
-  tj = ti + index;
+  tj = ti / kRatio + index;
 }
-
-// Output tiles per matrix: the full grid (kApply) or the upper triangle.
-template <Product kProduct>
-__device__ __forceinline__ int tiles_per_matrix(const GemmArgs& args) {
-  return kProduct == Product::kApply ? args.tiles * args.tiles_n
-                                     : args.tiles * (args.tiles + 1) / 2;
+template <int kRatio = 1>
+__host__ __device__ inline int triangle_tiles(int tiles) {
+  const int cols = (tiles + kRatio - 1) / kRatio;
+  int count = 0;
+  for (int ti = 0; ti < tiles; ++ti) count += cols - ti / kRatio;
+  return count;
 }
 
 // What a product block works on: its matrix (the launch's `local`-th, the bucket's `matrix`-th)
 // and that matrix's operands, and its output tile (ti, tj) of kTile rows × kTileN columns, whose
 // first element is (row0, col0): the full grid row by row (kApply, args.tiles_n tiles to a row),
-// or the upper triangle's tiles (the symmetric products, square tiles only).
+// or the triangle's tiles (the symmetric products, triangle_tile).
 template <typename T, Product kProduct, int kTile, int kTileN = kTile>
 struct BlockTile {
-  static_assert(kProduct == Product::kApply || kTileN == kTile, "triangle tiles are square");
+  static_assert(kTileN % kTile == 0, "a tile spans whole blocks of columns");
   int local, matrix, ti, tj, row0, col0;
   const T* a;
   const T* b;
@@ -184,7 +191,7 @@ struct BlockTile {
       ti = index / args.tiles_n;
       tj = index % args.tiles_n;
     } else {
-      triangle_tile(index, args.tiles, ti, tj);
+      triangle_tile<kTileN / kTile>(index, args.tiles, ti, tj);
     }
     row0 = ti * kTile;
     col0 = tj * kTileN;
@@ -201,8 +208,8 @@ struct BlockSync {
 // The epilogue of every tiled product: out = acc_scale·acc + add_scale·add (kPoly: + diag_scale
 // on the diagonal), rounded to T and staged in shared memory (the pipeline's buffers, free once
 // every thread is done with them: the first barrier below), then written out coalesced:
-//   - the tile in 16-byte row pieces, and for off-diagonal tiles of the symmetric products its
-//     mirror, walked along the mirror's rows;
+//   - the tile in 16-byte row pieces, and for the symmetric products the mirror of what lies
+//     right of the diagonal, walked along the mirror's rows;
 //   - or, in the last kApply, the parameter update, walked along the parameter's contiguous
 //     dimension (tall parameters have X's columns as their rows).
 // `for_each(f)` calls f(value, row, column) for every accumulator element this thread holds, in
@@ -217,8 +224,6 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
                                            ForEach&& for_each, Sync sync = Sync{}) {
   const int row0 = at.row0;
   const int col0 = at.col0;
-  const int ti = at.ti;
-  const int tj = at.tj;
   constexpr bool kUpdate = kProduct == Product::kApply && !std::is_same<Update, NoUpdate>::value;
   constexpr int kStageLd = kTileN + 8;
   constexpr bool kOverhang = kTileN > kTile;
@@ -236,17 +241,6 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
     smem[(r - row0) * kStageLd + (c - col0)] = Operand<T>::from(v);
   });
   sync();
-  if (kProduct != Product::kApply && ti == tj) {
-    // A diagonal tile computes both of its triangles; keep the upper one's, so the result is
-    // exactly symmetric also where a·bᵀ is so only in exact arithmetic (the Gram form's
-    // products, whose transposes the next products read). Reads and writes are disjoint.
-    for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-      const int lr = idx / kTile;
-      const int lc = idx % kTile;
-      if (lr > lc) smem[lr * kStageLd + lc] = smem[lc * kStageLd + lr];
-    }
-    sync();
-  }
   if constexpr (kUpdate) {
     const UpdateRef& ref = upd.refs[at.local];
     const StepFactors f = step_factors(upd.lr, upd.coef, upd.decay);
@@ -263,21 +257,48 @@ __device__ __forceinline__ void store_tile(const GemmArgs& args, const Update& u
         store_from_float(ref.p, at, upd.p_dtype, __fmaf_rn(f.coef, u, __fmul_rn(f.decay, x)));
       }
     }
-  } else {
-    T* out = static_cast<T*>(args.out) + at.matrix * args.out_batch;
-    constexpr int kPieces = kTileN / 8;  // 16-byte pieces per tile row
-    for (int idx = tid; idx < kTile * kPieces; idx += kThreads) {
-      const int lr = idx / kPieces;
-      const int lc = idx % kPieces * 8;
-      if (kOverhang && col0 + lc >= args.ldc) continue;
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + col0 + lc) =
-          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc);
+    return;
+  }
+  T* out = static_cast<T*>(args.out) + at.matrix * args.out_batch;
+  // `cols` staged columns from lc0 to the output's columns c0.., in 16-byte row pieces.
+  auto store_rows = [&](int c0, int lc0, int cols) {
+    const int pieces = cols / 8;
+    for (int idx = tid; idx < kTile * pieces; idx += kThreads) {
+      const int lr = idx / pieces;
+      const int lc = idx % pieces * 8;
+      if (kOverhang && c0 + lc >= args.ldc) continue;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + lr) * args.ldc + c0 + lc) =
+          *reinterpret_cast<const uint4*>(smem + lr * kStageLd + lc0 + lc);
     }
-    if (kProduct != Product::kApply && ti != tj) {
-      for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
-        const int lr = idx % kTile;
-        const int lc = idx / kTile;
-        out[static_cast<int64_t>(col0 + lc) * args.ldc + row0 + lr] = smem[lr * kStageLd + lc];
+  };
+  if constexpr (kProduct == Product::kApply) {
+    store_rows(col0, 0, kTileN);
+  } else {
+    // The symmetric products, kTile columns at a time (the whole tile when square). Left of the
+    // diagonal, the tile whose mirror this is stores it: skipped. On it, both triangles are
+    // computed; keep the upper one's, so the result is exactly symmetric also where a·bᵀ is so
+    // only in exact arithmetic (the Gram form's products, whose transposes the next products
+    // read; reads and writes are disjoint). Right of it: stored, and mirrored along the
+    // mirror's rows. Past the matrix (a wide tile's overhang): skipped.
+    for (int h = 0; h < kTileN / kTile; ++h) {
+      const int c0 = col0 + h * kTile;
+      if (c0 < row0 || c0 >= args.ldc) continue;
+      T* block = smem + h * kTile;
+      if (c0 == row0) {
+        for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+          const int lr = idx / kTile;
+          const int lc = idx % kTile;
+          if (lr > lc) block[lr * kStageLd + lc] = block[lc * kStageLd + lr];
+        }
+        sync();
+      }
+      store_rows(c0, h * kTile, kTile);
+      if (c0 != row0) {
+        for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+          const int lr = idx % kTile;
+          const int lc = idx / kTile;
+          out[static_cast<int64_t>(c0 + lc) * args.ldc + row0 + lr] = block[lr * kStageLd + lc];
+        }
       }
     }
   }

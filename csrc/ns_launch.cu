@@ -46,11 +46,13 @@ bool for_each_slice(int64_t batch, int per, F&& launch) {
 GemmArgs product(const void* a, int64_t a_batch, int32_t lda, const void* b, int64_t b_batch,
                  int32_t ldb, const void* add, void* out, int64_t out_batch, int32_t ldc, int32_t k,
                  float acc_scale, float add_scale, int32_t tiles, int32_t tiles_n) {
-  const int32_t batch0 = 0;    // set per launch where a launch takes part of the bucket
-  const int32_t matrices = 0;  // set by the launch
+  const int32_t batch0 = 0;      // set per launch where a launch takes part of the bucket
+  const int32_t matrices = 0;    // set by the launch
+  const int32_t per_matrix = 0;  // set by the launch
   const float diag_scale = 0.0f;
-  return GemmArgs{a,   b, add,   out,     a_batch, b_batch,  out_batch, lda,       ldb,
-                  ldc, k, tiles, tiles_n, batch0,  matrices, acc_scale, add_scale, diag_scale};
+  return GemmArgs{a,        b,          add,       out,       a_batch,   b_batch, out_batch,
+                  lda,      ldb,        ldc,       k,         tiles,     tiles_n, batch0,
+                  matrices, per_matrix, acc_scale, add_scale, diag_scale};
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (no link-time dependency on
@@ -96,13 +98,15 @@ bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, 
 
 // The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
 // kXShared: the wgmma a·X + B·X reads X from shared memory (N-major), not Xᵀ from registers.
-// The symmetric products' kernels do not depend on the a·X + B·X tile's width.
+// A kernel depends only on its own product's tile width (one instance for every tiling that
+// shares it).
 template <typename T, Product kProduct, typename Cfg, typename Update, bool kXShared = false>
 constexpr auto product_kernel() {
   if constexpr (kIsWgmma<Cfg>) {
     constexpr bool kApply = kProduct == Product::kApply;
     constexpr bool kShared = kXShared && kApply;  // one kernel otherwise
-    using Tiling = std::conditional_t<kApply, Cfg, WgmmaTiling<Cfg::kTile>>;
+    using Tiling = std::conditional_t<kApply, WgmmaTiling<Cfg::kApplyN>,
+                                      WgmmaTiling<Cfg::kTile, Cfg::kSquareN>>;
     return wgmma_kernel<T, kProduct, Tiling, Update, kShared>;
   } else {
     return gemm_kernel<T, kProduct, Cfg, Update>;
@@ -122,7 +126,8 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
   constexpr int kApplyN = Cfg::columns(Product::kApply);
   const int tiles_m = static_cast<int>(plan.m_pad / Cfg::kTile);
   const int tiles_n = static_cast<int>((plan.n_pad + kApplyN - 1) / kApplyN);
-  const int tri = tiles_m * (tiles_m + 1) / 2;
+  constexpr int kRatio = Cfg::columns(Product::kGram) / Cfg::kTile;
+  const int tri = triangle_tiles<kRatio>(tiles_m);
   auto* gram = product_kernel<T, Product::kGram, Cfg, NoUpdate>();
   auto* poly = product_kernel<T, Product::kPoly, Cfg, NoUpdate>();
   auto* apply = product_kernel<T, Product::kApply, Cfg, NoUpdate, kXShared>();
@@ -175,6 +180,7 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
     const size_t smem = Cfg::smem_bytes(kind);
     const int per_matrix = kind == Product::kApply ? tiles_m * tiles_n : tri;
     g.matrices = matrices;
+    g.per_matrix = per_matrix;
     if constexpr (kIsWgmma<Cfg>) {
       const int64_t tiles = int64_t{per_matrix} * matrices;
       if (tiles > INT32_MAX) return L.ok(cudaErrorInvalidConfiguration, what);  // int tile index
@@ -407,6 +413,7 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
                 "the normalization launch");
   });
   if (!prepared) return false;
+  if (plan.wgmma == 4) return run_products<T, WgmmaTiling<256, 256>, true>(L, mats, workspace);
   if (plan.wgmma == 3) return run_products<T, WgmmaTiling<256>, true>(L, mats, workspace);
   if (plan.wgmma == 2) return run_products<T, WgmmaTiling<128>, true>(L, mats, workspace);
   if (plan.wgmma == 1) return run_products<T, WgmmaTiling<128>>(L, mats, workspace);

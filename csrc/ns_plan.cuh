@@ -18,9 +18,9 @@ constexpr int kSmallMaxN = 512;
 
 struct Plan {
   int tile;                    // 1: the one-block path; 64, 128: the tiled products
-  int wgmma;                   // 0: mma.sync; 1..3: wgmma (ns_wgmma.cuh; tile 128), with
+  int wgmma;                   // 0: mma.sync; 1..4: wgmma (ns_wgmma.cuh; tile 128), with
                                // a·X + B·X reading Xᵀ from registers (1) or X from smem (2;
-                               // 3: on 128×256 tiles)
+                               // 3: on 128×256 tiles; 4: the symmetric products' too)
   int gram_restart;            // 0: the plain iteration; k: the Gram form, restarts every k
   int64_t m, n, m_pad, n_pad;  // oriented (wide: m ≤ n) size, and padded with zeros
   int chunk_rows, chunks;      // average_kernel
@@ -38,7 +38,7 @@ int choose_tile(int64_t m, int64_t n, int requested, bool gram, bool wgmma);
 
 // The plan for `batch` matrices of rows × cols with the tile requested (0: automatic), in the
 // Gram form restarting every `gram_restart` steps (0: the plain iteration), the tiled products on
-// mma.sync (wgmma 0) or wgmma (1..3: see Plan::wgmma).
+// mma.sync (wgmma 0) or wgmma (1..4: see Plan::wgmma).
 Plan make_plan(int64_t batch, int64_t rows, int64_t cols, int tile_request, int gram_restart,
                int wgmma);
 

@@ -39,19 +39,21 @@
 
 namespace scion::ns {
 
-template <int kApplyN_>
+template <int kApplyN_, int kSquareN_ = 128>
 struct WgmmaTiling {
-  static constexpr int kTile = 128;         // rows of every tile, columns of the symmetric ones
-  static constexpr int kApplyN = kApplyN_;  // columns of a·X + B·X's tiles: 128 or 256
-  static constexpr int kThreads = 384;      // the producer warpgroup, then two consumers
-  static constexpr int kK = 64;             // K per stage: four k16 products
+  static constexpr int kTile = 128;           // rows of every tile
+  static constexpr int kApplyN = kApplyN_;    // columns of a·X + B·X's tiles: 128 or 256
+  static constexpr int kSquareN = kSquareN_;  // of the symmetric products' tiles: 128 or 256
+  static constexpr int kThreads = 384;        // the producer warpgroup, then two consumers
+  static constexpr int kK = 64;               // K per stage: four k16 products
   // A box of kTile rows × kK in the 128-byte swizzle: one 128-byte row per matrix row, 8-row
   // atoms of 1024 bytes (SBO), a k16 slice 32 bytes further along the row.
   static constexpr int kRowBytes = kK * 2;
   static constexpr int kAtomBytes = 8 * kRowBytes;
   static constexpr int kOperandBytes = kTile * kRowBytes;
   static_assert(kRowBytes == 128, "the 128-byte swizzle holds exactly kK = 64 16-bit elements");
-  static_assert(kApplyN == 128 || kApplyN == 256, "m64n128k16 or m64n256k16");
+  static_assert((kApplyN == 128 || kApplyN == 256) && (kSquareN == 128 || kSquareN == 256),
+                "m64n128k16 or m64n256k16");
   // kApply's X stage: kK rows × kApplyN columns as boxes of kK × 64 columns, same swizzle.
   static constexpr int kBoxBytes = kK * 128;
   static_assert(kOperandBytes % kAtomBytes == 0 && kBoxBytes % kAtomBytes == 0,
@@ -59,7 +61,7 @@ struct WgmmaTiling {
   // Per product, the layout of shared memory: `stages` stages (the left operand's box, then the
   // right one's), from `barriers` the stages' `full` and `empty` mbarriers, from `staging` the
   // epilogue's tile (its own, so that a persistent block's next loads overlap it).
-  static constexpr int columns(Product p) { return p == Product::kApply ? kApplyN : kTile; }
+  static constexpr int columns(Product p) { return p == Product::kApply ? kApplyN : kSquareN; }
   static constexpr int stages(Product p) { return columns(p) > 128 ? 3 : 4; }
   static constexpr int stage_bytes(Product p) { return kOperandBytes + columns(p) * kRowBytes; }
   static constexpr int barriers(Product p) { return stages(p) * stage_bytes(p); }
@@ -69,13 +71,15 @@ struct WgmmaTiling {
   static constexpr size_t smem_bytes(Product p) {
     return static_cast<size_t>(staging(p)) + size_t{kTile} * (columns(p) + 8) * 2;
   }
-  static_assert(smem_bytes(Product::kApply) <= 227 * 1024, "above Hopper's shared memory a block");
+  static_assert(smem_bytes(Product::kApply) <= 227 * 1024 &&
+                    smem_bytes(Product::kGram) <= 227 * 1024,
+                "above Hopper's shared memory a block");
 };
 
 template <typename Cfg>
 inline constexpr bool kIsWgmma = false;
-template <int kApplyN>
-inline constexpr bool kIsWgmma<WgmmaTiling<kApplyN>> = true;
+template <int kApplyN, int kSquareN>
+inline constexpr bool kIsWgmma<WgmmaTiling<kApplyN, kSquareN>> = true;
 
 // The tensor maps of one launch (3-D: columns, rows, matrices; boxes of 64 columns in the
 // 128-byte swizzle): the left operand (kTile rows a box), and the right one (the symmetric
@@ -115,12 +119,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // The block walks tiles blockIdx.x, + gridDim.x, ... of the launch (all its matrices' in
   // turn): one of them with a block per tile, several when persistent. K stages run through
   // the buffers in one sequence across the tiles: stage `seq` in buffer seq % kStages.
-  const int per_matrix = tiles_per_matrix<kProduct>(args);
+  const int per_matrix = args.per_matrix;
   const int tiles = per_matrix * args.matrices;
   const int ktiles = args.k / kK;
 
   // Stage s: the left operand's box (L's rows row0..; kApply: B's rows row0..), then the right
-  // one's (R's rows col0..; kApply: X's rows k.. × columns col0.., kN / 64 boxes).
+  // one's (R's rows col0.., kN / kTile boxes; kApply: X's rows k.. × columns col0.., kN / 64
+  // boxes).
   constexpr int kStageBytes = Cfg::stage_bytes(kProduct);
   auto stage_l = [&](int s) { return smem + s * kStageBytes; };
   auto stage_r = [&](int s) { return smem + s * kStageBytes + Cfg::kOperandBytes; };
@@ -137,7 +142,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     at.matrix, &full[s]);
       }
     } else {
-      tma_load_3d(stage_r(s), &maps.right, k0, at.col0, at.matrix, &full[s]);
+      SCION_UNROLL
+      for (int box = 0; box < kN / kTile; ++box) {  // R's rows, kTile a box
+        tma_load_3d(stage_r(s) + box * Cfg::kOperandBytes, &maps.right, k0, at.col0 + kTile * box,
+                    at.matrix, &full[s]);
+      }
     }
   };
 

@@ -70,14 +70,15 @@ typedef struct scion_ns_problem {
   int gram_restart;  /* 0: the plain iteration; k >= 1: the Gram form, restarting from X
                         every k steps (tiled products only: tile 1 is refused, tile 0 never
                         chooses it) */
-  int wgmma;         /* 0: the tiled products on mma.sync (sm_80 and up); 1, 2 or 3: on
-                        Hopper's wgmma, fed by TMA, with the 128 tile (tile 64 is refused, tile
-                        0 chooses 1 or 128); a*X + B*X reads X^T from registers (1) or X from
-                        shared memory (2), or X from shared memory on 128x256 tiles (3).
+  int wgmma;         /* 0: the tiled products on mma.sync (sm_80 and up); 1 to 4: on Hopper's
+                        wgmma, fed by TMA, with the 128 tile (tile 64 is refused, tile 0
+                        chooses 1 or 128); a*X + B*X reads X^T from registers (1) or X from
+                        shared memory (2), that on 128x256 tiles (3), and the symmetric
+                        products on 128x256 tiles too (4).
                         Runs only where the module's loaded image is sm_90a (a build with 90a
                         on a compute capability 9.0 device); elsewhere the call fails with
                         cudaErrorInvalidDeviceFunction. */
-  int persistent;    /* 0: one block per output tile; 1: the wgmma products (wgmma 1 to 3
+  int persistent;    /* 0: one block per output tile; 1: the wgmma products (wgmma 1 to 4
                         only) launch one block per multiprocessor, each walking the tiles in
                         turn, its producer loading the next tile while its consumers store
                         the last one */

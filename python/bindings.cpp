@@ -190,9 +190,10 @@ PYBIND11_MODULE(_C, m) {
         "`strides` holds (p, g, d) x (row, column) element strides per matrix; d_dtype -1 "
         "means no buffer (d = g, `d` empty). Enqueued on `stream` of `device`. "
         "`gram_restart` k >= 1 runs the steps in the Gram form, restarting every k steps. "
-        "`wgmma` 1, 2 or 3 runs the tiled products on Hopper's wgmma (an sm_90a image; tile "
-        "128), a*X + B*X reading X^T from registers (1) or X from shared memory (2), or X from "
-        "shared memory on 128x256 tiles (3); `persistent` 1 launches those products one block "
+        "`wgmma` 1 to 4 runs the tiled products on Hopper's wgmma (an sm_90a image; tile 128), "
+        "a*X + B*X reading X^T from registers (1) or X from shared memory (2), that on 128x256 "
+        "tiles (3), and the symmetric products on 128x256 tiles too (4); `persistent` 1 launches "
+        "those products one block "
         "per multiprocessor, each walking the output tiles.");
   m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),

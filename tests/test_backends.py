@@ -109,14 +109,14 @@ TMA_SYRK = (dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, TMA=1),)
 
 #: The native wgmma variants: ``Policy.wgmma`` and ``Policy.persistent`` of each. The
 #: persistent one runs on one emulated multiprocessor, so one block walks every tile.
-WGMMA_PATHS = {"wgmma": (1, False), "wgmma-smem": (2, False), "wgmma-persistent": (3, True)}
+WGMMA_PATHS = {"wgmma": (1, False), "wgmma-smem": (2, False), "wgmma-persistent": (4, True)}
 
 
 def over(*variants: str, paths: bool = False, hopper: bool = False):
     """Parametrize a test's ``kernels`` over ``variants`` (with ``paths``: both Newton–Schulz
     paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
     the native ``wgmma`` products, emulated and on a GPU, on the 128 tile, ``a·X + B·X``
-    reading Xᵀ from registers or X from shared memory, the latter also on 128×256 tiles in
+    reading Xᵀ from registers or X from shared memory, and every product on 128×256 tiles in
     persistent blocks)."""
     params = []
     for variant in variants:

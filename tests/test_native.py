@@ -81,9 +81,9 @@ def test_wgmma_kernels_compile_for_sm90a_unserialized():
 
     rows = [line.split(" | ") for line in native_report().splitlines() if line.startswith("| `")]
     wgmma = [r for r in rows if "wgmma_kernel<" in r[0]]
-    # 2 dtypes × (X·Xᵀ, polynomial, and 3 × (apply, apply with the update): Xᵀ from registers,
-    # X from shared memory, and that on 128×256 tiles)
-    assert len(wgmma) == 16
+    # 2 dtypes × (2 × (X·Xᵀ, polynomial): 128×128 and 128×256 tiles, and 3 × (apply, apply with
+    # the update): Xᵀ from registers, X from shared memory, and that on 128×256 tiles)
+    assert len(wgmma) == 20
     for name, _, spills, _, warnings in rows:
         assert spills == "0", name
         assert warnings.rstrip(" |") == "none", (name, warnings)

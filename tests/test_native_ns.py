@@ -19,7 +19,7 @@ from scion_kernels import backends
 from scion_kernels.backends.cuda import NativeBackend, Policy
 from scion_kernels.backends.cuda.native import grouped_step_, native_available, ns_step_
 from scion_kernels.backends.tables import flatten
-from scion_kernels.newton_schulz import newton_schulz, resolve_coefficients
+from scion_kernels.newton_schulz import newton_schulz, resolve_coefficients, uses_gram
 
 
 @pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -110,17 +110,19 @@ def test_wgmma_queries(native):
     assert module.ns_tile(33, 129, 0, 0, True) == 1
     assert module.ns_tile(65, 129, 0, 0, 2) == 128
     assert module.ns_tile(65, 129, 0, 0, 3) == 128
-    # The 128×256 tiles of a·X + B·X overhang X's padded columns instead of padding them more.
-    assert module.ns_workspace_bytes(2, 65, 129, 0, 0, 3) == module.ns_workspace_bytes(
-        2, 65, 129, 128
-    )
+    assert module.ns_tile(65, 129, 0, 0, 4) == 128
+    # 128×256 tiles overhang the padded columns instead of padding them more.
+    for wgmma in (3, 4):
+        assert module.ns_workspace_bytes(2, 65, 129, 0, 0, wgmma) == module.ns_workspace_bytes(
+            2, 65, 129, 128
+        )
     assert module.ns_workspace_bytes(2, 65, 129, 128) == module.ns_workspace_bytes(
         2, 65, 129, 0, 0, True
     )
     with pytest.raises(ValueError, match="wgmma"):
         module.ns_tile(65, 129, 64, 0, True)
     with pytest.raises(ValueError, match="wgmma"):
-        module.ns_tile(65, 129, 0, 0, 4)
+        module.ns_tile(65, 129, 0, 0, 5)
     # Persistence is a launch of the wgmma products: refused without them.
     G = torch.randn(1, 65, 129, device=device)
     with pytest.raises(ValueError, match="persistent"):
@@ -147,29 +149,34 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     barriers and async waits) must give the mma.sync kernels' bits exactly, for the polar factor
     and for the fused update of strided parameters. The TMA copies run both late (at the first
     wait that needs them: a stage read before its barrier) and eagerly (when issued: a stage
-    refilled while still read)."""
+    refilled while still read). The Gram cases take the classic coefficients, which the Gram
+    form runs in bf16 too (``you``'s it refuses there, falling back to the plain iteration)."""
     module = emulated_native
     G = torch.randn(shape)
-    table = flatten(resolve_coefficients("you"))
+    steps = resolve_coefficients("classic" if gram else "you")
+    assert not gram or uses_gram(*sorted(shape[1:]), steps, dtype)
+    table = flatten(steps)
 
     def polar(wgmma: int, persistent: bool = False) -> torch.Tensor:
         policy = Policy(tile=128, wgmma=wgmma, persistent=persistent)
         return NativeBackend(module, {(8, 0): policy}).polar_(G, table, dtype, gram)
 
     expected = polar(0)
-    # a·X + B·X: Xᵀ from registers, X from shared memory, the same on 128×256 tiles
-    for wgmma in (1, 2, 3):
+    # a·X + B·X: Xᵀ from registers, X from shared memory, the same on 128×256 tiles, and the
+    # symmetric products too on 128×256 tiles (so 4 runs every kernel 3 does, and more)
+    for wgmma in (1, 2, 3, 4):
         assert torch.equal(polar(wgmma), expected), wgmma
-        monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
-        assert torch.equal(polar(wgmma), expected), wgmma
-        monkeypatch.delenv("SCION_EMULATION_TMA")
+        if wgmma != 3:
+            monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
+            assert torch.equal(polar(wgmma), expected), wgmma
+            monkeypatch.delenv("SCION_EMULATION_TMA")
     # Persistent: two emulated multiprocessors, so blocks walk several tiles (and matrices),
     # their K stages running on through the buffers from one tile into the next.
     monkeypatch.setenv("SCION_EMULATION_SMS", "2")
-    for wgmma in (1, 2, 3):
+    for wgmma in (1, 2, 4):
         assert torch.equal(polar(wgmma, persistent=True), expected), wgmma
     monkeypatch.setenv("SCION_EMULATION_TMA", "eager")
-    assert torch.equal(polar(3, persistent=True), expected)
+    assert torch.equal(polar(4, persistent=True), expected)
     monkeypatch.delenv("SCION_EMULATION_TMA")
 
     # The whole step: a parameter seen through a transposed view, a float32 buffer, lr on the
@@ -180,7 +187,7 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     grads = torch.randn(shape)
     lr = torch.tensor([0.5])
     results = []
-    for wgmma, persistent in ((0, False), (2, False), (3, False), (3, True)):
+    for wgmma, persistent in ((0, False), (2, False), (4, True)):
         p, d = base.clone().mT, torch.randn(shape, generator=torch.Generator().manual_seed(1))
         ns_step_(module, 128, [p], [grads], [d], [tall], [1.5], m, n, dtype, table, gram, 0.3,
                  None, lr, -0.05, 0.01, wgmma=wgmma, persistent=persistent)  # fmt: skip
@@ -188,6 +195,25 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     for p, d in results[1:]:
         assert torch.equal(results[0][0], p) and torch.equal(results[0][1], d)
     assert not torch.equal(results[0][0], base.mT)  # the step did update
+
+
+def test_wide_triangle_tiles_equal_mma_sync_emulated(emulated_native, monkeypatch):
+    """The symmetric products on 128×256 tiles (``wgmma=4``) where the padded size is three
+    128-row blocks: tiles straddling the diagonal, one whose left half lies below it (skipped:
+    its mirror's tile stores it), and one overhanging the matrix; a block per tile and
+    persistent, bitwise against mma.sync."""
+    module = emulated_native
+    G = torch.randn(1, 300, 260)
+    table = flatten(resolve_coefficients("you"))
+
+    def polar(wgmma: int, persistent: bool = False) -> torch.Tensor:
+        policy = Policy(tile=128, wgmma=wgmma, persistent=persistent)
+        return NativeBackend(module, {(8, 0): policy}).polar_(G, table, torch.bfloat16)
+
+    expected = polar(0)
+    assert torch.equal(polar(4), expected)
+    monkeypatch.setenv("SCION_EMULATION_SMS", "2")
+    assert torch.equal(polar(4, persistent=True), expected)
 
 
 def test_wgmma_on_device(native, tolerance):
@@ -202,7 +228,7 @@ def test_wgmma_on_device(native, tolerance):
     G = torch.randn(1, 130, 260, device=device)
     table = resolve_coefficients("classic")
     cases = ((False, 1, False), (True, 1, False), (False, 2, False), (True, 3, False),
-             (False, 3, True))  # fmt: skip
+             (False, 3, True), (True, 4, False))  # fmt: skip
     for gram, wgmma, persistent in cases:
         policy = Policy(wgmma=wgmma, persistent=persistent)
         got = NativeBackend(module, {(8, 0): policy}).polar_(
@@ -236,7 +262,7 @@ def test_wgmma_persistent_walks_tiles_on_device(native, tolerance, monkeypatch):
     table = flatten(resolve_coefficients("classic"))
     for gram in (False, True):
         got, once = (
-            NativeBackend(module, {(8, 0): Policy(wgmma=3, persistent=persistent)}).polar_(
+            NativeBackend(module, {(8, 0): Policy(wgmma=4, persistent=persistent)}).polar_(
                 G, table, torch.bfloat16, gram
             )
             for persistent in (True, False)

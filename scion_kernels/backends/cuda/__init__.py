@@ -37,7 +37,7 @@ class Policy:
     #: the module's ``90a`` image, so only a compute capability 9.0 entry may set it): 0 (or
     #: false) keeps ``mma.sync``; 1 (or true) reads ``a·X + B·X``'s Xᵀ from registers; 2 reads
     #: its X from shared memory, so its products overlap; 3 does so on 128×256 tiles
-    #: (``m64n256k16``).
+    #: (``m64n256k16``); 4 also runs the symmetric products on 128×256 tiles.
     wgmma: int = 0
     #: With ``wgmma``: launch the products one block per multiprocessor, each walking the
     #: output tiles in turn, its producer warpgroup loading the next tile while its consumers

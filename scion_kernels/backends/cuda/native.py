@@ -142,7 +142,7 @@ def ns_step_(
 ) -> None:
     """``scion_kernels::ns_step_`` with the native kernels of ``module``, from one C++ call
     (arguments after ``tile``: :class:`~scion_kernels.backends.ops.NSStep`; the compute dtype
-    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1, 2 or 3,
+    bf16 or fp16); ``tile`` forces the product tile (64 or 128; 0 chooses); ``wgmma`` (1 to 4,
     :attr:`~scion_kernels.backends.cuda.Policy.wgmma`) runs the tiled products on Hopper's
     wgmma (tile 128; an sm_90a build on a compute capability 9.0 GPU, or the host
     emulation), with ``persistent`` a block per multiprocessor
