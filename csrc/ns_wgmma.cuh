@@ -3,9 +3,9 @@
 // the last one's epilogue — on the warpgroup tensor-core instructions (wgmma.mma_async), fed by
 // the tensor memory accelerator (TMA), sharing ns_gemm.cuh's epilogue (store_tile).
 //
-// A block computes 128×128 tiles (a·X + B·X: 128×256 with WgmmaTiling<256>): one, or when
-// launched persistent (a block per multiprocessor) every gridDim.x-th tile of the launch in
-// turn. A producer warpgroup, of which one thread issues the TMA copies, and two consumer
+// A block computes tiles of 128 rows × 128 or 256 columns (WgmmaTiling<columns of a·X + B·X,
+// of the symmetric products>): one, or when launched persistent (a block per multiprocessor)
+// every gridDim.x-th tile of the launch in turn. A producer warpgroup, of which one thread issues the TMA copies, and two consumer
 // warpgroups of 64 rows each, which alone run the epilogue (store_tile, through a staging tile
 // of its own: the producer is already loading the next tile). K streams through shared memory
 // in stages of 64, in one sequence across a block's tiles; each stage has two mbarriers: `full`
@@ -15,7 +15,8 @@
 // memory, in the 128-byte swizzle, which TMA writes and which wgmma's descriptors and ldmatrix
 // read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
-//     both from shared memory through descriptors;
+//     both from shared memory through descriptors, R in one or two boxes of 128 rows (256-wide
+//     triangle tiles straddle the diagonal: store_tile keeps what lies on or above it);
 //   - a·X + B·X (kXShared false) is computed transposed, Dᵀ = Xᵀ·Bᵀ: A = Xᵀ comes from registers
 //     (ldmatrix.trans of X's stage, two 64×64 boxes), and Bᵀ's K-major form is B's rows. The
 //     epilogue writes Dᵀ's elements back in place. ptxas serializes products whose register
