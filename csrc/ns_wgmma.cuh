@@ -5,15 +5,15 @@
 //
 // A block computes tiles of 128 rows × 128 or 256 columns (WgmmaTiling<columns of a·X + B·X,
 // of the symmetric products>): one, or when launched persistent (a block per multiprocessor)
-// every gridDim.x-th tile of the launch in turn. A producer warpgroup, of which one thread issues the TMA copies, and two consumer
-// warpgroups of 64 rows each, which alone run the epilogue (store_tile, through a staging tile
-// of its own: the producer is already loading the next tile). K streams through shared memory
-// in stages of 64, in one sequence across a block's tiles; each stage has two mbarriers: `full`
-// (its copies have landed) and `empty` (both consumers are done with it). The producer runs up
-// to the stage count ahead, and every consumer keeps one product group in flight (but in one
-// a·X + B·X, see below). Every operand is read as TMA stored it, never transposed in shared
-// memory, in the 128-byte swizzle, which TMA writes and which wgmma's descriptors and ldmatrix
-// read without bank conflicts:
+// every gridDim.x-th tile of the launch in turn. A producer warpgroup, of which one thread
+// issues the TMA copies, and two consumer warpgroups of 64 rows each, which alone run the
+// epilogue (store_tile, through a staging tile of its own: the producer is already loading the
+// next tile). K streams through shared memory in stages of 64, in one sequence across a block's
+// tiles; each stage has two mbarriers: `full` (its copies have landed) and `empty` (both
+// consumers are done with it). The producer runs up to the stage count ahead, and every
+// consumer keeps one product group in flight (but in one a·X + B·X, see below). Every operand
+// is read as TMA stored it, never transposed in shared memory, in the 128-byte swizzle, which
+// TMA writes and which wgmma's descriptors and ldmatrix read without bank conflicts:
 //   - X·Xᵀ, b·A + c·A·A (and the Gram form's products): D = L·Rᵀ with L and R read row by row,
 //     both from shared memory through descriptors, R in one or two boxes of 128 rows (256-wide
 //     triangle tiles straddle the diagonal: store_tile keeps what lies on or above it);
