@@ -90,7 +90,7 @@ scion_status scion_ns_step(const scion_ns_problem* problem, const scion_ns_matri
   DeviceGuard current(device, "ns_step");
   if (!current.ok()) return SCION_ERROR_CUDA;
   FirstError failure;
-  run_step(pr, plan, matrices, workspace, reinterpret_cast<cudaStream_t>(stream), failure);
+  run_step(pr, plan, matrices, workspace, device, reinterpret_cast<cudaStream_t>(stream), failure);
   failure.ok(current.restore(), "restoring the current device");
   if (failure.err != cudaSuccess) {
     set_error(

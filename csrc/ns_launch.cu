@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "device.cuh"
 #include "ns_gemm.cuh"
@@ -24,6 +26,7 @@ namespace {
 struct Launcher {
   const scion_ns_problem& pr;
   const Plan& plan;
+  int device;  // the current device
   cudaStream_t stream;
   FirstError& failure;
 
@@ -96,6 +99,108 @@ bool encode_map(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The tensor maps of one call, each encoded once. A call's products read a few buffers (X and Y,
+// A and B, the Gram form's R, P, Q and T) with the same shapes in every step, so the two maps of
+// each launch are mostly ones an earlier launch encoded: 6 distinct maps for the 30 of five plain
+// steps. Keyed by every argument that varies within a call (the type and the batch do not).
+template <typename T>
+class CallMaps {
+ public:
+  explicit CallMaps(int64_t batch) : batch_(batch) {}
+
+  // encode_map<T>(map, base, rows, cols, batch, batch_stride, box_rows), or its earlier result.
+  bool get(CUtensorMap& map, const void* base, int64_t rows, int64_t cols, int64_t batch_stride,
+           uint32_t box_rows) {
+    const Key key{base, rows, cols, batch_stride, box_rows};
+    for (int i = 0; i < count_; ++i) {
+      if (keys_[i] == key) {
+        map = maps_[i];
+        return true;
+      }
+    }
+    if (!encode_map<T>(map, base, rows, cols, batch_, batch_stride, box_rows)) return false;
+    if (count_ < kCapacity) {  // past it (no path comes near), encoded every time
+      keys_[count_] = key;
+      maps_[count_++] = map;
+    }
+    return true;
+  }
+
+ private:
+  struct Key {
+    const void* base;
+    int64_t rows, cols, batch_stride;
+    uint32_t box_rows;
+    bool operator==(const Key& o) const {
+      return base == o.base && rows == o.rows && cols == o.cols && batch_stride == o.batch_stride &&
+             box_rows == o.box_rows;
+    }
+  };
+  static constexpr int kCapacity = 12;
+  int64_t batch_;
+  int count_ = 0;
+  Key keys_[kCapacity];
+  CUtensorMap maps_[kCapacity];
+};
+
+// What a kernel needs once per device before it is launched: its dynamic shared-memory limit
+// raised (cudaFuncSetAttribute) and, for the wgmma kernels, a check that the device loaded
+// sm_90a's image (cudaFuncGetAttributes). Both hold for the life of the device's context, so they
+// are done once per process, kernel and device, not on every call; each entry is a kernel, a
+// device and the limit set. (cudaDeviceReset would unload the kernels with their attributes;
+// nothing here or in PyTorch resets a device.)
+struct ReadyKernel {
+  const void* kernel;
+  int device;
+  int smem;
+};
+
+std::mutex& ready_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::vector<ReadyKernel>& ready_kernels() {
+  static std::vector<ReadyKernel> v;
+  return v;
+}
+
+// Readies `kernel` for launches with `smem` bytes of dynamic shared memory on L.device (see
+// ReadyKernel); `wgmma`: it is a wgmma kernel, whose image is checked first.
+bool ready(Launcher& L, const void* kernel, size_t smem, bool wgmma) {
+  const int bytes = static_cast<int>(smem);
+  // Held across the CUDA calls, so that two threads never lower each other's limit.
+  const std::lock_guard<std::mutex> lock(ready_mutex());
+  ReadyKernel* known = nullptr;
+  for (ReadyKernel& k : ready_kernels()) {
+    if (k.kernel == kernel && k.device == L.device) known = &k;
+  }
+  if (known != nullptr && known->smem >= bytes) return true;
+  if (wgmma && known == nullptr) {
+    // The wgmma kernels trap unless the image the device loaded is sm_90a's: compiled from
+    // compute_90a PTX for sm_90 (an sm_80 image, or compute_80 PTX compiled for a newer
+    // device, has the trap). A build for plain "90" is not told apart: ARCHS names 90a.
+    cudaFuncAttributes attr{};
+    if (!L.ok(cudaFuncGetAttributes(&attr, kernel), "looking up the wgmma kernels")) return false;
+    if ((attr.binaryVersion != 90 || attr.ptxVersion < 90) &&
+        !L.ok(cudaErrorInvalidDeviceFunction,
+              "the wgmma products (they need a build with sm_90a on a compute capability 9.0 "
+              "device)")) {
+      return false;
+    }
+  }
+  if (!L.ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+            "raising the shared-memory limit")) {
+    return false;
+  }
+  if (known != nullptr) {
+    known->smem = bytes;
+  } else {
+    ready_kernels().push_back(ReadyKernel{kernel, L.device, bytes});
+  }
+  return true;
+}
+
 // The products' kernel for a tiling: wgmma_kernel for Hopper's, gemm_kernel otherwise.
 // kXShared: the wgmma a·X + B·X reads X from shared memory (N-major), not Xᵀ from registers.
 // A kernel depends only on its own product's tile width (one instance for every tiling that
@@ -138,38 +243,20 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       {reinterpret_cast<const void*>(apply), Product::kApply},
       {reinterpret_cast<const void*>(apply_update), Product::kApply}};
   for (const auto& [f, kind] : kernels) {
-    if constexpr (kIsWgmma<Cfg>) {
-      // The wgmma kernels trap unless the image the device loaded is sm_90a's: compiled from
-      // compute_90a PTX for sm_90 (an sm_80 image, or compute_80 PTX compiled for a newer
-      // device, has the trap). A build for plain "90" is not told apart: ARCHS names 90a.
-      cudaFuncAttributes attr{};
-      if (!L.ok(cudaFuncGetAttributes(&attr, f), "looking up the wgmma kernels")) return false;
-      if ((attr.binaryVersion != 90 || attr.ptxVersion < 90) &&
-          !L.ok(cudaErrorInvalidDeviceFunction,
-                "the wgmma products (they need a build with sm_90a on a compute capability 9.0 "
-                "device)")) {
-        return false;
-      }
-    }
-    if (!L.ok(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(Cfg::smem_bytes(kind))),
-              "raising the shared-memory limit")) {
-      return false;
-    }
+    if (!ready(L, f, Cfg::smem_bytes(kind), kIsWgmma<Cfg>)) return false;
   }
   const dim3 block(Cfg::kThreads);
   const int32_t mp = static_cast<int32_t>(plan.m_pad);
   const int32_t np = static_cast<int32_t>(plan.n_pad);
   // Persistent wgmma products: a block per multiprocessor (one fits, by its shared memory).
+  // (cudaDeviceGetAttribute reads the runtime's table: nothing to save by keeping it here.)
   int sms = 0;
-  if (kIsWgmma<Cfg> && pr.persistent) {
-    int device = 0;
-    if (!L.ok(cudaGetDevice(&device), "looking up the device") ||
-        !L.ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-              "counting the multiprocessors")) {
-      return false;
-    }
+  if (kIsWgmma<Cfg> && pr.persistent &&
+      !L.ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, L.device),
+            "counting the multiprocessors")) {
+    return false;
   }
+  CallMaps<T> call_maps(pr.batch);
   // One launch of `kernel` (a `kind` product) on `g` for `matrices` matrices from g.batch0:
   // a block per tile and matrix (a wgmma kernel walks its tiles in one sequence, so it takes
   // them all along x, or as many as there are multiprocessors when persistent), with the TMA
@@ -187,11 +274,10 @@ bool run_products(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
       const dim3 grid(static_cast<unsigned>(sms > 0 && sms < tiles ? sms : tiles));
       TmaMaps maps{};
       const int64_t rows = int64_t{tiles_m} * Cfg::kTile;
-      const bool encoded =
-          encode_map<T>(maps.left, g.a, rows, g.k, pr.batch, g.a_batch, Cfg::kTile) &&
-          (kind == Product::kApply
-               ? encode_map<T>(maps.right, g.b, g.k, g.ldb, pr.batch, g.b_batch, Cfg::kK)
-               : encode_map<T>(maps.right, g.b, rows, g.k, pr.batch, g.b_batch, Cfg::kTile));
+      const bool encoded = call_maps.get(maps.left, g.a, rows, g.k, g.a_batch, Cfg::kTile) &&
+                           (kind == Product::kApply
+                                ? call_maps.get(maps.right, g.b, g.k, g.ldb, g.b_batch, Cfg::kK)
+                                : call_maps.get(maps.right, g.b, rows, g.k, g.b_batch, Cfg::kTile));
       if (!encoded) {
         return L.ok(cudaErrorInvalidValue, "encoding the TMA tensor maps (cuTensorMapEncodeTiled)");
       }
@@ -314,12 +400,7 @@ bool run_small(Launcher& L, const scion_ns_matrix* mats) {
   const scion_ns_problem& pr = L.pr;
   const Plan& plan = L.plan;
   const size_t smem = small_smem_bytes(plan.n_pad);
-  if (!L.ok(
-          cudaFuncSetAttribute(reinterpret_cast<const void*>(small_kernel<T>),
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-          "raising the shared-memory limit")) {
-    return false;
-  }
+  if (!ready(L, reinterpret_cast<const void*>(small_kernel<T>), smem, false)) return false;
   const bool tall = pr.rows > pr.cols;
   const bool has_buffer = pr.d_dtype != -1;
   SmallArgs args{};
@@ -424,8 +505,8 @@ bool run(Launcher& L, const scion_ns_matrix* mats, void* workspace) {
 }  // namespace
 
 void run_step(const scion_ns_problem& pr, const Plan& plan, const scion_ns_matrix* matrices,
-              void* workspace, cudaStream_t stream, FirstError& failure) {
-  Launcher L{pr, plan, stream, failure};
+              void* workspace, int device, cudaStream_t stream, FirstError& failure) {
+  Launcher L{pr, plan, device, stream, failure};
   if (pr.compute_dtype == SCION_BFLOAT16) {
     run<__nv_bfloat16>(L, matrices, workspace);
   } else {

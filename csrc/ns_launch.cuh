@@ -11,10 +11,11 @@
 
 namespace scion::ns {
 
-// Enqueues the whole step of a checked, non-empty bucket on `stream` of the current device, by the
-// path plan.tile names. The first failed CUDA call goes to `failure`; nothing is enqueued after it.
+// Enqueues the whole step of a checked, non-empty bucket on `stream` of `device` (the current
+// device), by the path plan.tile names. The first failed CUDA call goes to `failure`; nothing is
+// enqueued after it.
 void run_step(const scion_ns_problem& pr, const Plan& plan, const scion_ns_matrix* matrices,
-              void* workspace, cudaStream_t stream, FirstError& failure);
+              void* workspace, int device, cudaStream_t stream, FirstError& failure);
 
 }  // namespace scion::ns
 

@@ -12,6 +12,8 @@ plus a small absolute term.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -19,7 +21,12 @@ from scion_kernels import backends
 from scion_kernels.backends.cuda import NativeBackend, Policy
 from scion_kernels.backends.cuda.native import grouped_step_, native_available, ns_step_
 from scion_kernels.backends.tables import flatten
-from scion_kernels.newton_schulz import newton_schulz, resolve_coefficients, uses_gram
+from scion_kernels.newton_schulz import (
+    gram_restart_every,
+    newton_schulz,
+    resolve_coefficients,
+    uses_gram,
+)
 
 
 @pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -319,3 +326,44 @@ def test_optimizer_backend_cuda_rejects_cpu_without_emulation():
     p = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match="backend 'cuda'"):
         scion_kernels.Scion([p], backend="cuda")
+
+
+def _host_calls(module) -> dict[str, int]:
+    """The emulated runtime's counts of launches and of the host-side set-up calls."""
+    lib = ctypes.CDLL(module.__file__)
+    lib.scion_emu_call_count.restype = ctypes.c_longlong
+    lib.scion_emu_call_count.argtypes = [ctypes.c_char_p]
+    names = ("launch", "cudaFuncSetAttribute", "cudaFuncGetAttributes", "cuTensorMapEncodeTiled")
+    return {name: lib.scion_emu_call_count(name.encode()) for name in names}
+
+
+@pytest.mark.parametrize("tile, wgmma, persistent, gram", [(1, 0, False, False),
+                         (128, 0, False, False), (128, 2, False, False), (128, 4, True, False),
+                         (128, 3, False, True)], ids=str)  # fmt: skip
+def test_host_calls_per_call_emulated(emulated_native, tile, wgmma, persistent, gram):
+    """What a call costs the host beside its launches. The kernels' set-up (the shared-memory
+    limit, the wgmma image check) is made on a kernel's first call on a device only, so a repeated
+    call makes none; and a call encodes each distinct TMA map once: X and Y each as a left operand
+    and as a·X + B·X's right one, and each m×m buffer once (two maps a launch before: 30 for
+    five plain steps). The one-block path (tile 1) is one launch."""
+    module = emulated_native
+    G = torch.randn(2, 20, 70)
+    steps = resolve_coefficients("classic")
+    assert not gram or uses_gram(20, 70, steps, torch.bfloat16)
+    policy = Policy(tile=tile, wgmma=wgmma, persistent=persistent)
+    backend = NativeBackend(module, {(8, 0): policy})
+    backend.polar_(G, flatten(steps), torch.bfloat16, gram)  # the first call readies the kernels
+    before = _host_calls(module)
+    backend.polar_(G, flatten(steps), torch.bfloat16, gram)
+    calls = {name: n - before[name] for name, n in _host_calls(module).items()}
+    # Two preparing launches, then three products a plain step. The Gram form: R ← X·Xᵀ; per step
+    # P (and Q ← Q·P but after a restart); between steps R ← P·(R·P), or at a restart X ← Q·X
+    # and R ← X·Xᵀ; at the end X ← Q·X.
+    n = len(steps)
+    restarts = (n - 1) // gram_restart_every(torch.bfloat16) if gram else 0
+    products = 4 * n - 1 - restarts if gram else 3 * n
+    # X and Y two each; A and B, or R, P, Q and T, one each.
+    maps = 0 if wgmma == 0 else 4 + (4 if gram else 2)
+    launches = 1 if tile == 1 else 2 + products
+    assert calls == {"launch": launches, "cudaFuncSetAttribute": 0,
+                     "cudaFuncGetAttributes": 0, "cuTensorMapEncodeTiled": maps}  # fmt: skip

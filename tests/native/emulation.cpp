@@ -2,11 +2,13 @@
 // deferred cp.async copies and wgmma products, and the handful of CUDA runtime calls csrc/ makes.
 #include "emulation.h"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <utility>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -58,6 +60,13 @@ scion_emu_trampoline:
 )");
 
 namespace scion_emu {
+
+// How often csrc/ made the host-side calls a real runtime charges for, beside the arithmetic:
+// read by the tests of what a call costs the host (scion_emu_call_count, below).
+enum class Call { kLaunch, kFuncSetAttribute, kFuncGetAttributes, kEncodeTensorMap, kCount };
+std::atomic<long long> call_counts[static_cast<int>(Call::kCount)];
+
+void count_call(Call c) { call_counts[static_cast<int>(c)].fetch_add(1); }
 
 ThreadState* current = nullptr;
 uint3 block_idx{0, 0, 0};
@@ -233,6 +242,7 @@ float to_float(uint16_t bits, bool bf16) {
 }  // namespace
 
 void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& body) {
+  count_call(Call::kLaunch);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads <= 0 || threads > 1024) fail("block size out of range");
   if (bytes > kMaxSharedBytes) fail("dynamic shared memory above the per-block limit");
@@ -681,6 +691,7 @@ CUresult CUDAAPI encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint
                               const cuuint32_t* box, const cuuint32_t* element_strides,
                               CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
                               CUtensorMapL2promotion, CUtensorMapFloatOOBfill) {
+  scion_emu::count_call(scion_emu::Call::kEncodeTensorMap);
   const bool half =
       type == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 || type == CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   if (!half || rank != 3 || interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
@@ -745,10 +756,14 @@ const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "error in the host emulation";
 }
 
-cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) {
+  scion_emu::count_call(scion_emu::Call::kFuncSetAttribute);
+  return cudaSuccess;
+}
 
 // Every emulated kernel runs as if built for the emulated device's architecture (9.0).
 cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void*) {
+  scion_emu::count_call(scion_emu::Call::kFuncGetAttributes);
   *attr = cudaFuncAttributes{};
   attr->binaryVersion = 90;
   attr->ptxVersion = 90;
@@ -784,6 +799,21 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
       *value = 0;
       return cudaSuccess;
   }
+}
+
+// The count of one kind of call since the module was loaded: "launch", "cudaFuncSetAttribute",
+// "cudaFuncGetAttributes" or "cuTensorMapEncodeTiled"; -1 for another name. Exported (the
+// module's other symbols are hidden), for the tests to reach through ctypes.
+__attribute__((visibility("default"))) long long scion_emu_call_count(const char* name) {
+  using scion_emu::Call;
+  const std::pair<const char*, Call> names[] = {{"launch", Call::kLaunch},
+                                                {"cudaFuncSetAttribute", Call::kFuncSetAttribute},
+                                                {"cudaFuncGetAttributes", Call::kFuncGetAttributes},
+                                                {"cuTensorMapEncodeTiled", Call::kEncodeTensorMap}};
+  for (const auto& [known, call] : names) {
+    if (std::strcmp(name, known) == 0) return scion_emu::call_counts[static_cast<int>(call)].load();
+  }
+  return -1;
 }
 
 }  // extern "C"
