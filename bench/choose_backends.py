@@ -8,6 +8,10 @@ For every GPU in the given benchmark results (JSON written by ``python -m bench`
   ``triton`` and ``cuda``, the backend with the least total time over the polar shapes of the
   class that every candidate ran (same coefficient set and dtype); a fused backend whose
   ``rel_err`` on some shape exceeds twice the reference's is not eligible for the class.
+- the same classes with ``-gram`` (``spectral-large-gram``): the same choice among the Gram
+  form's rows (``torch-gram``, ``triton-gram``, ``cuda-gram``), on the shapes it runs on
+  (``uses_gram``: at least twice as wide as tall, coefficients it takes in that dtype);
+  ``backend="auto"`` takes them for ``polar="gram"`` parameters, the plain class where absent.
 - ``grouped``: the backend of the fastest whole ``Scion`` step (the grouped parameters are
   a small part of a step, and the step benchmark is where they run).
 
@@ -23,7 +27,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from scion_kernels.backends import spectral_class
+import torch
+
+from scion_kernels.backends import GRAM_SUFFIX, spectral_class
+from scion_kernels.newton_schulz import resolve_coefficients, uses_gram
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = ROOT / "scion_kernels" / "backends" / "auto_table.py"
@@ -37,15 +44,21 @@ def choose(results: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         device, rows = data["device"], data["rows"]
         polar: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
         for r in rows:
-            if r.get("bench") == "polar" and r.get("backend") in CANDIDATES:
-                key = (tuple(r["shape"]), r.get("coefficients"), r.get("dtype"))
-                polar[key][r["backend"]] = r
+            backend = str(r.get("backend"))
+            base = backend.removesuffix(GRAM_SUFFIX)
+            if r.get("bench") != "polar" or base not in CANDIDATES:
+                continue
+            suffix = backend[len(base) :]
+            if suffix and not _gram_runs(r):
+                continue  # a Gram row of a shape the Gram form leaves to the plain iteration
+            key = (tuple(r["shape"]), r.get("coefficients"), r.get("dtype"), suffix)
+            polar[key][base] = r
         totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         barred: dict[str, set[str]] = defaultdict(set)
-        for (shape, _, _), by_backend in polar.items():
-            if set(by_backend) != {b for b in CANDIDATES if _ran(rows, b)}:
+        for (shape, _, _, suffix), by_backend in polar.items():
+            if set(by_backend) != {b for b in CANDIDATES if _ran(rows, b + suffix)}:
                 continue  # compare only shapes every candidate ran
-            kind = spectral_class(min(shape[-2:]))
+            kind = spectral_class(min(shape[-2:])) + suffix
             ref_err = by_backend.get("torch", {}).get("rel_err")
             for backend, r in by_backend.items():
                 totals[kind][backend] += r["ms"]
@@ -65,6 +78,13 @@ def choose(results: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         if choice:
             table[device] = dict(sorted(choice.items()))
     return table
+
+
+def _gram_runs(row: dict[str, Any]) -> bool:
+    """Whether the Gram form ran on a polar row's shape with its coefficients and dtype."""
+    m, n = sorted(row["shape"][-2:])
+    table = resolve_coefficients(row.get("coefficients") or "classic")
+    return uses_gram(m, n, table, getattr(torch, row.get("dtype") or "bfloat16"))
 
 
 def _ran(rows: list[dict[str, Any]], backend: str) -> bool:

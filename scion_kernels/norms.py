@@ -534,8 +534,18 @@ class Spectral(_MatrixNorm):
         X = normalized_stack(mats, dtype)
         if self.precondition == "aol":
             return iterate(aol_(X), self.table)
-        gram = self.polar == "gram" and uses_gram(*mats[0].shape[-2:], self.table, dtype)
+        gram = self.runs_gram(*mats[0].shape[-2:], dtype)
         return (gram_iterate if gram else iterate)(X, self.table)
+
+    def runs_gram(self, m: int, n: int, dtype: torch.dtype) -> bool:
+        """Whether the polar factor of a wide ``m×n`` matrix (``m ≤ n``) is iterated in the Gram
+        form in compute dtype ``dtype``: ``polar="gram"``, no preconditioning, and
+        :func:`~scion_kernels.newton_schulz.uses_gram`."""
+        return (
+            self.polar == "gram"
+            and self.precondition is None
+            and uses_gram(m, n, self.table, dtype)
+        )
 
     def _layout(self, where: tuple[torch.Size, torch.device]) -> list[tuple[bool, float, bool]]:
         """Per independent matrix of a tensor of shape ``where[0]`` on device ``where[1]``:

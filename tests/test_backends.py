@@ -946,7 +946,21 @@ def test_auto_table_choice(monkeypatch):
     assert backends.shape_class(make_norm("Spectral", {}), (768, 3072)) == "spectral-medium"
     assert backends.shape_class(make_norm("Auto", {}), (4096, 4096)) == "spectral-large"
     assert backends.shape_class(make_norm("Auto", {}), (768,)) == "grouped"
-    table = {"Fake GPU": {"spectral-large": "triton", "grouped": "cuda"}}
+    # polar="gram": its own classes where the Gram form runs (wide enough, coefficients it takes)
+    gram = make_norm("Spectral", {"polar": "gram", "ns_dtype": torch.bfloat16})
+    assert backends.shape_class(gram, (768, 3072)) == "spectral-medium-gram"
+    assert backends.shape_class(gram, (3072, 768)) == "spectral-medium-gram"
+    assert backends.shape_class(gram, (768, 1024)) == "spectral-medium"
+    for dtype, kind in (
+        (torch.bfloat16, "spectral-medium"),
+        (torch.float32, "spectral-medium-gram"),
+    ):
+        you = {"polar": "gram", "ns_dtype": dtype, "coefficients": "you"}  # bf16 refuses them
+        assert backends.shape_class(make_norm("Spectral", you), (768, 3072)) == kind
+    turbo = {"polar": "gram", "ns_dtype": torch.float32, "coefficients": "turbo_muon"}  # AOL
+    assert backends.shape_class(make_norm("Spectral", turbo), (768, 3072)) == "spectral-medium"
+    table = {"Fake GPU": {"spectral-large": "triton", "grouped": "cuda",
+                          "spectral-medium-gram": "cuda"}}  # fmt: skip
     monkeypatch.setattr(backends, "TABLE", table)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     backends.choose.cache_clear()
@@ -957,6 +971,9 @@ def test_auto_table_choice(monkeypatch):
         assert backends.choose(cuda, "spectral-small") == "torch"  # not in the table
         native = "cuda" if native_available() else "torch"
         assert backends.choose(cuda, "grouped") == native
+        # a Gram class: its own entry, else the plain class's
+        assert backends.choose(cuda, "spectral-medium-gram") == native
+        assert backends.choose(cuda, "spectral-large-gram") == ("triton" if triton else "torch")
         assert backends.choose(torch.device("cpu"), "spectral-large") == "torch"
     finally:
         backends.choose.cache_clear()
@@ -976,10 +993,20 @@ def test_choose_backends_from_results(tmp_path):
         polar("cuda", [1, 4096, 4096], 3.0, 0.15),
         {"bench": "step", "backend": "cuda", "optimizer": "Scion", "ms": 3.0},
         {"bench": "step", "backend": "torch", "optimizer": "Scion", "ms": 9.0},
+        # The Gram form: its own class, from its own rows; a square shape (where it runs the
+        # plain iteration) and a wgmma variant (a policy, not a backend) do not count.
+        polar("torch-gram", [1, 4096, 16384], 9.0, 0.1),
+        polar("triton-gram", [1, 4096, 16384], 5.0, 0.1),
+        polar("cuda-gram", [1, 4096, 16384], 6.0, 0.1),
+        polar("cuda-wgmma-gram", [1, 4096, 16384], 1.0, 0.1),
+        polar("torch-gram", [1, 4096, 4096], 1.0, 0.1),
+        polar("cuda-gram", [1, 4096, 4096], 0.5, 0.1),
+        polar("triton-gram", [1, 4096, 4096], 0.5, 0.1),
     ]  # fmt: skip
     table = choose([{"device": "Fake GPU", "rows": rows}])
     # Triton is faster at 4096 but its error is above twice the reference's: not eligible.
     assert table == {"Fake GPU": {"grouped": "cuda", "spectral-large": "cuda",
+                                  "spectral-large-gram": "triton",
                                   "spectral-medium": "triton"}}  # fmt: skip
     path = tmp_path / "table.py"
     path.write_text('"""doc"""\n\nTABLE: dict[str, dict[str, str]] = {}\n')

@@ -68,12 +68,22 @@ def native_available() -> bool:
 # ----------------------------------------------------------------------------- backend="auto"
 
 
-def shape_class(norm: Norm, shape: Sequence[int]) -> str:
-    """The timing table's class of a parameter of ``shape`` under ``norm``."""
+#: The suffix of the classes of matrices the Gram form runs on (``spectral-large-gram``).
+GRAM_SUFFIX = "-gram"
+
+
+def shape_class(norm: Norm, shape: Sequence[int], device: torch.device | None = None) -> str:
+    """The timing table's class of a parameter of ``shape`` under ``norm`` on ``device`` (the
+    CPU if ``None``): ``grouped``, or its :func:`spectral_class`, with ``-gram`` where the
+    norm's ``polar="gram"`` runs the Gram form on it (:func:`uses_gram`, in its compute dtype
+    there)."""
     norm = norm.pick(shape)
     if not isinstance(norm, Spectral):
         return "grouped"
-    return spectral_class(min(norm.matrix_shape(tuple(shape))[1:]))
+    m, n = sorted(norm.matrix_shape(tuple(shape))[1:])
+    kind = spectral_class(m)
+    dtype = norm.compute_dtype(device or torch.device("cpu"))
+    return kind + GRAM_SUFFIX if norm.runs_gram(m, n, dtype) else kind
 
 
 def spectral_class(short: int) -> str:
@@ -86,11 +96,13 @@ def spectral_class(short: int) -> str:
 @eager_cache(maxsize=256)
 def choose(device: torch.device, kind: str) -> str:
     """The backend for class ``kind`` on ``device``: the table's choice where it has one and
-    that backend can run there, else ``"torch"`` (kept per device and class; a test that
-    changes the table calls ``choose.cache_clear()``)."""
+    that backend can run there, else ``"torch"``; a ``-gram`` class the table does not list
+    takes its plain class's choice (kept per device and class; a test that changes the table
+    calls ``choose.cache_clear()``)."""
     if device.type != "cuda":
         return "torch"
-    name = TABLE.get(torch.cuda.get_device_name(device), {}).get(kind, "torch")
+    row = TABLE.get(torch.cuda.get_device_name(device), {})
+    name = row.get(kind, row.get(kind.removesuffix(GRAM_SUFFIX), "torch"))
     if name == "auto" or name not in names() or get(name).unavailable_reason(device) is not None:
         return "torch"
     return name
@@ -200,7 +212,7 @@ def route(
         norm = make_norm(group["norm"], group["norm_kwargs"])
     params: list[Tensor] = group["params"]
     if option == "auto":
-        chosen = [get(choose(p.device, shape_class(norm, p.shape))) for p in params]
+        chosen = [get(choose(p.device, shape_class(norm, p.shape, p.device))) for p in params]
     else:
         backend = get(option)
         for device in {p.device for p in params}:

@@ -5,7 +5,9 @@ results (the fastest backend per class whose accuracy passed); edit by regenerat
 is not listed, and any class it does not list, runs the reference backend ``"torch"``.
 
 Classes: ``spectral-small`` (short side < 256), ``spectral-medium`` (< 1024),
-``spectral-large`` (≥ 1024), ``grouped`` (Sign, ColNorm, RowNorm, BiasRMS).
+``spectral-large`` (≥ 1024), each also with ``-gram`` for the matrices ``polar="gram"`` runs
+in the Gram form (where a ``-gram`` class is not listed, the plain class's choice), and
+``grouped`` (Sign, ColNorm, RowNorm, BiasRMS).
 """
 
 TABLE: dict[str, dict[str, str]] = {}
