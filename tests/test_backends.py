@@ -117,7 +117,7 @@ def over(*variants: str, paths: bool = False, hopper: bool = False):
     paths of each fused backend; with ``hopper``: also the Hopper kernels, ``triton-tma`` and
     the native ``wgmma`` products, emulated and on a GPU, on the 128 tile, ``a·X + B·X``
     reading Xᵀ from registers or X from shared memory, and every product on 128×256 tiles in
-    persistent blocks)."""
+    persistent blocks; those are marked ``wgmma``)."""
     params = []
     for variant in variants:
         marks = [pytest.mark.gpu] if variant == "cuda" else []
@@ -127,7 +127,7 @@ def over(*variants: str, paths: bool = False, hopper: bool = False):
     if hopper:
         params.append(pytest.param(("triton", "tma"), id="triton-tma"))
         for native in ("cuda-emulated", "cuda"):
-            marks = [pytest.mark.gpu] if native == "cuda" else []
+            marks = [pytest.mark.wgmma, *([pytest.mark.gpu] if native == "cuda" else [])]
             for path in WGMMA_PATHS:
                 params.append(pytest.param((native, path), id=f"{native}-{path}", marks=marks))
     return pytest.mark.parametrize("kernels", params, indirect=True)

@@ -72,6 +72,7 @@ def test_missing_native_module_error_explains_how_to_build():
 # --- what the compiler makes of the kernels for Hopper -----------------------------------------
 
 
+@pytest.mark.wgmma
 @pytest.mark.skipif(not _nvcc_found(), reason="no CUDA toolchain to compile for sm_90a")
 def test_wgmma_kernels_compile_for_sm90a_unserialized():
     """Every native kernel compiles for sm_90a without spills, and ptxas keeps the wgmma

@@ -148,6 +148,7 @@ WGMMA_CASES = [
 ]
 
 
+@pytest.mark.wgmma
 @pytest.mark.parametrize("shape, gram, dtype", WGMMA_CASES, ids=str)
 def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gram, dtype):
     """In the host emulation both product kernels accumulate every output element in the same
@@ -204,6 +205,7 @@ def test_wgmma_equals_mma_sync_emulated(emulated_native, monkeypatch, shape, gra
     assert not torch.equal(results[0][0], base.mT)  # the step did update
 
 
+@pytest.mark.wgmma
 def test_wide_triangle_tiles_equal_mma_sync_emulated(emulated_native, monkeypatch):
     """The symmetric products on 128×256 tiles (``wgmma=4``) where the padded size is three
     128-row blocks: tiles straddling the diagonal, one whose left half lies below it (skipped:
@@ -223,6 +225,7 @@ def test_wide_triangle_tiles_equal_mma_sync_emulated(emulated_native, monkeypatc
     assert torch.equal(polar(4, persistent=True), expected)
 
 
+@pytest.mark.wgmma
 def test_wgmma_on_device(native, tolerance):
     """The wgmma products where they run (the emulation, or a compute capability 9.0 GPU):
     two tiles a side, plain and in the Gram form, on 128×128 and 128×256 tiles, in a block per
@@ -256,6 +259,7 @@ def test_wgmma_on_device(native, tolerance):
         assert (p - expected).abs().max().item() <= 0.01, wgmma
 
 
+@pytest.mark.wgmma
 def test_wgmma_persistent_walks_tiles_on_device(native, tolerance, monkeypatch):
     """Persistent blocks that each walk several tiles and matrices: on a GPU a stack of 48
     (144 tiles of X·Xᵀ and 192 of a·X + B·X, more than an H100's or H200's multiprocessors),
