@@ -6,9 +6,12 @@ normal run, selected with ``pytest -m benchmark``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from torch import nn
 from bench.common import Context, device_slug, format_table, newton_schulz_flops
 from bench.report import write_all
 from scion_kernels import RECIPES, Scion, newton_schulz, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ctx():
@@ -117,6 +122,21 @@ def test_host_cost_prints_every_row(capsys):
         "| AdamW (foreach)", "| Scion, bf16 Newton–Schulz", "| Scion, float32 Newton–Schulz"
     ]  # fmt: skip
     assert all(float(r.split(" | ")[1]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_host_overhead_runs(backend):
+    """``bench.host_overhead`` for both backends, in a process of its own (it replaces the
+    kernels of the modules it imports): a step's calls are counted, its time printed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("bench.host_overhead stands in for the Triton kernels: it needs Triton")
+    cmd = [sys.executable, "-m", "bench.host_overhead", "--backend", backend, "--layers", "1",
+           "--steps", "2"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = re.search(r"(?:native calls|launches) per step: (\d+)", out.stdout)
+    assert calls is not None and int(calls.group(1)) > 0, out.stdout
+    assert re.search(r"later steps: median \d+\.\d+ ms", out.stdout), out.stdout
 
 
 # --------------------------------------------------------------------------- micro-benchmarks
