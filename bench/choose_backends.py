@@ -32,6 +32,8 @@ import torch
 from scion_kernels.backends import GRAM_SUFFIX, spectral_class
 from scion_kernels.newton_schulz import resolve_coefficients, uses_gram
 
+from .polar import STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = ROOT / "scion_kernels" / "backends" / "auto_table.py"
 CANDIDATES = ("torch", "triton", "cuda")
@@ -83,7 +85,7 @@ def choose(results: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 def _gram_runs(row: dict[str, Any]) -> bool:
     """Whether the Gram form ran on a polar row's shape with its coefficients and dtype."""
     m, n = sorted(row["shape"][-2:])
-    table = resolve_coefficients(row.get("coefficients") or "classic")
+    table = resolve_coefficients(row.get("coefficients") or "classic", STEPS)
     return uses_gram(m, n, table, getattr(torch, row.get("dtype") or "bfloat16"))
 
 

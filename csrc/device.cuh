@@ -44,8 +44,8 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
                           cudaStream_t stream, Args&&... args) {
 #ifdef SCION_HOST_EMULATION
   (void)stream;  // one emulated stream: launches run in call order
-  scion_emu::launch(grid, block, smem, [&] { kernel(args...); });
-  return cudaSuccess;
+  return scion_emu::launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
+                           [&] { kernel(args...); });
 #else
   // clang-format reads .cuh as C++ and would split the launch brackets.
   // clang-format off

@@ -147,8 +147,10 @@ class CallMaps {
 // raised (cudaFuncSetAttribute) and, for the wgmma kernels, a check that the device loaded
 // sm_90a's image (cudaFuncGetAttributes). Both hold for the life of the device's context, so they
 // are done once per process, kernel and device, not on every call; each entry is a kernel, a
-// device and the limit set. (cudaDeviceReset would unload the kernels with their attributes;
-// nothing here or in PyTorch resets a device.)
+// device and the limit set. It holds for a device's primary context, the one the runtime and
+// PyTorch use: a context made through the driver API and made current instead would need its
+// own set-up, and cudaDeviceReset unloads the kernels with their attributes; neither is done
+// here or by PyTorch.
 struct ReadyKernel {
   const void* kernel;
   int device;

@@ -943,22 +943,29 @@ def test_strided_vector_taken_by_the_kernel(kernels):
 def test_auto_table_choice(monkeypatch):
     """``backend="auto"``: the table's choice per device and class where that backend can run,
     the reference elsewhere."""
-    assert backends.shape_class(make_norm("Spectral", {}), (768, 3072)) == "spectral-medium"
-    assert backends.shape_class(make_norm("Auto", {}), (4096, 4096)) == "spectral-large"
-    assert backends.shape_class(make_norm("Auto", {}), (768,)) == "grouped"
+    CPU = torch.device("cpu")
+    assert backends.shape_class(make_norm("Spectral", {}), (768, 3072), CPU) == "spectral-medium"
+    assert backends.shape_class(make_norm("Auto", {}), (4096, 4096), CPU) == "spectral-large"
+    assert backends.shape_class(make_norm("Auto", {}), (768,), CPU) == "grouped"
     # polar="gram": its own classes where the Gram form runs (wide enough, coefficients it takes)
     gram = make_norm("Spectral", {"polar": "gram", "ns_dtype": torch.bfloat16})
-    assert backends.shape_class(gram, (768, 3072)) == "spectral-medium-gram"
-    assert backends.shape_class(gram, (3072, 768)) == "spectral-medium-gram"
-    assert backends.shape_class(gram, (768, 1024)) == "spectral-medium"
+    assert backends.shape_class(gram, (768, 3072), CPU) == "spectral-medium-gram"
+    assert backends.shape_class(gram, (3072, 768), CPU) == "spectral-medium-gram"
+    assert backends.shape_class(gram, (768, 1024), CPU) == "spectral-medium"
     for dtype, kind in (
         (torch.bfloat16, "spectral-medium"),
         (torch.float32, "spectral-medium-gram"),
     ):
         you = {"polar": "gram", "ns_dtype": dtype, "coefficients": "you"}  # bf16 refuses them
-        assert backends.shape_class(make_norm("Spectral", you), (768, 3072)) == kind
+        assert backends.shape_class(make_norm("Spectral", you), (768, 3072), CPU) == kind
     turbo = {"polar": "gram", "ns_dtype": torch.float32, "coefficients": "turbo_muon"}  # AOL
-    assert backends.shape_class(make_norm("Spectral", turbo), (768, 3072)) == "spectral-medium"
+    assert backends.shape_class(make_norm("Spectral", turbo), (768, 3072), CPU) == "spectral-medium"
+    # split blocks each: two 768×768 blocks of a 1536×768 tensor run the plain iteration
+    split = {"polar": "gram", "ns_dtype": torch.bfloat16, "split": (768, 768)}
+    assert backends.shape_class(make_norm("Spectral", split), (1536, 768), CPU) == "spectral-medium"
+    split = {"polar": "gram", "ns_dtype": torch.bfloat16, "split": (256, 256, 256)}
+    kind = backends.shape_class(make_norm("Spectral", split), (768, 768), CPU)
+    assert kind == "spectral-medium-gram"
     table = {"Fake GPU": {"spectral-large": "triton", "grouped": "cuda",
                           "spectral-medium-gram": "cuda"}}  # fmt: skip
     monkeypatch.setattr(backends, "TABLE", table)

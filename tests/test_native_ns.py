@@ -371,3 +371,21 @@ def test_host_calls_per_call_emulated(emulated_native, tile, wgmma, persistent, 
     launches = 1 if tile == 1 else 2 + products
     assert calls == {"launch": launches, "cudaFuncSetAttribute": 0,
                      "cudaFuncGetAttributes": 0, "cuTensorMapEncodeTiled": maps}  # fmt: skip
+
+
+def test_one_block_limit_follows_the_width_emulated(emulated_native, tolerance):
+    """The one-block kernel's shared memory grows with the width (about 35 KiB at 70 columns,
+    83 KiB at 500): a wider call than any before raises the kernel's limit once, and repeats
+    make no set-up call. The emulation refuses a launch above 48 KiB beyond the limit set, as a
+    device does, so a limit left too low fails here."""
+    module = emulated_native
+    backend = NativeBackend(module, {(8, 0): Policy(tile=1)})
+    table = flatten(resolve_coefficients("classic"))
+    raised = []
+    for width in (70, 500, 70, 500):
+        G = torch.randn(2, 20, width)
+        before = _host_calls(module)["cudaFuncSetAttribute"]
+        got = backend.polar_(G, table, torch.bfloat16)
+        raised.append(_host_calls(module)["cudaFuncSetAttribute"] - before)
+        tolerance.check_polar(got, G, "classic", torch.bfloat16)
+    assert raised[0] <= 1 and raised[1] <= 1 and raised[2:] == [0, 0]

@@ -72,18 +72,18 @@ def native_available() -> bool:
 GRAM_SUFFIX = "-gram"
 
 
-def shape_class(norm: Norm, shape: Sequence[int], device: torch.device | None = None) -> str:
-    """The timing table's class of a parameter of ``shape`` under ``norm`` on ``device`` (the
-    CPU if ``None``): ``grouped``, or its :func:`spectral_class`, with ``-gram`` where the
-    norm's ``polar="gram"`` runs the Gram form on it (:func:`uses_gram`, in its compute dtype
-    there)."""
+def shape_class(norm: Norm, shape: Sequence[int], device: torch.device) -> str:
+    """The timing table's class of a parameter of ``shape`` under ``norm`` on ``device``:
+    ``grouped``, or its :func:`spectral_class`, with ``-gram`` where the norm's
+    ``polar="gram"`` runs the Gram form on each of its matrices (:meth:`Spectral.runs_gram`,
+    in its compute dtype there; a ``split`` tensor's blocks each)."""
     norm = norm.pick(shape)
     if not isinstance(norm, Spectral):
         return "grouped"
-    m, n = sorted(norm.matrix_shape(tuple(shape))[1:])
-    kind = spectral_class(m)
-    dtype = norm.compute_dtype(device or torch.device("cpu"))
-    return kind + GRAM_SUFFIX if norm.runs_gram(m, n, dtype) else kind
+    kind = spectral_class(min(norm.matrix_shape(tuple(shape))[1:]))
+    dtype = norm.compute_dtype(device)
+    gram = all(norm.runs_gram(*sorted(block), dtype) for block in norm.block_shapes(shape))
+    return kind + GRAM_SUFFIX if gram else kind
 
 
 def spectral_class(short: int) -> str:

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -67,6 +68,18 @@ enum class Call { kLaunch, kFuncSetAttribute, kFuncGetAttributes, kEncodeTensorM
 std::atomic<long long> call_counts[static_cast<int>(Call::kCount)];
 
 void count_call(Call c) { call_counts[static_cast<int>(c)].fetch_add(1); }
+
+// The dynamic shared-memory limit cudaFuncSetAttribute set per kernel (launches above 48 KiB
+// need it, as on a device).
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+std::mutex shared_limits_mutex;
+std::map<const void*, int> shared_limits;
+
+int64_t shared_limit(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(shared_limits_mutex);
+  const auto it = shared_limits.find(kernel);
+  return it == shared_limits.end() ? 0 : it->second;
+}
 
 ThreadState* current = nullptr;
 uint3 block_idx{0, 0, 0};
@@ -241,11 +254,15 @@ float to_float(uint16_t bits, bool bf16) {
 
 }  // namespace
 
-void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& body) {
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t bytes,
+                   const std::function<void()>& body) {
   count_call(Call::kLaunch);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads <= 0 || threads > 1024) fail("block size out of range");
   if (bytes > kMaxSharedBytes) fail("dynamic shared memory above the per-block limit");
+  if (bytes > kDefaultSharedBytes && static_cast<int64_t>(bytes) > shared_limit(kernel)) {
+    return cudaErrorInvalidValue;  // as a device refuses it
+  }
   grid_dim = grid;
   block_dim = block;
   kernel_body = &body;
@@ -303,6 +320,7 @@ void launch(dim3 grid, dim3 block, size_t bytes, const std::function<void()>& bo
   running = nullptr;
   current = nullptr;
   kernel_body = nullptr;
+  return cudaSuccess;
 }
 
 unsigned char* shared_memory() { return smem; }
@@ -756,8 +774,15 @@ const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "error in the host emulation";
 }
 
-cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(const void* kernel, enum cudaFuncAttribute attr, int value) {
   scion_emu::count_call(scion_emu::Call::kFuncSetAttribute);
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || static_cast<size_t>(value) > scion_emu::kMaxSharedBytes) {
+      return last_error = cudaErrorInvalidValue;
+    }
+    const std::lock_guard<std::mutex> lock(scion_emu::shared_limits_mutex);
+    scion_emu::shared_limits[kernel] = value;
+  }
   return cudaSuccess;
 }
 

@@ -62,7 +62,10 @@ extern uint3 block_idx;
 extern dim3 block_dim;
 extern dim3 grid_dim;
 
-void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+// Runs `kernel`'s `body` on the grid; as a device does, refuses (cudaErrorInvalidValue) more
+// than 48 KiB of dynamic shared memory unless cudaFuncSetAttribute raised the kernel's limit.
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                   const std::function<void()>& body);
 unsigned char* shared_memory();
 void sync_block();
 // bar.sync id, count: `count` threads of the block meet (the first call fixes the count).
