@@ -144,7 +144,7 @@ def _kernels(
     persistent: bool = False,
 ) -> PolarFn:
     """Backend ``name``'s ``scion_kernels::polar`` op with ``coefficients`` (in the Gram form
-    with ``gram``; for ``cuda`` with ``wgmma`` 1 to 3: the Hopper products, ``Policy.wgmma``,
+    with ``gram``; for ``cuda`` with ``wgmma`` 1 to 4: the Hopper products, ``Policy.wgmma``,
     and ``Policy.persistent``),
     in bf16 unless the call says otherwise."""
     from scion_kernels import backends

@@ -193,8 +193,7 @@ PYBIND11_MODULE(_C, m) {
         "`wgmma` 1 to 4 runs the tiled products on Hopper's wgmma (an sm_90a image; tile 128), "
         "a*X + B*X reading X^T from registers (1) or X from shared memory (2), that on 128x256 "
         "tiles (3), and the symmetric products on 128x256 tiles too (4); `persistent` 1 launches "
-        "those products one block "
-        "per multiprocessor, each walking the output tiles.");
+        "those products one block per multiprocessor, each walking the output tiles.");
   m.def("grouped_step", &grouped_step, py::arg("p"), py::arg("g"), py::arg("d"), py::arg("layout"),
         py::arg("q"), py::arg("eps"), py::arg("p_dtype"), py::arg("g_dtype"), py::arg("d_dtype"),
         py::arg("sign"), py::arg("alpha"), py::arg("coef"), py::arg("decay"), py::arg("lr"),

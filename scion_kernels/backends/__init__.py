@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._util import eager_cache
-from ..newton_schulz import gram_refusal, orient, uses_gram
+from ..newton_schulz import gram_refusal, orient
 from ..norms import Norm, Spectral, make_norm
 from . import ops
 from .auto_table import TABLE
@@ -170,7 +170,7 @@ class Route:
         if picked.precondition is not None:
             why = f"{picked.precondition.upper()} preconditioning"
         if why is None and not any(
-            uses_gram(*orient(r, c)[:2], picked.table, dtype)
+            picked.runs_gram(*orient(r, c)[:2], dtype)
             for r, c in picked.block_shapes(self.shapes[i][0])
         ):
             why = "its matrices are squarer than 2:1"
